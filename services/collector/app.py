@@ -1,0 +1,24 @@
+"""Wiring of the collector: settings, runtime (pool, migrations, producer, consumers) and routes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from starlette.applications import Starlette
+
+from services.collector import handlers
+from services.collector.settings import CollectorSettings
+from shared.runtime import Runtime, serve
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def create_app(settings: CollectorSettings | None = None) -> Starlette:
+    settings = settings or CollectorSettings()
+    runtime = Runtime("collector", settings, MIGRATIONS)
+    return runtime.app(routes=handlers.routes(), on_start=handlers.start)
+
+
+def main() -> None:
+    settings = CollectorSettings()
+    serve("collector", create_app(settings), settings)

@@ -1,0 +1,24 @@
+"""Wiring of the ledger: settings, runtime (pool, migrations, producer, consumers) and routes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from starlette.applications import Starlette
+
+from services.ledger import handlers
+from services.ledger.settings import LedgerSettings
+from shared.runtime import Runtime, serve
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def create_app(settings: LedgerSettings | None = None) -> Starlette:
+    settings = settings or LedgerSettings()
+    runtime = Runtime("ledger", settings, MIGRATIONS)
+    return runtime.app(routes=handlers.routes(), on_start=handlers.start)
+
+
+def main() -> None:
+    settings = LedgerSettings()
+    serve("ledger", create_app(settings), settings)

@@ -1,0 +1,178 @@
+"""Message contracts of the public topics, as pydantic models.
+
+Every message carries ``schema_name`` and ``schema_version``; a change that breaks readers gets a new
+topic version (``.v2``) and a new model here. Events are named in the past tense. Field descriptions
+become the AsyncAPI document.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+from uuid import UUID
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from shared.clock import as_utc
+
+__all__ = [
+    "UtcDatetime",
+    "Event",
+    "MeasurementTaken",
+    "ChargeComputed",
+    "EntryLine",
+    "TransactionPosted",
+    "UsageLine",
+    "AlertRaised",
+    "StatementLine",
+    "StatementIssued",
+    "MAX_MESSAGE_BYTES",
+]
+
+# A message larger than this is refused by every consumer (it goes to the DLQ).
+MAX_MESSAGE_BYTES = 1_000_000
+
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
+"""A timezone-aware datetime, normalised to UTC; naive datetimes are refused."""
+
+NonNegativeInt = Annotated[int, Field(ge=0, le=2**62)]
+Name = Annotated[str, Field(max_length=512)]
+
+
+class Event(BaseModel):
+    """Base of every message: immutable, strict about unknown fields, with its schema named."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: UUID = Field(description="Deterministic id: re-publishing the same fact yields the same id.")
+
+
+class MeasurementTaken(Event):
+    """One meter's measurement of one resource in one reading hour (topic ``usage.readings.v1``,
+    keyed by resource id)."""
+
+    schema_name: Literal["usage.measurement"] = "usage.measurement"
+    schema_version: Literal[1] = 1
+    reading_id: UUID = Field(description="The reading (one per hour) this measurement belongs to.")
+    reading_hour: UtcDatetime = Field(description="The UTC hour measured (minute 0).")
+    meter: Annotated[str, Field(min_length=1, max_length=64)] = Field(
+        description="What measured it: `cfapps` (MB of memory) or `cfservices` (instances)."
+    )
+    resource_id: Annotated[str, Field(min_length=1, max_length=64)] = Field(
+        description="The Cloud Foundry guid of the app or service instance."
+    )
+    resource_kind: Annotated[str, Field(max_length=128)] = Field(
+        default="", description="Kind within the meter, e.g. a service plan guid; empty if the meter has one kind."
+    )
+    resource_name: Name = ""
+    org_id: Annotated[str, Field(max_length=64)] = Field(default="", description="CF org guid; empty when unknown.")
+    org_name: Name = ""
+    space_id: Annotated[str, Field(max_length=64)] = ""
+    space_name: Name = ""
+    value: NonNegativeInt = Field(description="The measured quantity in `unit`s for this hour.")
+    unit: Annotated[str, Field(min_length=1, max_length=32)] = Field(description="Unit of `value`: `MB` or `instance`.")
+    estimated: bool = Field(default=False, description="True when produced to fill a missed hour.")
+    taken_at: UtcDatetime = Field(description="When the collector took (or estimated) it, UTC.")
+
+
+class ChargeComputed(Event):
+    """The exact price of one measurement (topic ``usage.charges.v1``, keyed by org id).
+
+    A later revision of the same measurement's charge replaces the earlier one downstream."""
+
+    schema_name: Literal["usage.charge"] = "usage.charge"
+    schema_version: Literal[1] = 1
+    measurement_id: UUID = Field(description="The measurement priced; stable across revisions.")
+    revision: Annotated[int, Field(ge=1)] = Field(description="1 for the first pricing, +1 for each re-pricing.")
+    reading_hour: UtcDatetime
+    meter: Annotated[str, Field(min_length=1, max_length=64)]
+    resource_id: Annotated[str, Field(min_length=1, max_length=64)]
+    resource_kind: Annotated[str, Field(max_length=128)] = ""
+    resource_name: Name = ""
+    org_id: Annotated[str, Field(max_length=64)] = ""
+    org_name: Name = ""
+    space_id: Annotated[str, Field(max_length=64)] = ""
+    space_name: Name = ""
+    value: NonNegativeInt
+    unit: Annotated[str, Field(min_length=1, max_length=32)]
+    estimated: bool = False
+    status: Literal["priced", "unpriced"]
+    price_id: UUID | None = Field(default=None, description="The price applied; null when unpriced.")
+    amount_numerator: NonNegativeInt = Field(description="Exact microcredits = numerator / denominator.")
+    amount_denominator: Annotated[int, Field(ge=1, le=2**62)] = 1
+    display_amount: str = Field(description="Credits rounded to 6 places, for people only; never summed.")
+    priced_at: UtcDatetime
+
+
+class EntryLine(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    account: str = Field(description="Account name, e.g. `credit_pool:<agreement>` or `usage`.")
+    side: Literal["debit", "credit"]
+    amount: Annotated[int, Field(gt=0)] = Field(description="Positive integer microcredits.")
+
+
+class UsageLine(BaseModel):
+    """Usage posted by a usage transaction, per org, meter, kind and price."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    org_id: str
+    meter: str
+    resource_kind: str = ""
+    price_id: UUID | None = None
+    microcredits: int
+
+
+class TransactionPosted(Event):
+    """A committed ledger transaction (topic ``ledger.transactions.v1``, keyed by customer id)."""
+
+    schema_name: Literal["ledger.transaction"] = "ledger.transaction"
+    schema_version: Literal[1] = 1
+    customer_id: UUID
+    type: Literal["funding", "usage", "late_usage", "expiry", "reversal"]
+    occurred_at: UtcDatetime
+    reading_hour: UtcDatetime | None = None
+    description: str = ""
+    idempotency_key: str
+    entries: list[EntryLine]
+    usage: list[UsageLine] = Field(default_factory=list)
+    posted_at: UtcDatetime
+
+
+class AlertRaised(Event):
+    """A customer's used share of funded credits crossed a threshold (topic ``ledger.alerts.v1``)."""
+
+    schema_name: Literal["ledger.alert"] = "ledger.alert"
+    schema_version: Literal[1] = 1
+    customer_id: UUID
+    agreement_id: UUID
+    threshold_percent: Literal[50, 75, 90, 100]
+    funded: int
+    used: int
+    raised_at: UtcDatetime
+
+
+class StatementLine(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    meter: str
+    resource_kind: str = ""
+    microcredits: int
+
+
+class StatementIssued(Event):
+    """A customer's closed month (America/New_York), published on ``ledger.transactions.v1`` keyed by
+    customer id; readers tell it from transactions by ``schema_name``."""
+
+    schema_name: Literal["ledger.statement"] = "ledger.statement"
+    schema_version: Literal[1] = 1
+    customer_id: UUID
+    month: Annotated[str, Field(pattern=r"^\d{4}-\d{2}$")] = Field(description="YYYY-MM, America/New_York.")
+    opening_balance: int
+    funded: int
+    used: int
+    expired: int
+    closing_balance: int
+    used_by_kind: list[StatementLine]
+    issued_at: UtcDatetime

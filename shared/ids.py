@@ -1,0 +1,38 @@
+"""Identifiers: deterministic ids for facts (re-publishing a fact yields the same id, so every consumer
+can deduplicate) and time-ordered UUIDv7 for new entities (cheap primary keys)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+import uuid_utils
+
+from shared.clock import as_utc
+
+__all__ = ["NAMESPACE", "measurement_id", "charge_id", "uuid7", "reading_id"]
+
+# Fixed namespace of this system's name-based (UUIDv5) ids. Never change it: ids are a public contract.
+NAMESPACE = uuid.UUID("6f0c1d1e-6a52-5b7e-9a4c-2f0b9a7c4e11")
+
+
+def measurement_id(reading_hour: datetime, meter: str, resource_id: str) -> uuid.UUID:
+    """The id of one meter's measurement of one resource in one UTC hour."""
+    hour = as_utc(reading_hour).strftime("%Y-%m-%dT%H:00:00Z")
+    return uuid.uuid5(NAMESPACE, f"measurement|{hour}|{meter}|{resource_id}")
+
+
+def charge_id(measurement: uuid.UUID, revision: int) -> uuid.UUID:
+    """The id of revision ``revision`` of the charge for ``measurement``."""
+    return uuid.uuid5(NAMESPACE, f"charge|{measurement}|{revision}")
+
+
+def reading_id(reading_hour: datetime) -> uuid.UUID:
+    """The id of the reading of an hour (there is at most one per hour)."""
+    hour = as_utc(reading_hour).strftime("%Y-%m-%dT%H:00:00Z")
+    return uuid.uuid5(NAMESPACE, f"reading|{hour}")
+
+
+def uuid7() -> uuid.UUID:
+    """A new time-ordered UUIDv7."""
+    return uuid.UUID(bytes=uuid_utils.uuid7().bytes)

@@ -1,0 +1,344 @@
+"""Kafka plumbing written once for every service: an idempotent producer (acks=all) and a batch consumer
+that decodes with a contract model, dead-letters what it cannot process with the reason, and commits
+offsets only after the handler's database commit and the publish of its outputs.
+
+Why aiokafka directly rather than a FastStream subscriber: FastStream acknowledges before the handler by
+default and cannot hold a rebalance until a batch is committed; here a revoke waits for the batch in
+hand (eager rebalance protocol), and a failed message can never be skipped by a later commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+from pydantic import BaseModel, ValidationError
+
+from shared.contracts import MAX_MESSAGE_BYTES
+from shared.metrics import (
+    BATCH_SECONDS,
+    CONSUMER_LAG,
+    MESSAGES_CONSUMED,
+    MESSAGES_DEAD_LETTERED,
+    MESSAGES_PUBLISHED,
+)
+from shared.topics import dlq
+
+__all__ = ["Publisher", "BatchConsumer", "Received", "Rejected", "Outgoing", "encode", "describe_error"]
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+# Errors worth retrying as they are: the database or the broker is away for a moment.
+TRANSIENT = (
+    OSError,
+    asyncio.TimeoutError,
+    KafkaError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.AdminShutdownError,
+)
+
+
+def encode(model: BaseModel) -> bytes:
+    """A contract model as the JSON bytes sent on a topic."""
+    return model.__pydantic_serializer__.to_json(model)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+class Publisher:
+    """An idempotent producer (``enable_idempotence`` ⇒ acks=all): ``publish`` returns once every
+    message is acknowledged by the broker, so a caller may then commit its input offsets."""
+
+    def __init__(self, bootstrap_servers: str, client_id: str) -> None:
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap_servers,
+            client_id=client_id,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=5,
+            max_batch_size=512 * 1024,
+            max_request_size=4 * 1024 * 1024,
+            request_timeout_ms=30_000,
+        )
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def publish(self, topic: str, messages: Iterable[Outgoing]) -> int:
+        futures = []
+        for m in messages:
+            futures.append(await self._producer.send(topic, m.value, key=m.key, headers=list(m.headers)))
+        if futures:
+            await asyncio.gather(*futures)
+            MESSAGES_PUBLISHED.labels(topic).inc(len(futures))
+        return len(futures)
+
+    async def ping(self) -> None:
+        """Raise unless the broker answers a metadata request."""
+        await asyncio.wait_for(self._producer.client.fetch_all_metadata(), timeout=3)
+
+
+@dataclass(frozen=True, slots=True)
+class Received(Generic[M]):
+    """A decoded, valid message with where it came from."""
+
+    message: M
+    key: bytes | None
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A message the consumer will not process, and why."""
+
+    record: ConsumerRecord  # type: ignore[type-arg]
+    reason: str
+
+
+def describe_error(exc: ValidationError) -> str:
+    """A short, readable reason from a pydantic validation error."""
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "message"
+        parts.append(f"{loc}: {err.get('msg')}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+# The handler receives the batch's valid messages, does its work in one database transaction, publishes
+# its outputs, and returns the messages it rejects on business grounds (they go to the DLQ).
+Handler = Callable[[list[Received[M]]], Awaitable[Sequence[tuple[Received[M], str]] | None]]
+
+
+class _CommitBeforeRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, lock: asyncio.Lock) -> None:
+        self._lock = lock
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Wait for the batch in hand to be processed and committed before giving partitions away.
+        async with self._lock:
+            pass
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("partitions assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
+
+
+class BatchConsumer(Generic[M]):
+    """Consume ``topic`` in ``group_id`` in batches of up to ``max_records``.
+
+    For each batch: decode every record with ``model`` (invalid ones are rejected with the reason), call
+    ``handler`` with the valid ones, publish the rejected ones to ``<topic>.dlq`` with the reason in the
+    ``dlq.reason`` header and the original bytes as value, then commit the batch's offsets. A handler
+    error is retried with backoff while it looks transient; otherwise the batch is replayed one message
+    at a time and the message that fails goes to the DLQ with the error, so the consumer keeps going.
+    """
+
+    def __init__(
+        self,
+        *,
+        topic: str,
+        group_id: str,
+        bootstrap_servers: str,
+        model: type[M],
+        handler: Handler[M],
+        publisher: Publisher,
+        max_records: int = 5000,
+        timeout_ms: int = 200,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        client_id: str | None = None,
+    ) -> None:
+        self.topic = topic
+        self.group_id = group_id
+        self._model = model
+        self._handler = handler
+        self._publisher = publisher
+        self._max_records = max_records
+        self._timeout_ms = timeout_ms
+        self._max_bytes = max_message_bytes
+        self._lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap_servers,
+            group_id=group_id,
+            client_id=client_id or group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_bytes=64 * 1024 * 1024,
+            session_timeout_ms=30_000,
+            heartbeat_interval_ms=3_000,
+            max_poll_interval_ms=300_000,
+        )
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        self._consumer.subscribe([self.topic], listener=_CommitBeforeRevoke(self._lock))
+        self._task = asyncio.create_task(self._run(), name=f"consume:{self.topic}:{self.group_id}")
+
+    async def stop(self) -> None:
+        """Finish the batch in hand, commit it, and leave the group."""
+        self._stopping.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=60)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+        await self._consumer.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._consumer.assignment())
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                records = await self._consumer.getmany(timeout_ms=self._timeout_ms, max_records=self._max_records)
+            except KafkaError as exc:
+                log.warning("fetch failed; retrying", extra={"error": str(exc)})
+                await asyncio.sleep(1)
+                continue
+            if not records:
+                continue
+            async with self._lock:
+                await self._process(records)
+
+    def _decode(self, record: ConsumerRecord) -> Received[M] | Rejected:  # type: ignore[type-arg]
+        value = record.value
+        if value is None:
+            return Rejected(record, "empty message (no value)")
+        if len(value) > self._max_bytes:
+            return Rejected(record, f"message too large: {len(value)} bytes > {self._max_bytes}")
+        try:
+            msg = self._model.model_validate_json(value)
+        except ValidationError as exc:
+            return Rejected(record, f"invalid {self._model.__name__}: {describe_error(exc)}")
+        return Received(msg, record.key, record.partition, record.offset)
+
+    async def _process(self, records: dict[TopicPartition, list[ConsumerRecord]]) -> None:  # type: ignore[type-arg]
+        started = time.perf_counter()
+        valid: list[Received[M]] = []
+        rejected: list[Rejected] = []
+        raw_by_offset: dict[tuple[int, int], ConsumerRecord] = {}  # type: ignore[type-arg]
+        for recs in records.values():
+            for rec in recs:
+                item = self._decode(rec)
+                if isinstance(item, Rejected):
+                    rejected.append(item)
+                else:
+                    valid.append(item)
+                    raw_by_offset[(rec.partition, rec.offset)] = rec
+        if valid:
+            business = await self._handle(valid)
+            if business is None:
+                return  # stopping before the batch could be handled: commit nothing
+            rejected.extend(Rejected(raw_by_offset[(r.partition, r.offset)], why) for r, why in business)
+        if rejected:
+            await self._dead_letter(rejected)
+        await self._commit(records)
+        n = sum(len(v) for v in records.values())
+        MESSAGES_CONSUMED.labels(self.topic, self.group_id).inc(n)
+        BATCH_SECONDS.labels(self.topic, self.group_id).observe(time.perf_counter() - started)
+        self.batches += 1
+        for tp, recs in records.items():
+            hw = self._consumer.highwater(tp)
+            if hw is not None:
+                CONSUMER_LAG.labels(self.topic, self.group_id, str(tp.partition)).set(max(0, hw - recs[-1].offset - 1))
+
+    async def _handle(self, valid: list[Received[M]]) -> list[tuple[Received[M], str]] | None:
+        """Run the handler until it succeeds; None if asked to stop first."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return list(await self._handler(valid) or [])
+            except TRANSIENT as exc:
+                delay = min(30.0, 0.2 * 2 ** min(attempt, 8))
+                log.warning("batch failed (transient); retrying", extra={"error": repr(exc), "attempt": attempt, "retry_in_s": delay})
+            except Exception as exc:
+                if len(valid) > 1 and attempt >= 2:
+                    log.error("batch keeps failing; isolating the bad message", extra={"error": repr(exc)})
+                    return await self._one_by_one(valid)
+                if len(valid) == 1 and attempt >= 2:
+                    return [(valid[0], f"processing failed: {exc!r}"[:1000])]
+                delay = 0.5
+                log.exception("batch failed; retrying once", extra={"attempt": attempt})
+            if self._stopping.is_set():
+                return None
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+                return None
+            except TimeoutError:
+                pass
+
+    async def _one_by_one(self, valid: list[Received[M]]) -> list[tuple[Received[M], str]] | None:
+        out: list[tuple[Received[M], str]] = []
+        for item in valid:
+            result = await self._handle([item])
+            if result is None:
+                return None
+            out.extend(result)
+        return out
+
+    async def _dead_letter(self, rejected: list[Rejected]) -> None:
+        target = dlq(self.topic)
+        await self._publisher.publish(
+            target,
+            (
+                Outgoing(
+                    key=r.record.key,
+                    value=r.record.value or b"",
+                    headers=(
+                        ("dlq.reason", r.reason.encode()[:4000]),
+                        ("dlq.topic", self.topic.encode()),
+                        ("dlq.partition", str(r.record.partition).encode()),
+                        ("dlq.offset", str(r.record.offset).encode()),
+                        ("dlq.group", self.group_id.encode()),
+                    ),
+                )
+                for r in rejected
+            ),
+        )
+        MESSAGES_DEAD_LETTERED.labels(self.topic, self.group_id).inc(len(rejected))
+        for r in rejected[:20]:
+            log.warning(
+                "message dead-lettered",
+                extra={"topic": self.topic, "partition": r.record.partition, "offset": r.record.offset, "reason": r.reason},
+            )
+
+    async def _commit(self, records: dict[TopicPartition, list[ConsumerRecord]]) -> None:  # type: ignore[type-arg]
+        offsets = {tp: recs[-1].offset + 1 for tp, recs in records.items() if recs}
+        try:
+            await self._consumer.commit(offsets)
+        except KafkaError as exc:
+            # The group rebalanced under us: the new owner re-reads these records, and the
+            # handlers' deduplication makes that harmless.
+            log.warning("offset commit failed; the batch will be re-read", extra={"error": repr(exc)})

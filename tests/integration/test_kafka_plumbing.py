@@ -1,0 +1,197 @@
+"""The shared Kafka helpers against a real broker: the idempotent producer, and a batch consumer that
+dead-letters what it cannot process and keeps going."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from shared import ids
+from shared.contracts import MeasurementTaken
+from shared.kafka import BatchConsumer, Outgoing, Publisher, Received, encode
+
+pytestmark = pytest.mark.integration
+
+HOUR = datetime(2026, 10, 1, 5, tzinfo=UTC)
+
+
+def measurement(resource: str, value: int = 256) -> MeasurementTaken:
+    return MeasurementTaken(
+        id=ids.measurement_id(HOUR, "cfapps", resource),
+        reading_id=ids.reading_id(HOUR),
+        reading_hour=HOUR,
+        meter="cfapps",
+        resource_id=resource,
+        value=value,
+        unit="MB",
+        taken_at=HOUR,
+    )
+
+
+async def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 20) -> list:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    await consumer.start()
+    out: list = []
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(out) < expected and asyncio.get_running_loop().time() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for recs in batch.values():
+                out.extend(recs)
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def test_publisher_is_idempotent_with_acks_all(infra, make_topic):
+    topic = await make_topic()
+    pub = Publisher(infra.kafka, client_id="test")
+    await pub.start()
+    try:
+        m = measurement("app-1")
+        sent = await pub.publish(topic, [Outgoing(key=b"app-1", value=encode(m))])
+        assert sent == 1
+        # aiokafka keeps these private: acks=all is -1, and an idempotent producer got a producer id.
+        producer = pub._producer
+        assert producer._sender._acks == -1
+        assert producer._txn_manager is not None and producer._txn_manager.producer_id >= 0
+    finally:
+        await pub.stop()
+    records = await read_all(infra.kafka, topic, 1)
+    assert len(records) == 1
+    assert records[0].key == b"app-1"
+    assert MeasurementTaken.model_validate_json(records[0].value) == m
+
+
+async def test_malformed_messages_go_to_the_dlq_with_reason_and_consumer_keeps_going(infra, make_topic):
+    topic = await make_topic()
+    pub = Publisher(infra.kafka, client_id="test")
+    await pub.start()
+    handled: list[MeasurementTaken] = []
+
+    async def handler(batch: list[Received[MeasurementTaken]]):
+        handled.extend(r.message for r in batch)
+        return None
+
+    good_before, good_after = measurement("app-a"), measurement("app-b")
+    negative = encode(measurement("app-c")).replace(b'"value":256', b'"value":-5')
+    wrong_version = encode(measurement("app-d")).replace(b'"schema_version":1', b'"schema_version":2')
+    consumer = BatchConsumer(
+        topic=topic,
+        group_id=f"g-{uuid.uuid4().hex[:8]}",
+        bootstrap_servers=infra.kafka,
+        model=MeasurementTaken,
+        handler=handler,
+        publisher=pub,
+        max_records=100,
+        timeout_ms=100,
+    )
+    await consumer.start()
+    try:
+        # All on one key, so one partition, in this order.
+        await pub.publish(
+            topic,
+            [
+                Outgoing(b"k", encode(good_before)),
+                Outgoing(b"k", b"{not json"),
+                Outgoing(b"k", negative),
+                Outgoing(b"k", wrong_version),
+                Outgoing(b"k", encode(good_after)),
+            ],
+        )
+        dead = await read_all(infra.kafka, topic + ".dlq", 3)
+        for _ in range(100):
+            if len(handled) >= 2:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await consumer.stop()
+        await pub.stop()
+
+    assert handled == [good_before, good_after]
+    assert len(dead) == 3
+    reasons = [dict(r.headers)["dlq.reason"].decode() for r in dead]
+    assert "Invalid JSON" in reasons[0] or "json" in reasons[0].lower()
+    assert "value" in reasons[1] and "greater than or equal to 0" in reasons[1]
+    assert "schema_version" in reasons[2]
+    assert [r.value for r in dead] == [b"{not json", negative, wrong_version]
+    assert all(dict(r.headers)["dlq.topic"].decode() == topic for r in dead)
+
+
+async def test_a_message_the_handler_cannot_process_is_isolated_and_dead_lettered(infra, make_topic):
+    topic = await make_topic(partitions=1)
+    pub = Publisher(infra.kafka, client_id="test")
+    await pub.start()
+    handled: list[str] = []
+
+    async def handler(batch: list[Received[MeasurementTaken]]):
+        if any(r.message.resource_id == "poison" for r in batch):
+            raise ValueError("cannot process poison")
+        handled.extend(r.message.resource_id for r in batch)
+        return None
+
+    consumer = BatchConsumer(
+        topic=topic, group_id=f"g-{uuid.uuid4().hex[:8]}", bootstrap_servers=infra.kafka,
+        model=MeasurementTaken, handler=handler, publisher=pub, timeout_ms=100,
+    )
+    await pub.publish(topic, [Outgoing(b"k", encode(measurement(r))) for r in ("a", "poison", "b")])
+    await consumer.start()
+    try:
+        dead = await read_all(infra.kafka, topic + ".dlq", 1)
+        for _ in range(100):
+            if len(handled) >= 2:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await consumer.stop()
+        await pub.stop()
+    assert handled == ["a", "b"]
+    assert len(dead) == 1
+    assert "cannot process poison" in dict(dead[0].headers)["dlq.reason"].decode()
+
+
+async def test_offsets_are_committed_only_after_the_handler_succeeds(infra, make_topic):
+    """A consumer stopped while its handler keeps failing commits nothing: the next one re-reads all."""
+    topic = await make_topic(partitions=1)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    pub = Publisher(infra.kafka, client_id="test")
+    await pub.start()
+    attempts = 0
+
+    async def failing(batch):
+        nonlocal attempts
+        attempts += 1
+        raise ConnectionRefusedError("database is down")
+
+    await pub.publish(topic, [Outgoing(b"k", encode(measurement(f"r{i}"))) for i in range(5)])
+    first = BatchConsumer(topic=topic, group_id=group, bootstrap_servers=infra.kafka, model=MeasurementTaken,
+                          handler=failing, publisher=pub, timeout_ms=100)
+    await first.start()
+    for _ in range(100):
+        if attempts >= 2:
+            break
+        await asyncio.sleep(0.1)
+    await first.stop()
+    assert attempts >= 2
+
+    seen: list[str] = []
+
+    async def ok(batch):
+        seen.extend(r.message.resource_id for r in batch)
+
+    second = BatchConsumer(topic=topic, group_id=group, bootstrap_servers=infra.kafka, model=MeasurementTaken,
+                           handler=ok, publisher=pub, timeout_ms=100)
+    await second.start()
+    try:
+        for _ in range(150):
+            if len(seen) >= 5:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await second.stop()
+        await pub.stop()
+    assert seen == [f"r{i}" for i in range(5)]
