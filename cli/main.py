@@ -6,9 +6,16 @@ from the environment (see README, "Configuration").
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import Annotated
+
 import typer
 
+from simulator.cli import run_sim, token
+
 app = typer.Typer(help="Usage billing for a Cloud Foundry platform.", no_args_is_help=True, add_completion=False)
+app.command("sim")(run_sim)
+app.command("token")(token)
 
 
 @app.command()
@@ -41,6 +48,31 @@ def api() -> None:
     from services.api.app import main
 
     main()
+
+
+def _utc(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not an ISO-8601 time") from None
+    if value.tzinfo is None:
+        raise typer.BadParameter(f"{text!r} has no time zone; add Z for UTC")
+    return value.astimezone(UTC)
+
+
+@app.command()
+def backfill(
+    start: Annotated[str, typer.Option("--from", help="First hour, ISO-8601 with zone, e.g. 2026-10-01T00:00Z.")],
+    end: Annotated[str, typer.Option("--to", help="End (exclusive), ISO-8601 with zone.")],
+) -> None:
+    """Take the readings of simulated hours [--from, --to) against the simulator (COLLECTOR_* settings)."""
+    from services.collector.backfill import run
+
+    t1, t2 = _utc(start), _utc(end)
+    if t2 <= t1:
+        raise typer.BadParameter("--to must be after --from")
+    totals = run(t1, t2)
+    typer.echo(" ".join(f"{k}={v}" for k, v in totals.items()))
 
 
 @app.command()

@@ -1,0 +1,60 @@
+# The local stack without Docker: PostgreSQL from Debian's packages, Kafka from Maven Central jars,
+# the services as background processes. See README.md.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+VENV := .venv
+LOCAL := deploy/local
+export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:9092
+export BILLING_PG_ADMIN_DSN ?= postgresql://billing_admin:billing_admin@127.0.0.1:5433/billing
+PYTEST_ARGS ?=
+
+.PHONY: help install infra-up infra-down up down status logs test demo clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	@command -v curl >/dev/null || { source $(LOCAL)/common.sh && apt_install curl; }
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.lock
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $@
+
+install: $(VENV)/.installed ## install what is missing: Python packages, PostgreSQL, Kafka's jars
+	@$(LOCAL)/pg.sh install
+	@$(LOCAL)/kafka.sh install
+
+infra-up: install ## start PostgreSQL and Kafka (idempotent)
+	@$(LOCAL)/pg.sh start
+	@$(LOCAL)/kafka.sh start
+
+infra-down: ## stop Kafka and PostgreSQL
+	@$(LOCAL)/kafka.sh stop
+	@$(LOCAL)/pg.sh stop
+
+up: infra-up ## start everything in the background and wait until it is ready
+	@$(LOCAL)/services.sh start
+	@$(LOCAL)/services.sh status
+
+down: ## stop the services, Kafka and PostgreSQL
+	@$(LOCAL)/services.sh stop
+	@$(MAKE) --no-print-directory infra-down
+
+status: ## what is running
+	@$(LOCAL)/services.sh status; $(LOCAL)/kafka.sh status || true; $(LOCAL)/pg.sh status || true
+
+logs: ## follow the services' logs
+	@tail -n 20 -F .local/logs/*.log
+
+test: infra-up ## run the tests against the real Kafka and PostgreSQL
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+demo: up ## start the stack and show that every part is healthy
+	@for p in 8080 8081 8082 8083; do printf 'http://127.0.0.1:%s/healthz ' $$p; curl -fsS http://127.0.0.1:$$p/healthz; echo; done
+
+clean: ## stop everything and delete all local data (databases, topics, logs)
+	-@$(LOCAL)/services.sh stop
+	-@$(LOCAL)/kafka.sh clean
+	-@$(LOCAL)/pg.sh clean
+	rm -rf .local
