@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 from pydantic import BaseModel, ValidationError
@@ -32,7 +34,7 @@ from shared.metrics import (
 )
 from shared.topics import dlq
 
-__all__ = ["Publisher", "BatchConsumer", "Received", "Rejected", "Outgoing", "encode", "describe_error"]
+__all__ = ["murmur2", "Publisher", "BatchConsumer", "Received", "Rejected", "Outgoing", "encode", "describe_error"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,33 @@ TRANSIENT = (
     asyncpg.DeadlockDetectedError,
     asyncpg.AdminShutdownError,
 )
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 hash of a key (as ``org.apache.kafka.common.utils.Utils.murmur2``), which picks a
+    keyed message's partition in every Kafka client; a word at a time, faster than aiokafka's."""
+    m, r, mask = 0x5BD1E995, 24, 0xFFFFFFFF
+    length = len(data)
+    h = (0x9747B28C ^ length) & mask
+    end = length & ~3
+    for (k,) in struct.iter_unpack("<I", data[:end]):
+        k = (k * m) & mask
+        k ^= k >> r
+        k = (k * m) & mask
+        h = ((h * m) & mask) ^ k
+    extra = length & 3
+    if extra:
+        tail = data[end:]
+        if extra == 3:
+            h ^= tail[2] << 16
+        if extra >= 2:
+            h ^= tail[1] << 8
+        h ^= tail[0]
+        h = (h * m) & mask
+    h ^= h >> 13
+    h = (h * m) & mask
+    h ^= h >> 15
+    return h  # unsigned; Java returns it signed, and both mask it with 0x7FFFFFFF
 
 
 def encode(model: BaseModel) -> bytes:
@@ -80,6 +109,8 @@ class Publisher:
             max_request_size=4 * 1024 * 1024,
             request_timeout_ms=30_000,
         )
+        self._partitions: dict[str, list[int]] = {}
+        self._partition_cache: dict[bytes, int] = {}
 
     async def start(self) -> None:
         await self._producer.start()
@@ -88,13 +119,46 @@ class Publisher:
         await self._producer.stop()
 
     async def publish(self, topic: str, messages: Iterable[Outgoing]) -> int:
-        futures = []
+        """Send ``messages`` and wait until the broker has acknowledged every one.
+
+        Messages are appended to per-partition batches (partition = Kafka's default murmur2 of the key,
+        as every Kafka client computes it, so one key keeps one partition and its order), which costs a
+        fraction of a per-message ``send``."""
+        producer = self._producer
+        partitions = self._partitions.get(topic)
+        if partitions is None:
+            partitions = self._partitions[topic] = sorted(await producer.partitions_for(topic))
+        n_parts = len(partitions)
+        cache = self._partition_cache
+        if len(cache) > 1_000_000:
+            cache.clear()
+        batches: dict[int, BatchBuilder] = {}
+        futures: list[asyncio.Future[Any]] = []
+        count = 0
         for m in messages:
-            futures.append(await self._producer.send(topic, m.value, key=m.key, headers=list(m.headers)))
+            if m.key is None:
+                part = partitions[count % n_parts]
+            else:
+                part = cache.get(m.key, -1)
+                if part < 0:
+                    part = cache[m.key] = partitions[(murmur2(m.key) & 0x7FFFFFFF) % n_parts]
+            batch = batches.get(part)
+            if batch is None:
+                batch = batches[part] = producer.create_batch()
+            headers = list(m.headers)
+            if batch.append(key=m.key, value=m.value, timestamp=None, headers=headers) is None:
+                futures.append(await producer.send_batch(batch, topic, partition=part))
+                batch = batches[part] = producer.create_batch()
+                if batch.append(key=m.key, value=m.value, timestamp=None, headers=headers) is None:
+                    raise ValueError(f"message of {len(m.value)} bytes does not fit in a batch")
+            count += 1
+        for part, batch in batches.items():
+            if batch.record_count():
+                futures.append(await producer.send_batch(batch, topic, partition=part))
         if futures:
             await asyncio.gather(*futures)
-            MESSAGES_PUBLISHED.labels(topic).inc(len(futures))
-        return len(futures)
+            MESSAGES_PUBLISHED.labels(topic).inc(count)
+        return count
 
     async def ping(self) -> None:
         """Raise unless the broker answers a metadata request."""

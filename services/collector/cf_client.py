@@ -3,12 +3,16 @@ timeouts, and retries with backoff on 5xx and timeouts."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import time
 from datetime import datetime
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from shared.clock import as_utc
@@ -120,8 +124,8 @@ class CFClient:
     @staticmethod
     def _json(resp: httpx.Response) -> Json:
         try:
-            body = resp.json()
-        except ValueError:
+            body = orjson.loads(resp.content)
+        except orjson.JSONDecodeError:
             raise CFBadResponse(f"malformed JSON from {resp.request.url.path}") from None
         if not isinstance(body, dict):
             raise CFBadResponse(f"unexpected JSON from {resp.request.url.path}")
@@ -144,28 +148,64 @@ class CFClient:
             return self._json(resp)
         raise AssertionError("unreachable")
 
-    async def list_all(
+    async def pages(
         self, path: str, params: dict[str, str] | None = None, at: datetime | None = None
-    ) -> tuple[list[Json], dict[str, list[Json]]]:
-        """Every resource of a v3 list endpoint, following ``pagination.next.href``; with the
-        ``included`` resources of every page merged."""
+    ) -> AsyncIterator[tuple[list[Json], dict[str, list[Json]]]]:
+        """Each page of a v3 list endpoint as (resources, included), following ``pagination.next.href``.
+        Callers reduce a page to what they need before asking for the next, so memory stays flat."""
         query = {"per_page": str(self.per_page), **(params or {})}
-        url = str(httpx.URL(f"{self._api}{path}", params=query))
-        resources: list[Json] = []
-        included: dict[str, list[Json]] = {}
-        pages = 0
+        first = str(httpx.URL(f"{self._api}{path}", params=query))
+        body = await self.get(first, at)
+        pagination = body.get("pagination") or {}
+        total_pages, nxt = pagination.get("total_pages"), pagination.get("next")
+        page = self._page(path, body, 1)
+        del body
+        yield page
+        if isinstance(total_pages, int) and 1 < total_pages <= 100_000 and isinstance(nxt, dict):
+            # The page count is known: ask for the next few pages at once (CF answers them in parallel),
+            # and hand them over in order.
+            urls = [str(httpx.URL(first).copy_merge_params({"page": str(n)})) for n in range(2, total_pages + 1)]
+            window = 3
+            pending = collections.deque(asyncio.ensure_future(self.get(u, at)) for u in urls[:window])
+            try:
+                for n in range(len(urls)):
+                    body = await pending.popleft()  # a page is dropped once handed over: memory stays flat
+                    if n + window < len(urls):
+                        pending.append(asyncio.ensure_future(self.get(urls[n + window], at)))
+                    page = self._page(path, body, n + 2)
+                    del body
+                    yield page
+            finally:
+                for f in pending:
+                    f.cancel()
+            return
+        url = nxt.get("href") if isinstance(nxt, dict) else None
+        pages = 1
         while url:
             body = await self.get(url, at)
             pages += 1
-            page = body.get("resources")
-            if not isinstance(page, list):
-                raise CFBadResponse(f"{path}: page {pages} has no resources list")
-            resources.extend(r for r in page if isinstance(r, dict))
-            for key, items in (body.get("included") or {}).items():
-                if isinstance(items, list):
-                    included.setdefault(key, []).extend(i for i in items if isinstance(i, dict))
+            yield self._page(path, body, pages)
             nxt = (body.get("pagination") or {}).get("next")
             url = nxt.get("href") if isinstance(nxt, dict) else None
             if pages > 100_000:
                 raise CFBadResponse(f"{path}: pagination does not end")
+
+    @staticmethod
+    def _page(path: str, body: Json, number: int) -> tuple[list[Json], dict[str, list[Json]]]:
+        page = body.get("resources")
+        if not isinstance(page, list):
+            raise CFBadResponse(f"{path}: page {number} has no resources list")
+        included = {k: [i for i in v if isinstance(i, dict)] for k, v in (body.get("included") or {}).items() if isinstance(v, list)}
+        return [r for r in page if isinstance(r, dict)], included
+
+    async def list_all(
+        self, path: str, params: dict[str, str] | None = None, at: datetime | None = None
+    ) -> tuple[list[Json], dict[str, list[Json]]]:
+        """Every resource of a v3 list endpoint, with the ``included`` resources of every page merged."""
+        resources: list[Json] = []
+        included: dict[str, list[Json]] = {}
+        async for page, inc in self.pages(path, params, at):
+            resources.extend(page)
+            for key, items in inc.items():
+                included.setdefault(key, []).extend(items)
         return resources, included

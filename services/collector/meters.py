@@ -85,57 +85,59 @@ class AppsMeter:
     unit = "MB"
 
     async def measure(self, cf: CFClient, at: datetime | None) -> MeterResult:
-        apps, included = await cf.list_all("/v3/apps", {"include": "space"}, at=at)
-        processes, _ = await cf.list_all("/v3/processes", at=at)
         spaces: dict[str, tuple[str, str]] = {}
-        for s in included.get("spaces", []):
-            if isinstance(s.get("guid"), str):
-                spaces[s["guid"]] = (_guid_of((s.get("relationships") or {}).get("organization")) or "", str(s.get("name") or ""))
-
         memory: dict[str, int] = {}
         problems: dict[str, list[str]] = {}
-        for p in processes:
-            href = ((p.get("links") or {}).get("app") or {}).get("href")
-            app_guid = href.rstrip("/").rsplit("/", 1)[-1] if isinstance(href, str) and "/v3/apps/" in href else None
-            if app_guid is None:
-                BAD_INPUT.labels(self.name).inc()
-                continue  # a process that names no app cannot be billed to anything
-            inst, mem = p.get("instances"), p.get("memory_in_mb")
-            if not isinstance(inst, int) or not isinstance(mem, int) or isinstance(inst, bool) or inst < 0 or mem < 0:
-                problems.setdefault(app_guid, []).append(f"process {p.get('guid')}: bad instances/memory_in_mb")
-                continue
-            memory[app_guid] = memory.get(app_guid, 0) + inst * mem
+        async for page, _ in cf.pages("/v3/processes", at=at):
+            for p in page:
+                href = ((p.get("links") or {}).get("app") or {}).get("href")
+                app_guid = href.rstrip("/").rsplit("/", 1)[-1] if isinstance(href, str) and "/v3/apps/" in href else None
+                if app_guid is None:
+                    BAD_INPUT.labels(self.name).inc()
+                    continue  # a process that names no app cannot be billed to anything
+                inst, mem = p.get("instances"), p.get("memory_in_mb")
+                if not isinstance(inst, int) or not isinstance(mem, int) or isinstance(inst, bool) or inst < 0 or mem < 0:
+                    problems.setdefault(app_guid, []).append(f"process {p.get('guid')}: bad instances/memory_in_mb")
+                    continue
+                memory[app_guid] = memory.get(app_guid, 0) + inst * mem
 
         out: list[RawMeasurement] = []
-        for a in apps:
-            guid = a.get("guid")
-            if not isinstance(guid, str) or not guid:
-                BAD_INPUT.labels(self.name).inc()
-                continue
-            errors = list(problems.get(guid, []))
-            state = a.get("state")
-            if state not in ("STARTED", "STOPPED"):
-                errors.append(f"app state {state!r} unknown")
-            elif state == "STOPPED":
-                continue
-            space = _guid_of((a.get("relationships") or {}).get("space"))
-            if space is None:
-                errors.append("app has no space relationship")
-            if errors:
-                BAD_INPUT.labels(self.name).inc()
-            out.append(
-                RawMeasurement(
-                    meter=self.name,
-                    resource_id=guid,
-                    resource_name=str(a.get("name") or ""),
-                    resource_kind="",
-                    space_id=space or "",
-                    value=memory.get(guid, 0) if state == "STARTED" else 0,
-                    unit=self.unit,
-                    errors="; ".join(errors) or None,
-                )
-            )
+        async for page, included in cf.pages("/v3/apps", {"include": "space"}, at=at):
+            for s in included.get("spaces", []):
+                if isinstance(s.get("guid"), str):
+                    spaces[s["guid"]] = (_guid_of((s.get("relationships") or {}).get("organization")) or "", str(s.get("name") or ""))
+            for a in page:
+                m = self._measure_app(a, memory, problems)
+                if m is not None:
+                    out.append(m)
         return MeterResult(out, spaces)
+
+    def _measure_app(self, a: Json, memory: dict[str, int], problems: dict[str, list[str]]) -> RawMeasurement | None:
+        guid = a.get("guid")
+        if not isinstance(guid, str) or not guid:
+            BAD_INPUT.labels(self.name).inc()
+            return None
+        errors = list(problems.get(guid, []))
+        state = a.get("state")
+        if state not in ("STARTED", "STOPPED"):
+            errors.append(f"app state {state!r} unknown")
+        elif state == "STOPPED":
+            return None
+        space = _guid_of((a.get("relationships") or {}).get("space"))
+        if space is None:
+            errors.append("app has no space relationship")
+        if errors:
+            BAD_INPUT.labels(self.name).inc()
+        return RawMeasurement(
+            meter=self.name,
+            resource_id=guid,
+            resource_name=str(a.get("name") or ""),
+            resource_kind="",
+            space_id=space or "",
+            value=memory.get(guid, 0) if state == "STARTED" else 0,
+            unit=self.unit,
+            errors="; ".join(errors) or None,
+        )
 
 
 class ServicesMeter:
@@ -145,33 +147,36 @@ class ServicesMeter:
     unit = "instance"
 
     async def measure(self, cf: CFClient, at: datetime | None) -> MeterResult:
-        instances, _ = await cf.list_all("/v3/service_instances", {"type": "managed"}, at=at)
         out: list[RawMeasurement] = []
-        for si in instances:
-            guid = si.get("guid")
-            if not isinstance(guid, str) or not guid:
-                BAD_INPUT.labels(self.name).inc()
-                continue
-            if si.get("type", "managed") != "managed":
-                continue
-            rel = si.get("relationships") or {}
-            plan, space = _guid_of(rel.get("service_plan")), _guid_of(rel.get("space"))
-            errors = [m for m, bad in (("no service_plan relationship", plan is None), ("no space relationship", space is None)) if bad]
-            if errors:
-                BAD_INPUT.labels(self.name).inc()
-            out.append(
-                RawMeasurement(
-                    meter=self.name,
-                    resource_id=guid,
-                    resource_name=str(si.get("name") or ""),
-                    resource_kind=plan or "",
-                    space_id=space or "",
-                    value=1,
-                    unit=self.unit,
-                    errors="; ".join(errors) or None,
-                )
-            )
+        async for page, _ in cf.pages("/v3/service_instances", {"type": "managed"}, at=at):
+            for si in page:
+                m = self._measure_instance(si)
+                if m is not None:
+                    out.append(m)
         return MeterResult(out)
+
+    def _measure_instance(self, si: Json) -> RawMeasurement | None:
+        guid = si.get("guid")
+        if not isinstance(guid, str) or not guid:
+            BAD_INPUT.labels(self.name).inc()
+            return None
+        if si.get("type", "managed") != "managed":
+            return None
+        rel = si.get("relationships") or {}
+        plan, space = _guid_of(rel.get("service_plan")), _guid_of(rel.get("space"))
+        errors = [m for m, bad in (("no service_plan relationship", plan is None), ("no space relationship", space is None)) if bad]
+        if errors:
+            BAD_INPUT.labels(self.name).inc()
+        return RawMeasurement(
+            meter=self.name,
+            resource_id=guid,
+            resource_name=str(si.get("name") or ""),
+            resource_kind=plan or "",
+            space_id=space or "",
+            value=1,
+            unit=self.unit,
+            errors="; ".join(errors) or None,
+        )
 
 
 DEFAULT_METERS: Sequence[Meter] = (AppsMeter(), ServicesMeter())

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from fractions import Fraction
 
 import asyncpg
 import pytest
@@ -160,7 +162,7 @@ async def test_an_outage_window_is_estimated_on_recovery_by_policy(env, policy):
             kind, org, space, a = before[key]
             b = after[key][3]
             # Oracle: previous repeats a; linear interpolates a -> b over 4 steps, rounded half up.
-            value = a if policy == "previous" else int((a + (b - a) * k / 4) + 0.5) if (a + (b - a) * k / 4) >= 0 else 0
+            value = a if policy == "previous" else math.floor(a + Fraction(b - a) * k / 4 + Fraction(1, 2))
             want[key] = (kind, org, space, value)
         assert got == want
     assert outcomes[5].estimated == (0 if policy == "none" else 3 * len(both))

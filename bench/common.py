@@ -1,0 +1,79 @@
+"""What the benchmarks share: a fresh database and topic set on the local stack, machine facts, results."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+
+from shared.topics import ensure_topics
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMAS_SQL = ROOT / "deploy" / "local" / "schemas.sql"
+ADMIN_DSN = os.environ.get("BILLING_PG_ADMIN_DSN", "postgresql://billing_admin:billing_admin@127.0.0.1:5433/billing")
+KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+
+
+def dsn(database: str, role: str) -> str:
+    return f"postgresql://{role}:{role}@127.0.0.1:5433/{database}"
+
+
+async def fresh_database(prefix: str) -> str:
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(ADMIN_DSN)
+    try:
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+    conn = await asyncpg.connect(ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}")
+    try:
+        await conn.execute(SCHEMAS_SQL.read_text())
+    finally:
+        await conn.close()
+    return name
+
+
+async def drop_database(name: str) -> None:
+    conn = await asyncpg.connect(ADMIN_DSN)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+async def fresh_topics() -> str:
+    prefix = f"bench{uuid.uuid4().hex[:8]}."
+    await ensure_topics(KAFKA, prefix=prefix)
+    return prefix
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cores": os.cpu_count(), "cpu": cpu, "memory_gib": round(mem_gib, 1), "python": platform.python_version()}
+
+
+def emit(result: dict[str, Any], name: str) -> None:
+    """Print the result as one JSON line and keep it in bench/out/<name>.json."""
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    data = orjson.dumps({"bench": name, "machine": machine(), **result})
+    (out / f"{name}.json").write_bytes(data + b"\n")
+    print(data.decode())
