@@ -195,3 +195,44 @@ async def test_offsets_are_committed_only_after_the_handler_succeeds(infra, make
         await second.stop()
         await pub.stop()
     assert seen == [f"r{i}" for i in range(5)]
+
+
+async def test_stop_finishes_the_batch_in_hand_and_commits_it(infra, make_topic):
+    """What SIGTERM does to a service: the batch being handled completes and is committed."""
+    topic = await make_topic(partitions=1)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    pub = Publisher(infra.kafka, client_id="test")
+    await pub.start()
+    started, done = asyncio.Event(), []
+
+    async def slow(batch):
+        started.set()
+        await asyncio.sleep(1.0)
+        done.extend(r.message.resource_id for r in batch)
+
+    await pub.publish(topic, [Outgoing(b"k", encode(measurement(f"r{i}"))) for i in range(3)])
+    first = BatchConsumer(topic=topic, group_id=group, bootstrap_servers=infra.kafka, model=MeasurementTaken,
+                          handler=slow, publisher=pub, timeout_ms=100)
+    await first.start()
+    await asyncio.wait_for(started.wait(), 20)
+    await first.stop()  # while the handler sleeps
+    assert done == ["r0", "r1", "r2"]
+
+    again: list[str] = []
+
+    async def record(batch):
+        again.extend(r.message.resource_id for r in batch)
+
+    await pub.publish(topic, [Outgoing(b"k", encode(measurement("after")))])
+    second = BatchConsumer(topic=topic, group_id=group, bootstrap_servers=infra.kafka, model=MeasurementTaken,
+                           handler=record, publisher=pub, timeout_ms=100)
+    await second.start()
+    try:
+        for _ in range(100):
+            if again:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await second.stop()
+        await pub.stop()
+    assert again == ["after"]  # nothing of the first batch was read twice
