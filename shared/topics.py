@@ -18,6 +18,7 @@ __all__ = [
     "PARTITIONS",
     "dlq",
     "ensure_topics",
+    "delete_topics",
 ]
 
 READINGS = "usage.readings.v1"
@@ -55,6 +56,22 @@ async def ensure_topics(
                 [NewTopic(name=t, num_partitions=partitions, replication_factor=1) for t in missing]
             )
         return missing
+    finally:
+        await admin.close()
+
+
+async def delete_topics(bootstrap_servers: str, prefix: str = "", names: tuple[str, ...] = ()) -> None:
+    """Delete the topics whose names start with ``prefix`` (never all: a prefix is required), or ``names``."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    if not prefix and not names:
+        raise ValueError("name a prefix or the topics to delete")
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        doomed = [t for t in await admin.list_topics() if (prefix and t.startswith(prefix)) or t in names]
+        if doomed:
+            await admin.delete_topics(doomed)
     finally:
         await admin.close()
 

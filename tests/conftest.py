@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from shared.topics import ensure_topics
+from shared.topics import delete_topics, ensure_topics
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS_SQL = ROOT / "deploy" / "local" / "schemas.sql"
@@ -124,21 +124,31 @@ async def database(infra: Infra) -> AsyncIterator[Database]:
         await _drop_database(infra.pg_admin_dsn, db.name)
 
 
+# Test topics have fewer partitions than the production ones (12) and are deleted after each test: a
+# broker keeps files open per partition, and a test run creates hundreds of topics.
+TEST_PARTITIONS = 4
+
+
 @pytest.fixture
-async def topic_prefix(infra: Infra) -> str:
+async def topic_prefix(infra: Infra) -> AsyncIterator[str]:
     """A fresh set of the design's topics for one test: ``KAFKA_TOPIC_PREFIX`` for its services."""
     prefix = f"t{uuid.uuid4().hex[:10]}."
-    await ensure_topics(infra.kafka, prefix=prefix)
-    return prefix
+    await ensure_topics(infra.kafka, prefix=prefix, partitions=TEST_PARTITIONS)
+    yield prefix
+    await delete_topics(infra.kafka, prefix=prefix)
 
 
 @pytest.fixture
-def make_topic(infra: Infra) -> Callable[..., Awaitable[str]]:
+async def make_topic(infra: Infra) -> AsyncIterator[Callable[..., Awaitable[str]]]:
     """Create a uniquely named topic (and its .dlq) for one test."""
+    made: list[str] = []
 
     async def make(partitions: int = 3) -> str:
         name = f"test.{uuid.uuid4().hex[:12]}"
         await ensure_topics(infra.kafka, topics=(name, name + ".dlq"), partitions=partitions)
+        made.extend((name, name + ".dlq"))
         return name
 
-    return make
+    yield make
+    if made:
+        await delete_topics(infra.kafka, names=tuple(made))

@@ -83,6 +83,9 @@ start() {
   if pid_alive "$PIDF"; then log "Kafka already running on 127.0.0.1:$KAFKA_PORT"; else
     write_config
     format_storage
+    # Every partition keeps a few files open; many test topics need more than the usual 1024.
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    ulimit -n 1048576 2>/dev/null || true
     # shellcheck disable=SC2086
     nohup java $HEAP -XX:+UseG1GC -cp "$LIBS/*" -Dlog4j2.configurationFile="$KDIR/log4j2.properties" \
       kafka.Kafka "$CONF" >>"$KLOG" 2>&1 </dev/null &
