@@ -20,7 +20,7 @@ def local_dsn(role: str) -> SecretStr:
 class ServiceSettings(BaseSettings):
     """What every service needs. Subclasses set ``env_prefix`` and their own defaults."""
 
-    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
     database_url: SecretStr = Field(description="PostgreSQL DSN of this service's own role.")
     kafka_bootstrap_servers: str = Field(

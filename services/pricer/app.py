@@ -16,7 +16,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 def create_app(settings: PricerSettings | None = None) -> Starlette:
     settings = settings or PricerSettings()
     runtime = Runtime("pricer", settings, MIGRATIONS)
-    return runtime.app(routes=handlers.routes(), on_start=handlers.start)
+    return runtime.app(routes=handlers.routes(), on_start=handlers.start, on_stop=handlers.stop)
 
 
 def main() -> None:

@@ -1,0 +1,300 @@
+"""Benchmark of the pricer alone on the real Kafka and PostgreSQL (not a test).
+
+Produces ``--count`` measurements to a fresh, prefixed set of topics, then starts the pricer as a
+subprocess (``billing pricer``, as in production) on a fresh database, and measures:
+
+- sustained measurements/s: from the first to the last offset the pricer committed (it commits a
+  batch's offsets only after the charges are committed in PostgreSQL and acknowledged by Kafka),
+- peak RSS of the pricer process (VmHWM from /proc) and its RSS over the run (flat or growing),
+- the end-to-end time from start to the last commit (includes start-up and migrations).
+
+Prints one JSON line and keeps it in bench/out/pricer.json. Needs the local stack (``make infra-up``;
+``source deploy/local/env.sh`` for KAFKA_BOOTSTRAP_SERVERS and BILLING_PG_ADMIN_DSN). Target (issue 4):
+150,000 measurements/s and under 500 MB, flat over a 10-minute run.
+
+    .venv/bin/python -m bench.bench_pricer [--count 1000000] [--instances 1] [--batch 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+if __package__ in (None, ""):  # run as a script: make the checkout importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import ADMIN_DSN, KAFKA, ROOT, drop_database, dsn, emit, fresh_database, fresh_topics  # noqa: E402
+from services.pricer import repository  # noqa: E402
+from services.pricer.app import MIGRATIONS  # noqa: E402
+from services.pricer.service import Price  # noqa: E402
+from shared.db import create_pool, migrate  # noqa: E402
+from shared.ids import NAMESPACE, uuid7  # noqa: E402
+from shared.kafka import Outgoing, Publisher  # noqa: E402
+from shared.topics import CHARGES, READINGS, delete_topics  # noqa: E402
+
+START = datetime(2026, 3, 1, tzinfo=UTC)
+KINDS = ["plan-small", "plan-medium", "plan-large"]
+
+
+def _uuid5(name: str) -> str:
+    d = bytearray(hashlib.sha1(NAMESPACE.bytes + name.encode()).digest()[:16])
+    d[6], d[8] = (d[6] & 0x0F) | 0x50, (d[8] & 0x3F) | 0x80
+    return str(uuid.UUID(bytes=bytes(d)))
+
+
+def measurements(count: int, resources: int) -> Iterator[tuple[bytes, bytes]]:
+    """``count`` valid usage.measurement messages: ``resources`` resources over count/resources hours;
+    80% apps (MB), 20% service instances of three plans. Yields (key, value) pairs."""
+    produced = 0
+    orgs = [str(uuid.UUID(int=i + 1)) for i in range(200)]
+    hours = -(-count // resources)
+    for h in range(hours):
+        hour = START + timedelta(hours=h)
+        hour_text = hour.strftime("%Y-%m-%dT%H:00:00Z")
+        reading = _uuid5(f"reading|{hour_text}")
+        for r in range(resources):
+            if produced == count:
+                return
+            produced += 1
+            app = r % 5 != 0
+            meter = "cfapps" if app else "cfservices"
+            resource = str(uuid.UUID(int=(r + 1) << 64))
+            doc: dict[str, Any] = {
+                "id": _uuid5(f"measurement|{hour_text}|{meter}|{resource}"),
+                "schema_name": "usage.measurement",
+                "schema_version": 1,
+                "reading_id": reading,
+                "reading_hour": hour_text,
+                "meter": meter,
+                "resource_id": resource,
+                "resource_kind": "" if app else KINDS[r % 3],
+                "resource_name": f"resource-{r}",
+                "org_id": orgs[r % len(orgs)],
+                "org_name": f"org-{r % len(orgs)}",
+                "space_id": str(uuid.UUID(int=(r % 1000) + 7)),
+                "space_name": f"space-{r % 1000}",
+                "value": (r % 64 + 1) * 128 if app else 1,
+                "unit": "MB" if app else "instance",
+                "estimated": False,
+                "taken_at": hour_text.replace(":00:00Z", ":01:30Z"),
+            }
+            yield resource.encode(), orjson.dumps(doc)
+
+
+async def produce(topic: str, messages: Iterable[tuple[bytes, bytes]], chunk: int = 20_000) -> float:
+    publisher = Publisher(KAFKA, client_id="bench-pricer-producer")
+    await publisher.start()
+    started = time.perf_counter()
+    try:
+        pending: list[Outgoing] = []
+        for key, value in messages:
+            pending.append(Outgoing(key, value))
+            if len(pending) >= chunk:
+                await publisher.publish(topic, pending)
+                pending = []
+        await publisher.publish(topic, pending)
+    finally:
+        await publisher.stop()
+    return time.perf_counter() - started
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of ``pid`` in bytes."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                out[name] = int(rest.split()[0]) * 1024
+    except FileNotFoundError:
+        pass
+    return out
+
+
+async def committed(admin: AIOKafkaAdminClient, group: str, topic: str) -> int:
+    offsets = await admin.list_consumer_group_offsets(group)
+    return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
+
+
+async def prepare_database(dsn: str) -> None:
+    """Migrate the pricer's schema and add the prices before the pricer starts, so that every
+    measurement is priced on first sight (no re-pricing in the measured window)."""
+    pool = await create_pool(dsn, "pricer")
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn, "pricer", MIGRATIONS)
+            since, now = datetime(2026, 1, 1, tzinfo=UTC), datetime.now(UTC)
+            prices = [Price(uuid7(), "cfapps", "", "MB-hour", 1_000_000, 730 * 1024, since, None, now)]
+            prices += [Price(uuid7(), "cfservices", k, "instance-hour", (i + 1) * 5_000_000, 730, since, None, now) for i, k in enumerate(KINDS)]
+            for p in prices:
+                await repository.insert_price(conn, p)
+    finally:
+        await pool.close()
+
+
+async def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=2) as http:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"pricer exited with {proc.returncode}")
+            try:
+                if (await http.get("/readyz")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError("pricer not ready in time")
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    kafka = KAFKA
+    prefix = await fresh_topics()
+    db = await fresh_database("bench_pricer")
+    readings = prefix + READINGS
+    result: dict[str, Any] = {"count": args.count, "instances": args.instances, "batch_max_records": args.batch}
+    procs: list[subprocess.Popen[bytes]] = []
+    log_files: list[Any] = []
+    logs = Path(tempfile.mkdtemp(prefix="bench-pricer-"))
+    result["logs"] = str(logs)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
+    await admin.start()
+    try:
+        result["generate_and_produce_s"] = round(await produce(readings, measurements(args.count, args.resources)), 1)
+
+        pricer_dsn = dsn(db, "pricer")
+        await prepare_database(pricer_dsn)
+        ports = [free_port() for _ in range(args.instances)]
+        billing = shutil.which("billing", path=str(ROOT / ".venv" / "bin")) or str(ROOT / ".venv" / "bin" / "billing")
+        started = time.perf_counter()
+        for port in ports:
+            env = {
+                **os.environ,
+                "PRICER_DATABASE_URL": pricer_dsn,
+                "KAFKA_BOOTSTRAP_SERVERS": kafka,
+                "KAFKA_TOPIC_PREFIX": prefix,
+                "PRICER_PORT": str(port),
+                "PRICER_BATCH_MAX_RECORDS": str(args.batch),
+                "PRICER_LOG_LEVEL": "WARNING",
+            }
+            # Logs to a file: an unread pipe would fill up and stall the pricer.
+            log_file = open(logs / f"pricer-{port}.log", "wb")  # noqa: SIM115 - closed with the process
+            log_files.append(log_file)
+            procs.append(subprocess.Popen([billing, "pricer"], env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT))
+        for port, proc in zip(ports, procs, strict=True):
+            await wait_ready(port, proc)
+
+        first_t: float | None = None
+        first_n = last_n = 0
+        last_t = started
+        rss_samples: list[int] = []
+        while True:
+            for proc in procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"pricer exited with {proc.returncode}; see {logs}")
+            n = await committed(admin, "pricer", readings)
+            now = time.perf_counter()
+            if n > 0 and first_t is None:
+                first_t, first_n = now, n
+            if n != last_n:
+                last_n, last_t = n, now
+            rss_samples.append(sum(proc_status(p.pid).get("VmRSS", 0) for p in procs))
+            if n >= args.count:
+                break
+            if now - started > args.timeout:
+                raise RuntimeError(f"timed out with {n} of {args.count} committed")
+            await asyncio.sleep(0.25)
+        peak = [proc_status(p.pid).get("VmHWM", 0) for p in procs]
+        if first_t is None:
+            first_t = started
+        elapsed = last_t - first_t
+        tenth = max(1, len(rss_samples) // 10)
+        result.update(
+            sustained_measurements_per_s=round((last_n - first_n) / elapsed) if elapsed > 0 else None,
+            measured_window_s=round(elapsed, 2),
+            end_to_end_s=round(last_t - started, 2),
+            peak_rss_mb=[round(p / 2**20, 1) for p in peak],
+            # Total RSS of the pricer processes, the largest sample in each tenth of the run: flat or growing.
+            rss_mb_by_tenth=[round(max(rss_samples[i : i + tenth]) / 2**20) for i in range(0, len(rss_samples), tenth)][:10],
+        )
+        conn = await asyncpg.connect(ADMIN_DSN.rsplit("/", 1)[0] + f"/{db}")
+        try:
+            result["charges_stored"] = await conn.fetchval("SELECT count(*) FROM pricer.charges")
+        finally:
+            await conn.close()
+        end_offsets = await _end_offsets(kafka, prefix + CHARGES)
+        result["charges_published"] = end_offsets
+        return result
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for f in log_files:
+            f.close()
+        if all(f.stat().st_size == 0 for f in logs.iterdir()):
+            shutil.rmtree(logs, ignore_errors=True)
+            result.pop("logs", None)
+        await admin.close()
+        if not args.keep:
+            await drop_database(db)
+            await delete_topics(kafka, prefix=prefix)
+
+
+async def _end_offsets(kafka: str, topic: str) -> int:
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=None)
+    await consumer.start()
+    try:
+        parts = [TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or await _partitions(consumer, topic))]
+        return sum((await consumer.end_offsets(parts)).values())
+    finally:
+        await consumer.stop()
+
+
+async def _partitions(consumer: Any, topic: str) -> set[int]:
+    await consumer.topics()
+    return set(consumer.partitions_for_topic(topic) or range(12))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=1_000_000, help="measurements to price")
+    parser.add_argument("--resources", type=int, default=10_000, help="resources per hour")
+    parser.add_argument("--instances", type=int, default=1, help="pricer processes in the group")
+    parser.add_argument("--batch", type=int, default=5000, help="PRICER_BATCH_MAX_RECORDS")
+    parser.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds")
+    parser.add_argument("--keep", action="store_true", help="keep the database and topics")
+    args = parser.parse_args()
+    emit(asyncio.run(run(args)), "pricer")
+
+
+if __name__ == "__main__":
+    main()
