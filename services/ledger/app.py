@@ -16,7 +16,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 def create_app(settings: LedgerSettings | None = None) -> Starlette:
     settings = settings or LedgerSettings()
     runtime = Runtime("ledger", settings, MIGRATIONS)
-    return runtime.app(routes=handlers.routes(), on_start=handlers.start)
+    return runtime.app(routes=handlers.routes(), on_start=handlers.start, on_stop=handlers.stop)
 
 
 def main() -> None:

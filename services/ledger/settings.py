@@ -2,14 +2,43 @@
 
 from __future__ import annotations
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import ServiceSettings, local_dsn
 
 
 class LedgerSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="LEDGER_", extra="ignore", frozen=True)
+    # populate_by_name: LedgerSettings(topic_prefix=..., kafka_bootstrap_servers=...) must not be ignored
+    # (those fields have environment aliases; without it pydantic-settings drops the keyword silently).
+    model_config = SettingsConfigDict(env_prefix="LEDGER_", extra="ignore", frozen=True, populate_by_name=True)
 
     database_url: SecretStr = local_dsn("ledger")
     port: int = 8083
+    # Larger batches than the other services: a batch costs a handful of statements whatever its size, and
+    # the usage lines it posts are per (customer, hour, org, meter, kind, price), so fewer per charge.
+    batch_max_records: int = Field(default=20_000, ge=1, le=100_000)
+    settlement_delay_hours: int = Field(
+        default=72,
+        ge=0,
+        le=24 * 366,
+        description="How long after an agreement ends its unused credits expire; usage of the period that "
+        "arrives within this delay is still drawn from it.",
+    )
+    month_close_delay_hours: int = Field(
+        default=96,
+        ge=0,
+        le=24 * 366,
+        description="How long after a month ends (America/New_York) it is closed automatically.",
+    )
+    periodic_interval_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        le=86_400,
+        description="How often the periodic task runs (expiry, month close, held charges, outbox); 0 = never.",
+    )
+    outbox_sweep_after_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="The periodic task re-publishes outbox messages older than this (left by a crash).",
+    )

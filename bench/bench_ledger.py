@@ -1,0 +1,364 @@
+"""Benchmark of the ledger alone on the real Kafka and PostgreSQL (not a test).
+
+Sets up a fresh database (``--customers`` customers, each with an agreement, ``--orgs`` orgs assigned to
+them round-robin, so every customer's orgs spread over the topic's partitions), produces ``--count``
+charges to a fresh, prefixed ``usage.charges.v1`` (``--resources`` resources per hour; a share of
+re-priced revisions and of duplicates), then starts the ledger as a subprocess (``billing ledger``, as in
+production) and measures:
+
+- sustained charges/s: from the first to the last offset the ledger committed (it commits a batch's
+  offsets only after its usage transactions are committed in PostgreSQL and published to Kafka),
+- peak RSS of the ledger process (VmHWM from /proc) and its RSS over the run (flat or growing),
+- the end-to-end time from start to the last commit (includes start-up and migrations),
+- a check of the result: the microcredits posted equal floor(exact sum) per (customer, month, price).
+
+Prints one JSON line (and keeps it in bench/out/ledger.json). Needs KAFKA_BOOTSTRAP_SERVERS and
+BILLING_PG_ADMIN_DSN (``source deploy/local/env.sh``). Example:
+``.venv/bin/python bench/bench_ledger.py --count 300000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import ADMIN_DSN, KAFKA, drop_database, dsn, emit, fresh_database, fresh_topics  # noqa: E402
+from shared.ids import NAMESPACE  # noqa: E402
+from shared.topics import ALL_TOPICS, CHARGES  # noqa: E402
+
+START = datetime(2026, 3, 1, 5, tzinfo=UTC)  # March 1, 00:00 in New York
+KINDS = ["plan-small", "plan-medium", "plan-large"]
+APPS_PRICE = str(uuid.UUID(int=0xA))
+KIND_PRICES = [str(uuid.UUID(int=0xB0 + i)) for i in range(len(KINDS))]
+NEW_YORK = ZoneInfo("America/New_York")
+
+
+def _uuid5(name: str) -> str:
+    d = bytearray(hashlib.sha1(NAMESPACE.bytes + name.encode()).digest()[:16])
+    d[6], d[8] = (d[6] & 0x0F) | 0x50, (d[8] & 0x3F) | 0x80
+    return str(uuid.UUID(bytes=bytes(d)))
+
+
+def charges(
+    count: int, resources: int, orgs: list[str], revisions: float, duplicates: float, seed: int = 7
+) -> tuple[list[tuple[bytes, bytes]], dict[tuple[str, str, str], Fraction]]:
+    """``count`` valid usage.charge messages, keyed by org id, and the exact sum of the latest revisions per
+    (org, New York month, price) for the check. 80% app charges (MB-hours at 1 credit per 730 GB-hours),
+    20% service instances of three plans (per 730 instance-hours)."""
+    rng = random.Random(seed)
+    out: list[tuple[bytes, bytes]] = []
+    latest: dict[str, tuple[int, str, str, str, Fraction]] = {}  # measurement -> (rev, org, month, price, amount)
+    pending_revisions: list[dict[str, Any]] = []
+    hours = -(-count // resources)
+    for h in range(hours + 1):
+        hour = START + timedelta(hours=h)
+        hour_text = hour.strftime("%Y-%m-%dT%H:00:00Z")
+        local = hour.astimezone(NEW_YORK)
+        month = f"{local.year:04d}-{local.month:02d}"
+        for r in range(resources):
+            if len(out) >= count:
+                break
+            app = r % 5 != 0
+            meter = "cfapps" if app else "cfservices"
+            resource = str(uuid.UUID(int=(r + 1) << 64))
+            org = orgs[r % len(orgs)]
+            value = (r % 64 + 1) * 128 if app else 1
+            if app:
+                price, amount = APPS_PRICE, Fraction(value * 1_000_000, 730 * 1024)
+            else:
+                price, amount = KIND_PRICES[r % 3], Fraction((r % 3 + 1) * 5_000_000, 730)
+            mid = _uuid5(f"measurement|{hour_text}|{meter}|{resource}")
+            doc: dict[str, Any] = {
+                "id": _uuid5(f"charge|{mid}|1"),
+                "schema_name": "usage.charge",
+                "schema_version": 1,
+                "measurement_id": mid,
+                "revision": 1,
+                "reading_hour": hour_text,
+                "meter": meter,
+                "resource_id": resource,
+                "resource_kind": "" if app else KINDS[r % 3],
+                "resource_name": f"resource-{r}",
+                "org_id": org,
+                "org_name": f"org {org}",
+                "space_id": str(uuid.UUID(int=(r % 1000) + 7)),
+                "space_name": f"space-{r % 1000}",
+                "value": value,
+                "unit": "MB" if app else "instance",
+                "estimated": False,
+                "status": "priced",
+                "price_id": price,
+                "amount_numerator": amount.numerator,
+                "amount_denominator": amount.denominator,
+                "display_amount": "0",
+                "priced_at": hour_text,
+            }
+            out.append((org.encode(), orjson.dumps(doc)))
+            latest[mid] = (1, org, month, price, amount)
+            if rng.random() < revisions:
+                pending_revisions.append(doc)
+            if rng.random() < duplicates:
+                out.append(out[-1])
+        # Re-priced revisions arrive an hour later (a price corrected), at 110% of the amount.
+        for doc in pending_revisions:
+            amount = Fraction(doc["amount_numerator"], doc["amount_denominator"]) * Fraction(11, 10)
+            rev = dict(doc, revision=2, id=_uuid5(f"charge|{doc['measurement_id']}|2"))
+            rev["amount_numerator"], rev["amount_denominator"] = amount.numerator, amount.denominator
+            out.append((doc["org_id"].encode(), orjson.dumps(rev)))
+            _, org, month, price, _ = latest[doc["measurement_id"]]
+            latest[doc["measurement_id"]] = (2, org, month, price, amount)
+        pending_revisions.clear()
+        if len(out) >= count:
+            break
+    sums: dict[tuple[str, str, str], Fraction] = defaultdict(Fraction)
+    for _, org, month, price, amount in latest.values():
+        sums[(org, month, price)] += amount
+    return out, sums
+
+
+async def produce(topic: str, messages: list[tuple[bytes, bytes]]) -> float:
+    producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all", enable_idempotence=True, linger_ms=20, max_batch_size=1024 * 1024)
+    await producer.start()
+    started = time.perf_counter()
+    try:
+        pending = []
+        for key, value in messages:
+            pending.append(await producer.send(topic, value, key=key))
+            if len(pending) >= 20_000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return time.perf_counter() - started
+
+
+async def prepare(ledger_dsn: str, customers: int, orgs: list[str]) -> dict[str, str]:
+    """Migrate, create the customers with an agreement each, assign the orgs; returns org -> customer."""
+    from services.ledger.app import MIGRATIONS
+    from services.ledger.service import LedgerService
+    from services.ledger.settings import LedgerSettings
+    from shared.db import create_pool, migrate
+
+    pool = await create_pool(ledger_dsn, "ledger")
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn, "ledger", MIGRATIONS)
+        service = LedgerService(pool, LedgerSettings(database_url=ledger_dsn, port=1))
+        await service.create_tier("bench", 10**12)
+        ids = [(await service.create_customer(f"customer {i}", "bench")).body["id"] for i in range(customers)]
+        for cid in ids:
+            await service.create_agreement(cid, START - timedelta(days=1), START + timedelta(days=365), None)
+        owner = {}
+        for i, org in enumerate(orgs):
+            cid = ids[i % customers]
+            await service.assign_org(org, cid, START - timedelta(days=30))
+            owner[org] = str(cid)
+        return owner
+    finally:
+        await pool.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                out[name] = int(rest.split()[0]) * 1024
+    except FileNotFoundError:
+        pass
+    return out
+
+
+async def committed(admin: AIOKafkaAdminClient, group: str, topic: str) -> int:
+    offsets = await admin.list_consumer_group_offsets(group)
+    return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
+
+
+async def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=2) as http:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ledger exited with {proc.returncode}: {proc.stderr.read().decode()[-3000:] if proc.stderr else ''}")
+            try:
+                if (await http.get("/readyz")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError("ledger not ready in time")
+
+
+async def check(ledger_admin_dsn: str, owner: dict[str, str], sums: dict[tuple[str, str, str], Fraction]) -> dict[str, Any]:
+    expected: dict[tuple[str, str, str], Fraction] = defaultdict(Fraction)
+    for (org, month, price), amount in sums.items():
+        expected[(owner[org], month, price)] += amount
+    want = {k: v.numerator // v.denominator for k, v in expected.items()}
+    conn = await asyncpg.connect(ledger_admin_dsn)
+    try:
+        rows = await conn.fetch(
+            """SELECT t.customer_id::text AS c, to_char(u.month, 'YYYY-MM') AS m, u.price_id::text AS p,
+                      sum(u.microcredits)::bigint AS mc
+                 FROM ledger.usage_lines u JOIN ledger.transactions t ON t.id = u.transaction_id GROUP BY 1, 2, 3"""
+        )
+        got = {(r["c"], r["m"], r["p"]): r["mc"] for r in rows}
+        transactions = await conn.fetchval("SELECT count(*) FROM ledger.transactions WHERE type IN ('usage', 'late_usage')")
+        equation = await conn.fetchval("SELECT sum(balance) FROM ledger.accounts")
+    finally:
+        await conn.close()
+    return {
+        "posting_rule_holds": got == want,
+        "groups": len(want),
+        "usage_transactions": transactions,
+        "sum_of_signed_balances": int(equation),
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    prefix = await fresh_topics()
+    db = await fresh_database("billing_bench_ledger")
+    topic = prefix + CHARGES
+    result: dict[str, Any] = {
+        "count": args.count,
+        "customers": args.customers,
+        "orgs": args.orgs,
+        "resources_per_hour": args.resources,
+        "batch_max_records": args.batch,
+        "instances": args.instances,
+    }
+    procs: list[subprocess.Popen[bytes]] = []
+    admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
+    await admin.start()
+    try:
+        orgs = [str(uuid.UUID(int=(i + 1) << 32)) for i in range(args.orgs)]
+        t = time.perf_counter()
+        messages, sums = charges(args.count, args.resources, orgs, args.revisions, args.duplicates)
+        result["messages"] = len(messages)
+        result["generate_s"] = round(time.perf_counter() - t, 1)
+        result["produce_s"] = round(await produce(topic, messages), 1)
+        total = len(messages)
+        del messages
+
+        ledger_dsn = dsn(db, "ledger")
+        owner = await prepare(ledger_dsn, args.customers, orgs)
+        billing = str(ROOT / ".venv" / "bin" / "billing")
+        ports = [free_port() for _ in range(args.instances)]
+        started = time.perf_counter()
+        for port in ports:
+            env = {
+                **os.environ,
+                "LEDGER_DATABASE_URL": ledger_dsn,
+                "KAFKA_BOOTSTRAP_SERVERS": KAFKA,
+                "KAFKA_TOPIC_PREFIX": prefix,
+                "LEDGER_PORT": str(port),
+                "LEDGER_BATCH_MAX_RECORDS": str(args.batch),
+                "LEDGER_LOG_LEVEL": "WARNING",
+                "LEDGER_PERIODIC_INTERVAL_SECONDS": "0",
+            }
+            procs.append(subprocess.Popen([billing, "ledger"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        for port, proc in zip(ports, procs, strict=True):
+            await wait_ready(port, proc)
+
+        first_t: float | None = None
+        first_n = last_n = 0
+        last_t = started
+        rss: list[int] = []
+        while True:
+            for proc in procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"ledger exited with {proc.returncode}")
+            n = await committed(admin, "ledger", topic)
+            now = time.perf_counter()
+            if n > 0 and first_t is None:
+                first_t, first_n = now, n
+            if n != last_n:
+                last_n, last_t = n, now
+            rss.append(sum(proc_status(p.pid).get("VmRSS", 0) for p in procs))
+            if n >= total:
+                break
+            if now - started > args.timeout:
+                raise RuntimeError(f"timed out with {n} of {total} committed")
+            await asyncio.sleep(0.25)
+        peak = [proc_status(p.pid).get("VmHWM", 0) for p in procs]
+        assert first_t is not None
+        window = last_t - first_t
+        quarter = max(1, len(rss) // 4)
+        result.update(
+            sustained_charges_per_s=round((last_n - first_n) / window) if window > 0 else None,
+            measured_window_s=round(window, 2),
+            end_to_end_s=round(last_t - started, 2),
+            peak_rss_mb=[round(p / 2**20, 1) for p in peak],
+            rss_mb_first_quarter_max=round(max(rss[:quarter]) / 2**20, 1),
+            rss_mb_last_quarter_max=round(max(rss[-quarter:]) / 2**20, 1),
+        )
+        result["check"] = await check(ADMIN_DSN.rsplit("/", 1)[0] + f"/{db}", owner, sums)
+        return result
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        await admin.close()
+        if not args.keep:
+            await drop_database(db)
+            cleanup = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
+            await cleanup.start()
+            try:
+                await cleanup.delete_topics([prefix + t for t in ALL_TOPICS])
+            finally:
+                await cleanup.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=1_000_000, help="charges (first revisions) to post")
+    parser.add_argument("--resources", type=int, default=50_000, help="resources (charges) per hour")
+    parser.add_argument("--customers", type=int, default=50)
+    parser.add_argument("--orgs", type=int, default=1000)
+    parser.add_argument("--revisions", type=float, default=0.01, help="share of charges re-priced once")
+    parser.add_argument("--duplicates", type=float, default=0.01, help="share of charges sent twice")
+    parser.add_argument("--instances", type=int, default=1, help="ledger processes in the group")
+    parser.add_argument("--batch", type=int, default=20_000, help="LEDGER_BATCH_MAX_RECORDS")
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--keep", action="store_true", help="keep the database and topics")
+    args = parser.parse_args()
+    emit(asyncio.run(run(args)), "ledger")
+
+
+if __name__ == "__main__":
+    main()

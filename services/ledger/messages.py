@@ -1,0 +1,101 @@
+"""The ledger's outgoing messages, built from its drafts and rows (contracts in ``shared.contracts``)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime
+
+from services.ledger.domain import NIL_PRICE, TransactionDraft
+from shared.contracts import AlertRaised, EntryLine, StatementIssued, StatementLine, TransactionPosted, UsageLine
+from shared.ids import NAMESPACE
+from shared.kafka import encode
+from shared.topics import ALERTS, TRANSACTIONS
+
+__all__ = [
+    "transaction_posted",
+    "alert_raised",
+    "statement_issued",
+    "statement_id",
+    "alert_id",
+    "to_outbox",
+    "OutboxMessage",
+]
+
+OutboxMessage = tuple[str, bytes | None, bytes]
+"""(unprefixed topic, key, encoded value), as stored in the outbox."""
+
+
+def transaction_posted(draft: TransactionDraft, transaction_id: uuid.UUID, posted_at: datetime) -> TransactionPosted:
+    return TransactionPosted(
+        id=transaction_id,
+        customer_id=draft.customer_id,
+        type=draft.type,  # type: ignore[arg-type]
+        occurred_at=draft.occurred_at,
+        reading_hour=draft.reading_hour,
+        description=draft.description,
+        idempotency_key=draft.idempotency_key,
+        entries=[EntryLine(account=e.account, side=e.side, amount=e.amount) for e in draft.entries],
+        usage=[
+            UsageLine(
+                org_id=u.org_id,
+                meter=u.meter,
+                resource_kind=u.resource_kind,
+                price_id=None if u.price_id == NIL_PRICE else u.price_id,
+                microcredits=u.microcredits,
+            )
+            for u in draft.usage
+        ],
+        posted_at=posted_at,
+    )
+
+
+def alert_id(agreement_id: uuid.UUID, threshold: int) -> uuid.UUID:
+    return uuid.uuid5(NAMESPACE, f"alert|{agreement_id}|{threshold}")
+
+
+def alert_raised(
+    customer_id: uuid.UUID, agreement_id: uuid.UUID, threshold: int, funded: int, used: int, raised_at: datetime
+) -> AlertRaised:
+    return AlertRaised(
+        id=alert_id(agreement_id, threshold),
+        customer_id=customer_id,
+        agreement_id=agreement_id,
+        threshold_percent=threshold,  # type: ignore[arg-type]
+        funded=funded,
+        used=used,
+        raised_at=raised_at,
+    )
+
+
+def statement_id(customer_id: uuid.UUID, month: date) -> uuid.UUID:
+    return uuid.uuid5(NAMESPACE, f"statement|{customer_id}|{month:%Y-%m}")
+
+
+def statement_issued(
+    customer_id: uuid.UUID,
+    month: date,
+    *,
+    opening: int,
+    funded: int,
+    used: int,
+    expired: int,
+    used_by_kind: list[tuple[str, str, int]],
+    issued_at: datetime,
+) -> StatementIssued:
+    return StatementIssued(
+        id=statement_id(customer_id, month),
+        customer_id=customer_id,
+        month=f"{month:%Y-%m}",
+        opening_balance=opening,
+        funded=funded,
+        used=used,
+        expired=expired,
+        closing_balance=opening + funded - used - expired,
+        used_by_kind=[StatementLine(meter=m, resource_kind=k, microcredits=v) for m, k, v in used_by_kind],
+        issued_at=issued_at,
+    )
+
+
+def to_outbox(message: TransactionPosted | StatementIssued | AlertRaised) -> OutboxMessage:
+    topic = ALERTS if isinstance(message, AlertRaised) else TRANSACTIONS
+    return topic, str(message.customer_id).encode(), encode(message)

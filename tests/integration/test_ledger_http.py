@@ -1,0 +1,309 @@
+"""The ledger as a whole service on the real broker and database: its internal HTTP commands (validation,
+problem documents, 404s, pagination), the usage.charges.v1 consumer, and what it publishes (transactions,
+statements, alerts; rejected charges to the DLQ), including the outbox left behind by a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from fractions import Fraction
+from typing import Any
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+
+from services.ledger.app import MIGRATIONS, create_app
+from services.ledger.service import LedgerService
+from services.ledger.settings import LedgerSettings
+from shared.contracts import AlertRaised, ChargeComputed, StatementIssued, TransactionPosted
+from shared.db import create_pool, migrate
+from shared.kafka import Outgoing, Publisher, encode
+from shared.topics import ALERTS, CHARGES, TRANSACTIONS, dlq
+from tests.integration.test_ledger_support import (  # noqa: F401  (fixture)
+    PRICE_A,
+    assert_books_hold,
+    charge,
+    ledger_topics,
+)
+
+pytestmark = pytest.mark.integration
+
+PROBLEM = "application/problem+json"
+
+
+def settings_for(database: Any, infra: Any, topic_prefix: str) -> LedgerSettings:
+    return LedgerSettings(
+        database_url=database.dsn("ledger"),
+        kafka_bootstrap_servers=infra.kafka,
+        topic_prefix=topic_prefix,
+        port=8083,
+        periodic_interval_seconds=0,
+        batch_timeout_ms=100,
+    )
+
+
+@asynccontextmanager
+async def running(settings: LedgerSettings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ledger") as client:
+            yield client
+        await assert_books_hold(app.state.runtime.pool)
+
+
+@pytest.fixture
+async def client(database: Any, infra: Any, ledger_topics: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with running(settings_for(database, infra, ledger_topics)) as c:
+        yield c
+
+
+async def read_topic(bootstrap: str, topic: str, done: Callable[[list[ConsumerRecord]], bool], timeout: float = 30) -> list[ConsumerRecord]:  # type: ignore[type-arg]
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    await consumer.start()
+    records: list[ConsumerRecord] = []  # type: ignore[type-arg]
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not done(records) and loop.time() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=300)).values():
+                records.extend(batch)
+    finally:
+        await consumer.stop()
+    return records
+
+
+def posted(records: list[ConsumerRecord]) -> list[TransactionPosted | StatementIssued]:  # type: ignore[type-arg]
+    out: list[TransactionPosted | StatementIssued] = []
+    for r in records:
+        if b'"ledger.statement"' in r.value:
+            out.append(StatementIssued.model_validate_json(r.value))
+        else:
+            out.append(TransactionPosted.model_validate_json(r.value))
+    return out
+
+
+def is_problem(response: httpx.Response, status: int) -> bool:
+    return response.status_code == status and response.headers["content-type"].startswith(PROBLEM)
+
+
+async def make_customer(client: httpx.AsyncClient, credits: int = 1_000) -> str:
+    tier = f"tier-{uuid.uuid4().hex[:6]}"
+    assert (await client.post("/internal/tiers", json={"name": tier, "credits_per_period": credits})).status_code == 201
+    response = await client.post("/internal/customers", json={"name": "Agency of Tests", "tier": tier})
+    assert response.status_code == 201
+    return str(response.json()["id"])
+
+
+async def test_commands_validate_their_input_and_answer_problem_documents(client: httpx.AsyncClient) -> None:
+    assert is_problem(await client.post("/internal/tiers", content=b"name=x"), 415)
+    assert is_problem(await client.post("/internal/tiers", json={"name": "t"}), 422)
+    assert is_problem(await client.post("/internal/tiers", json={"name": "t", "credits_per_period": 0}), 422)
+    assert is_problem(await client.post("/internal/tiers", json={"name": "t", "credits_per_period": 1.5}), 422)
+    assert is_problem(await client.post("/internal/tiers", json={"name": "t", "credits_per_period": 5, "x": 1}), 422)
+    assert is_problem(await client.post("/internal/tiers", json={"name": "bad/name", "credits_per_period": 5}), 422)
+    created = await client.post("/internal/tiers", json={"name": "standard", "credits_per_period": 5_000_000})
+    assert created.status_code == 201 and created.json()["credits_per_period"] == 5_000_000
+    assert is_problem(await client.post("/internal/tiers", json={"name": "standard", "credits_per_period": 5}), 409)
+
+    assert is_problem(await client.post("/internal/customers", json={"name": "A", "tier": "nope"}), 404)
+    assert is_problem(await client.post("/internal/customers", json={"name": "", "tier": "standard"}), 422)
+    customer = (await client.post("/internal/customers", json={"name": "A", "tier": "standard"})).json()
+    uuid.UUID(customer["id"])
+    fetched = await client.get(f"/internal/customers/{customer['id']}")
+    assert fetched.status_code == 200 and fetched.json()["name"] == "A" and fetched.json()["tier"] == "standard"
+    assert is_problem(await client.get("/internal/customers/not-a-uuid"), 404)
+    assert is_problem(await client.get(f"/internal/customers/{uuid.uuid4()}"), 404)
+
+    org = {"org_id": "org-1", "customer_id": customer["id"], "starts_at": "2026-01-01T00:00:00Z"}
+    assert is_problem(await client.post("/internal/org-assignments", json=org | {"starts_at": "2026-01-01T00:00:00"}), 422)
+    assert is_problem(await client.post("/internal/org-assignments", json=org | {"customer_id": str(uuid.uuid4())}), 404)
+    assert (await client.post("/internal/org-assignments", json=org)).status_code == 201
+    assert is_problem(await client.post("/internal/org-assignments", json=org), 409)
+    listed = (await client.get("/internal/org-assignments", params={"org_id": "org-1"})).json()
+    assert [(a["org_id"], a["customer_id"], a["starts_at"]) for a in listed["items"]] == [
+        ("org-1", customer["id"], "2026-01-01T00:00:00+00:00")
+    ]
+
+    agreement = {"customer_id": customer["id"], "starts_at": "2026-02-01T05:00:00Z", "ends_at": "2027-02-01T05:00:00Z"}
+    assert is_problem(await client.post("/internal/agreements", json=agreement | {"ends_at": "2026-01-01T00:00:00Z"}), 422)
+    assert is_problem(await client.post("/internal/agreements", json=agreement | {"credits": -1}), 422)
+    assert is_problem(await client.post("/internal/agreements", json=agreement | {"customer_id": str(uuid.uuid4())}), 404)
+    made = await client.post("/internal/agreements", json=agreement)
+    assert made.status_code == 201 and made.json()["credits"] == 5_000_000  # the tier's default
+    listed = (await client.get("/internal/agreements", params={"customer_id": customer["id"]})).json()["items"]
+    assert [a["id"] for a in listed] == [made.json()["id"]] and listed[0]["remaining"] == 5_000_000
+    assert is_problem(await client.get("/internal/agreements", params={"customer_id": "x"}), 422)
+
+    assert is_problem(await client.post("/internal/months/2026-13/close"), 422)
+    assert is_problem(await client.post("/internal/months/26-01/close"), 422)
+    assert is_problem(await client.post("/internal/months/2099-01/close"), 409)
+    closed = await client.post("/internal/months/2026-02/close")
+    assert closed.status_code == 201 and closed.json()["statements"] == 1
+    again = await client.post("/internal/months/2026-02/close")
+    assert again.status_code == 200 and again.json()["already_closed"] is True
+    statement = await client.get(f"/internal/customers/{customer['id']}/statements/2026-02")
+    assert statement.status_code == 200
+    assert (statement.json()["opening_balance"], statement.json()["funded"], statement.json()["closing_balance"]) == (0, 5_000_000, 5_000_000)
+    assert is_problem(await client.get(f"/internal/customers/{customer['id']}/statements/2026-03"), 404)
+    assert is_problem(await client.get(f"/internal/customers/{customer['id']}/statements/March"), 422)
+
+    assert is_problem(await client.post(f"/internal/transactions/{uuid.uuid4()}/reverse"), 404)
+    assert is_problem(await client.post("/internal/transactions/nope/reverse"), 404)
+    funding_id = made.json()["funding_transaction_id"]
+    reversed_ = await client.post(f"/internal/transactions/{funding_id}/reverse", json={"reason": "signed in error"})
+    assert reversed_.status_code == 201 and reversed_.json()["reverses"] == funding_id
+    assert (await client.post(f"/internal/transactions/{funding_id}/reverse")).status_code == 200
+    assert is_problem(await client.post(f"/internal/transactions/{reversed_.json()['id']}/reverse"), 409)
+
+    balance = await client.get(f"/internal/customers/{customer['id']}/balance")
+    assert balance.status_code == 200 and balance.json()["funded"] == 0 and balance.json()["remaining"] == 0
+    before = await client.get(f"/internal/customers/{customer['id']}/balance", params={"as_of": "2026-03-01T00:00:00Z"})
+    assert before.json()["funded"] == 5_000_000
+    assert is_problem(await client.get(f"/internal/customers/{customer['id']}/balance", params={"as_of": "yesterday"}), 422)
+    assert is_problem(await client.get(f"/internal/customers/{customer['id']}/balance", params={"as_of": "2026-03-01T00:00:00"}), 422)
+    assert (await client.post("/internal/expire-agreements")).json() == {"expired": 0}
+
+
+async def test_lists_are_paginated_with_an_opaque_cursor(client: httpx.AsyncClient) -> None:
+    for name in ("a-tier", "b-tier", "c-tier"):
+        await client.post("/internal/tiers", json={"name": name, "credits_per_period": 1})
+    first = (await client.get("/internal/tiers", params={"limit": 2})).json()
+    assert [t["name"] for t in first["items"]] == ["a-tier", "b-tier"] and first["next_cursor"]
+    second = (await client.get("/internal/tiers", params={"limit": 2, "cursor": first["next_cursor"]})).json()
+    assert [t["name"] for t in second["items"]] == ["c-tier"] and second["next_cursor"] is None
+    assert is_problem(await client.get("/internal/tiers", params={"limit": 0}), 422)
+    assert is_problem(await client.get("/internal/customers", params={"cursor": "%%%"}), 422)
+
+
+async def test_charges_are_posted_and_every_committed_fact_is_published(
+    client: httpx.AsyncClient, infra: Any, ledger_topics: str
+) -> None:
+    topic_prefix = ledger_topics
+    customer = await make_customer(client, credits=1_000)
+    org = f"org-{uuid.uuid4().hex[:6]}"
+    await client.post("/internal/org-assignments", json={"org_id": org, "customer_id": customer, "starts_at": "2026-01-01T00:00:00Z"})
+    agreement = (
+        await client.post(
+            "/internal/agreements",
+            json={"customer_id": customer, "starts_at": "2026-03-01T05:00:00Z", "ends_at": "2026-12-01T05:00:00Z"},
+        )
+    ).json()
+    hour = datetime(2026, 3, 10, 14, tzinfo=UTC)
+    good = [
+        charge(org, hour, Fraction(1201, 2), resource="app-1"),
+        charge(org, hour, 0, resource="db-1", meter="cfservices", kind="plan-small", price_id=None),
+    ]
+    bad = charge(org, hour, 5, resource="app-2").model_copy(update={"price_id": None})
+    publisher = Publisher(infra.kafka, client_id="test")
+    await publisher.start()
+    try:
+        await publisher.publish(
+            topic_prefix + CHARGES, [Outgoing(org.encode(), encode(c)) for c in [*good, bad, good[0]]]
+        )
+    finally:
+        await publisher.stop()
+
+    def usage_seen(records: list[ConsumerRecord]) -> bool:  # type: ignore[type-arg]
+        return any(isinstance(m, TransactionPosted) and m.type == "usage" for m in posted(records))
+
+    records = await read_topic(infra.kafka, topic_prefix + TRANSACTIONS, usage_seen)
+    messages = posted(records)
+    assert all(r.key == customer.encode() for r in records)
+    funding = [m for m in messages if isinstance(m, TransactionPosted) and m.type == "funding"]
+    usage = [m for m in messages if isinstance(m, TransactionPosted) and m.type == "usage"]
+    assert len(funding) == 1 and funding[0].occurred_at == datetime(2026, 3, 1, 5, tzinfo=UTC)
+    assert len(usage) == 1
+    tx = usage[0]
+    assert str(tx.customer_id) == customer and tx.reading_hour == hour and tx.occurred_at == hour
+    assert [(u.org_id, u.meter, u.resource_kind, u.price_id, u.microcredits) for u in tx.usage] == [
+        (org, "cfapps", "", PRICE_A, 600)
+    ]
+    assert {(e.account, e.side, e.amount) for e in tx.entries} == {
+        ("usage", "credit", 600),
+        (f"credit_pool:{agreement['id']}", "debit", 600),
+    }
+    assert tx.idempotency_key.startswith(f"usage:{customer}:")
+
+    dead = await read_topic(infra.kafka, dlq(topic_prefix + CHARGES), lambda r: len(r) >= 1)
+    assert len(dead) == 1 and dead[0].value == encode(bad)
+    assert dict(dead[0].headers)["dlq.reason"] == b"priced charge without price_id"
+
+    alerts = await read_topic(infra.kafka, topic_prefix + ALERTS, lambda r: len(r) >= 1)
+    assert [AlertRaised.model_validate_json(r.value).threshold_percent for r in alerts] == [50]
+
+    assert (await client.post("/internal/months/2026-03/close")).status_code == 201
+    records = await read_topic(infra.kafka, topic_prefix + TRANSACTIONS, lambda r: any(isinstance(m, StatementIssued) for m in posted(r)))
+    statements = [m for m in posted(records) if isinstance(m, StatementIssued)]
+    assert [(s.month, s.opening_balance, s.funded, s.used, s.closing_balance) for s in statements] == [("2026-03", 0, 1_000, 600, 400)]
+    balance = (await client.get(f"/internal/customers/{customer}/balance")).json()
+    assert (balance["funded"], balance["used"], balance["remaining"]) == (1_000, 600, 400)
+
+
+async def test_a_held_charge_is_listed_then_posted_when_its_org_is_assigned(
+    client: httpx.AsyncClient, infra: Any, ledger_topics: str
+) -> None:
+    topic_prefix = ledger_topics
+    customer = await make_customer(client)
+    org = f"org-{uuid.uuid4().hex[:6]}"
+    held_charge = charge(org, datetime(2026, 6, 1, 12, tzinfo=UTC), 77, resource="app-h")
+    publisher = Publisher(infra.kafka, client_id="test")
+    await publisher.start()
+    try:
+        await publisher.publish(topic_prefix + CHARGES, [Outgoing(org.encode(), encode(held_charge))])
+    finally:
+        await publisher.stop()
+    items: list[dict[str, Any]] = []
+    for _ in range(100):
+        items = (await client.get("/internal/held")).json()["items"]
+        if items:
+            break
+        await asyncio.sleep(0.1)
+    assert [(h["measurement_id"], h["org_id"], h["amount_numerator"]) for h in items] == [(str(held_charge.measurement_id), org, 77)]
+    assigned = await client.post("/internal/org-assignments", json={"org_id": org, "customer_id": customer, "starts_at": "2026-05-01T00:00:00Z"})
+    assert assigned.status_code == 201 and assigned.json()["held_charges_posted"] == 1
+    assert (await client.get("/internal/held")).json()["items"] == []
+    balance = (await client.get(f"/internal/customers/{customer}/balance")).json()
+    assert balance["used"] == 77 and balance["remaining"] == -77
+
+
+async def test_messages_committed_but_not_published_before_a_crash_are_published_on_start(
+    database: Any, infra: Any, ledger_topics: str
+) -> None:
+    topic_prefix = ledger_topics
+    settings = settings_for(database, infra, topic_prefix)
+    pool = await create_pool(settings.database_url.get_secret_value(), "ledger")
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn, "ledger", MIGRATIONS)
+        # The service commits the funding with its message in the outbox; the process "crashes" before
+        # anything is published (nothing publishes here).
+        service = LedgerService(pool, settings)
+        await service.create_tier("t", 10)
+        customer = (await service.create_customer("A", "t")).body["id"]
+        made = await service.create_agreement(customer, datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC), None)
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM outbox") == 1
+    finally:
+        await pool.close()
+    assert await read_topic(infra.kafka, topic_prefix + TRANSACTIONS, lambda r: False, timeout=1) == []
+
+    async with running(settings) as client:
+        records = await read_topic(infra.kafka, topic_prefix + TRANSACTIONS, lambda r: len(r) >= 1)
+        assert [TransactionPosted.model_validate_json(r.value).id for r in records] == [made.body["funding_transaction_id"]]
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200
+    pool = await create_pool(settings.database_url.get_secret_value(), "ledger")
+    try:
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM outbox") == 0
+    finally:
+        await pool.close()
+
+
+def test_charge_helper_builds_valid_charges() -> None:
+    c = charge("org", datetime(2026, 1, 1, tzinfo=UTC), Fraction(7, 3))
+    assert isinstance(c, ChargeComputed) and (c.amount_numerator, c.amount_denominator) == (7, 3)
