@@ -10,11 +10,12 @@ hand (eager rebalance protocol), and a failed message can never be skipped by a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import asyncpg
@@ -193,6 +194,23 @@ def describe_error(exc: ValidationError) -> str:
     return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
 
 
+@dataclass
+class _Fetched(Generic[M]):
+    """A fetched batch, decoded: the records by partition, the valid messages, the rejected ones."""
+
+    records: dict[TopicPartition, list[ConsumerRecord]]  # type: ignore[type-arg]
+    valid: list[Received[M]] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+
+    def only(self, assigned: set[TopicPartition]) -> _Fetched[M]:
+        keep = {tp.partition for tp in assigned if tp in self.records}
+        return _Fetched(
+            {tp: r for tp, r in self.records.items() if tp in assigned},
+            [v for v in self.valid if v.partition in keep],
+            [r for r in self.rejected if r.record.partition in keep],
+        )
+
+
 # The handler receives the batch's valid messages, does its work in one database transaction, publishes
 # its outputs, and returns the messages it rejects on business grounds (they go to the DLQ).
 Handler = Callable[[list[Received[M]]], Awaitable[Sequence[tuple[Received[M], str]] | None]]
@@ -283,17 +301,45 @@ class BatchConsumer(Generic[M]):
         return set(self._consumer.assignment())
 
     async def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                records = await self._consumer.getmany(timeout_ms=self._timeout_ms, max_records=self._max_records)
-            except KafkaError as exc:
-                log.warning("fetch failed; retrying", extra={"error": str(exc)})
-                await asyncio.sleep(1)
-                continue
-            if not records:
-                continue
-            async with self._lock:
-                await self._process(records)
+        # The next batch is fetched and decoded while the handler of this one waits on the database.
+        prefetch = asyncio.create_task(self._fetch())
+        try:
+            while not self._stopping.is_set():
+                fetched = await prefetch
+                prefetch = asyncio.create_task(self._fetch())
+                if fetched is None:
+                    continue
+                async with self._lock:
+                    # A rebalance may have taken partitions while this batch waited: leave theirs to
+                    # the new owner (it re-reads them from the committed offsets).
+                    assigned = self._consumer.assignment()
+                    if any(tp not in assigned for tp in fetched.records):
+                        fetched = fetched.only(assigned)
+                    if fetched.records:
+                        await self._process(fetched)
+        finally:
+            prefetch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, KafkaError):
+                await prefetch
+
+    async def _fetch(self) -> _Fetched[M] | None:
+        try:
+            records = await self._consumer.getmany(timeout_ms=self._timeout_ms, max_records=self._max_records)
+        except KafkaError as exc:
+            log.warning("fetch failed; retrying", extra={"error": str(exc)})
+            await asyncio.sleep(1)
+            return None
+        if not records:
+            return None
+        fetched: _Fetched[M] = _Fetched(records)
+        for recs in records.values():
+            for rec in recs:
+                item = self._decode(rec)
+                if isinstance(item, Rejected):
+                    fetched.rejected.append(item)
+                else:
+                    fetched.valid.append(item)
+        return fetched
 
     def _decode(self, record: ConsumerRecord) -> Received[M] | Rejected:  # type: ignore[type-arg]
         value = record.value
@@ -307,24 +353,15 @@ class BatchConsumer(Generic[M]):
             return Rejected(record, f"invalid {self._model.__name__}: {describe_error(exc)}")
         return Received(msg, record.key, record.partition, record.offset)
 
-    async def _process(self, records: dict[TopicPartition, list[ConsumerRecord]]) -> None:  # type: ignore[type-arg]
+    async def _process(self, fetched: _Fetched[M]) -> None:
         started = time.perf_counter()
-        valid: list[Received[M]] = []
-        rejected: list[Rejected] = []
-        raw_by_offset: dict[tuple[int, int], ConsumerRecord] = {}  # type: ignore[type-arg]
-        for recs in records.values():
-            for rec in recs:
-                item = self._decode(rec)
-                if isinstance(item, Rejected):
-                    rejected.append(item)
-                else:
-                    valid.append(item)
-                    raw_by_offset[(rec.partition, rec.offset)] = rec
+        records, valid, rejected = fetched.records, fetched.valid, list(fetched.rejected)
         if valid:
             business = await self._handle(valid)
             if business is None:
                 return  # stopping before the batch could be handled: commit nothing
-            rejected.extend(Rejected(raw_by_offset[(r.partition, r.offset)], why) for r, why in business)
+            raw = {(rec.partition, rec.offset): rec for recs in records.values() for rec in recs}
+            rejected.extend(Rejected(raw[(r.partition, r.offset)], why) for r, why in business)
         if rejected:
             await self._dead_letter(rejected)
         await self._commit(records)
@@ -406,3 +443,26 @@ class BatchConsumer(Generic[M]):
             # The group rebalanced under us: the new owner re-reads these records, and the
             # handlers' deduplication makes that harmless.
             log.warning("offset commit failed; the batch will be re-read", extra={"error": repr(exc)})
+
+
+async def group_lag(bootstrap_servers: str, group_id: str, topic: str) -> int:
+    """Messages of ``topic`` not yet committed by ``group_id`` (end offsets minus committed offsets);
+    a group that never committed counts the whole topic."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
+    await admin.start()
+    await probe.start()
+    try:
+        partitions = probe.partitions_for_topic(topic)
+        if partitions is None:
+            await probe._client.force_metadata_update()
+            partitions = probe.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        ends = await probe.end_offsets(tps) if tps else {}
+        committed = await admin.list_consumer_group_offsets(group_id, partitions=tps)
+        return sum(max(0, end - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)) for tp, end in ends.items())
+    finally:
+        await probe.stop()
+        await admin.close()
