@@ -11,11 +11,13 @@ from typing import Annotated
 
 import typer
 
+from cli.report import register as register_report
 from simulator.cli import run_sim, token
 
 app = typer.Typer(help="Usage billing for a Cloud Foundry platform.", no_args_is_help=True, add_completion=False)
 app.command("sim")(run_sim)
 app.command("token")(token)
+register_report(app)
 
 
 @app.command()
@@ -73,6 +75,27 @@ def backfill(
         raise typer.BadParameter("--to must be after --from")
     totals = run(t1, t2)
     typer.echo(" ".join(f"{k}={v}" for k, v in totals.items()))
+
+
+@app.command()
+def demo(
+    scenario: Annotated[str, typer.Option(help="Built-in scenario: demo (3 customers, 12 orgs, a month) or small.")] = "demo",
+    api_url: Annotated[str, typer.Option(help="The api's base URL.")] = "http://127.0.0.1:8080",
+    sim_url: Annotated[str, typer.Option(help="The simulator's base URL.")] = "http://127.0.0.1:8090",
+) -> None:
+    """Run the main job on a built-in scenario against the running stack (`make demo` does it all)."""
+    import asyncio
+
+    from cli.demo import SCENARIOS, DemoError, run_demo
+
+    if scenario not in SCENARIOS:
+        raise typer.BadParameter(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
+    try:
+        ok = asyncio.run(run_demo(scenario, api_url, sim_url))
+    except DemoError as exc:
+        typer.echo(f"demo stopped: {exc}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(0 if ok else 1)
 
 
 @app.command()

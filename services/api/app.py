@@ -1,4 +1,5 @@
-"""Wiring of the api: settings, runtime (pool, migrations, producer, consumers) and routes."""
+"""Wiring of the api: settings, runtime (pool, migrations, producer, consumers), token verifier,
+admin forwarder and routes, built in this order by the lifespan."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 
-from services.api import handlers
+from services.api.handlers import Api
 from services.api.settings import ApiSettings
 from shared.runtime import Runtime, serve
 
@@ -16,7 +17,10 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 def create_app(settings: ApiSettings | None = None) -> Starlette:
     settings = settings or ApiSettings()
     runtime = Runtime("api", settings, MIGRATIONS)
-    return runtime.app(routes=handlers.routes(), on_start=handlers.start)
+    api = Api(settings, runtime)
+    app = runtime.app(routes=api.routes(), on_start=api.start, on_stop=api.stop)
+    app.state.api = api
+    return app
 
 
 def main() -> None:

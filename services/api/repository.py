@@ -1,0 +1,690 @@
+"""Every SQL statement of the api, named, with bind parameters only.
+
+The few statements whose text varies (the usage queries, by granularity and grouping dimension) are
+built from the fixed table ``_DIM_COLUMNS`` below, never from request text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from fractions import Fraction
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+
+from services.api.service import ChargeRow, OrgHour, Rollups, TransactionRow
+
+__all__ = [
+    "lock_orgs",
+    "stored_charges",
+    "upsert_charges",
+    "customers_of",
+    "charges_at",
+    "apply_rollups",
+    "upsert_names",
+    "insert_org_hours",
+    "insert_customers",
+    "transactions_by_id",
+    "unreversed_with_amount",
+    "insert_transactions",
+    "upsert_statements",
+    "access",
+    "visible_customers",
+    "bucket_sums",
+    "transactions_page",
+    "statement",
+    "UsageRow",
+    "usage_page",
+    "grant_entitlement",
+    "entitlements_page",
+    "revoke_entitlement",
+    "json_value",
+]
+
+
+def _json(value: Any) -> str:
+    # The shared pool has no jsonb codec: jsonb travels as text both ways.
+    return orjson.dumps(value).decode()
+
+
+def json_value(text: str | None) -> Any:
+    """A jsonb column as read (text) turned back into Python values."""
+    return None if text is None else orjson.loads(text)
+
+
+# ------------------------------------------------------------------------------------------- consumers
+
+
+def _lock_key(org_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(b"api-org:" + org_id.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+async def lock_orgs(conn: asyncpg.Connection, org_ids: Iterable[str]) -> None:
+    """Transaction-scoped advisory locks on these orgs, taken in one global order (no deadlock): the
+    charge and ledger consumers serialise per org, so a charge and the fact that attributes it to a
+    customer can never miss each other (each would otherwise not see the other's uncommitted row)."""
+    keys = sorted({_lock_key(o) for o in org_ids})
+    if keys:
+        # executemany pipelines the statements in list order.
+        await conn.executemany("SELECT pg_advisory_xact_lock($1)", [(k,) for k in keys])
+
+
+def _charge(r: asyncpg.Record) -> ChargeRow:
+    return ChargeRow(
+        measurement_id=r["measurement_id"],
+        revision=r["revision"],
+        charge_id=r["charge_id"],
+        hour=r["hour"],
+        org_id=r["org_id"],
+        space_id=r["space_id"],
+        resource_id=r["resource_id"],
+        meter=r["meter"],
+        resource_kind=r["resource_kind"],
+        unit=r["unit"],
+        value=r["value"],
+        amount=Fraction(int(r["amount_num"]), int(r["amount_den"])),
+        priced=r["priced"],
+        estimated=r["estimated"],
+    )
+
+
+_CHARGE_COLUMNS = (
+    "measurement_id, revision, charge_id, hour, org_id, space_id, resource_id, meter, resource_kind, unit, "
+    "value, amount_num, amount_den, priced, estimated"
+)
+
+
+async def stored_charges(conn: asyncpg.Connection, ids: Sequence[UUID]) -> dict[UUID, ChargeRow]:
+    """The stored charges of these measurements, locked until the transaction ends."""
+    rows = await conn.fetch(
+        f"SELECT {_CHARGE_COLUMNS} FROM charge WHERE measurement_id = ANY($1::uuid[]) ORDER BY measurement_id FOR UPDATE",
+        list(ids),
+    )
+    return {r["measurement_id"]: _charge(r) for r in rows}
+
+
+async def upsert_charges(conn: asyncpg.Connection, rows: Sequence[ChargeRow]) -> None:
+    """Store the new latest revisions (the caller has already checked they are newer)."""
+    if not rows:
+        return
+    await conn.execute(
+        f"""
+        INSERT INTO charge ({_CHARGE_COLUMNS})
+        SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
+                             $8::text[], $9::text[], $10::text[], $11::bigint[], $12::numeric[], $13::numeric[],
+                             $14::bool[], $15::bool[])
+        ORDER BY 1
+        ON CONFLICT (measurement_id) DO UPDATE SET
+            revision = EXCLUDED.revision, charge_id = EXCLUDED.charge_id, hour = EXCLUDED.hour,
+            org_id = EXCLUDED.org_id, space_id = EXCLUDED.space_id, resource_id = EXCLUDED.resource_id,
+            meter = EXCLUDED.meter, resource_kind = EXCLUDED.resource_kind, unit = EXCLUDED.unit,
+            value = EXCLUDED.value, amount_num = EXCLUDED.amount_num, amount_den = EXCLUDED.amount_den,
+            priced = EXCLUDED.priced, estimated = EXCLUDED.estimated
+        WHERE charge.revision < EXCLUDED.revision
+        """,
+        [r.measurement_id for r in rows],
+        [r.revision for r in rows],
+        [r.charge_id for r in rows],
+        [r.hour for r in rows],
+        [r.org_id for r in rows],
+        [r.space_id for r in rows],
+        [r.resource_id for r in rows],
+        [r.meter for r in rows],
+        [r.resource_kind for r in rows],
+        [r.unit for r in rows],
+        [r.value for r in rows],
+        [r.amount.numerator for r in rows],
+        [r.amount.denominator for r in rows],
+        [r.priced for r in rows],
+        [r.estimated for r in rows],
+    )
+
+
+async def customers_of(conn: asyncpg.Connection, pairs: Iterable[tuple[str, datetime]]) -> dict[tuple[str, datetime], UUID]:
+    """The customer of each (org, hour) the ledger has told us about."""
+    ps = list(set(pairs))
+    if not ps:
+        return {}
+    rows = await conn.fetch(
+        """
+        SELECT m.org_id, m.hour, m.customer_id
+        FROM org_customer_hour m
+        JOIN unnest($1::text[], $2::timestamptz[]) AS p(org_id, hour) ON p.org_id = m.org_id AND p.hour = m.hour
+        """,
+        [p[0] for p in ps],
+        [p[1] for p in ps],
+    )
+    return {(r["org_id"], r["hour"]): r["customer_id"] for r in rows}
+
+
+async def charges_at(conn: asyncpg.Connection, pairs: Sequence[tuple[str, datetime]]) -> list[ChargeRow]:
+    """Every stored charge of these (org, hour) pairs."""
+    if not pairs:
+        return []
+    rows = await conn.fetch(
+        f"""
+        SELECT {", ".join("c." + c.strip() for c in _CHARGE_COLUMNS.split(","))}
+        FROM charge c
+        JOIN unnest($1::text[], $2::timestamptz[]) AS p(org_id, hour) ON p.org_id = c.org_id AND p.hour = c.hour
+        """,
+        [p[0] for p in pairs],
+        [p[1] for p in pairs],
+    )
+    return [_charge(r) for r in rows]
+
+
+def _pairs(cells: dict[Any, list[Any]]) -> tuple[list[Any], list[int], list[int], list[int]]:
+    keys = sorted(cells)  # one global order of row locks across concurrent writers
+    values, nums, dens = [], [], []
+    for k in keys:
+        v, a = cells[k]
+        values.append(int(v))
+        nums.append(a.numerator)
+        dens.append(a.denominator)
+    return keys, values, nums, dens
+
+
+async def apply_rollups(conn: asyncpg.Connection, r: Rollups) -> None:
+    """Add the changes to the daily and monthly rollups, exactly (rational sums over the lcm)."""
+    if r.day:
+        keys, values, nums, dens = _pairs(r.day)
+        await conn.execute(
+            """
+            INSERT INTO usage_day AS u (customer_id, day, resource_id, meter, resource_kind, org_id, space_id, unit,
+                                        value, amount_num, amount_den)
+            SELECT * FROM unnest($1::uuid[], $2::date[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                                 $8::text[], $9::bigint[], $10::numeric[], $11::numeric[])
+            ON CONFLICT (customer_id, day, resource_id, meter, resource_kind, org_id, space_id, unit) DO UPDATE SET
+                value = u.value + EXCLUDED.value,
+                amount_num = u.amount_num * div(lcm(u.amount_den, EXCLUDED.amount_den), u.amount_den)
+                             + EXCLUDED.amount_num * div(lcm(u.amount_den, EXCLUDED.amount_den), EXCLUDED.amount_den),
+                amount_den = lcm(u.amount_den, EXCLUDED.amount_den)
+            """,
+            *[[k[i] for k in keys] for i in range(8)],
+            values,
+            nums,
+            dens,
+        )
+    if r.month:
+        keys, values, nums, dens = _pairs(r.month)
+        await conn.execute(
+            """
+            INSERT INTO usage_month AS u (customer_id, dim, month, key, key2, unit, value, amount_num, amount_den)
+            SELECT * FROM unnest($1::uuid[], $2::text[], $3::date[], $4::text[], $5::text[], $6::text[],
+                                 $7::bigint[], $8::numeric[], $9::numeric[])
+            ON CONFLICT (customer_id, dim, month, key, key2, unit) DO UPDATE SET
+                value = u.value + EXCLUDED.value,
+                amount_num = u.amount_num * div(lcm(u.amount_den, EXCLUDED.amount_den), u.amount_den)
+                             + EXCLUDED.amount_num * div(lcm(u.amount_den, EXCLUDED.amount_den), EXCLUDED.amount_den),
+                amount_den = lcm(u.amount_den, EXCLUDED.amount_den)
+            """,
+            *[[k[i] for k in keys] for i in range(6)],
+            values,
+            nums,
+            dens,
+        )
+
+
+async def upsert_names(
+    conn: asyncpg.Connection,
+    orgs: dict[str, str],
+    spaces: dict[str, tuple[str, str]],
+    resources: dict[str, tuple[str, str, str, str, str]],
+) -> None:
+    """Remember the latest display names; rows that did not change are not rewritten."""
+    if orgs:
+        ks = sorted(orgs)
+        await conn.execute(
+            """
+            INSERT INTO org_info AS o (org_id, org_name) SELECT * FROM unnest($1::text[], $2::text[])
+            ON CONFLICT (org_id) DO UPDATE SET org_name = EXCLUDED.org_name
+            WHERE o.org_name IS DISTINCT FROM EXCLUDED.org_name
+            """,
+            ks,
+            [orgs[k] for k in ks],
+        )
+    if spaces:
+        ks = sorted(spaces)
+        await conn.execute(
+            """
+            INSERT INTO space_info AS s (space_id, space_name, org_id) SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+            ON CONFLICT (space_id) DO UPDATE SET space_name = EXCLUDED.space_name, org_id = EXCLUDED.org_id
+            WHERE (s.space_name, s.org_id) IS DISTINCT FROM (EXCLUDED.space_name, EXCLUDED.org_id)
+            """,
+            ks,
+            [spaces[k][0] for k in ks],
+            [spaces[k][1] for k in ks],
+        )
+    if resources:
+        ks = sorted(resources)
+        await conn.execute(
+            """
+            INSERT INTO resource_info AS r (resource_id, resource_name, meter, resource_kind, space_id, org_id)
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+            ON CONFLICT (resource_id) DO UPDATE SET resource_name = EXCLUDED.resource_name, meter = EXCLUDED.meter,
+                resource_kind = EXCLUDED.resource_kind, space_id = EXCLUDED.space_id, org_id = EXCLUDED.org_id
+            WHERE (r.resource_name, r.meter, r.resource_kind, r.space_id, r.org_id)
+                  IS DISTINCT FROM (EXCLUDED.resource_name, EXCLUDED.meter, EXCLUDED.resource_kind,
+                                    EXCLUDED.space_id, EXCLUDED.org_id)
+            """,
+            ks,
+            *[[resources[k][i] for k in ks] for i in range(5)],
+        )
+
+
+async def insert_org_hours(conn: asyncpg.Connection, facts: Sequence[OrgHour]) -> tuple[list[OrgHour], list[OrgHour]]:
+    """Record which customer each org belonged to in each hour. Returns (new facts, conflicting facts):
+    a fact already recorded is kept; one naming another customer for the same org and hour is refused."""
+    if not facts:
+        return [], []
+    ordered = sorted(facts, key=lambda f: (f.org_id, f.hour))
+    rows = await conn.fetch(
+        """
+        INSERT INTO org_customer_hour (org_id, hour, customer_id)
+        SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::uuid[])
+        ON CONFLICT (org_id, hour) DO NOTHING
+        RETURNING org_id, hour
+        """,
+        [f.org_id for f in ordered],
+        [f.hour for f in ordered],
+        [f.customer_id for f in ordered],
+    )
+    inserted = {(r["org_id"], r["hour"]) for r in rows}
+    new = [f for f in ordered if (f.org_id, f.hour) in inserted]
+    rest = [f for f in ordered if (f.org_id, f.hour) not in inserted]
+    known = await customers_of(conn, [(f.org_id, f.hour) for f in rest])
+    conflicts = [f for f in rest if known.get((f.org_id, f.hour)) not in (None, f.customer_id)]
+    return new, conflicts
+
+
+async def insert_customers(conn: asyncpg.Connection, ids: Iterable[UUID]) -> None:
+    ks = sorted(set(ids))
+    if ks:
+        await conn.execute(
+            "INSERT INTO customer (customer_id) SELECT unnest($1::uuid[]) ON CONFLICT DO NOTHING", ks
+        )
+
+
+async def transactions_by_id(conn: asyncpg.Connection, customer_id: UUID, ids: Sequence[UUID]) -> dict[UUID, tuple[UUID, str, int]]:
+    """(id, bucket, signed amount) of those of ``ids`` that are this customer's transactions."""
+    if not ids:
+        return {}
+    rows = await conn.fetch(
+        """
+        SELECT transaction_id, bucket, signed_amount FROM ledger_transaction
+        WHERE customer_id = $1 AND transaction_id = ANY($2::uuid[])
+        """,
+        customer_id,
+        list(ids),
+    )
+    return {r["transaction_id"]: (r["transaction_id"], r["bucket"], r["signed_amount"]) for r in rows}
+
+
+async def unreversed_with_amount(conn: asyncpg.Connection, customer_id: UUID, amount: int) -> list[asyncpg.Record]:
+    """The customer's transactions of this amount that no reversal has taken back yet, newest first
+    (candidates for the original of a reversal that does not name it)."""
+    return await conn.fetch(
+        """
+        SELECT t.transaction_id, t.bucket, t.signed_amount, t.entries FROM ledger_transaction t
+        WHERE t.customer_id = $1 AND t.amount = $2 AND t.bucket <> 'none'
+          AND NOT EXISTS (SELECT 1 FROM ledger_transaction r WHERE r.customer_id = $1 AND r.reverses = t.transaction_id)
+        ORDER BY t.posted_at DESC, t.transaction_id DESC
+        LIMIT 50
+        """,
+        customer_id,
+        amount,
+    )
+
+
+async def insert_transactions(conn: asyncpg.Connection, rows: Sequence[TransactionRow]) -> set[UUID]:
+    """Store transactions not seen before (idempotent by id); returns the ids stored now."""
+    if not rows:
+        return set()
+    stored = await conn.fetch(
+        """
+        INSERT INTO ledger_transaction (transaction_id, customer_id, type, occurred_at, posted_at, reading_hour,
+            description, idempotency_key, amount, bucket, signed_amount, reverses, entries, usage)
+        SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::timestamptz[],
+                             $6::timestamptz[], $7::text[], $8::text[], $9::bigint[], $10::text[], $11::bigint[],
+                             $12::uuid[], $13::jsonb[], $14::jsonb[])
+        ON CONFLICT (transaction_id) DO NOTHING
+        RETURNING transaction_id
+        """,
+        [r.transaction_id for r in rows],
+        [r.customer_id for r in rows],
+        [r.type for r in rows],
+        [r.occurred_at for r in rows],
+        [r.posted_at for r in rows],
+        [r.reading_hour for r in rows],
+        [r.description for r in rows],
+        [r.idempotency_key for r in rows],
+        [r.amount for r in rows],
+        [r.bucket for r in rows],
+        [r.signed_amount for r in rows],
+        [r.reverses for r in rows],
+        [_json(r.entries) for r in rows],
+        [_json(r.usage) for r in rows],
+    )
+    return {r["transaction_id"] for r in stored}
+
+
+async def upsert_statements(conn: asyncpg.Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Store statements; a statement re-issued later for the same customer and month replaces the older."""
+    for s in sorted(rows, key=lambda s: (s["customer_id"], s["month"], s["issued_at"])):
+        await conn.execute(
+            """
+            INSERT INTO statement AS s (customer_id, month, statement_id, opening_balance, funded, used, expired,
+                                        closing_balance, used_by_kind, issued_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+            ON CONFLICT (customer_id, month) DO UPDATE SET
+                statement_id = EXCLUDED.statement_id, opening_balance = EXCLUDED.opening_balance,
+                funded = EXCLUDED.funded, used = EXCLUDED.used, expired = EXCLUDED.expired,
+                closing_balance = EXCLUDED.closing_balance, used_by_kind = EXCLUDED.used_by_kind,
+                issued_at = EXCLUDED.issued_at
+            WHERE s.issued_at < EXCLUDED.issued_at
+            """,
+            s["customer_id"],
+            s["month"],
+            s["statement_id"],
+            s["opening_balance"],
+            s["funded"],
+            s["used"],
+            s["expired"],
+            s["closing_balance"],
+            _json(s["used_by_kind"]),
+            s["issued_at"],
+        )
+
+
+# --------------------------------------------------------------------------------------------- queries
+
+
+async def access(conn: asyncpg.Connection, customer_id: UUID, subject: str) -> tuple[bool, bool]:
+    """(the read model knows the customer, an admin entitled ``subject`` to it)."""
+    row = await conn.fetchrow(
+        """
+        SELECT EXISTS (SELECT 1 FROM customer WHERE customer_id = $1) AS known,
+               EXISTS (SELECT 1 FROM entitlement WHERE subject = $2 AND customer_id = $1) AS granted
+        """,
+        customer_id,
+        subject,
+    )
+    assert row is not None
+    return row["known"], row["granted"]
+
+
+async def visible_customers(
+    conn: asyncpg.Connection, *, everyone: bool, subject: str, claimed: Sequence[UUID], after: UUID | None, limit: int
+) -> list[asyncpg.Record]:
+    """Known customers the caller may see, by id: all for an admin; else those of the token's claim and
+    of the subject's entitlements."""
+    return await conn.fetch(
+        """
+        SELECT c.customer_id, c.first_seen_at FROM customer c
+        WHERE ($1 OR c.customer_id = ANY($3::uuid[])
+                  OR EXISTS (SELECT 1 FROM entitlement e WHERE e.subject = $2 AND e.customer_id = c.customer_id))
+          AND ($4::uuid IS NULL OR c.customer_id > $4)
+        ORDER BY c.customer_id
+        LIMIT $5
+        """,
+        everyone,
+        subject,
+        list(claimed),
+        after,
+        limit,
+    )
+
+
+async def bucket_sums(conn: asyncpg.Connection, customer_id: UUID, as_of: datetime) -> dict[str, int]:
+    rows = await conn.fetch(
+        """
+        SELECT bucket, sum(signed_amount) AS total FROM ledger_transaction
+        WHERE customer_id = $1 AND occurred_at <= $2
+        GROUP BY bucket
+        """,
+        customer_id,
+        as_of,
+    )
+    return {r["bucket"]: int(r["total"]) for r in rows}
+
+
+async def transactions_page(
+    conn: asyncpg.Connection,
+    customer_id: UUID,
+    *,
+    before: tuple[datetime, UUID] | None,
+    limit: int,
+    types: Sequence[str] | None,
+    start: datetime | None,
+    end: datetime | None,
+) -> list[asyncpg.Record]:
+    """Newest first by (occurred_at, id); ``before`` is the last row of the previous page."""
+    return await conn.fetch(
+        """
+        SELECT transaction_id, type, occurred_at, posted_at, reading_hour, description, amount, bucket,
+               signed_amount, reverses, entries, usage
+        FROM ledger_transaction
+        WHERE customer_id = $1
+          AND ($2::timestamptz IS NULL OR (occurred_at, transaction_id) < ($2, $3::uuid))
+          AND ($5::text[] IS NULL OR type = ANY($5))
+          AND ($6::timestamptz IS NULL OR occurred_at >= $6)
+          AND ($7::timestamptz IS NULL OR occurred_at < $7)
+        ORDER BY occurred_at DESC, transaction_id DESC
+        LIMIT $4
+        """,
+        customer_id,
+        before[0] if before else None,
+        before[1] if before else None,
+        limit,
+        list(types) if types else None,
+        start,
+        end,
+    )
+
+
+async def statement(conn: asyncpg.Connection, customer_id: UUID, month: date) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        """
+        SELECT statement_id, opening_balance, funded, used, expired, closing_balance, used_by_kind, issued_at
+        FROM statement WHERE customer_id = $1 AND month = $2
+        """,
+        customer_id,
+        month,
+    )
+
+
+def _exact_sum(nums: Sequence[str], dens: Sequence[str]) -> Fraction:
+    """The exact sum of nums[i]/dens[i] (numerics read as text: cheaper than Decimal); a single
+    Fraction when the denominators agree, the usual case."""
+    if len(nums) == 1 or all(d == dens[0] for d in dens):
+        return Fraction(sum(map(int, nums)), int(dens[0]))
+    return sum((Fraction(int(n), int(d)) for n, d in zip(nums, dens, strict=True)), Fraction(0))
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    period: date | datetime
+    key: str
+    key2: str
+    values: dict[str, int]
+    amount: Fraction
+    attrs: dict[str, str]
+
+
+# Grouping dimension -> (key column, key2 column) of usage_day and charge. Only these strings ever
+# reach the usage SQL text.
+_DIM_COLUMNS = {
+    "org": ("org_id", "''"),
+    "space": ("space_id", "''"),
+    "resource": ("resource_id", "''"),
+    "meter": ("meter", "''"),
+    "kind": ("meter", "resource_kind"),
+}
+
+# Display attributes joined to a page of groups, per dimension: (joins, columns).
+_DIM_NAMES = {
+    "org": ("LEFT JOIN org_info o ON o.org_id = p.key", "o.org_name"),
+    "space": (
+        "LEFT JOIN space_info s ON s.space_id = p.key LEFT JOIN org_info o ON o.org_id = s.org_id",
+        "s.space_name, s.org_id, o.org_name",
+    ),
+    "resource": (
+        "LEFT JOIN resource_info r ON r.resource_id = p.key LEFT JOIN space_info s ON s.space_id = r.space_id "
+        "LEFT JOIN org_info o ON o.org_id = r.org_id",
+        "r.resource_name, r.meter, r.resource_kind, r.space_id, s.space_name, r.org_id, o.org_name",
+    ),
+    "meter": ("", ""),
+    "kind": ("", ""),
+}
+_DIM_ATTRS = {dim: tuple(c.split(".")[1] for c in cols.split(", ")) if cols else () for dim, (_, cols) in _DIM_NAMES.items()}
+
+
+def _usage_sql(granularity: str, dim: str, paged: bool) -> str:
+    """One statement per (granularity, dimension, first page or not): a page of groups with their
+    values per unit and their exact amounts as (numerator, denominator) pairs — summed per denominator
+    by PostgreSQL's own sum(), combined exactly in Python — and the groups' display names."""
+    if granularity == "month":
+        # Pre-aggregated per group and unit: nothing to add up, a handful of rows.
+        after = "AND (month, key, key2) > ($6::date, $7::text, $8::text)" if paged else ""
+        grouped = f"""
+            SELECT month AS period, key, key2, array_agg(unit) AS units, array_agg(value) AS vals,
+                   array_agg(amount_num::text) AS nums, array_agg(amount_den::text) AS dens
+            FROM usage_month
+            WHERE customer_id = $1 AND dim = $2 AND month >= $3::date AND month < $4::date {after}
+            GROUP BY month, key, key2
+            ORDER BY month, key, key2
+            LIMIT $5
+        """
+    else:
+        k1, k2 = _DIM_COLUMNS[dim]
+        if granularity == "day":
+            key2 = k2 if k2 == "''" else f"d.{k2}"
+            after = f"AND (d.day, d.{k1}, {key2}) > ($5::date, $6::text, $7::text)" if paged else ""
+            inner = f"""
+                SELECT d.day AS period, d.{k1} AS key, {key2} AS key2, d.unit, d.amount_den AS den,
+                       sum(d.value) AS value, sum(d.amount_num) AS num
+                FROM usage_day d
+                WHERE d.customer_id = $1 AND d.day >= $2::date AND d.day < $3::date {after}
+                GROUP BY 1, 2, 3, 4, 5
+            """
+        else:
+            key2 = k2 if k2 == "''" else f"c.{k2}"
+            after = f"AND (c.hour, c.{k1}, {key2}) > ($5::timestamptz, $6::text, $7::text)" if paged else ""
+            # Hours come from the charges themselves, attributed through the org's customer at that hour.
+            inner = f"""
+                SELECT c.hour AS period, c.{k1} AS key, {key2} AS key2, c.unit, c.amount_den AS den,
+                       sum(c.value) AS value, sum(c.amount_num) AS num
+                FROM org_customer_hour m
+                JOIN charge c ON c.org_id = m.org_id AND c.hour = m.hour
+                WHERE m.customer_id = $1 AND m.hour >= $2::timestamptz AND m.hour < $3::timestamptz {after}
+                GROUP BY 1, 2, 3, 4, 5
+            """
+        grouped = f"""
+            SELECT period, key, key2, array_agg(unit) AS units, array_agg(value) AS vals,
+                   array_agg(num::text) AS nums, array_agg(den::text) AS dens
+            FROM ({inner}) g
+            GROUP BY period, key, key2
+            ORDER BY period, key, key2
+            LIMIT $4
+        """
+    joins, columns = _DIM_NAMES[dim]
+    return f"""
+        SELECT p.* {", " + columns if columns else ""}
+        FROM ({grouped}) p {joins}
+        ORDER BY p.period, p.key, p.key2
+    """
+
+
+_USAGE_SQL = {
+    (g, d, paged): _usage_sql(g, d, paged) for g in ("hour", "day", "month") for d in _DIM_COLUMNS for paged in (False, True)
+}
+
+
+async def usage_page(
+    conn: asyncpg.Connection,
+    customer_id: UUID,
+    *,
+    granularity: str,
+    dim: str,
+    first: date | datetime,
+    stop: date | datetime,
+    after: tuple[date | datetime, str, str] | None,
+    limit: int,
+) -> list[UsageRow]:
+    sql = _USAGE_SQL[(granularity, dim, after is not None)]
+    if granularity == "month":
+        args: list[Any] = [customer_id, dim, first, stop, limit]
+    else:
+        args = [customer_id, first, stop, limit]
+    if after is not None:
+        args.extend(after)
+    out = []
+    for r in await conn.fetch(sql, *args):
+        values: dict[str, int] = {}
+        for unit, value in zip(r["units"], r["vals"], strict=True):
+            values[unit] = values.get(unit, 0) + int(value)
+        amount = _exact_sum(r["nums"], r["dens"])
+        attrs = {c: r[c] or "" for c in _DIM_ATTRS[dim]}
+        out.append(UsageRow(period=r["period"], key=r["key"], key2=r["key2"], values=values, amount=amount, attrs=attrs))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ entitlements
+
+
+async def grant_entitlement(conn: asyncpg.Connection, subject: str, customer_id: UUID, granted_by: str) -> tuple[asyncpg.Record, bool]:
+    """(the entitlement, whether it was created now)."""
+    row = await conn.fetchrow(
+        """
+        INSERT INTO entitlement (subject, customer_id, granted_by) VALUES ($1, $2, $3)
+        ON CONFLICT (subject, customer_id) DO NOTHING
+        RETURNING subject, customer_id, granted_by, granted_at
+        """,
+        subject,
+        customer_id,
+        granted_by,
+    )
+    if row is not None:
+        return row, True
+    existing = await conn.fetchrow(
+        "SELECT subject, customer_id, granted_by, granted_at FROM entitlement WHERE subject = $1 AND customer_id = $2",
+        subject,
+        customer_id,
+    )
+    assert existing is not None
+    return existing, False
+
+
+async def entitlements_page(
+    conn: asyncpg.Connection,
+    *,
+    subject: str | None,
+    customer_id: UUID | None,
+    after: tuple[str, UUID] | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """
+        SELECT subject, customer_id, granted_by, granted_at FROM entitlement
+        WHERE ($1::text IS NULL OR subject = $1)
+          AND ($2::uuid IS NULL OR customer_id = $2)
+          AND ($3::text IS NULL OR (subject, customer_id) > ($3, $4::uuid))
+        ORDER BY subject, customer_id
+        LIMIT $5
+        """,
+        subject,
+        customer_id,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit,
+    )
+
+
+async def revoke_entitlement(conn: asyncpg.Connection, subject: str, customer_id: UUID) -> bool:
+    status = await conn.execute("DELETE FROM entitlement WHERE subject = $1 AND customer_id = $2", subject, customer_id)
+    return status.endswith(" 1")

@@ -1,0 +1,162 @@
+"""Admin commands forwarded to their owners: the right service and path, validated parameters only, the
+owner's status and body (problem+json too) returned as given, 502/504 when the owner is away. The
+owners here are a stub Starlette app reached through httpx's ASGI transport (no network)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import orjson
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from services.api.forward import ADMIN_ROUTES, AdminRoute, Forwarder
+from shared.http import exception_handlers
+
+BASES = {"ledger": "http://ledger.test", "pricer": "http://pricer.test", "collector": "http://collector.test"}
+
+
+def stub_owner(seen: list[dict[str, object]]) -> Starlette:
+    async def echo(request: Request) -> Response:
+        record = {
+            "service": request.url.hostname.split(".")[0] if request.url.hostname else "",
+            "method": request.method,
+            "path": request.url.path,
+            "query": dict(request.query_params),
+            "body": (await request.body()).decode(),
+            "content_type": request.headers.get("content-type"),
+            "actor": request.headers.get("x-billing-actor"),
+        }
+        seen.append(record)
+        if request.url.path == "/internal/tiers" and request.method == "POST":
+            body = {"type": "about:blank", "title": "Invalid tier", "status": 422, "detail": "credits must be positive"}
+            return Response(orjson.dumps(body), status_code=422, media_type="application/problem+json")
+        if request.url.path.startswith("/internal/customers/"):
+            return Response(b'{"title":"Not Found","status":404}', status_code=404, media_type="application/problem+json")
+        return JSONResponse(record, status_code=201 if request.method == "POST" else 200, headers={"location": "/internal/x"})
+
+    return Starlette(routes=[Route("/{rest:path}", echo, methods=["GET", "POST"])])
+
+
+def api_app(forwarder: Forwarder) -> Starlette:
+    def endpoint(route: AdminRoute):
+        async def handle(request: Request) -> Response:
+            return await forwarder.forward(request, route, "admin-1")
+
+        return handle
+
+    return Starlette(
+        routes=[Route(r.path, endpoint(r), methods=list(r.methods)) for r in ADMIN_ROUTES],
+        exception_handlers=dict(exception_handlers),
+    )
+
+
+@pytest.fixture
+async def setup() -> AsyncIterator[tuple[httpx.AsyncClient, list[dict[str, object]]]]:
+    seen: list[dict[str, object]] = []
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=stub_owner(seen))) as upstream:
+        app = api_app(Forwarder(upstream, BASES))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as client:
+            yield client, seen
+
+
+def concrete(path: str) -> str:
+    return (
+        path.replace("{customer_id}", "0190a000-0000-7000-8000-00000000000A")
+        .replace("{transaction_id}", "0190a000-0000-7000-8000-00000000000B")
+        .replace("{price_id}", "0190a000-0000-7000-8000-00000000000C")
+        .replace("{month}", "2026-10")
+    )
+
+
+EXPECTED = {  # our route -> (owner, the owner's path), written out rather than derived from ADMIN_ROUTES
+    "/admin/customers": ("ledger", "/internal/customers"),
+    "/admin/customers/{customer_id}": ("ledger", "/internal/customers/0190a000-0000-7000-8000-00000000000a"),
+    "/admin/tiers": ("ledger", "/internal/tiers"),
+    "/admin/org-assignments": ("ledger", "/internal/org-assignments"),
+    "/admin/agreements": ("ledger", "/internal/agreements"),
+    "/admin/months/{month}/close": ("ledger", "/internal/months/2026-10/close"),
+    "/admin/transactions/{transaction_id}/reverse": ("ledger", "/internal/transactions/0190a000-0000-7000-8000-00000000000b/reverse"),
+    "/admin/unassigned": ("ledger", "/internal/held"),
+    "/admin/prices": ("pricer", "/internal/prices"),
+    "/admin/prices/{price_id}/end": ("pricer", "/internal/prices/0190a000-0000-7000-8000-00000000000c/end"),
+    "/admin/unpriced": ("pricer", "/internal/charges/unpriced"),
+    "/admin/readings": ("collector", "/internal/readings"),
+}
+
+
+async def test_every_admin_route_reaches_its_owner_with_method_path_and_body(setup):
+    client, seen = setup
+    assert {r.path for r in ADMIN_ROUTES} == set(EXPECTED)
+    for route in ADMIN_ROUTES:
+        for method in route.methods:
+            seen.clear()
+            body = b'{"name": "Agency A", "tier": "gold"}' if method == "POST" else b""
+            r = await client.request(method, concrete(route.path), content=body, headers={"content-type": "application/json"})
+            if route.path == "/admin/tiers" and method == "POST" or route.path == "/admin/customers/{customer_id}":
+                continue  # the stub answers these with problems: see the next test
+            assert r.status_code == (201 if method == "POST" else 200), (route.path, r.text)
+            [got] = seen
+            owner, upstream_path = EXPECTED[route.path]
+            assert (got["service"], got["method"], got["path"]) == (owner, method, upstream_path)
+            assert got["actor"] == "admin-1"
+            assert r.json() == got  # the owner's body, as it gave it
+            assert "location" not in r.headers  # internal paths are not passed on
+            if method == "POST":
+                assert got["body"] == body.decode() and got["content_type"] == "application/json"
+
+
+async def test_the_owners_problems_come_back_unchanged(setup):
+    client, _ = setup
+    r = await client.post("/admin/tiers", json={"name": "x", "credits": -1})
+    assert r.status_code == 422
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json() == {"type": "about:blank", "title": "Invalid tier", "status": 422, "detail": "credits must be positive"}
+    r = await client.get(f"/admin/customers/{uuid.uuid4()}")
+    assert r.status_code == 404 and r.json() == {"title": "Not Found", "status": 404}
+
+
+async def test_only_validated_query_parameters_are_passed_on(setup):
+    client, seen = setup
+    cid = str(uuid.uuid4())
+    r = await client.get("/admin/agreements", params={"customer_id": cid, "limit": "10", "cursor": "abc-_"})
+    assert r.status_code == 200
+    assert seen[-1]["query"] == {"customer_id": cid, "limit": "10", "cursor": "abc-_"}
+    seen.clear()
+    for params in ({"customer_id": "x' OR 1=1"}, {"limit": "0"}, {"evil": "1"}, {"org_id": "a b"}, {"at": "yesterday"}):
+        r = await client.get("/admin/agreements", params=params)
+        assert r.status_code == 422, params
+        assert r.headers["content-type"] == "application/problem+json"
+    r = await client.post("/admin/readings", params={"force": "1"}, json={})
+    assert r.status_code == 422
+    assert seen == []  # none of them reached the owner
+
+
+async def test_bad_path_parameters_never_reach_the_owner(setup):
+    client, seen = setup
+    for path in ("/admin/months/2026-13/close", "/admin/months/..%2F..%2Fadmin/close", "/admin/prices/not-a-uuid/end"):
+        r = await client.post(path)
+        assert 400 <= r.status_code < 500, path
+    assert seen == []
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [(httpx.ConnectError("refused"), 502), (httpx.ReadTimeout("slow"), 504), (httpx.RemoteProtocolError("eof"), 502)],
+)
+async def test_an_owner_that_is_away_gives_502_or_504(error, status):
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise error
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(fail)) as upstream:
+        app = api_app(Forwarder(upstream, BASES))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as client:
+            r = await client.post("/admin/customers", json={"name": "x"})
+    assert r.status_code == status
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["status"] == status

@@ -1,0 +1,243 @@
+"""The api's pure logic: usage periods in America/New_York, revision handling and rollup deltas, balance
+buckets of ledger transactions, amounts as answered, and strict parameter parsing."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, date, datetime
+from fractions import Fraction
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.api.cache import TtlCache
+from services.api.params import Cursor, only_known, parse_limit, parse_month, parse_time, parse_uuid
+from services.api.service import (
+    ChargeRow,
+    UsageRangeError,
+    amount_fields,
+    balance_from_buckets,
+    charge_rollups,
+    credits_text,
+    entries_mirror,
+    latest_changes,
+    period_of,
+    reversal_candidates,
+    transaction_row,
+    usage_org_hours,
+    usage_range,
+)
+from shared.contracts import EntryLine, TransactionPosted, UsageLine
+from shared.http import ProblemError
+from shared.money import display_credits
+from tests.unit.test_api_factories import charge, txn
+
+CUST = uuid.UUID("0190a000-0000-7000-8000-0000000000c1")
+
+
+# ------------------------------------------------------------------------------------------- periods
+
+
+def test_day_and_month_ranges_must_fall_on_new_york_boundaries():
+    r = usage_range(datetime(2026, 10, 1, 4, tzinfo=UTC), datetime(2026, 12, 1, 5, tzinfo=UTC), "month")
+    assert (r.first, r.stop) == (date(2026, 10, 1), date(2026, 12, 1))
+    with pytest.raises(UsageRangeError, match="start of a month"):
+        usage_range(datetime(2026, 10, 1, 0, tzinfo=UTC), datetime(2026, 11, 1, 4, tzinfo=UTC), "month")
+    d = usage_range(datetime(2026, 11, 1, 4, tzinfo=UTC), datetime(2026, 11, 2, 5, tzinfo=UTC), "day")
+    assert (d.first, d.stop) == (date(2026, 11, 1), date(2026, 11, 2))
+    with pytest.raises(UsageRangeError, match="midnight"):
+        usage_range(datetime(2026, 11, 1, 5, tzinfo=UTC), datetime(2026, 11, 2, 5, tzinfo=UTC), "day")
+    with pytest.raises(UsageRangeError, match="whole hour"):
+        usage_range(datetime(2026, 11, 1, 5, 30, tzinfo=UTC), datetime(2026, 11, 2, 5, tzinfo=UTC), "hour")
+    with pytest.raises(UsageRangeError, match="after"):
+        usage_range(datetime(2026, 11, 2, 5, tzinfo=UTC), datetime(2026, 11, 2, 5, tzinfo=UTC), "hour")
+    with pytest.raises(UsageRangeError, match="at most"):
+        usage_range(datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC), "hour")
+
+
+def test_periods_carry_their_utc_bounds_including_the_daylight_saving_days():
+    assert period_of("day", date(2026, 11, 1)) == {
+        "period": "2026-11-01",
+        "period_start": "2026-11-01T04:00:00Z",
+        "period_end": "2026-11-02T05:00:00Z",  # 25 hours
+    }
+    assert period_of("day", date(2026, 3, 8))["period_end"] == "2026-03-09T04:00:00Z"  # 23 hours
+    assert period_of("month", date(2026, 12, 1)) == {
+        "period": "2026-12",
+        "period_start": "2026-12-01T05:00:00Z",
+        "period_end": "2027-01-01T05:00:00Z",
+    }
+    h = datetime(2026, 11, 1, 6, tzinfo=UTC)
+    assert period_of("hour", h)["period_end"] == "2026-11-01T07:00:00Z"
+
+
+# ------------------------------------------------------------------------------------------- charges
+
+
+def test_only_a_newer_revision_replaces_a_stored_charge_and_the_batch_keeps_its_highest():
+    h = datetime(2026, 10, 5, 14, tzinfo=UTC)
+    r1 = charge(h, "app", org="o", amount=Fraction(1, 3))
+    r2 = charge(h, "app", org="o", amount=Fraction(2, 3), revision=2)
+    r3 = charge(h, "app", org="o", amount=Fraction(5, 3), revision=3)
+    assert latest_changes([r1, r3, r2, r1], {}) == [(None, ChargeRow.of(r3))]
+    stored = {r2.measurement_id: ChargeRow.of(r2)}
+    assert latest_changes([r1, r2], stored) == []  # nothing newer
+    assert latest_changes([r3], stored) == [(ChargeRow.of(r2), ChargeRow.of(r3))]
+
+
+def test_an_unpriced_charge_counts_its_value_but_no_microcredits():
+    c = ChargeRow.of(charge(datetime(2026, 10, 5, 14, tzinfo=UTC), "app", org="o", value=300, priced=False))
+    assert (c.value, c.amount, c.priced) == (300, Fraction(0), False)
+
+
+def test_rollups_move_a_replaced_revision_out_and_ignore_unattributed_charges():
+    h = datetime(2026, 11, 1, 3, tzinfo=UTC)  # Oct 31 in New York
+    old = ChargeRow.of(charge(h, "app", org="o", value=100, amount=Fraction(1, 3)))
+    new = ChargeRow.of(charge(h, "app", org="o", value=150, amount=Fraction(1, 7), revision=2))
+    stray = ChargeRow.of(charge(h, "app-2", org="nobody", value=5, amount=Fraction(9)))
+    r = charge_rollups([(old, new), (None, stray)], {("o", h): CUST})
+    day = r.day[(CUST, date(2026, 10, 31), "app", "cfapps", "", "o", "space-1", "MB")]
+    assert day == [50, Fraction(1, 7) - Fraction(1, 3)]
+    assert r.month[(CUST, "org", date(2026, 10, 1), "o", "", "MB")] == [50, Fraction(1, 7) - Fraction(1, 3)]
+    assert r.month[(CUST, "kind", date(2026, 10, 1), "cfapps", "", "MB")] == [50, Fraction(1, 7) - Fraction(1, 3)]
+    assert {k[1] for k in r.month} == {"org", "space", "resource", "meter", "kind"}
+    assert all(k[0] == CUST for k in r.day)  # the stray charge waits, counted nowhere
+
+
+# -------------------------------------------------------------------------------------------- ledger
+
+
+def test_transaction_buckets_and_reversals():
+    t0 = datetime(2026, 10, 1, 4, tzinfo=UTC)
+    funding = txn(CUST, "funding", 1_000, occurred_at=t0)
+    row = transaction_row(funding)
+    assert (row.bucket, row.signed_amount, row.amount) == ("funded", 1_000, 1_000)
+    assert transaction_row(txn(CUST, "late_usage", 7, occurred_at=t0)).bucket == "used"
+    assert transaction_row(txn(CUST, "expiry", 9, occurred_at=t0)).bucket == "expired"
+    rev = txn(CUST, "reversal", 1_000, occurred_at=t0, idempotency_key=f"reversal:{funding.id}", counter="funding", reverse_sides=True)
+    assert reversal_candidates(rev) == [funding.id]
+    r = transaction_row(rev, (funding.id, "funded", 1_000))
+    assert (r.bucket, r.signed_amount, r.reverses) == ("funded", -1_000, funding.id)
+    orphan = transaction_row(rev, None)
+    assert (orphan.bucket, orphan.signed_amount) == ("none", 0)
+    assert entries_mirror(row.entries, rev.entries)
+    assert not entries_mirror(row.entries, funding.entries)  # the same sides
+    other_account = txn(CUST, "reversal", 1_000, occurred_at=t0, counter="usage", reverse_sides=True)
+    assert not entries_mirror(row.entries, other_account.entries)
+
+
+def test_a_multi_entry_transaction_moves_its_debit_total():
+    t = TransactionPosted(
+        id=uuid.uuid4(),
+        customer_id=CUST,
+        type="usage",
+        occurred_at=datetime(2026, 10, 5, 15, tzinfo=UTC),
+        reading_hour=datetime(2026, 10, 5, 14, tzinfo=UTC),
+        idempotency_key="k",
+        entries=[
+            EntryLine(account="usage", side="debit", amount=30),
+            EntryLine(account="usage", side="debit", amount=12),
+            EntryLine(account="credit_pool:a", side="credit", amount=40),
+            EntryLine(account="credit_pool:b", side="credit", amount=2),
+        ],
+        usage=[UsageLine(org_id="o1", meter="cfapps", microcredits=30), UsageLine(org_id="o2", meter="cfapps", microcredits=12)],
+        posted_at=datetime(2026, 10, 5, 15, tzinfo=UTC),
+    )
+    assert transaction_row(t).amount == 42
+    facts = usage_org_hours([t, txn(CUST, "funding", 5, occurred_at=t.occurred_at, orgs=["o3"])])
+    assert {(f.org_id, f.hour, f.customer_id) for f in facts} == {("o1", t.reading_hour, CUST), ("o2", t.reading_hour, CUST)}
+
+
+def test_balance_remaining_and_overage():
+    b = balance_from_buckets({"funded": 100, "used": 130, "expired": 5})
+    assert (b.remaining, b.overage) == (-35, 35)
+    assert balance_from_buckets({}).as_json()["remaining"] == 0
+
+
+# ------------------------------------------------------------------------------------------- amounts
+
+
+@given(st.integers(min_value=-(10**15), max_value=10**15), st.integers(min_value=1, max_value=10**9))
+def test_credits_text_is_display_credits(n, d):
+    assert credits_text(n, d) == display_credits(Fraction(n, d))
+
+
+def test_amounts_are_the_floor_and_the_reduced_fraction():
+    assert amount_fields(Fraction(2_000_000, 730)) == {
+        "microcredits": 2739,
+        "microcredits_exact": "200000/73",
+        "credits": "0.002740",
+    }
+
+
+# ---------------------------------------------------------------------------------------- parameters
+
+
+def test_times_need_a_zone_and_come_back_in_utc():
+    assert parse_time("t", "2026-10-01T00:00:00-04:00") == datetime(2026, 10, 1, 4, tzinfo=UTC)
+    assert parse_time("t", "2026-10-01t04:00:00z") == datetime(2026, 10, 1, 4, tzinfo=UTC)
+    assert parse_time("t", "2026-10-01T04:00:00.000000000Z") == datetime(2026, 10, 1, 4, tzinfo=UTC)
+    for bad in ("2026-10-01T04:00:00", "2026-10-01", "yesterday", "2026-10-01T04:00:00 04:00", "2026-02-30T00:00:00Z", "2026-10-01T04:00:00.0000001Z"):
+        with pytest.raises(ProblemError) as err:
+            parse_time("t", bad)
+        assert err.value.status == 422
+
+
+def test_months_uuids_limits_and_unknown_parameters():
+    assert parse_month("m", "2026-02") == date(2026, 2, 1)
+    for bad in ("2026-2", "2026-13", "26-01", "2026-00", "0001-01"):
+        with pytest.raises(ProblemError):
+            parse_month("m", bad)
+    with pytest.raises(ProblemError):
+        parse_uuid("id", "0190a000-0000-7000-8000-0000000000c1' OR 1=1")
+    assert parse_limit(None) == 100 and parse_limit("500") == 500
+    for bad in ("0", "501", "-1", "1.5", "１０", " 10"):
+        with pytest.raises(ProblemError):
+            parse_limit(bad)
+    from starlette.datastructures import QueryParams
+
+    with pytest.raises(ProblemError, match="more than once"):
+        only_known(QueryParams("limit=1&limit=2"), ("limit",))
+    with pytest.raises(ProblemError, match="unknown parameter"):
+        only_known(QueryParams("limit=1&x=2"), ("limit",))
+
+
+def test_cursors_round_trip_only_within_their_own_query():
+    scope = Cursor.scope_of("usage", CUST, "a")
+    token = Cursor.encode(scope, ["2026-10-01", "org-1", ""])
+    assert Cursor.decode(token, scope, (str, str, str)) == ["2026-10-01", "org-1", ""]
+    for bad_scope, bad_token, shape in (
+        (Cursor.scope_of("usage", CUST, "b"), token, (str, str, str)),
+        (scope, token + "x", (str, str, str)),
+        (scope, token, (str, str)),
+        (scope, "not base64 !", (str,)),
+        (scope, Cursor.encode(scope, ["a\x00", "b", "c"]), (str, str, str)),
+        (scope, Cursor.encode(scope, [1, "b", "c"]), (str, str, str)),
+    ):
+        with pytest.raises(ProblemError) as err:
+            Cursor.decode(bad_token, bad_scope, shape)
+        assert err.value.status == 400
+
+
+def test_the_ttl_cache_forgets_after_its_time_and_can_be_off():
+    now = [0.0]
+    c: TtlCache[str] = TtlCache(1.0, max_entries=2, clock=lambda: now[0])
+    c.put("a", "1")
+    assert c.get("a") == "1"
+    now[0] = 1.0
+    assert c.get("a") is None
+    c.put("a", "1")
+    c.put("b", "2")
+    c.put("c", "3")
+    assert c.get("a") is None and c.get("c") == "3"  # bounded: the oldest went first
+    off: TtlCache[str] = TtlCache(0)
+    off.put("a", "1")
+    assert off.get("a") is None
+
+
+def test_periods_are_cached_but_not_shared_mutably():
+    a = period_of("month", date(2026, 10, 1))
+    b = {**period_of("month", date(2026, 10, 1))}
+    b["period"] = "changed"
+    assert period_of("month", date(2026, 10, 1))["period"] == "2026-10" == a["period"]
