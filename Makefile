@@ -8,8 +8,12 @@ LOCAL := deploy/local
 export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:9092
 export BILLING_PG_ADMIN_DSN ?= postgresql://billing_admin:billing_admin@127.0.0.1:5433/billing
 PYTEST_ARGS ?=
+# The local stack replays a past month (the demo), which it closes itself once everything is posted.
+export LEDGER_AUTO_CLOSE_MONTHS ?= false
+# The simulator's world: the demo scenario's (cli/scenario.py, DEMO); `billing demo` checks they agree.
+export SIM_ARGS ?= --seed 42 --orgs 12 --spaces-per-org 3 --apps 660 --services 240 --plans 6 --start 2026-10-01T04:00:00Z
 
-.PHONY: help install infra-up infra-down up down status logs test demo clean
+.PHONY: help install infra-up infra-down up down status logs test demo bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -50,8 +54,14 @@ logs: ## follow the services' logs
 test: infra-up ## run the tests against the real Kafka and PostgreSQL
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-demo: up ## start the stack and show that every part is healthy
+demo: up ## the main job: a month of a seeded foundation through the whole pipeline, checked to the microcredit
 	@for p in 8080 8081 8082 8083; do printf 'http://127.0.0.1:%s/healthz ' $$p; curl -fsS http://127.0.0.1:$$p/healthz; echo; done
+	$(VENV)/bin/billing demo
+	@echo "The stack stays up: api http://127.0.0.1:8080 (openapi.json), simulator http://127.0.0.1:8090; 'make down' stops it."
+
+BENCH_SCALE ?= small
+bench: infra-up ## measure throughput and latency (BENCH_SCALE=small|full); writes bench/results.{json,md} and chart.png
+	BENCH_SCALE=$(BENCH_SCALE) $(VENV)/bin/python -m bench.run
 
 clean: ## stop everything and delete all local data (databases, topics, logs)
 	-@$(LOCAL)/services.sh stop

@@ -122,7 +122,10 @@ def _qty(q: dict[str, int]) -> str:
     return ", ".join(f"{v:,} {u}-h" for u, v in sorted(q.items()))
 
 
-def render_table(root: Node, customer: str, month: str, out: IO[str]) -> None:
+DEPTHS = ("org", "space", "resource")
+
+
+def render_table(root: Node, customer: str, month: str, out: IO[str], depth: str = "resource") -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -134,9 +137,9 @@ def render_table(root: Node, customer: str, month: str, out: IO[str]) -> None:
     table.add_column("Credits", justify="right")
     for org in _sorted(root.children):
         table.add_row(f"[bold]{org.name or org.id or '(no org)'}[/bold]", "", "", _qty(org.quantities), f"[bold]{display_credits(org.exact)}[/bold]")
-        for space in _sorted(org.children):
+        for space in _sorted(org.children) if depth != "org" else []:
             table.add_row(f"  {space.name or space.id or '(no space)'}", "", "", _qty(space.quantities), display_credits(space.exact))
-            for res in _sorted(space.children):
+            for res in _sorted(space.children) if depth == "resource" else []:
                 table.add_row(
                     f"    {res.name or res.id}",
                     res.attrs.get("meter", ""),
@@ -240,6 +243,7 @@ def report(
     out: IO[str] | None = None,
     err: IO[str] | None = None,
     transport: httpx.BaseTransport | None = None,
+    depth: str = "resource",
 ) -> int:
     """Print the customer's month in ``fmt``; returns the exit status."""
     out, err = out or sys.stdout, err or sys.stderr
@@ -253,6 +257,9 @@ def report(
         return 2
     if fmt not in FORMATS:
         print(f"error: --format must be one of {', '.join(FORMATS)}", file=err)
+        return 2
+    if depth not in DEPTHS:
+        print(f"error: --depth must be one of {', '.join(DEPTHS)}", file=err)
         return 2
     if not token:
         print("error: a token is needed: --token or BILLING_TOKEN", file=err)
@@ -270,7 +277,7 @@ def report(
     elif fmt == "csv":
         write_csv(root, out)
     else:
-        render_table(root, customer, month, out)
+        render_table(root, customer, month, out, depth)
     return 0
 
 
@@ -285,6 +292,7 @@ def register(app: Any) -> None:
         fmt: str = typer.Option("table", "--format", help="table, json or csv."),
         api_url: str = typer.Option(DEFAULT_API_URL, "--api-url", envvar="BILLING_API_URL", help="The billing API."),
         token: str = typer.Option("", "--token", envvar="BILLING_TOKEN", help="A bearer token (usage.read)."),
+        depth: str = typer.Option("resource", "--depth", help="Table rows down to: org, space or resource."),
     ) -> None:
         """Print a customer's month of usage: org → space → resource, with credits."""
-        raise typer.Exit(report(customer, month, fmt, api_url, token))
+        raise typer.Exit(report(customer, month, fmt, api_url, token, depth=depth))

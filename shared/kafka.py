@@ -447,7 +447,7 @@ class BatchConsumer(Generic[M]):
 
 async def group_lag(bootstrap_servers: str, group_id: str, topic: str) -> int:
     """Messages of ``topic`` not yet committed by ``group_id`` (end offsets minus committed offsets);
-    a group that never committed counts the whole topic."""
+    a group that never committed counts the whole topic. Raises if the topic does not exist."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
@@ -455,14 +455,18 @@ async def group_lag(bootstrap_servers: str, group_id: str, topic: str) -> int:
     await admin.start()
     await probe.start()
     try:
-        partitions = probe.partitions_for_topic(topic)
-        if partitions is None:
-            await probe._client.force_metadata_update()
-            partitions = probe.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        ends = await probe.end_offsets(tps) if tps else {}
+        described = await admin.describe_topics([topic])
+        if not described or described[0].get("error_code") or not described[0].get("partitions"):
+            raise LookupError(f"topic {topic} does not exist")
+        tps = [TopicPartition(topic, p["partition"]) for p in described[0]["partitions"]]
+        ends = await probe.end_offsets(tps)
         committed = await admin.list_consumer_group_offsets(group_id, partitions=tps)
-        return sum(max(0, end - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)) for tp, end in ends.items())
+        lag = 0
+        for tp, end in ends.items():
+            meta = committed.get(tp)
+            done = meta.offset if meta is not None and meta.offset >= 0 else 0
+            lag += max(0, end - done)
+        return lag
     finally:
         await probe.stop()
         await admin.close()

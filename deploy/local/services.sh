@@ -11,13 +11,17 @@ LOGS="$LOCAL_DIR/logs"
 ALL=(sim collector pricer ledger api)
 declare -A PORT=([sim]=8090 [api]=8080 [collector]=8081 [pricer]=8082 [ledger]=8083)
 
-ready() { curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:${PORT[$1]}/$([ "$1" = sim ] && echo .well-known/openid-configuration || echo readyz)"; }
+ready() { curl -fs -o /dev/null --max-time 2 "http://127.0.0.1:${PORT[$1]}/$([ "$1" = sim ] && echo .well-known/openid-configuration || echo readyz)"; }
 
 start_one() {
   local name="$1" pidf="$RUN/$1.pid"
   if pid_alive "$pidf"; then log "$name already running (pid $(cat "$pidf"))"; return 0; fi
   mkdir -p "$RUN" "$LOGS"
-  (cd "$ROOT" && exec nohup "$BILLING" "$name" >>"$LOGS/$name.log" 2>&1 </dev/null) &
+  local args=()
+  # The simulator's world comes from SIM_ARGS (the Makefile sets the demo's).
+  # shellcheck disable=SC2206
+  [ "$name" = sim ] && args=(${SIM_ARGS:-})
+  (cd "$ROOT" && exec nohup "$BILLING" "$name" "${args[@]}" >>"$LOGS/$name.log" 2>&1 </dev/null) &
   echo $! >"$pidf"
 }
 

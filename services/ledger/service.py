@@ -493,7 +493,8 @@ class LedgerService:
         """Held charges that can now be posted, due expiries, due month closes. Returns outbox ids."""
         outbox = (await self.post_resolvable_held()).outbox_ids
         outbox += (await self.expire_due())[1]
-        outbox += (await self.close_due_months())[1]
+        if self._settings.auto_close_months:
+            outbox += (await self.close_due_months())[1]
         return outbox
 
 

@@ -31,6 +31,11 @@ class LedgerSettings(ServiceSettings):
         le=24 * 366,
         description="How long after a month ends (America/New_York) it is closed automatically.",
     )
+    auto_close_months: bool = Field(
+        default=True,
+        description="Close months automatically after the delay; off where past months are replayed (the demo "
+        "closes its month itself once the replay is posted).",
+    )
     periodic_interval_seconds: float = Field(
         default=60.0,
         ge=0,

@@ -236,3 +236,33 @@ async def test_stop_finishes_the_batch_in_hand_and_commits_it(infra, make_topic)
         await second.stop()
         await pub.stop()
     assert again == ["after"]  # nothing of the first batch was read twice
+
+
+async def test_group_lag_counts_what_a_group_has_not_committed(infra, make_topic):
+    from shared.kafka import group_lag
+
+    topic = await make_topic(partitions=3)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    pub = Publisher(infra.kafka, client_id="test")
+    await pub.start()
+    await pub.publish(topic, [Outgoing(f"k{i}".encode(), encode(measurement(f"r{i}"))) for i in range(7)])
+    assert await group_lag(infra.kafka, group, topic) == 7
+    seen: list[str] = []
+
+    async def record(batch):
+        seen.extend(r.message.resource_id for r in batch)
+
+    consumer = BatchConsumer(topic=topic, group_id=group, bootstrap_servers=infra.kafka, model=MeasurementTaken,
+                             handler=record, publisher=pub, timeout_ms=100)
+    await consumer.start()
+    try:
+        for _ in range(100):
+            if len(seen) >= 7 and await group_lag(infra.kafka, group, topic) == 0:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await consumer.stop()
+        await pub.stop()
+    assert await group_lag(infra.kafka, group, topic) == 0
+    with pytest.raises(LookupError):
+        await group_lag(infra.kafka, group, "no.such.topic." + uuid.uuid4().hex)

@@ -1,0 +1,207 @@
+"""``billing demo``: the main job on a built-in scenario, through the public API only.
+
+Sets up a tier, customers, agreements, org assignments and prices; replays a whole month of hourly
+readings through the collector's backfill; waits until the pricer, the ledger and the api have consumed
+everything; closes the month; prints each customer's statement, balance and usage report and the admin
+lists of unpriced and unassigned usage; and checks the ledger against the figures the seed implies,
+to the microcredit. Exit code 0 only when everything matches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from datetime import timedelta
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from cli.report import report
+from cli.scenario import DEMO, SMALL, Expected, Scenario, expected_posting
+from shared.kafka import group_lag
+from shared.money import display_credits
+from shared.topics import CHARGES, READINGS, TRANSACTIONS
+from simulator.oidc import mint_token
+
+__all__ = ["run_demo", "SCENARIOS"]
+
+SCENARIOS = {"demo": DEMO, "small": SMALL}
+console = Console()
+
+
+class DemoError(RuntimeError):
+    """The demo could not go on; the message says why and what to do."""
+
+
+class Api:
+    def __init__(self, url: str, token: str) -> None:
+        self.token = token
+        self.http = httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+
+    async def call(self, method: str, path: str, ok: tuple[int, ...] = (200, 201), **kw: Any) -> Any:
+        resp = await self.http.request(method, path, **kw)
+        if resp.status_code not in ok:
+            raise DemoError(f"{method} {path} answered {resp.status_code}: {resp.text[:500]}")
+        return resp.json() if resp.content else None
+
+    async def items(self, path: str, **params: Any) -> list[Any]:
+        out: list[Any] = []
+        cursor = None
+        while True:
+            body = await self.call("GET", path, params={**params, **({"cursor": cursor} if cursor else {})})
+            if isinstance(body, list):
+                return body
+            out.extend(body.get("items", []))
+            cursor = body.get("next_cursor")
+            if not cursor:
+                return out
+
+
+async def wait_ready(url: str, seconds: float = 120) -> None:
+    async with httpx.AsyncClient() as c:
+        for _ in range(int(seconds * 5)):
+            try:
+                if (await c.get(f"{url}/readyz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.2)
+    raise DemoError(f"{url} is not ready; start the stack with `make up`")
+
+
+async def check_simulator(sim_url: str, s: Scenario) -> None:
+    async with httpx.AsyncClient() as c:
+        try:
+            info = (await c.get(f"{sim_url}/sim/info")).json()
+        except httpx.TransportError:
+            raise DemoError(f"the simulator does not answer at {sim_url}; start the stack with `make up`") from None
+    want = {"seed": s.seed, "orgs": s.orgs, "apps": s.apps, "services": s.services, "plans": s.plans, "spaces_per_org": s.spaces_per_org}
+    got = {k: info.get(k) for k in want}
+    if got != want:
+        raise DemoError(f"the simulator runs another world ({got}); restart it with: make down && make demo")
+
+
+async def set_up(api: Api, s: Scenario) -> list[str]:
+    """Tier, customers, agreements, assignments and prices, each created once (re-runs reuse them)."""
+    tiers = {t["name"] for t in await api.items("/admin/tiers")}
+    if s.tier not in tiers:
+        await api.call("POST", "/admin/tiers", json={"name": s.tier, "credits_per_period": s.tier_credits})
+    existing = {c["name"]: c["id"] for c in await api.items("/admin/customers")}
+    ids: list[str] = []
+    for name in s.customers:
+        if name not in existing:
+            existing[name] = (await api.call("POST", "/admin/customers", json={"name": name, "tier": s.tier}))["id"]
+        ids.append(existing[name])
+    start, _ = s.bounds
+    for cid in ids:
+        if not await api.items("/admin/agreements", customer_id=cid):
+            await api.call("POST", "/admin/agreements", json={
+                "customer_id": cid, "starts_at": start.isoformat(), "ends_at": (start + timedelta(days=365)).isoformat()})
+    assigned = {(a["org_id"], a["customer_id"]) for a in await api.items("/admin/org-assignments")}
+    for org, customer, starts in s.assignments():
+        if (org, ids[customer]) not in assigned:
+            await api.call("POST", "/admin/org-assignments", json={"org_id": org, "customer_id": ids[customer], "starts_at": starts.isoformat()})
+    prices = {(p["meter"], p["resource_kind"], p["valid_from"]) for p in await api.items("/admin/prices")}
+    for p in s.prices():
+        if (p.meter, p.resource_kind, p.valid_from.isoformat().replace("+00:00", "Z")) in prices or \
+           (p.meter, p.resource_kind, p.valid_from.isoformat()) in prices:
+            continue
+        await api.call("POST", "/admin/prices", ok=(201, 409), json={
+            "meter": p.meter, "resource_kind": p.resource_kind, "unit_of_measure": p.unit_of_measure,
+            "microcredits_per_unit": p.microcredits_per_unit, "unit": p.unit,
+            "valid_from": p.valid_from.isoformat(), "valid_until": p.valid_until.isoformat() if p.valid_until else None})
+    return ids
+
+
+async def wait_drained(kafka: str, prefix: str, quiet_rounds: int = 3, timeout: float = 900) -> None:
+    """Until the pricer, the ledger and the api have committed everything on their topics."""
+    groups = [("pricer", READINGS), ("ledger", CHARGES), ("api", CHARGES), ("api", TRANSACTIONS)]
+    quiet = 0
+    deadline = time.monotonic() + timeout
+    with console.status("waiting for the pricer, the ledger and the api to catch up") as status:
+        while time.monotonic() < deadline:
+            lags = [await group_lag(kafka, g, prefix + t) for g, t in groups]
+            status.update(f"waiting for the pipeline: lag " + ", ".join(f"{g}@{t}={n}" for (g, t), n in zip(groups, lags, strict=True)))
+            quiet = quiet + 1 if sum(lags) == 0 else 0
+            if quiet >= quiet_rounds:
+                return
+            await asyncio.sleep(1)
+    raise DemoError("the pipeline did not catch up in time; see `make logs`")
+
+
+def credits(micro: int) -> str:
+    return display_credits(micro, 2)
+
+
+async def show_and_check(api: Api, s: Scenario, ids: list[str], expected: Expected, month: str) -> bool:
+    ok = True
+    summary = Table(title=f"Statements for {month} (America/New_York) — ledger vs. the seed's oracle")
+    for col in ("customer", "funded", "used (ledger)", "used (oracle)", "closing balance", "match"):
+        summary.add_column(col, justify="right" if col != "customer" else "left")
+    for i, (name, cid) in enumerate(zip(s.customers, ids, strict=True)):
+        statement = await api.call("GET", f"/v1/customers/{cid}/statements/{month}")
+        used = int(statement["used"])
+        want = expected.posted.get(i, 0)
+        by_kind_ledger = {(line["meter"], line["resource_kind"]): int(line["microcredits"]) for line in statement.get("used_by_kind", [])}
+        by_kind_oracle = {(m, k): v for (c, m, k), v in expected.by_meter_kind.items() if c == i}
+        match = used == want and {k: v for k, v in by_kind_ledger.items() if v} == {k: v for k, v in by_kind_oracle.items() if v}
+        ok &= match
+        summary.add_row(name, credits(int(statement["funded"])), f"{used:,} µcr", f"{want:,} µcr",
+                        credits(int(statement["closing_balance"])), "[green]yes" if match else "[red]NO")
+        if not match:
+            for key in sorted(set(by_kind_ledger) | set(by_kind_oracle)):
+                if by_kind_ledger.get(key, 0) != by_kind_oracle.get(key, 0):
+                    console.print(f"[red]{name} {key[0]} {key[1] or '-'}: ledger {by_kind_ledger.get(key, 0):,} µcr, oracle {by_kind_oracle.get(key, 0):,} µcr")
+    for name, cid in zip(s.customers, ids, strict=True):
+        console.rule(f"{name}: usage by org and space (billing report --depth space)")
+        code = await asyncio.to_thread(report, cid, month, "table", str(api.http.base_url), api.token, depth="space")
+        ok &= code == 0
+    console.print(summary)
+    for name, cid in zip(s.customers, ids, strict=True):
+        balance = await api.call("GET", f"/v1/customers/{cid}/balance")
+        console.print(f"[bold]{name}[/] balance now: funded {credits(int(balance['funded']))}, used {credits(int(balance['used']))}, "
+                      f"remaining {credits(int(balance['remaining']))} credits")
+    unpriced = await api.items("/admin/unpriced")
+    unassigned = await api.items("/admin/unassigned")
+    console.print(f"Unpriced charges (admin list): {len(unpriced)}")
+    console.print(f"Usage held for orgs without a customer (admin list): {len(unassigned)} entries; "
+                  f"the oracle expects {expected.held_measurements} measurements held")
+    return ok
+
+
+async def run_demo(scenario: str = "demo", api_url: str = "http://127.0.0.1:8080", sim_url: str = "http://127.0.0.1:8090",
+                   kafka: str | None = None, topic_prefix: str = "") -> bool:
+    s = SCENARIOS[scenario]
+    kafka = kafka or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    month = s.month.strftime("%Y-%m")
+    await check_simulator(sim_url, s)
+    await wait_ready(api_url)
+    api = Api(api_url, mint_token(["usage.admin", "usage.read"], subject="demo-admin"))
+    try:
+        console.rule(f"[bold]billing demo[/]: scenario {s.name}, {len(s.customers)} customers, {s.orgs} orgs, month {month}")
+        ids = await set_up(api, s)
+        console.print(f"set up: tier {s.tier}, customers {', '.join(s.customers)}, {len(s.prices())} prices, "
+                      f"{s.orgs} org assignments (one from mid-month)")
+        from services.collector.backfill import backfill
+
+        start, end = s.bounds
+        t0 = time.perf_counter()
+        totals = await backfill(start, end, console=console)
+        console.print(f"backfill: {totals['hours']} hours, {totals['measurements']:,} measurements in {time.perf_counter() - t0:.0f} s")
+        expected = await asyncio.to_thread(expected_posting, s)
+        await wait_drained(kafka, topic_prefix)
+        closed = await api.call("POST", f"/admin/months/{month}/close", ok=(200, 201, 409))
+        console.print(f"month {month} closed: {closed if isinstance(closed, dict) and len(str(closed)) < 200 else 'ok'}")
+        await wait_drained(kafka, topic_prefix)
+        ok = await show_and_check(api, s, ids, expected, month)
+        if ok:
+            console.print(f"[bold green]The ledger matches the seed's usage to the microcredit[/] "
+                          f"({expected.measurements:,} measurements, {sum(expected.posted.values()):,} microcredits posted).")
+        else:
+            console.print("[bold red]The ledger does NOT match the seed's usage.[/]")
+        return ok
+    finally:
+        await api.http.aclose()

@@ -1,0 +1,147 @@
+"""The demo's built-in scenario, and the oracle that says what the ledger must post for it.
+
+The oracle is computed from the simulator's seed alone (its ``expected_usage``), the scenario's prices and
+its org assignments, with exact fractions: for every customer and price, the month's posted microcredits
+must equal floor(sum of value × microcredits_per_unit / unit) over that customer's hours.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from fractions import Fraction
+
+from shared.clock import BUSINESS_TZ, month_bounds
+from simulator import Foundation
+
+__all__ = ["Scenario", "PriceSpec", "Expected", "DEMO", "SMALL", "expected_posting"]
+
+HOUR = timedelta(hours=1)
+CREDIT = 1_000_000
+
+
+@dataclass(frozen=True)
+class PriceSpec:
+    meter: str
+    resource_kind: str
+    unit_of_measure: str
+    microcredits_per_unit: int
+    unit: int
+    valid_from: datetime
+    valid_until: datetime | None = None
+
+    def covers(self, hour: datetime) -> bool:
+        return self.valid_from <= hour and (self.valid_until is None or hour < self.valid_until)
+
+    @property
+    def key(self) -> tuple[str, str, datetime]:
+        return (self.meter, self.resource_kind, self.valid_from)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    seed: int
+    orgs: int
+    spaces_per_org: int
+    apps: int
+    services: int
+    plans: int
+    month: date
+    customers: tuple[str, ...] = ("Department of Examples", "Agency for Demonstrations", "Bureau of Samples")
+    tier: str = "standard"
+    tier_credits: int = 4_000 * CREDIT  # per agreement (a fiscal year); the demo month uses about a fifth
+    late_org_index: int = -1  # this org stays unassigned until the middle of the month
+    foundation_cache: dict[str, Foundation] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def bounds(self) -> tuple[datetime, datetime]:
+        return month_bounds(self.month)
+
+    @property
+    def mid_month(self) -> datetime:
+        return datetime(self.month.year, self.month.month, 16, tzinfo=BUSINESS_TZ).astimezone(self.bounds[0].tzinfo)
+
+    @property
+    def hours(self) -> list[datetime]:
+        start, end = self.bounds
+        return [start + HOUR * k for k in range(int((end - start) / HOUR))]
+
+    def sim_args(self) -> list[str]:
+        return ["--seed", str(self.seed), "--orgs", str(self.orgs), "--spaces-per-org", str(self.spaces_per_org),
+                "--apps", str(self.apps), "--services", str(self.services), "--plans", str(self.plans),
+                "--start", self.bounds[0].strftime("%Y-%m-%dT%H:%M:%SZ")]
+
+    def foundation(self) -> Foundation:
+        if "f" not in self.foundation_cache:
+            self.foundation_cache["f"] = Foundation(self.seed, self.orgs, self.spaces_per_org, self.apps, self.services, self.plans)
+        return self.foundation_cache["f"]
+
+    def assignments(self) -> list[tuple[str, int, datetime]]:
+        """(org guid, customer index, starts_at): orgs dealt round-robin to the customers from the month's
+        start, except the late org, assigned only from mid-month."""
+        orgs = sorted(self.foundation().orgs(), key=lambda o: o.name)
+        late = orgs[self.late_org_index].guid
+        out = []
+        for i, org in enumerate(orgs):
+            customer = i % len(self.customers)
+            out.append((org.guid, customer, self.mid_month if org.guid == late else self.bounds[0]))
+        return out
+
+    def prices(self) -> list[PriceSpec]:
+        """Memory: 1 credit per GB-month (730 h × 1024 MB), raised by 10% from mid-month. Each service plan:
+        2, 4, 6… credits per 730 instance-hours."""
+        start = self.bounds[0]
+        out = [
+            PriceSpec("cfapps", "", "MB-hour", 1 * CREDIT, 730 * 1024, start, self.mid_month),
+            PriceSpec("cfapps", "", "MB-hour", 1_100_000, 730 * 1024, self.mid_month, None),
+        ]
+        for k, plan in enumerate(sorted(self.foundation().plans(), key=lambda p: p.name)):
+            out.append(PriceSpec("cfservices", plan.guid, "instance-hour", (k + 1) * 2 * CREDIT, 730, start, None))
+        return out
+
+
+@dataclass
+class Expected:
+    """What the ledger must show for the month."""
+
+    posted: dict[int, int]                                      # customer index -> microcredits
+    by_price: dict[tuple[int, tuple[str, str, datetime]], int]  # (customer, price key) -> microcredits
+    by_meter_kind: dict[tuple[int, str, str], int]              # (customer, meter, kind) -> microcredits
+    held_measurements: int                                      # measurements of orgs with no customer yet
+    measurements: int
+
+
+def expected_posting(s: Scenario) -> Expected:
+    """The oracle, from the seed: exact sums per customer and price, floored once."""
+    world = s.foundation()
+    assignments = s.assignments()
+    prices = s.prices()
+    by_org: dict[str, list[tuple[datetime, int]]] = defaultdict(list)
+    for org, customer, starts in assignments:
+        by_org[org].append((starts, customer))
+    exact: dict[tuple[int, tuple[str, str, datetime]], Fraction] = defaultdict(Fraction)
+    held = total = 0
+    for hour in s.hours:
+        for e in world.expected_usage(hour):
+            total += 1
+            owners = [c for starts, c in by_org.get(e.org_guid, []) if starts <= hour]
+            if not owners:
+                held += 1
+                continue
+            price = next((p for p in prices if p.meter == e.meter and p.resource_kind == e.resource_kind and p.covers(hour)), None)
+            if price is None:
+                continue
+            exact[(owners[-1], price.key)] += Fraction(e.value * price.microcredits_per_unit, price.unit)
+    by_price = {k: v.numerator // v.denominator for k, v in exact.items()}
+    posted: dict[int, int] = defaultdict(int)
+    by_meter_kind: dict[tuple[int, str, str], int] = defaultdict(int)
+    for (customer, (meter, kind, _)), amount in by_price.items():
+        posted[customer] += amount
+        by_meter_kind[(customer, meter, kind)] += amount
+    return Expected(dict(posted), by_price, dict(by_meter_kind), held, total)
+
+
+DEMO = Scenario(name="demo", seed=42, orgs=12, spaces_per_org=3, apps=660, services=240, plans=6, month=date(2026, 10, 1))
+SMALL = Scenario(name="small", seed=7, orgs=6, spaces_per_org=2, apps=60, services=24, plans=3, month=date(2026, 10, 1))
