@@ -80,7 +80,7 @@ bootstrap() {
   PGPASSWORD="$ADMIN_PASSWORD" psql -q -h 127.0.0.1 -p "$PG_PORT" -U "$ADMIN_USER" -d postgres -v ON_ERROR_STOP=1 \
     -tc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1 ||
     PGPASSWORD="$ADMIN_PASSWORD" psql -q -h 127.0.0.1 -p "$PG_PORT" -U "$ADMIN_USER" -d postgres -c "CREATE DATABASE $db"
-  PGPASSWORD="$ADMIN_PASSWORD" psql -q -h 127.0.0.1 -p "$PG_PORT" -U "$ADMIN_USER" -d "$db" -v ON_ERROR_STOP=1 \
+  PGOPTIONS="-c client_min_messages=warning" PGPASSWORD="$ADMIN_PASSWORD" psql -q -h 127.0.0.1 -p "$PG_PORT" -U "$ADMIN_USER" -d "$db" -v ON_ERROR_STOP=1 \
     -f "$ROOT/deploy/local/schemas.sql" >/dev/null
 }
 
