@@ -218,3 +218,31 @@ async def test_two_periodic_readings_in_one_hour_persist_one(env, database):
     assert await env.pool.fetchval("SELECT count(*) FROM readings WHERE hour = $1", hour) == 1
     n = await env.pool.fetchval("SELECT count(*) FROM measurements WHERE hour = $1", hour)
     assert n == len(Foundation(**WORLD).expected_usage(hour))
+
+
+async def test_a_manual_reading_through_the_internal_endpoint_is_a_noop_in_a_taken_hour(infra, database, topic_prefix):
+    import httpx
+
+    from services.collector.app import create_app
+    from services.collector.settings import CollectorSettings
+
+    hour = datetime(2026, 10, 2, 3, tzinfo=UTC)
+    async with running_sim(SimConfig(**WORLD)) as (url, _):
+        settings = CollectorSettings(
+            database_url=database.dsn("collector"), kafka_bootstrap_servers=infra.kafka, topic_prefix=topic_prefix,
+            cf_api_url=url, uaa_url=url, schedule_enabled=False, sim_time_header=True, per_page=50,
+        )
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://collector") as c:
+                first = await c.post("/internal/readings", json={"hour": hour.isoformat()})
+                again = await c.post("/internal/readings", json={"hour": hour.isoformat()})
+                bad = await c.post("/internal/readings", json={"hour": "yesterday"})
+                future = await c.post("/internal/readings", json={"hour": "2999-01-01T00:00:00Z"})
+                listed = await c.get("/internal/readings", params={"from": "2026-10-02T00:00:00Z", "to": "2026-10-03T00:00:00Z"})
+    assert first.status_code == 201 and first.json()["status"] == "taken"
+    assert first.json()["measurements"] == len(Foundation(**WORLD).expected_usage(hour))
+    assert again.status_code == 200 and again.json()["status"] == "exists" and "nothing was done" in again.json()["detail"]
+    assert bad.status_code == 422 and bad.headers["content-type"] == "application/problem+json"
+    assert future.status_code == 422
+    assert [r["hour"] for r in listed.json()["items"]] == [hour.isoformat()]
