@@ -25,7 +25,7 @@ from services.collector.cf_client import CFClient
 from services.collector.service import Collector
 from shared.db import create_pool, migrate
 from shared.kafka import Publisher
-from shared.topics import READINGS
+from shared.topics import READINGS, delete_topics
 
 HOUR = datetime(2026, 10, 2, 12, tzinfo=UTC)
 
@@ -82,6 +82,7 @@ async def main(apps: int, services: int, orgs: int, port: int) -> None:
         sim.terminate()
         sim.wait(10)
         await drop_database(db)
+        await delete_topics(KAFKA, prefix=prefix)
 
 
 if __name__ == "__main__":
