@@ -137,6 +137,8 @@ class TransactionPosted(Event):
     idempotency_key: str
     entries: list[EntryLine]
     usage: list[UsageLine] = Field(default_factory=list)
+    reverses: UUID | None = Field(default=None, description="For a reversal: the transaction it reverses.")
+    agreement_id: UUID | None = Field(default=None, description="For funding and expiry: the agreement.")
     posted_at: UtcDatetime
 
 

@@ -275,11 +275,10 @@ _UUID_IN_TEXT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-
 
 
 def reversal_candidates(t: TransactionPosted) -> list[UUID]:
-    """Ids a reversal may name as its original: a ``reverses`` field if the contract has one, else the
-    UUIDs written in its idempotency key and description (the ledger's convention, e.g. ``reversal:<id>``)."""
-    explicit = getattr(t, "reverses", None)
-    if isinstance(explicit, UUID):
-        return [explicit]
+    """Ids a reversal may name as its original: its ``reverses`` field; for messages published before the
+    field existed, the UUIDs in its idempotency key and description (the ledger's ``reversal:<id>``)."""
+    if t.reverses is not None:
+        return [t.reverses]
     found = _UUID_IN_TEXT.findall(f"{t.idempotency_key} {t.description}")
     return [UUID(x) for x in dict.fromkeys(found) if UUID(x) not in (t.id, t.customer_id)]
 

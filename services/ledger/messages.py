@@ -45,6 +45,8 @@ def transaction_posted(draft: TransactionDraft, transaction_id: uuid.UUID, poste
             )
             for u in draft.usage
         ],
+        reverses=draft.reverses,
+        agreement_id=draft.agreement_id,
         posted_at=posted_at,
     )
 
