@@ -24,7 +24,6 @@ import asyncio
 import hashlib
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -44,7 +43,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import ADMIN_DSN, KAFKA, drop_database, dsn, emit, fresh_database, fresh_topics  # noqa: E402
+from bench.common import (  # noqa: E402
+    ADMIN_DSN, KAFKA, committed, drop_database, dsn, emit, free_port, fresh_database, fresh_topics, proc_status,
+)
 from shared.ids import NAMESPACE  # noqa: E402
 from shared.topics import ALL_TOPICS, CHARGES  # noqa: E402
 
@@ -179,29 +180,6 @@ async def prepare(ledger_dsn: str, customers: int, orgs: list[str]) -> dict[str,
         return owner
     finally:
         await pool.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            name, _, rest = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                out[name] = int(rest.split()[0]) * 1024
-    except FileNotFoundError:
-        pass
-    return out
-
-
-async def committed(admin: AIOKafkaAdminClient, group: str, topic: str) -> int:
-    offsets = await admin.list_consumer_group_offsets(group)
-    return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
 
 
 async def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:

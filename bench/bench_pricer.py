@@ -22,7 +22,6 @@ import asyncio
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ADMIN_DSN, KAFKA, ROOT, drop_database, dsn, emit, fresh_database, fresh_topics  # noqa: E402
+from bench.common import (  # noqa: E402
+    ADMIN_DSN, KAFKA, ROOT, committed, drop_database, dsn, emit, free_port, fresh_database, fresh_topics, proc_status,
+)
 from services.pricer import repository  # noqa: E402
 from services.pricer.app import MIGRATIONS  # noqa: E402
 from services.pricer.service import Price  # noqa: E402
@@ -115,30 +116,6 @@ async def produce(topic: str, messages: Iterable[tuple[bytes, bytes]], chunk: in
     finally:
         await publisher.stop()
     return time.perf_counter() - started
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak) of ``pid`` in bytes."""
-    out: dict[str, int] = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            name, _, rest = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                out[name] = int(rest.split()[0]) * 1024
-    except FileNotFoundError:
-        pass
-    return out
-
-
-async def committed(admin: AIOKafkaAdminClient, group: str, topic: str) -> int:
-    offsets = await admin.list_consumer_group_offsets(group)
-    return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
 
 
 async def prepare_database(dsn: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,31 @@ async def fresh_topics() -> str:
     prefix = f"bench{uuid.uuid4().hex[:8]}."
     await ensure_topics(KAFKA, prefix=prefix)
     return prefix
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of ``pid`` in bytes; empty once the process is gone."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                out[name] = int(rest.split()[0]) * 1024
+    except FileNotFoundError:
+        pass
+    return out
+
+
+async def committed(admin: Any, group: str, topic: str) -> int:
+    """Offsets ``group`` has committed on ``topic``, summed over its partitions."""
+    offsets = await admin.list_consumer_group_offsets(group)
+    return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
 
 
 def peak_rss_mb() -> float:
