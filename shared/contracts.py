@@ -35,7 +35,9 @@ MAX_MESSAGE_BYTES = 1_000_000
 UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 """A timezone-aware datetime, normalised to UTC; naive datetimes are refused."""
 
-NonNegativeInt = Annotated[int, Field(ge=0, le=2**62)]
+# Numbers are strict: "512" or 512.0 is not the integer 512 on a public topic (it goes to the DLQ).
+NonNegativeInt = Annotated[int, Field(ge=0, le=2**62, strict=True)]
+Int = Annotated[int, Field(strict=True)]
 Name = Annotated[str, Field(max_length=512)]
 
 
@@ -71,7 +73,7 @@ class MeasurementTaken(Event):
     space_name: Name = ""
     value: NonNegativeInt = Field(description="The measured quantity in `unit`s for this hour.")
     unit: Annotated[str, Field(min_length=1, max_length=32)] = Field(description="Unit of `value`: `MB` or `instance`.")
-    estimated: bool = Field(default=False, description="True when produced to fill a missed hour.")
+    estimated: bool = Field(default=False, strict=True, description="True when produced to fill a missed hour.")
     taken_at: UtcDatetime = Field(description="When the collector took (or estimated) it, UTC.")
 
 
@@ -83,7 +85,7 @@ class ChargeComputed(Event):
     schema_name: Literal["usage.charge"] = "usage.charge"
     schema_version: Literal[1] = 1
     measurement_id: UUID = Field(description="The measurement priced; stable across revisions.")
-    revision: Annotated[int, Field(ge=1)] = Field(description="1 for the first pricing, +1 for each re-pricing.")
+    revision: Annotated[int, Field(ge=1, strict=True)] = Field(description="1 for the first pricing, +1 for each re-pricing.")
     reading_hour: UtcDatetime
     meter: Annotated[str, Field(min_length=1, max_length=64)]
     resource_id: Annotated[str, Field(min_length=1, max_length=64)]
@@ -95,11 +97,11 @@ class ChargeComputed(Event):
     space_name: Name = ""
     value: NonNegativeInt
     unit: Annotated[str, Field(min_length=1, max_length=32)]
-    estimated: bool = False
+    estimated: bool = Field(default=False, strict=True)
     status: Literal["priced", "unpriced"]
     price_id: UUID | None = Field(default=None, description="The price applied; null when unpriced.")
     amount_numerator: NonNegativeInt = Field(description="Exact microcredits = numerator / denominator.")
-    amount_denominator: Annotated[int, Field(ge=1, le=2**62)] = 1
+    amount_denominator: Annotated[int, Field(ge=1, le=2**62, strict=True)] = 1
     display_amount: str = Field(description="Credits rounded to 6 places, for people only; never summed.")
     priced_at: UtcDatetime
 
@@ -109,7 +111,7 @@ class EntryLine(BaseModel):
 
     account: str = Field(description="Account name, e.g. `credit_pool:<agreement>` or `usage`.")
     side: Literal["debit", "credit"]
-    amount: Annotated[int, Field(gt=0)] = Field(description="Positive integer microcredits.")
+    amount: Annotated[int, Field(gt=0, strict=True)] = Field(description="Positive integer microcredits.")
 
 
 class UsageLine(BaseModel):
@@ -121,7 +123,7 @@ class UsageLine(BaseModel):
     meter: str
     resource_kind: str = ""
     price_id: UUID | None = None
-    microcredits: int
+    microcredits: Int
 
 
 class TransactionPosted(Event):
@@ -150,8 +152,8 @@ class AlertRaised(Event):
     customer_id: UUID
     agreement_id: UUID
     threshold_percent: Literal[50, 75, 90, 100]
-    funded: int
-    used: int
+    funded: Int
+    used: Int
     raised_at: UtcDatetime
 
 
@@ -160,7 +162,7 @@ class StatementLine(BaseModel):
 
     meter: str
     resource_kind: str = ""
-    microcredits: int
+    microcredits: Int
 
 
 class StatementIssued(Event):
@@ -171,10 +173,10 @@ class StatementIssued(Event):
     schema_version: Literal[1] = 1
     customer_id: UUID
     month: Annotated[str, Field(pattern=r"^\d{4}-\d{2}$")] = Field(description="YYYY-MM, America/New_York.")
-    opening_balance: int
-    funded: int
-    used: int
-    expired: int
-    closing_balance: int
+    opening_balance: Int
+    funded: Int
+    used: Int
+    expired: Int
+    closing_balance: Int
     used_by_kind: list[StatementLine]
     issued_at: UtcDatetime
