@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from shared.clock import as_utc
 
@@ -32,8 +32,15 @@ __all__ = [
 # A message larger than this is refused by every consumer (it goes to the DLQ).
 MAX_MESSAGE_BYTES = 1_000_000
 
-UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
-"""A timezone-aware datetime, normalised to UTC; naive datetimes are refused."""
+def _not_a_number(value: object) -> object:
+    # pydantic would read 12 as 12 seconds after 1970: a time on a topic is an ISO-8601 string.
+    if isinstance(value, (int, float)):
+        raise ValueError("a time must be an ISO-8601 string with a time zone, not a number")
+    return value
+
+
+UtcDatetime = Annotated[datetime, BeforeValidator(_not_a_number), AfterValidator(as_utc)]
+"""A timezone-aware datetime, normalised to UTC; naive datetimes and numbers are refused."""
 
 # Numbers are strict: "512" or 512.0 is not the integer 512 on a public topic (it goes to the DLQ).
 NonNegativeInt = Annotated[int, Field(ge=0, le=2**62, strict=True)]
