@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import KAFKA, drop_database, dsn, emit, fresh_database, fresh_topics  # noqa: E402
+from tests.sim_server import serve_app  # noqa: E402
 from shared.clock import month_bounds, parse_month  # noqa: E402
 from shared.db import migrate  # noqa: E402
 
@@ -209,23 +210,6 @@ class Issuer:
         return Starlette(routes=[Route("/.well-known/openid-configuration", discovery), Route("/.well-known/jwks.json", jwks)])
 
 
-@contextlib.asynccontextmanager
-async def serve_in_process(app: Any) -> AsyncIterator[str]:
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none"))
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await task
-
-
 # ------------------------------------------------------------------------------------------ servers
 
 
@@ -361,7 +345,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             {"from": start.isoformat().replace("+00:00", "Z"), "to": end.isoformat().replace("+00:00", "Z"), "granularity": "month", "group_by": "org"}
         )
         issuer = Issuer()
-        async with serve_in_process(issuer.app()) as issuer_url:
+        async with serve_app(issuer.app()) as issuer_url:
             issuer.url = issuer_url
             api_port, bare_port = free_port(), free_port()
             env = {

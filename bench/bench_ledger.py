@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import (  # noqa: E402
     ADMIN_DSN, KAFKA, committed, drop_database, dsn, emit, free_port, fresh_database, fresh_topics, proc_status,
+    wait_ready,
 )
 from shared.ids import NAMESPACE  # noqa: E402
 from shared.topics import ALL_TOPICS, CHARGES  # noqa: E402
@@ -182,23 +183,6 @@ async def prepare(ledger_dsn: str, customers: int, orgs: list[str]) -> dict[str,
         await pool.close()
 
 
-async def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=2) as http:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ledger exited with {proc.returncode}: {proc.stderr.read().decode()[-3000:] if proc.stderr else ''}")
-            try:
-                if (await http.get("/readyz")).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.2)
-    raise RuntimeError("ledger not ready in time")
-
-
 async def check(ledger_admin_dsn: str, owner: dict[str, str], sums: dict[tuple[str, str, str], Fraction]) -> dict[str, Any]:
     expected: dict[tuple[str, str, str], Fraction] = defaultdict(Fraction)
     for (org, month, price), amount in sums.items():
@@ -267,7 +251,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             procs.append(subprocess.Popen([billing, "ledger"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
         for port, proc in zip(ports, procs, strict=True):
-            await wait_ready(port, proc)
+            await wait_ready(port, proc, "ledger")
 
         first_t: float | None = None
         first_n = last_n = 0

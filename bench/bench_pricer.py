@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -43,6 +42,7 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
 
 from bench.common import (  # noqa: E402
     ADMIN_DSN, KAFKA, ROOT, committed, drop_database, dsn, emit, free_port, fresh_database, fresh_topics, proc_status,
+    wait_ready,
 )
 from services.pricer import repository  # noqa: E402
 from services.pricer.app import MIGRATIONS  # noqa: E402
@@ -134,21 +134,6 @@ async def prepare_database(dsn: str) -> None:
         await pool.close()
 
 
-async def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=2) as http:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"pricer exited with {proc.returncode}")
-            try:
-                if (await http.get("/readyz")).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.2)
-    raise RuntimeError("pricer not ready in time")
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     kafka = KAFKA
     prefix = await fresh_topics()
@@ -184,7 +169,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             log_files.append(log_file)
             procs.append(subprocess.Popen([billing, "pricer"], env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT))
         for port, proc in zip(ports, procs, strict=True):
-            await wait_ready(port, proc)
+            await wait_ready(port, proc, "pricer")
 
         first_t: float | None = None
         first_n = last_n = 0

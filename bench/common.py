@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 import resource
 import socket
+import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -77,6 +80,25 @@ async def committed(admin: Any, group: str, topic: str) -> int:
     """Offsets ``group`` has committed on ``topic``, summed over its partitions."""
     offsets = await admin.list_consumer_group_offsets(group)
     return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
+
+
+async def wait_ready(port: int, proc: subprocess.Popen[bytes], name: str, timeout: float = 60) -> None:
+    """Until the service ``name`` started as ``proc`` answers /readyz with 200 on ``port``."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=2) as http:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = proc.stderr.read().decode()[-3000:] if proc.stderr else ""
+                raise RuntimeError(f"{name} exited with {proc.returncode}: {tail}")
+            try:
+                if (await http.get("/readyz")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{name} not ready in time")
 
 
 def peak_rss_mb() -> float:

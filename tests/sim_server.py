@@ -1,4 +1,4 @@
-"""Run the Cloud Foundry simulator over real HTTP inside a test's event loop."""
+"""Serve ASGI apps (the Cloud Foundry simulator among them) over real HTTP inside a test's event loop."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import uvicorn
 
@@ -21,20 +22,24 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def running_sim(config: SimConfig) -> AsyncIterator[tuple[str, SimState]]:
-    """Yields the simulator's base URL and its live state (to change faults mid-test)."""
-    port = free_port()
-    app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+async def serve_app(app: Any) -> AsyncIterator[str]:
+    """Serve an ASGI app with uvicorn on a random local port (no lifespan); yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none"))
     task = asyncio.create_task(server.serve())
     try:
-        for _ in range(200):
-            if server.started:
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise RuntimeError("the simulator did not start")
-        yield f"http://127.0.0.1:{port}", app.state.sim
+        while not server.started:
+            if task.done():
+                task.result()  # raises why it could not start
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     finally:
         server.should_exit = True
         await task
+
+
+@contextlib.asynccontextmanager
+async def running_sim(config: SimConfig) -> AsyncIterator[tuple[str, SimState]]:
+    """Yields the simulator's base URL and its live state (to change faults mid-test)."""
+    app = create_app(config)
+    async with serve_app(app) as url:
+        yield url, app.state.sim

@@ -20,6 +20,7 @@ from shared.contracts import ChargeComputed, StatementIssued, TransactionPosted
 from shared.kafka import Outgoing, Publisher, encode, group_lag
 from shared.topics import CHARGES, TRANSACTIONS
 from tests.unit.test_api_factories import charge, statement, txn  # noqa: F401  (re-exported for the api tests)
+from tests.sim_server import serve_app  # noqa: F401  (re-exported for the api tests)
 from tests.unit.test_api_tokens import LocalIssuer, serve_issuer
 
 pytestmark = pytest.mark.integration
@@ -80,24 +81,6 @@ class ApiHarness:
             return int(await self.sql(f"SELECT count(*) FROM api.{table}")) >= n
 
         await self.until(check, f"{n} rows in api.{table}")
-
-
-@contextlib.asynccontextmanager
-async def serve_app(app: Any) -> AsyncIterator[str]:
-    """Serve an ASGI app with uvicorn on a random local port; yields its base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none"))
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 @contextlib.asynccontextmanager
