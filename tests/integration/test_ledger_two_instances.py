@@ -21,7 +21,8 @@ from services.ledger.app import create_app
 from services.ledger.settings import LedgerSettings
 from shared.contracts import ChargeComputed, TransactionPosted
 from shared.kafka import Outgoing, Publisher, encode
-from shared.topics import CHARGES, PARTITIONS, TRANSACTIONS
+from shared.topics import CHARGES, TRANSACTIONS
+from tests.conftest import TEST_PARTITIONS
 from tests.integration.test_ledger_support import (  # noqa: F401  (fixture)
     PRICE_A,
     PRICE_B,
@@ -36,7 +37,7 @@ NEW_YORK = ZoneInfo("America/New_York")
 
 
 def partition_of(key: str) -> int:
-    return (murmur2(key.encode()) & 0x7FFFFFFF) % PARTITIONS
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % TEST_PARTITIONS
 
 
 def stream(orgs: list[str], seed: int = 5) -> tuple[list[ChargeComputed], dict[tuple[str, uuid.UUID], Fraction]]:
@@ -87,14 +88,21 @@ async def test_two_instances_post_every_charge_exactly_once(database: Any, infra
                 "/internal/agreements",
                 json={"customer_id": customer, "starts_at": "2026-01-01T00:00:00Z", "ends_at": "2027-01-01T00:00:00Z"},
             )
-            orgs = [f"org-{i}-{uuid.uuid4().hex[:4]}" for i in range(16)]
+            # Four orgs on every partition of the test topic, so whichever split the group makes, the
+            # customer's orgs span both instances.
+            orgs, per_partition = [], defaultdict(int)
+            while len(orgs) < 4 * TEST_PARTITIONS:
+                org = f"org-{uuid.uuid4().hex[:8]}"
+                if per_partition[partition_of(org)] < 4:
+                    per_partition[partition_of(org)] += 1
+                    orgs.append(org)
             for org in orgs:
                 await client.post("/internal/org-assignments", json={"org_id": org, "customer_id": customer, "starts_at": "2026-01-01T00:00:00Z"})
 
         # Both instances own partitions before anything is produced.
         for _ in range(300):
             owned = [{tp.partition for tp in r.consumers[0].assignment()} for r in runtimes]
-            if all(owned) and len(owned[0] | owned[1]) == PARTITIONS:
+            if all(owned) and len(owned[0] | owned[1]) == TEST_PARTITIONS:
                 break
             await asyncio.sleep(0.1)
         assert all(owned), "both instances must own partitions"
