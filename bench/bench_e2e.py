@@ -112,7 +112,7 @@ async def set_up(stack: Stack, world: World) -> list[str]:
 async def lags(prefix: str) -> dict[str, int]:
     pairs = {"pricer": ("pricer", READINGS), "ledger": ("ledger", CHARGES), "api_charges": ("api", CHARGES),
              "api_transactions": ("api", TRANSACTIONS)}
-    return {k: await group_lag(KAFKA, g, prefix + t) for k, (g, t) in pairs.items()}
+    return {k: await group_lag(KAFKA, prefix + g, prefix + t) for k, (g, t) in pairs.items()}
 
 
 async def main(n_resources: int, n_hours: int, latency_hours: int) -> None:

@@ -261,7 +261,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for proc in procs:
                 if proc.poll() is not None:
                     raise RuntimeError(f"ledger exited with {proc.returncode}")
-            n = await committed(admin, "ledger", topic)
+            n = await committed(admin, prefix + "ledger", topic)
             now = time.perf_counter()
             if n > 0 and first_t is None:
                 first_t, first_n = now, n

@@ -179,7 +179,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for proc in procs:
                 if proc.poll() is not None:
                     raise RuntimeError(f"pricer exited with {proc.returncode}; see {logs}")
-            n = await committed(admin, "pricer", readings)
+            n = await committed(admin, prefix + "pricer", readings)
             now = time.perf_counter()
             if n > 0 and first_t is None:
                 first_t, first_n = now, n

@@ -123,7 +123,7 @@ async def wait_drained(kafka: str, prefix: str, quiet_rounds: int = 3, timeout: 
     deadline = time.monotonic() + timeout
     with console.status("waiting for the pricer, the ledger and the api to catch up") as status:
         while time.monotonic() < deadline:
-            lags = [await group_lag(kafka, g, prefix + t) for g, t in groups]
+            lags = [await group_lag(kafka, prefix + g, prefix + t) for g, t in groups]
             status.update("waiting for the pipeline: lag " + ", ".join(f"{g}@{t}={n}" for (g, t), n in zip(groups, lags, strict=True)))
             quiet = quiet + 1 if sum(lags) == 0 else 0
             if quiet >= quiet_rounds:

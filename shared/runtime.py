@@ -51,7 +51,8 @@ class Runtime:
         self.consumers.append(
             BatchConsumer(
                 topic=self.settings.topic(topic),
-                group_id=group_id or self.name,
+                # The group is prefixed like the topics, so runs on other prefixes never share it.
+                group_id=self.settings.topic(group_id or self.name),
                 bootstrap_servers=self.settings.kafka_bootstrap_servers,
                 model=model,
                 handler=handler,

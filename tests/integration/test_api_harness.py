@@ -71,7 +71,7 @@ class ApiHarness:
         topics = [self.settings.topic(CHARGES), self.settings.topic(TRANSACTIONS)]
 
         async def check() -> bool:
-            lags = [await group_lag(self.settings.kafka_bootstrap_servers, "api", t) for t in topics]
+            lags = [await group_lag(self.settings.kafka_bootstrap_servers, self.settings.topic("api"), t) for t in topics]
             return sum(lags) == 0
 
         await self.until(check, "the api's consumers to catch up")
