@@ -29,7 +29,10 @@ def as_utc(moment: datetime) -> datetime:
     """``moment`` in UTC; naive datetimes are refused, never guessed."""
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise NaiveDatetimeError(f"naive datetime {moment.isoformat()} has no time zone")
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00+01:00: before the first UTC datetime Python has
+        raise ValueError(f"{moment.isoformat()} is out of the range of UTC datetimes") from None
 
 
 def utcnow() -> datetime:

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import asyncpg
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
@@ -87,6 +88,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return resp
 
 
+async def _unstorable_text(request: Request, exc: Exception) -> Response:
+    # PostgreSQL text cannot hold the NUL character (SQLSTATE 22021): the value came from the request.
+    return problem(422, "Invalid text", "text values cannot contain the NUL character (\\u0000)")
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", extra={"path": request.url.path})
     return problem(500, "Internal Server Error", "the error was logged")
@@ -95,6 +101,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 exception_handlers: Mapping[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
     ProblemError: _problem_error,
     HTTPException: _http_error,
+    asyncpg.CharacterNotInRepertoireError: _unstorable_text,
     Exception: _unexpected,
 }
 

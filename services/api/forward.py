@@ -12,6 +12,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from starlette.requests import Request
@@ -20,7 +21,7 @@ from starlette.responses import Response
 from services.api.params import invalid, only_known, parse_limit, parse_month, parse_time, parse_uuid
 from shared.http import problem
 
-__all__ = ["AdminRoute", "ADMIN_ROUTES", "FORWARDED_QUERY", "Forwarder"]
+__all__ = ["AdminRoute", "ADMIN_ROUTES", "FORWARDED_QUERY", "Forwarder", "UpstreamError"]
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +96,39 @@ _PATH_PARAMS: Mapping[str, Callable[[str], str]] = {
 }
 
 
+class UpstreamError(Exception):
+    """An owning service could not be asked, or did not answer 200 with JSON: ``status`` is the api's
+    answer (502, or 504 on a timeout)."""
+
+    def __init__(self, status: int, title: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail = status, title, detail
+
+
 class Forwarder:
     def __init__(self, client: httpx.AsyncClient, bases: Mapping[str, str]) -> None:
         self._client = client
         self._bases = dict(bases)
+
+    async def get_json(self, service: str, path: str, params: Mapping[str, str]) -> Any:
+        """GET an internal route of ``service`` (values already validated by the caller) and return its
+        JSON body; UpstreamError unless it answers 200 with JSON."""
+        try:
+            url = self._bases[service] + path
+            resp = await self._client.get(url, params=dict(params), headers={"accept": "application/json"})
+        except httpx.TimeoutException:
+            raise UpstreamError(504, "Gateway Timeout", f"the {service} did not answer in time") from None
+        except httpx.HTTPError as exc:
+            log.warning("internal query failed", extra={"service": service, "path": path, "error": repr(exc)})
+            raise UpstreamError(502, "Bad Gateway", f"the {service} service cannot be reached") from None
+        if resp.status_code != 200:
+            detail = f"the {service} answered {resp.status_code} to {path}: {resp.text[:300]}"
+            raise UpstreamError(502, "Bad Gateway", detail)
+        try:
+            return resp.json()
+        except ValueError:
+            detail = f"the {service} answered {path} with something that is not JSON"
+            raise UpstreamError(502, "Bad Gateway", detail) from None
 
     async def forward(self, request: Request, route: AdminRoute, subject: str) -> Response:
         path = route.upstream.format(**{k: _PATH_PARAMS[k](v) for k, v in request.path_params.items()})

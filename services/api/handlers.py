@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from services.api import projector
+from services.api import completeness, dead_letters, projector
 from services.api import repository as repo
 from services.api.auth import (
     SCOPE_ADMIN,
@@ -34,7 +34,7 @@ from services.api.auth import (
     bearer_token,
 )
 from services.api.cache import TtlCache
-from services.api.forward import ADMIN_ROUTES, AdminRoute, Forwarder
+from services.api.forward import ADMIN_ROUTES, AdminRoute, Forwarder, UpstreamError
 from services.api.openapi import openapi_bytes
 from services.api.params import Cursor, invalid, only_known, parse_enum, parse_limit, parse_month, parse_time, parse_uuid
 from services.api.schemas import EntitlementIn, Subject
@@ -149,6 +149,9 @@ class Api:
                 "/admin/entitlements",
                 self._guard("admin", "entitlements", self.entitlements),
                 methods=["GET", "POST", "DELETE"],
+            ),
+            Route(
+                "/admin/completeness", self._guard("admin", "completeness", self.completeness_report), methods=["GET"]
             ),
         ]
         for admin in ADMIN_ROUTES:
@@ -404,6 +407,23 @@ class Api:
                 "next_cursor": Cursor.encode(scope, [page[-1]["subject"], str(page[-1]["customer_id"])]) if more else None,
             }
         )
+
+    async def completeness_report(self, request: Request, principal: Principal) -> Response:
+        """Per hour and meter, what each stage has and where it does not add up (services/api/completeness.py)."""
+        start, end = completeness.parse_range(request.query_params)
+        assert self.forwarder is not None, "the api has not started"
+        s = self.settings
+
+        async def dlqs() -> tuple[completeness.DeadLetterCounts, completeness.DeadLetterCounts]:
+            return await dead_letters.count_for_report(s.kafka_bootstrap_servers, s.topic, start, end)
+
+        try:
+            body = await completeness.build_report(self.forwarder.get_json, dlqs, start, end)
+        except UpstreamError as exc:
+            raise ProblemError(exc.status, exc.title, exc.detail) from None
+        except completeness.UpstreamAnswerError as exc:
+            raise ProblemError(502, "Bad Gateway", str(exc)) from None
+        return ORJSONResponse(body)
 
     async def forward(self, route: AdminRoute, request: Request, principal: Principal) -> Response:
         assert self.forwarder is not None, "the api has not started"

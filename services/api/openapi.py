@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from services.api.completeness import MAX_HOURS, RULES, TOTALS
 from services.api.forward import ADMIN_ROUTES, FORWARDED_QUERY
 from services.api.params import DEFAULT_LIMIT, MAX_LIMIT
 from services.api.schemas import SUBJECT_PATTERN
@@ -436,6 +437,125 @@ def _admin_routes() -> dict[str, Any]:
     return paths
 
 
+def _completeness_schemas() -> dict[str, Any]:
+    count = {"type": "integer", "minimum": 0}
+    counts = {name: count for name in TOTALS if name != "unpublished"} | {"unpublished": INT}
+    return {
+        "CompletenessRow": {
+            "type": "object",
+            "description": "One reading hour and meter: distinct measurements at each stage (charges at their latest "
+            "revision), and the rules it breaks.",
+            "properties": {
+                "hour": TIME_SCHEMA,
+                "meter": STR,
+                "expected": {
+                    "type": "boolean",
+                    "description": "The collector should have read this hour for this meter.",
+                },
+                "reading": {"enum": ["ok", "estimated", "failed", "none"], "description": "How the hour was covered."},
+                **counts,
+                "revisions_behind": {
+                    "type": "integer",
+                    "description": "Latest revisions at the pricer minus those the ledger applied.",
+                },
+                "reconciles": {"type": "boolean"},
+                "problems": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"rule": {"enum": list(RULES)}, "detail": STR},
+                        "required": ["rule", "detail"],
+                        "additionalProperties": False,
+                    },
+                },
+            },
+            "required": ["hour", "meter", "expected", "reading", *TOTALS, "revisions_behind", "reconciles", "problems"],
+            "additionalProperties": False,
+        },
+        "CompletenessReport": {
+            "type": "object",
+            "properties": {
+                "from": TIME_SCHEMA,
+                "to": TIME_SCHEMA,
+                "generated_at": TIME_SCHEMA,
+                "hours": {"type": "integer", "minimum": 1, "maximum": MAX_HOURS},
+                "meters": {"type": "array", "items": STR},
+                "reconciles": {
+                    "type": "boolean",
+                    "description": "No row is flagged and every DLQ was read completely.",
+                },
+                "flagged": count,
+                "missing_readings": count,
+                "problems": {
+                    "type": "array",
+                    "items": STR,
+                    "description": "Report-level problems (a DLQ not read completely).",
+                },
+                "totals": {
+                    "type": "object",
+                    "properties": counts,
+                    "required": list(TOTALS),
+                    "additionalProperties": False,
+                },
+                "dead_letters": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "topic": STR,
+                            "consumer_groups": {"type": "array", "items": STR},
+                            "records": count,
+                            "counted": count,
+                            "unattributed": {
+                                **count,
+                                "description": "Over the whole topic: no reading hour or meter in the message.",
+                            },
+                            "complete": {"type": "boolean"},
+                        },
+                        "required": ["topic", "consumer_groups", "records", "counted", "unattributed", "complete"],
+                        "additionalProperties": False,
+                    },
+                },
+                "rows": {"type": "array", "items": _ref("CompletenessRow")},
+            },
+            "required": ["from", "to", "generated_at", "hours", "meters", "reconciles", "flagged", "missing_readings",
+                         "problems", "totals", "dead_letters", "rows"],
+            "additionalProperties": False,
+        },
+    }
+
+
+def _completeness_route() -> dict[str, Any]:
+    return {
+        "/admin/completeness": {
+            "get": {
+                "summary": "Completeness: per reading hour and meter, measurements read, estimated, published, priced, "
+                "unpriced, posted, held and dead-lettered, and where they do not reconcile",
+                "description": "Covers the whole UTC hours h with from <= h < to (at least one, at most "
+                f"{MAX_HOURS}). Each owning service counts its own data; the api counts the DLQs. Rules: "
+                "read + estimated = published; published = priced + unpriced + dead-lettered at the pricer; "
+                "priced + unpriced = posted + held + dead-lettered at the ledger; the ledger has the latest revision; "
+                "every due hour since the first reading has a reading or an estimate for every meter.",
+                "security": [{"bearer": ["usage.admin"]}],
+                "parameters": [
+                    _param("from", "query", TIME_SCHEMA, "Start (inclusive), RFC 3339 with its zone.", required=True),
+                    _param("to", "query", TIME_SCHEMA, "End (exclusive), RFC 3339 with its zone.", required=True),
+                ],
+                "responses": {
+                    "200": _ok("CompletenessReport"),
+                    "400": _problem(
+                        "from or to missing, unknown parameters, no zone, from >= to, or a range without a whole "
+                        "hour or over the limit."
+                    ),
+                    "502": _problem("An owning service cannot be reached or answered something else."),
+                    "504": _problem("An owning service did not answer in time."),
+                    **AUTH_ERRORS,
+                },
+            }
+        }
+    }
+
+
 def _ops_routes() -> dict[str, Any]:
     status = {"type": "object", "properties": {"status": STR}, "required": ["status"]}
     ready = {
@@ -483,10 +603,10 @@ def _document() -> dict[str, Any]:
         },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
-        "paths": {**_customer_routes(), **_admin_routes(), **_ops_routes()},
+        "paths": {**_customer_routes(), **_admin_routes(), **_completeness_route(), **_ops_routes()},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
-            "schemas": _schemas(),
+            "schemas": {**_schemas(), **_completeness_schemas()},
         },
     }
 

@@ -7,7 +7,9 @@ from pathlib import Path
 from starlette.applications import Starlette
 
 from services.collector import handlers
+from services.collector.openapi import openapi_document
 from services.collector.settings import CollectorSettings
+from shared.openapi import openapi_route
 from shared.runtime import Runtime, serve
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -16,7 +18,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 def create_app(settings: CollectorSettings | None = None) -> Starlette:
     settings = settings or CollectorSettings()
     runtime = Runtime("collector", settings, MIGRATIONS)
-    return runtime.app(routes=handlers.routes(), on_start=handlers.start, on_stop=handlers.stop)
+    routes = [*handlers.routes(), openapi_route(openapi_document)]
+    return runtime.app(routes=routes, on_start=handlers.start, on_stop=handlers.stop)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from services.collector import completeness
 from services.collector.cf_client import CFClient
 from services.collector.schemas import ReadingRequest
 from services.collector.service import Collector
@@ -32,7 +33,7 @@ async def post_reading(request: Request) -> Response:
     body: ReadingRequest = await read_json(request, ReadingRequest)
     if body.hour is not None and body.hour > utcnow() + timedelta(minutes=5):
         raise ProblemError(422, "Invalid request body", "hour: cannot read an hour in the future")
-    outcome = await _collector(request).take_reading(body.hour, kind="manual")
+    outcome = await _collector(request).take_reading(body.hour, kind=body.kind)
     return ORJSONResponse(outcome.as_json(), status_code=201 if outcome.status == "taken" else 200)
 
 
@@ -60,6 +61,7 @@ def routes() -> list[BaseRoute]:
     return [
         Route("/internal/readings", post_reading, methods=["POST"]),
         Route("/internal/readings", list_readings, methods=["GET"]),
+        Route("/internal/completeness", completeness.completeness, methods=["GET"]),
     ]
 
 

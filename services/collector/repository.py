@@ -149,3 +149,31 @@ class Repository:
                FROM readings WHERE hour >= $1 AND hour < $2 ORDER BY hour""",
             since, until,
         )
+
+    # -- completeness report ------------------------------------------------------------------------
+
+    async def completeness_counts(
+        self, conn: asyncpg.Connection, since: datetime, until: datetime
+    ) -> list[asyncpg.Record]:
+        """Per hour and meter: measurements read, estimated, and of readings marked published (the outbox
+        marks a whole reading; estimates added to it later put it back in the queue)."""
+        return await conn.fetch(
+            """SELECT m.hour, m.meter,
+                      count(*) FILTER (WHERE NOT m.estimated) AS read,
+                      count(*) FILTER (WHERE m.estimated) AS estimated,
+                      count(*) FILTER (WHERE r.published_at IS NOT NULL) AS published
+               FROM measurements m JOIN readings r ON r.id = m.reading_id
+               WHERE m.hour >= $1 AND m.hour < $2
+               GROUP BY m.hour, m.meter""",
+            since, until,
+        )
+
+    async def meter_runs_between(
+        self, conn: asyncpg.Connection, since: datetime, until: datetime
+    ) -> list[asyncpg.Record]:
+        return await conn.fetch("SELECT hour, meter, ok FROM meter_runs WHERE hour >= $1 AND hour < $2", since, until)
+
+    async def first_ok_hours(self, conn: asyncpg.Connection) -> dict[str, datetime]:
+        """The first hour each meter was read successfully (readings are expected from then on)."""
+        rows = await conn.fetch("SELECT meter, min(hour) AS hour FROM meter_runs WHERE ok GROUP BY meter")
+        return {r["meter"]: r["hour"] for r in rows}

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from shared.contracts import UtcDatetime
 from shared.settings import ServiceSettings, local_dsn
 
 
@@ -34,3 +35,8 @@ class CollectorSettings(ServiceSettings):
         description="Send X-Sim-Time for the hour being read (simulator only; lets a backfill replay past hours).",
     )
     publish_chunk: int = Field(default=20_000, ge=100)
+    expected_since: UtcDatetime | None = Field(
+        default=None,
+        description="Completeness report: hours from this one on must each have a reading (default: from each "
+        "meter's first successful reading).",
+    )

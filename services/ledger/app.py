@@ -7,7 +7,9 @@ from pathlib import Path
 from starlette.applications import Starlette
 
 from services.ledger import handlers
+from services.ledger.openapi import openapi_document
 from services.ledger.settings import LedgerSettings
+from shared.openapi import openapi_route
 from shared.runtime import Runtime, serve
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -16,7 +18,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 def create_app(settings: LedgerSettings | None = None) -> Starlette:
     settings = settings or LedgerSettings()
     runtime = Runtime("ledger", settings, MIGRATIONS)
-    return runtime.app(routes=handlers.routes(), on_start=handlers.start, on_stop=handlers.stop)
+    routes = [*handlers.routes(), openapi_route(openapi_document)]
+    return runtime.app(routes=routes, on_start=handlers.start, on_stop=handlers.stop)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ Internal HTTP commands (JSON; errors are application/problem+json):
   POST /internal/transactions/{id}/reverse           {reason?}
   POST /internal/expire-agreements
   GET  /internal/held                                ?limit=&cursor=
+  GET  /internal/completeness                        ?from=&to=  (services/ledger/completeness.py)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from services.ledger import completeness
 from services.ledger.outbox import Outbox
 from services.ledger.posting import invalid_reason
 from services.ledger.schemas import AgreementIn, AssignmentIn, CustomerIn, ReverseIn, TierIn
@@ -299,7 +301,7 @@ async def close_month(request: Request) -> Response:
     await outbox.flush(result.outbox_ids)
     return ORJSONResponse(
         {
-            "month": f"{result.month:%Y-%m}",
+            "month": result.month.isoformat()[:7],  # YYYY-MM, zero-padded below year 1000 too
             "closed_at": result.closed_at,
             "statements": result.statements,
             "already_closed": result.already_closed,
@@ -350,4 +352,6 @@ def routes() -> list[BaseRoute]:
         ("/internal/expire-agreements", expire_agreements, "POST"),
         ("/internal/held", held, "GET"),
     ]
-    return [Route(path, _guard(fn), methods=[method], name=f"{fn.__name__}") for path, fn, method in table]
+    return [Route(path, _guard(fn), methods=[method], name=f"{fn.__name__}") for path, fn, method in table] + [
+        Route("/internal/completeness", completeness.completeness, methods=["GET"]),
+    ]

@@ -87,7 +87,7 @@ def statement_issued(
     return StatementIssued(
         id=statement_id(customer_id, month),
         customer_id=customer_id,
-        month=f"{month:%Y-%m}",
+        month=month.isoformat()[:7],  # %Y does not pad years below 1000
         opening_balance=opening,
         funded=funded,
         used=used,

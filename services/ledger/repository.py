@@ -200,7 +200,7 @@ async def apply_charges(conn: Conn) -> int:
     replaced = await conn.execute(
         """
         UPDATE charge_state s
-           SET revision = w.revision, group_id = g.id, num = w.num, den = w.den
+           SET revision = w.revision, group_id = g.id, num = w.num, den = w.den, meter = w.meter
           FROM ledger_work w
           JOIN month_usage g ON g.customer_id = w.customer_id AND g.month = w.month AND g.price_id = w.price_id
          WHERE s.reading_hour = w.reading_hour AND s.measurement_id = w.measurement_id
@@ -209,8 +209,8 @@ async def apply_charges(conn: Conn) -> int:
     )
     await conn.execute(
         """
-        INSERT INTO charge_state (reading_hour, measurement_id, revision, group_id, num, den)
-        SELECT w.reading_hour, w.measurement_id, w.revision, g.id, w.num, w.den
+        INSERT INTO charge_state (reading_hour, measurement_id, revision, group_id, num, den, meter)
+        SELECT w.reading_hour, w.measurement_id, w.revision, g.id, w.num, w.den, w.meter
           FROM ledger_work w
           JOIN month_usage g ON g.customer_id = w.customer_id AND g.month = w.month AND g.price_id = w.price_id
          WHERE w.old_revision IS NULL
@@ -850,3 +850,34 @@ async def balance_flows(conn: Conn, customer_id: uuid.UUID, as_of: datetime) -> 
 async def try_lock_held_sweep(conn: Conn) -> bool:
     """One held-charge sweep at a time across instances (the others skip their turn)."""
     return bool(await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext('billing.ledger.held'))"))
+
+
+# ---------------------------------------------------------------- completeness report
+
+
+async def completeness_counts(conn: Conn, since: datetime, until: datetime) -> list[asyncpg.Record]:
+    """Per reading hour and meter: charges applied to a customer's month (posted, zero and unpriced ones
+    included), charges held for want of a customer (not counting one applied meanwhile), and the sum of
+    their revisions. Both scans follow a key or index that starts with the reading hour, except held
+    charges (indexed by org; few)."""
+    return await conn.fetch(
+        """
+        SELECT hour, meter,
+               sum(posted)::bigint AS posted, sum(held)::bigint AS held, sum(revisions)::bigint AS revisions
+          FROM (SELECT reading_hour AS hour, meter, count(*) AS posted, 0 AS held, sum(revision) AS revisions
+                  FROM charge_state
+                 WHERE reading_hour >= $1 AND reading_hour < $2
+                 GROUP BY reading_hour, meter
+                UNION ALL
+                SELECT h.reading_hour, h.meter, 0, count(*), sum(h.revision)
+                  FROM held_charges h
+                 WHERE h.reading_hour >= $1 AND h.reading_hour < $2
+                   AND NOT EXISTS (SELECT 1 FROM charge_state s
+                                    WHERE s.reading_hour = h.reading_hour AND s.measurement_id = h.measurement_id)
+                 GROUP BY h.reading_hour, h.meter) t
+         GROUP BY hour, meter
+         ORDER BY hour, meter
+        """,
+        since,
+        until,
+    )

@@ -399,7 +399,7 @@ class LedgerService:
         if row is None:
             raise NotFoundError("Statement not found", f"no statement for {month:%Y-%m}: the month is not closed")
         out = dict(row)
-        out["month"] = f"{month:%Y-%m}"
+        out["month"] = month.isoformat()[:7]
         out["used_by_kind"] = json.loads(row["used_by_kind"])
         return out
 
@@ -480,7 +480,7 @@ class LedgerService:
                 "meter": u.meter,
                 "resource_kind": u.resource_kind,
                 "price_id": None if u.price_id.int == 0 else u.price_id,
-                "month": f"{u.month:%Y-%m}",
+                "month": u.month.isoformat()[:7],
                 "microcredits": u.microcredits,
             }
             for u in usage

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from services.pricer import repository, service
+from services.pricer import completeness, repository, service
 from services.pricer.schemas import PriceCreatedOut, PriceEndIn, PriceIn, PriceList, PriceOut, UnpricedList
 from services.pricer.service import (
     Catalog,
@@ -390,6 +390,7 @@ def routes() -> list[BaseRoute]:
         Route("/internal/prices/{price_id:uuid}", get_price, methods=["GET"]),
         Route("/internal/prices/{price_id:uuid}/end", post_price_end, methods=["POST"]),
         Route("/internal/charges/unpriced", list_unpriced, methods=["GET"]),
+        Route("/internal/completeness", completeness.completeness, methods=["GET"]),
     ]
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "list_unpriced",
     "count_unpriced",
     "stored_charges",
+    "completeness_counts",
 ]
 
 # Two-key advisory lock (a key space apart from the single-bigint keys other code may use).
@@ -391,3 +392,23 @@ async def stored_charges(conn: asyncpg.Connection) -> list[dict[str, Any]]:
         "ORDER BY reading_hour, measurement_id, revision"
     )
     return [dict(r) for r in rows]
+
+
+async def completeness_counts(conn: asyncpg.Connection, since: datetime, until: datetime) -> list[asyncpg.Record]:
+    """Per reading hour and meter: measurements whose latest charge revision is priced / unpriced, and the
+    sum of those latest revisions (the ledger must have applied the same). Walks the charges key, which
+    starts with the reading hour, in order: DISTINCT ON keeps each measurement's highest revision."""
+    return await conn.fetch(
+        """SELECT reading_hour AS hour, meter,
+                  count(*) FILTER (WHERE price_id IS NOT NULL) AS priced,
+                  count(*) FILTER (WHERE price_id IS NULL) AS unpriced,
+                  sum(revision)::bigint AS revisions
+           FROM (SELECT DISTINCT ON (reading_hour, measurement_id) reading_hour, meter, price_id, revision
+                 FROM charges
+                 WHERE reading_hour >= $1 AND reading_hour < $2
+                 ORDER BY reading_hour, measurement_id, revision DESC) latest
+           GROUP BY reading_hour, meter
+           ORDER BY reading_hour, meter""",
+        since,
+        until,
+    )

@@ -1,0 +1,458 @@
+"""The completeness report (``GET /admin/completeness?from=&to=``): for every reading hour (UTC hour start)
+and meter, how many measurements each stage of the pipeline has, and where they do not add up.
+
+Each owning service counts its own schema (``GET /internal/completeness`` on the collector, the pricer
+and the ledger); the api counts the dead-letter topics (``services/api/dead_letters.py``) and merges.
+Every count is of distinct measurements; for charges, of the latest revision (a re-priced measurement
+counts once).
+
+The figures of a row (hour h, meter m):
+
+- ``read``: measurements the collector read from Cloud Foundry; ``estimated``: those it estimated for a
+  missed hour; ``published``: those of readings whose outbox row is marked published (``unpublished`` =
+  the rest: the relay still owes them to ``usage.readings.v1``).
+- ``priced`` / ``unpriced``: measurements whose latest charge revision at the pricer has / has no price;
+  ``dead_lettered_at_pricer``: distinct measurements of that hour and meter on ``usage.readings.v1.dlq``
+  dead-lettered by the pricer's consumer group.
+- ``posted``: charges the ledger applied to a customer's exact month sum (``charge_state``), zero-amount
+  and unpriced ones included (they count at 0 and are re-posted when re-priced; posting floors per
+  customer, month and price, so a charge need not move a whole microcredit to be posted); ``held``:
+  charges whose org had no customer at that hour (``held_charges``); ``dead_lettered_at_ledger``:
+  distinct measurements on ``usage.charges.v1.dlq`` dead-lettered by the ledger's consumer group (the
+  api's own group dead-letters the same bad charges too; those are not counted twice).
+- ``revisions_behind``: the sum of the latest charge revisions at the pricer minus the sum of the
+  revisions the ledger applied (posted or held).
+
+The rules, each checked per row; a row that breaks one is flagged with the rule and its numbers:
+
+1. ``published``: read + estimated == published (the collector's outbox is drained).
+2. ``priced``: published == priced + unpriced + dead_lettered_at_pricer (every published measurement was
+   priced, left unpriced, or refused by the pricer; nothing else arrived).
+3. ``posted``: priced + unpriced == posted + held + dead_lettered_at_ledger (the ledger posted, held or
+   refused every charge, and has none the pricer does not).
+4. ``latest_revision``: revisions_behind == 0 (the ledger applied the latest revision of every charge;
+   checked when rule 3 holds and nothing of the row was dead-lettered at the ledger, since the counts
+   must match for the sums to compare).
+5. ``reading``: every hour in [from, to) that is due (it has ended by the collector's clock) and not
+   before the meter's first successful reading (or ``COLLECTOR_EXPECTED_SINCE`` when set) has, for each
+   meter the collector runs, a successful reading or estimated measurements. A meter that failed and was
+   not estimated (yet), an hour never read (collector down, gap longer than the maximum, policy
+   ``none``), and an estimated hour with nothing to estimate for that meter are flagged alike: nothing
+   was billed for it, and an operator should know.
+
+Dead letters are best effort: a DLQ message is attributed by its JSON's ``reading_hour`` and ``meter``;
+those that cannot be (not JSON, fields missing) are totalled per DLQ topic over the whole topic, as
+``unattributed``. A message both dead-lettered and later processed (a transient failure, then a replay)
+counts twice and flags its row: look at the DLQ. If a DLQ cannot be read completely, the report says so
+and does not reconcile.
+
+Limits: ``from`` and ``to`` are RFC 3339 times with a zone; the report covers the whole UTC hours h with
+from <= h < to, at least one and at most ``MAX_HOURS`` (31 days).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from services.api.params import only_known, parse_time
+from shared.clock import hours_between, utcnow
+from shared.completeness import CollectorCompleteness, LedgerCompleteness, PricerCompleteness
+from shared.http import ProblemError
+
+__all__ = [
+    "MAX_HOURS",
+    "RULES",
+    "TOTALS",
+    "CollectorFacts",
+    "CollectorRow",
+    "CountDeadLetters",
+    "DeadLetterCounts",
+    "GetJson",
+    "Key",
+    "LedgerRow",
+    "PricerRow",
+    "Problem",
+    "Row",
+    "UpstreamAnswerError",
+    "build_report",
+    "parse_collector",
+    "parse_ledger",
+    "parse_pricer",
+    "parse_range",
+    "reconcile",
+    "report_json",
+]
+
+MAX_HOURS = 31 * 24
+RULES = ("published", "priced", "posted", "latest_revision", "reading")
+
+HOUR = timedelta(hours=1)
+
+Key = tuple[datetime, str]  # (reading hour, meter)
+
+
+# ------------------------------------------------------------------------------------------ input
+
+
+def _bad(detail: str, parameter: str | None = None) -> ProblemError:
+    extra = {"parameter": parameter} if parameter else {}
+    return ProblemError(400, "Invalid parameter", detail, **extra)
+
+
+def parse_range(query: Mapping[str, str]) -> tuple[datetime, datetime]:
+    """``from`` and ``to`` of the query as the first whole hour and the end of the last one; 400 problem
+    on anything else (missing, unknown or repeated parameters, times without a zone, from >= to, no
+    whole hour in the range, more than MAX_HOURS hours)."""
+    try:
+        q = only_known(query, ("from", "to"))
+        for name in ("from", "to"):
+            if name not in q:
+                raise _bad(f"{name}: is required", name)
+        start, end = parse_time("from", q["from"]), parse_time("to", q["to"])
+    except ProblemError as exc:
+        if exc.status == 400:
+            raise
+        raise ProblemError(400, "Invalid parameter", exc.detail, **exc.extra) from None
+    if start >= end:
+        raise _bad("from must be before to", "to")
+    if end - start > (MAX_HOURS + 1) * HOUR:  # before listing the hours of a range of centuries
+        raise _bad(f"the range is longer than {MAX_HOURS} hours (31 days)", "to")
+    hours = hours_between(start, end)
+    if not hours:
+        raise _bad("the range holds no whole UTC hour (from <= h < to)", "to")
+    if len(hours) > MAX_HOURS:
+        raise _bad(f"the range holds {len(hours)} whole hours; at most {MAX_HOURS} (31 days)", "to")
+    return hours[0], hours[-1] + HOUR
+
+
+class UpstreamAnswerError(Exception):
+    """An owning service answered something that is not its completeness document."""
+
+
+@dataclass(frozen=True, slots=True)
+class CollectorRow:
+    read: int = 0
+    estimated: int = 0
+    published: int = 0
+    meter_run: str | None = None  # "ok" | "failed" | None (no run of this meter in that hour)
+
+
+@dataclass(frozen=True, slots=True)
+class CollectorFacts:
+    meters: tuple[str, ...]  # the meters the collector runs
+    expected_since: Mapping[str, datetime | None]  # per meter: hours from then on must be read
+    due_before: datetime  # hours before this one have ended: they are due
+    rows: Mapping[Key, CollectorRow]
+
+
+@dataclass(frozen=True, slots=True)
+class PricerRow:
+    priced: int = 0
+    unpriced: int = 0
+    revisions: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    posted: int = 0
+    held: int = 0
+    revisions: int = 0
+
+
+@dataclass
+class DeadLetterCounts:
+    """One DLQ topic's dead-lettered measurements by (hour, meter), as ``dead_letters.tally`` counts them."""
+
+    topic: str
+    groups: tuple[str, ...]
+    records: int = 0  # records read from the topic, whoever dead-lettered them
+    counted: int = 0  # distinct messages of ``groups``
+    unattributed: int = 0  # of which without a reading hour and meter
+    complete: bool = True
+    error: str = ""
+    by_row: dict[Key, int] = field(default_factory=dict)
+
+
+def _validated(model: type[BaseModel], body: Any, who: str) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise UpstreamAnswerError(f"the {who} answered an unexpected document: {exc.error_count()} errors") from None
+
+
+def parse_collector(body: Any) -> CollectorFacts:
+    a: CollectorCompleteness = _validated(CollectorCompleteness, body, "collector")
+    return CollectorFacts(
+        meters=tuple(a.meters),
+        expected_since=dict(a.expected_since),
+        due_before=a.due_before,
+        rows={(i.hour, i.meter): CollectorRow(i.read, i.estimated, i.published, i.meter_run) for i in a.items},
+    )
+
+
+def parse_pricer(body: Any) -> dict[Key, PricerRow]:
+    a: PricerCompleteness = _validated(PricerCompleteness, body, "pricer")
+    return {(i.hour, i.meter): PricerRow(i.priced, i.unpriced, i.revisions) for i in a.items}
+
+
+def parse_ledger(body: Any) -> dict[Key, LedgerRow]:
+    a: LedgerCompleteness = _validated(LedgerCompleteness, body, "ledger")
+    return {(i.hour, i.meter): LedgerRow(i.posted, i.held, i.revisions) for i in a.items}
+
+
+# ------------------------------------------------------------------------------------------ rules
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    rule: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    hour: datetime
+    meter: str
+    expected: bool
+    reading: str  # "ok" | "estimated" | "failed" | "none"
+    read: int
+    estimated: int
+    published: int
+    priced: int
+    unpriced: int
+    dead_lettered_at_pricer: int
+    posted: int
+    held: int
+    dead_lettered_at_ledger: int
+    revisions_behind: int
+    problems: tuple[Problem, ...]
+
+    @property
+    def unpublished(self) -> int:
+        return self.read + self.estimated - self.published
+
+    @property
+    def reconciles(self) -> bool:
+        return not self.problems
+
+
+def _reading_status(c: CollectorRow) -> str:
+    if c.meter_run == "ok":
+        return "ok"
+    if c.estimated > 0:
+        return "estimated"
+    return "failed" if c.meter_run == "failed" else "none"
+
+
+def _row(
+    hour: datetime,
+    meter: str,
+    expected: bool,
+    c: CollectorRow,
+    p: PricerRow,
+    led: LedgerRow,
+    dl_pricer: int,
+    dl_ledger: int,
+) -> Row:
+    problems: list[Problem] = []
+    reading = _reading_status(c)
+    collected = c.read + c.estimated
+    if collected != c.published:
+        problems.append(
+            Problem(
+                "published",
+                f"read {c.read} + estimated {c.estimated} = {collected} measurements, published {c.published} "
+                f"({collected - c.published} still in the collector's outbox)",
+            )
+        )
+    at_pricer = p.priced + p.unpriced + dl_pricer
+    if c.published != at_pricer:
+        problems.append(
+            Problem(
+                "priced",
+                f"published {c.published}, the pricer has priced {p.priced} + unpriced {p.unpriced} + "
+                f"dead-lettered {dl_pricer} = {at_pricer}",
+            )
+        )
+    charges = p.priced + p.unpriced
+    at_ledger = led.posted + led.held + dl_ledger
+    if charges != at_ledger:
+        problems.append(
+            Problem(
+                "posted",
+                f"priced {p.priced} + unpriced {p.unpriced} = {charges} charges, the ledger has posted {led.posted} "
+                f"+ held {led.held} + dead-lettered {dl_ledger} = {at_ledger}",
+            )
+        )
+    behind = p.revisions - led.revisions
+    if charges == at_ledger and dl_ledger == 0 and behind != 0:
+        problems.append(
+            Problem(
+                "latest_revision",
+                f"the pricer's latest revisions sum to {p.revisions}, the ledger applied revisions summing to "
+                f"{led.revisions}: {behind} revision(s) not applied",
+            )
+        )
+    if expected and reading in ("failed", "none"):
+        why = "the meter failed and the hour was not estimated" if reading == "failed" else "no reading and no estimate"
+        problems.append(Problem("reading", f"reading missing: {why}"))
+    return Row(
+        hour,
+        meter,
+        expected,
+        reading,
+        c.read,
+        c.estimated,
+        c.published,
+        p.priced,
+        p.unpriced,
+        dl_pricer,
+        led.posted,
+        led.held,
+        dl_ledger,
+        behind,
+        tuple(problems),
+    )
+
+
+def reconcile(
+    hours: Sequence[datetime],
+    collector: CollectorFacts,
+    pricer: Mapping[Key, PricerRow],
+    ledger: Mapping[Key, LedgerRow],
+    dead_at_pricer: Mapping[Key, int],
+    dead_at_ledger: Mapping[Key, int],
+) -> list[Row]:
+    """One row per (hour, meter) of ``hours`` that any stage knows of or that is expected, by hour and
+    meter; see the module docstring for the rules."""
+    in_range = set(hours)
+    keys: set[Key] = set()
+    for source in (collector.rows, pricer, ledger, dead_at_pricer, dead_at_ledger):
+        keys.update(k for k in source if k[0] in in_range)
+    expected: set[Key] = set()
+    for meter in collector.meters:
+        since = collector.expected_since.get(meter)
+        if since is None:
+            continue
+        expected.update((h, meter) for h in hours if since <= h < collector.due_before)
+    keys |= expected
+    return [
+        _row(
+            h,
+            m,
+            (h, m) in expected,
+            collector.rows.get((h, m), _NO_C),
+            pricer.get((h, m), _NO_P),
+            ledger.get((h, m), _NO_L),
+            dead_at_pricer.get((h, m), 0),
+            dead_at_ledger.get((h, m), 0),
+        )
+        for h, m in sorted(keys)
+    ]
+
+
+_NO_C, _NO_P, _NO_L = CollectorRow(), PricerRow(), LedgerRow()
+
+TOTALS = (
+    "read",
+    "estimated",
+    "published",
+    "unpublished",
+    "priced",
+    "unpriced",
+    "dead_lettered_at_pricer",
+    "posted",
+    "held",
+    "dead_lettered_at_ledger",
+)
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat().replace("+00:00", "Z")
+
+
+def row_json(r: Row) -> dict[str, Any]:
+    return {
+        "hour": _iso(r.hour),
+        "meter": r.meter,
+        "expected": r.expected,
+        "reading": r.reading,
+        **{name: getattr(r, name) for name in TOTALS},
+        "revisions_behind": r.revisions_behind,
+        "reconciles": r.reconciles,
+        "problems": [{"rule": p.rule, "detail": p.detail} for p in r.problems],
+    }
+
+
+def report_json(
+    start: datetime,
+    end: datetime,
+    rows: Sequence[Row],
+    meters: Sequence[str],
+    dead_letters: Sequence[DeadLetterCounts],
+    generated_at: datetime,
+) -> dict[str, Any]:
+    """The answer of ``GET /admin/completeness``."""
+    problems = [
+        f"{d.topic}: could not be read completely ({d.error or 'timed out'}); dead-lettered counts are a lower bound"
+        for d in dead_letters
+        if not d.complete
+    ]
+    flagged = sum(1 for r in rows if not r.reconciles)
+    return {
+        "from": _iso(start),
+        "to": _iso(end),
+        "generated_at": _iso(generated_at),
+        "hours": len(hours_between(start, end)),
+        "meters": sorted(set(meters) | {r.meter for r in rows}),
+        "reconciles": flagged == 0 and not problems,
+        "flagged": flagged,
+        "missing_readings": sum(1 for r in rows if any(p.rule == "reading" for p in r.problems)),
+        "problems": problems,
+        "totals": {name: sum(getattr(r, name) for r in rows) for name in TOTALS},
+        "dead_letters": [
+            {
+                "topic": d.topic,
+                "consumer_groups": list(d.groups),
+                "records": d.records,
+                "counted": d.counted,
+                "unattributed": d.unattributed,
+                "complete": d.complete,
+            }
+            for d in dead_letters
+        ],
+        "rows": [row_json(r) for r in rows],
+    }
+
+
+# ------------------------------------------------------------------------------------------ fan-out
+
+# GET an owner's internal route: (service, path, query) -> its JSON body (errors are the caller's to raise).
+GetJson = Callable[[str, str, Mapping[str, str]], Awaitable[Any]]
+# Count the two DLQs: (usage.readings.v1.dlq by the pricer, usage.charges.v1.dlq by the ledger).
+CountDeadLetters = Callable[[], Awaitable[tuple[DeadLetterCounts, DeadLetterCounts]]]
+
+
+async def build_report(
+    get_json: GetJson, dead_letters: CountDeadLetters, start: datetime, end: datetime
+) -> dict[str, Any]:
+    """Ask the three owners and count the DLQs, all at once; reconcile and render the report of
+    [start, end) (whole hours, as ``parse_range`` gives them)."""
+    params = {"from": _iso(start), "to": _iso(end)}
+    c, p, led, (at_pricer, at_ledger) = await asyncio.gather(
+        get_json("collector", "/internal/completeness", params),
+        get_json("pricer", "/internal/completeness", params),
+        get_json("ledger", "/internal/completeness", params),
+        dead_letters(),
+    )
+    collector = parse_collector(c)
+    rows = reconcile(
+        hours_between(start, end), collector, parse_pricer(p), parse_ledger(led), at_pricer.by_row, at_ledger.by_row
+    )
+    return report_json(start, end, rows, collector.meters, (at_pricer, at_ledger), utcnow())
