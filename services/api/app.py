@@ -7,6 +7,7 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 
+from services.api.dashboard import Dashboard
 from services.api.handlers import Api
 from services.api.settings import ApiSettings
 from shared.runtime import Runtime, serve
@@ -18,7 +19,9 @@ def create_app(settings: ApiSettings | None = None) -> Starlette:
     settings = settings or ApiSettings()
     runtime = Runtime("api", settings, MIGRATIONS)
     api = Api(settings, runtime)
-    app = runtime.app(routes=api.routes(), on_start=api.start, on_stop=api.stop)
+    # The HTML dashboard is one Mount at /dashboard, apart from the JSON routes of /openapi.json.
+    routes = [*api.routes(), *Dashboard(api).routes()]
+    app = runtime.app(routes=routes, on_start=api.start, on_stop=api.stop)
     app.state.api = api
     return app
 

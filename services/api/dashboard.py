@@ -1,0 +1,818 @@
+"""The customer usage dashboard: HTML pages served by the api under ``/dashboard`` (Jinja2 templates,
+server-side SVG charts from ``charts.py``, one served stylesheet; no JavaScript, nothing from elsewhere).
+
+It answers from the api's own read model through the same repository and service functions as the JSON
+routes (``repository.bucket_sums`` + ``service.balance_from_buckets`` for balances, ``usage_page`` for
+usage, ``statement``, ``transactions_page``), the same token verifier and the same visibility rule
+(``Api._ensure_visible``: 404 alike for a customer that does not exist and one the caller may not see),
+and the same admin forwarder for the unpriced and unassigned lists — so it shows the JSON API's numbers.
+It is not part of ``/openapi.json``, which describes the JSON API only.
+
+Sign-in: the caller pastes a bearer token (in development ``billing token --scope usage.admin``, or
+``--scope usage.read --customer ID``); once verified it is kept in an HttpOnly, SameSite=Strict cookie
+(Secure over https) scoped to ``/dashboard``, and verified again on every request. POSTs (sign-in,
+sign-out) are refused from another origin.
+
+Burn rate and projection: the average daily usage (bucket ``used``: usage, late usage, their reversals)
+over the 30 days up to the end of the last hour with posted usage (fewer when usage began later); the
+remaining credits as of now, spent at that rate from now (or from the last posted usage, if later), give
+the run-out date. No projection when nothing was used in that window, or when nothing remains.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import re
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from fractions import Fraction
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlencode
+from uuid import UUID
+
+import asyncpg
+import orjson
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from prometheus_client import Counter
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from services.api import repository as repo
+from services.api.auth import AuthError, IssuerUnavailableError, Principal
+from services.api.charts import OTHER_COLOUR, PALETTE, BurnDown, Series, burn_down, format_credits, stacked_bars
+from services.api.forward import ADMIN_ROUTES
+from services.api.params import parse_month, parse_uuid
+from services.api.service import Balance, amount_fields, balance_from_buckets, iso, ny_day, ny_month, usage_range
+from shared.clock import BUSINESS_TZ, month_bounds, utcnow
+from shared.http import ProblemError
+
+if TYPE_CHECKING:
+    from services.api.handlers import Api
+
+__all__ = [
+    "COOKIE",
+    "BurnRate",
+    "Dashboard",
+    "Group",
+    "LedgerFact",
+    "burn_rate",
+    "burn_view",
+    "daily_remaining",
+    "run_out",
+    "statement_view",
+    "usage_series",
+    "usage_view",
+]
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+COOKIE = "billing_dashboard_token"
+HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
+BURN_WINDOW = timedelta(days=30)
+MAX_PROJECTION = timedelta(days=366 * 50)  # beyond this a run-out date says nothing useful
+CHART_AHEAD = timedelta(days=366)  # the burn-down's axis reaches at most this far past today
+MAX_SERIES = len(PALETTE)  # more orgs (spaces) than colours: the smallest share one "other" colour
+PAGE = 100  # customers per page
+ROWS = 5000  # rows per repository call when reading a whole range
+MAX_FORM_BYTES = 32_768
+_ORG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # a Cloud Foundry guid, as the admin routes accept it
+_CSV_NAME = re.compile(r"^(\d{4}-\d{2})\.csv$")
+SIGN_IN_REASONS = {
+    "expired": "Your session ended: the token has expired. Sign in with a new token.",
+    "invalid": "Your session ended: the token is no longer accepted. Sign in with a new token.",
+    "scope": "That token grants neither usage.read nor usage.admin.",
+    "signed-out": "You are signed out.",
+}
+SECURITY_HEADERS = {
+    "content-security-policy": (
+        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "same-origin",  # "no-referrer" would make the browser send `Origin: null` on our own forms
+    "x-frame-options": "DENY",
+    "cache-control": "no-store",
+}
+
+PAGES = Counter("billing_api_dashboard_requests_total", "Dashboard pages answered by the api", ["page", "status"])
+
+_ENV = Environment(
+    loader=FileSystemLoader(HERE / "templates"),
+    autoescape=True,
+    undefined=StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_ENV.filters["credits"] = format_credits
+_ENV.filters["micro"] = lambda microcredits: f"{int(microcredits):,}"
+_CSS_VERSION = hashlib.sha256((HERE / "static" / "dashboard.css").read_bytes()).hexdigest()[:12]
+_ADMIN = {r.path: r for r in ADMIN_ROUTES}
+# The fields the admin list pages show (of the pricer's unpriced charges and the ledger's held ones).
+_LIST_FIELDS = (
+    "measurement_id",
+    "reading_hour",
+    "org_id",
+    "org_name",
+    "space_id",
+    "space_name",
+    "resource_id",
+    "resource_name",
+    "meter",
+    "resource_kind",
+    "value",
+    "unit",
+    "credits",
+)
+
+
+# ------------------------------------------------------------------------------------- view logic
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerFact:
+    """What the burn-down needs of a ledger transaction (as the read model stores it)."""
+
+    occurred_at: datetime
+    type: str
+    bucket: str
+    signed_amount: int
+
+
+def _days(first: date, last: date) -> list[date]:
+    return [first + timedelta(days=i) for i in range((last - first).days + 1)]
+
+
+def daily_remaining(facts: Iterable[LedgerFact], first: date, last: date) -> list[int]:
+    """Remaining microcredits at the end of each America/New_York day from ``first`` to ``last``: the
+    balance rule of the JSON API (``balance_from_buckets``) over the transactions that occurred by then."""
+    sums: dict[str, int] = defaultdict(int)
+    by_day: dict[date, list[LedgerFact]] = defaultdict(list)
+    for f in facts:
+        day = ny_day(f.occurred_at)
+        if day < first:
+            sums[f.bucket] += f.signed_amount
+        elif day <= last:
+            by_day[day].append(f)
+    out = []
+    for day in _days(first, last):
+        for f in by_day.get(day, ()):
+            sums[f.bucket] += f.signed_amount
+        out.append(balance_from_buckets(sums).remaining)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class BurnRate:
+    per_day: Fraction  # microcredits a day, exact
+    start: datetime  # the window [start, end) it was measured over
+    end: datetime
+
+    @property
+    def days(self) -> Fraction:
+        return Fraction((self.end - self.start) // timedelta(microseconds=1), DAY // timedelta(microseconds=1))
+
+
+def burn_rate(facts: Sequence[LedgerFact]) -> BurnRate | None:
+    """Average daily usage over the 30 days up to the end of the last hour with posted usage (from the
+    first posted usage, when that is later); None before any usage was posted."""
+    times = [f.occurred_at for f in facts if f.type in ("usage", "late_usage")]
+    if not times:
+        return None
+    end = max(times) + HOUR
+    start = max(end - BURN_WINDOW, min(times))
+    used = sum(f.signed_amount for f in facts if f.bucket == "used" and start <= f.occurred_at < end)
+    micros = (end - start) // timedelta(microseconds=1)
+    return BurnRate(Fraction(used) * (DAY // timedelta(microseconds=1)) / micros, start, end)
+
+
+def run_out(remaining: int, rate: BurnRate | None, now: datetime) -> datetime | None:
+    """When ``remaining`` microcredits are used up at ``rate``, spent from ``now`` (or from the end of
+    the rate's window, if later); None when there is no burn, nothing remains, or it is decades away."""
+    if rate is None or rate.per_day <= 0 or remaining <= 0:
+        return None
+    micros = Fraction(remaining) * (DAY // timedelta(microseconds=1)) / rate.per_day
+    if micros > MAX_PROJECTION // timedelta(microseconds=1):
+        return None
+    return max(now, rate.end) + timedelta(microseconds=-(-micros.numerator // micros.denominator))
+
+
+def _next_month(month: date) -> date:
+    return date(month.year + (month.month == 12), month.month % 12 + 1, 1)
+
+
+def _previous_month(month: date) -> date:
+    return date(month.year - (month.month == 1), (month.month - 2) % 12 + 1, 1)
+
+
+@dataclass
+class Group:
+    """One org (or space) of the month's usage: exact microcredits per day."""
+
+    key: str
+    label: str
+    days: dict[date, Fraction] = field(default_factory=dict)
+
+    @property
+    def total(self) -> Fraction:
+        return sum(self.days.values(), Fraction(0))
+
+
+def usage_series(groups: Sequence[Group]) -> tuple[list[Series], dict[str, str]]:
+    """The chart's series, largest month total first (at the bottom of each bar): one colour each for
+    the first ``MAX_SERIES - 1`` groups and one shared "other" series for the rest (all of them when
+    they fit). Returns the series and each group's colour."""
+    ordered = sorted(groups, key=lambda g: (-g.total, g.label.lower(), g.key))
+    shown = ordered if len(ordered) <= MAX_SERIES else ordered[: MAX_SERIES - 1]
+    rest = ordered[len(shown) :]
+    series = [Series(g.key, g.label, g.days, PALETTE[i]) for i, g in enumerate(shown)]
+    colours = {s.key: s.colour for s in series}
+    if rest:
+        merged: dict[date, Fraction] = defaultdict(Fraction)
+        for g in rest:
+            for day, amount in g.days.items():
+                merged[day] += amount
+            colours[g.key] = OTHER_COLOUR
+        series.append(Series("", f"{len(rest)} others", dict(merged), OTHER_COLOUR))
+    return series, colours
+
+
+def burn_view(
+    facts: Sequence[LedgerFact], balance: Balance, rate: BurnRate | None, runout: datetime | None, now: datetime
+) -> dict[str, Any] | None:
+    """The burn-down: remaining credits at the end of every day from the first transaction to today,
+    then the projection as a straight line to zero on the run-out day (or to the edge of the chart, a
+    year from today, when that is later)."""
+    if not facts:
+        return None
+    today = ny_day(now)
+    first = min(ny_day(f.occurred_at) for f in facts)
+    last = max(today, max(ny_day(f.occurred_at) for f in facts))
+    days = _days(first, last)
+    remaining = daily_remaining(facts, first, last)
+    end, projection = last, None
+    if runout is not None and rate is not None:
+        runout_day, edge = ny_day(runout), today + CHART_AHEAD
+        if runout_day <= edge:
+            end, projection = max(last, runout_day), (runout_day, Fraction(0))
+        else:
+            end, projection = max(last, edge), (edge, balance.remaining - rate.per_day * (edge - today).days)
+        if projection[0] <= last:
+            projection = None
+    chart = burn_down(
+        BurnDown(days, remaining, balance.funded, today, end, projection),
+        title="Remaining credits per day",
+        desc=_burn_desc(days, remaining, runout),
+        id_prefix="burn",
+    )
+    return {"svg": chart, "rows": list(zip(days, remaining, strict=True))}
+
+
+def usage_view(rows: Iterable[repo.UsageRow], month: date, org: str | None) -> dict[str, Any]:
+    """The month's usage per day by org — or by space of ``org`` — as a stacked chart, a legend table with
+    each group's colour and total, and the table of every (day, group) figure."""
+    start, stop = month_bounds(month)
+    groups: dict[str, Group] = {}
+    org_name = ""
+    for r in rows:
+        if org is not None and r.attrs.get("org_id") != org:
+            continue
+        if org is not None:
+            org_name = r.attrs.get("org_name", "") or org_name
+        label = (r.attrs.get("space_name") if org else r.attrs.get("org_name")) or r.key or "(none)"
+        g = groups.setdefault(r.key, Group(r.key, label))
+        assert isinstance(r.period, date)
+        g.days[r.period] = g.days.get(r.period, Fraction(0)) + r.amount
+    what = "space" if org else "org"
+    series, colours = usage_series(list(groups.values()))
+    chart = None
+    if groups:
+        chart = stacked_bars(
+            _days(ny_day(start), ny_day(stop) - DAY),
+            series,
+            title=f"Usage per day in {month:%B %Y}, by {what}",
+            desc=_usage_desc(month, groups.values(), f"spaces of org {org_name or org}" if org else "orgs"),
+            id_prefix="usage",
+        )
+    ordered = sorted(groups.values(), key=lambda g: (-g.total, g.label.lower(), g.key))
+    legend = [
+        {
+            "key": g.key,
+            "label": g.label,
+            "colour": colours[g.key],
+            "exact": f"{g.total.numerator}/{g.total.denominator}",
+            "credits": format_credits(g.total),
+            "query": urlencode({"month": f"{month:%Y-%m}", "org": g.key}),
+        }
+        for g in ordered
+    ]
+    table = [
+        {"day": day, "label": g.label, "key": g.key, "display": format_credits(amount), **amount_fields(amount)}
+        for g in groups.values()
+        for day, amount in g.days.items()
+    ]
+    table.sort(key=lambda t: (t["day"], t["label"].lower(), t["key"]))
+    total = sum((g.total for g in groups.values()), Fraction(0))
+    return {
+        "org_name": org_name or (org or ""),
+        "what": what,
+        "usage_chart": chart,
+        "legend": legend,
+        "table": table,
+        "total_credits": format_credits(total),
+    }
+
+
+def statement_view(row: Any) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {
+        **{k: row[k] for k in ("opening_balance", "funded", "used", "expired", "closing_balance")},
+        "used_by_kind": [
+            {
+                "meter": str(u.get("meter", "")),
+                "resource_kind": str(u.get("resource_kind", "")),
+                "microcredits": int(u["microcredits"]),
+            }
+            for u in repo.json_value(row["used_by_kind"]) or []
+        ],
+        "issued_at": iso(row["issued_at"]),
+    }
+
+
+# ------------------------------------------------------------------------------------------- pages
+
+
+class _SignIn(Exception):
+    """No usable session: back to the sign-in page (with a reason, and the cookie cleared)."""
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+Page = Callable[[Request, Principal], Awaitable[Response]]
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class Dashboard:
+    """The dashboard's routes, built on the running :class:`services.api.handlers.Api`."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    def routes(self) -> list[BaseRoute]:
+        """One mount: none of its routes is a JSON route of the OpenAPI document."""
+        return [
+            Mount(
+                "/dashboard",
+                routes=[
+                    Route("/", self._plain("home", self.home), methods=["GET"]),
+                    Route("/sign-in", self._plain("sign_in", self.sign_in), methods=["GET", "POST"]),
+                    Route("/sign-out", self._plain("sign_out", self.sign_out), methods=["POST"]),
+                    Route("/customers", self._page("customers", self.customers), methods=["GET"]),
+                    Route("/customers/{customer_id}", self._page("customer", self.customer), methods=["GET"]),
+                    Route(
+                        "/customers/{customer_id}/statements/{name}",
+                        self._page("statement_csv", self.statement_csv),
+                        methods=["GET"],
+                    ),
+                    Route("/admin/unpriced", self._page("unpriced", self.unpriced, admin=True), methods=["GET"]),
+                    Route("/admin/unassigned", self._page("unassigned", self.unassigned, admin=True), methods=["GET"]),
+                    Mount("/static", app=StaticFiles(directory=HERE / "static"), name="dashboard-static"),
+                    Route("/{rest:path}", self._plain("not_found", self.not_found), methods=["GET"]),
+                ],
+            )
+        ]
+
+    # ---------------------------------------------------------------------------------- plumbing
+
+    @staticmethod
+    def _base(request: Request) -> str:
+        """The dashboard's own path prefix (``/dashboard``, under whatever root the app is served)."""
+        return str(request.scope.get("root_path", "")).rstrip("/")
+
+    def _render(
+        self, request: Request, template: str, status: int = 200, principal: Principal | None = None, **ctx: Any
+    ) -> Response:
+        nav = "customers" if template.startswith("customer") else template.removesuffix(".html")
+        body = _ENV.get_template(template).render(
+            base=self._base(request), css_version=_CSS_VERSION, principal=principal, nav=nav, **ctx
+        )
+        return HTMLResponse(body, status_code=status)
+
+    def _error(
+        self, request: Request, status: int, title: str, detail: str, principal: Principal | None = None
+    ) -> Response:
+        return self._render(request, "error.html", status, principal, status_code=status, title=title, detail=detail)
+
+    def _finish(self, name: str, resp: Response) -> Response:
+        for k, v in SECURITY_HEADERS.items():
+            resp.headers.setdefault(k, v)
+        PAGES.labels(name, str(resp.status_code)).inc()
+        return resp
+
+    def _plain(self, name: str, fn: Endpoint) -> Endpoint:
+        """A page that needs no session (sign-in, sign-out, not found)."""
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                resp = await fn(request)
+            except ProblemError as exc:
+                resp = self._error(request, exc.status, exc.title, exc.detail)
+            except IssuerUnavailableError:
+                resp = self._error(
+                    request, 503, "Service Unavailable", "Tokens cannot be verified right now; try again shortly."
+                )
+                resp.headers["retry-after"] = "5"
+            except Exception:  # a page never answers with a traceback; the error is logged
+                log.exception("dashboard page failed", extra={"page": name})
+                resp = self._error(request, 500, "Something went wrong", "The error was logged. Try again later.")
+            return self._finish(name, resp)
+
+        endpoint.__name__ = f"dashboard_{name}"
+        return endpoint
+
+    def _page(self, name: str, fn: Page, *, admin: bool = False) -> Endpoint:
+        """A page for a signed-in caller with usage.read (or usage.admin when ``admin``)."""
+
+        async def signed_in(request: Request) -> Response:
+            principal = await self._session(request)
+            if admin and not principal.is_admin:
+                return self._error(request, 403, "Forbidden", "This page needs the scope usage.admin.", principal)
+            try:
+                return await fn(request, principal)
+            except ProblemError as exc:
+                return self._error(request, exc.status, exc.title, _sentence(exc.detail), principal)
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await signed_in(request)
+            except _SignIn as exc:
+                target = f"{self._base(request)}/sign-in" + (f"?reason={exc.reason}" if exc.reason else "")
+                resp = RedirectResponse(target, status_code=303)
+                if exc.reason:
+                    resp.delete_cookie(COOKIE, path=self._base(request) or "/")
+                return resp
+
+        return self._plain(name, endpoint)
+
+    async def _session(self, request: Request) -> Principal:
+        token = request.cookies.get(COOKIE)
+        if not token:
+            raise _SignIn()
+        assert self.api.verifier is not None, "the api has not started"
+        try:
+            principal = await self.api.verifier.verify(token)
+        except AuthError as exc:
+            raise _SignIn("expired" if "expired" in exc.detail else "invalid") from None
+        if not principal.can_read:
+            raise _SignIn("scope")
+        return principal
+
+    @staticmethod
+    def _same_origin(request: Request) -> bool:
+        """A form POST from this dashboard, not from another site (SameSite covers the cookie, not a
+        forged sign-in)."""
+        site = request.headers.get("sec-fetch-site")
+        if site is not None and site not in ("same-origin", "none"):
+            return False
+        origin = request.headers.get("origin")
+        return origin is None or origin == f"{request.url.scheme}://{request.url.netloc}"
+
+    async def _admin_get(
+        self, path: str, principal: Principal, query: dict[str, str] | None = None, **params: str
+    ) -> tuple[int, Any]:
+        """GET an admin route through the api's own forwarder (validation, timeouts, error answers)."""
+        assert self.api.forwarder is not None, "the api has not started"
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": path,
+            "path_params": params,
+            "query_string": urlencode(query or {}).encode(),
+            "headers": [],
+        }
+        resp = await self.api.forwarder.forward(Request(scope), _ADMIN[path], principal.subject)
+        try:
+            body = orjson.loads(resp.body) if resp.body else None
+        except orjson.JSONDecodeError:
+            body = None
+        return resp.status_code, body
+
+    # ------------------------------------------------------------------------------- sign in/out
+
+    async def home(self, request: Request) -> Response:
+        return RedirectResponse(f"{self._base(request)}/customers", status_code=303)
+
+    async def not_found(self, request: Request) -> Response:
+        return self._error(request, 404, "Not Found", "There is no such page.")
+
+    async def sign_in(self, request: Request) -> Response:
+        if request.method == "GET":
+            reason = request.query_params.get("reason", "")
+            return self._render(request, "sign_in.html", message=SIGN_IN_REASONS.get(reason, ""), error="")
+        if not self._same_origin(request):
+            return self._error(request, 403, "Forbidden", "Sign in from the dashboard's own page.")
+        if "application/x-www-form-urlencoded" not in request.headers.get("content-type", ""):
+            return self._error(request, 415, "Unsupported Media Type", "Send the sign-in form.")
+        raw = await request.body()
+        if len(raw) > MAX_FORM_BYTES:
+            return self._error(request, 413, "Content Too Large", "That is not a token.")
+        fields = parse_qs(raw.decode("utf-8", errors="replace"), max_num_fields=4)
+        token = (fields.get("token") or [""])[-1].strip()
+        if token.lower().startswith("bearer "):
+            token = token[7:].strip()
+        if not token:
+            return self._render(request, "sign_in.html", 400, message="", error="Paste a bearer token.")
+        assert self.api.verifier is not None, "the api has not started"
+        try:
+            principal = await self.api.verifier.verify(token)
+        except AuthError as exc:
+            error = f"The token was refused: {_sentence(exc.detail)}"
+            resp = self._render(request, "sign_in.html", 401, message="", error=error)
+            resp.headers["www-authenticate"] = 'Bearer realm="billing-dashboard"'
+            return resp
+        if not principal.can_read:
+            return self._render(request, "sign_in.html", 403, message="", error=SIGN_IN_REASONS["scope"])
+        resp = RedirectResponse(f"{self._base(request)}/customers", status_code=303)
+        resp.set_cookie(
+            COOKIE,
+            token,
+            max_age=max(1, principal.expires_at - int(time.time())),
+            path=self._base(request) or "/",
+            secure=request.url.scheme == "https",
+            httponly=True,
+            samesite="strict",
+        )
+        return resp
+
+    async def sign_out(self, request: Request) -> Response:
+        if not self._same_origin(request):
+            return self._error(request, 403, "Forbidden", "Sign out from the dashboard's own page.")
+        resp = RedirectResponse(f"{self._base(request)}/sign-in?reason=signed-out", status_code=303)
+        resp.delete_cookie(
+            COOKIE,
+            path=self._base(request) or "/",
+            secure=request.url.scheme == "https",
+            httponly=True,
+            samesite="strict",
+        )
+        return resp
+
+    # ------------------------------------------------------------------------------- customers
+
+    async def _names(self, principal: Principal, ids: Iterable[UUID]) -> dict[UUID, str]:
+        """Customer names for an admin, from the ledger through the forwarder; none when it is away."""
+        wanted, names = set(ids), {}
+        if not principal.is_admin or not wanted:
+            return {}
+        query: dict[str, str] = {"limit": "500"}
+        for _ in range(20):
+            status, body = await self._admin_get("/admin/customers", principal, query)
+            if status != 200 or not isinstance(body, dict):
+                break
+            for c in body.get("items", []):
+                try:
+                    names[UUID(str(c["id"]))] = str(c.get("name", ""))
+                except (KeyError, ValueError):
+                    continue
+            if wanted <= names.keys() or not body.get("next_cursor"):
+                break
+            query["cursor"] = str(body["next_cursor"])
+        return {k: v for k, v in names.items() if k in wanted}
+
+    async def _name(self, principal: Principal, customer_id: UUID) -> str:
+        if not principal.is_admin:
+            return ""
+        status, body = await self._admin_get("/admin/customers/{customer_id}", principal, customer_id=str(customer_id))
+        return str(body.get("name", "")) if status == 200 and isinstance(body, dict) else ""
+
+    async def customers(self, request: Request, principal: Principal) -> Response:
+        after = parse_uuid("after", request.query_params["after"]) if "after" in request.query_params else None
+        now = utcnow()
+        async with self.api.runtime.pool.acquire() as conn:
+            rows = await repo.visible_customers(
+                conn,
+                everyone=principal.is_admin,
+                subject=principal.subject,
+                claimed=sorted(principal.customers),
+                after=after,
+                limit=PAGE + 1,
+            )
+            page = rows[:PAGE]
+            balances = {
+                r["customer_id"]: balance_from_buckets(await repo.bucket_sums(conn, r["customer_id"], now))
+                for r in page
+            }
+        names = await self._names(principal, balances)
+        items = [
+            {
+                "id": str(r["customer_id"]),
+                "name": names.get(r["customer_id"], ""),
+                "balance": balances[r["customer_id"]],
+            }
+            for r in page
+        ]
+        more = str(page[-1]["customer_id"]) if len(rows) > PAGE else None
+        return self._render(
+            request, "customers.html", principal=principal, items=items, next_after=more, as_of=iso(now)
+        )
+
+    async def _facts(self, conn: asyncpg.Connection, customer_id: UUID) -> list[LedgerFact]:
+        facts: list[LedgerFact] = []
+        before: tuple[datetime, UUID] | None = None
+        while True:
+            rows = await repo.transactions_page(
+                conn, customer_id, before=before, limit=ROWS, types=None, start=None, end=None
+            )
+            facts.extend(LedgerFact(r["occurred_at"], r["type"], r["bucket"], r["signed_amount"]) for r in rows)
+            if len(rows) < ROWS:
+                return facts
+            before = (rows[-1]["occurred_at"], rows[-1]["transaction_id"])
+
+    async def _usage(self, conn: asyncpg.Connection, customer_id: UUID, month: date, dim: str) -> list[repo.UsageRow]:
+        start, end = month_bounds(month)
+        rng = usage_range(start, end, "day")
+        out: list[repo.UsageRow] = []
+        after: tuple[date | datetime, str, str] | None = None
+        while True:
+            rows = await repo.usage_page(
+                conn, customer_id, granularity="day", dim=dim, first=rng.first, stop=rng.stop, after=after, limit=ROWS
+            )
+            out.extend(rows)
+            if len(rows) < ROWS:
+                return out
+            after = (rows[-1].period, rows[-1].key, rows[-1].key2)
+
+    async def customer(self, request: Request, principal: Principal) -> Response:
+        customer_id = parse_uuid("customer_id", request.path_params["customer_id"])
+        q = request.query_params
+        month_arg = parse_month("month", q["month"]) if "month" in q else None
+        org = q.get("org") or None
+        if org is not None and not _ORG.match(org):
+            raise ProblemError(422, "Invalid parameter", "org: must be a Cloud Foundry org guid")
+        now = utcnow()
+        async with self.api.runtime.pool.acquire() as conn:
+            await self.api._ensure_visible(conn, principal, customer_id)
+            balance = balance_from_buckets(await repo.bucket_sums(conn, customer_id, now))
+            facts = await self._facts(conn, customer_id)
+            usage_times = [f.occurred_at for f in facts if f.type in ("usage", "late_usage")]
+            month = month_arg or (ny_month(max(usage_times)) if usage_times else ny_month(now))
+            rows = await self._usage(conn, customer_id, month, "space" if org else "org")
+            statement = await repo.statement(conn, customer_id, month)
+        name = await self._name(principal, customer_id)
+        rate = burn_rate(facts)
+        runout = run_out(balance.remaining, rate, now)
+        link_query = {"org": org} if org else {}
+        return self._render(
+            request,
+            "customer.html",
+            principal=principal,
+            customer_id=str(customer_id),
+            name=name,
+            as_of=iso(now),
+            balance=balance,
+            rate=rate,
+            rate_end=_ny_text(rate.end) if rate else "",
+            rate_days=_days_text(rate.days) if rate else "",
+            runout=runout.astimezone(BUSINESS_TZ).date().isoformat() if runout else "",
+            burn=burn_view(facts, balance, rate, runout, now),
+            month=month,
+            month_text=f"{month:%B %Y}",
+            month_code=f"{month:%Y-%m}",
+            default_month=month_arg is None,
+            previous_query=urlencode({"month": f"{_previous_month(month):%Y-%m}", **link_query}),
+            next_query=urlencode({"month": f"{_next_month(month):%Y-%m}", **link_query}),
+            has_previous=month > date(1970, 1, 1),
+            has_next=month < date(9998, 12, 1),
+            org=org,
+            **usage_view(rows, month, org),
+            statement=statement_view(statement),
+        )
+
+    async def statement_csv(self, request: Request, principal: Principal) -> Response:
+        customer_id = parse_uuid("customer_id", request.path_params["customer_id"])
+        m = _CSV_NAME.match(request.path_params["name"])
+        if not m:
+            raise ProblemError(404, "Not Found", "statements download as <YYYY-MM>.csv")
+        month = parse_month("month", m.group(1))
+        async with self.api.runtime.pool.acquire() as conn:
+            await self.api._ensure_visible(conn, principal, customer_id)
+            row = await repo.statement(conn, customer_id, month)
+        if row is None:
+            raise ProblemError(
+                404, "Not Found", f"no statement for {month:%Y-%m} yet (months are closed by the ledger)"
+            )
+        out = io.StringIO()
+        w = csv.writer(out, lineterminator="\r\n")
+        w.writerow(["customer_id", "month", "line", "meter", "resource_kind", "microcredits", "credits"])
+        cid, mtext = str(customer_id), f"{month:%Y-%m}"
+
+        def line(name: str, amount: int, meter: str = "", kind: str = "") -> None:
+            w.writerow([cid, mtext, name, meter, kind, amount, format_credits(amount).replace(",", "")])
+
+        line("opening_balance", row["opening_balance"])
+        line("funded", row["funded"])
+        line("used", row["used"])
+        for u in repo.json_value(row["used_by_kind"]) or []:
+            line("used_by_kind", int(u["microcredits"]), str(u.get("meter", "")), str(u.get("resource_kind", "")))
+        line("expired", row["expired"])
+        line("closing_balance", row["closing_balance"])
+        return Response(
+            out.getvalue(),
+            media_type="text/csv; charset=utf-8",
+            headers={"content-disposition": f'attachment; filename="statement-{cid}-{mtext}.csv"'},
+        )
+
+    # ----------------------------------------------------------------------------------- admin
+
+    async def _admin_list(self, request: Request, principal: Principal, path: str, template: str) -> Response:
+        query = {"limit": "100"}
+        if "cursor" in request.query_params:
+            query["cursor"] = request.query_params["cursor"]
+        status, body = await self._admin_get(path, principal, query)
+        if status != 200 or not isinstance(body, dict):
+            # the owner's own 4xx (a stale cursor, say) is the caller's; anything else is a bad gateway
+            detail = str(body.get("detail", "")) if isinstance(body, dict) else ""
+            shown = status if 400 <= status < 500 or status in (502, 503, 504) else 502
+            return self._error(
+                request,
+                shown,
+                "The list is not available",
+                _sentence(detail or f"the service answered {status}"),
+                principal,
+            )
+        items = []
+        for raw in body.get("items", []):
+            it = {k: str(raw.get(k) if raw.get(k) is not None else "") for k in _LIST_FIELDS}
+            num, den = raw.get("amount_numerator"), raw.get("amount_denominator")
+            if isinstance(num, int) and isinstance(den, int) and den > 0:
+                it["credits"] = format_credits(Fraction(num, den))
+            items.append(it)
+        return self._render(
+            request,
+            template,
+            principal=principal,
+            items=items,
+            next_cursor=body.get("next_cursor"),
+            first_page="cursor" not in request.query_params,
+        )
+
+    async def unpriced(self, request: Request, principal: Principal) -> Response:
+        return await self._admin_list(request, principal, "/admin/unpriced", "unpriced.html")
+
+    async def unassigned(self, request: Request, principal: Principal) -> Response:
+        return await self._admin_list(request, principal, "/admin/unassigned", "unassigned.html")
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text.rstrip(".") + "." if text else ""
+
+
+def _days_text(days: Fraction) -> str:
+    """A number of days for people: whole, or with one decimal (rounded half up)."""
+    tenths = (days * 20 + 1) // 2  # round(days * 10), half up, in integers
+    whole, tenth = divmod(tenths, 10)
+    return f"{whole}" if tenth == 0 else f"{whole}.{tenth}"
+
+
+def _ny_text(moment: datetime) -> str:
+    return moment.astimezone(BUSINESS_TZ).strftime("%Y-%m-%d %H:%M %Z")
+
+
+def _burn_desc(days: Sequence[date], remaining: Sequence[int], runout: datetime | None) -> str:
+    text = (
+        f"Remaining credits at the end of each day from {days[0].isoformat()} to {days[-1].isoformat()}: "
+        f"{format_credits(remaining[0])} credits on the first day, {format_credits(remaining[-1])} on the last, "
+        f"lowest {format_credits(min(remaining))}."
+    )
+    if runout is not None:
+        day = runout.astimezone(BUSINESS_TZ).date().isoformat()
+        text += f" At the current burn rate the credits run out on {day} (dashed line)."
+    return text + " The table below the chart lists every day."
+
+
+def _usage_desc(month: date, groups: Iterable[Group], scope_text: str) -> str:
+    gs = sorted(groups, key=lambda g: (-g.total, g.label.lower()))
+    total = sum((g.total for g in gs), Fraction(0))
+    parts = ", ".join(f"{g.label} {format_credits(g.total)}" for g in gs[:5])
+    more = f" and {len(gs) - 5} more" if len(gs) > 5 else ""
+    return (
+        f"Stacked bars of the credits used each day of {month:%B %Y} (America/New_York) by {scope_text}; "
+        f"{format_credits(total)} credits in all: {parts}{more}. The tables below list every figure."
+    )
