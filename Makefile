@@ -13,7 +13,7 @@ export LEDGER_AUTO_CLOSE_MONTHS ?= false
 # The simulator's world: the demo scenario's (cli/scenario.py, DEMO); `billing demo` checks they agree.
 export SIM_ARGS ?= --seed 42 --orgs 12 --spaces-per-org 3 --apps 660 --services 240 --plans 6 --start 2026-10-01T04:00:00Z
 
-.PHONY: help install infra-up infra-down up down status logs test demo bench clean
+.PHONY: help install infra-up infra-down up down status logs test demo bench chaos load clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -25,9 +25,10 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $@
 
-install: $(VENV)/.installed ## install what is missing: Python packages, PostgreSQL, Kafka's jars
+install: $(VENV)/.installed ## install what is missing: Python packages, PostgreSQL, Kafka's jars, Chromium (browser tests)
 	@$(LOCAL)/pg.sh install
 	@$(LOCAL)/kafka.sh install
+	@$(LOCAL)/browser.sh install
 
 infra-up: install ## start PostgreSQL and Kafka (idempotent)
 	@$(LOCAL)/pg.sh start
@@ -59,9 +60,20 @@ demo: up ## the main job: a month of a seeded foundation through the whole pipel
 	$(VENV)/bin/billing demo
 	@echo "The stack stays up: api http://127.0.0.1:8080 (openapi.json), simulator http://127.0.0.1:8090; 'make down' stops it."
 
+CHAOS_PLAN ?= full
+chaos: infra-up ## kill services, restart Kafka and PostgreSQL, scale, fail CF; then check the books (CHAOS_PLAN=small|full)
+	$(VENV)/bin/billing chaos --plan $(CHAOS_PLAN)
+
 BENCH_SCALE ?= small
 bench: infra-up ## measure throughput and latency (BENCH_SCALE=small|full); writes bench/results.{json,md} and chart.png
 	BENCH_SCALE=$(BENCH_SCALE) $(VENV)/bin/python -m bench.run
+
+# LOAD_QUICK=1: a quick check (ingest 1 minute, api 15 s on a smaller read model), not kept in results.json.
+LOAD_MINUTES ?= $(if $(LOAD_QUICK),1,10)
+LOAD_API_ARGS ?= $(if $(LOAD_QUICK),--seconds 15 --resources 1000 --no-record)
+load: infra-up ## the api under 50 clients for 60 s, then the ingest path at twice the e2e steady load for LOAD_MINUTES (10)
+	@rc=0; $(VENV)/bin/python -m bench.load_api $(LOAD_API_ARGS) || rc=1; \
+	  $(VENV)/bin/python -m bench.load_ingest --minutes $(LOAD_MINUTES) $(if $(LOAD_QUICK),--no-record) || rc=1; exit $$rc
 
 clean: ## stop everything and delete all local data (databases, topics, logs)
 	-@$(LOCAL)/services.sh stop

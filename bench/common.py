@@ -6,61 +6,19 @@ import asyncio
 import os
 import platform
 import resource
-import socket
 import subprocess
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import orjson
 
-from shared.topics import ensure_topics
-
-ROOT = Path(__file__).resolve().parent.parent
-SCHEMAS_SQL = ROOT / "deploy" / "local" / "schemas.sql"
-ADMIN_DSN = os.environ.get("BILLING_PG_ADMIN_DSN", "postgresql://billing_admin:billing_admin@127.0.0.1:5433/billing")
-KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
-
-
-def dsn(database: str, role: str) -> str:
-    return f"postgresql://{role}:{role}@127.0.0.1:5433/{database}"
-
-
-async def fresh_database(prefix: str) -> str:
-    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(ADMIN_DSN)
-    try:
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    conn = await asyncpg.connect(ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}")
-    try:
-        await conn.execute(SCHEMAS_SQL.read_text())
-    finally:
-        await conn.close()
-    return name
-
-
-async def drop_database(name: str) -> None:
-    conn = await asyncpg.connect(ADMIN_DSN)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await conn.close()
+from cli.localstack import ADMIN_DSN, KAFKA, ROOT, dsn, drop_database, free_port, fresh_database  # noqa: F401  (re-exported)
+from cli.localstack import fresh_topics as _fresh_topics
 
 
 async def fresh_topics() -> str:
-    prefix = f"bench{uuid.uuid4().hex[:8]}."
-    await ensure_topics(KAFKA, prefix=prefix)
-    return prefix
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return await _fresh_topics("bench")
 
 
 def proc_status(pid: int) -> dict[str, int]:

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from cli.completeness import register as register_completeness
 from cli.report import register as register_report
 from simulator.cli import run_sim, token
 
@@ -18,6 +19,7 @@ app = typer.Typer(help="Usage billing for a Cloud Foundry platform.", no_args_is
 app.command("sim")(run_sim)
 app.command("token")(token)
 register_report(app)
+register_completeness(app)
 
 
 @app.command()
@@ -96,6 +98,27 @@ def demo(
         typer.echo(f"demo stopped: {exc}", err=True)
         raise typer.Exit(2) from None
     raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def chaos(
+    plan: Annotated[str, typer.Option(help="small (4 days of the small world, for CI) or full (the demo's month).")] = "small",
+    keep: Annotated[bool, typer.Option(help="Keep the run's database and topics for a look afterwards.")] = False,
+) -> None:
+    """Kill services, restart Kafka and PostgreSQL, scale consumers and fail the simulator while a seeded
+    foundation's hours go through the pipeline; then check the books against the seed (exit 1 on a difference)."""
+    import asyncio
+
+    from cli.chaos import PLANS, ChaosError, run_chaos
+
+    if plan not in PLANS:
+        raise typer.BadParameter(f"unknown plan {plan!r}; choose one of {', '.join(PLANS)}")
+    try:
+        code = asyncio.run(run_chaos(plan, keep))
+    except ChaosError as exc:
+        typer.echo(f"chaos stopped: {exc}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
 
 
 @app.command()
