@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import KAFKA, drop_database, dsn, emit, fresh_database, fresh_topics  # noqa: E402
 from tests.sim_server import serve_app  # noqa: E402
 from shared.clock import month_bounds, parse_month  # noqa: E402
+from services.api.repository import group_rollups_backfill_sql  # noqa: E402
 from shared.db import migrate  # noqa: E402
 
 CUSTOMER = uuid.UUID("0190b000-0000-7000-8000-0000000000be")
@@ -122,6 +123,8 @@ async def fill(conn: asyncpg.Connection, resources: int, orgs: int, spaces: int,
                 CUSTOMER,
                 dim,
             )
+        # The hourly and daily rollups per group, with the statements migration 002 fills them with.
+        await conn.execute(group_rollups_backfill_sql())
         await conn.execute("INSERT INTO org_info SELECT 'org-' || o, 'Org ' || o FROM generate_series(0, $1 - 1) o", orgs)
         await conn.execute(
             "INSERT INTO space_info SELECT 'space-' || s, 'Space ' || s, 'org-' || (s % $2) FROM generate_series(0, $1 - 1) s",
@@ -139,7 +142,7 @@ async def fill(conn: asyncpg.Connection, resources: int, orgs: int, spaces: int,
         )
         counts = {
             t: await conn.fetchval(f"SELECT count(*) FROM {t}")
-            for t in ("charge", "usage_day", "usage_month", "org_customer_hour")
+            for t in ("charge", "usage_day", "usage_month", "usage_day_group", "usage_hour_group", "org_customer_hour")
         }
     await conn.execute("ANALYZE")
     return {

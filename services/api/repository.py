@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -190,7 +191,7 @@ def _pairs(cells: dict[Any, list[Any]]) -> tuple[list[Any], list[int], list[int]
 
 
 async def apply_rollups(conn: asyncpg.Connection, r: Rollups) -> None:
-    """Add the changes to the daily and monthly rollups, exactly (rational sums over the lcm)."""
+    """Add the changes to the rollups, exactly (rational sums over the lcm)."""
     if r.day:
         keys, values, nums, dens = _pairs(r.day)
         await conn.execute(
@@ -210,24 +211,43 @@ async def apply_rollups(conn: asyncpg.Connection, r: Rollups) -> None:
             nums,
             dens,
         )
-    if r.month:
-        keys, values, nums, dens = _pairs(r.month)
-        await conn.execute(
-            """
-            INSERT INTO usage_month AS u (customer_id, dim, month, key, key2, unit, value, amount_num, amount_den)
-            SELECT * FROM unnest($1::uuid[], $2::text[], $3::date[], $4::text[], $5::text[], $6::text[],
-                                 $7::bigint[], $8::numeric[], $9::numeric[])
-            ON CONFLICT (customer_id, dim, month, key, key2, unit) DO UPDATE SET
-                value = u.value + EXCLUDED.value,
-                amount_num = u.amount_num * div(lcm(u.amount_den, EXCLUDED.amount_den), u.amount_den)
-                             + EXCLUDED.amount_num * div(lcm(u.amount_den, EXCLUDED.amount_den), EXCLUDED.amount_den),
-                amount_den = lcm(u.amount_den, EXCLUDED.amount_den)
-            """,
-            *[[k[i] for k in keys] for i in range(6)],
-            values,
-            nums,
-            dens,
-        )
+    for table, period, cells in (
+        ("usage_month", "month::date", r.month),
+        ("usage_day_group", "day::date", r.day_group),
+        ("usage_hour_group", "hour::timestamptz", r.hour_group),
+    ):
+        if cells:
+            await _upsert_group_rollup(conn, table, period, cells)
+
+
+def group_rollups_backfill_sql() -> str:
+    """The statements with which migration 002 fills the hourly and daily group rollups from the charges
+    and daily rows already there (for tools that write those tables directly, and its test)."""
+    text = (Path(__file__).parent / "migrations" / "002_group_rollups.sql").read_text()
+    return text.split("INITCOND = '1');", 1)[1]
+
+
+async def _upsert_group_rollup(conn: asyncpg.Connection, table: str, period: str, cells: dict[Any, list[Any]]) -> None:
+    """Per-group rollup rows (customer, dim, period, key, key2, unit): add the changes exactly. ``table``
+    and ``period`` ("column::type") are constants of this module, never input."""
+    column, sql_type = period.split("::")
+    keys, values, nums, dens = _pairs(cells)
+    await conn.execute(
+        f"""
+        INSERT INTO {table} AS u (customer_id, dim, {column}, key, key2, unit, value, amount_num, amount_den)
+        SELECT * FROM unnest($1::uuid[], $2::text[], $3::{sql_type}[], $4::text[], $5::text[], $6::text[],
+                             $7::bigint[], $8::numeric[], $9::numeric[])
+        ON CONFLICT (customer_id, dim, {column}, key, key2, unit) DO UPDATE SET
+            value = u.value + EXCLUDED.value,
+            amount_num = u.amount_num * div(lcm(u.amount_den, EXCLUDED.amount_den), u.amount_den)
+                         + EXCLUDED.amount_num * div(lcm(u.amount_den, EXCLUDED.amount_den), EXCLUDED.amount_den),
+            amount_den = lcm(u.amount_den, EXCLUDED.amount_den)
+        """,
+        *[[k[i] for k in keys] for i in range(6)],
+        values,
+        nums,
+        dens,
+    )
 
 
 async def upsert_names(
@@ -544,20 +564,29 @@ _DIM_NAMES = {
 _DIM_ATTRS = {dim: tuple(c.split(".")[1] for c in cols.split(", ")) if cols else () for dim, (_, cols) in _DIM_NAMES.items()}
 
 
+# Granularity -> (table, period column, its SQL type) of the per-group rollups.
+_GROUP_ROLLUPS = {
+    "hour": ("usage_hour_group", "hour", "timestamptz"),
+    "day": ("usage_day_group", "day", "date"),
+    "month": ("usage_month", "month", "date"),
+}
+
+
 def _usage_sql(granularity: str, dim: str, paged: bool) -> str:
     """One statement per (granularity, dimension, first page or not): a page of groups with their
     values per unit and their exact amounts as (numerator, denominator) pairs — summed per denominator
     by PostgreSQL's own sum(), combined exactly in Python — and the groups' display names."""
-    if granularity == "month":
-        # Pre-aggregated per group and unit: nothing to add up, a handful of rows.
-        after = "AND (month, key, key2) > ($6::date, $7::text, $8::text)" if paged else ""
+    if granularity == "month" or dim != "resource":
+        # Pre-aggregated per group and unit: nothing to add up, a handful of rows per period.
+        table, column, sql_type = _GROUP_ROLLUPS[granularity]
+        after = f"AND ({column}, key, key2) > ($6::{sql_type}, $7::text, $8::text)" if paged else ""
         grouped = f"""
-            SELECT month AS period, key, key2, array_agg(unit) AS units, array_agg(value) AS vals,
+            SELECT {column} AS period, key, key2, array_agg(unit) AS units, array_agg(value) AS vals,
                    array_agg(amount_num::text) AS nums, array_agg(amount_den::text) AS dens
-            FROM usage_month
-            WHERE customer_id = $1 AND dim = $2 AND month >= $3::date AND month < $4::date {after}
-            GROUP BY month, key, key2
-            ORDER BY month, key, key2
+            FROM {table}
+            WHERE customer_id = $1 AND dim = $2 AND {column} >= $3::{sql_type} AND {column} < $4::{sql_type} {after}
+            GROUP BY {column}, key, key2
+            ORDER BY {column}, key, key2
             LIMIT $5
         """
     else:
@@ -617,7 +646,7 @@ async def usage_page(
     limit: int,
 ) -> list[UsageRow]:
     sql = _USAGE_SQL[(granularity, dim, after is not None)]
-    if granularity == "month":
+    if granularity == "month" or dim != "resource":
         args: list[Any] = [customer_id, dim, first, stop, limit]
     else:
         args = [customer_id, first, stop, limit]

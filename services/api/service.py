@@ -72,11 +72,13 @@ BUCKET_OF_TYPE = {"funding": "funded", "usage": "used", "late_usage": "used", "e
 MAX_PERIODS = {"hour": 31 * 24 + 1, "day": 366, "month": 120}
 
 
+@functools.lru_cache(maxsize=8192)  # charges come an hour at a time: the same few hours, over and over
 def ny_day(moment: datetime) -> date:
     """The America/New_York calendar day containing ``moment``."""
     return as_utc(moment).astimezone(BUSINESS_TZ).date()
 
 
+@functools.lru_cache(maxsize=8192)
 def ny_month(moment: datetime) -> date:
     local = as_utc(moment).astimezone(BUSINESS_TZ)
     return date(local.year, local.month, 1)
@@ -152,33 +154,53 @@ def latest_changes(
 
 DayKey = tuple[UUID, date, str, str, str, str, str, str]  # customer, day, resource, meter, kind, org, space, unit
 MonthKey = tuple[UUID, str, date, str, str, str]  # customer, dim, month, key, key2, unit
+HourGroupKey = tuple[UUID, str, datetime, str, str, str]  # customer, dim, hour, key, key2, unit
+DayGroupKey = tuple[UUID, str, date, str, str, str]  # customer, dim, day, key, key2, unit
 
 
 @dataclass
 class Rollups:
-    """Changes to the daily and monthly rollups: (value, exact microcredits) per key."""
+    """Changes to the rollups: (value, exact microcredits) per key. ``day`` is per resource; ``month``
+    per group of every dimension; ``hour_group`` and ``day_group`` per group of every dimension but the
+    resource (those queries read the per-resource tables)."""
 
     day: dict[DayKey, list[int | Fraction]] = field(default_factory=lambda: defaultdict(lambda: [0, Fraction(0)]))
     month: dict[MonthKey, list[int | Fraction]] = field(default_factory=lambda: defaultdict(lambda: [0, Fraction(0)]))
+    hour_group: dict[HourGroupKey, list[int | Fraction]] = field(default_factory=lambda: defaultdict(lambda: [0, Fraction(0)]))
+    day_group: dict[DayGroupKey, list[int | Fraction]] = field(default_factory=lambda: defaultdict(lambda: [0, Fraction(0)]))
+    # (customer, hour, org, space, meter, kind, unit): charges are summed here first, and the group cells
+    # derived from these sums by ``fold`` (a few hundred per batch instead of one per charge and cell).
+    fine: dict[tuple[UUID, datetime, str, str, str, str, str], list[int | Fraction]] = field(
+        default_factory=lambda: defaultdict(lambda: [0, Fraction(0)])
+    )
 
     def add(self, customer: UUID, c: ChargeRow, sign: int) -> None:
         value, amount = sign * c.value, sign * c.amount
-        cells = [self.day[(customer, ny_day(c.hour), c.resource_id, c.meter, c.resource_kind, c.org_id, c.space_id, c.unit)]]
-        month = ny_month(c.hour)
-        for dim, key, key2 in (
-            ("org", c.org_id, ""),
-            ("space", c.space_id, ""),
-            ("resource", c.resource_id, ""),
-            ("meter", c.meter, ""),
-            ("kind", c.meter, c.resource_kind),
+        for cell in (
+            self.day[(customer, ny_day(c.hour), c.resource_id, c.meter, c.resource_kind, c.org_id, c.space_id, c.unit)],
+            self.month[(customer, "resource", ny_month(c.hour), c.resource_id, "", c.unit)],
+            self.fine[(customer, c.hour, c.org_id, c.space_id, c.meter, c.resource_kind, c.unit)],
         ):
-            cells.append(self.month[(customer, dim, month, key, key2, c.unit)])
-        for cell in cells:
             cell[0] += value
             cell[1] += amount
 
+    def fold(self) -> Rollups:
+        """Add the sums of ``fine`` to the monthly, daily and hourly cells of every group dimension."""
+        for (customer, hour, org, space, meter, kind, unit), (value, amount) in self.fine.items():
+            day, month = ny_day(hour), ny_month(hour)
+            for dim, key, key2 in (("org", org, ""), ("space", space, ""), ("meter", meter, ""), ("kind", meter, kind)):
+                for cell in (
+                    self.month[(customer, dim, month, key, key2, unit)],
+                    self.day_group[(customer, dim, day, key, key2, unit)],
+                    self.hour_group[(customer, dim, hour, key, key2, unit)],
+                ):
+                    cell[0] += value
+                    cell[1] += amount
+        self.fine.clear()
+        return self
+
     def __bool__(self) -> bool:
-        return bool(self.day or self.month)
+        return bool(self.day or self.month or self.hour_group or self.day_group or self.fine)
 
 
 def charge_rollups(
@@ -191,7 +213,7 @@ def charge_rollups(
             r.add(cust, old, -1)
         if (cust := customer_of.get((new.org_id, new.hour))) is not None:
             r.add(cust, new, +1)
-    return r
+    return r.fold()
 
 
 # --------------------------------------------------------------------------------------------- ledger
