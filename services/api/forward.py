@@ -119,7 +119,7 @@ class Forwarder:
         except httpx.TimeoutException:
             raise UpstreamError(504, "Gateway Timeout", f"the {service} did not answer in time") from None
         except httpx.HTTPError as exc:
-            log.warning("internal query failed", extra={"service": service, "path": path, "error": repr(exc)})
+            log.warning("internal query failed", extra={"upstream": service, "path": path, "error": repr(exc)})
             raise UpstreamError(502, "Bad Gateway", f"the {service} service cannot be reached") from None
         if resp.status_code != 200:
             detail = f"the {service} answered {resp.status_code} to {path}: {resp.text[:300]}"
@@ -147,10 +147,10 @@ class Forwarder:
         try:
             upstream = await self._client.request(request.method, url, params=query, content=body, headers=headers)
         except httpx.TimeoutException:
-            log.warning("admin command timed out", extra={"service": route.service, "path": path})
+            log.warning("admin command timed out", extra={"upstream": route.service, "path": path})
             return problem(504, "Gateway Timeout", f"the {route.service} did not answer in time; the command may or may not have been applied")
         except httpx.HTTPError as exc:
-            log.warning("admin command could not be forwarded", extra={"service": route.service, "path": path, "error": repr(exc)})
+            log.warning("admin command could not be forwarded", extra={"upstream": route.service, "path": path, "error": repr(exc)})
             return problem(502, "Bad Gateway", f"the {route.service} service cannot be reached")
         media = upstream.headers.get("content-type")
         # Only the body and its type travel back: the owner's other headers (e.g. a Location naming an
