@@ -169,16 +169,8 @@ class Supervisor:
                                          stdout=log, stderr=log, start_new_session=True)
 
     async def ready(self, inst: Instance, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient(timeout=2) as http:
-            while time.monotonic() < deadline:
-                if inst.proc is None or inst.proc.poll() is not None:
-                    raise ChaosError(f"{inst.name} exited while starting; see {self.logs / (inst.name + '.log')}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await http.get(inst.url + "/readyz")).status_code == 200:
-                        return
-                await asyncio.sleep(0.2)
-        raise ChaosError(f"{inst.name} was not ready within {timeout:.0f} s; see {self.logs / (inst.name + '.log')}")
+        assert inst.proc is not None
+        await wait_http(inst.url + "/readyz", inst.proc, timeout, f"{inst.name} (see {self.logs / (inst.name + '.log')})")
 
     def kill(self, inst: Instance) -> None:
         assert inst.proc is not None
@@ -430,10 +422,6 @@ async def verify(plan: Plan, database: str, prefix: str, api: Api) -> Findings:
                 HAVING sum(CASE side WHEN 'debit' THEN amount ELSE -amount END) <> 0) x""")
         transactions = await conn.fetchval("SELECT count(*) FROM ledger.transactions")
         equation = await conn.fetchval("SELECT coalesce(sum(CASE side WHEN 'debit' THEN amount ELSE -amount END), 0) FROM ledger.entries")
-        ids = {r["name"]: r["id"] for r in await conn.fetch("SELECT id, name FROM ledger.customers")}
-        used = {r["customer_id"]: int(r["mc"]) for r in await conn.fetch(
-            """SELECT t.customer_id, sum(u.microcredits) AS mc FROM ledger.usage_lines u
-                 JOIN ledger.transactions t ON t.id = u.transaction_id GROUP BY 1""")}
     finally:
         await conn.close()
 
@@ -457,10 +445,12 @@ async def verify(plan: Plan, database: str, prefix: str, api: Api) -> Findings:
     f.check("every transaction balances", unbalanced == 0, f"{unbalanced} of {transactions:,} unbalanced")
     f.check("accounting equation: the signed sum of all entries is zero", equation == 0, f"sum = {equation}")
     api_used = {}
-    for name, cid in ids.items():
+    for cid, name in names.items():
         balance = await api.call("GET", f"/v1/customers/{cid}/balance")
         api_used[name] = int(balance["used"])
-    ledger_used = {name: used.get(cid, 0) for name, cid in ids.items()}
+    ledger_used = dict.fromkeys(names.values(), 0)
+    for (name, _, _), mc in lines.items():
+        ledger_used[name] += mc
     f.check("the api's balances show the ledger's usage", api_used == ledger_used, _diff(ledger_used, api_used) or "equal")
     dead, valid = await dead_letters(prefix)
     f.check("dead-letter topics hold no valid message", valid == 0, f"{dead} dead-lettered, {valid} of them valid")
@@ -567,7 +557,7 @@ async def run_chaos(plan_name: str = "small", keep: bool = False) -> int:
     api: Api | None = None
     t0 = time.monotonic()
     try:
-        await wait_http(sim_url + "/healthz", sim)
+        await wait_http(sim_url + "/healthz", sim, 60, f"the simulator (see {sim_log})")
         for kind in SERVICES:
             sup.add(kind, kind)
         for inst in list(sup.instances.values()):
@@ -621,14 +611,15 @@ async def run_chaos(plan_name: str = "small", keep: bool = False) -> int:
                 await drop_database(database)
 
 
-async def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+async def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float, what: str) -> None:
+    """Until ``url`` answers 200; ChaosError when ``proc`` exits first or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(timeout=2) as http:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise ChaosError(f"{url} exited with {proc.returncode}")
+                raise ChaosError(f"{what} exited with {proc.returncode} while starting")
             with contextlib.suppress(httpx.HTTPError):
                 if (await http.get(url)).status_code == 200:
                     return
             await asyncio.sleep(0.2)
-    raise ChaosError(f"{url} did not answer in time")
+    raise ChaosError(f"{what} did not answer {url} within {timeout:.0f} s")

@@ -41,6 +41,7 @@ UUID_SCHEMA: dict[str, Any] = {"type": "string", "format": "uuid"}
 TIME_SCHEMA: dict[str, Any] = {"type": "string", "format": "date-time"}
 NULLABLE_TIME: dict[str, Any] = {"type": ["string", "null"], "format": "date-time"}
 NULLABLE_UUID: dict[str, Any] = {"type": ["string", "null"], "format": "uuid"}
+MONTH_SCHEMA: dict[str, Any] = {"type": "string", "pattern": r"^\d{4}-(0[1-9]|1[0-2])$"}
 
 _PROBLEM_SCHEMA: dict[str, Any] = {
     "type": "object",

@@ -14,34 +14,20 @@ from services.api.forward import ADMIN_ROUTES, FORWARDED_QUERY
 from services.api.params import DEFAULT_LIMIT, MAX_LIMIT
 from services.api.schemas import SUBJECT_PATTERN
 from services.api.service import GRANULARITIES, GROUP_BYS, MAX_PERIODS, TRANSACTION_TYPES
+from shared.openapi import INT, JSON, MONTH_SCHEMA, PROBLEM, STR, TIME_SCHEMA, UUID_SCHEMA, ok, param, problem
 
 __all__ = ["openapi_document", "openapi_bytes"]
 
-JSON = "application/json"
-PROBLEM = "application/problem+json"
+_problem, _param = problem, param
 
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _problem(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {PROBLEM: {"schema": _ref("Problem")}}}
-
-
 def _ok(name: str, description: str = "OK") -> dict[str, Any]:
-    return {"description": description, "content": {JSON: {"schema": _ref(name)}}}
+    return ok(_ref(name), description)
 
-
-def _param(name: str, where: str, schema: dict[str, Any], description: str, required: bool = False) -> dict[str, Any]:
-    return {"name": name, "in": where, "required": required or where == "path", "schema": schema, "description": description}
-
-
-UUID_SCHEMA = {"type": "string", "format": "uuid"}
-TIME_SCHEMA = {"type": "string", "format": "date-time"}
-MONTH_SCHEMA = {"type": "string", "pattern": r"^\d{4}-(0[1-9]|1[0-2])$"}
-INT = {"type": "integer"}
-STR = {"type": "string"}
 
 CUSTOMER_ID = _param("customer_id", "path", UUID_SCHEMA, "The customer's id.")
 LIMIT = _param(

@@ -190,34 +190,47 @@ def _pairs(cells: dict[Any, list[Any]]) -> tuple[list[Any], list[int], list[int]
     return keys, values, nums, dens
 
 
+def _rollup_upsert_sql(table: str, keys: Sequence[tuple[str, str]]) -> str:
+    """INSERT ... ON CONFLICT adding (value, amount_num / amount_den) to the row of ``keys``, exactly: the
+    amounts are summed over the lcm of their denominators."""
+    names = ", ".join(k for k, _ in keys)
+    arrays = ", ".join(f"${i}::{t}[]" for i, (_, t) in enumerate(keys, start=1))
+    n = len(keys)
+    return f"""
+        INSERT INTO {table} AS u ({names}, value, amount_num, amount_den)
+        SELECT * FROM unnest({arrays}, ${n + 1}::bigint[], ${n + 2}::numeric[], ${n + 3}::numeric[])
+        ON CONFLICT ({names}) DO UPDATE SET
+            value = u.value + EXCLUDED.value,
+            amount_num = u.amount_num * div(lcm(u.amount_den, EXCLUDED.amount_den), u.amount_den)
+                         + EXCLUDED.amount_num * div(lcm(u.amount_den, EXCLUDED.amount_den), EXCLUDED.amount_den),
+            amount_den = lcm(u.amount_den, EXCLUDED.amount_den)
+    """
+
+
+def _group_keys(period: str, sql_type: str) -> tuple[tuple[str, str], ...]:
+    return (("customer_id", "uuid"), ("dim", "text"), (period, sql_type), ("key", "text"), ("key2", "text"), ("unit", "text"))
+
+
+# Rollups field -> (its upsert, the number of key columns), in the order they are written.
+_ROLLUP_UPSERTS = {
+    field: (_rollup_upsert_sql(table, keys), len(keys))
+    for field, table, keys in (
+        ("day", "usage_day", (("customer_id", "uuid"), ("day", "date"), ("resource_id", "text"), ("meter", "text"),
+                              ("resource_kind", "text"), ("org_id", "text"), ("space_id", "text"), ("unit", "text"))),
+        ("month", "usage_month", _group_keys("month", "date")),
+        ("day_group", "usage_day_group", _group_keys("day", "date")),
+        ("hour_group", "usage_hour_group", _group_keys("hour", "timestamptz")),
+    )
+}
+
+
 async def apply_rollups(conn: asyncpg.Connection, r: Rollups) -> None:
     """Add the changes to the rollups, exactly (rational sums over the lcm)."""
-    if r.day:
-        keys, values, nums, dens = _pairs(r.day)
-        await conn.execute(
-            """
-            INSERT INTO usage_day AS u (customer_id, day, resource_id, meter, resource_kind, org_id, space_id, unit,
-                                        value, amount_num, amount_den)
-            SELECT * FROM unnest($1::uuid[], $2::date[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                                 $8::text[], $9::bigint[], $10::numeric[], $11::numeric[])
-            ON CONFLICT (customer_id, day, resource_id, meter, resource_kind, org_id, space_id, unit) DO UPDATE SET
-                value = u.value + EXCLUDED.value,
-                amount_num = u.amount_num * div(lcm(u.amount_den, EXCLUDED.amount_den), u.amount_den)
-                             + EXCLUDED.amount_num * div(lcm(u.amount_den, EXCLUDED.amount_den), EXCLUDED.amount_den),
-                amount_den = lcm(u.amount_den, EXCLUDED.amount_den)
-            """,
-            *[[k[i] for k in keys] for i in range(8)],
-            values,
-            nums,
-            dens,
-        )
-    for table, period, cells in (
-        ("usage_month", "month::date", r.month),
-        ("usage_day_group", "day::date", r.day_group),
-        ("usage_hour_group", "hour::timestamptz", r.hour_group),
-    ):
+    for field, (sql, n_keys) in _ROLLUP_UPSERTS.items():
+        cells = getattr(r, field)
         if cells:
-            await _upsert_group_rollup(conn, table, period, cells)
+            keys, values, nums, dens = _pairs(cells)
+            await conn.execute(sql, *[[k[i] for k in keys] for i in range(n_keys)], values, nums, dens)
 
 
 def group_rollups_backfill_sql() -> str:
@@ -225,29 +238,6 @@ def group_rollups_backfill_sql() -> str:
     and daily rows already there (for tools that write those tables directly, and its test)."""
     text = (Path(__file__).parent / "migrations" / "002_group_rollups.sql").read_text()
     return text.split("INITCOND = '1');", 1)[1]
-
-
-async def _upsert_group_rollup(conn: asyncpg.Connection, table: str, period: str, cells: dict[Any, list[Any]]) -> None:
-    """Per-group rollup rows (customer, dim, period, key, key2, unit): add the changes exactly. ``table``
-    and ``period`` ("column::type") are constants of this module, never input."""
-    column, sql_type = period.split("::")
-    keys, values, nums, dens = _pairs(cells)
-    await conn.execute(
-        f"""
-        INSERT INTO {table} AS u (customer_id, dim, {column}, key, key2, unit, value, amount_num, amount_den)
-        SELECT * FROM unnest($1::uuid[], $2::text[], $3::{sql_type}[], $4::text[], $5::text[], $6::text[],
-                             $7::bigint[], $8::numeric[], $9::numeric[])
-        ON CONFLICT (customer_id, dim, {column}, key, key2, unit) DO UPDATE SET
-            value = u.value + EXCLUDED.value,
-            amount_num = u.amount_num * div(lcm(u.amount_den, EXCLUDED.amount_den), u.amount_den)
-                         + EXCLUDED.amount_num * div(lcm(u.amount_den, EXCLUDED.amount_den), EXCLUDED.amount_den),
-            amount_den = lcm(u.amount_den, EXCLUDED.amount_den)
-        """,
-        *[[k[i] for k in keys] for i in range(6)],
-        values,
-        nums,
-        dens,
-    )
 
 
 async def upsert_names(

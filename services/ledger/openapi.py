@@ -11,6 +11,7 @@ from services.ledger.schemas import AgreementIn, AssignmentIn, CustomerIn, Rever
 from shared.completeness import LedgerCompleteness, openapi_path
 from shared.openapi import (
     INT,
+    MONTH_SCHEMA,
     NULLABLE_TIME,
     NULLABLE_UUID,
     STR,
@@ -26,8 +27,6 @@ from shared.openapi import (
 )
 
 __all__ = ["openapi_document"]
-
-MONTH_SCHEMA = {"type": "string", "pattern": r"^\d{4}-(0[1-9]|1[0-2])$"}
 
 
 def _obj(props: dict[str, Any], required: list[str] | None = None, closed: bool = True) -> dict[str, Any]:
