@@ -29,6 +29,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
@@ -37,7 +38,6 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 import orjson
-from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import (  # noqa: E402
     ADMIN_DSN, KAFKA, committed, drop_database, dsn, emit, free_port, fresh_database, fresh_topics, proc_status,
-    wait_ready,
+    produce, wait_ready,
 )
 from shared.ids import NAMESPACE  # noqa: E402
 from shared.topics import ALL_TOPICS, CHARGES  # noqa: E402
@@ -64,97 +64,99 @@ def _uuid5(name: str) -> str:
 
 
 def charges(
-    count: int, resources: int, orgs: list[str], revisions: float, duplicates: float, seed: int = 7
-) -> tuple[list[tuple[bytes, bytes]], dict[tuple[str, str, str], Fraction]]:
-    """``count`` valid usage.charge messages, keyed by org id, and the exact sum of the latest revisions per
-    (org, New York month, price) for the check. 80% app charges (MB-hours at 1 credit per 730 GB-hours),
-    20% service instances of three plans (per 730 instance-hours)."""
+    count: int,
+    resources: int,
+    orgs: list[str],
+    revisions: float,
+    duplicates: float,
+    sums: dict[tuple[str, str, str], Fraction],
+    seed: int = 7,
+) -> Iterator[tuple[bytes, bytes]]:
+    """About ``count`` valid usage.charge messages (duplicates and revisions included), keyed by org id,
+    generated as they are sent (constant memory, so a run can last ten minutes); adds to ``sums`` the exact
+    sum of the latest revisions per (org, New York month, price) for the check. 80% app charges (MB-hours
+    at 1 credit per 730 GB-hours), 20% service instances of three plans (per 730 instance-hours)."""
     rng = random.Random(seed)
-    out: list[tuple[bytes, bytes]] = []
-    latest: dict[str, tuple[int, str, str, str, Fraction]] = {}  # measurement -> (rev, org, month, price, amount)
-    pending_revisions: list[dict[str, Any]] = []
+    produced = 0
     hours = -(-count // resources)
+    # What does not change from hour to hour, once per resource; the sums as counts per amount until the end.
+    per_resource = [_resource(r, orgs) for r in range(resources)]
+    tally: dict[tuple[str, str, str, Fraction], int] = defaultdict(int)
     for h in range(hours + 1):
         hour = START + timedelta(hours=h)
         hour_text = hour.strftime("%Y-%m-%dT%H:00:00Z")
         local = hour.astimezone(NEW_YORK)
         month = f"{local.year:04d}-{local.month:02d}"
-        for r in range(resources):
-            if len(out) >= count:
+        pending_revisions: list[tuple[dict[str, Any], Fraction]] = []
+        for meter, resource, org, price, amount, fixed in per_resource:
+            if produced >= count:
                 break
-            app = r % 5 != 0
-            meter = "cfapps" if app else "cfservices"
-            resource = str(uuid.UUID(int=(r + 1) << 64))
-            org = orgs[r % len(orgs)]
-            value = (r % 64 + 1) * 128 if app else 1
-            if app:
-                price, amount = APPS_PRICE, Fraction(value * 1_000_000, 730 * 1024)
-            else:
-                price, amount = KIND_PRICES[r % 3], Fraction((r % 3 + 1) * 5_000_000, 730)
             mid = _uuid5(f"measurement|{hour_text}|{meter}|{resource}")
             doc: dict[str, Any] = {
                 "id": _uuid5(f"charge|{mid}|1"),
-                "schema_name": "usage.charge",
-                "schema_version": 1,
                 "measurement_id": mid,
-                "revision": 1,
                 "reading_hour": hour_text,
-                "meter": meter,
-                "resource_id": resource,
-                "resource_kind": "" if app else KINDS[r % 3],
-                "resource_name": f"resource-{r}",
-                "org_id": org,
-                "org_name": f"org {org}",
-                "space_id": str(uuid.UUID(int=(r % 1000) + 7)),
-                "space_name": f"space-{r % 1000}",
-                "value": value,
-                "unit": "MB" if app else "instance",
-                "estimated": False,
-                "status": "priced",
-                "price_id": price,
-                "amount_numerator": amount.numerator,
-                "amount_denominator": amount.denominator,
-                "display_amount": "0",
                 "priced_at": hour_text,
+                **fixed,
             }
-            out.append((org.encode(), orjson.dumps(doc)))
-            latest[mid] = (1, org, month, price, amount)
+            message = (org.encode(), orjson.dumps(doc))
+            yield message
+            produced += 1
+            tally[(org, month, price, amount)] += 1
             if rng.random() < revisions:
-                pending_revisions.append(doc)
+                pending_revisions.append((doc, amount))
             if rng.random() < duplicates:
-                out.append(out[-1])
-        # Re-priced revisions arrive an hour later (a price corrected), at 110% of the amount.
-        for doc in pending_revisions:
-            amount = Fraction(doc["amount_numerator"], doc["amount_denominator"]) * Fraction(11, 10)
+                yield message
+                produced += 1
+        # Re-priced revisions arrive an hour later (a price corrected), at 110% of the amount: the latest
+        # revision replaces the first in the expected sums.
+        for doc, first in pending_revisions:
+            amount = first * Fraction(11, 10)
             rev = dict(doc, revision=2, id=_uuid5(f"charge|{doc['measurement_id']}|2"))
             rev["amount_numerator"], rev["amount_denominator"] = amount.numerator, amount.denominator
-            out.append((doc["org_id"].encode(), orjson.dumps(rev)))
-            _, org, month, price, _ = latest[doc["measurement_id"]]
-            latest[doc["measurement_id"]] = (2, org, month, price, amount)
-        pending_revisions.clear()
-        if len(out) >= count:
+            yield doc["org_id"].encode(), orjson.dumps(rev)
+            produced += 1
+            tally[(doc["org_id"], month, doc["price_id"], amount)] += 1
+            tally[(doc["org_id"], month, doc["price_id"], first)] -= 1
+        if produced >= count:
             break
-    sums: dict[tuple[str, str, str], Fraction] = defaultdict(Fraction)
-    for _, org, month, price, amount in latest.values():
-        sums[(org, month, price)] += amount
-    return out, sums
+    for (org, month, price, amount), n in tally.items():
+        sums[(org, month, price)] += amount * n
 
 
-async def produce(topic: str, messages: list[tuple[bytes, bytes]]) -> float:
-    producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all", enable_idempotence=True, linger_ms=20, max_batch_size=1024 * 1024)
-    await producer.start()
-    started = time.perf_counter()
-    try:
-        pending = []
-        for key, value in messages:
-            pending.append(await producer.send(topic, value, key=key))
-            if len(pending) >= 20_000:
-                await asyncio.gather(*pending)
-                pending.clear()
-        await asyncio.gather(*pending)
-    finally:
-        await producer.stop()
-    return time.perf_counter() - started
+def _resource(r: int, orgs: list[str]) -> tuple[str, str, str, str, Fraction, dict[str, Any]]:
+    """Resource ``r``'s meter, id, org, price, charge per hour and the message fields that never change."""
+    app = r % 5 != 0
+    meter = "cfapps" if app else "cfservices"
+    resource = str(uuid.UUID(int=(r + 1) << 64))
+    org = orgs[r % len(orgs)]
+    value = (r % 64 + 1) * 128 if app else 1
+    if app:
+        price, amount = APPS_PRICE, Fraction(value * 1_000_000, 730 * 1024)
+    else:
+        price, amount = KIND_PRICES[r % 3], Fraction((r % 3 + 1) * 5_000_000, 730)
+    fixed = {
+        "schema_name": "usage.charge",
+        "schema_version": 1,
+        "revision": 1,
+        "meter": meter,
+        "resource_id": resource,
+        "resource_kind": "" if app else KINDS[r % 3],
+        "resource_name": f"resource-{r}",
+        "org_id": org,
+        "org_name": f"org {org}",
+        "space_id": str(uuid.UUID(int=(r % 1000) + 7)),
+        "space_name": f"space-{r % 1000}",
+        "value": value,
+        "unit": "MB" if app else "instance",
+        "estimated": False,
+        "status": "priced",
+        "price_id": price,
+        "amount_numerator": amount.numerator,
+        "amount_denominator": amount.denominator,
+        "display_amount": "0",
+    }
+    return meter, resource, org, price, amount, fixed
 
 
 async def prepare(ledger_dsn: str, customers: int, orgs: list[str]) -> dict[str, str]:
@@ -225,13 +227,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     await admin.start()
     try:
         orgs = [str(uuid.UUID(int=(i + 1) << 32)) for i in range(args.orgs)]
-        t = time.perf_counter()
-        messages, sums = charges(args.count, args.resources, orgs, args.revisions, args.duplicates)
-        result["messages"] = len(messages)
-        result["generate_s"] = round(time.perf_counter() - t, 1)
-        result["produce_s"] = round(await produce(topic, messages), 1)
-        total = len(messages)
-        del messages
+        sums: dict[tuple[str, str, str], Fraction] = defaultdict(Fraction)
+        total, seconds = await produce(topic, charges(args.count, args.resources, orgs, args.revisions, args.duplicates, sums))
+        result["messages"] = total
+        result["generate_and_produce_s"] = round(seconds, 1)
 
         ledger_dsn = dsn(db, "ledger")
         owner = await prepare(ledger_dsn, args.customers, orgs)

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -42,14 +42,13 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
 
 from bench.common import (  # noqa: E402
     ADMIN_DSN, KAFKA, ROOT, committed, drop_database, dsn, emit, free_port, fresh_database, fresh_topics, proc_status,
-    wait_ready,
+    produce, wait_ready,
 )
 from services.pricer import repository  # noqa: E402
 from services.pricer.app import MIGRATIONS  # noqa: E402
 from services.pricer.service import Price  # noqa: E402
 from shared.db import create_pool, migrate  # noqa: E402
 from shared.ids import NAMESPACE, uuid7  # noqa: E402
-from shared.kafka import Outgoing, Publisher  # noqa: E402
 from shared.topics import CHARGES, READINGS, delete_topics  # noqa: E402
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
@@ -101,23 +100,6 @@ def measurements(count: int, resources: int) -> Iterator[tuple[bytes, bytes]]:
             yield resource.encode(), orjson.dumps(doc)
 
 
-async def produce(topic: str, messages: Iterable[tuple[bytes, bytes]], chunk: int = 20_000) -> float:
-    publisher = Publisher(KAFKA, client_id="bench-pricer-producer")
-    await publisher.start()
-    started = time.perf_counter()
-    try:
-        pending: list[Outgoing] = []
-        for key, value in messages:
-            pending.append(Outgoing(key, value))
-            if len(pending) >= chunk:
-                await publisher.publish(topic, pending)
-                pending = []
-        await publisher.publish(topic, pending)
-    finally:
-        await publisher.stop()
-    return time.perf_counter() - started
-
-
 async def prepare_database(dsn: str) -> None:
     """Migrate the pricer's schema and add the prices before the pricer starts, so that every
     measurement is priced on first sight (no re-pricing in the measured window)."""
@@ -147,7 +129,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
     await admin.start()
     try:
-        result["generate_and_produce_s"] = round(await produce(readings, measurements(args.count, args.resources)), 1)
+        _, seconds = await produce(readings, measurements(args.count, args.resources))
+        result["generate_and_produce_s"] = round(seconds, 1)
 
         pricer_dsn = dsn(db, "pricer")
         await prepare_database(pricer_dsn)

@@ -8,6 +8,7 @@ import platform
 import resource
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,28 @@ import orjson
 
 from cli.localstack import ADMIN_DSN, KAFKA, ROOT, dsn, drop_database, free_port, fresh_database  # noqa: F401  (re-exported)
 from cli.localstack import fresh_topics as _fresh_topics
+
+
+async def produce(topic: str, messages: Iterable[tuple[bytes, bytes]], chunk: int = 20_000) -> tuple[int, float]:
+    """Publish (key, value) pairs as they are generated, ``chunk`` at a time (acknowledged by the broker
+    before the next chunk); returns (messages, seconds)."""
+    from shared.kafka import Outgoing, Publisher
+
+    publisher = Publisher(KAFKA, client_id="bench-producer")
+    await publisher.start()
+    started = time.perf_counter()
+    count = 0
+    try:
+        pending: list[Outgoing] = []
+        for key, value in messages:
+            pending.append(Outgoing(key, value))
+            if len(pending) >= chunk:
+                count += await publisher.publish(topic, pending)
+                pending = []
+        count += await publisher.publish(topic, pending)
+    finally:
+        await publisher.stop()
+    return count, time.perf_counter() - started
 
 
 async def fresh_topics() -> str:
