@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -322,6 +324,13 @@ class BatchConsumer(Generic[M]):
                         fetched = fetched.only(assigned)
                     if fetched.records:
                         await self._process(fetched)
+        except Exception:
+            # A bug in this loop (handler errors never get here): without it the process would keep its
+            # place in the group, holding its partitions unread until max_poll_interval_ms throws it out.
+            # Stop the service instead (its supervisor restarts it); the batch in hand was not committed.
+            log.critical("consumer loop failed; stopping the service", exc_info=True, extra={"topic": self.topic})
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise
         finally:
             prefetch.cancel()
             with contextlib.suppress(asyncio.CancelledError, KafkaError):
@@ -375,8 +384,9 @@ class BatchConsumer(Generic[M]):
         MESSAGES_CONSUMED.labels(self.topic, self.group_id).inc(n)
         BATCH_SECONDS.labels(self.topic, self.group_id).observe(time.perf_counter() - started)
         self.batches += 1
+        assigned = self._consumer.assignment()  # the commit may have met a rebalance that took some
         for tp, recs in records.items():
-            hw = self._consumer.highwater(tp)
+            hw = self._consumer.highwater(tp) if tp in assigned else None
             if hw is not None:
                 CONSUMER_LAG.labels(self.topic, self.group_id, str(tp.partition)).set(max(0, hw - recs[-1].offset - 1))
 

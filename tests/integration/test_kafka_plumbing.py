@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer
 from shared import ids
 from shared.contracts import MeasurementTaken
 from shared.kafka import BatchConsumer, Outgoing, Publisher, Received, encode
-from shared.wire import Measurement
+from shared.wire import Measurement, decoder_for
 
 pytestmark = pytest.mark.integration
 
@@ -269,3 +269,51 @@ async def test_group_lag_counts_what_a_group_has_not_committed(infra, make_topic
     assert await group_lag(infra.kafka, group, topic) == 0
     with pytest.raises(LookupError):
         await group_lag(infra.kafka, group, "no.such.topic." + uuid.uuid4().hex)
+
+
+async def test_a_batch_whose_partition_a_rebalance_took_does_not_stop_the_consumer(infra, make_topic):
+    """A commit that meets a rebalance (the partition went to another member) is logged and the batch left
+    to the new owner; the consumer loop itself keeps running. (It used to die computing the lag of the
+    partition it no longer had, which left its other partitions unread until the group expelled it.)"""
+    from aiokafka import ConsumerRecord, TopicPartition
+
+    from shared.kafka import _Fetched
+
+    topic = await make_topic(partitions=2)
+    pub = Publisher(infra.kafka, client_id="test")
+    await pub.start()
+    handled: list[str] = []
+
+    async def handler(batch: list[Received[Measurement]]):
+        handled.extend(r.message.resource_id for r in batch)
+        return None
+
+    consumer = BatchConsumer(
+        topic=topic, group_id=f"g-{uuid.uuid4().hex[:8]}", bootstrap_servers=infra.kafka,
+        model=MeasurementTaken, handler=handler, publisher=pub, timeout_ms=100,
+    )
+    await consumer.start()
+    try:
+        for _ in range(100):
+            if consumer.assignment():
+                break
+            await asyncio.sleep(0.1)
+        gone = TopicPartition(topic, 5)  # not this member's
+        value = encode(measurement("taken"))
+        record = ConsumerRecord(topic, 5, 0, 0, 0, b"k", value, None, 1, len(value), [])
+        fetched = _Fetched({gone: [record]}, [Received(decode(value), b"k", 5, 0)], [])
+        async with consumer._lock:
+            await consumer._process(fetched)
+        await pub.publish(topic, [Outgoing(b"k", encode(measurement("after")))])
+        for _ in range(100):
+            if "after" in handled:
+                break
+            await asyncio.sleep(0.1)
+        assert consumer.running
+    finally:
+        await consumer.stop()
+        await pub.stop()
+    assert handled == ["taken", "after"]
+
+
+decode = decoder_for(MeasurementTaken)
