@@ -328,8 +328,9 @@ class BatchConsumer(Generic[M]):
             # A bug in this loop (handler errors never get here): without it the process would keep its
             # place in the group, holding its partitions unread until max_poll_interval_ms throws it out.
             # Stop the service instead (its supervisor restarts it); the batch in hand was not committed.
-            log.critical("consumer loop failed; stopping the service", exc_info=True, extra={"topic": self.topic})
-            os.kill(os.getpid(), signal.SIGTERM)
+            if not self._stopping.is_set():
+                log.critical("consumer loop failed; stopping the service", exc_info=True, extra={"topic": self.topic})
+                os.kill(os.getpid(), signal.SIGTERM)
             raise
         finally:
             prefetch.cancel()
@@ -426,24 +427,35 @@ class BatchConsumer(Generic[M]):
         return out
 
     async def _dead_letter(self, rejected: list[Rejected]) -> None:
+        """Publish ``rejected`` to the DLQ, retrying while the broker is away (the batch's offsets are
+        committed only after this)."""
         target = dlq(self.topic)
-        await self._publisher.publish(
-            target,
-            (
-                Outgoing(
-                    key=r.record.key,
-                    value=r.record.value or b"",
-                    headers=(
-                        ("dlq.reason", r.reason.encode()[:4000]),
-                        ("dlq.topic", self.topic.encode()),
-                        ("dlq.partition", str(r.record.partition).encode()),
-                        ("dlq.offset", str(r.record.offset).encode()),
-                        ("dlq.group", self.group_id.encode()),
-                    ),
-                )
-                for r in rejected
-            ),
-        )
+        messages = [
+            Outgoing(
+                key=r.record.key,
+                value=r.record.value or b"",
+                headers=(
+                    ("dlq.reason", r.reason.encode()[:4000]),
+                    ("dlq.topic", self.topic.encode()),
+                    ("dlq.partition", str(r.record.partition).encode()),
+                    ("dlq.offset", str(r.record.offset).encode()),
+                    ("dlq.group", self.group_id.encode()),
+                ),
+            )
+            for r in rejected
+        ]
+        attempt = 0
+        while True:
+            try:
+                await self._publisher.publish(target, messages)
+                break
+            except TRANSIENT as exc:
+                attempt += 1
+                if self._stopping.is_set():
+                    raise
+                delay = min(30.0, 0.2 * 2 ** min(attempt, 8))
+                log.warning("dead-lettering failed (transient); retrying", extra={"error": repr(exc), "retry_in_s": delay})
+                await asyncio.sleep(delay)
         MESSAGES_DEAD_LETTERED.labels(self.topic, self.group_id).inc(len(rejected))
         for r in rejected[:20]:
             log.warning(
