@@ -65,7 +65,7 @@ chaos: infra-up ## kill services, restart Kafka and PostgreSQL, scale, fail CF; 
 	$(VENV)/bin/billing chaos --plan $(CHAOS_PLAN)
 
 BENCH_SCALE ?= small
-bench: infra-up ## measure throughput and latency (BENCH_SCALE=small|full); writes bench/results.{json,md} and chart.png
+bench: infra-up ## measure throughput and latency (BENCH_SCALE=small|full|soak); writes bench/results.{json,md} and chart.png
 	BENCH_SCALE=$(BENCH_SCALE) $(VENV)/bin/python -m bench.run
 
 # LOAD_QUICK=1: a quick check (ingest 1 minute, api 15 s on a smaller read model), not kept in results.json.

@@ -32,10 +32,18 @@ SCALES: dict[str, dict[str, list[str]]] = {
     "full": {
         "collector": ["-m", "bench.bench_collector"],
         "pricer": ["bench/bench_pricer.py", "--count", "2000000"],
+        "pricer_x2": ["bench/bench_pricer.py", "--count", "2000000", "--instances", "2"],
         "ledger": ["bench/bench_ledger.py", "--count", "2000000"],
+        "ledger_x2": ["bench/bench_ledger.py", "--count", "2000000", "--instances", "2"],
         "api": ["bench/bench_api.py"],
         "e2e": ["-m", "bench.bench_e2e", "--resources", "10000", "--hours", "744"],
         "baselines": ["-m", "bench.bench_baselines", "--resources", "10000", "--hours", "744"],
+    },
+    # Ten minutes (and more) of the pricer and of the ledger alone at full speed, one instance each: is
+    # memory flat? Kept under the "soak" key of results.json until this scale runs again.
+    "soak": {
+        "pricer": ["bench/bench_pricer.py", "--count", "19000000"],
+        "ledger": ["bench/bench_ledger.py", "--count", "24000000"],
     },
 }
 
@@ -65,6 +73,7 @@ def markdown(results: dict[str, Any], scale: str) -> str:
     col, pri, led, api_all = r.get("collector", {}), r.get("pricer", {}), r.get("ledger", {}), r.get("api", {})
     api, bare = api_all.get("api", {}), api_all.get("bare_starlette", api_all.get("bare", {}))
     pri_rate, led_rate = pri.get("sustained_measurements_per_s"), led.get("sustained_charges_per_s")
+    pri2, led2 = r.get("pricer_x2", {}), r.get("ledger_x2", {})
     peak = lambda d: max(d.get("peak_rss_mb") or [0]) if isinstance(d.get("peak_rss_mb"), list) else d.get("peak_rss_mb")  # noqa: E731
     e2e_rate = e2e.get("e2e_measurements_per_s")
     rows = [
@@ -74,6 +83,8 @@ def markdown(results: dict[str, Any], scale: str) -> str:
         ("collector: one reading of ~50,000 resources (s) / peak MB", f"{col.get('seconds')} / {col.get('peak_rss_mb')}", "< 10 / < 300", ratio(col.get("seconds"), 10)),
         ("pricer alone (measurements/s) / peak MB", f"{pri_rate} / {peak(pri)}", "≥ 150,000 / < 500", ratio(pri_rate, 150_000)),
         ("ledger alone (charges/s) / peak MB", f"{led_rate} / {peak(led)}", "≥ 150,000 / < 500", ratio(led_rate, 150_000)),
+        ("pricer, 2 instances in one group (measurements/s) / peak MB of the larger", f"{pri2.get('sustained_measurements_per_s')} / {peak(pri2)}", "≥ 150,000 / < 500", ratio(pri2.get("sustained_measurements_per_s"), 150_000)),
+        ("ledger, 2 instances in one group (charges/s) / peak MB of the larger", f"{led2.get('sustained_charges_per_s')} / {peak(led2)}", "≥ 150,000 / < 500", ratio(led2.get("sustained_charges_per_s"), 150_000)),
         ("api read-model updates (charges/s)", e2e.get("api_read_model_updates_per_s"), "", ""),
         ("api monthly usage query: req/s, p50 / p99 (ms)", f"{api.get('rps')} , {api.get('p50_ms')} / {api.get('p99_ms')}", "p99 < 50 ms", ratio(api.get("p99_ms"), 50)),
         ("api uncached (req/s, p50 / p99 ms)", f"{api_all.get('api_uncached', {}).get('rps')} , {api_all.get('api_uncached', {}).get('p50_ms')} / {api_all.get('api_uncached', {}).get('p99_ms')}", "", ""),
@@ -86,6 +97,15 @@ def markdown(results: dict[str, Any], scale: str) -> str:
            f"Python {m['python']}; PostgreSQL 15 and Kafka 4.1 on the same machine.", "",
            "| measure | result | target / limit | ratio |", "|---|---|---|---|"]
     out += [f"| {a} | {b if b is not None else 'n/a'} | {c} | {d} |" for a, b, c, d in rows]
+    soak = results.get("soak", {})
+    if soak.get("pricer", {}).get("count") or soak.get("ledger", {}).get("count"):
+        sp, sl = soak.get("pricer", {}), soak.get("ledger", {})
+        out += ["", f"Soak (`BENCH_SCALE=soak`, measured {soak.get('measured_at')}), one instance each at full speed:",
+                f"pricer {sp.get('count')} measurements in {sp.get('measured_window_s')} s = {sp.get('sustained_measurements_per_s')}/s, "
+                f"RSS MB by tenth of the run {sp.get('rss_mb_by_tenth')}, peak {peak(sp)}; "
+                f"ledger {sl.get('messages')} charges in {sl.get('measured_window_s')} s = {sl.get('sustained_charges_per_s')}/s, "
+                f"RSS MB max of first / last quarter {sl.get('rss_mb_first_quarter_max')} / {sl.get('rss_mb_last_quarter_max')}, "
+                f"peak {peak(sl)}, posting rule holds: {sl.get('check', {}).get('posting_rule_holds')}."]
     if e2e.get("rss_mb"):
         out += ["", "Memory of each service over the end-to-end run (MB, start / peak / end): "
                 + ", ".join(f"{k} {v['start']} / {v['peak']} / {v['end']}" for k, v in e2e["rss_mb"].items())]
@@ -131,15 +151,20 @@ def main() -> None:
     previous = ROOT / "bench" / "results.json"
     if previous.exists():
         earlier = orjson.loads(previous.read_bytes())
-        if "load" in earlier:  # written by `make load`, kept until that runs again
-            results["load"] = earlier["load"]
-        if only:
+        for kept in ("load", "soak"):  # written by `make load` and BENCH_SCALE=soak, kept until they run again
+            if kept in earlier:
+                results[kept] = earlier[kept]
+        if only or scale == "soak":
             results["results"] = earlier.get("results", {})
+            results["scale"], results["measured_at"] = earlier.get("scale", scale), earlier.get("measured_at")
+    target = results.setdefault("soak", {}) if scale == "soak" else results["results"]
     for name, args in SCALES[scale].items():
         if not only or name in only:
-            results["results"][name] = run_one(name, args)
+            target[name] = run_one(name, args)
+    if scale == "soak":
+        results["soak"]["measured_at"] = time.strftime("%Y-%m-%d")
     (ROOT / "bench" / "results.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2) + b"\n")
-    (ROOT / "bench" / "results.md").write_text(markdown(results, scale))
+    (ROOT / "bench" / "results.md").write_text(markdown(results, results["scale"]))
     chart(results, ROOT / "bench" / "chart.png")
     print((ROOT / "bench" / "results.md").read_text())
 
