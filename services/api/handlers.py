@@ -52,6 +52,7 @@ from services.api.service import (
 from services.api.settings import ApiSettings
 from shared.clock import utcnow
 from shared.contracts import ChargeComputed
+from shared.wire import Charge  # what the consumer hands over for ChargeComputed
 from shared.http import ORJSONResponse, ProblemError, problem, read_json
 from shared.kafka import Received
 from shared.runtime import Runtime
@@ -121,7 +122,7 @@ class Api:
 
     # ------------------------------------------------------------------------------------ consumers
 
-    async def on_charges(self, batch: list[Received[ChargeComputed]]) -> None:
+    async def on_charges(self, batch: list[Received[Charge]]) -> None:
         await projector.apply_charges(self.runtime.pool, [r.message for r in batch])
 
     async def on_ledger(self, batch: list[Received[projector.LedgerMessage]]) -> None:

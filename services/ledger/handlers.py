@@ -43,6 +43,7 @@ from services.ledger.service import LedgerError, LedgerService
 from services.ledger.settings import LedgerSettings
 from shared.clock import parse_month
 from shared.contracts import ChargeComputed
+from shared.wire import Charge  # what the consumer hands over for ChargeComputed
 from shared.http import ORJSONResponse, ProblemError, read_json
 from shared.kafka import Received
 from shared.runtime import Runtime
@@ -62,13 +63,13 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 def charges_handler(
     ledger: LedgerService, outbox: Outbox
-) -> Callable[[list[Received[ChargeComputed]]], Awaitable[list[tuple[Received[ChargeComputed], str]]]]:
+) -> Callable[[list[Received[Charge]]], Awaitable[list[tuple[Received[Charge], str]]]]:
     """The usage.charges.v1 batch handler: refuse inconsistent charges, post the rest in one transaction,
     publish the committed transactions and alerts, return the refused ones (they go to the DLQ)."""
 
-    async def handle(batch: list[Received[ChargeComputed]]) -> list[tuple[Received[ChargeComputed], str]]:
-        rejected: list[tuple[Received[ChargeComputed], str]] = []
-        valid: list[ChargeComputed] = []
+    async def handle(batch: list[Received[Charge]]) -> list[tuple[Received[Charge], str]]:
+        rejected: list[tuple[Received[Charge], str]] = []
+        valid: list[Charge] = []
         for item in batch:
             why = invalid_reason(item.message)
             if why is None:

@@ -38,6 +38,7 @@ from services.pricer.service import (
 from services.pricer.settings import PricerSettings
 from shared.clock import utcnow
 from shared.contracts import MeasurementTaken
+from shared.wire import Measurement
 from shared.http import ORJSONResponse, ProblemError, read_json
 from shared.ids import uuid7
 from shared.kafka import Outgoing, Publisher, Received
@@ -59,7 +60,7 @@ CHARGES_REPUBLISHED = Counter(
 UNPRICED = Gauge("billing_pricer_unpriced_charges", "Charges whose latest revision is unpriced")
 CATALOG_RELOADS = Counter("billing_pricer_catalog_reloads_total", "Times the in-memory price catalog was reloaded")
 
-ReadingsBatch = list[Received[MeasurementTaken]]
+ReadingsBatch = list[Received[Measurement]]  # the consumer hands over shared.wire's mirror
 
 
 class CatalogBusyError(Exception):
@@ -96,7 +97,7 @@ class Pricer:
 
     # -- usage.readings.v1 ------------------------------------------------------------------------
 
-    async def handle_readings(self, batch: ReadingsBatch) -> list[tuple[Received[MeasurementTaken], str]]:
+    async def handle_readings(self, batch: ReadingsBatch) -> list[tuple[Received[Measurement], str]]:
         """Price a batch in one transaction, publish the charges after the commit, return the rejects."""
         priced_at = utcnow()
         messages = [r.message for r in batch]
