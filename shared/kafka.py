@@ -59,6 +59,11 @@ TRANSIENT = (
 )
 
 
+def _retry_delay(attempt: int) -> float:
+    """Seconds before retrying a transient failure for the ``attempt``-th time: doubling, at most 30."""
+    return min(30.0, 0.2 * 2 ** min(attempt, 8))
+
+
 def murmur2(data: bytes) -> int:
     """Kafka's murmur2 hash of a key (as ``org.apache.kafka.common.utils.Utils.murmur2``), which picks a
     keyed message's partition in every Kafka client; a word at a time, faster than aiokafka's."""
@@ -399,7 +404,7 @@ class BatchConsumer(Generic[M]):
             try:
                 return list(await self._handler(valid) or [])
             except TRANSIENT as exc:
-                delay = min(30.0, 0.2 * 2 ** min(attempt, 8))
+                delay = _retry_delay(attempt)
                 log.warning("batch failed (transient); retrying", extra={"error": repr(exc), "attempt": attempt, "retry_in_s": delay})
             except Exception as exc:
                 if len(valid) > 1 and attempt >= 2:
@@ -453,7 +458,7 @@ class BatchConsumer(Generic[M]):
                 attempt += 1
                 if self._stopping.is_set():
                     raise
-                delay = min(30.0, 0.2 * 2 ** min(attempt, 8))
+                delay = _retry_delay(attempt)
                 log.warning("dead-lettering failed (transient); retrying", extra={"error": repr(exc), "retry_in_s": delay})
                 await asyncio.sleep(delay)
         MESSAGES_DEAD_LETTERED.labels(self.topic, self.group_id).inc(len(rejected))
