@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import os
 import random
 import subprocess
@@ -45,9 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import (  # noqa: E402
     ADMIN_DSN, KAFKA, committed, drop_database, dsn, emit, free_port, fresh_database, fresh_topics, proc_status,
-    produce, wait_ready,
+    named_id, produce, wait_ready,
 )
-from shared.ids import NAMESPACE  # noqa: E402
 from shared.topics import ALL_TOPICS, CHARGES  # noqa: E402
 
 START = datetime(2026, 3, 1, 5, tzinfo=UTC)  # March 1, 00:00 in New York
@@ -56,11 +54,6 @@ APPS_PRICE = str(uuid.UUID(int=0xA))
 KIND_PRICES = [str(uuid.UUID(int=0xB0 + i)) for i in range(len(KINDS))]
 NEW_YORK = ZoneInfo("America/New_York")
 
-
-def _uuid5(name: str) -> str:
-    d = bytearray(hashlib.sha1(NAMESPACE.bytes + name.encode()).digest()[:16])
-    d[6], d[8] = (d[6] & 0x0F) | 0x50, (d[8] & 0x3F) | 0x80
-    return str(uuid.UUID(bytes=bytes(d)))
 
 
 def charges(
@@ -91,9 +84,9 @@ def charges(
         for meter, resource, org, price, amount, fixed in per_resource:
             if produced >= count:
                 break
-            mid = _uuid5(f"measurement|{hour_text}|{meter}|{resource}")
+            mid = named_id(f"measurement|{hour_text}|{meter}|{resource}")
             doc: dict[str, Any] = {
-                "id": _uuid5(f"charge|{mid}|1"),
+                "id": named_id(f"charge|{mid}|1"),
                 "measurement_id": mid,
                 "reading_hour": hour_text,
                 "priced_at": hour_text,
@@ -112,7 +105,7 @@ def charges(
         # revision replaces the first in the expected sums.
         for doc, first in pending_revisions:
             amount = first * Fraction(11, 10)
-            rev = dict(doc, revision=2, id=_uuid5(f"charge|{doc['measurement_id']}|2"))
+            rev = dict(doc, revision=2, id=named_id(f"charge|{doc['measurement_id']}|2"))
             rev["amount_numerator"], rev["amount_denominator"] = amount.numerator, amount.denominator
             yield doc["org_id"].encode(), orjson.dumps(rev)
             produced += 1

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import os
 import shutil
 import subprocess
@@ -42,23 +41,18 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
 
 from bench.common import (  # noqa: E402
     ADMIN_DSN, KAFKA, ROOT, committed, drop_database, dsn, emit, free_port, fresh_database, fresh_topics, proc_status,
-    produce, wait_ready,
+    named_id, produce, wait_ready,
 )
 from services.pricer import repository  # noqa: E402
 from services.pricer.app import MIGRATIONS  # noqa: E402
 from services.pricer.service import Price  # noqa: E402
 from shared.db import create_pool, migrate  # noqa: E402
-from shared.ids import NAMESPACE, uuid7  # noqa: E402
+from shared.ids import uuid7  # noqa: E402
 from shared.topics import CHARGES, READINGS, delete_topics  # noqa: E402
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
 KINDS = ["plan-small", "plan-medium", "plan-large"]
 
-
-def _uuid5(name: str) -> str:
-    d = bytearray(hashlib.sha1(NAMESPACE.bytes + name.encode()).digest()[:16])
-    d[6], d[8] = (d[6] & 0x0F) | 0x50, (d[8] & 0x3F) | 0x80
-    return str(uuid.UUID(bytes=bytes(d)))
 
 
 def measurements(count: int, resources: int) -> Iterator[tuple[bytes, bytes]]:
@@ -70,7 +64,7 @@ def measurements(count: int, resources: int) -> Iterator[tuple[bytes, bytes]]:
     for h in range(hours):
         hour = START + timedelta(hours=h)
         hour_text = hour.strftime("%Y-%m-%dT%H:00:00Z")
-        reading = _uuid5(f"reading|{hour_text}")
+        reading = named_id(f"reading|{hour_text}")
         for r in range(resources):
             if produced == count:
                 return
@@ -79,7 +73,7 @@ def measurements(count: int, resources: int) -> Iterator[tuple[bytes, bytes]]:
             meter = "cfapps" if app else "cfservices"
             resource = str(uuid.UUID(int=(r + 1) << 64))
             doc: dict[str, Any] = {
-                "id": _uuid5(f"measurement|{hour_text}|{meter}|{resource}"),
+                "id": named_id(f"measurement|{hour_text}|{meter}|{resource}"),
                 "schema_name": "usage.measurement",
                 "schema_version": 1,
                 "reading_id": reading,

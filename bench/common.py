@@ -8,6 +8,7 @@ import platform
 import resource
 import subprocess
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,12 @@ import orjson
 
 from cli.localstack import ADMIN_DSN, KAFKA, ROOT, dsn, drop_database, free_port, fresh_database  # noqa: F401  (re-exported)
 from cli.localstack import fresh_topics as _fresh_topics
+from shared.ids import NAMESPACE
+
+
+def named_id(name: str) -> str:
+    """The deterministic id of ``name`` (uuid5 in the project's namespace, as ``shared.ids`` derives them)."""
+    return str(uuid.uuid5(NAMESPACE, name))
 
 
 async def produce(topic: str, messages: Iterable[tuple[bytes, bytes]], chunk: int = 20_000) -> tuple[int, float]:
