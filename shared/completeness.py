@@ -6,15 +6,17 @@ latest revision. Only (hour, meter) pairs with something to count are listed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import Response
 
 from shared.clock import as_utc
 from shared.contracts import UtcDatetime
-from shared.http import ProblemError
+from shared.http import ORJSONResponse, ProblemError
 
 __all__ = [
     "MAX_RANGE_HOURS",
@@ -24,6 +26,7 @@ __all__ = [
     "LedgerCount",
     "PricerCompleteness",
     "PricerCount",
+    "counts_route",
     "openapi_path",
     "parse_range",
 ]
@@ -148,3 +151,20 @@ def openapi_path(answer: type[BaseModel], owner: str) -> dict[str, Any]:
             }
         }
     }
+
+
+def counts_route(
+    counts: Callable[[Any, datetime, datetime], Awaitable[Sequence[Mapping[str, Any]]]],
+    answer: type[PricerCompleteness] | type[LedgerCompleteness],
+    item: type[PricerCount] | type[LedgerCount],
+) -> Callable[[Request], Awaitable[Response]]:
+    """The route of an owner whose counts are the rows of one query, ``counts(conn, since, until)``, each
+    row holding exactly the fields of ``item`` (the pricer and the ledger)."""
+
+    async def completeness(request: Request) -> Response:
+        since, until = parse_range(request.query_params)
+        async with request.app.state.runtime.pool.acquire() as conn:
+            rows = await counts(conn, since, until)
+        return ORJSONResponse(answer(items=[item(**r) for r in rows]).model_dump(mode="json"))  # type: ignore[arg-type]
+
+    return completeness
