@@ -28,6 +28,7 @@ SCALES: dict[str, dict[str, list[str]]] = {
         "api": ["bench/bench_api.py", "--resources", "1000", "--seconds", "5", "--warmup", "1"],
         "e2e": ["-m", "bench.bench_e2e", "--resources", "1000", "--hours", "72", "--latency-hours", "3"],
         "baselines": ["-m", "bench.bench_baselines", "--resources", "1000", "--hours", "72"],
+        "floor": ["-m", "bench.bench_floor", "--count", "200000"],
     },
     "full": {
         "collector": ["-m", "bench.bench_collector"],
@@ -38,6 +39,7 @@ SCALES: dict[str, dict[str, list[str]]] = {
         "api": ["bench/bench_api.py"],
         "e2e": ["-m", "bench.bench_e2e", "--resources", "10000", "--hours", "744"],
         "baselines": ["-m", "bench.bench_baselines", "--resources", "10000", "--hours", "744"],
+        "floor": ["-m", "bench.bench_floor", "--count", "2000000"],
     },
     # Ten minutes (and more) of the pricer and of the ledger alone at full speed, one instance each: is
     # memory flat? Kept under the "soak" key of results.json until this scale runs again.
@@ -74,6 +76,8 @@ def markdown(results: dict[str, Any], scale: str) -> str:
     api, bare = api_all.get("api", {}), api_all.get("bare_starlette", api_all.get("bare", {}))
     pri_rate, led_rate = pri.get("sustained_measurements_per_s"), led.get("sustained_charges_per_s")
     pri2, led2 = r.get("pricer_x2", {}), r.get("ledger_x2", {})
+    floor = r.get("floor", {})
+    fl = lambda k: floor.get(k, {}).get("messages_per_s")  # noqa: E731
     peak = lambda d: max(d.get("peak_rss_mb") or [0]) if isinstance(d.get("peak_rss_mb"), list) else d.get("peak_rss_mb")  # noqa: E731
     e2e_rate = e2e.get("e2e_measurements_per_s")
     rows = [
@@ -85,6 +89,10 @@ def markdown(results: dict[str, Any], scale: str) -> str:
         ("ledger alone (charges/s) / peak MB", f"{led_rate} / {peak(led)}", "≥ 150,000 / < 500", ratio(led_rate, 150_000)),
         ("pricer, 2 instances in one group (measurements/s) / peak MB of the larger", f"{pri2.get('sustained_measurements_per_s')} / {peak(pri2)}", "≥ 150,000 / < 500", ratio(pri2.get("sustained_measurements_per_s"), 150_000)),
         ("ledger, 2 instances in one group (charges/s) / peak MB of the larger", f"{led2.get('sustained_charges_per_s')} / {peak(led2)}", "≥ 150,000 / < 500", ratio(led2.get("sustained_charges_per_s"), 150_000)),
+        ("floor: aiokafka consume only, one message per measurement (messages/s)", fl("consume"), "≥ 150,000", ratio(fl("consume"), 150_000)),
+        ("floor: consume + decode (shared.wire), nothing else (messages/s)", fl("decode"), "≥ 150,000", ratio(fl("decode"), 150_000)),
+        ("floor: consume + decode + publish unchanged, acked per batch (messages/s)", fl("forward"), "≥ 150,000", ratio(fl("forward"), 150_000)),
+        ("floor: COPY of the pricer's charge rows, machine otherwise idle (rows/s)", floor.get("copy", {}).get("rows_per_s"), "≥ 150,000", ratio(floor.get("copy", {}).get("rows_per_s"), 150_000)),
         ("api read-model updates (charges/s)", e2e.get("api_read_model_updates_per_s"), "", ""),
         ("api monthly usage query: req/s, p50 / p99 (ms)", f"{api.get('rps')} , {api.get('p50_ms')} / {api.get('p99_ms')}", "p99 < 50 ms", ratio(api.get("p99_ms"), 50)),
         ("api uncached (req/s, p50 / p99 ms)", f"{api_all.get('api_uncached', {}).get('rps')} , {api_all.get('api_uncached', {}).get('p50_ms')} / {api_all.get('api_uncached', {}).get('p99_ms')}", "", ""),

@@ -1,0 +1,152 @@
+"""The floor under the pricer and the ledger: how fast Python with the project's Kafka client moves one
+message per measurement when it does nothing else (not a test).
+
+Produces ``--count`` measurement messages (the pricer benchmark's, the same size) to a fresh topic, then
+reads them three times, each time in a new consumer group, in batches of ``--batch`` as the services do:
+
+- ``consume``: aiokafka ``getmany`` only, nothing done with the records;
+- ``decode``: and each value decoded by the consumers' fast path (``shared.wire``'s msgspec mirror);
+- ``forward``: and each value published unchanged to a second topic, keyed as it came, every batch
+  acknowledged by the broker before the next (the pricer's least work per measurement: one message in,
+  one out, no database).
+
+and then the database's part of a row per charge:
+
+- ``copy``: the pricer's own ``charges`` table (its migration, in a fresh database), ``count`` rows in its
+  shape COPYed ``--batch`` at a time, a transaction each, as the pricer writes a batch that has no
+  redelivered measurement (its cheapest path). Nothing else runs meanwhile.
+
+For each: messages (rows)/s, the CPU of this process per message, and the ratio against the issues'
+150,000/s per stage. Every real stage does more than its floor, so a floor under the target bounds what
+any stage can reach on this machine with one message (and one stored row) per measurement.
+
+    .venv/bin/python -m bench.bench_floor [--count 2000000] [--batch 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer
+
+from bench.bench_pricer import START, measurements
+from bench.common import KAFKA, drop_database, dsn, emit, fresh_database, fresh_topics, named_id, produce
+from services.pricer.app import MIGRATIONS
+from services.pricer.repository import _CHARGE_COLUMNS
+from shared.db import create_pool, migrate
+from shared.contracts import MeasurementTaken
+from shared.kafka import Outgoing, Publisher
+from shared.topics import CHARGES, READINGS, delete_topics
+from shared.wire import decoder_for
+
+TARGET = 150_000
+PASSES = ("consume", "decode", "forward")
+
+
+async def read_all(topic: str, out_topic: str, count: int, batch: int, mode: str) -> dict[str, Any]:
+    """Read ``count`` messages of ``topic`` in a new group, doing what ``mode`` says with each."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=KAFKA,
+        group_id=f"{topic}-floor-{mode}",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=4 * 1024 * 1024,  # as shared.kafka.BatchConsumer
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
+    publisher = Publisher(KAFKA, client_id="bench-floor") if mode == "forward" else None
+    decode = decoder_for(MeasurementTaken)
+    await consumer.start()
+    if publisher is not None:
+        await publisher.start()
+    got, decoded = 0, 0
+    started = cpu_started = 0.0
+    try:
+        while got < count:
+            records = await consumer.getmany(timeout_ms=500, max_records=batch)
+            if not records:
+                continue
+            if not got:  # the clock starts with the first batch: group join and first fetch are not the floor
+                started, cpu_started = time.perf_counter(), time.process_time()
+            for recs in records.values():
+                got += len(recs)
+                if mode != "consume":
+                    decoded += len([decode(r.value) for r in recs])
+            if publisher is not None:
+                await publisher.publish(out_topic, [Outgoing(r.key, r.value) for recs in records.values() for r in recs])
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    finally:
+        await consumer.stop()
+        if publisher is not None:
+            await publisher.stop()
+    if mode != "consume" and decoded != got:
+        raise RuntimeError(f"{mode}: decoded {decoded} of {got}")
+    rate = got / seconds
+    return {
+        "messages": got,
+        "seconds": round(seconds, 2),
+        "messages_per_s": round(rate),
+        "cpu_us_per_message": round(cpu / got * 1e6, 2),
+        "ratio_to_target": round(rate / TARGET, 2),
+    }
+
+
+async def copy_rows(count: int, batch: int) -> dict[str, Any]:
+    """COPY ``count`` rows shaped as the pricer's charges into its ``charges`` table, ``batch`` per
+    transaction; the rows of a batch are built before its clock runs."""
+    db = await fresh_database("bench_floor")
+    try:
+        pool = await create_pool(dsn(db, "pricer"), "pricer")
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn, "pricer", MIGRATIONS)
+                price = uuid.UUID(named_id("price|cfapps"))
+                seconds = 0.0
+                for first in range(0, count, batch):
+                    rows = []
+                    for i in range(first, min(count, first + batch)):
+                        hour = START + timedelta(hours=i // 10_000)
+                        rows.append((hour, uuid.UUID(named_id(f"measurement|{i}")), 1, "cfapps", "", 1024,
+                                     price, 1024 * 1_000_000, 730 * 1024, hour))
+                    started = time.perf_counter()
+                    async with conn.transaction():
+                        await conn.copy_records_to_table("charges", records=rows, columns=_CHARGE_COLUMNS)
+                    seconds += time.perf_counter() - started
+                stored = await conn.fetchval("SELECT count(*) FROM charges")
+        finally:
+            await pool.close()
+    finally:
+        await drop_database(db)
+    if stored != count:
+        raise RuntimeError(f"copy: {stored} rows stored of {count}")
+    return {"rows": count, "seconds": round(seconds, 2), "rows_per_s": round(count / seconds),
+            "ratio_to_target": round(count / seconds / TARGET, 2)}
+
+
+async def main(count: int, batch: int) -> None:
+    prefix = await fresh_topics()
+    try:
+        produced, produce_s = await produce(prefix + READINGS, measurements(count, 10_000))
+        result: dict[str, Any] = {"count": produced, "batch": batch, "produce_per_s": round(produced / produce_s)}
+        for mode in PASSES:
+            result[mode] = await read_all(prefix + READINGS, prefix + CHARGES, produced, batch, mode)
+            print(f"{mode}: {result[mode]}", flush=True)
+    finally:
+        await delete_topics(KAFKA, prefix=prefix)
+    result["copy"] = await copy_rows(produced, batch)
+    print(f"copy: {result['copy']}", flush=True)
+    emit(result, "floor")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=2_000_000, help="measurement messages (default 2,000,000)")
+    parser.add_argument("--batch", type=int, default=5000, help="records per getmany, as the services (default 5000)")
+    args = parser.parse_args()
+    asyncio.run(main(args.count, args.batch))
