@@ -133,6 +133,8 @@ def chart(results: dict[str, Any], path: Path) -> None:
         ("pricer alone", r.get("pricer", {}).get("sustained_measurements_per_s")),
         ("ledger alone", r.get("ledger", {}).get("sustained_charges_per_s")),
         ("api read model", r.get("e2e", {}).get("api_read_model_updates_per_s")),
+        ("floor: read + decode + publish", r.get("floor", {}).get("forward", {}).get("messages_per_s")),
+        ("floor: COPY of charge rows", r.get("floor", {}).get("copy", {}).get("rows_per_s")),
         ("Kafka ProducerPerformance", r.get("baselines", {}).get("kafka_producer_perf_records_per_s")),
         ("PostgreSQL COPY", r.get("baselines", {}).get("postgres_copy_rows_per_s")),
         ("set-based SQL (month)", r.get("baselines", {}).get("set_based_sql_measurements_per_s")),
@@ -141,6 +143,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     ax.barh([n for n, _ in bars][::-1], [v for _, v in bars][::-1], color=["#1f4e79"] * len(bars))
     ax.axvline(100_000, color="#c00000", linestyle="--", label="end-to-end target 100,000/s")
+    ax.axvline(150_000, color="#7f6000", linestyle=":", label="per-stage target 150,000/s")
     ax.set_xscale("log")
     ax.set_xlabel("messages (rows) per second, log scale")
     m = results["machine"]
