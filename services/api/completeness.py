@@ -102,23 +102,18 @@ Key = tuple[datetime, str]  # (reading hour, meter)
 
 def _bad(detail: str, parameter: str | None = None) -> ProblemError:
     extra = {"parameter": parameter} if parameter else {}
-    return ProblemError(400, "Invalid parameter", detail, **extra)
+    return ProblemError(422, "Invalid parameter", detail, **extra)
 
 
 def parse_range(query: Mapping[str, str]) -> tuple[datetime, datetime]:
-    """``from`` and ``to`` of the query as the first whole hour and the end of the last one; 400 problem
-    on anything else (missing, unknown or repeated parameters, times without a zone, from >= to, no
-    whole hour in the range, more than MAX_HOURS hours)."""
-    try:
-        q = only_known(query, ("from", "to"))
-        for name in ("from", "to"):
-            if name not in q:
-                raise _bad(f"{name}: is required", name)
-        start, end = parse_time("from", q["from"]), parse_time("to", q["to"])
-    except ProblemError as exc:
-        if exc.status == 400:
-            raise
-        raise ProblemError(400, "Invalid parameter", exc.detail, **exc.extra) from None
+    """``from`` and ``to`` of the query as the first whole hour and the end of the last one; a 422 problem,
+    as every api route answers a bad parameter, on anything else (missing, unknown or repeated
+    parameters, times without a zone, from >= to, no whole hour in the range, more than MAX_HOURS hours)."""
+    q = only_known(query, ("from", "to"))
+    for name in ("from", "to"):
+        if name not in q:
+            raise _bad(f"{name}: is required", name)
+    start, end = parse_time("from", q["from"]), parse_time("to", q["to"])
     if start >= end:
         raise _bad("from must be before to", "to")
     if end - start > (MAX_HOURS + 1) * HOUR:  # before listing the hours of a range of centuries

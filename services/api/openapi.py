@@ -529,7 +529,7 @@ def _completeness_route() -> dict[str, Any]:
                 ],
                 "responses": {
                     "200": _ok("CompletenessReport"),
-                    "400": _problem(
+                    "422": _problem(
                         "from or to missing, unknown parameters, no zone, from >= to, or a range without a whole "
                         "hour or over the limit."
                     ),

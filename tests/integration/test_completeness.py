@@ -337,7 +337,7 @@ async def test_the_report_counts_every_stage_and_flags_what_does_not_reconcile(p
     assert after["reconciles"] is False
 
 
-async def test_bad_ranges_are_400_problems_and_readers_are_refused(pipeline):
+async def test_bad_ranges_are_422_problems_and_readers_are_refused(pipeline):
     p, _ = pipeline
     h = p.api
     cases = [
@@ -352,7 +352,7 @@ async def test_bad_ranges_are_400_problems_and_readers_are_refused(pipeline):
     ]
     for params in cases:
         resp = await h.client.get("/admin/completeness", params=params, headers=h.admin)
-        assert resp.status_code == 400, (params, resp.text)
+        assert resp.status_code == 422, (params, resp.text)
         assert resp.headers["content-type"] == "application/problem+json"
     # 31 days is the limit, and it is answered (the services are up)
     month = await h.client.get(

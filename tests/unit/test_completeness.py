@@ -278,10 +278,10 @@ async def test_build_report_asks_each_owner_and_refuses_a_wrong_answer():
         {"from": "2026-10-06T04:00:00Z", "to": "2026-10-06T05:00:00Z", "limit": "3"},
     ],
 )
-def test_bad_ranges_are_400(query):
+def test_bad_ranges_are_422(query):
     with pytest.raises(ProblemError) as exc:
         parse_range(query)
-    assert exc.value.status == 400
+    assert exc.value.status == 422
 
 
 def test_a_range_covers_its_whole_hours():
@@ -411,8 +411,8 @@ def test_the_cli_refuses_bad_arguments_and_reports_api_errors():
     assert code == EXIT_API and "403" in err and "usage.admin" in err
     code, _, err, _ = run(
         ("2026-10-01T00:00Z", "2026-12-01T00:00Z"),
-        400,
-        {"title": "Invalid parameter", "status": 400, "detail": "the range is longer than 744 hours"},
+        422,
+        {"title": "Invalid parameter", "status": 422, "detail": "the range is longer than 744 hours"},
     )
     assert code == EXIT_API and "744 hours" in err
     out, err = io.StringIO(), io.StringIO()
