@@ -109,17 +109,43 @@ async def stored_charges(conn: asyncpg.Connection, ids: Sequence[UUID]) -> dict[
     return {r["measurement_id"]: _charge(r) for r in rows}
 
 
+async def _stage(conn: asyncpg.Connection, table: str, columns: str, records: Sequence[tuple[Any, ...]]) -> None:
+    """COPY ``records`` into the session's temporary ``table`` (``columns`` = its DDL), emptied at commit.
+
+    The batch writes go through COPY rather than array parameters (``unnest($1::text[], ...)``): asyncpg
+    checks every element of an array parameter against collections.abc before encoding it, which cost
+    the charges consumer about 40% of its time; COPY encodes the rows directly."""
+    await conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {table} ({columns}) ON COMMIT DELETE ROWS")
+    await conn.copy_records_to_table(table, records=records)
+
+
+_CHARGE_STAGING = (
+    "measurement_id uuid, revision integer, charge_id uuid, hour timestamptz, org_id text, space_id text, "
+    "resource_id text, meter text, resource_kind text, unit text, value bigint, "
+    # The contract caps a charge's numerator and denominator at 2**62: bigint here, numeric in the table.
+    "amount_num bigint, amount_den bigint, priced boolean, estimated boolean"
+)
+
+
 async def upsert_charges(conn: asyncpg.Connection, rows: Sequence[ChargeRow]) -> None:
     """Store the new latest revisions (the caller has already checked they are newer)."""
     if not rows:
         return
+    await _stage(
+        conn,
+        "charge_in",
+        _CHARGE_STAGING,
+        [
+            (r.measurement_id, r.revision, r.charge_id, r.hour, r.org_id, r.space_id, r.resource_id, r.meter,
+             r.resource_kind, r.unit, r.value, r.amount.numerator, r.amount.denominator, r.priced, r.estimated)
+            for r in rows
+        ],
+    )
     await conn.execute(
         f"""
         INSERT INTO charge ({_CHARGE_COLUMNS})
-        SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::timestamptz[], $5::text[], $6::text[], $7::text[],
-                             $8::text[], $9::text[], $10::text[], $11::bigint[], $12::numeric[], $13::numeric[],
-                             $14::bool[], $15::bool[])
-        ORDER BY 1
+        SELECT {_CHARGE_COLUMNS} FROM charge_in
+        ORDER BY measurement_id
         ON CONFLICT (measurement_id) DO UPDATE SET
             revision = EXCLUDED.revision, charge_id = EXCLUDED.charge_id, hour = EXCLUDED.hour,
             org_id = EXCLUDED.org_id, space_id = EXCLUDED.space_id, resource_id = EXCLUDED.resource_id,
@@ -127,22 +153,7 @@ async def upsert_charges(conn: asyncpg.Connection, rows: Sequence[ChargeRow]) ->
             value = EXCLUDED.value, amount_num = EXCLUDED.amount_num, amount_den = EXCLUDED.amount_den,
             priced = EXCLUDED.priced, estimated = EXCLUDED.estimated
         WHERE charge.revision < EXCLUDED.revision
-        """,
-        [r.measurement_id for r in rows],
-        [r.revision for r in rows],
-        [r.charge_id for r in rows],
-        [r.hour for r in rows],
-        [r.org_id for r in rows],
-        [r.space_id for r in rows],
-        [r.resource_id for r in rows],
-        [r.meter for r in rows],
-        [r.resource_kind for r in rows],
-        [r.unit for r in rows],
-        [r.value for r in rows],
-        [r.amount.numerator for r in rows],
-        [r.amount.denominator for r in rows],
-        [r.priced for r in rows],
-        [r.estimated for r in rows],
+        """
     )
 
 
@@ -179,26 +190,15 @@ async def charges_at(conn: asyncpg.Connection, pairs: Sequence[tuple[str, dateti
     return [_charge(r) for r in rows]
 
 
-def _pairs(cells: dict[Any, list[Any]]) -> tuple[list[Any], list[int], list[int], list[int]]:
-    keys = sorted(cells)  # one global order of row locks across concurrent writers
-    values, nums, dens = [], [], []
-    for k in keys:
-        v, a = cells[k]
-        values.append(int(v))
-        nums.append(a.numerator)
-        dens.append(a.denominator)
-    return keys, values, nums, dens
-
-
-def _rollup_upsert_sql(table: str, keys: Sequence[tuple[str, str]]) -> str:
-    """INSERT ... ON CONFLICT adding (value, amount_num / amount_den) to the row of ``keys``, exactly: the
-    amounts are summed over the lcm of their denominators."""
+def _rollup_upsert_sql(table: str, keys: Sequence[tuple[str, str]]) -> tuple[str, str]:
+    """The staging columns of ``table``'s changes and the INSERT ... ON CONFLICT that adds them (value,
+    amount_num / amount_den) to its rows, exactly: the amounts are summed over the lcm of their
+    denominators. Rows are written in key order: one global order of row locks across concurrent writers."""
     names = ", ".join(k for k, _ in keys)
-    arrays = ", ".join(f"${i}::{t}[]" for i, (_, t) in enumerate(keys, start=1))
-    n = len(keys)
-    return f"""
+    staging = ", ".join(f"{k} {t}" for k, t in keys) + ", value bigint, amount_num numeric, amount_den numeric"
+    return staging, f"""
         INSERT INTO {table} AS u ({names}, value, amount_num, amount_den)
-        SELECT * FROM unnest({arrays}, ${n + 1}::bigint[], ${n + 2}::numeric[], ${n + 3}::numeric[])
+        SELECT {names}, value, amount_num, amount_den FROM {table}_in ORDER BY {names}
         ON CONFLICT ({names}) DO UPDATE SET
             value = u.value + EXCLUDED.value,
             amount_num = u.amount_num * div(lcm(u.amount_den, EXCLUDED.amount_den), u.amount_den)
@@ -211,9 +211,9 @@ def _group_keys(period: str, sql_type: str) -> tuple[tuple[str, str], ...]:
     return (("customer_id", "uuid"), ("dim", "text"), (period, sql_type), ("key", "text"), ("key2", "text"), ("unit", "text"))
 
 
-# Rollups field -> (its upsert, the number of key columns), in the order they are written.
+# Rollups field -> (its table, staging columns, upsert), in the order they are written.
 _ROLLUP_UPSERTS = {
-    field: (_rollup_upsert_sql(table, keys), len(keys))
+    field: (table, *_rollup_upsert_sql(table, keys))
     for field, table, keys in (
         ("day", "usage_day", (("customer_id", "uuid"), ("day", "date"), ("resource_id", "text"), ("meter", "text"),
                               ("resource_kind", "text"), ("org_id", "text"), ("space_id", "text"), ("unit", "text"))),
@@ -226,11 +226,11 @@ _ROLLUP_UPSERTS = {
 
 async def apply_rollups(conn: asyncpg.Connection, r: Rollups) -> None:
     """Add the changes to the rollups, exactly (rational sums over the lcm)."""
-    for field, (sql, n_keys) in _ROLLUP_UPSERTS.items():
+    for field, (table, staging, sql) in _ROLLUP_UPSERTS.items():
         cells = getattr(r, field)
         if cells:
-            keys, values, nums, dens = _pairs(cells)
-            await conn.execute(sql, *[[k[i] for k in keys] for i in range(n_keys)], values, nums, dens)
+            await _stage(conn, f"{table}_in", staging, [(*k, int(v), a.numerator, a.denominator) for k, (v, a) in cells.items()])
+            await conn.execute(sql)
 
 
 def group_rollups_backfill_sql() -> str:
@@ -271,19 +271,22 @@ async def upsert_names(
             [spaces[k][1] for k in ks],
         )
     if resources:
-        ks = sorted(resources)
+        await _stage(
+            conn,
+            "resource_info_in",
+            "resource_id text, resource_name text, meter text, resource_kind text, space_id text, org_id text",
+            [(k, *v) for k, v in resources.items()],
+        )
         await conn.execute(
             """
             INSERT INTO resource_info AS r (resource_id, resource_name, meter, resource_kind, space_id, org_id)
-            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+            SELECT * FROM resource_info_in ORDER BY resource_id
             ON CONFLICT (resource_id) DO UPDATE SET resource_name = EXCLUDED.resource_name, meter = EXCLUDED.meter,
                 resource_kind = EXCLUDED.resource_kind, space_id = EXCLUDED.space_id, org_id = EXCLUDED.org_id
             WHERE (r.resource_name, r.meter, r.resource_kind, r.space_id, r.org_id)
                   IS DISTINCT FROM (EXCLUDED.resource_name, EXCLUDED.meter, EXCLUDED.resource_kind,
                                     EXCLUDED.space_id, EXCLUDED.org_id)
-            """,
-            ks,
-            *[[resources[k][i] for k in ks] for i in range(5)],
+            """
         )
 
 
