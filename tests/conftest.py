@@ -20,6 +20,10 @@ import pytest
 
 from shared.topics import delete_topics, ensure_topics
 
+# The shared fixtures and helpers in tests/support assert like the test modules do (their failures show the
+# values compared): registered before any test module imports them.
+pytest.register_assert_rewrite("tests.support")
+
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS_SQL = ROOT / "deploy" / "local" / "schemas.sql"
 SERVICES = ("collector", "pricer", "ledger", "api")

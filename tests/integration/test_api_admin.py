@@ -9,7 +9,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.integration.test_api_harness import running_api, serve_app
+from tests.sim_server import serve_app
+from tests.support.api_harness import running_api
 
 pytestmark = pytest.mark.integration
 

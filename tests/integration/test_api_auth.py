@@ -11,8 +11,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.integration.test_api_harness import ApiHarness, harness, txn  # noqa: F401
-from tests.unit.test_api_tokens import attacks
+from tests.support.api_factories import txn
+from tests.support.api_harness import ApiHarness, harness  # noqa: F401  (fixture)
+from tests.support.tokens import attacks
 
 pytestmark = pytest.mark.integration
 

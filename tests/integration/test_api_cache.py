@@ -8,9 +8,9 @@ from fractions import Fraction
 
 import pytest
 
-from tests.integration.test_api_harness import running_api
-from tests.integration.test_api_read_model import A, B, H1, OCT, fill, ts
-from tests.unit.test_api_factories import charge
+from tests.support.api_factories import charge
+from tests.support.api_harness import running_api
+from tests.support.api_read_model import H1, OCT, A, B, fill, ts
 
 pytestmark = pytest.mark.integration
 

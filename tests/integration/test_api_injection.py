@@ -8,8 +8,8 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.integration.test_api_harness import ApiHarness, harness  # noqa: F401
-from tests.integration.test_api_read_model import A, fill
+from tests.support.api_harness import ApiHarness, harness  # noqa: F401  (fixture)
+from tests.support.api_read_model import A, fill
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from services.api import projector
 from shared.contracts import ChargeComputed, TransactionPosted
 from shared.db import create_pool, migrate
-from tests.unit.test_api_factories import charge, txn
+from tests.support.api_factories import charge, txn
 
 pytestmark = pytest.mark.integration
 

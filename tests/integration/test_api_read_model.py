@@ -1,101 +1,47 @@
 """Every customer route answering from data that flowed through the real topics: ChargeComputed and
 TransactionPosted/StatementIssued messages published to fresh topics, consumed by the api's own
-consumers into its read model, queried over HTTP with valid tokens. Expected figures are computed here
-from the messages with Fractions (the oracle), not by the api's code."""
+consumers into its read model, queried over HTTP with valid tokens. Expected figures are computed from the
+messages with Fractions (the oracle, in tests/support/api_read_model.py), not by the api's code."""
 
 from __future__ import annotations
 
 import re
-import uuid
-from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
 from fractions import Fraction
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import pytest
 
-from shared.contracts import ChargeComputed
-from tests.unit.test_api_openapi import DOC, response_schema, violations
-from tests.integration.test_api_harness import ApiHarness, charge, harness, statement, txn  # noqa: F401
+from tests.support.api_factories import txn
+from tests.support.api_harness import ApiHarness, harness  # noqa: F401  (fixture)
+from tests.support.api_read_model import (
+    EARLY,
+    H1,
+    H2,
+    H3,
+    H4,
+    LATE,
+    LEDGER_AMOUNTS,
+    NOV_END,
+    NY,
+    OCT,
+    A,
+    B,
+    fill,
+    final_charges,
+    ny_day,
+    ny_month,
+    oracle,
+    ts,
+)
+from tests.support.openapi_checks import DOC, response_schema, violations
 
 pytestmark = pytest.mark.integration
-
-NY = ZoneInfo("America/New_York")
-A, B = uuid.UUID("0190a000-0000-7000-8000-00000000000a"), uuid.UUID("0190a000-0000-7000-8000-00000000000b")
-H1 = datetime(2026, 10, 5, 14, tzinfo=UTC)
-H2 = datetime(2026, 10, 5, 15, tzinfo=UTC)
-H3 = datetime(2026, 11, 1, 3, tzinfo=UTC)  # Oct 31, 23:00 EDT: still October in New York
-H4 = datetime(2026, 11, 1, 4, tzinfo=UTC)  # Nov 1, 00:00 EDT: November
-H5 = datetime(2026, 11, 1, 6, tzinfo=UTC)  # Nov 1, 01:00 EST (after the clocks went back)
-OCT = (datetime(2026, 10, 1, 4, tzinfo=UTC), datetime(2026, 11, 1, 4, tzinfo=UTC))
-NOV_END = datetime(2026, 12, 1, 5, tzinfo=UTC)
-
-# Which customer each org belongs to in each hour (what the ledger's usage postings will say).
-OWNER = {("org-x", h): A for h in (H1, H2, H3, H4, H5)} | {("org-y", H1): B, ("org-y", H2): B, ("org-z", H1): A, ("org-z", H2): B}
-
-
-def rx1(h: datetime, i: int) -> ChargeComputed:
-    value = 512 * (i + 1)
-    return charge(h, "app-x1", org="org-x", space="space-x", value=value, amount=Fraction(value * 1_000_000, 1024 * 730))
-
-
-EARLY = [
-    rx1(H1, 0),
-    charge(H1, "svc-x2", org="org-x", space="space-x2", meter="cfservices", kind="plan-a", unit="instance", value=1, amount=Fraction(5, 3)),
-    charge(H1, "app-z1", org="org-z", space="space-z", value=128, amount=Fraction(333)),
-    charge(H2, "app-z1", org="org-z", space="space-z", value=128, amount=Fraction(1, 9)),
-    charge(H1, "app-y1", org="org-y", space="space-y", value=64, amount=Fraction(1, 2)),
-    charge(H2, "app-x3", org="org-x", space="space-x", value=256, priced=False),
-]
-LATE = [
-    rx1(H2, 1),
-    rx1(H3, 2),
-    rx1(H4, 3),
-    rx1(H5, 4),
-    rx1(H2, 1),  # duplicate delivery
-    charge(H1, "svc-x2", org="org-x", space="space-x2", meter="cfservices", kind="plan-a", unit="instance", value=1, amount=Fraction(11, 1000), revision=2),
-    charge(H1, "svc-x2", org="org-x", space="space-x2", meter="cfservices", kind="plan-a", unit="instance", value=1, amount=Fraction(5, 3)),  # old revision again
-    charge(H3, "svc-x2", org="org-x", space="space-x2", meter="cfservices", kind="plan-a", unit="instance", value=1, amount=Fraction(2_000_000, 730)),
-    charge(H2, "app-x3", org="org-x", space="space-x", value=256, amount=Fraction(1000, 7), revision=2),
-    charge(H2, "app-y1", org="org-y", space="space-y", value=64, amount=Fraction(1, 2)),
-]
-
-
-def final_charges() -> list[ChargeComputed]:
-    best: dict[uuid.UUID, ChargeComputed] = {}
-    for c in EARLY + LATE:
-        if c.measurement_id not in best or c.revision > best[c.measurement_id].revision:
-            best[c.measurement_id] = c
-    return list(best.values())
-
-
-def amount(c: ChargeComputed) -> Fraction:
-    return Fraction(c.amount_numerator, c.amount_denominator) if c.status == "priced" else Fraction(0)
-
-
-def oracle(customer: uuid.UUID, period: Any, group: Any) -> dict[tuple[Any, Any], tuple[dict[str, int], Fraction]]:
-    out: dict[tuple[Any, Any], list[Any]] = defaultdict(lambda: [defaultdict(int), Fraction(0)])
-    for c in final_charges():
-        if OWNER.get((c.org_id, c.reading_hour)) != customer:
-            continue
-        cell = out[(period(c.reading_hour), group(c))]
-        cell[0][c.unit] += c.value
-        cell[1] += amount(c)
-    return {k: (dict(v[0]), v[1]) for k, v in out.items()}
 
 
 def only(expected: dict[tuple[Any, Any], Any], prefix: str) -> dict[tuple[Any, Any], Any]:
     """The oracle's cells whose period starts with ``prefix`` (e.g. a month)."""
     return {k: v for k, v in expected.items() if str(k[0]).startswith(prefix)}
-
-
-def ny_month(h: datetime) -> str:
-    return h.astimezone(NY).strftime("%Y-%m")
-
-
-def ny_day(h: datetime) -> str:
-    return h.astimezone(NY).date().isoformat()
 
 
 def as_answered(items: list[dict[str, Any]], group_key: str) -> dict[tuple[Any, Any], tuple[dict[str, int], Fraction]]:
@@ -108,57 +54,6 @@ def as_answered(items: list[dict[str, Any]], group_key: str) -> dict[tuple[Any, 
         key = tuple(it["group"][k] for k in group_key.split(",")) if "," in group_key else it["group"][group_key]
         out[(it["period"], key)] = ({q["unit"]: q["value"] for q in it["quantities"]}, exact)
     return out
-
-
-def ts(t: datetime) -> str:
-    return t.isoformat().replace("+00:00", "Z")
-
-
-LEDGER_AMOUNTS = {H1: 3_000, H2: 4_000, H3: 5_000, H4: 6_000, H5: 7_000}
-
-
-def ledger_messages():
-    fund_a = txn(A, "funding", 100_000_000, occurred_at=datetime(2026, 10, 1, 4, tzinfo=UTC))
-    usage_a = {
-        h: txn(A, "late_usage" if h == H4 else "usage", amt, occurred_at=h, reading_hour=h, orgs=["org-x", "org-z"] if h == H1 else ["org-x"])
-        for h, amt in LEDGER_AMOUNTS.items()
-    }
-    expiry = txn(A, "expiry", 2_000_000, occurred_at=datetime(2026, 10, 20, tzinfo=UTC))
-    orig = usage_a[H2]
-    by_id = txn(
-        A, "reversal", 4_000, occurred_at=datetime(2026, 10, 21, tzinfo=UTC), idempotency_key=f"reversal:{orig.id}", reverse_sides=True
-    )
-    by_mirror = txn(
-        A, "reversal", 5_000, occurred_at=datetime(2026, 11, 3, tzinfo=UTC), idempotency_key="correction-17", reverse_sides=True
-    )
-    fund_b = txn(B, "funding", 1_000, occurred_at=datetime(2026, 10, 1, 4, tzinfo=UTC))
-    usage_b = [
-        txn(B, "usage", 700, occurred_at=H1, reading_hour=H1, orgs=["org-y"]),
-        txn(B, "usage", 800, occurred_at=H2, reading_hour=H2, orgs=["org-y", "org-z"]),
-    ]
-    stmt = statement(A, "2026-10", opening_balance=0, funded=100_000_000, used=8_000, expired=2_000_000, closing_balance=97_992_000)
-    return {
-        "a": [fund_a, *usage_a.values(), expiry, by_id, by_mirror, stmt],
-        "b": [fund_b, *usage_b],
-        "orig": orig,
-        "mirror_orig": usage_a[H3],
-        "by_id": by_id,
-        "by_mirror": by_mirror,
-        "stmt": stmt,
-    }
-
-
-async def fill(h: ApiHarness) -> dict[str, Any]:
-    """Charges first (they wait unattributed), then the ledger's facts, then more charges."""
-    await h.publish_charges(EARLY)
-    await h.until_count("charge", len(EARLY))
-    msgs = ledger_messages()
-    await h.publish_ledger(msgs["a"] + msgs["b"])
-    await h.until_count("ledger_transaction", len(msgs["a"]) + len(msgs["b"]) - 1)
-    await h.until_count("org_customer_hour", len(OWNER))
-    await h.publish_charges(LATE)
-    await h.caught_up()
-    return msgs
 
 
 def template_of(path: str) -> str:

@@ -12,8 +12,9 @@ from fractions import Fraction
 import pytest
 
 from cli.report import report
-from tests.integration.test_api_harness import ApiHarness, harness, serve_app  # noqa: F401
-from tests.integration.test_api_read_model import A, fill, ny_month, oracle
+from tests.sim_server import serve_app
+from tests.support.api_harness import ApiHarness, harness  # noqa: F401  (fixture)
+from tests.support.api_read_model import A, fill, ny_month, oracle
 
 pytestmark = pytest.mark.integration
 

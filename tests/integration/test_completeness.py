@@ -37,9 +37,9 @@ from shared.contracts import ChargeComputed
 from shared.kafka import Outgoing, encode, group_lag
 from shared.topics import CHARGES, READINGS
 from simulator import FaultConfig, Foundation, SimConfig
-from tests.integration.test_api_harness import running_api
 from tests.sim_server import running_sim, serve_app
-from tests.unit.test_api_openapi import response_schema, violations
+from tests.support.api_harness import running_api
+from tests.support.openapi_checks import response_schema, violations
 
 pytestmark = pytest.mark.integration
 
@@ -90,7 +90,7 @@ async def served(app: Any) -> AsyncIterator[str]:
 
 @dataclass
 class Pipeline:
-    api: Any  # tests.integration.test_api_harness.ApiHarness
+    api: Any  # tests.support.api_harness.ApiHarness
     collector: Any  # services.collector.service.Collector of the running collector app
     pricer_url: str
     ledger_url: str

@@ -14,7 +14,7 @@ import pytest
 from services.ledger import repository as repo
 from services.ledger.posting import ConcurrentChargeUpdateError, batch_digest, batch_months, charge_row, post_incoming
 from shared.contracts import ChargeComputed
-from tests.integration.test_ledger_support import (  # noqa: F401  (fixture)
+from tests.support.ledger import (  # noqa: F401  (fixture)
     LONG_AGO,
     PRICE_A,
     LedgerDB,

@@ -23,7 +23,7 @@ from shared.contracts import AlertRaised, ChargeComputed, StatementIssued, Trans
 from shared.db import create_pool, migrate
 from shared.kafka import Outgoing, Publisher, encode
 from shared.topics import ALERTS, CHARGES, TRANSACTIONS, dlq
-from tests.integration.test_ledger_support import (  # noqa: F401  (fixture)
+from tests.support.ledger import (  # noqa: F401  (fixture)
     PRICE_A,
     assert_books_hold,
     charge,

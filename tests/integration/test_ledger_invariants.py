@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
-from tests.integration.test_ledger_support import LedgerDB, ledger_db  # noqa: F401  (fixture)
+from tests.support.ledger import LedgerDB, ledger_db  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
 

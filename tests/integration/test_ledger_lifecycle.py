@@ -12,7 +12,7 @@ import pytest
 
 from services.ledger.service import ConflictError, NotFoundError
 from shared.contracts import AlertRaised, StatementIssued, TransactionPosted
-from tests.integration.test_ledger_support import (
+from tests.support.ledger import (
     LONG_AGO,
     PRICE_A,
     PRICE_B,

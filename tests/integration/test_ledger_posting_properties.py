@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.contracts import ChargeComputed
-from tests.integration.test_ledger_support import (
+from tests.support.ledger import (
     LONG_AGO,
     PRICE_A,
     PRICE_B,

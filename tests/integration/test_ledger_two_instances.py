@@ -23,7 +23,7 @@ from shared.contracts import ChargeComputed, TransactionPosted
 from shared.kafka import Outgoing, Publisher, encode
 from shared.topics import CHARGES, TRANSACTIONS
 from tests.conftest import TEST_PARTITIONS
-from tests.integration.test_ledger_support import (  # noqa: F401  (fixture)
+from tests.support.ledger import (  # noqa: F401  (fixture)
     PRICE_A,
     PRICE_B,
     assert_books_hold,

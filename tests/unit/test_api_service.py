@@ -31,7 +31,7 @@ from services.api.service import (
 from shared.contracts import EntryLine, TransactionPosted, UsageLine
 from shared.http import ProblemError
 from shared.money import display_credits
-from tests.unit.test_api_factories import charge, txn
+from tests.support.api_factories import charge, txn
 
 CUST = uuid.UUID("0190a000-0000-7000-8000-0000000000c1")
 

@@ -34,7 +34,7 @@ from services.api.dead_letters import attribute
 from shared.completeness import CollectorCompleteness, CollectorCount, openapi_path
 from shared.completeness import parse_range as parse_internal_range
 from shared.http import ProblemError
-from tests.unit.test_api_openapi import response_schema, violations
+from tests.support.openapi_checks import response_schema, violations
 
 H = timedelta(hours=1)
 T = datetime(2026, 10, 6, 4, tzinfo=UTC)

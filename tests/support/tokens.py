@@ -1,0 +1,202 @@
+"""A local OIDC issuer for the api's tests: ``LocalIssuer`` (discovery, a rotatable JWKS, token minting and
+forging), ``attacks`` (tokens that must all be refused) and ``serve_issuer`` (the issuer on a random port)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import uvicorn
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jose import jwk, jwt
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+AUDIENCE = "billing-api"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _uint(n: int) -> str:
+    return _b64(n.to_bytes((n.bit_length() + 7) // 8, "big"))
+
+
+class SigningKey:
+    def __init__(self, kid: str, alg: str) -> None:
+        self.kid, self.alg = kid, alg
+        if alg == "RS256":
+            self.private: Any = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        else:
+            self.private = ec.generate_private_key(ec.SECP256R1())
+        self.pem = self.private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+        self.public_pem = self.private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self.signer = jwk.construct(self.pem, alg)  # parsing a PEM per token is slow
+
+    def jwk(self) -> dict[str, str]:
+        pub = self.private.public_key().public_numbers()
+        if self.alg == "RS256":
+            return {"kty": "RSA", "use": "sig", "alg": "RS256", "kid": self.kid, "n": _uint(pub.n), "e": _uint(pub.e)}
+        return {
+            "kty": "EC",
+            "use": "sig",
+            "alg": "ES256",
+            "kid": self.kid,
+            "crv": "P-256",
+            "x": _b64(pub.x.to_bytes(32, "big")),
+            "y": _b64(pub.y.to_bytes(32, "big")),
+        }
+
+
+@functools.cache
+def _default_key(kid: str, alg: str, tag: str = "") -> SigningKey:
+    return SigningKey(kid, alg)  # RSA key generation is slow: one per process is enough
+
+
+class LocalIssuer:
+    """A tiny OIDC issuer for tests: discovery, a JWKS it can rotate, and token minting (and forging)."""
+
+    def __init__(self, url: str = "http://issuer.test") -> None:
+        self.url = url
+        self.rsa = _default_key("rsa-1", "RS256")
+        self.ec = _default_key("ec-1", "ES256")
+        self.published: list[SigningKey] = [self.rsa, self.ec]
+        self.jwks_fetches = 0
+        self.down = False
+
+    def app(self) -> Starlette:
+        async def discovery(request: Request) -> JSONResponse:
+            if self.down:
+                return JSONResponse({"error": "down"}, status_code=503)
+            return JSONResponse({"issuer": self.url, "jwks_uri": f"{self.url}/.well-known/jwks.json"})
+
+        async def jwks(request: Request) -> JSONResponse:
+            if self.down:
+                return JSONResponse({"error": "down"}, status_code=503)
+            self.jwks_fetches += 1
+            return JSONResponse({"keys": [k.jwk() for k in self.published]})
+
+        return Starlette(
+            routes=[
+                Route("/.well-known/openid-configuration", discovery),
+                Route("/.well-known/jwks.json", jwks),
+            ]
+        )
+
+    def claims(
+        self,
+        *,
+        scopes: Sequence[str] = ("usage.read",),
+        customers: Sequence[str] = (),
+        sub: str = "user-1",
+        aud: str = AUDIENCE,
+        iss: str | None = None,
+        exp_in: int = 300,
+        nbf_in: int = 0,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        now = int(time.time())
+        return {
+            "iss": self.url if iss is None else iss,
+            "sub": sub,
+            "aud": aud,
+            "iat": now,
+            "nbf": now + nbf_in,
+            "exp": now + exp_in,
+            "jti": uuid.uuid4().hex,
+            "scope": " ".join(scopes),
+            "customers": list(customers),
+            **extra,
+        }
+
+    def mint(self, key: SigningKey | None = None, kid: str | None = None, **claims: Any) -> str:
+        key = key or self.rsa
+        return jwt.encode(self.claims(**claims), key.signer, algorithm=key.alg, headers={"kid": kid or key.kid})
+
+    def token(self, scopes: Sequence[str] = ("usage.read",), customers: Sequence[str] = (), **kw: Any) -> str:
+        return self.mint(scopes=scopes, customers=customers, **kw)
+
+    def forge(self, header: dict[str, Any], claims: dict[str, Any], signature: bytes | None = None, secret: bytes | None = None) -> str:
+        """A token signed by hand: ``secret`` makes an HS256 MAC, ``signature`` is used as given."""
+        signing_input = _b64(json.dumps(header).encode()) + "." + _b64(json.dumps(claims).encode())
+        if secret is not None:
+            signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+        return signing_input + "." + _b64(signature or b"")
+
+    def rotate(self) -> SigningKey:
+        new = SigningKey(f"rsa-{len(self.published) + 1}", "RS256")
+        self.published.append(new)
+        return new
+
+
+def attacks(issuer: LocalIssuer, customer: str) -> dict[str, str]:
+    """Tokens that must all be refused (401), by name."""
+    valid = issuer.token(customers=[customer])
+    head, payload, sig = valid.split(".")
+    tampered_claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    tampered_claims["scope"] = "usage.read usage.admin"
+    stranger = _default_key("rsa-1", "RS256", "stranger")  # same kid as a published key, other key material
+    return {
+        "malformed": "not-a-token",
+        "malformed_segments": "a.b.c.d",
+        "garbage_base64": "eyJhbGciOiJSUzI1NiJ9.@@@.xyz",
+        "alg_none": issuer.forge({"alg": "none", "kid": "rsa-1"}, issuer.claims(customers=[customer])),
+        "alg_none_with_signature": issuer.forge({"alg": "none", "kid": "rsa-1"}, issuer.claims(customers=[customer]), signature=b"x"),
+        "hs256_with_rsa_public_key": issuer.forge(
+            {"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}, issuer.claims(customers=[customer]), secret=issuer.rsa.public_pem
+        ),
+        "hs256_no_kid": issuer.forge({"alg": "HS256"}, issuer.claims(customers=[customer]), secret=issuer.rsa.public_pem),
+        "rs384": jwt.encode(issuer.claims(customers=[customer]), jwk.construct(issuer.rsa.pem, "RS384"), algorithm="RS384", headers={"kid": "rsa-1"}),
+        "es256_signed_claims_rs256_kid": jwt.encode(
+            issuer.claims(customers=[customer]), issuer.ec.signer, algorithm="ES256", headers={"kid": "rsa-1"}
+        ),
+        "expired": issuer.token(customers=[customer], exp_in=-120),
+        "not_yet_valid": issuer.token(customers=[customer], nbf_in=600, exp_in=1200),
+        "wrong_issuer": issuer.token(customers=[customer], iss="http://evil.test"),
+        "wrong_audience": issuer.token(customers=[customer], aud="another-api"),
+        "unknown_kid": issuer.mint(kid="never-published", customers=[customer]),
+        "no_kid": jwt.encode(issuer.claims(customers=[customer]), issuer.rsa.signer, algorithm="RS256"),
+        "tampered_payload": f"{head}.{_b64(json.dumps(tampered_claims).encode())}.{sig}",
+        "signed_by_stranger": issuer.mint(key=stranger, customers=[customer]),
+        "no_exp": jwt.encode(
+            {k: v for k, v in issuer.claims(customers=[customer]).items() if k != "exp"},
+            issuer.rsa.signer,
+            algorithm="RS256",
+            headers={"kid": "rsa-1"},
+        ),
+    }
+
+
+@contextlib.asynccontextmanager
+async def serve_issuer(issuer: LocalIssuer) -> AsyncIterator[LocalIssuer]:
+    """Run ``issuer`` with uvicorn on a random local port; sets ``issuer.url``."""
+    server = uvicorn.Server(uvicorn.Config(issuer.app(), host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none"))
+    task = asyncio.create_task(server.serve())
+    try:
+        for _ in range(500):
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        issuer.url = f"http://127.0.0.1:{port}"
+        yield issuer
+    finally:
+        server.should_exit = True
+        await task
