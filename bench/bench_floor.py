@@ -16,9 +16,16 @@ and then the database's part of a row per charge:
   shape COPYed ``--batch`` at a time, a transaction each, as the pricer writes a batch that has no
   redelivered measurement (its cheapest path). Nothing else runs meanwhile.
 
-For each: messages (rows)/s, the CPU of this process per message, and the ratio against the issues'
-150,000/s per stage. Every real stage does more than its floor, so a floor under the target bounds what
-any stage can reach on this machine with one message (and one stored row) per measurement.
+For each: messages (rows)/s, the CPU of this process per message, the CPU of the whole machine per
+message (this process, the broker, PostgreSQL: from /proc/stat, so the machine must be otherwise quiet),
+and the ratio against the issues' 150,000/s per stage. Every real stage does more than its floor, so a
+floor under the target bounds what any stage can reach on this machine with one message (and one stored
+row) per measurement; and the machine's cores divided by the machine CPU per message of the passes a
+stage cannot do without bound it however many instances run:
+
+- ``pricer_bound_per_s``: ``forward`` + ``copy`` (each measurement read, decoded, answered by a charge
+  message, and stored as a charge row);
+- ``read_bound_per_s``: ``decode`` alone (what any consumer of the topic must at least do).
 
     .venv/bin/python -m bench.bench_floor [--count 2000000] [--batch 5000]
 """
@@ -27,9 +34,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 import uuid
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -47,6 +56,15 @@ from shared.wire import decoder_for
 
 TARGET = 150_000
 PASSES = ("consume", "decode", "forward")
+CORES = os.cpu_count() or 1
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all cores; /proc/stat, idle and iowait
+    excluded)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 async def read_all(topic: str, out_topic: str, count: int, batch: int, mode: str) -> dict[str, Any]:
@@ -66,14 +84,14 @@ async def read_all(topic: str, out_topic: str, count: int, batch: int, mode: str
     if publisher is not None:
         await publisher.start()
     got, decoded = 0, 0
-    started = cpu_started = 0.0
+    started = cpu_started = busy_started = 0.0
     try:
         while got < count:
             records = await consumer.getmany(timeout_ms=500, max_records=batch)
             if not records:
                 continue
             if not got:  # the clock starts with the first batch: group join and first fetch are not the floor
-                started, cpu_started = time.perf_counter(), time.process_time()
+                started, cpu_started, busy_started = time.perf_counter(), time.process_time(), machine_busy_seconds()
             for recs in records.values():
                 got += len(recs)
                 if mode != "consume":
@@ -81,6 +99,7 @@ async def read_all(topic: str, out_topic: str, count: int, batch: int, mode: str
             if publisher is not None:
                 await publisher.publish(out_topic, [Outgoing(r.key, r.value) for recs in records.values() for r in recs])
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        busy = machine_busy_seconds() - busy_started
     finally:
         await consumer.stop()
         if publisher is not None:
@@ -93,31 +112,35 @@ async def read_all(topic: str, out_topic: str, count: int, batch: int, mode: str
         "seconds": round(seconds, 2),
         "messages_per_s": round(rate),
         "cpu_us_per_message": round(cpu / got * 1e6, 2),
+        "machine_cpu_us_per_message": round(busy / got * 1e6, 2),
         "ratio_to_target": round(rate / TARGET, 2),
     }
 
 
 async def copy_rows(count: int, batch: int) -> dict[str, Any]:
     """COPY ``count`` rows shaped as the pricer's charges into its ``charges`` table, ``batch`` per
-    transaction; the rows of a batch are built before its clock runs."""
+    transaction; the rows are built a chunk at a time before the clocks run over the chunk's COPYs."""
     db = await fresh_database("bench_floor")
+    chunk = max(batch, 100_000 // batch * batch)
     try:
         pool = await create_pool(dsn(db, "pricer"), "pricer")
         try:
             async with pool.acquire() as conn:
                 await migrate(conn, "pricer", MIGRATIONS)
                 price = uuid.UUID(named_id("price|cfapps"))
-                seconds = 0.0
-                for first in range(0, count, batch):
+                seconds = busy = 0.0
+                for first in range(0, count, chunk):
                     rows = []
-                    for i in range(first, min(count, first + batch)):
+                    for i in range(first, min(count, first + chunk)):
                         hour = START + timedelta(hours=i // 10_000)
                         rows.append((hour, uuid.UUID(named_id(f"measurement|{i}")), 1, "cfapps", "", 1024,
                                      price, 1024 * 1_000_000, 730 * 1024, hour))
-                    started = time.perf_counter()
-                    async with conn.transaction():
-                        await conn.copy_records_to_table("charges", records=rows, columns=_CHARGE_COLUMNS)
+                    started, busy_started = time.perf_counter(), machine_busy_seconds()
+                    for at in range(0, len(rows), batch):
+                        async with conn.transaction():
+                            await conn.copy_records_to_table("charges", records=rows[at:at + batch], columns=_CHARGE_COLUMNS)
                     seconds += time.perf_counter() - started
+                    busy += machine_busy_seconds() - busy_started
                 stored = await conn.fetchval("SELECT count(*) FROM charges")
         finally:
             await pool.close()
@@ -126,6 +149,7 @@ async def copy_rows(count: int, batch: int) -> dict[str, Any]:
     if stored != count:
         raise RuntimeError(f"copy: {stored} rows stored of {count}")
     return {"rows": count, "seconds": round(seconds, 2), "rows_per_s": round(count / seconds),
+            "machine_cpu_us_per_message": round(busy / count * 1e6, 2),
             "ratio_to_target": round(count / seconds / TARGET, 2)}
 
 
@@ -141,6 +165,10 @@ async def main(count: int, batch: int) -> None:
         await delete_topics(KAFKA, prefix=prefix)
     result["copy"] = await copy_rows(produced, batch)
     print(f"copy: {result['copy']}", flush=True)
+    bound = lambda *passes: round(CORES * 1e6 / sum(result[p]["machine_cpu_us_per_message"] for p in passes))  # noqa: E731
+    result["cores"] = CORES
+    result["pricer_bound_per_s"] = bound("forward", "copy")
+    result["read_bound_per_s"] = bound("decode")
     emit(result, "floor")
 
 

@@ -93,6 +93,8 @@ def markdown(results: dict[str, Any], scale: str) -> str:
         ("floor: consume + decode (shared.wire), nothing else (messages/s)", fl("decode"), "≥ 150,000", ratio(fl("decode"), 150_000)),
         ("floor: consume + decode + publish unchanged, acked per batch (messages/s)", fl("forward"), "≥ 150,000", ratio(fl("forward"), 150_000)),
         ("floor: COPY of the pricer's charge rows, machine otherwise idle (rows/s)", floor.get("copy", {}).get("rows_per_s"), "≥ 150,000", ratio(floor.get("copy", {}).get("rows_per_s"), 150_000)),
+        ("bound: cores ÷ machine CPU of forward + COPY, any number of pricers (measurements/s)", floor.get("pricer_bound_per_s"), "≥ 150,000", ratio(floor.get("pricer_bound_per_s"), 150_000)),
+        ("bound: cores ÷ machine CPU of consume + decode, any consumer (messages/s)", floor.get("read_bound_per_s"), "≥ 150,000", ratio(floor.get("read_bound_per_s"), 150_000)),
         ("api read-model updates (charges/s)", e2e.get("api_read_model_updates_per_s"), "", ""),
         ("api monthly usage query: req/s, p50 / p99 (ms)", f"{api.get('rps')} , {api.get('p50_ms')} / {api.get('p99_ms')}", "p99 < 50 ms", ratio(api.get("p99_ms"), 50)),
         ("api uncached (req/s, p50 / p99 ms)", f"{api_all.get('api_uncached', {}).get('rps')} , {api_all.get('api_uncached', {}).get('p50_ms')} / {api_all.get('api_uncached', {}).get('p99_ms')}", "", ""),
