@@ -2,13 +2,15 @@
 message per measurement when it does nothing else (not a test).
 
 Produces ``--count`` measurement messages (the pricer benchmark's, the same size) to a fresh topic, then
-reads them three times, each time in a new consumer group, in batches of ``--batch`` as the services do:
+reads them four times, each time in a new consumer group, in batches of ``--batch`` as the services do:
 
 - ``consume``: aiokafka ``getmany`` only, nothing done with the records;
 - ``decode``: and each value decoded by the consumers' fast path (``shared.wire``'s msgspec mirror);
 - ``forward``: and each value published unchanged to a second topic, keyed as it came, every batch
-  acknowledged by the broker before the next (the pricer's least work per measurement: one message in,
-  one out, no database).
+  acknowledged by the broker before the next (the least work of any stage: one message in, one out);
+- ``price``: and, instead of the value, the pricer's own charge published (``services.pricer.service.
+  price_batch`` with the benchmark's prices in memory, keyed by org): our pricer without its database,
+  to compare with ``forward`` (what pricing and building the charge cost on top of moving a message).
 
 and then the database's part of a row per charge:
 
@@ -23,8 +25,8 @@ floor under the target bounds what any stage can reach on this machine with one 
 row) per measurement; and the machine's cores divided by the machine CPU per message of the passes a
 stage cannot do without bound it however many instances run:
 
-- ``pricer_bound_per_s``: ``forward`` + ``copy`` (each measurement read, decoded, answered by a charge
-  message, and stored as a charge row);
+- ``pricer_bound_per_s``: ``forward`` + ``copy`` (each measurement read, decoded, answered by a message,
+  and stored as a row: the least any pricer does, before it prices anything);
 - ``read_bound_per_s``: ``decode`` alone (what any consumer of the topic must at least do).
 
     .venv/bin/python -m bench.bench_floor [--count 2000000] [--batch 5000]
@@ -44,10 +46,12 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaConsumer
 
-from bench.bench_pricer import START, measurements
+from bench.bench_pricer import START, bench_prices, measurements
 from bench.common import KAFKA, drop_database, dsn, emit, fresh_database, fresh_topics, named_id, produce
 from services.pricer.app import MIGRATIONS
 from services.pricer.repository import _CHARGE_COLUMNS
+from services.pricer.service import Catalog, price_batch
+from shared.clock import utcnow
 from shared.db import create_pool, migrate
 from shared.contracts import MeasurementTaken
 from shared.kafka import Outgoing, Publisher
@@ -55,7 +59,7 @@ from shared.topics import CHARGES, READINGS, delete_topics
 from shared.wire import decoder_for
 
 TARGET = 150_000
-PASSES = ("consume", "decode", "forward")
+PASSES = ("consume", "decode", "forward", "price")
 CORES = os.cpu_count() or 1
 
 
@@ -78,8 +82,9 @@ async def read_all(topic: str, out_topic: str, count: int, batch: int, mode: str
         max_partition_fetch_bytes=4 * 1024 * 1024,  # as shared.kafka.BatchConsumer
         fetch_max_bytes=64 * 1024 * 1024,
     )
-    publisher = Publisher(KAFKA, client_id="bench-floor") if mode == "forward" else None
+    publisher = Publisher(KAFKA, client_id="bench-floor") if mode in ("forward", "price") else None
     decode = decoder_for(MeasurementTaken)
+    catalog = Catalog(bench_prices())
     await consumer.start()
     if publisher is not None:
         await publisher.start()
@@ -92,12 +97,21 @@ async def read_all(topic: str, out_topic: str, count: int, batch: int, mode: str
                 continue
             if not got:  # the clock starts with the first batch: group join and first fetch are not the floor
                 started, cpu_started, busy_started = time.perf_counter(), time.process_time(), machine_busy_seconds()
-            for recs in records.values():
-                got += len(recs)
-                if mode != "consume":
-                    decoded += len([decode(r.value) for r in recs])
+            batch_records = [r for recs in records.values() for r in recs]
+            got += len(batch_records)
+            if mode == "price":
+                priced = price_batch([decode(r.value) for r in batch_records], catalog, utcnow())
+                if priced.rejects or priced.unpriced:
+                    raise RuntimeError(f"price: {len(priced.rejects)} rejected, {len(priced.unpriced)} unpriced")
+                decoded += len(priced.payloads)
+                await publisher.publish(  # type: ignore[union-attr]
+                    out_topic, [Outgoing(m.org_id.encode(), p) for m, p in zip(priced.measurements, priced.payloads, strict=True)]
+                )
+                continue
+            if mode != "consume":
+                decoded += len([decode(r.value) for r in batch_records])
             if publisher is not None:
-                await publisher.publish(out_topic, [Outgoing(r.key, r.value) for recs in records.values() for r in recs])
+                await publisher.publish(out_topic, [Outgoing(r.key, r.value) for r in batch_records])
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         busy = machine_busy_seconds() - busy_started
     finally:

@@ -94,6 +94,14 @@ def measurements(count: int, resources: int) -> Iterator[tuple[bytes, bytes]]:
             yield resource.encode(), orjson.dumps(doc)
 
 
+def bench_prices() -> list[Price]:
+    """The prices of the benchmark's meters and kinds, valid from 2026-01-01 on."""
+    since, now = datetime(2026, 1, 1, tzinfo=UTC), datetime.now(UTC)
+    prices = [Price(uuid7(), "cfapps", "", "MB-hour", 1_000_000, 730 * 1024, since, None, now)]
+    prices += [Price(uuid7(), "cfservices", k, "instance-hour", (i + 1) * 5_000_000, 730, since, None, now) for i, k in enumerate(KINDS)]
+    return prices
+
+
 async def prepare_database(dsn: str) -> None:
     """Migrate the pricer's schema and add the prices before the pricer starts, so that every
     measurement is priced on first sight (no re-pricing in the measured window)."""
@@ -101,10 +109,7 @@ async def prepare_database(dsn: str) -> None:
     try:
         async with pool.acquire() as conn:
             await migrate(conn, "pricer", MIGRATIONS)
-            since, now = datetime(2026, 1, 1, tzinfo=UTC), datetime.now(UTC)
-            prices = [Price(uuid7(), "cfapps", "", "MB-hour", 1_000_000, 730 * 1024, since, None, now)]
-            prices += [Price(uuid7(), "cfservices", k, "instance-hour", (i + 1) * 5_000_000, 730, since, None, now) for i, k in enumerate(KINDS)]
-            for p in prices:
+            for p in bench_prices():
                 await repository.insert_price(conn, p)
     finally:
         await pool.close()

@@ -92,6 +92,7 @@ def markdown(results: dict[str, Any], scale: str) -> str:
         ("floor: aiokafka consume only, one message per measurement (messages/s)", fl("consume"), "≥ 150,000", ratio(fl("consume"), 150_000)),
         ("floor: consume + decode (shared.wire), nothing else (messages/s)", fl("decode"), "≥ 150,000", ratio(fl("decode"), 150_000)),
         ("floor: consume + decode + publish unchanged, acked per batch (messages/s)", fl("forward"), "≥ 150,000", ratio(fl("forward"), 150_000)),
+        ("our pricer without its database: consume + decode + price + publish the charge (messages/s)", fl("price"), "≥ 150,000", ratio(fl("price"), 150_000)),
         ("floor: COPY of the pricer's charge rows, machine otherwise idle (rows/s)", floor.get("copy", {}).get("rows_per_s"), "≥ 150,000", ratio(floor.get("copy", {}).get("rows_per_s"), 150_000)),
         ("bound: cores ÷ machine CPU of forward + COPY, any number of pricers (measurements/s)", floor.get("pricer_bound_per_s"), "≥ 150,000", ratio(floor.get("pricer_bound_per_s"), 150_000)),
         ("bound: cores ÷ machine CPU of consume + decode, any consumer (messages/s)", floor.get("read_bound_per_s"), "≥ 150,000", ratio(floor.get("read_bound_per_s"), 150_000)),
