@@ -156,11 +156,21 @@ def display_amount(numerator: int, denominator: int) -> str:
     return f"{q // _MICRO}.{q % _MICRO:06d}"
 
 
-def _uuid5_hex(name: str) -> str:
+def _uuid5_bytes(name: str) -> bytearray:
+    """The 16 bytes of uuid5(shared.ids.NAMESPACE, name)."""
     digest = bytearray(hashlib.sha1(_NS + name.encode()).digest()[:16])
     digest[6] = (digest[6] & 0x0F) | 0x50
     digest[8] = (digest[8] & 0x3F) | 0x80
-    return digest.hex()
+    return digest
+
+
+def _uuid5_hex(name: str) -> str:
+    return _uuid5_bytes(name).hex()
+
+
+def _uuid_text(u: UUID) -> str:
+    """``str(u)`` (orjson writes the same canonical form at a third of the cost)."""
+    return orjson.dumps(u)[1:-1].decode()
 
 
 def charge_id_str(measurement: str, revision: int) -> str:
@@ -229,7 +239,7 @@ def _document(
         "unit": m.unit,
         "estimated": m.estimated,
         "status": "unpriced" if price_id is None else "priced",
-        "price_id": None if price_id is None else str(price_id),
+        "price_id": price_id,  # orjson writes a UUID in its canonical form, as str()
         "amount_numerator": numerator,
         "amount_denominator": denominator,
         "display_amount": display_amount(numerator, denominator),
@@ -244,11 +254,10 @@ def price_batch(batch: Sequence[MeasurementTaken], catalog: Catalog, priced_at: 
     id of (hour, meter, resource), an amount beyond the contract's integers. A measurement repeated in
     the batch is priced once (ids are deterministic, so a repeat is the same fact)."""
     out = PricedBatch()
-    seen: set[str] = set()
+    seen: set[UUID] = set()
     hour_texts: dict[datetime, str | None] = {}
     for index, m in enumerate(batch):
-        measurement = str(m.id)
-        if measurement in seen:
+        if m.id in seen:
             continue
         hour = m.reading_hour
         hour_text = hour_texts.get(hour, "")
@@ -259,7 +268,7 @@ def price_batch(batch: Sequence[MeasurementTaken], catalog: Catalog, priced_at: 
         if hour_text is None:
             out.rejects.append((index, "reading_hour must be a whole UTC hour (minute 0)"))
             continue
-        if _uuid5_hex(f"measurement|{hour_text}|{m.meter}|{m.resource_id}") != measurement.replace("-", ""):
+        if _uuid5_bytes(f"measurement|{hour_text}|{m.meter}|{m.resource_id}") != m.id.bytes:
             out.rejects.append((index, "id is not shared.ids.measurement_id(reading_hour, meter, resource_id)"))
             continue
         price = catalog.price_at(m.meter, m.resource_kind, hour)
@@ -271,9 +280,9 @@ def price_batch(batch: Sequence[MeasurementTaken], catalog: Catalog, priced_at: 
             if numerator > MAX_AMOUNT:
                 out.rejects.append((index, f"charge of {numerator}/{denominator} microcredits exceeds 2**62"))
                 continue
-        seen.add(measurement)
+        seen.add(m.id)
         payload = orjson.dumps(
-            _document(m, measurement, 1, price_id, numerator, denominator, m.value, priced_at),
+            _document(m, _uuid_text(m.id), 1, price_id, numerator, denominator, m.value, priced_at),
             option=_DUMPS_OPTIONS,
         )
         if price_id is None:
