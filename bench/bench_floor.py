@@ -2,7 +2,7 @@
 message per measurement when it does nothing else (not a test).
 
 Produces ``--count`` measurement messages (the pricer benchmark's, the same size) to a fresh topic, then
-reads them four times, each time in a new consumer group, in batches of ``--batch`` as the services do:
+reads them four times, each time in a new consumer group, in batches of ``--batch`` as the pricer does:
 
 - ``consume``: aiokafka ``getmany`` only, nothing done with the records;
 - ``decode``: and each value decoded by the consumers' fast path (``shared.wire``'s msgspec mirror);
@@ -18,6 +18,15 @@ and then the database's part of a row per charge:
   shape COPYed ``--batch`` at a time, a transaction each, as the pricer writes a batch that has no
   redelivered measurement (its cheapest path). Nothing else runs meanwhile.
 
+The ledger's floor (under ``ledger`` in the result), on the ledger benchmark's charges (larger documents
+than measurements), ``--ledger-batch`` at a time as the ledger reads them:
+
+- ``consume`` and ``decode``: as above, with the ``usage.charge`` fast path;
+- ``state``: the ledger's ``charge_state`` table (its migrations, a fresh database), one row per charge
+  COPYed; ``state_if_absent``: COPYed into a temporary table and inserted from there in key order unless
+  present (``ON CONFLICT DO NOTHING``), the least that makes a redelivered charge change nothing; the
+  ledger's revisions need each applied charge's revision and amount kept, one row each here.
+
 For each: messages (rows)/s, the CPU of this process per message, the CPU of the whole machine per
 message (this process, the broker, PostgreSQL: from /proc/stat, so the machine must be otherwise quiet),
 and the ratio against the issues' 150,000/s per stage. Every real stage does more than its floor, so a
@@ -27,9 +36,12 @@ stage cannot do without bound it however many instances run:
 
 - ``pricer_bound_per_s``: ``forward`` + ``copy`` (each measurement read, decoded, answered by a message,
   and stored as a row: the least any pricer does, before it prices anything);
-- ``read_bound_per_s``: ``decode`` alone (what any consumer of the topic must at least do).
+- ``read_bound_per_s``: ``decode`` alone (what any consumer of the topic must at least do);
+- ``ledger.ledger_bound_per_s``: the ledger's ``decode`` + ``state_if_absent`` (each charge read, decoded
+  and recorded once: the least any ledger with a row per charge does, before it resolves a customer,
+  aggregates, posts or publishes anything); ``ledger.read_bound_per_s``: its ``decode`` alone.
 
-    .venv/bin/python -m bench.bench_floor [--count 2000000] [--batch 5000]
+    .venv/bin/python -m bench.bench_floor [--count 2000000] [--batch 5000] [--ledger-batch 20000]
 """
 
 from __future__ import annotations
@@ -39,21 +51,26 @@ import asyncio
 import os
 import time
 import uuid
+from collections import defaultdict
+from collections.abc import Callable
 from datetime import timedelta
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 from aiokafka import AIOKafkaConsumer
+from pydantic import BaseModel
 
+from bench.bench_ledger import charges
 from bench.bench_pricer import START, bench_prices, measurements
 from bench.common import KAFKA, drop_database, dsn, emit, fresh_database, fresh_topics, named_id, produce
-from services.pricer.app import MIGRATIONS
+from services.ledger.app import MIGRATIONS as LEDGER_MIGRATIONS
+from services.pricer.app import MIGRATIONS as PRICER_MIGRATIONS
 from services.pricer.repository import _CHARGE_COLUMNS
 from services.pricer.service import Catalog, price_batch
 from shared.clock import utcnow
 from shared.db import create_pool, migrate
-from shared.contracts import MeasurementTaken
+from shared.contracts import ChargeComputed, MeasurementTaken
 from shared.kafka import Outgoing, Publisher
 from shared.topics import CHARGES, READINGS, delete_topics
 from shared.wire import decoder_for
@@ -61,6 +78,8 @@ from shared.wire import decoder_for
 TARGET = 150_000
 PASSES = ("consume", "decode", "forward", "price")
 CORES = os.cpu_count() or 1
+_BENCH_PRICE = uuid.UUID(named_id("price|cfapps"))
+_STATE_COLUMNS = ("reading_hour", "measurement_id", "revision", "group_id", "num", "den", "meter")
 
 
 def machine_busy_seconds() -> float:
@@ -71,8 +90,11 @@ def machine_busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-async def read_all(topic: str, out_topic: str, count: int, batch: int, mode: str) -> dict[str, Any]:
-    """Read ``count`` messages of ``topic`` in a new group, doing what ``mode`` says with each."""
+async def read_all(
+    topic: str, out_topic: str, count: int, batch: int, mode: str, model: type[BaseModel] = MeasurementTaken
+) -> dict[str, Any]:
+    """Read ``count`` messages of ``topic`` (documents of ``model``) in a new group, doing what ``mode``
+    says with each."""
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=KAFKA,
@@ -83,7 +105,7 @@ async def read_all(topic: str, out_topic: str, count: int, batch: int, mode: str
         fetch_max_bytes=64 * 1024 * 1024,
     )
     publisher = Publisher(KAFKA, client_id="bench-floor") if mode in ("forward", "price") else None
-    decode = decoder_for(MeasurementTaken)
+    decode = decoder_for(model)
     catalog = Catalog(bench_prices())
     await consumer.start()
     if publisher is not None:
@@ -131,64 +153,103 @@ async def read_all(topic: str, out_topic: str, count: int, batch: int, mode: str
     }
 
 
-async def copy_rows(count: int, batch: int) -> dict[str, Any]:
-    """COPY ``count`` rows shaped as the pricer's charges into its ``charges`` table, ``batch`` per
-    transaction; the rows are built a chunk at a time before the clocks run over the chunk's COPYs."""
+def pricer_row(i: int) -> tuple[Any, ...]:
+    """Row ``i`` in the shape of the pricer's ``charges`` (10,000 measurements an hour)."""
+    hour = START + timedelta(hours=i // 10_000)
+    return (hour, uuid.UUID(named_id(f"measurement|{i}")), 1, "cfapps", "", 1024,
+            _BENCH_PRICE, 1024 * 1_000_000, 730 * 1024, hour)
+
+
+def ledger_state_row(i: int) -> tuple[Any, ...]:
+    """Row ``i`` in the shape of the ledger's ``charge_state``: the applied revision of one charge."""
+    hour = START + timedelta(hours=i // 10_000)
+    return (hour, uuid.UUID(named_id(f"measurement|{i}")), 1, 1 + i % 150, (i % 64 + 1) * 128_000_000, 747_520, "cfapps")
+
+
+async def copy_rows(
+    count: int, batch: int, service: str, migrations: Path, table: str, columns: tuple[str, ...],
+    row: Callable[[int], tuple[Any, ...]], if_absent: bool = False,
+) -> dict[str, Any]:
+    """COPY ``count`` rows made by ``row`` into ``service``'s ``table`` (its migrations, in a fresh
+    database), ``batch`` per transaction; the rows are built a chunk at a time before the clocks run over
+    the chunk's COPYs. ``if_absent``: COPY into a temporary table and insert from there in key order those
+    not yet present (``ON CONFLICT DO NOTHING``), the least that lets a redelivered row change nothing."""
     db = await fresh_database("bench_floor")
     chunk = max(batch, 100_000 // batch * batch)
     try:
-        pool = await create_pool(dsn(db, "pricer"), "pricer")
+        pool = await create_pool(dsn(db, service), service)
         try:
             async with pool.acquire() as conn:
-                await migrate(conn, "pricer", MIGRATIONS)
-                price = uuid.UUID(named_id("price|cfapps"))
+                await migrate(conn, service, migrations)
+                if if_absent:
+                    await conn.execute(f"CREATE TEMP TABLE staged (LIKE {table}) ON COMMIT DELETE ROWS")
                 seconds = busy = 0.0
                 for first in range(0, count, chunk):
-                    rows = []
-                    for i in range(first, min(count, first + chunk)):
-                        hour = START + timedelta(hours=i // 10_000)
-                        rows.append((hour, uuid.UUID(named_id(f"measurement|{i}")), 1, "cfapps", "", 1024,
-                                     price, 1024 * 1_000_000, 730 * 1024, hour))
+                    rows = [row(i) for i in range(first, min(count, first + chunk))]
                     started, busy_started = time.perf_counter(), machine_busy_seconds()
                     for at in range(0, len(rows), batch):
                         async with conn.transaction():
-                            await conn.copy_records_to_table("charges", records=rows[at:at + batch], columns=_CHARGE_COLUMNS)
+                            if not if_absent:
+                                await conn.copy_records_to_table(table, records=rows[at:at + batch], columns=columns)
+                                continue
+                            await conn.copy_records_to_table("staged", records=rows[at:at + batch], columns=columns)
+                            await conn.execute(
+                                f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(columns)} FROM staged"
+                                f" ORDER BY {columns[0]}, {columns[1]} ON CONFLICT DO NOTHING"
+                            )
                     seconds += time.perf_counter() - started
                     busy += machine_busy_seconds() - busy_started
-                stored = await conn.fetchval("SELECT count(*) FROM charges")
+                stored = await conn.fetchval(f"SELECT count(*) FROM {table}")
         finally:
             await pool.close()
     finally:
         await drop_database(db)
     if stored != count:
-        raise RuntimeError(f"copy: {stored} rows stored of {count}")
+        raise RuntimeError(f"copy into {service}.{table}: {stored} rows stored of {count}")
     return {"rows": count, "seconds": round(seconds, 2), "rows_per_s": round(count / seconds),
             "machine_cpu_us_per_message": round(busy / count * 1e6, 2),
             "ratio_to_target": round(count / seconds / TARGET, 2)}
 
 
-async def main(count: int, batch: int) -> None:
-    prefix = await fresh_topics()
+async def main(count: int, batch: int, ledger_batch: int) -> None:
+    prefix, ledger_prefix = await fresh_topics(), await fresh_topics()
     try:
         produced, produce_s = await produce(prefix + READINGS, measurements(count, 10_000))
         result: dict[str, Any] = {"count": produced, "batch": batch, "produce_per_s": round(produced / produce_s)}
         for mode in PASSES:
             result[mode] = await read_all(prefix + READINGS, prefix + CHARGES, produced, batch, mode)
             print(f"{mode}: {result[mode]}", flush=True)
+        # The ledger's input: the ledger benchmark's charges (larger documents than measurements).
+        orgs = [str(uuid.UUID(int=(i + 1) << 32)) for i in range(1000)]
+        sums: dict[tuple[str, str, str], Fraction] = defaultdict(Fraction)
+        sent, _ = await produce(ledger_prefix + CHARGES, charges(count, 50_000, orgs, 0.01, 0.01, sums))
+        ledger: dict[str, Any] = {"count": sent, "batch": ledger_batch}
+        for mode in ("consume", "decode"):
+            ledger[mode] = await read_all(ledger_prefix + CHARGES, "", sent, ledger_batch, mode, ChargeComputed)
+            print(f"ledger {mode}: {ledger[mode]}", flush=True)
     finally:
         await delete_topics(KAFKA, prefix=prefix)
-    result["copy"] = await copy_rows(produced, batch)
+        await delete_topics(KAFKA, prefix=ledger_prefix)
+    result["copy"] = await copy_rows(produced, batch, "pricer", PRICER_MIGRATIONS, "charges", _CHARGE_COLUMNS, pricer_row)
     print(f"copy: {result['copy']}", flush=True)
-    bound = lambda *passes: round(CORES * 1e6 / sum(result[p]["machine_cpu_us_per_message"] for p in passes))  # noqa: E731
+    for mode in ("state", "state_if_absent"):
+        ledger[mode] = await copy_rows(sent, ledger_batch, "ledger", LEDGER_MIGRATIONS, "charge_state", _STATE_COLUMNS,
+                                       ledger_state_row, if_absent=mode == "state_if_absent")
+        print(f"ledger {mode}: {ledger[mode]}", flush=True)
+    machine = lambda r, *passes: sum(r[p]["machine_cpu_us_per_message"] for p in passes)  # noqa: E731
     result["cores"] = CORES
-    result["pricer_bound_per_s"] = bound("forward", "copy")
-    result["read_bound_per_s"] = bound("decode")
+    result["pricer_bound_per_s"] = round(CORES * 1e6 / machine(result, "forward", "copy"))
+    result["read_bound_per_s"] = round(CORES * 1e6 / machine(result, "decode"))
+    ledger["read_bound_per_s"] = round(CORES * 1e6 / machine(ledger, "decode"))
+    ledger["ledger_bound_per_s"] = round(CORES * 1e6 / machine(ledger, "decode", "state_if_absent"))
+    result["ledger"] = ledger
     emit(result, "floor")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=2_000_000, help="measurement messages (default 2,000,000)")
-    parser.add_argument("--batch", type=int, default=5000, help="records per getmany, as the services (default 5000)")
+    parser.add_argument("--batch", type=int, default=5000, help="records per getmany, as the pricer (default 5000)")
+    parser.add_argument("--ledger-batch", type=int, default=20_000, help="records per getmany of charges, as the ledger (default 20000)")
     args = parser.parse_args()
-    asyncio.run(main(args.count, args.batch))
+    asyncio.run(main(args.count, args.batch, args.ledger_batch))

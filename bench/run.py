@@ -78,6 +78,7 @@ def markdown(results: dict[str, Any], scale: str) -> str:
     pri2, led2 = r.get("pricer_x2", {}), r.get("ledger_x2", {})
     floor = r.get("floor", {})
     fl = lambda k: floor.get(k, {}).get("messages_per_s")  # noqa: E731
+    lf = floor.get("ledger", {})
     peak = lambda d: max(d.get("peak_rss_mb") or [0]) if isinstance(d.get("peak_rss_mb"), list) else d.get("peak_rss_mb")  # noqa: E731
     e2e_rate = e2e.get("e2e_measurements_per_s")
     rows = [
@@ -96,6 +97,9 @@ def markdown(results: dict[str, Any], scale: str) -> str:
         ("floor: COPY of the pricer's charge rows, machine otherwise idle (rows/s)", floor.get("copy", {}).get("rows_per_s"), "≥ 150,000", ratio(floor.get("copy", {}).get("rows_per_s"), 150_000)),
         ("bound: cores ÷ machine CPU of forward + COPY, any number of pricers (measurements/s)", floor.get("pricer_bound_per_s"), "≥ 150,000", ratio(floor.get("pricer_bound_per_s"), 150_000)),
         ("bound: cores ÷ machine CPU of consume + decode, any consumer (messages/s)", floor.get("read_bound_per_s"), "≥ 150,000", ratio(floor.get("read_bound_per_s"), 150_000)),
+        ("ledger floor: consume + decode of the ledger benchmark's charges, one process (charges/s)", lf.get("decode", {}).get("messages_per_s"), "≥ 150,000", ratio(lf.get("decode", {}).get("messages_per_s"), 150_000)),
+        ("ledger floor: charge_state rows inserted if absent (COPY to temp + INSERT … ON CONFLICT DO NOTHING), idle machine (rows/s)", lf.get("state_if_absent", {}).get("rows_per_s"), "≥ 150,000", ratio(lf.get("state_if_absent", {}).get("rows_per_s"), 150_000)),
+        ("bound: cores ÷ machine CPU of charge decode + state row if absent, any number of ledgers (charges/s)", lf.get("ledger_bound_per_s"), "≥ 150,000", ratio(lf.get("ledger_bound_per_s"), 150_000)),
         ("api read-model updates (charges/s)", e2e.get("api_read_model_updates_per_s"), "", ""),
         ("api monthly usage query: req/s, p50 / p99 (ms)", f"{api.get('rps')} , {api.get('p50_ms')} / {api.get('p99_ms')}", "p99 < 50 ms", ratio(api.get("p99_ms"), 50)),
         ("api uncached (req/s, p50 / p99 ms)", f"{api_all.get('api_uncached', {}).get('rps')} , {api_all.get('api_uncached', {}).get('p50_ms')} / {api_all.get('api_uncached', {}).get('p99_ms')}", "", ""),
@@ -138,6 +142,8 @@ def chart(results: dict[str, Any], path: Path) -> None:
         ("api read model", r.get("e2e", {}).get("api_read_model_updates_per_s")),
         ("floor: read + decode + publish", r.get("floor", {}).get("forward", {}).get("messages_per_s")),
         ("floor: COPY of charge rows", r.get("floor", {}).get("copy", {}).get("rows_per_s")),
+        ("ledger floor: read + decode charges", r.get("floor", {}).get("ledger", {}).get("decode", {}).get("messages_per_s")),
+        ("ledger bound: decode + state row, 2 cores", r.get("floor", {}).get("ledger", {}).get("ledger_bound_per_s")),
         ("Kafka ProducerPerformance", r.get("baselines", {}).get("kafka_producer_perf_records_per_s")),
         ("PostgreSQL COPY", r.get("baselines", {}).get("postgres_copy_rows_per_s")),
         ("set-based SQL (month)", r.get("baselines", {}).get("set_based_sql_measurements_per_s")),
