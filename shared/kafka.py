@@ -38,11 +38,14 @@ from shared.metrics import (
 from shared.topics import dlq
 from shared.wire import decoder_for
 
-__all__ = ["murmur2", "Publisher", "BatchConsumer", "Received", "Rejected", "Outgoing", "encode", "describe_error"]
+__all__ = ["murmur2", "FETCH_CHUNK", "Publisher", "BatchConsumer", "Received", "Rejected", "Outgoing", "encode", "describe_error"]
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
+
+# Records a consumer parses and decodes before it lets the event loop run again (see BatchConsumer._fetch).
+FETCH_CHUNK = 250
 
 # Errors worth retrying as they are: the database or the broker is away for a moment.
 TRANSIENT = (
@@ -242,7 +245,8 @@ class _CommitBeforeRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 class BatchConsumer(Generic[M]):
     """Consume ``topic`` in ``group_id`` in batches of up to ``max_records``.
 
-    For each batch: decode every record with ``model`` (through its fast mirror in ``shared.wire`` when
+    For each batch (taken from the client ``FETCH_CHUNK`` records at a time, while the previous batch is
+    handled): decode every record with ``model`` (through its fast mirror in ``shared.wire`` when
     it has one; invalid ones are rejected with the model's reason), call
     ``handler`` with the valid ones, publish the rejected ones to ``<topic>.dlq`` with the reason in the
     ``dlq.reason`` header and the original bytes as value, then commit the batch's offsets. A handler
@@ -343,23 +347,47 @@ class BatchConsumer(Generic[M]):
                 await prefetch
 
     async def _fetch(self) -> _Fetched[M] | None:
+        """The next batch, up to ``max_records``, decoded. It runs while the handler of the batch in hand
+        waits on the database, so it takes the records a chunk at a time and lets the event loop run
+        between chunks: parsing and decoding a whole batch at once would hold the handler's next statement
+        back by as long (tens of ms for a batch of the ledger's size)."""
         try:
-            records = await self._consumer.getmany(timeout_ms=self._timeout_ms, max_records=self._max_records)
+            chunk = min(self._max_records, FETCH_CHUNK)
+            records = await self._consumer.getmany(timeout_ms=self._timeout_ms, max_records=chunk)
         except KafkaError as exc:
             log.warning("fetch failed; retrying", extra={"error": str(exc)})
             await asyncio.sleep(1)
             return None
         if not records:
             return None
-        fetched: _Fetched[M] = _Fetched(records)
-        for recs in records.values():
+        fetched: _Fetched[M] = _Fetched({})
+        got = self._add(fetched, records)
+        while got < self._max_records:
+            await asyncio.sleep(0)
+            try:
+                # Only what the consumer already holds: the batch does not wait for more.
+                chunk = min(self._max_records - got, FETCH_CHUNK)
+                records = await self._consumer.getmany(timeout_ms=0, max_records=chunk)
+            except KafkaError:
+                break  # what was taken stays in this batch (the consumer's position is past it)
+            if not records:
+                break
+            got += self._add(fetched, records)
+        return fetched
+
+    def _add(self, fetched: _Fetched[M], records: dict[TopicPartition, list[ConsumerRecord]]) -> int:  # type: ignore[type-arg]
+        """Decode a chunk of records into ``fetched``; a partition's records stay in offset order."""
+        count = 0
+        for tp, recs in records.items():
+            fetched.records.setdefault(tp, []).extend(recs)
+            count += len(recs)
             for rec in recs:
                 item = self._decode(rec)
                 if isinstance(item, Rejected):
                     fetched.rejected.append(item)
                 else:
                     fetched.valid.append(item)
-        return fetched
+        return count
 
     def _decode(self, record: ConsumerRecord) -> Received[M] | Rejected:  # type: ignore[type-arg]
         value = record.value

@@ -317,3 +317,40 @@ async def test_a_batch_whose_partition_a_rebalance_took_does_not_stop_the_consum
 
 
 decode = decoder_for(MeasurementTaken)
+
+
+async def test_a_batch_spans_many_fetch_chunks_in_offset_order(infra, make_topic):
+    """The consumer takes a batch from the client a chunk at a time (so that decoding the next batch does
+    not hold up the handler of this one): a batch still reaches ``max_records`` when that much is waiting,
+    every message arrives once, each partition's in offset order, and everything is committed."""
+    from shared.kafka import FETCH_CHUNK, group_lag
+
+    topic = await make_topic(partitions=2)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    total, max_records = 5 * FETCH_CHUNK + 17, 2 * FETCH_CHUNK + 3
+    pub = Publisher(infra.kafka, client_id="test")
+    await pub.start()
+    await pub.publish(topic, [Outgoing(f"k{i % 7}".encode(), encode(measurement(f"r{i}"))) for i in range(total)])
+    batches: list[list[tuple[int, int]]] = []
+
+    async def record(batch: list[Received[Measurement]]):
+        batches.append([(r.partition, r.offset) for r in batch])
+
+    consumer = BatchConsumer(topic=topic, group_id=group, bootstrap_servers=infra.kafka, model=MeasurementTaken,
+                             handler=record, publisher=pub, max_records=max_records, timeout_ms=100)
+    await consumer.start()
+    try:
+        for _ in range(200):
+            if sum(map(len, batches)) >= total and await group_lag(infra.kafka, group, topic) == 0:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await consumer.stop()
+        await pub.stop()
+    seen = [po for batch in batches for po in batch]
+    assert len(seen) == total and len(set(seen)) == total
+    for partition in (0, 1):
+        offsets = [o for p, o in seen if p == partition]
+        assert offsets == list(range(len(offsets)))
+    assert max(map(len, batches)) == max_records
+    assert await group_lag(infra.kafka, group, topic) == 0
