@@ -117,28 +117,28 @@ async def resolve(conn: Conn) -> None:
     """Fill ledger_work with the charges of the batch that change something: the latest revision of each
     measurement, its org's customer at its hour (null: unassigned) and the revision already applied (if
     any, with what it counted), in charge_state's key order. Orgs are resolved once per distinct (org,
-    hour), not per charge."""
+    hour), not per charge. The sort that picks the latest revision comes last, so the rows leave it in
+    charge_state's key order and apply_charges inserts them along the index (a revision not newer than the
+    applied one is dropped before DISTINCT ON picks: the same pick, since the latest is newer if any is)."""
     await conn.execute(
         """
         INSERT INTO ledger_work
-        WITH latest AS (
-            SELECT DISTINCT ON (reading_hour, measurement_id) *
-              FROM ledger_incoming
-             ORDER BY reading_hour, measurement_id, revision DESC
-        ), owners AS MATERIALIZED (
+        WITH owners AS MATERIALIZED (
             SELECT k.org_id, k.reading_hour,
                    (SELECT a.customer_id FROM org_assignments a
                      WHERE a.org_id = k.org_id AND a.starts_at <= k.reading_hour
                      ORDER BY a.starts_at DESC LIMIT 1) AS customer_id
               FROM (SELECT DISTINCT org_id, reading_hour FROM ledger_incoming) k
         )
-        SELECT l.measurement_id, l.revision, l.reading_hour, l.org_id, l.meter, l.resource_kind, l.resource_id,
+        SELECT DISTINCT ON (l.reading_hour, l.measurement_id)
+               l.measurement_id, l.revision, l.reading_hour, l.org_id, l.meter, l.resource_kind, l.resource_id,
                l.price_id, l.num, l.den, o.customer_id, billing_month(l.reading_hour),
                s.revision, s.group_id, s.num, s.den
-          FROM latest l
+          FROM ledger_incoming l
           JOIN owners o ON o.org_id = l.org_id AND o.reading_hour = l.reading_hour
           LEFT JOIN charge_state s ON s.reading_hour = l.reading_hour AND s.measurement_id = l.measurement_id
          WHERE s.revision IS NULL OR s.revision < l.revision
+         ORDER BY l.reading_hour, l.measurement_id, l.revision DESC
         """
     )
 
