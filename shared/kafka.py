@@ -124,7 +124,8 @@ class Publisher:
             request_timeout_ms=30_000,
         )
         self._partitions: dict[str, list[int]] = {}
-        self._partition_cache: dict[bytes, int] = {}
+        # Per topic: two topics may have different partition counts, so a key's partition is the topic's.
+        self._partition_cache: dict[str, dict[bytes, int]] = {}
 
     async def start(self) -> None:
         await self._producer.start()
@@ -143,7 +144,7 @@ class Publisher:
         if partitions is None:
             partitions = self._partitions[topic] = sorted(await producer.partitions_for(topic))
         n_parts = len(partitions)
-        cache = self._partition_cache
+        cache = self._partition_cache.setdefault(topic, {})
         if len(cache) > 1_000_000:
             cache.clear()
         batches: dict[int, BatchBuilder] = {}

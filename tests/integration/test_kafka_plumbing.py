@@ -69,6 +69,27 @@ async def test_publisher_is_idempotent_with_acks_all(infra, make_topic):
     assert MeasurementTaken.model_validate_json(records[0].value) == m
 
 
+async def test_a_key_goes_to_its_murmur2_partition_in_each_topic_whatever_their_partition_counts(infra, make_topic):
+    """One publisher, the same keys, two topics of 3 and 5 partitions: each record lands where every Kafka
+    client would put it in that topic (murmur2 of the key modulo the topic's partition count)."""
+    from aiokafka.partitioner import murmur2 as reference_murmur2
+
+    small, large = await make_topic(partitions=3), await make_topic(partitions=5)
+    keys = [f"org-{i}".encode() for i in range(40)]
+    pub = Publisher(infra.kafka, client_id="test")
+    await pub.start()
+    try:
+        for topic in (small, large, small):
+            await pub.publish(topic, [Outgoing(k, encode(measurement(k.decode()))) for k in keys])
+    finally:
+        await pub.stop()
+    for topic, n, copies in ((small, 3, 2), (large, 5, 1)):
+        records = await read_all(infra.kafka, topic, copies * len(keys))
+        assert len(records) == copies * len(keys)
+        assert all(r.partition == (reference_murmur2(r.key) & 0x7FFFFFFF) % n for r in records)
+        assert {r.partition for r in records} == set(range(n))
+
+
 async def test_malformed_messages_go_to_the_dlq_with_reason_and_consumer_keeps_going(infra, make_topic):
     topic = await make_topic()
     pub = Publisher(infra.kafka, client_id="test")
