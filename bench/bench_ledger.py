@@ -268,7 +268,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         peak = [proc_status(p.pid).get("VmHWM", 0) for p in procs]
         assert first_t is not None
         window = last_t - first_t
-        quarter = max(1, len(rss) // 4)
+        quarter, tenth = max(1, len(rss) // 4), max(1, -(-len(rss) // 10))
         result.update(
             sustained_charges_per_s=round((last_n - first_n) / window) if window > 0 else None,
             measured_window_s=round(window, 2),
@@ -276,6 +276,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             peak_rss_mb=[round(p / 2**20, 1) for p in peak],
             rss_mb_first_quarter_max=round(max(rss[:quarter]) / 2**20, 1),
             rss_mb_last_quarter_max=round(max(rss[-quarter:]) / 2**20, 1),
+            rss_mb_by_tenth=[round(max(rss[i : i + tenth]) / 2**20) for i in range(0, len(rss), tenth)][:10],
         )
         result["check"] = await check(ADMIN_DSN.rsplit("/", 1)[0] + f"/{db}", owner, sums)
         return result

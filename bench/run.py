@@ -44,8 +44,8 @@ SCALES: dict[str, dict[str, list[str]]] = {
     # Ten minutes (and more) of the pricer and of the ledger alone at full speed, one instance each: is
     # memory flat? Kept under the "soak" key of results.json until this scale runs again.
     "soak": {
-        "pricer": ["bench/bench_pricer.py", "--count", "19000000"],
-        "ledger": ["bench/bench_ledger.py", "--count", "24000000"],
+        "pricer": ["bench/bench_pricer.py", "--count", "22000000"],
+        "ledger": ["bench/bench_ledger.py", "--count", "32000000"],
     },
 }
 
@@ -119,7 +119,8 @@ def markdown(results: dict[str, Any], scale: str) -> str:
                 f"pricer {sp.get('count')} measurements in {sp.get('measured_window_s')} s = {sp.get('sustained_measurements_per_s')}/s, "
                 f"RSS MB by tenth of the run {sp.get('rss_mb_by_tenth')}, peak {peak(sp)}; "
                 f"ledger {sl.get('messages')} charges in {sl.get('measured_window_s')} s = {sl.get('sustained_charges_per_s')}/s, "
-                f"RSS MB max of first / last quarter {sl.get('rss_mb_first_quarter_max')} / {sl.get('rss_mb_last_quarter_max')}, "
+                f"RSS MB max of first / last quarter {sl.get('rss_mb_first_quarter_max')} / {sl.get('rss_mb_last_quarter_max')}"
+                + (f", by tenth of the run {sl['rss_mb_by_tenth']}" if sl.get("rss_mb_by_tenth") else "") + ", "
                 f"peak {peak(sl)}, posting rule holds: {sl.get('check', {}).get('posting_rule_holds')}."]
     if e2e.get("rss_mb"):
         out += ["", "Memory of each service over the end-to-end run (MB, start / peak / end): "
