@@ -38,7 +38,9 @@ from shared.metrics import (
 from shared.topics import dlq
 from shared.wire import decoder_for
 
-__all__ = ["murmur2", "FETCH_CHUNK", "Publisher", "BatchConsumer", "Received", "Rejected", "Outgoing", "encode", "describe_error"]
+__all__ = [
+    "murmur2", "FETCH_CHUNK", "Publisher", "BatchConsumer", "Received", "Rejected", "Outgoing", "encode", "describe_error",
+]
 
 log = logging.getLogger(__name__)
 
