@@ -164,10 +164,6 @@ def _uuid5_bytes(name: str) -> bytearray:
     return digest
 
 
-def _uuid5_hex(name: str) -> str:
-    return _uuid5_bytes(name).hex()
-
-
 def _uuid_text(u: UUID) -> str:
     """``str(u)`` (orjson writes the same canonical form at a third of the cost)."""
     return orjson.dumps(u)[1:-1].decode()
@@ -175,7 +171,7 @@ def _uuid_text(u: UUID) -> str:
 
 def charge_id_str(measurement: str, revision: int) -> str:
     """``str(shared.ids.charge_id(UUID(measurement), revision))``, without building UUID objects."""
-    h = _uuid5_hex(f"charge|{measurement}|{revision}")
+    h = _uuid5_bytes(f"charge|{measurement}|{revision}").hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
