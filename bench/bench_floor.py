@@ -61,7 +61,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from pydantic import BaseModel
 
-from bench.bench_ledger import charges
+from bench.bench_ledger import bench_orgs, charges
 from bench.bench_pricer import START, bench_prices, measurements
 from bench.common import KAFKA, drop_database, dsn, emit, fresh_database, fresh_topics, named_id, produce
 from services.ledger.app import MIGRATIONS as LEDGER_MIGRATIONS
@@ -220,9 +220,8 @@ async def main(count: int, batch: int, ledger_batch: int) -> None:
             result[mode] = await read_all(prefix + READINGS, prefix + CHARGES, produced, batch, mode)
             print(f"{mode}: {result[mode]}", flush=True)
         # The ledger's input: the ledger benchmark's charges (larger documents than measurements).
-        orgs = [str(uuid.UUID(int=(i + 1) << 32)) for i in range(1000)]
         sums: dict[tuple[str, str, str], Fraction] = defaultdict(Fraction)
-        sent, _ = await produce(ledger_prefix + CHARGES, charges(count, 50_000, orgs, 0.01, 0.01, sums))
+        sent, _ = await produce(ledger_prefix + CHARGES, charges(count, 50_000, bench_orgs(1000), 0.01, 0.01, sums))
         ledger: dict[str, Any] = {"count": sent, "batch": ledger_batch}
         for mode in ("consume", "decode"):
             ledger[mode] = await read_all(ledger_prefix + CHARGES, "", sent, ledger_batch, mode, ChargeComputed)

@@ -56,6 +56,11 @@ NEW_YORK = ZoneInfo("America/New_York")
 
 
 
+def bench_orgs(n: int) -> list[str]:
+    """The benchmark's ``n`` org ids (the same in every run)."""
+    return [str(uuid.UUID(int=(i + 1) << 32)) for i in range(n)]
+
+
 def charges(
     count: int,
     resources: int,
@@ -219,7 +224,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
     await admin.start()
     try:
-        orgs = [str(uuid.UUID(int=(i + 1) << 32)) for i in range(args.orgs)]
+        orgs = bench_orgs(args.orgs)
         sums: dict[tuple[str, str, str], Fraction] = defaultdict(Fraction)
         total, seconds = await produce(topic, charges(args.count, args.resources, orgs, args.revisions, args.duplicates, sums))
         result["messages"] = total
