@@ -16,7 +16,7 @@ from services.collector.cf_client import CFClient
 from services.collector.schemas import ReadingRequest
 from services.collector.service import Collector
 from services.collector.settings import CollectorSettings
-from shared.clock import hour_floor, utcnow
+from shared.clock import as_utc, hour_floor, utcnow
 from shared.http import ORJSONResponse, ProblemError, read_json
 from shared.runtime import Runtime
 from shared.topics import READINGS
@@ -47,7 +47,10 @@ def _time_param(request: Request, name: str, default: datetime) -> datetime:
         raise ProblemError(400, "Invalid query parameter", f"{name}: not an ISO-8601 time") from None
     if value.tzinfo is None:
         raise ProblemError(400, "Invalid query parameter", f"{name}: give a time zone (e.g. Z)")
-    return value
+    try:
+        return as_utc(value)
+    except ValueError as exc:  # e.g. year 1 with a positive offset: before the first UTC datetime
+        raise ProblemError(400, "Invalid query parameter", f"{name}: {exc}") from None
 
 
 async def list_readings(request: Request) -> Response:
