@@ -11,15 +11,21 @@ from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from shared.clock import as_utc
 
 __all__ = [
     "UtcDatetime",
     "Event",
+    "SHARDS",
+    "MAX_ITEMS",
     "MeasurementTaken",
     "ChargeComputed",
+    "Named",
+    "PriceTerms",
+    "MeasurementsTaken",
+    "ChargesComputed",
     "EntryLine",
     "TransactionPosted",
     "UsageLine",
@@ -85,7 +91,8 @@ class MeasurementTaken(Event):
 
 
 class ChargeComputed(Event):
-    """The exact price of one measurement (topic ``usage.charges.v1``, keyed by org id).
+    """The exact price of one measurement: the shape of one charge in the pricer's admin lists (it was the
+    message of ``usage.charges.v1``, retired for ``usage.charges.v2``, see ``ChargesComputed``).
 
     A later revision of the same measurement's charge replaces the earlier one downstream."""
 
@@ -187,3 +194,151 @@ class StatementIssued(Event):
     closing_balance: Int
     used_by_kind: list[StatementLine]
     issued_at: UtcDatetime
+
+
+# ------------------------------------------------------------------------------------------ batches (v2)
+
+SHARDS = 24
+"""Resources are dealt to this many shards: ``shard = crc32(resource_id as UTF-8) % SHARDS``
+(``shared.batches.shard_of``). A measurement's shard follows from its identity alone, so consumers keep
+their state per (reading hour, meter, shard) and find a measurement's stored copy however it arrives."""
+
+MAX_ITEMS = 5000
+"""Most measurements (charges) one batch message carries; a larger shard is sent as several parts."""
+
+Index = Annotated[int, Field(ge=0, lt=MAX_ITEMS, strict=True)]
+ResourceId = Annotated[str, Field(min_length=1, max_length=64)]
+Kind = Annotated[str, Field(max_length=128)]
+
+
+class Named(BaseModel):
+    """An org or a space as the batch's dictionary lists it (items refer to it by position)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: Annotated[str, Field(max_length=64)] = Field(description="CF guid; empty when unknown.")
+    name: Name = ""
+
+
+def _same_length(model: BaseModel, columns: tuple[str, ...], tables: dict[str, str]) -> None:
+    """Every item column has one entry per item, and every index column points into its table."""
+    lengths = {name: len(getattr(model, name)) for name in columns}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"item columns differ in length: {lengths}")
+    for column, table in tables.items():
+        size = len(getattr(model, table))
+        bad = [i for i, v in enumerate(getattr(model, column)) if v >= size]
+        if bad:
+            raise ValueError(f"{column}[{bad[0]}] = {getattr(model, column)[bad[0]]} is not a position in {table}")
+
+
+_MEASUREMENT_COLUMNS = ("resource_id", "resource_name", "org", "space", "kind", "value", "estimated")
+_MEASUREMENT_TABLES = {"org": "orgs", "space": "spaces", "kind": "kinds"}
+
+
+class MeasurementsTaken(Event):
+    """Many measurements of one reading hour and meter, for one shard of resources (topic
+    ``usage.readings.v2``, keyed ``shard-<n>``). Columnar: item *i* is the *i*-th entry of every item
+    column (``resource_id`` … ``estimated``); ``org``, ``space`` and ``kind`` are positions in the
+    ``orgs``, ``spaces`` and ``kinds`` tables. A measurement's identity is (reading hour, meter,
+    resource id), its id ``shared.ids.measurement_id`` of those: it counts once however it arrives.
+    The message id is derived from the hour, meter, shard and the resource ids it carries."""
+
+    schema_name: Literal["usage.measurements"] = "usage.measurements"
+    schema_version: Literal[2] = 2
+    reading_id: UUID = Field(description="The reading (one per hour) these measurements belong to.")
+    reading_hour: UtcDatetime = Field(description="The UTC hour measured (minute 0).")
+    meter: Annotated[str, Field(min_length=1, max_length=64)] = Field(
+        description="What measured them: `cfapps` (MB of memory) or `cfservices` (instances)."
+    )
+    unit: Annotated[str, Field(min_length=1, max_length=32)] = Field(description="Unit of `value`: `MB` or `instance`.")
+    shard: Annotated[int, Field(ge=0, lt=SHARDS, strict=True)] = Field(
+        description="crc32(resource_id) % 24 of every item (consumers check it item by item)."
+    )
+    taken_at: UtcDatetime = Field(description="When the collector took (or estimated) them, UTC.")
+    orgs: Annotated[list[Named], Field(max_length=MAX_ITEMS)] = Field(description="The orgs the items refer to.")
+    spaces: Annotated[list[Named], Field(max_length=MAX_ITEMS)] = Field(description="The spaces the items refer to.")
+    kinds: Annotated[list[Kind], Field(max_length=MAX_ITEMS)] = Field(
+        description="Kinds within the meter (e.g. service plan guids; `\"\"` if the meter has one kind)."
+    )
+    resource_id: Annotated[list[ResourceId], Field(max_length=MAX_ITEMS)] = Field(
+        description="Per item: the Cloud Foundry guid of the app or service instance."
+    )
+    resource_name: Annotated[list[Name], Field(max_length=MAX_ITEMS)] = Field(description="Per item: its name.")
+    org: Annotated[list[Index], Field(max_length=MAX_ITEMS)] = Field(description="Per item: position in `orgs`.")
+    space: Annotated[list[Index], Field(max_length=MAX_ITEMS)] = Field(description="Per item: position in `spaces`.")
+    kind: Annotated[list[Index], Field(max_length=MAX_ITEMS)] = Field(description="Per item: position in `kinds`.")
+    value: Annotated[list[NonNegativeInt], Field(max_length=MAX_ITEMS)] = Field(
+        description="Per item: the measured quantity in `unit`s for this hour."
+    )
+    estimated: Annotated[list[Annotated[bool, Field(strict=True)]], Field(max_length=MAX_ITEMS)] = Field(
+        description="Per item: true when produced to fill a missed hour."
+    )
+
+    @model_validator(mode="after")
+    def _columns_agree(self) -> MeasurementsTaken:
+        _same_length(self, _MEASUREMENT_COLUMNS, _MEASUREMENT_TABLES)
+        return self
+
+
+class PriceTerms(BaseModel):
+    """A price the items of a charge batch refer to."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: UUID
+    microcredits_per_unit: NonNegativeInt
+    unit: Annotated[int, Field(ge=1, le=2**62, strict=True)]
+
+
+_CHARGE_COLUMNS = (*_MEASUREMENT_COLUMNS, "revision", "price", "amount_numerator", "amount_denominator")
+
+
+class ChargesComputed(Event):
+    """The exact charges of many measurements of one reading hour and meter, for one shard of resources
+    (topic ``usage.charges.v2``, keyed ``shard-<n>``): the measurement columns of ``MeasurementsTaken``
+    plus, per item, the charge's revision, its price (position in ``prices``; -1 when unpriced) and its
+    exact amount in microcredits, ``amount_numerator / amount_denominator``. A later revision of a
+    measurement's charge replaces the earlier one downstream; an item not newer than what a consumer
+    holds changes nothing."""
+
+    schema_name: Literal["usage.charges"] = "usage.charges"
+    schema_version: Literal[2] = 2
+    reading_hour: UtcDatetime = Field(description="The UTC hour measured (minute 0).")
+    meter: Annotated[str, Field(min_length=1, max_length=64)]
+    unit: Annotated[str, Field(min_length=1, max_length=32)]
+    shard: Annotated[int, Field(ge=0, lt=SHARDS, strict=True)]
+    priced_at: UtcDatetime = Field(description="When the pricer priced this batch, UTC.")
+    orgs: Annotated[list[Named], Field(max_length=MAX_ITEMS)]
+    spaces: Annotated[list[Named], Field(max_length=MAX_ITEMS)]
+    kinds: Annotated[list[Kind], Field(max_length=MAX_ITEMS)]
+    prices: Annotated[list[PriceTerms], Field(max_length=MAX_ITEMS)] = Field(description="The prices applied.")
+    resource_id: Annotated[list[ResourceId], Field(max_length=MAX_ITEMS)]
+    resource_name: Annotated[list[Name], Field(max_length=MAX_ITEMS)]
+    org: Annotated[list[Index], Field(max_length=MAX_ITEMS)]
+    space: Annotated[list[Index], Field(max_length=MAX_ITEMS)]
+    kind: Annotated[list[Index], Field(max_length=MAX_ITEMS)]
+    value: Annotated[list[NonNegativeInt], Field(max_length=MAX_ITEMS)]
+    estimated: Annotated[list[Annotated[bool, Field(strict=True)]], Field(max_length=MAX_ITEMS)]
+    revision: Annotated[list[Annotated[int, Field(ge=1, le=2**31 - 1, strict=True)]], Field(max_length=MAX_ITEMS)] = Field(
+        description="Per item: 1 for the first pricing, +1 for each re-pricing."
+    )
+    price: Annotated[list[Annotated[int, Field(ge=-1, lt=MAX_ITEMS, strict=True)]], Field(max_length=MAX_ITEMS)] = Field(
+        description="Per item: position in `prices`, or -1 when no price covers it (unpriced, amount 0)."
+    )
+    amount_numerator: Annotated[list[NonNegativeInt], Field(max_length=MAX_ITEMS)] = Field(
+        description="Per item: exact microcredits = numerator / denominator."
+    )
+    amount_denominator: Annotated[
+        list[Annotated[int, Field(ge=1, le=2**62, strict=True)]], Field(max_length=MAX_ITEMS)
+    ] = Field(description="Per item: see `amount_numerator`.")
+
+    @model_validator(mode="after")
+    def _columns_agree(self) -> ChargesComputed:
+        _same_length(self, _CHARGE_COLUMNS, _MEASUREMENT_TABLES)
+        for i, (p, n) in enumerate(zip(self.price, self.amount_numerator, strict=True)):
+            if p >= len(self.prices):
+                raise ValueError(f"price[{i}] = {p} is not a position in prices")
+            if p < 0 and n != 0:
+                raise ValueError(f"item {i} is unpriced with a non-zero amount")
+        return self

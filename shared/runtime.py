@@ -1,6 +1,7 @@
 """The composition root every service uses: one lifespan that creates the pool (and migrates), the
-producer and the consumers, hands them to the service, and on SIGTERM finishes the batch in hand,
-commits, and closes everything in reverse order. Nothing connects at import time."""
+FastStream broker (publisher and subscribers, ``shared.kafka.Stream``), hands them to the service, and on
+SIGTERM finishes the batch in hand, commits, and closes everything in reverse order. Nothing connects
+at import time. Each service also serves the AsyncAPI document of its topics at ``/asyncapi.json``."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ import uvicorn
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.routing import BaseRoute
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
 
 from shared.db import create_pool, migrate, ping
-from shared.http import BodySizeLimit, exception_handlers, ops_routes
-from shared.kafka import BatchConsumer, Handler, Publisher
+from shared.http import ORJSONResponse, BodySizeLimit, exception_handlers, ops_routes
+from shared.kafka import Decoder, Handler, Stream
 from shared.logging import configure_logging
 from shared.settings import ServiceSettings
 
@@ -37,44 +40,71 @@ class Runtime:
     name: str
     settings: ServiceSettings
     migrations: Path | None = None
+    description: str = ""
     pool: asyncpg.Pool = field(init=False)
-    publisher: Publisher = field(init=False)
-    consumers: list[BatchConsumer[Any]] = field(default_factory=list)
+    publisher: Stream = field(init=False)
     state: dict[str, Any] = field(default_factory=dict)
+    consumes: bool = False
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        # Built (not connected) here, so that the subscribers and publishers can be declared before the
+        # lifespan starts, and the AsyncAPI document generated without a broker.
+        self.publisher = Stream(
+            s.kafka_bootstrap_servers, client_id=self.name, title=f"billing {self.name}", description=self.description
+        )
+
+    @property
+    def stream(self) -> Stream:
+        return self.publisher
 
     @property
     def schema(self) -> str:
         return self.settings.schema_name or self.name
 
-    def consume(self, topic: str, model: type[BaseModel], handler: Handler[Any], group_id: str | None = None) -> None:
-        """Register a batch consumer of ``topic`` (a name from ``shared.topics``, prefixed here); it
-        starts with the service. Call it from ``on_start``, once the publisher exists."""
-        self.consumers.append(
-            BatchConsumer(
-                topic=self.settings.topic(topic),
-                # The group is prefixed like the topics, so runs on other prefixes never share it.
-                group_id=self.settings.topic(group_id or self.name),
-                bootstrap_servers=self.settings.kafka_bootstrap_servers,
-                model=model,
-                handler=handler,
-                publisher=self.publisher,
-                max_records=self.settings.batch_max_records,
-                timeout_ms=self.settings.batch_timeout_ms,
-            )
+    def consume(
+        self,
+        topic: str,
+        model: type[BaseModel],
+        decode: Decoder,
+        handler: Handler,
+        *,
+        description: str,
+        group_id: str | None = None,
+        max_records: int | None = None,
+    ) -> None:
+        """Subscribe to ``topic`` (a name from ``shared.topics``, prefixed here); consumption starts with
+        the service. ``model`` documents the payload, ``decode`` reads it, ``handler`` processes batches."""
+        self.consumes = True
+        self.publisher.subscribe(
+            self.settings.topic(topic),
+            # The group is prefixed like the topics, so runs on other prefixes never share it.
+            group_id=self.settings.topic(group_id or self.name),
+            model=model,
+            decode=decode,
+            handler=handler,
+            title=topic,
+            description=description,
+            max_records=max_records or self.settings.batch_max_records,
+            timeout_ms=self.settings.batch_timeout_ms,
         )
+
+    def publishes(self, topic: str, model: type[BaseModel] | None, description: str) -> None:
+        """Declare (and document) a topic this service publishes to."""
+        self.publisher.publishes(self.settings.topic(topic), model, description)
 
     def ready_checks(self) -> Mapping[str, Callable[[], Awaitable[None]]]:
         checks: dict[str, Callable[[], Awaitable[None]]] = {}
         if hasattr(self, "pool"):
             checks["database"] = lambda: ping(self.pool)
-        if hasattr(self, "publisher"):
+        if self.publisher.started:
             checks["kafka"] = self.publisher.ping
 
         async def consumers() -> None:
-            if not all(c.running for c in self.consumers):
+            if not self.publisher.running:
                 raise RuntimeError("a consumer is not running")
 
-        if self.consumers:
+        if self.consumes:
             checks["consumers"] = consumers
         if not checks:
             checks["starting"] = _not_ready
@@ -94,28 +124,32 @@ class Runtime:
                 if self.migrations is not None:
                     async with self.pool.acquire() as conn:
                         await migrate(conn, self.schema, self.migrations)
-                self.publisher = Publisher(s.kafka_bootstrap_servers, client_id=self.name)
-                await self.publisher.start()
+                # The broker connects its producer and its subscribers at once: the service's start-up
+                # (which may publish what its outbox holds) runs first, with the producer alone.
+                await self.publisher.connect()
                 try:
                     if on_start is not None:
                         await on_start(self)
                     _settle_garbage_collector()
-                    for c in self.consumers:
-                        await c.start()
+                    await self.publisher.start()
                     log.info("service started", extra={"port": s.port})
                     yield
                 finally:
-                    for c in self.consumers:
-                        await c.stop()
-                    if on_stop is not None:
-                        await on_stop(self)
-                    await self.publisher.stop()
+                    await self.publisher.stop_consuming()
+                    try:
+                        if on_stop is not None:
+                            await on_stop(self)
+                    finally:
+                        await self.publisher.stop()
             finally:
                 await self.pool.close()
                 log.info("service stopped")
 
+        async def asyncapi(request: Request) -> Response:
+            return ORJSONResponse(self.publisher.asyncapi())
+
         app = Starlette(
-            routes=[*ops_routes(self.ready_checks), *routes],
+            routes=[*ops_routes(self.ready_checks), Route("/asyncapi.json", asyncapi, methods=["GET"]), *routes],
             lifespan=lifespan,
             exception_handlers=dict(exception_handlers),
             middleware=[Middleware(BodySizeLimit, max_bytes=self.settings.max_body_bytes)],

@@ -11,6 +11,7 @@ import os
 
 __all__ = [
     "READINGS",
+    "READINGS_V1",
     "CHARGES",
     "TRANSACTIONS",
     "ALERTS",
@@ -21,8 +22,9 @@ __all__ = [
     "delete_topics",
 ]
 
-READINGS = "usage.readings.v1"
-CHARGES = "usage.charges.v1"
+READINGS = "usage.readings.v2"  # batches (shared.contracts.MeasurementsTaken)
+READINGS_V1 = "usage.readings.v1"  # one measurement per message: still accepted by the pricer
+CHARGES = "usage.charges.v2"  # batches (shared.contracts.ChargesComputed); usage.charges.v1 is retired
 TRANSACTIONS = "ledger.transactions.v1"
 ALERTS = "ledger.alerts.v1"
 PARTITIONS = 12
@@ -34,7 +36,7 @@ def dlq(topic: str) -> str:
 
 
 ALL_TOPICS: tuple[str, ...] = tuple(
-    t for base in (READINGS, CHARGES, TRANSACTIONS, ALERTS) for t in (base, dlq(base))
+    t for base in (READINGS, READINGS_V1, CHARGES, TRANSACTIONS, ALERTS) for t in (base, dlq(base))
 )
 
 

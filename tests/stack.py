@@ -43,6 +43,8 @@ class Stack:
         if "sim" in self.ports:
             env["API_OIDC_ISSUER"] = self.url("sim")
             env["SIM_OIDC_ISSUER"] = self.url("sim")
+            env.setdefault("COLLECTOR_CF_API_URL", self.url("sim"))
+            env.setdefault("COLLECTOR_UAA_URL", self.url("sim"))
         for svc in ("ledger", "pricer", "collector"):
             if svc in self.ports:
                 env[f"API_{svc.upper()}_URL"] = self.url(svc)

@@ -51,12 +51,12 @@ from services.api.service import (
 )
 from services.api.settings import ApiSettings
 from shared.clock import utcnow
-from shared.contracts import ChargeComputed
-from shared.wire import Charge  # what the consumer hands over for ChargeComputed
+from shared.contracts import ChargesComputed
 from shared.http import ORJSONResponse, ProblemError, problem, read_json
-from shared.kafka import Received
+from shared.batches import Charges, decode_charges
+from shared.kafka import Received, model_decoder
 from shared.runtime import Runtime
-from shared.topics import CHARGES, TRANSACTIONS
+from shared.topics import CHARGES, TRANSACTIONS, dlq
 
 __all__ = ["Api"]
 
@@ -85,6 +85,8 @@ class Api:
         self._clients: list[httpx.AsyncClient] = []
         self.access_cache: TtlCache[tuple[bool, bool]] = TtlCache(settings.query_cache_seconds)
         self.usage_cache: TtlCache[bytes] = TtlCache(settings.query_cache_seconds, max_entries=2_000)
+        self.names = projector.Names()
+        self.declare(runtime)
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -112,8 +114,6 @@ class Api:
             cache_seconds=s.token_cache_seconds,
         )
         self.forwarder = Forwarder(upstream, {"ledger": s.ledger_url, "pricer": s.pricer_url, "collector": s.collector_url})
-        runtime.consume(CHARGES, ChargeComputed, self.on_charges)
-        runtime.consume(TRANSACTIONS, projector.LedgerMessage, self.on_ledger)
 
     async def stop(self, runtime: Runtime) -> None:
         for client in self._clients:
@@ -122,8 +122,28 @@ class Api:
 
     # ------------------------------------------------------------------------------------ consumers
 
-    async def on_charges(self, batch: list[Received[Charge]]) -> None:
-        await projector.apply_charges(self.runtime.pool, [r.message for r in batch])
+    def declare(self, runtime: Runtime) -> None:
+        """The read model's topics (its two consumers in group ``api``)."""
+
+        def decode(raw: bytes) -> tuple[Any, list[Any]]:
+            decoded = decode_charges(raw)
+            return decoded.message, decoded.rejected
+
+        runtime.consume(
+            CHARGES, ChargesComputed, decode, self.on_charges,
+            description="Charges in batches: the usage the api answers from (per group and resource, exactly).",
+        )
+        runtime.consume(
+            TRANSACTIONS, projector.LedgerMessage,
+            model_decoder(projector.LedgerMessage.model_validate_json, projector.LedgerMessage), self.on_ledger,
+            description="Ledger transactions and statements: balances, statements, and which customer each org "
+            "belonged to in each hour (its usage lines).",
+        )
+        for topic in (CHARGES, TRANSACTIONS):
+            runtime.publishes(dlq(topic), None, f"What the api's read model could not process from {topic}.")
+
+    async def on_charges(self, batch: list[Received[Charges]]) -> None:
+        await projector.apply_charges(self.runtime.pool, [r.message for r in batch], self.names)
 
     async def on_ledger(self, batch: list[Received[projector.LedgerMessage]]) -> None:
         await projector.apply_ledger(self.runtime.pool, [r.message.root for r in batch])

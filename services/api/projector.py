@@ -1,11 +1,17 @@
-"""The consumers' work: each batch changes the read model in ONE database transaction, deduplicated by
-measurement id and revision (charges) and by message id (ledger messages), so a batch replayed after a
-crash changes nothing twice."""
+"""The consumers' work: each batch changes the read model in ONE database transaction, deduplicated per
+measurement by revision (charges, kept per shard: ``services/api/charges.py``) and by message id (ledger
+messages), so a batch replayed after a crash changes nothing twice.
+
+The charges consumer and the ledger consumer serialise per reading hour (``repository.lock_hours``): a
+charge whose org's customer is not known yet is only stored; the ledger's usage line that names the
+customer then adds every stored charge of that org and hour to the rollups.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Annotated
 from uuid import UUID
 
@@ -13,20 +19,20 @@ import asyncpg
 from pydantic import Field, RootModel
 
 from services.api import repository as repo
+from services.api.charges import ResourceDoc, Rollup, ShardDoc
 from services.api.service import (
     TransactionRow,
-    charge_rollups,
     entries_mirror,
-    latest_changes,
     reversal_candidates,
     statement_row,
     transaction_amount,
     transaction_row,
     usage_org_hours,
 )
-from shared.contracts import ChargeComputed, StatementIssued, TransactionPosted
+from shared.batches import Charges, ShardKey
+from shared.contracts import StatementIssued, TransactionPosted
 
-__all__ = ["LedgerMessage", "apply_charges", "apply_ledger"]
+__all__ = ["LedgerMessage", "Names", "apply_charges", "apply_ledger"]
 
 log = logging.getLogger(__name__)
 
@@ -35,44 +41,98 @@ class LedgerMessage(RootModel[Annotated[TransactionPosted | StatementIssued, Fie
     """A message of ``ledger.transactions.v1``: a transaction or a statement, told apart by ``schema_name``."""
 
 
-async def apply_charges(pool: asyncpg.Pool, charges: Sequence[ChargeComputed]) -> int:
+class Names:
+    """The display names written last, remembered, so that a batch writes only the names that changed
+    (a foundation's names rarely do; every batch carries them)."""
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self.orgs: dict[str, str] = {}
+        self.spaces: dict[str, tuple[str, str]] = {}
+        self.resources: dict[str, tuple[str, str, str, str, str]] = {}
+        self._limit = limit
+
+    def changed(self, batches: Sequence[Charges]) -> tuple[dict[str, str], dict[str, tuple[str, str]], dict[str, tuple[str, str, str, str, str]]]:
+        orgs: dict[str, str] = {}
+        spaces: dict[str, tuple[str, str]] = {}
+        resources: dict[str, tuple[str, str, str, str, str]] = {}
+        for c in sorted(batches, key=lambda c: c.priced_at):  # the latest names win
+            org_ids = [o.id for o in c.orgs]
+            for o in c.orgs:
+                if o.id and self.orgs.get(o.id) != o.name:
+                    orgs[o.id] = o.name
+            for i, rid in enumerate(c.resource_id):
+                org_id, space = org_ids[c.org[i]], c.spaces[c.space[i]]
+                if space.id:
+                    value = (space.name, org_id)
+                    if self.spaces.get(space.id) != value:
+                        spaces[space.id] = value
+                attrs = (c.resource_name[i], c.meter, c.kinds[c.kind[i]], space.id, org_id)
+                if self.resources.get(rid) != attrs:
+                    resources[rid] = attrs
+        return orgs, spaces, resources
+
+    def written(self, orgs: dict[str, str], spaces: dict[str, tuple[str, str]], resources: dict[str, tuple[str, str, str, str, str]]) -> None:
+        """Remember what a committed batch wrote."""
+        for table, new in ((self.orgs, orgs), (self.spaces, spaces), (self.resources, resources)):
+            if len(table) + len(new) > self._limit:
+                table.clear()
+            table.update(new)  # type: ignore[attr-defined]
+
+
+async def apply_charges(pool: asyncpg.Pool, batches: Sequence[Charges], names: Names | None = None) -> int:
     """Store the newer revisions and move the rollups of the customers they are attributed to; returns
     how many measurements changed."""
-    if not charges:
+    if not batches:
         return 0
+    names = names or Names()
+    changed = 0
     async with pool.acquire() as conn, conn.transaction():
-        orgs = {c.org_id for c in charges}
-        await repo.lock_orgs(conn, orgs)
-        stored = await repo.stored_charges(conn, sorted({c.measurement_id for c in charges}))
-        moved = {s.org_id for s in stored.values()} - orgs
-        if moved:
-            # A revision that changed the org (rare): lock the old org too. Out of the global order, so a
-            # deadlock is possible; PostgreSQL detects it and the consumer retries the batch.
-            await repo.lock_orgs(conn, moved)
-        changes = latest_changes(charges, stored)
-        if not changes:
-            return 0
-        await repo.upsert_charges(conn, [new for _, new in changes])
-        pairs = {(new.org_id, new.hour) for _, new in changes} | {(old.org_id, old.hour) for old, _ in changes if old}
+        await repo.lock_hours(conn, {c.reading_hour for c in batches})
+        keys = {ShardKey(c.reading_hour, c.meter, c.shard) for c in batches}
+        stored = await repo.lock_charge_shards(conn, keys)
+        docs: dict[ShardKey, ShardDoc] = {k: ShardDoc.load(raw) for k, raw in stored.items()}
+        pairs = {(o.id, c.reading_hour) for c in batches for o in c.orgs}
+        pairs |= {(o, k.reading_hour) for k, d in docs.items() for o in d.orgs}
         customer_of = await repo.customers_of(conn, pairs)
-        await repo.apply_rollups(conn, charge_rollups(changes, customer_of))
-        await repo.upsert_names(conn, *_names(charges))
-        return len(changes)
+        rollup = Rollup()
+        written: dict[ShardKey, ShardDoc] = {}
+        for c in batches:
+            key = ShardKey(c.reading_hour, c.meter, c.shard)
+            doc = docs.get(key)
+            if doc is None:
+                doc = docs[key] = ShardDoc.of(c)
+                positions: Sequence[int] = range(len(doc))
+                changed += len(doc)
+            else:
+                before = doc.copy()
+                replaced, positions = doc.merge(c)
+                if not positions:
+                    continue
+                changed += len(positions)
+                rollup.add(key, before, replaced, [customer_of.get((o, key.reading_hour)) for o in before.orgs], -1)
+            rollup.add(key, doc, positions, [customer_of.get((o, key.reading_hour)) for o in doc.orgs], +1)
+            written[key] = doc
+        await repo.save_charge_shards(conn, [(k, d.dump()) for k, d in written.items()])
+        await _write_rollups(conn, rollup)
+        new_names = names.changed(batches)
+        await repo.upsert_names(conn, *new_names)
+    names.written(*new_names)
+    return changed
 
 
-def _names(
-    charges: Sequence[ChargeComputed],
-) -> tuple[dict[str, str], dict[str, tuple[str, str]], dict[str, tuple[str, str, str, str, str]]]:
-    orgs: dict[str, str] = {}
-    spaces: dict[str, tuple[str, str]] = {}
-    resources: dict[str, tuple[str, str, str, str, str]] = {}
-    for c in sorted(charges, key=lambda c: (c.priced_at, c.revision)):  # the latest names win
-        if c.org_id:
-            orgs[c.org_id] = c.org_name
-        if c.space_id:
-            spaces[c.space_id] = (c.space_name, c.org_id)
-        resources[c.resource_id] = (c.resource_name, c.meter, c.resource_kind, c.space_id, c.org_id)
-    return orgs, spaces, resources
+async def _write_rollups(conn: asyncpg.Connection, rollup: Rollup) -> None:
+    if not rollup:
+        return
+    await repo.apply_group_rollups(conn, rollup.groups())
+    for period, changes in (("day", rollup.resource_day), ("month", rollup.resource_month)):
+        stored = await repo.lock_resource_docs(conn, period, changes)
+        docs = []
+        for key, change in changes.items():
+            raw = stored.get(key)
+            doc = ResourceDoc.load(raw) if raw is not None else ResourceDoc()
+            doc.add(change)
+            docs.append((key, doc.dump()))
+        await repo.save_resource_docs(conn, period, docs)
 
 
 async def apply_ledger(pool: asyncpg.Pool, messages: Sequence[TransactionPosted | StatementIssued]) -> int:
@@ -89,7 +149,7 @@ async def apply_ledger(pool: asyncpg.Pool, messages: Sequence[TransactionPosted 
         stored = await repo.insert_transactions(conn, rows)
         facts = usage_org_hours(txns)
         if facts:
-            await repo.lock_orgs(conn, {f.org_id for f in facts})
+            await repo.lock_hours(conn, {f.hour for f in facts})
             new, conflicts = await repo.insert_org_hours(conn, facts)
             for f in conflicts[:20]:
                 log.warning(
@@ -97,12 +157,22 @@ async def apply_ledger(pool: asyncpg.Pool, messages: Sequence[TransactionPosted 
                     extra={"org_id": f.org_id, "hour": f.hour.isoformat(), "customer_id": str(f.customer_id)},
                 )
             if new:
-                waiting = await repo.charges_at(conn, [(f.org_id, f.hour) for f in new])
-                customer_of = {(f.org_id, f.hour): f.customer_id for f in new}
-                await repo.apply_rollups(conn, charge_rollups(((None, c) for c in waiting), customer_of))
+                await _attribute(conn, {(f.org_id, f.hour): f.customer_id for f in new})
         if statements:
             await repo.upsert_statements(conn, [statement_row(s) for s in statements])
         return len(stored)
+
+
+async def _attribute(conn: asyncpg.Connection, customer_of: dict[tuple[str, datetime], UUID]) -> None:
+    """Add the stored charges of newly attributed (org, hour) pairs to the rollups."""
+    rollup = Rollup()
+    for key, raw in (await repo.charge_shards_at(conn, {h for _, h in customer_of})).items():
+        doc = ShardDoc.load(raw)
+        owners = [customer_of.get((o, key.reading_hour)) for o in doc.orgs]
+        if any(owners):
+            wanted = {i for i, c in enumerate(owners) if c is not None}
+            rollup.add(key, doc, [i for i in range(len(doc)) if doc.o[i] in wanted], owners, +1)
+    await _write_rollups(conn, rollup)
 
 
 async def _original(

@@ -18,7 +18,9 @@ from uuid import UUID
 import asyncpg
 import orjson
 
-from services.api.service import ChargeRow, OrgHour, Rollups, TransactionRow
+from services.api.charges import ResourceDoc, ResourceKey, ShardDoc, exact
+from services.api.service import OrgHour, TransactionRow
+from shared.batches import ShardKey
 
 __all__ = [
     "lock_orgs",
@@ -75,38 +77,125 @@ async def lock_orgs(conn: asyncpg.Connection, org_ids: Iterable[str]) -> None:
         await conn.executemany("SELECT pg_advisory_xact_lock($1)", [(k,) for k in keys])
 
 
-def _charge(r: asyncpg.Record) -> ChargeRow:
-    return ChargeRow(
-        measurement_id=r["measurement_id"],
-        revision=r["revision"],
-        charge_id=r["charge_id"],
-        hour=r["hour"],
-        org_id=r["org_id"],
-        space_id=r["space_id"],
-        resource_id=r["resource_id"],
-        meter=r["meter"],
-        resource_kind=r["resource_kind"],
-        unit=r["unit"],
-        value=r["value"],
-        amount=Fraction(int(r["amount_num"]), int(r["amount_den"])),
-        priced=r["priced"],
-        estimated=r["estimated"],
-    )
+async def lock_hours(conn: asyncpg.Connection, hours: Iterable[datetime]) -> None:
+    """Transaction-scoped advisory locks on these reading hours, in one global order (no deadlock): the
+    charges consumer and the ledger consumer serialise per hour, so a charge and the fact that attributes
+    it to a customer can never miss each other (each would otherwise not see the other's uncommitted row)."""
+    keys = sorted({_lock_key(f"hour:{h.isoformat()}") for h in hours})
+    if keys:
+        await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k ORDER BY k", keys)
 
 
-_CHARGE_COLUMNS = (
-    "measurement_id, revision, charge_id, hour, org_id, space_id, resource_id, meter, resource_kind, unit, "
-    "value, amount_num, amount_den, priced, estimated"
-)
+_SHARDS = "unnest($1::timestamptz[], $2::text[], $3::int2[]) AS k(reading_hour, meter, shard)"
 
 
-async def stored_charges(conn: asyncpg.Connection, ids: Sequence[UUID]) -> dict[UUID, ChargeRow]:
-    """The stored charges of these measurements, locked until the transaction ends."""
+async def lock_charge_shards(conn: asyncpg.Connection, keys: Iterable[ShardKey]) -> dict[ShardKey, bytes]:
+    """The stored documents of these shards (those that have one), locked until the transaction ends."""
+    ks = sorted(set(keys))
     rows = await conn.fetch(
-        f"SELECT {_CHARGE_COLUMNS} FROM charge WHERE measurement_id = ANY($1::uuid[]) ORDER BY measurement_id FOR UPDATE",
-        list(ids),
+        f"""SELECT c.reading_hour, c.meter, c.shard, c.items FROM {_SHARDS}
+              JOIN charge_shard c ON c.reading_hour = k.reading_hour AND c.meter = k.meter AND c.shard = k.shard
+             ORDER BY 1, 2, 3 FOR UPDATE OF c""",
+        [k.reading_hour for k in ks], [k.meter for k in ks], [k.shard for k in ks],
     )
-    return {r["measurement_id"]: _charge(r) for r in rows}
+    return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): r["items"] for r in rows}
+
+
+async def save_charge_shards(conn: asyncpg.Connection, docs: Sequence[tuple[ShardKey, bytes]]) -> None:
+    if docs:
+        ordered = sorted(docs)
+        await conn.execute(
+            """INSERT INTO charge_shard (reading_hour, meter, shard, items)
+               SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int2[], $4::bytea[])
+               ON CONFLICT (reading_hour, meter, shard) DO UPDATE SET items = EXCLUDED.items""",
+            [k.reading_hour for k, _ in ordered], [k.meter for k, _ in ordered], [k.shard for k, _ in ordered],
+            [d for _, d in ordered],
+        )
+
+
+async def charge_shards_at(conn: asyncpg.Connection, hours: Iterable[datetime]) -> dict[ShardKey, bytes]:
+    """Every shard document of these reading hours."""
+    rows = await conn.fetch(
+        """SELECT reading_hour, meter, shard, items FROM charge_shard
+            WHERE reading_hour = ANY($1::timestamptz[]) ORDER BY 1, 2, 3""",
+        sorted(set(hours)),
+    )
+    return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): r["items"] for r in rows}
+
+
+_RESOURCE_TABLES = {"day": ("usage_resource_day", "day"), "month": ("usage_resource_month", "month")}
+
+
+async def lock_resource_docs(conn: asyncpg.Connection, period: str, keys: Iterable[ResourceKey]) -> dict[ResourceKey, bytes]:
+    """The per-resource documents (``period`` day or month) of these keys that exist, locked."""
+    table, column = _RESOURCE_TABLES[period]
+    ks = sorted(set(keys))
+    if not ks:
+        return {}
+    rows = await conn.fetch(
+        f"""SELECT t.customer_id, t.{column} AS period, t.meter, t.shard, t.items
+              FROM unnest($1::uuid[], $2::date[], $3::text[], $4::int2[]) AS k(customer_id, period, meter, shard)
+              JOIN {table} t ON t.customer_id = k.customer_id AND t.{column} = k.period AND t.meter = k.meter
+                            AND t.shard = k.shard
+             ORDER BY 1, 2, 3, 4 FOR UPDATE OF t""",
+        [k[0] for k in ks], [k[1] for k in ks], [k[2] for k in ks], [k[3] for k in ks],
+    )
+    return {(r["customer_id"], r["period"], r["meter"], r["shard"]): r["items"] for r in rows}
+
+
+async def save_resource_docs(conn: asyncpg.Connection, period: str, docs: Sequence[tuple[ResourceKey, bytes]]) -> None:
+    table, column = _RESOURCE_TABLES[period]
+    if docs:
+        ordered = sorted(docs)
+        await conn.execute(
+            f"""INSERT INTO {table} (customer_id, {column}, meter, shard, items)
+                SELECT * FROM unnest($1::uuid[], $2::date[], $3::text[], $4::int2[], $5::bytea[])
+                ON CONFLICT (customer_id, {column}, meter, shard) DO UPDATE SET items = EXCLUDED.items""",
+            [k[0] for k, _ in ordered], [k[1] for k, _ in ordered], [k[2] for k, _ in ordered],
+            [k[3] for k, _ in ordered], [d for _, d in ordered],
+        )
+
+
+async def resource_docs(
+    conn: asyncpg.Connection, period: str, customer_id: UUID, first: date, stop: date
+) -> list[tuple[date, bytes]]:
+    """Every per-resource document of a customer for the periods in [first, stop), by period."""
+    table, column = _RESOURCE_TABLES[period]
+    rows = await conn.fetch(
+        f"""SELECT {column} AS period, items FROM {table}
+             WHERE customer_id = $1 AND {column} >= $2 AND {column} < $3 ORDER BY {column}, meter, shard""",
+        customer_id, first, stop,
+    )
+    return [(r["period"], r["items"]) for r in rows]
+
+
+async def customer_org_hours(
+    conn: asyncpg.Connection, customer_id: UUID, first: datetime, stop: datetime
+) -> dict[datetime, set[str]]:
+    """The orgs that belonged to the customer in each reading hour of [first, stop)."""
+    rows = await conn.fetch(
+        """SELECT hour, org_id FROM org_customer_hour
+            WHERE customer_id = $1 AND hour >= $2 AND hour < $3 ORDER BY hour""",
+        customer_id, first, stop,
+    )
+    out: dict[datetime, set[str]] = {}
+    for r in rows:
+        out.setdefault(r["hour"], set()).add(r["org_id"])
+    return out
+
+
+async def resource_attrs(conn: asyncpg.Connection, resource_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Display attributes of these resources (name, meter, kind, space and org with their names)."""
+    if not resource_ids:
+        return {}
+    rows = await conn.fetch(
+        f"""SELECT r.resource_id, {_DIM_NAMES["resource"][1]}
+              FROM resource_info r LEFT JOIN space_info s ON s.space_id = r.space_id
+              LEFT JOIN org_info o ON o.org_id = r.org_id
+             WHERE r.resource_id = ANY($1::text[])""",
+        sorted(set(resource_ids)),
+    )
+    return {r["resource_id"]: {c: r[c] or "" for c in _DIM_ATTRS["resource"]} for r in rows}
 
 
 async def _stage(conn: asyncpg.Connection, table: str, columns: str, records: Sequence[tuple[Any, ...]]) -> None:
@@ -117,44 +206,6 @@ async def _stage(conn: asyncpg.Connection, table: str, columns: str, records: Se
     the charges consumer about 40% of its time; COPY encodes the rows directly."""
     await conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {table} ({columns}) ON COMMIT DELETE ROWS")
     await conn.copy_records_to_table(table, records=records)
-
-
-_CHARGE_STAGING = (
-    "measurement_id uuid, revision integer, charge_id uuid, hour timestamptz, org_id text, space_id text, "
-    "resource_id text, meter text, resource_kind text, unit text, value bigint, "
-    # The contract caps a charge's numerator and denominator at 2**62: bigint here, numeric in the table.
-    "amount_num bigint, amount_den bigint, priced boolean, estimated boolean"
-)
-
-
-async def upsert_charges(conn: asyncpg.Connection, rows: Sequence[ChargeRow]) -> None:
-    """Store the new latest revisions (the caller has already checked they are newer)."""
-    if not rows:
-        return
-    await _stage(
-        conn,
-        "charge_in",
-        _CHARGE_STAGING,
-        [
-            (r.measurement_id, r.revision, r.charge_id, r.hour, r.org_id, r.space_id, r.resource_id, r.meter,
-             r.resource_kind, r.unit, r.value, r.amount.numerator, r.amount.denominator, r.priced, r.estimated)
-            for r in rows
-        ],
-    )
-    await conn.execute(
-        f"""
-        INSERT INTO charge ({_CHARGE_COLUMNS})
-        SELECT {_CHARGE_COLUMNS} FROM charge_in
-        ORDER BY measurement_id
-        ON CONFLICT (measurement_id) DO UPDATE SET
-            revision = EXCLUDED.revision, charge_id = EXCLUDED.charge_id, hour = EXCLUDED.hour,
-            org_id = EXCLUDED.org_id, space_id = EXCLUDED.space_id, resource_id = EXCLUDED.resource_id,
-            meter = EXCLUDED.meter, resource_kind = EXCLUDED.resource_kind, unit = EXCLUDED.unit,
-            value = EXCLUDED.value, amount_num = EXCLUDED.amount_num, amount_den = EXCLUDED.amount_den,
-            priced = EXCLUDED.priced, estimated = EXCLUDED.estimated
-        WHERE charge.revision < EXCLUDED.revision
-        """
-    )
 
 
 async def customers_of(conn: asyncpg.Connection, pairs: Iterable[tuple[str, datetime]]) -> dict[tuple[str, datetime], UUID]:
@@ -172,22 +223,6 @@ async def customers_of(conn: asyncpg.Connection, pairs: Iterable[tuple[str, date
         [p[1] for p in ps],
     )
     return {(r["org_id"], r["hour"]): r["customer_id"] for r in rows}
-
-
-async def charges_at(conn: asyncpg.Connection, pairs: Sequence[tuple[str, datetime]]) -> list[ChargeRow]:
-    """Every stored charge of these (org, hour) pairs."""
-    if not pairs:
-        return []
-    rows = await conn.fetch(
-        f"""
-        SELECT {", ".join("c." + c.strip() for c in _CHARGE_COLUMNS.split(","))}
-        FROM charge c
-        JOIN unnest($1::text[], $2::timestamptz[]) AS p(org_id, hour) ON p.org_id = c.org_id AND p.hour = c.hour
-        """,
-        [p[0] for p in pairs],
-        [p[1] for p in pairs],
-    )
-    return [_charge(r) for r in rows]
 
 
 def _rollup_upsert_sql(table: str, keys: Sequence[tuple[str, str]]) -> tuple[str, str]:
@@ -211,33 +246,24 @@ def _group_keys(period: str, sql_type: str) -> tuple[tuple[str, str], ...]:
     return (("customer_id", "uuid"), ("dim", "text"), (period, sql_type), ("key", "text"), ("key2", "text"), ("unit", "text"))
 
 
-# Rollups field -> (its table, staging columns, upsert), in the order they are written.
+# Granularity -> (its table, staging columns, upsert), in the order they are written.
 _ROLLUP_UPSERTS = {
-    field: (table, *_rollup_upsert_sql(table, keys))
-    for field, table, keys in (
-        ("day", "usage_day", (("customer_id", "uuid"), ("day", "date"), ("resource_id", "text"), ("meter", "text"),
-                              ("resource_kind", "text"), ("org_id", "text"), ("space_id", "text"), ("unit", "text"))),
+    granularity: (table, *_rollup_upsert_sql(table, keys))
+    for granularity, table, keys in (
         ("month", "usage_month", _group_keys("month", "date")),
-        ("day_group", "usage_day_group", _group_keys("day", "date")),
-        ("hour_group", "usage_hour_group", _group_keys("hour", "timestamptz")),
+        ("day", "usage_day_group", _group_keys("day", "date")),
+        ("hour", "usage_hour_group", _group_keys("hour", "timestamptz")),
     )
 }
 
 
-async def apply_rollups(conn: asyncpg.Connection, r: Rollups) -> None:
-    """Add the changes to the rollups, exactly (rational sums over the lcm)."""
-    for field, (table, staging, sql) in _ROLLUP_UPSERTS.items():
-        cells = getattr(r, field)
+async def apply_group_rollups(conn: asyncpg.Connection, groups: dict[str, dict[Any, tuple[int, int, int]]]) -> None:
+    """Add the changes to the group rollups, exactly (rational sums over the lcm)."""
+    for granularity, (table, staging, sql) in _ROLLUP_UPSERTS.items():
+        cells = groups.get(granularity)
         if cells:
-            await _stage(conn, f"{table}_in", staging, [(*k, int(v), a.numerator, a.denominator) for k, (v, a) in cells.items()])
+            await _stage(conn, f"{table}_in", staging, [(*k, v, n, d) for k, (v, n, d) in cells.items()])
             await conn.execute(sql)
-
-
-def group_rollups_backfill_sql() -> str:
-    """The statements with which migration 002 fills the hourly and daily group rollups from the charges
-    and daily rows already there (for tools that write those tables directly, and its test)."""
-    text = (Path(__file__).parent / "migrations" / "002_group_rollups.sql").read_text()
-    return text.split("INITCOND = '1');", 1)[1]
 
 
 async def upsert_names(
@@ -566,54 +592,21 @@ _GROUP_ROLLUPS = {
 
 
 def _usage_sql(granularity: str, dim: str, paged: bool) -> str:
-    """One statement per (granularity, dimension, first page or not): a page of groups with their
-    values per unit and their exact amounts as (numerator, denominator) pairs — summed per denominator
-    by PostgreSQL's own sum(), combined exactly in Python — and the groups' display names."""
-    if granularity == "month" or dim != "resource":
-        # Pre-aggregated per group and unit: nothing to add up, a handful of rows per period.
-        table, column, sql_type = _GROUP_ROLLUPS[granularity]
-        after = f"AND ({column}, key, key2) > ($6::{sql_type}, $7::text, $8::text)" if paged else ""
-        grouped = f"""
-            SELECT {column} AS period, key, key2, array_agg(unit) AS units, array_agg(value) AS vals,
-                   array_agg(amount_num::text) AS nums, array_agg(amount_den::text) AS dens
-            FROM {table}
-            WHERE customer_id = $1 AND dim = $2 AND {column} >= $3::{sql_type} AND {column} < $4::{sql_type} {after}
-            GROUP BY {column}, key, key2
-            ORDER BY {column}, key, key2
-            LIMIT $5
-        """
-    else:
-        k1, k2 = _DIM_COLUMNS[dim]
-        if granularity == "day":
-            key2 = k2 if k2 == "''" else f"d.{k2}"
-            after = f"AND (d.day, d.{k1}, {key2}) > ($5::date, $6::text, $7::text)" if paged else ""
-            inner = f"""
-                SELECT d.day AS period, d.{k1} AS key, {key2} AS key2, d.unit, d.amount_den AS den,
-                       sum(d.value) AS value, sum(d.amount_num) AS num
-                FROM usage_day d
-                WHERE d.customer_id = $1 AND d.day >= $2::date AND d.day < $3::date {after}
-                GROUP BY 1, 2, 3, 4, 5
-            """
-        else:
-            key2 = k2 if k2 == "''" else f"c.{k2}"
-            after = f"AND (c.hour, c.{k1}, {key2}) > ($5::timestamptz, $6::text, $7::text)" if paged else ""
-            # Hours come from the charges themselves, attributed through the org's customer at that hour.
-            inner = f"""
-                SELECT c.hour AS period, c.{k1} AS key, {key2} AS key2, c.unit, c.amount_den AS den,
-                       sum(c.value) AS value, sum(c.amount_num) AS num
-                FROM org_customer_hour m
-                JOIN charge c ON c.org_id = m.org_id AND c.hour = m.hour
-                WHERE m.customer_id = $1 AND m.hour >= $2::timestamptz AND m.hour < $3::timestamptz {after}
-                GROUP BY 1, 2, 3, 4, 5
-            """
-        grouped = f"""
-            SELECT period, key, key2, array_agg(unit) AS units, array_agg(value) AS vals,
-                   array_agg(num::text) AS nums, array_agg(den::text) AS dens
-            FROM ({inner}) g
-            GROUP BY period, key, key2
-            ORDER BY period, key, key2
-            LIMIT $4
-        """
+    """One statement per (granularity, group dimension, first page or not): a page of groups with their
+    values per unit and their exact amounts as (numerator, denominator) pairs, combined exactly in
+    Python, and the groups' display names. Pre-aggregated per group and unit: a handful of rows per
+    period. (Per-resource usage is read from documents: ``_resource_page``.)"""
+    table, column, sql_type = _GROUP_ROLLUPS[granularity]
+    after = f"AND ({column}, key, key2) > ($6::{sql_type}, $7::text, $8::text)" if paged else ""
+    grouped = f"""
+        SELECT {column} AS period, key, key2, array_agg(unit) AS units, array_agg(value) AS vals,
+               array_agg(amount_num::text) AS nums, array_agg(amount_den::text) AS dens
+        FROM {table}
+        WHERE customer_id = $1 AND dim = $2 AND {column} >= $3::{sql_type} AND {column} < $4::{sql_type} {after}
+        GROUP BY {column}, key, key2
+        ORDER BY {column}, key, key2
+        LIMIT $5
+    """
     joins, columns = _DIM_NAMES[dim]
     return f"""
         SELECT p.* {", " + columns if columns else ""}
@@ -623,7 +616,8 @@ def _usage_sql(granularity: str, dim: str, paged: bool) -> str:
 
 
 _USAGE_SQL = {
-    (g, d, paged): _usage_sql(g, d, paged) for g in ("hour", "day", "month") for d in _DIM_COLUMNS for paged in (False, True)
+    (g, d, paged): _usage_sql(g, d, paged)
+    for g in ("hour", "day", "month") for d in _DIM_COLUMNS if d != "resource" for paged in (False, True)
 }
 
 
@@ -638,11 +632,10 @@ async def usage_page(
     after: tuple[date | datetime, str, str] | None,
     limit: int,
 ) -> list[UsageRow]:
+    if dim == "resource":
+        return await _resource_page(conn, customer_id, granularity, first, stop, after, limit)
     sql = _USAGE_SQL[(granularity, dim, after is not None)]
-    if granularity == "month" or dim != "resource":
-        args: list[Any] = [customer_id, dim, first, stop, limit]
-    else:
-        args = [customer_id, first, stop, limit]
+    args: list[Any] = [customer_id, dim, first, stop, limit]
     if after is not None:
         args.extend(after)
     out = []
@@ -654,6 +647,80 @@ async def usage_page(
         attrs = {c: r[c] or "" for c in _DIM_ATTRS[dim]}
         out.append(UsageRow(period=r["period"], key=r["key"], key2=r["key2"], values=values, amount=amount, attrs=attrs))
     return out
+
+
+# Periods read at a time while a page of per-resource usage fills.
+_PERIODS_PER_READ = {"hour": 6, "day": 2, "month": 1}
+
+
+async def _resource_page(
+    conn: asyncpg.Connection,
+    customer_id: UUID,
+    granularity: str,
+    first: date | datetime,
+    stop: date | datetime,
+    after: tuple[date | datetime, str, str] | None,
+    limit: int,
+) -> list[UsageRow]:
+    """A page of usage per resource, in (period, resource) order: hours from the charge documents of the
+    hours the customer had orgs in, days and months from its per-resource documents. Periods are read a
+    few at a time until the page is full, so a page costs what its periods hold, not the whole range."""
+    start = after[0] if after is not None else first
+    if granularity == "hour":
+        org_hours = await customer_org_hours(conn, customer_id, start, stop)  # type: ignore[arg-type]
+        periods: list[Any] = sorted(org_hours)
+    else:
+        table, column = _RESOURCE_TABLES[granularity]
+        rows = await conn.fetch(
+            f"SELECT DISTINCT {column} AS p FROM {table} WHERE customer_id = $1 AND {column} >= $2 AND {column} < $3 ORDER BY 1",
+            customer_id, start, stop,
+        )
+        periods = [r["p"] for r in rows]
+    out: list[UsageRow] = []
+    step = _PERIODS_PER_READ[granularity]
+    for i in range(0, len(periods), step):
+        chunk = periods[i : i + step]
+        cells: dict[tuple[Any, str], tuple[dict[str, int], dict[int, int]]] = {}
+        if granularity == "hour":
+            for key, raw in (await charge_shards_at(conn, chunk)).items():
+                doc = ShardDoc.load(raw)
+                orgs = org_hours[key.reading_hour]
+                wanted = {j for j, org in enumerate(doc.orgs) if org in orgs}
+                for j in range(len(doc)):
+                    if doc.o[j] in wanted:
+                        _add_cell(cells, (key.reading_hour, doc.r[j]), doc.units[doc.u[j]], doc.x[j], doc.n[j], doc.d[j])
+        else:
+            table, column = _RESOURCE_TABLES[granularity]
+            rows = await conn.fetch(
+                f"SELECT {column} AS p, items FROM {table} WHERE customer_id = $1 AND {column} = ANY($2::date[])",
+                customer_id, chunk,
+            )
+            for r in rows:
+                for (rid, unit), (x, n, d) in ResourceDoc.load(r["items"]).cells.items():
+                    _add_cell(cells, (r["p"], rid), unit, x, n, d)
+        for period, rid in sorted(cells):
+            if after is not None and (period, rid, "") <= after:
+                continue
+            values, dens = cells[(period, rid)]
+            num, den = exact(dens)
+            out.append(UsageRow(period=period, key=rid, key2="", values=values, amount=Fraction(num, den), attrs={}))
+            if len(out) == limit:
+                break
+        if len(out) == limit:
+            break
+    names = await resource_attrs(conn, [r.key for r in out])
+    blank = {c: "" for c in _DIM_ATTRS["resource"]}
+    return [UsageRow(r.period, r.key, r.key2, r.values, r.amount, names.get(r.key, blank)) for r in out]
+
+
+def _add_cell(
+    cells: dict[tuple[Any, str], tuple[dict[str, int], dict[int, int]]], key: tuple[Any, str], unit: str, x: int, n: int, d: int
+) -> None:
+    cell = cells.get(key)
+    if cell is None:
+        cell = cells[key] = ({}, {})
+    cell[0][unit] = cell[0].get(unit, 0) + x
+    cell[1][d] = cell[1].get(d, 0) + n
 
 
 # ------------------------------------------------------------------------------------------ entitlements

@@ -10,14 +10,21 @@ from services.collector import handlers
 from services.collector.openapi import openapi_document
 from services.collector.settings import CollectorSettings
 from shared.openapi import openapi_route
+from shared.contracts import MeasurementsTaken
 from shared.runtime import Runtime, serve
+from shared.topics import READINGS
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def create_app(settings: CollectorSettings | None = None) -> Starlette:
     settings = settings or CollectorSettings()
-    runtime = Runtime("collector", settings, MIGRATIONS)
+    runtime = Runtime("collector", settings, MIGRATIONS, description="Reads Cloud Foundry usage every hour.")
+    runtime.publishes(
+        READINGS, MeasurementsTaken,
+        "Every reading's measurements in batches (one reading hour, meter and shard of resources each), keyed "
+        "shard-<n>, estimated ones flagged; published from the collector's outbox after they are stored.",
+    )
     routes = [*handlers.routes(), openapi_route(openapi_document)]
     return runtime.app(routes=routes, on_start=handlers.start, on_stop=handlers.stop)
 

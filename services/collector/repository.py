@@ -10,14 +10,11 @@ from uuid import UUID
 import asyncpg
 import orjson
 
-__all__ = ["MEASUREMENT_COLUMNS", "Repository"]
+__all__ = ["BATCH_COLUMNS", "BatchRow", "Repository"]
 
-MEASUREMENT_COLUMNS = (
-    "id", "reading_id", "hour", "meter", "resource_id", "resource_kind",
-    "org_id", "space_id", "value", "unit", "estimated", "errors",
-)
+BATCH_COLUMNS = ("hour", "meter", "shard", "part", "reading_id", "measurements", "estimated", "message")
 
-MeasurementRow = tuple[Any, ...]  # in MEASUREMENT_COLUMNS order
+BatchRow = tuple[Any, ...]  # in BATCH_COLUMNS order
 
 
 class Repository:
@@ -44,40 +41,40 @@ class Repository:
             [(reading_id, meter, hour, ok, err) for meter, ok, err in runs],
         )
 
-    async def copy_measurements(self, conn: asyncpg.Connection, rows: Sequence[MeasurementRow]) -> None:
+    async def copy_batches(self, conn: asyncpg.Connection, rows: Sequence[BatchRow]) -> None:
         if rows:
-            await conn.copy_records_to_table("measurements", records=rows, columns=MEASUREMENT_COLUMNS)
+            await conn.copy_records_to_table("reading_batches", records=rows, columns=BATCH_COLUMNS)
 
     async def last_ok_hour(self, conn: asyncpg.Connection, meter: str, before: datetime) -> datetime | None:
         return await conn.fetchval("SELECT max(hour) FROM meter_runs WHERE meter = $1 AND ok AND hour < $2", meter, before)
 
-    async def measurements_at(self, conn: asyncpg.Connection, meter: str, hour: datetime) -> list[asyncpg.Record]:
-        return await conn.fetch(
-            """SELECT resource_id, resource_kind, org_id, space_id, value, unit
-               FROM measurements WHERE meter = $1 AND hour = $2""",
-            meter, hour,
+    async def batches_at(self, conn: asyncpg.Connection, meter: str, hour: datetime) -> list[bytes]:
+        """The stored batches (messages) of one meter and hour."""
+        rows = await conn.fetch(
+            "SELECT message FROM reading_batches WHERE hour = $2 AND meter = $1 ORDER BY shard, part", meter, hour
         )
+        return [r["message"] for r in rows]
 
-    async def insert_estimates(self, conn: asyncpg.Connection, rows: Sequence[MeasurementRow], taken_at: datetime) -> int:
-        """Estimated measurements for missed hours: their readings are created (kind 'estimated') or, when a
-        failed reading holds the hour, put back in the relay's queue. Idempotent by measurement id."""
+    async def insert_estimates(self, conn: asyncpg.Connection, rows: Sequence[BatchRow], taken_at: datetime) -> int:
+        """Batches of estimated measurements for missed hours: their readings are created (kind 'estimated')
+        when the hour has none. Idempotent: a batch stored before (same hour, meter, shard, part) is kept.
+        Returns the measurements stored."""
         if not rows:
             return 0
         await conn.executemany(
             """INSERT INTO readings (id, hour, kind, taken_at) VALUES ($1, $2, 'estimated', $3)
                ON CONFLICT DO NOTHING""",
-            [(rid, h, taken_at) for rid, h in {(r[1], r[2]) for r in rows}],
+            sorted({(r[4], r[0], taken_at) for r in rows}),
         )
-        await conn.execute("CREATE TEMP TABLE IF NOT EXISTS estimates_in (LIKE measurements) ON COMMIT DELETE ROWS")
-        await conn.copy_records_to_table("estimates_in", records=rows, columns=MEASUREMENT_COLUMNS)
+        await conn.execute("CREATE TEMP TABLE IF NOT EXISTS estimates_in (LIKE reading_batches) ON COMMIT DELETE ROWS")
+        await conn.copy_records_to_table("estimates_in", records=rows, columns=BATCH_COLUMNS)
         counts = await conn.fetch(
             """WITH ins AS (
-                   INSERT INTO measurements SELECT * FROM estimates_in ON CONFLICT (id) DO NOTHING RETURNING hour)
-               SELECT hour, count(*) AS n FROM ins GROUP BY hour"""
+                   INSERT INTO reading_batches SELECT * FROM estimates_in ON CONFLICT DO NOTHING RETURNING hour, estimated)
+               SELECT hour, sum(estimated)::int AS n FROM ins GROUP BY hour"""
         )
         await conn.executemany(
-            "UPDATE readings SET estimated = estimated + $2, published_at = NULL WHERE hour = $1",
-            [(r["hour"], r["n"]) for r in counts],
+            "UPDATE readings SET estimated = estimated + $2 WHERE hour = $1", [(r["hour"], r["n"]) for r in counts]
         )
         return sum(r["n"] for r in counts)
 
@@ -119,34 +116,30 @@ class Repository:
             )
 
     async def lock_unpublished(self, conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
-        """Readings the relay still owes, oldest first, locked so that two relays never send one twice."""
+        """Batches the relay still owes, oldest hour first, locked so that two relays never send one twice."""
         return await conn.fetch(
-            """SELECT id, hour FROM readings WHERE published_at IS NULL
-               ORDER BY hour LIMIT $1 FOR UPDATE SKIP LOCKED""",
+            """SELECT hour, meter, shard, part, message FROM reading_batches WHERE published_at IS NULL
+               ORDER BY hour, meter, shard, part LIMIT $1 FOR UPDATE SKIP LOCKED""",
             limit,
         )
 
-    async def measurements_to_publish(self, conn: asyncpg.Connection, reading_id: UUID) -> list[asyncpg.Record]:
-        return await conn.fetch(
-            """SELECT m.id, m.reading_id, m.hour, m.meter, m.resource_id, m.resource_kind,
-                      coalesce(r.name, '') AS resource_name, m.org_id, coalesce(o.name, '') AS org_name,
-                      m.space_id, coalesce(s.name, '') AS space_name, m.value, m.unit, m.estimated, rd.taken_at
-               FROM measurements m
-               JOIN readings rd ON rd.id = m.reading_id
-               LEFT JOIN resources r ON r.meter = m.meter AND r.guid = m.resource_id
-               LEFT JOIN spaces s ON s.guid = m.space_id
-               LEFT JOIN orgs o ON o.guid = m.org_id
-               WHERE m.reading_id = $1""",
-            reading_id,
+    async def mark_published(self, conn: asyncpg.Connection, keys: Sequence[tuple[datetime, str, int, int]], at: datetime) -> None:
+        await conn.execute(
+            """UPDATE reading_batches b SET published_at = $5
+                 FROM unnest($1::timestamptz[], $2::text[], $3::int2[], $4::int2[]) AS k(hour, meter, shard, part)
+                WHERE b.hour = k.hour AND b.meter = k.meter AND b.shard = k.shard AND b.part = k.part""",
+            [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys], [k[3] for k in keys], at,
         )
 
-    async def mark_published(self, conn: asyncpg.Connection, reading_id: UUID, at: datetime) -> None:
-        await conn.execute("UPDATE readings SET published_at = $2 WHERE id = $1", reading_id, at)
-
     async def readings(self, conn: asyncpg.Connection, since: datetime, until: datetime) -> list[asyncpg.Record]:
+        # A reading is published once every batch of its hour is (NULL while the relay owes one).
         return await conn.fetch(
-            """SELECT id, hour, kind, taken_at, measurements, estimated, errors, published_at
-               FROM readings WHERE hour >= $1 AND hour < $2 ORDER BY hour""",
+            """SELECT r.id, r.hour, r.kind, r.taken_at, r.measurements, r.estimated, r.errors,
+                      CASE WHEN bool_or(b.published_at IS NULL) THEN NULL
+                           ELSE coalesce(max(b.published_at), r.published_at) END AS published_at
+               FROM readings r LEFT JOIN reading_batches b ON b.hour = r.hour
+               WHERE r.hour >= $1 AND r.hour < $2
+               GROUP BY r.id ORDER BY r.hour""",
             since, until,
         )
 
@@ -155,16 +148,15 @@ class Repository:
     async def completeness_counts(
         self, conn: asyncpg.Connection, since: datetime, until: datetime
     ) -> list[asyncpg.Record]:
-        """Per hour and meter: measurements read, estimated, and of readings marked published (the outbox
-        marks a whole reading; estimates added to it later put it back in the queue)."""
+        """Per hour and meter: measurements read, estimated, and of batches the outbox marks published."""
         return await conn.fetch(
-            """SELECT m.hour, m.meter,
-                      count(*) FILTER (WHERE NOT m.estimated) AS read,
-                      count(*) FILTER (WHERE m.estimated) AS estimated,
-                      count(*) FILTER (WHERE r.published_at IS NOT NULL) AS published
-               FROM measurements m JOIN readings r ON r.id = m.reading_id
-               WHERE m.hour >= $1 AND m.hour < $2
-               GROUP BY m.hour, m.meter""",
+            """SELECT hour, meter,
+                      sum(measurements - estimated)::int AS read,
+                      sum(estimated)::int AS estimated,
+                      coalesce(sum(measurements) FILTER (WHERE published_at IS NOT NULL), 0)::int AS published
+               FROM reading_batches
+               WHERE hour >= $1 AND hour < $2
+               GROUP BY hour, meter""",
             since, until,
         )
 

@@ -1,5 +1,6 @@
 """The collector's logic: take a reading (every meter, the hierarchy, estimates for missed hours),
-persist it in one transaction, and relay it to ``usage.readings.v1``.
+persist it in one transaction as the batches it publishes (``shared.batches``: one per reading hour,
+meter and shard of resources), and relay them to ``usage.readings.v2``.
 
 Estimation for missed hours: for resources measured on both sides of a gap, policy ``previous`` repeats
 the value before the gap, ``linear`` interpolates (rounded half up), ``none`` produces nothing. Gaps longer
@@ -17,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import asyncpg
+import msgspec
 import orjson
 from prometheus_client import Counter, Histogram
 
@@ -25,8 +27,8 @@ from services.collector.meters import DEFAULT_METERS, Hierarchy, Meter, MeterRes
 from services.collector.repository import Repository
 from shared import ids
 from shared.clock import as_utc, hour_floor, utcnow
-from shared.contracts import MeasurementTaken
-from shared.kafka import Outgoing, Publisher, encode
+from shared.batches import Item, Measurements, encode_measurements, measurement_batches, shard_key
+from shared.kafka import Outgoing, Publisher
 
 __all__ = ["Collector", "ReadingOutcome", "estimate", "GapPolicy"]
 
@@ -68,6 +70,9 @@ class Previous:
     space_id: str
     value: int
     unit: str
+    resource_name: str = ""
+    org_name: str = ""
+    space_name: str = ""
 
 
 def _interpolate(a: int, b: int, k: int, n: int) -> int:
@@ -105,7 +110,7 @@ class Collector:
         gap_policy: GapPolicy = "previous",
         max_gap_hours: int = 72,
         sim_time: bool = False,
-        publish_chunk: int = 20_000,
+        publish_chunk: int = 500,
     ) -> None:
         self.pool, self.cf, self.publisher, self.topic = pool, cf, publisher, topic
         self.meters = list(meters)
@@ -152,8 +157,9 @@ class Collector:
         reading_id = ids.reading_id(hour)
         taken_at = utcnow()
         runs: list[tuple[str, bool, str | None]] = []
-        rows: list[tuple[Any, ...]] = []
+        items: dict[tuple[str, str], list[Item]] = {}  # (meter, unit) -> items
         resources: list[tuple[str, str, str, str, str]] = []
+        problems: dict[str, int] = {}
         for meter, res in zip(self.meters, meter_results, strict=True):
             if isinstance(res, BaseException):
                 if not isinstance(res, Exception):
@@ -166,49 +172,61 @@ class Collector:
             runs.append((meter.name, True, None))
             for sg, val in res.spaces.items():
                 hierarchy.spaces.setdefault(sg, val)
-            make_id = ids.measurement_ids(hour, meter.name)
             for m in res.measurements:
-                rows.append(self._row(reading_id, hour, make_id(m.resource_id), m, hierarchy))
+                item, problem = self._item(m, hierarchy)
+                items.setdefault((m.meter, m.unit), []).append(item)
                 resources.append((m.meter, m.resource_id, m.resource_name, m.resource_kind, m.space_id))
+                if problem:
+                    problems[problem] = problems.get(problem, 0) + 1
+        # Bad input from CF that affected measurements (kept, with what could not be resolved left empty).
+        errors.extend(f"{n} measurement(s): {p}" for p, n in sorted(problems.items())[:50])
+        rows = [
+            _batch_row(b, part)
+            for (meter, unit), its in items.items()
+            for b, part in _parts(measurement_batches(hour, meter, unit, its, reading_id=reading_id, taken_at=taken_at))
+        ]
+        count = sum(len(its) for its in items.values())
 
         t_store = time.perf_counter()
         async with self.pool.acquire() as conn:
             async with conn.transaction():
-                if not await self.repo.insert_reading(conn, reading_id, hour, kind, taken_at, len(rows), errors):
+                if not await self.repo.insert_reading(conn, reading_id, hour, kind, taken_at, count, errors):
                     existing = await self.repo.reading_at(conn, hour)
                     return ReadingOutcome(hour, "exists", existing["kind"] if existing else kind)
                 await self.repo.insert_meter_runs(conn, reading_id, hour, runs)
-                await self.repo.copy_measurements(conn, rows)
+                await self.repo.copy_batches(conn, rows)
                 await self.repo.upsert_hierarchy(conn, taken_at, hierarchy.orgs, hierarchy.spaces, resources)
-                estimated = await self._fill_gaps(conn, hour, runs, rows, errors, taken_at)
+                estimated = await self._fill_gaps(conn, hour, runs, items, errors, taken_at)
                 if errors:
                     await conn.execute("UPDATE readings SET errors = $2::jsonb WHERE id = $1", reading_id, _json_list(errors))
-        for meter_name, ok, _ in runs:
-            if ok:
-                MEASUREMENTS.labels(meter_name, "false").inc(sum(1 for r in rows if r[3] == meter_name))
+        for (meter_name, _), its in items.items():
+            MEASUREMENTS.labels(meter_name, "false").inc(len(its))
         seconds = {"read": round(t_store - t_read, 3), "store": round(time.perf_counter() - t_store, 3)}
-        return ReadingOutcome(hour, "taken", kind, len(rows), estimated, errors, seconds=seconds)
+        return ReadingOutcome(hour, "taken", kind, count, estimated, errors, seconds=seconds)
 
     @staticmethod
-    def _row(reading_id: Any, hour: datetime, measurement_id: Any, m: RawMeasurement, h: Hierarchy) -> tuple[Any, ...]:
-        errors = m.errors
+    def _item(m: RawMeasurement, h: Hierarchy) -> tuple[Item, str | None]:
+        """The measurement as a batch item, with its org and names from the hierarchy; and what could not be
+        resolved (the space or the org unknown), if anything."""
+        problem = m.errors
         org = ""
+        space_name = ""
         if m.space_id:
             space = h.spaces.get(m.space_id)
             if space is None:
-                errors = "; ".join(filter(None, [errors, f"space {m.space_id} unknown"]))
+                problem = "; ".join(filter(None, [problem, "space unknown"]))
             else:
-                org = space[0]
+                org, space_name = space
                 if org and org not in h.orgs:
-                    errors = "; ".join(filter(None, [errors, f"org {org} unknown"]))
-        return (measurement_id, reading_id, hour, m.meter, m.resource_id,
-                m.resource_kind, org, m.space_id, m.value, m.unit, False, errors)
+                    problem = "; ".join(filter(None, [problem, "org unknown"]))
+        item = Item(m.resource_id, m.resource_name, org, h.orgs.get(org, ""), m.space_id, space_name, m.resource_kind, m.value)
+        return item, problem
 
     async def _fill_gaps(
         self, conn: asyncpg.Connection, hour: datetime, runs: list[tuple[str, bool, str | None]],
-        rows: list[tuple[Any, ...]], errors: list[str], taken_at: datetime,
+        items: dict[tuple[str, str], list[Item]], errors: list[str], taken_at: datetime,
     ) -> int:
-        estimated_rows: list[tuple[Any, ...]] = []
+        rows: list[tuple[Any, ...]] = []
         for meter_name, ok, _ in runs:
             if not ok:
                 continue
@@ -224,34 +242,46 @@ class Collector:
                 errors.append(msg)
                 continue
             missing = [last + HOUR * k for k in range(1, gap + 1)]
-            before = {
-                r["resource_id"]: Previous(r["resource_kind"], r["org_id"], r["space_id"], r["value"], r["unit"])
-                for r in await self.repo.measurements_at(conn, meter_name, last)
-            }
-            after = {r[4]: r[8] for r in rows if r[3] == meter_name}
+            before: dict[str, Previous] = {}
+            units: dict[str, str] = {}
+            for raw in await self.repo.batches_at(conn, meter_name, last):
+                b = _decode_stored(raw)
+                for i, rid in enumerate(b.resource_id):
+                    org, space = b.orgs[b.org[i]], b.spaces[b.space[i]]
+                    before[rid] = Previous(b.kinds[b.kind[i]], org.id, space.id, b.value[i], b.unit,
+                                           b.resource_name[i], org.name, space.name)
+                    units[rid] = b.unit
+            after = {it.resource_id: it.value for (m, _), its in items.items() if m == meter_name for it in its}
+            estimates: dict[tuple[datetime, str], list[Item]] = {}
             for h, resource, prev, value in estimate(before, after, missing, self.gap_policy):
-                estimated_rows.append((ids.measurement_id(h, meter_name, resource), ids.reading_id(h), h, meter_name,
-                                       resource, prev.resource_kind, prev.org_id, prev.space_id, value, prev.unit, True, None))
-        inserted = await self.repo.insert_estimates(conn, estimated_rows, taken_at)
+                estimates.setdefault((h, prev.unit), []).append(
+                    Item(resource, prev.resource_name, prev.org_id, prev.org_name, prev.space_id, prev.space_name,
+                         prev.resource_kind, value, estimated=True)
+                )
+            for (h, unit), its in sorted(estimates.items()):
+                batches = measurement_batches(h, meter_name, unit, its, reading_id=ids.reading_id(h), taken_at=taken_at)
+                rows.extend(_batch_row(b, part) for b, part in _parts(batches))
+        inserted = await self.repo.insert_estimates(conn, rows, taken_at)
         if inserted:
             MEASUREMENTS.labels("all", "true").inc(inserted)
         return inserted
 
     async def relay(self) -> int:
-        """Publish every reading not yet published (the outbox), oldest first; returns messages sent."""
+        """Publish every batch not yet published (the outbox), oldest hour first; returns messages sent."""
         sent = 0
         async with self._relay_lock:
             while True:
                 async with self.pool.acquire() as conn:
                     async with conn.transaction():
-                        pending = await self.repo.lock_unpublished(conn, 1)
+                        pending = await self.repo.lock_unpublished(conn, self.publish_chunk)
                         if not pending:
                             return sent
-                        reading = pending[0]
-                        rows = await self.repo.measurements_to_publish(conn, reading["id"])
-                        for i in range(0, len(rows), self.publish_chunk):
-                            sent += await self.publisher.publish(self.topic, (_message(r) for r in rows[i:i + self.publish_chunk]))
-                        await self.repo.mark_published(conn, reading["id"], utcnow())
+                        sent += await self.publisher.publish(
+                            self.topic, [Outgoing(shard_key(r["shard"]), bytes(r["message"])) for r in pending]
+                        )
+                        await self.repo.mark_published(
+                            conn, [(r["hour"], r["meter"], r["shard"], r["part"]) for r in pending], utcnow()
+                        )
 
     async def readings(self, since: datetime, until: datetime) -> list[dict[str, Any]]:
         async with self.pool.acquire() as conn:
@@ -264,16 +294,24 @@ class Collector:
         ]
 
 
-def _message(r: asyncpg.Record) -> Outgoing:
-    # Built without validation: every field comes typed from our own table (tests check the bytes
-    # against the validating model).
-    m = MeasurementTaken.model_construct(
-        id=r["id"], reading_id=r["reading_id"], reading_hour=r["hour"], meter=r["meter"], resource_id=r["resource_id"],
-        resource_kind=r["resource_kind"], resource_name=r["resource_name"], org_id=r["org_id"], org_name=r["org_name"],
-        space_id=r["space_id"], space_name=r["space_name"], value=r["value"], unit=r["unit"], estimated=r["estimated"],
-        taken_at=r["taken_at"], schema_name="usage.measurement", schema_version=1,
-    )
-    return Outgoing(key=r["resource_id"].encode(), value=encode(m))
+def _parts(batches: list[Measurements]) -> list[tuple[Measurements, int]]:
+    """Each batch with its part number within its shard (0 unless a shard is split)."""
+    out: list[tuple[Measurements, int]] = []
+    part, last = 0, -1
+    for b in batches:
+        part = part + 1 if b.shard == last else 0
+        last = b.shard
+        out.append((b, part))
+    return out
+
+
+def _batch_row(b: Measurements, part: int) -> tuple[Any, ...]:
+    """A batch as a row of reading_batches (repository.BATCH_COLUMNS)."""
+    return (b.reading_hour, b.meter, b.shard, part, b.reading_id, len(b.resource_id), sum(b.estimated),
+            encode_measurements(b))
+
+
+_decode_stored = msgspec.json.Decoder(Measurements).decode
 
 
 def _json_list(items: list[str]) -> str:

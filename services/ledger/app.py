@@ -17,7 +17,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 def create_app(settings: LedgerSettings | None = None) -> Starlette:
     settings = settings or LedgerSettings()
-    runtime = Runtime("ledger", settings, MIGRATIONS)
+    runtime = Runtime("ledger", settings, MIGRATIONS, description="Posts charges to customers' credit pools.")
+    handlers.declare(runtime)
     routes = [*handlers.routes(), openapi_route(openapi_document)]
     return runtime.app(routes=routes, on_start=handlers.start, on_stop=handlers.stop)
 

@@ -37,19 +37,18 @@ from starlette.routing import BaseRoute, Route
 
 from services.ledger import completeness
 from services.ledger.outbox import Outbox
-from services.ledger.posting import invalid_reason
 from services.ledger.schemas import AgreementIn, AssignmentIn, CustomerIn, ReverseIn, TierIn
 from services.ledger.service import LedgerError, LedgerService
 from services.ledger.settings import LedgerSettings
-from shared.clock import parse_month
-from shared.contracts import ChargeComputed
-from shared.wire import Charge  # what the consumer hands over for ChargeComputed
+from shared.batches import SHARDS, Charges, decode_charges
+from shared.clock import as_utc, parse_month
+from shared.contracts import AlertRaised, ChargesComputed, TransactionPosted
 from shared.http import ORJSONResponse, ProblemError, read_json
 from shared.kafka import Received
 from shared.runtime import Runtime
-from shared.topics import CHARGES
+from shared.topics import ALERTS, CHARGES, TRANSACTIONS, dlq
 
-__all__ = ["routes", "start", "stop", "charges_handler"]
+__all__ = ["routes", "declare", "start", "stop", "charges_handler"]
 
 log = logging.getLogger(__name__)
 
@@ -63,41 +62,56 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 def charges_handler(
     ledger: LedgerService, outbox: Outbox
-) -> Callable[[list[Received[Charge]]], Awaitable[list[tuple[Received[Charge], str]]]]:
-    """The usage.charges.v1 batch handler: refuse inconsistent charges, post the rest in one transaction,
-    publish the committed transactions and alerts, return the refused ones (they go to the DLQ)."""
+) -> Callable[[list[Received[Charges]]], Awaitable[list[tuple[Received[Charges], str]]]]:
+    """The usage.charges.v2 batch handler: post the batches in one transaction, publish the committed
+    transactions and alerts (refused items never reach it: the decoder splits them off to the DLQ)."""
 
-    async def handle(batch: list[Received[Charge]]) -> list[tuple[Received[Charge], str]]:
-        rejected: list[tuple[Received[Charge], str]] = []
-        valid: list[Charge] = []
-        for item in batch:
-            why = invalid_reason(item.message)
-            if why is None:
-                valid.append(item.message)
-            else:
-                rejected.append((item, why))
-        if valid:
-            posting = await ledger.post_charges(valid)
-            await outbox.flush(posting.outbox_ids)
-        return rejected
+    async def handle(batch: list[Received[Charges]]) -> list[tuple[Received[Charges], str]]:
+        posting = await ledger.post_charges([r.message for r in batch])
+        await outbox.flush(posting.outbox_ids)
+        return []
 
     return handle
+
+
+def declare(runtime: Runtime) -> None:
+    """The ledger's topics: the charges it consumes (handled by what ``start`` builds) and what it publishes."""
+
+    async def charges(batch: list[Received[Any]]) -> Any:
+        return await runtime.state["charges_handler"](batch)
+
+    def decode(raw: bytes) -> tuple[Any, list[Any]]:
+        decoded = decode_charges(raw)
+        return decoded.message, decoded.rejected
+
+    runtime.consume(
+        CHARGES, ChargesComputed, decode, charges,
+        description="Charges in batches, posted continuously to each customer's credit pool (per customer and "
+        "reading hour), exactly: floor of the exact sum per customer, month and price.",
+    )
+    runtime.publishes(
+        TRANSACTIONS, TransactionPosted,
+        "Every committed ledger transaction (TransactionPosted) and month statement (StatementIssued, told apart "
+        "by schema_name), keyed by customer id.",
+    )
+    runtime.publishes(ALERTS, AlertRaised, "A customer's used share of funded credits crossed 50/75/90/100 %.")
+    runtime.publishes(dlq(CHARGES), None, "Charges the ledger could not process, with the reason in dlq.reason.")
 
 
 # ---------------------------------------------------------------- lifecycle
 
 
 async def start(runtime: Runtime) -> None:
-    """Build the service objects, publish what a previous run left in the outbox, register the consumer
-    and start the periodic task (expiry, month close, held charges, outbox sweep)."""
+    """Build the service objects, publish what a previous run left in the outbox and start the periodic task
+    (expiry, month close, held charges, outbox sweep); the subscriber starts after this returns."""
     settings = runtime.settings
     assert isinstance(settings, LedgerSettings)
     ledger = LedgerService(runtime.pool, settings)
     outbox = Outbox(runtime.pool, runtime.publisher, settings)
     runtime.state["ledger"] = ledger
     runtime.state["outbox"] = outbox
+    runtime.state["charges_handler"] = charges_handler(ledger, outbox)
     await outbox.sweep(0)
-    runtime.consume(CHARGES, ChargeComputed, charges_handler(ledger, outbox))
     if settings.periodic_interval_seconds > 0:
         runtime.state["periodic"] = asyncio.create_task(_periodic(ledger, outbox, settings), name="ledger-periodic")
 
@@ -332,7 +346,23 @@ async def expire_agreements(request: Request) -> Response:
 async def held(request: Request) -> Response:
     ledger, _ = _services(request)
     limit = _limit(request)
-    return _page(await ledger.list_held(_cursor_uuid(request), limit), limit, lambda h: str(h["measurement_id"]))
+    after = _decode_cursor(request)
+    cursor: tuple[datetime, str, int, str, str] | None = None
+    if after is not None:
+        try:
+            hour, meter, shard, org_id, resource = after
+            if not (isinstance(meter, str) and isinstance(org_id, str) and isinstance(resource, str)
+                    and type(shard) is int and 0 <= shard < SHARDS):
+                raise ValueError("not a cursor")
+            cursor = (as_utc(datetime.fromisoformat(hour)), meter, shard, org_id, resource)
+        except (TypeError, ValueError):
+            raise ProblemError(422, "Invalid cursor", "pass back the next_cursor of a previous page") from None
+    page = await ledger.list_held(cursor, limit)
+    nxt = None
+    if page.next_cursor is not None:
+        h, m, sh, o, r = page.next_cursor
+        nxt = _encode_cursor([h.isoformat(), m, sh, o, r])
+    return ORJSONResponse({"items": page.items, "next_cursor": nxt})
 
 
 def routes() -> list[BaseRoute]:

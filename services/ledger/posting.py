@@ -1,22 +1,30 @@
-"""Continuous usage posting: a batch of charges (from Kafka, or held charges whose org got a customer)
-becomes at most one usage transaction per (customer, reading hour), exactly.
+"""Continuous usage posting: charges batches (from Kafka, or held charges whose org got a customer) become at
+most one usage transaction per (customer, reading hour), exactly.
 
 The rule: for every (customer, billing month, price), the microcredits posted equal floor(exact sum of the
 month's charges at their latest revision), whatever the order, batching, duplication, replay or revision.
-``repository.allocate`` does the arithmetic; this module orders the locks, turns the allocated amounts
-into balanced transactions (drawing on the agreements' pools), raises alerts and fills the outbox.
+
+State, per shard of resources (reading hour, meter, shard): the applied revision, amount and group of every
+measurement (``shard_state``), and the charges held for orgs without a customer (``held_shards``). A batch
+is compared with its shard's state item by item in Python (a new shard, the usual case, has none): an
+older or equal revision changes nothing; a newer one adds its amount to its (customer, month, price) group
+and takes the replaced amount out of the group it was counted in. The changes are summed per (group, hour,
+org, meter, kind) as exact fractions, and ``allocate`` turns them into whole microcredits that telescope
+to floor(new sum) − floor(old sum) of each group. This module orders the locks, turns the amounts into
+balanced transactions (drawing on the agreements' pools), raises alerts and fills the outbox.
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Any
+from math import gcd, lcm
 
-import asyncpg
+import orjson
 
 from services.ledger import messages
 from services.ledger import repository as repo
@@ -26,32 +34,31 @@ from services.ledger.domain import (
     TransactionDraft,
     UsageAmount,
     effective_time,
-    next_month,
     open_month_on_or_after,
     thresholds_reached,
     usage_transaction,
 )
+from shared.batches import Charges, Price, Ref, ShardKey
 from shared.clock import billing_month
-from shared.contracts import ChargeComputed
 from shared.ids import uuid7
 
 __all__ = [
-    "ConcurrentChargeUpdateError",
     "Posting",
     "batch_digest",
     "batch_months",
-    "charge_row",
-    "invalid_reason",
+    "held_batches",
+    "load_held",
     "lock_open_months",
-    "post_incoming",
+    "post_batches",
+    "allocate",
     "raise_alerts",
     "record_transactions",
 ]
 
-
-class ConcurrentChargeUpdateError(asyncpg.SerializationError):
-    """Another transaction applied a charge of this batch meanwhile: retry the batch (a serialization
-    failure, so the shared consumer and the service's retries treat it as transient)."""
+# (revision, group id, numerator, denominator) of an applied charge; of a held one (revision, kind, price
+# id text or "", numerator, denominator).
+Applied = tuple[int, int, int, int]
+Held = tuple[int, str, str, int, int]
 
 
 @dataclass
@@ -60,34 +67,10 @@ class Posting:
 
     changed: int = 0
     held: int = 0
+    released: int = 0
     transactions: int = 0
     alerts: int = 0
     outbox_ids: list[int] = field(default_factory=list)
-
-
-def invalid_reason(charge: ChargeComputed) -> str | None:
-    """Why the ledger refuses a (schema-valid) charge, or None."""
-    if charge.status == "priced" and charge.price_id is None:
-        return "priced charge without price_id"
-    if charge.status == "unpriced" and charge.amount_numerator != 0:
-        return "unpriced charge with a non-zero amount"
-    return None
-
-
-def charge_row(c: ChargeComputed) -> tuple[Any, ...]:
-    """A charge as a row of the batch table (repository.INCOMING_COLUMNS)."""
-    return (
-        c.measurement_id,
-        c.revision,
-        c.reading_hour,
-        c.org_id,
-        c.meter,
-        c.resource_kind,
-        c.resource_id,
-        c.price_id or NIL_PRICE,
-        c.amount_numerator,
-        c.amount_denominator,
-    )
 
 
 async def lock_open_months(conn: repo.Conn, months: Iterable[date]) -> frozenset[date]:
@@ -105,45 +88,206 @@ async def lock_open_months(conn: repo.Conn, months: Iterable[date]) -> frozenset
         locked |= need
 
 
-async def post_incoming(
-    conn: repo.Conn, now: datetime, months: Iterable[date] | None = None, digest: str | None = None
-) -> Posting:
-    """Post what the batch table (ledger_incoming) holds. Runs inside the caller's transaction.
+def batch_digest(batches: Sequence[Charges]) -> str:
+    """Identifies a delivered Kafka batch by its messages (ids derive from their content): the sum of their
+    ids and their count. Order-free, so a replayed batch yields the same idempotency keys."""
+    total = sum(c.id.int for c in batches) % (1 << 128)
+    return f"{total:032x}.{len(batches)}"
 
-    ``months`` (the billing months of the batch's hours) and ``digest`` (identifies the batch in its
-    transactions' idempotency keys) are computed from the table when not given.
-    Lock order, the same everywhere: months (shared), then (customer, month, price) rows by id, then the
-    customers' accounts by id."""
-    result = Posting()
-    closed = await lock_open_months(conn, months if months is not None else await repo.incoming_months(conn))
-    await repo.resolve(conn)
-    result.held = await repo.hold_unassigned(conn)
-    result.changed, replacing = await repo.work_counts(conn)
-    if result.changed == 0:
-        return result
-    await repo.create_groups(conn)
-    try:
-        replaced = await repo.apply_charges(conn)
-    except asyncpg.UniqueViolationError as exc:
-        raise ConcurrentChargeUpdateError("a charge of this batch was first applied concurrently") from exc
-    if replaced != replacing:
-        raise ConcurrentChargeUpdateError("a charge of this batch was revised concurrently")
-    await repo.collect_deltas(conn)
-    await repo.lock_groups(conn)
-    await repo.allocate(conn)
-    amounts = await repo.allocations(conn)
-    if not amounts:
-        return result
-    if digest is None:
-        digest = await repo.incoming_digest(conn)
-    per_hour: dict[tuple[uuid.UUID, datetime], list[UsageAmount]] = defaultdict(list)
-    for r in amounts:
-        per_hour[(r["customer_id"], r["reading_hour"])].append(
-            UsageAmount(r["org_id"], r["meter"], r["resource_kind"], r["price_id"], r["month"], r["amount"])
+
+def batch_months(batches: Sequence[Charges]) -> set[date]:
+    return {billing_month(c.reading_hour) for c in batches}
+
+
+def _load_applied(raw: bytes) -> dict[str, Applied]:
+    doc = orjson.loads(raw)
+    return {r: (v, g, n, d) for r, v, g, n, d in zip(doc["r"], doc["v"], doc["g"], doc["n"], doc["d"], strict=True)}
+
+
+def _dump_applied(items: dict[str, Applied]) -> bytes:
+    rids = list(items)
+    vals = list(items.values())
+    return orjson.dumps(
+        {"r": rids, "v": [a[0] for a in vals], "g": [a[1] for a in vals], "n": [a[2] for a in vals],
+         "d": [a[3] for a in vals]}
+    )
+
+
+def load_held(raw: bytes) -> dict[str, Held]:
+    doc = orjson.loads(raw)
+    return {
+        r: (v, k, p, n, d)
+        for r, v, k, p, n, d in zip(doc["r"], doc["v"], doc["k"], doc["p"], doc["n"], doc["d"], strict=True)
+    }
+
+
+def _dump_held(items: dict[str, Held]) -> bytes:
+    vals = list(items.values())
+    return orjson.dumps(
+        {"r": list(items), "v": [h[0] for h in vals], "k": [h[1] for h in vals], "p": [h[2] for h in vals],
+         "n": [h[3] for h in vals], "d": [h[4] for h in vals]}
+    )
+
+
+def held_batches(held: dict[tuple[ShardKey, str], bytes]) -> list[Charges]:
+    """Held charges as charges batches (one per shard and org), to post them like any batch."""
+    out = []
+    for (key, org_id), raw in sorted(held.items()):
+        items = load_held(raw)
+        if not items:
+            continue
+        kinds = sorted({h[1] for h in items.values()})
+        price_ids = sorted({h[2] for h in items.values() if h[2]})
+        kind_at = {k: i for i, k in enumerate(kinds)}
+        price_at = {p: i for i, p in enumerate(price_ids)}
+        rids = sorted(items)
+        rows = [items[r] for r in rids]
+        n = len(rids)
+        digest = hashlib.sha1(f"{key}|{org_id}|{[(r, items[r][0]) for r in rids]}".encode()).digest()
+        out.append(
+            Charges(
+                id=uuid.UUID(bytes=digest[:16]),
+                reading_hour=key.reading_hour,
+                meter=key.meter,
+                unit="",
+                shard=key.shard,
+                priced_at=key.reading_hour,
+                orgs=[Ref(org_id)],
+                spaces=[Ref("")],
+                kinds=kinds,
+                prices=[Price(uuid.UUID(p), 0, 1) for p in price_ids],
+                resource_id=rids,
+                resource_name=[""] * n,
+                org=[0] * n,
+                space=[0] * n,
+                kind=[kind_at[h[1]] for h in rows],
+                value=[0] * n,
+                estimated=[False] * n,
+                revision=[h[0] for h in rows],
+                price=[price_at[h[2]] if h[2] else -1 for h in rows],
+                amount_numerator=[h[3] for h in rows],
+                amount_denominator=[h[4] for h in rows],
+            )
         )
+    return out
+
+
+@dataclass
+class _Shard:
+    """A shard's state in the transaction: applied charges, and held ones per org (loaded or new)."""
+
+    applied: dict[str, Applied] = field(default_factory=dict)
+    held: dict[str, dict[str, Held]] = field(default_factory=dict)
+    applied_changed: bool = False
+    held_changed: set[str] = field(default_factory=set)
+
+
+# (shard, resource, revision, customer, price id, numerator, denominator, org id, kind, replaced)
+_Change = tuple[ShardKey, str, int, uuid.UUID, uuid.UUID, int, int, str, str, Applied | None]
+
+
+async def post_batches(
+    conn: repo.Conn,
+    batches: Sequence[Charges],
+    now: datetime,
+    digest: str | None = None,
+    release: Sequence[tuple[ShardKey, str]] = (),
+) -> Posting:
+    """Post charges batches inside the caller's transaction, and the held charges of the (shard, org) pairs
+    ``release`` (read under the same locks). Lock order, the same everywhere: months (shared), shard rows,
+    held rows, then (customer, month, price) rows by id, then the customers' accounts by id. ``digest``
+    (part of the usage transactions' idempotency keys) defaults to one of the batches posted."""
+    result = Posting()
+    keys = {ShardKey(c.reading_hour, c.meter, c.shard) for c in batches} | {k for k, _ in release}
+    if not keys:
+        return result
+    closed = await lock_open_months(conn, {billing_month(k.reading_hour) for k in keys})
+    shards: dict[ShardKey, _Shard] = {k: _Shard() for k in keys}
+    for key, raw in (await repo.lock_shard_states(conn, keys)).items():
+        shards[key].applied = _load_applied(raw)
+    held_rows = await repo.lock_held(conn, keys)
+    for (key, org_id), raw in held_rows.items():
+        shards[key].held[org_id] = load_held(raw)
+    if release:
+        batches = [*batches, *held_batches({k: held_rows[k] for k in release if k in held_rows})]
+    if digest is None:
+        digest = batch_digest(batches)
+    owners = await repo.owners(conn, {(o.id, c.reading_hour) for c in batches for o in c.orgs})
+
+    changes: list[_Change] = []
+    for c in batches:
+        key = ShardKey(c.reading_hour, c.meter, c.shard)
+        shard = shards[key]
+        applied, held = shard.applied, shard.held
+        customer_of = [owners.get((o.id, c.reading_hour)) for o in c.orgs]
+        price_ids = [p.id for p in c.prices]
+        kinds, orgs = c.kinds, c.orgs
+        for rid, rev, o, k, p, num, den in zip(
+            c.resource_id, c.revision, c.org, c.kind, c.price, c.amount_numerator, c.amount_denominator, strict=True
+        ):
+            old = applied.get(rid)
+            org_id = orgs[o].id
+            waiting = held.get(org_id)
+            was_held = waiting.get(rid) if waiting is not None else None
+            if old is not None and old[0] >= rev:
+                if was_held is not None and was_held[0] <= old[0]:  # a held copy that was overtaken
+                    del waiting[rid]  # type: ignore[union-attr]
+                    shard.held_changed.add(org_id)
+                continue
+            customer = customer_of[o]
+            if customer is None:
+                if was_held is not None and was_held[0] >= rev:
+                    continue
+                if waiting is None:
+                    waiting = held[org_id] = {}
+                waiting[rid] = (rev, kinds[k], str(price_ids[p]) if p >= 0 else "", num, den)
+                shard.held_changed.add(org_id)
+                result.held += 1
+                continue
+            if was_held is not None and was_held[0] <= rev:
+                del waiting[rid]  # type: ignore[union-attr]
+                shard.held_changed.add(org_id)
+                result.released += 1
+            changes.append((key, rid, rev, customer, price_ids[p] if p >= 0 else NIL_PRICE, num, den, org_id, kinds[k], old))
+            applied[rid] = (rev, 0, num, den)  # the group is filled in below
+            shard.applied_changed = True
+    result.changed = len(changes)
+
+    if changes:
+        groups = await repo.group_ids(conn, {(ch[3], billing_month(ch[0].reading_hour), ch[4]) for ch in changes})
+        # Per (group, hour, org, meter, kind): numerators summed per denominator.
+        deltas: dict[int, dict[tuple[datetime, str, str, str], dict[int, int]]] = defaultdict(lambda: defaultdict(dict))
+        for key, rid, rev, customer, price_id, num, den, org_id, kind, old in changes:
+            gid = groups[(customer, billing_month(key.reading_hour), price_id)]
+            shards[key].applied[rid] = (rev, gid, num, den)
+            line = (key.reading_hour, org_id, key.meter, kind)
+            cell = deltas[gid][line]
+            cell[den] = cell.get(den, 0) + num
+            if old is not None and old[1]:
+                cell = deltas[old[1]][line]
+                cell[old[3]] = cell.get(old[3], 0) - old[2]
+        rows = await repo.lock_groups(conn, deltas)
+        updates, amounts = allocate(
+            {gid: (int(r["sum_num"]), int(r["sum_den"])) for gid, r in rows.items()}, deltas
+        )
+        await repo.update_groups(conn, updates)
+    await _save(conn, shards)
+    if not changes:
+        return result
+
+    per_hour: dict[tuple[uuid.UUID, datetime], list[UsageAmount]] = defaultdict(list)
+    for gid, line, amount in amounts:
+        if amount == 0:
+            continue
+        g = rows[gid]
+        hour, org_id, meter, kind = line
+        per_hour[(g["customer_id"], hour)].append(UsageAmount(org_id, meter, kind, g["price_id"], g["month"], amount))
+    if not per_hour:
+        return result
     books = await repo.load_books(conn, {cid for cid, _ in per_hour})
     drafts: list[TransactionDraft] = []
     for (customer_id, hour), lines in sorted(per_hour.items()):
+        lines.sort(key=lambda u: (u.org_id, u.meter, u.resource_kind, u.price_id))
         month = lines[0].month
         occurred_at, late = effective_time(hour, month, closed)
         kind = "late_usage" if late else "usage"
@@ -165,23 +309,57 @@ async def post_incoming(
     return result
 
 
-def batch_digest(charges: Sequence[ChargeComputed]) -> str:
-    """Identifies a delivered batch by its charges (ids are uuid5 of measurement and revision): the sum of
-    their ids and their count. Order-free, so a replayed batch yields the same idempotency keys."""
-    total = sum(c.id.int for c in charges) % (1 << 128)
-    return f"{total:032x}.{len(charges)}"
+async def _save(conn: repo.Conn, shards: dict[ShardKey, _Shard]) -> None:
+    states, held_rows, gone = [], [], []
+    for key, shard in sorted(shards.items()):
+        if shard.applied_changed:
+            applied = shard.applied
+            states.append((key, len(applied), sum(a[0] for a in applied.values()), _dump_applied(applied)))
+        for org_id in sorted(shard.held_changed):
+            items = shard.held[org_id]
+            # Counted as held: the items not applied meanwhile (an older revision may stay applied).
+            waiting = [h for rid, h in items.items() if rid not in shard.applied]
+            if items:
+                held_rows.append((key, org_id, len(waiting), sum(h[0] for h in waiting), _dump_held(items)))
+            else:
+                gone.append((key, org_id))
+    await repo.save_shard_states(conn, states)
+    await repo.save_held(conn, held_rows, gone)
 
 
-def batch_months(charges: Sequence[ChargeComputed]) -> set[date]:
-    """The billing months from the batch's earliest to its latest hour (min/max are much cheaper than
-    hashing every aware datetime; a month in between without charges costs one more shared lock)."""
-    first = min(c.reading_hour for c in charges)
-    last = billing_month(max(c.reading_hour for c in charges))
-    months, month = set(), billing_month(first)
-    while month <= last:
-        months.add(month)
-        month = next_month(month)
-    return months
+Line = tuple[datetime, str, str, str]  # hour, org, meter, kind
+
+
+def allocate(
+    sums: dict[int, tuple[int, int]], deltas: dict[int, dict[Line, dict[int, int]]]
+) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, Line, int]]]:
+    """The heart of the posting rule, exactly.
+
+    Each group (customer, month, price) holds its exact sum S = sum_num / sum_den. Its changes are lines
+    (hour, org, meter, kind), each a sum of fractions. Scaled to one common denominator L (lcm of S's and
+    the lines'), the lines, in a fixed order, are given floor(S + running sum) − floor(S + running sum
+    before them) whole microcredits. The amounts telescope: their total is floor(S_new) − floor(S_old),
+    exactly what the posted figure must move by to stay floor(exact sum). No rounding happens elsewhere.
+
+    Returns the groups' new (id, numerator, denominator, posted), reduced, and (group, line, amount) per line.
+    """
+    updates: list[tuple[int, int, int, int]] = []
+    amounts: list[tuple[int, Line, int]] = []
+    for gid in sorted(deltas):
+        lines = deltas[gid]
+        sum_num, sum_den = sums[gid]
+        common = sum_den
+        for cell in lines.values():
+            for den in cell:
+                common = lcm(common, den)
+        running = sum_num * (common // sum_den)
+        for line in sorted(lines):
+            n = sum(num * (common // den) for den, num in lines[line].items())
+            amounts.append((gid, line, (running + n) // common - running // common))
+            running += n
+        g = gcd(running, common) or 1
+        updates.append((gid, running // g, common // g, running // common))
+    return updates, amounts
 
 
 async def record_transactions(

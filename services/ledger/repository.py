@@ -1,10 +1,9 @@
 """Every SQL statement of the ledger. Functions take a connection inside the caller's transaction; the
 caller (service) owns the transaction boundary.
 
-Usage posting is set-based: a batch of charges is COPYed into a temporary table, then a handful of
-statements resolve orgs to customers, compare with the applied revisions, compute the exact per
-(customer, month, price) sums and the whole microcredits each (hour, org, meter, kind) adds to the posted
-floor, and update the state. Python only sees the aggregated result (a few rows per customer-hour).
+Usage posting keeps its state per shard of resources (``shard_state``, ``held_shards``: one row per
+charges batch, the items as a document) and its exact sums per (customer, month, price) (``month_usage``);
+``posting.py`` does the arithmetic, a handful of statements per batch read and write the rows.
 """
 
 from __future__ import annotations
@@ -25,300 +24,165 @@ from services.ledger.domain import (
     TransactionDraft,
     UsageAmount,
 )
+from shared.batches import ShardKey
 
 Conn = asyncpg.Connection | Any  # a pool proxy is an asyncpg connection too
 
-INCOMING_COLUMNS = (
-    "measurement_id",
-    "revision",
-    "reading_hour",
-    "org_id",
-    "meter",
-    "resource_kind",
-    "resource_id",
-    "price_id",
-    "num",
-    "den",
-)
+# ---------------------------------------------------------------- posting: shard state, held charges, groups
 
-# ---------------------------------------------------------------- posting pipeline: temporary tables
-
-# Created once per connection and emptied at every commit; IF NOT EXISTS keeps them across batches, so a
-# batch pays no catalog writes. client_min_messages hides the "already exists" notice; the larger work_mem
-# keeps a batch's sorts in memory.
-_WORK_TABLES = """
-SET LOCAL client_min_messages = warning;
-SET LOCAL work_mem = '64MB';
-CREATE TEMP TABLE IF NOT EXISTS ledger_incoming (
-    measurement_id uuid NOT NULL, revision integer NOT NULL, reading_hour timestamptz NOT NULL,
-    org_id text NOT NULL, meter text NOT NULL, resource_kind text NOT NULL, resource_id text NOT NULL,
-    price_id uuid NOT NULL, num bigint NOT NULL, den bigint NOT NULL
-) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS ledger_work (
-    measurement_id uuid, revision integer, reading_hour timestamptz, org_id text, meter text,
-    resource_kind text, resource_id text, price_id uuid, num bigint, den bigint, customer_id uuid, month date,
-    old_revision integer, old_group bigint, old_num bigint, old_den bigint
-) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS ledger_delta (
-    group_id bigint, reading_hour timestamptz, org_id text, meter text, resource_kind text, num numeric, den bigint
-) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS ledger_alloc (
-    group_id bigint, reading_hour timestamptz, org_id text, meter text, resource_kind text,
-    n numeric, l numeric, base numeric, amount bigint
-) ON COMMIT DELETE ROWS;
-"""
+_SHARD_KEYS = "unnest($1::timestamptz[], $2::text[], $3::int2[]) AS k(reading_hour, meter, shard)"
 
 
-async def prepare_work_tables(conn: Conn) -> None:
-    await conn.execute(_WORK_TABLES)
+def _key_arrays(keys: Iterable[ShardKey]) -> tuple[list[datetime], list[str], list[int]]:
+    ks = sorted(set(keys))
+    return [k.reading_hour for k in ks], [k.meter for k in ks], [k.shard for k in ks]
 
 
-async def copy_incoming(conn: Conn, rows: Sequence[tuple[Any, ...]]) -> None:
-    """COPY a batch of charges (tuples in INCOMING_COLUMNS order) into the batch table."""
-    await conn.copy_records_to_table("ledger_incoming", records=rows, columns=INCOMING_COLUMNS)
+async def lock_shard_states(conn: Conn, keys: Iterable[ShardKey]) -> dict[ShardKey, bytes]:
+    """The applied charges of the shards ``keys`` that have any (their items document), locked until the
+    end of the transaction. Empty for a shard's first batch, which is almost always the case."""
+    rows = await conn.fetch(
+        f"""SELECT s.reading_hour, s.meter, s.shard, s.items
+              FROM {_SHARD_KEYS}
+              JOIN shard_state s ON s.reading_hour = k.reading_hour AND s.meter = k.meter AND s.shard = k.shard
+             ORDER BY 1, 2, 3 FOR UPDATE OF s""",
+        *_key_arrays(keys),
+    )
+    return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): r["items"] for r in rows}
 
 
-async def load_held_into_incoming(conn: Conn, org_id: str | None, limit: int) -> int:
-    """Put held charges whose org now has a customer at their hour into the batch table (one org, or all)."""
-    status = await conn.execute(
-        """
-        INSERT INTO ledger_incoming
-        SELECT h.measurement_id, h.revision, h.reading_hour, h.org_id, h.meter, h.resource_kind, h.resource_id,
-               h.price_id, h.num, h.den
-          FROM held_charges h
-         WHERE ($1::text IS NULL OR h.org_id = $1)
-           AND EXISTS (SELECT 1 FROM org_assignments a WHERE a.org_id = h.org_id AND a.starts_at <= h.reading_hour)
-         ORDER BY h.measurement_id
-         LIMIT $2
-         FOR UPDATE OF h SKIP LOCKED
-        """,
+async def save_shard_states(conn: Conn, rows: Sequence[tuple[ShardKey, int, int, bytes]]) -> None:
+    """Insert or replace shard states: (shard, posted, revisions, items document)."""
+    if not rows:
+        return
+    await conn.execute(
+        """INSERT INTO shard_state (reading_hour, meter, shard, posted, revisions, items)
+           SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int2[], $4::int4[], $5::int8[], $6::bytea[])
+           ON CONFLICT (reading_hour, meter, shard) DO UPDATE
+              SET posted = EXCLUDED.posted, revisions = EXCLUDED.revisions, items = EXCLUDED.items""",
+        [r[0].reading_hour for r in rows], [r[0].meter for r in rows], [r[0].shard for r in rows],
+        [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+    )
+
+
+async def lock_held(conn: Conn, keys: Iterable[ShardKey]) -> dict[tuple[ShardKey, str], bytes]:
+    """The held charges of the shards ``keys``, per org, locked."""
+    rows = await conn.fetch(
+        f"""SELECT h.reading_hour, h.meter, h.shard, h.org_id, h.items
+              FROM {_SHARD_KEYS}
+              JOIN held_shards h ON h.reading_hour = k.reading_hour AND h.meter = k.meter AND h.shard = k.shard
+             ORDER BY 1, 2, 3, 4 FOR UPDATE OF h""",
+        *_key_arrays(keys),
+    )
+    return {(ShardKey(r["reading_hour"], r["meter"], r["shard"]), r["org_id"]): r["items"] for r in rows}
+
+
+async def save_held(conn: Conn, rows: Sequence[tuple[ShardKey, str, int, int, bytes]], gone: Sequence[tuple[ShardKey, str]]) -> None:
+    """Insert or replace held charges (shard, org, held, revisions, items document); delete ``gone``."""
+    if rows:
+        await conn.execute(
+            """INSERT INTO held_shards (reading_hour, meter, shard, org_id, held, revisions, items)
+               SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int2[], $4::text[], $5::int4[], $6::int8[],
+                                    $7::bytea[])
+               ON CONFLICT (reading_hour, meter, shard, org_id) DO UPDATE
+                  SET held = EXCLUDED.held, revisions = EXCLUDED.revisions, items = EXCLUDED.items, held_at = now()""",
+            [r[0].reading_hour for r in rows], [r[0].meter for r in rows], [r[0].shard for r in rows],
+            [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows],
+        )
+    if gone:
+        await conn.execute(
+            """DELETE FROM held_shards h
+                USING unnest($1::timestamptz[], $2::text[], $3::int2[], $4::text[]) AS k(reading_hour, meter, shard, org_id)
+                WHERE h.reading_hour = k.reading_hour AND h.meter = k.meter AND h.shard = k.shard
+                  AND h.org_id = k.org_id""",
+            [g[0].reading_hour for g in gone], [g[0].meter for g in gone], [g[0].shard for g in gone],
+            [g[1] for g in gone],
+        )
+
+
+async def resolvable_held(
+    conn: Conn, org_id: str | None, limit: int, before: datetime | None = None
+) -> list[tuple[ShardKey, str]]:
+    """Held (shard, org) rows whose org now has a customer at their hour (one org, or all; reading hours
+    before ``before`` only, when given). Not locked here: posting them locks them in the posting order."""
+    rows = await conn.fetch(
+        """SELECT h.reading_hour, h.meter, h.shard, h.org_id
+             FROM held_shards h
+            WHERE ($1::text IS NULL OR h.org_id = $1)
+              AND ($3::timestamptz IS NULL OR h.reading_hour < $3)
+              AND EXISTS (SELECT 1 FROM org_assignments a WHERE a.org_id = h.org_id AND a.starts_at <= h.reading_hour)
+            ORDER BY h.reading_hour, h.meter, h.shard, h.org_id
+            LIMIT $2""",
         org_id,
         limit,
+        before,
     )
-    return int(status.split()[-1])
+    return [(ShardKey(r["reading_hour"], r["meter"], r["shard"]), r["org_id"]) for r in rows]
 
 
-async def incoming_months(conn: Conn) -> list[date]:
-    rows = await conn.fetch("SELECT DISTINCT billing_month(reading_hour) AS m FROM ledger_incoming")
-    return [r["m"] for r in rows]
-
-
-async def incoming_digest(conn: Conn) -> str:
-    """A digest of the batch's (measurement, revision) pairs: part of its usage transactions' keys."""
-    value = await conn.fetchval(
-        """SELECT left(md5(string_agg(measurement_id::text || ':' || revision::text, ','
-                                      ORDER BY measurement_id, revision)), 24)
-             FROM ledger_incoming"""
+async def owners(conn: Conn, pairs: Iterable[tuple[str, datetime]]) -> dict[tuple[str, datetime], uuid.UUID]:
+    """The customer of each (org, hour) that has one: the assignment with the greatest starts_at <= hour."""
+    ps = sorted(set(pairs))
+    if not ps:
+        return {}
+    rows = await conn.fetch(
+        """SELECT k.org_id, k.hour,
+                  (SELECT a.customer_id FROM org_assignments a
+                    WHERE a.org_id = k.org_id AND a.starts_at <= k.hour
+                    ORDER BY a.starts_at DESC LIMIT 1) AS customer_id
+             FROM unnest($1::text[], $2::timestamptz[]) AS k(org_id, hour)""",
+        [p[0] for p in ps],
+        [p[1] for p in ps],
     )
-    return str(value or "empty")
+    return {(r["org_id"], r["hour"]): r["customer_id"] for r in rows if r["customer_id"] is not None}
 
 
-async def resolve(conn: Conn) -> None:
-    """Fill ledger_work with the charges of the batch that change something: the latest revision of each
-    measurement, its org's customer at its hour (null: unassigned) and the revision already applied (if
-    any, with what it counted), in charge_state's key order. Orgs are resolved once per distinct (org,
-    hour), not per charge. The sort that picks the latest revision comes last, so the rows leave it in
-    charge_state's key order and apply_charges inserts them along the index (a revision not newer than the
-    applied one is dropped before DISTINCT ON picks: the same pick, since the latest is newer if any is)."""
-    await conn.execute(
-        """
-        INSERT INTO ledger_work
-        WITH owners AS MATERIALIZED (
-            SELECT k.org_id, k.reading_hour,
-                   (SELECT a.customer_id FROM org_assignments a
-                     WHERE a.org_id = k.org_id AND a.starts_at <= k.reading_hour
-                     ORDER BY a.starts_at DESC LIMIT 1) AS customer_id
-              FROM (SELECT DISTINCT org_id, reading_hour FROM ledger_incoming) k
-        )
-        SELECT DISTINCT ON (l.reading_hour, l.measurement_id)
-               l.measurement_id, l.revision, l.reading_hour, l.org_id, l.meter, l.resource_kind, l.resource_id,
-               l.price_id, l.num, l.den, o.customer_id, billing_month(l.reading_hour),
-               s.revision, s.group_id, s.num, s.den
-          FROM ledger_incoming l
-          JOIN owners o ON o.org_id = l.org_id AND o.reading_hour = l.reading_hour
-          LEFT JOIN charge_state s ON s.reading_hour = l.reading_hour AND s.measurement_id = l.measurement_id
-         WHERE s.revision IS NULL OR s.revision < l.revision
-         ORDER BY l.reading_hour, l.measurement_id, l.revision DESC
-        """
-    )
-
-
-async def hold_unassigned(conn: Conn) -> int:
-    """Keep the charges whose org has no customer at their hour (latest revision wins)."""
-    status = await conn.execute(
-        """
-        INSERT INTO held_charges (measurement_id, revision, reading_hour, org_id, meter, resource_kind,
-                                  resource_id, price_id, num, den)
-        SELECT measurement_id, revision, reading_hour, org_id, meter, resource_kind, resource_id, price_id, num, den
-          FROM ledger_work WHERE customer_id IS NULL
-        ON CONFLICT (measurement_id) DO UPDATE
-           SET revision = EXCLUDED.revision, reading_hour = EXCLUDED.reading_hour, org_id = EXCLUDED.org_id,
-               meter = EXCLUDED.meter, resource_kind = EXCLUDED.resource_kind,
-               resource_id = EXCLUDED.resource_id, price_id = EXCLUDED.price_id, num = EXCLUDED.num,
-               den = EXCLUDED.den, held_at = now()
-         WHERE held_charges.revision < EXCLUDED.revision
-        """
-    )
-    return int(status.split()[-1])
-
-
-async def release_held(conn: Conn) -> int:
-    """Forget held charges of the batch that now resolve to a customer (they were posted, or superseded)."""
-    status = await conn.execute(
-        """
-        DELETE FROM held_charges h
-         USING ledger_incoming i
-         WHERE h.measurement_id = i.measurement_id AND h.revision <= i.revision
-           AND EXISTS (SELECT 1 FROM org_assignments a WHERE a.org_id = h.org_id AND a.starts_at <= h.reading_hour)
-        """
-    )
-    return int(status.split()[-1])
-
-
-async def create_groups(conn: Conn) -> None:
-    """Create the (customer, month, price) rows the batch needs that do not exist yet, in key order (two
+async def group_ids(conn: Conn, keys: Iterable[tuple[uuid.UUID, date, uuid.UUID]]) -> dict[tuple[uuid.UUID, date, uuid.UUID], int]:
+    """The month_usage id of each (customer, month, price), created when missing (in key order: two
     instances creating the same rows wait for each other instead of deadlocking)."""
+    ks = sorted(set(keys))
+    if not ks:
+        return {}
+    args = ([k[0] for k in ks], [k[1] for k in ks], [k[2] for k in ks])
     await conn.execute(
-        """
-        INSERT INTO month_usage (customer_id, month, price_id)
-        SELECT DISTINCT w.customer_id, w.month, w.price_id FROM ledger_work w
-         WHERE w.customer_id IS NOT NULL
-           AND NOT EXISTS (SELECT 1 FROM month_usage g
-                            WHERE g.customer_id = w.customer_id AND g.month = w.month AND g.price_id = w.price_id)
-         ORDER BY 1, 2, 3
-        ON CONFLICT DO NOTHING
-        """
+        """INSERT INTO month_usage (customer_id, month, price_id)
+           SELECT * FROM unnest($1::uuid[], $2::date[], $3::uuid[]) AS k(customer_id, month, price_id)
+            WHERE NOT EXISTS (SELECT 1 FROM month_usage g
+                               WHERE g.customer_id = k.customer_id AND g.month = k.month AND g.price_id = k.price_id)
+            ORDER BY 1, 2, 3
+           ON CONFLICT DO NOTHING""",
+        *args,
     )
-
-
-async def apply_charges(conn: Conn) -> int:
-    """Record the applied revision of every assigned charge of the batch; returns the charges replaced.
-    A replacement only matches the revision the batch compared against (resolve), so fewer rows than
-    expected mean another transaction changed the same charge meanwhile. First sights are plain inserts
-    (half the cost of an upsert): a concurrent insert of the same charge fails on the primary key. Either
-    way the caller retries the batch."""
-    replaced = await conn.execute(
-        """
-        UPDATE charge_state s
-           SET revision = w.revision, group_id = g.id, num = w.num, den = w.den, meter = w.meter
-          FROM ledger_work w
-          JOIN month_usage g ON g.customer_id = w.customer_id AND g.month = w.month AND g.price_id = w.price_id
-         WHERE s.reading_hour = w.reading_hour AND s.measurement_id = w.measurement_id
-           AND w.old_revision IS NOT NULL AND s.revision = w.old_revision
-        """
+    rows = await conn.fetch(
+        """SELECT g.id, g.customer_id, g.month, g.price_id
+             FROM unnest($1::uuid[], $2::date[], $3::uuid[]) AS k(customer_id, month, price_id)
+             JOIN month_usage g ON g.customer_id = k.customer_id AND g.month = k.month AND g.price_id = k.price_id""",
+        *args,
     )
-    await conn.execute(
-        """
-        INSERT INTO charge_state (reading_hour, measurement_id, revision, group_id, num, den, meter)
-        SELECT w.reading_hour, w.measurement_id, w.revision, g.id, w.num, w.den, w.meter
-          FROM ledger_work w
-          JOIN month_usage g ON g.customer_id = w.customer_id AND g.month = w.month AND g.price_id = w.price_id
-         WHERE w.old_revision IS NULL
-        """
+    return {(r["customer_id"], r["month"], r["price_id"]): r["id"] for r in rows}
+
+
+async def lock_groups(conn: Conn, ids: Iterable[int]) -> dict[int, asyncpg.Record]:
+    """Lock (customer, month, price) rows in id order (two ledger instances posting for the same customer
+    wait for each other instead of deadlocking) and read their exact sums."""
+    rows = await conn.fetch(
+        """SELECT id, customer_id, month, price_id, sum_num::text AS sum_num, sum_den::text AS sum_den, posted
+             FROM month_usage WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE""",
+        sorted(set(ids)),
     )
-    return int(replaced.split()[-1])
+    return {r["id"]: r for r in rows}
 
 
-async def collect_deltas(conn: Conn) -> int:
-    """What the batch changes, as signed deltas summed per (group, hour, org, meter, kind, denominator):
-    +new amount on its group, -replaced amount on the group the replaced revision was counted in.
-    Returns the number of changed charges."""
-    status = await conn.execute(
-        """
-        INSERT INTO ledger_delta (group_id, reading_hour, org_id, meter, resource_kind, num, den)
-        SELECT group_id, reading_hour, org_id, meter, resource_kind, sum(num), den
-          FROM (SELECT g.id AS group_id, w.reading_hour, w.org_id, w.meter, w.resource_kind, w.num, w.den
-                  FROM ledger_work w
-                  JOIN month_usage g ON g.customer_id = w.customer_id AND g.month = w.month AND g.price_id = w.price_id
-                UNION ALL
-                SELECT w.old_group, w.reading_hour, w.org_id, w.meter, w.resource_kind, -w.old_num, w.old_den
-                  FROM ledger_work w
-                 WHERE w.old_group IS NOT NULL AND w.customer_id IS NOT NULL) d
-         GROUP BY group_id, reading_hour, org_id, meter, resource_kind, den
-        """
-    )
-    return int(status.split()[-1])
-
-
-async def work_counts(conn: Conn) -> tuple[int, int]:
-    """(assigned charges that change something, of which replace an applied revision)."""
-    row = await conn.fetchrow(
-        """SELECT count(*) AS changed, count(*) FILTER (WHERE old_revision IS NOT NULL) AS replacing
-             FROM ledger_work WHERE customer_id IS NOT NULL"""
-    )
-    return int(row["changed"]), int(row["replacing"])
-
-
-async def lock_groups(conn: Conn) -> None:
-    """Lock every (customer, month, price) row the batch changes, in id order: two ledger instances
-    posting for the same customer wait for each other instead of deadlocking."""
-    await conn.execute(
-        """SELECT 1 FROM month_usage WHERE id IN (SELECT DISTINCT group_id FROM ledger_delta)
-            ORDER BY id FOR UPDATE"""
-    )
-
-
-async def allocate(conn: Conn) -> None:
-    """The heart of the posting rule, exactly, in one statement.
-
-    Each changed charge is a delta on its (customer, month, price) group (ledger_delta, already summed per
-    (hour, org, meter, kind, denominator) as integers). Per group, the deltas are scaled to one
-    common denominator l (lcm of the stored sum's denominator and the deltas'), and the resulting lines,
-    in a fixed order, are given floor(base + running sum) - floor(base + running sum before them) whole
-    microcredits, base being the group's stored exact sum. The amounts telescope: their total is
-    floor(new sum) - floor(old sum), exactly what must be added to the posted figure for it to stay
-    floor(exact sum). No rounding happens anywhere else."""
-    await conn.execute(
-        """
-        INSERT INTO ledger_alloc (group_id, reading_hour, org_id, meter, resource_kind, n, l, base, amount)
-        WITH by_den AS (
-            SELECT group_id, reading_hour, org_id, meter, resource_kind, den::numeric AS den, num FROM ledger_delta
-        ), common AS MATERIALIZED (
-            SELECT d.group_id, lcm(lcm_agg(d.den), min(g.sum_den)) AS l,
-                   min(g.sum_num) AS sum_num, min(g.sum_den) AS sum_den
-              FROM (SELECT DISTINCT group_id, den FROM by_den) d JOIN month_usage g ON g.id = d.group_id
-             GROUP BY d.group_id
-        ), lines AS (
-            SELECT d.group_id, d.reading_hour, d.org_id, d.meter, d.resource_kind,
-                   sum(d.num * div(c.l, d.den)) AS n, min(c.l) AS l, min(c.sum_num * div(c.l, c.sum_den)) AS base
-              FROM by_den d JOIN common c ON c.group_id = d.group_id
-             GROUP BY d.group_id, d.reading_hour, d.org_id, d.meter, d.resource_kind
-        ), running AS (
-            SELECT x.*, sum(x.n) OVER (PARTITION BY x.group_id
-                                       ORDER BY x.reading_hour, x.org_id, x.meter, x.resource_kind) AS upto
-              FROM lines x
+async def update_groups(conn: Conn, rows: Sequence[tuple[int, int, int, int]]) -> None:
+    """Store new exact sums (id, numerator, denominator, posted); the CHECK on month_usage re-verifies
+    that posted = floor(sum)."""
+    if rows:
+        await conn.execute(
+            """UPDATE month_usage g SET sum_num = k.n, sum_den = k.d, posted = k.p
+                 FROM unnest($1::bigint[], $2::numeric[], $3::numeric[], $4::bigint[]) AS k(id, n, d, p)
+                WHERE g.id = k.id""",
+            [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
         )
-        -- div is floor here: a running sum is the stored exact sum with some charges added and some of its
-        -- own charges' old amounts removed, so it is never negative (floor_div would not be inlined).
-        SELECT group_id, reading_hour, org_id, meter, resource_kind, n, l, base,
-               div(base + upto, l) - div(base + upto - n, l)
-          FROM running
-        """
-    )
-    # The new exact sum of each group, reduced, and its floor (the CHECK on month_usage re-verifies it).
-    await conn.execute(
-        """
-        UPDATE month_usage g
-           SET sum_num = div(t.total, gcd(t.total, t.l)),
-               sum_den = div(t.l, gcd(t.total, t.l)),
-               posted = floor_div(t.total, t.l)
-          FROM (SELECT group_id, min(l) AS l, min(base) + sum(n) AS total
-                  FROM ledger_alloc GROUP BY group_id) t
-         WHERE g.id = t.group_id
-        """
-    )
-
-
-async def allocations(conn: Conn) -> list[asyncpg.Record]:
-    """The non-zero whole microcredits to post, per customer, hour, org, meter, kind, price and month."""
-    return await conn.fetch(
-        """
-        SELECT g.customer_id, g.month, g.price_id, a.reading_hour, a.org_id, a.meter, a.resource_kind, a.amount
-          FROM ledger_alloc a JOIN month_usage g ON g.id = a.group_id
-         WHERE a.amount <> 0
-         ORDER BY g.customer_id, a.reading_hour, a.org_id, a.meter, a.resource_kind, g.price_id
-        """
-    )
 
 
 # ---------------------------------------------------------------- months
@@ -618,14 +482,14 @@ async def list_assignments(
     )
 
 
-async def list_held(conn: Conn, after: uuid.UUID | None, limit: int) -> list[asyncpg.Record]:
+async def list_held(conn: Conn, after: tuple[datetime, str, int, str] | None, limit: int) -> list[asyncpg.Record]:
+    """Held (shard, org) rows in key order from ``after`` (inclusive: the caller skips what it listed)."""
+    h, m, s, o = after if after is not None else (None, None, None, None)
     return await conn.fetch(
-        """SELECT measurement_id, revision, reading_hour, org_id, meter, resource_kind, resource_id, price_id,
-                  num, den, held_at
-             FROM held_charges WHERE $1::uuid IS NULL OR measurement_id > $1
-            ORDER BY measurement_id LIMIT $2""",
-        after,
-        limit,
+        """SELECT reading_hour, meter, shard, org_id, held_at, items FROM held_shards
+            WHERE $1::timestamptz IS NULL OR (reading_hour, meter, shard, org_id) >= ($1, $2::text, $3::int2, $4::text)
+            ORDER BY reading_hour, meter, shard, org_id LIMIT $5""",
+        h, m, s, o, limit,
     )
 
 
@@ -847,34 +711,21 @@ async def balance_flows(conn: Conn, customer_id: uuid.UUID, as_of: datetime) -> 
     return {r["type"]: int(r["signed"]) for r in rows}
 
 
-async def try_lock_held_sweep(conn: Conn) -> bool:
-    """One held-charge sweep at a time across instances (the others skip their turn)."""
-    return bool(await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext('billing.ledger.held'))"))
-
-
 # ---------------------------------------------------------------- completeness report
 
 
 async def completeness_counts(conn: Conn, since: datetime, until: datetime) -> list[asyncpg.Record]:
     """Per reading hour and meter: charges applied to a customer's month (posted, zero and unpriced ones
     included), charges held for want of a customer (not counting one applied meanwhile), and the sum of
-    their revisions. Both scans follow a key or index that starts with the reading hour, except held
-    charges (indexed by org; few)."""
+    their revisions."""
     return await conn.fetch(
         """
-        SELECT hour, meter,
-               sum(posted)::bigint AS posted, sum(held)::bigint AS held, sum(revisions)::bigint AS revisions
-          FROM (SELECT reading_hour AS hour, meter, count(*) AS posted, 0 AS held, sum(revision) AS revisions
-                  FROM charge_state
-                 WHERE reading_hour >= $1 AND reading_hour < $2
-                 GROUP BY reading_hour, meter
+        SELECT hour, meter, sum(posted)::bigint AS posted, sum(held)::bigint AS held, sum(revisions)::bigint AS revisions
+          FROM (SELECT reading_hour AS hour, meter, posted, 0 AS held, revisions
+                  FROM shard_state WHERE reading_hour >= $1 AND reading_hour < $2
                 UNION ALL
-                SELECT h.reading_hour, h.meter, 0, count(*), sum(h.revision)
-                  FROM held_charges h
-                 WHERE h.reading_hour >= $1 AND h.reading_hour < $2
-                   AND NOT EXISTS (SELECT 1 FROM charge_state s
-                                    WHERE s.reading_hour = h.reading_hour AND s.measurement_id = h.measurement_id)
-                 GROUP BY h.reading_hour, h.meter) t
+                SELECT reading_hour, meter, 0, held, revisions
+                  FROM held_shards WHERE reading_hour >= $1 AND reading_hour < $2) t
          GROUP BY hour, meter
          ORDER BY hour, meter
         """,

@@ -34,16 +34,15 @@ from services.ledger.domain import (
 from services.ledger.posting import (
     Posting,
     batch_digest,
-    batch_months,
-    charge_row,
+    load_held,
     lock_open_months,
-    post_incoming,
+    post_batches,
     record_transactions,
 )
 from services.ledger.settings import LedgerSettings
 from shared.clock import billing_month, month_bounds, utcnow
-from shared.contracts import ChargeComputed
-from shared.ids import uuid7
+from shared.batches import Charges, ShardKey
+from shared.ids import measurement_id, uuid7
 
 __all__ = [
     "LedgerError",
@@ -53,13 +52,14 @@ __all__ = [
     "LedgerService",
     "Result",
     "CloseResult",
+    "HeldPage",
 ]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-HELD_BATCH = 20_000  # held charges posted per database transaction
+HELD_BATCH = 200  # (shard, org) rows of held charges posted per database transaction
 RETRIES = 4
 
 
@@ -95,6 +95,14 @@ class Result:
 
 
 @dataclass
+class HeldPage:
+    """A page of held charges and the position of its last one (None: the end)."""
+
+    items: list[dict[str, Any]]
+    next_cursor: tuple[datetime, str, int, str, str] | None
+
+
+@dataclass
 class CloseResult:
     month: date
     closed_at: datetime
@@ -124,58 +132,66 @@ class LedgerService:
 
     # ------------------------------------------------------------ usage
 
-    async def post_charges(self, charges: Sequence[ChargeComputed]) -> Posting:
-        """Post a batch of (valid) charges in one transaction. Not retried here: the consumer retries."""
-        rows = [charge_row(c) for c in charges]
-        months, digest = batch_months(charges), batch_digest(charges)
+    async def post_charges(self, batches: Sequence[Charges]) -> Posting:
+        """Post charges batches in one transaction. Not retried here: the consumer retries."""
         async with self._pool.acquire() as conn, conn.transaction():
-            await repo.prepare_work_tables(conn)
-            await repo.copy_incoming(conn, rows)
-            return await post_incoming(conn, self._clock(), months, digest)
+            return await post_batches(conn, batches, self._clock(), batch_digest(batches))
 
     async def post_resolvable_held(self, org_id: str | None = None) -> Posting:
-        """Post held charges whose org now has a customer at their hour, in batches."""
+        """Post held charges whose org now has a customer at their hour (one org, or all), some shards at
+        a time."""
         total = Posting()
         while True:
 
             async def one_batch(conn: repo.Conn) -> tuple[Posting, int]:
-                if org_id is None and not await repo.try_lock_held_sweep(conn):
+                found = await repo.resolvable_held(conn, org_id, HELD_BATCH)
+                if not found:
                     return Posting(), 0
-                await repo.prepare_work_tables(conn)
-                loaded = await repo.load_held_into_incoming(conn, org_id, HELD_BATCH)
-                if loaded == 0:
-                    return Posting(), 0
-                posting = await post_incoming(conn, self._clock())
-                await repo.release_held(conn)
-                return posting, loaded
+                return await post_batches(conn, [], self._clock(), release=found), len(found)
 
-            posting, loaded = await self._retrying(one_batch)
+            posting, found = await self._retrying(one_batch)
             total.changed += posting.changed
+            total.released += posting.released
             total.transactions += posting.transactions
             total.alerts += posting.alerts
             total.outbox_ids += posting.outbox_ids
-            if loaded < HELD_BATCH:
+            if found < HELD_BATCH:
                 return total
 
-    async def list_held(self, after: uuid.UUID | None, limit: int) -> list[dict[str, Any]]:
+    async def list_held(self, after: tuple[datetime, str, int, str, str] | None, limit: int) -> HeldPage:
+        """Held charges, one document each, in (hour, meter, shard, org, resource) order after ``after``."""
+        items: list[dict[str, Any]] = []
+        start = after[:4] if after is not None else None
         async with self._pool.acquire() as conn:
-            rows = await repo.list_held(conn, after, limit)
-        return [
-            {
-                "measurement_id": r["measurement_id"],
-                "revision": r["revision"],
-                "reading_hour": r["reading_hour"],
-                "org_id": r["org_id"],
-                "meter": r["meter"],
-                "resource_kind": r["resource_kind"],
-                "resource_id": r["resource_id"],
-                "price_id": None if r["price_id"].int == 0 else r["price_id"],
-                "amount_numerator": r["num"],
-                "amount_denominator": r["den"],
-                "held_at": r["held_at"],
-            }
-            for r in rows
-        ]
+            while True:
+                rows = await repo.list_held(conn, start, 100)
+                for r in rows:
+                    key = ShardKey(r["reading_hour"], r["meter"], r["shard"])
+                    for rid, (rev, kind, price, num, den) in sorted(load_held(r["items"]).items()):
+                        position = (key.reading_hour, key.meter, key.shard, r["org_id"], rid)
+                        if after is not None and position <= after:
+                            continue
+                        items.append(
+                            {
+                                "measurement_id": measurement_id(key.reading_hour, key.meter, rid),
+                                "revision": rev,
+                                "reading_hour": key.reading_hour,
+                                "org_id": r["org_id"],
+                                "meter": key.meter,
+                                "resource_kind": kind,
+                                "resource_id": rid,
+                                "price_id": uuid.UUID(price) if price else None,
+                                "amount_numerator": num,
+                                "amount_denominator": den,
+                                "held_at": r["held_at"],
+                            }
+                        )
+                        if len(items) == limit:
+                            return HeldPage(items, position)
+                if len(rows) < 100:
+                    return HeldPage(items, None)
+                last = rows[-1]
+                start = (last["reading_hour"], last["meter"], last["shard"], last["org_id"] + "\x00")
 
     # ------------------------------------------------------------ tiers and customers
 
@@ -226,13 +242,9 @@ class LedgerService:
                 raise ConflictError(
                     "Assignment exists", f"org {org_id} already has an assignment starting {starts_at.isoformat()}"
                 )
-            await repo.prepare_work_tables(conn)
-            loaded = await repo.load_held_into_incoming(conn, org_id, HELD_BATCH)
-            posting = Posting()
-            if loaded:
-                posting = await post_incoming(conn, self._clock())
-                await repo.release_held(conn)
-            body = dict(row) | {"held_charges_posted": loaded}
+            found = await repo.resolvable_held(conn, org_id, HELD_BATCH)
+            posting = await post_batches(conn, [], self._clock(), release=found)
+            body = dict(row) | {"held_charges_posted": posting.released}
             return Result(body, posting.outbox_ids)
 
         return await self._retrying(work)
@@ -325,6 +337,15 @@ class LedgerService:
             closed_at = await repo.month_close(conn, month)
             if closed_at is not None:
                 return CloseResult(month, closed_at, await repo.count_statements(conn, month), True)
+            # Everything that has become postable belongs in the statement: held charges of the month (and
+            # earlier) whose org got its customer meanwhile, e.g. charges in flight while an org was being
+            # assigned. Posted under the exclusive lock, so nothing is held for the month after this.
+            outbox: list[int] = []
+            while found := await repo.resolvable_held(conn, None, HELD_BATCH, before=end):
+                posted = await post_batches(conn, [], now, release=found)
+                outbox += posted.outbox_ids
+                if len(found) < HELD_BATCH:
+                    break
             await repo.insert_month_close(conn, month, now)
             customers = await repo.customers_active_before(conn, end)
             flows: dict[uuid.UUID, dict[str, tuple[int, int]]] = {c: {} for c in customers}
@@ -366,7 +387,7 @@ class LedgerService:
                 )
                 outgoing.append(messages.to_outbox(msg))
             await repo.insert_statements(conn, rows)
-            outbox = await repo.insert_outbox(conn, outgoing)
+            outbox += await repo.insert_outbox(conn, outgoing)
             return CloseResult(month, now, len(rows), False, outbox)
 
         return await self._retrying(work)

@@ -17,7 +17,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 def create_app(settings: PricerSettings | None = None) -> Starlette:
     settings = settings or PricerSettings()
-    runtime = Runtime("pricer", settings, MIGRATIONS)
+    runtime = Runtime("pricer", settings, MIGRATIONS, description="Prices readings into exact charges.")
+    handlers.declare(runtime)
     routes = [*handlers.routes(), openapi_route(openapi_document)]
     return runtime.app(routes=routes, on_start=handlers.start, on_stop=handlers.stop)
 

@@ -1,10 +1,9 @@
-"""Entrypoints of the pricer: the readings consumer, the internal price routes, re-pricing and the outbox.
+"""Entrypoints of the pricer, thin: the subscribers of the readings topics and the internal price routes
+call ``service.Pricer``, which owns the transactions (see there).
 
-Each entrypoint owns its transaction: it takes the catalog lock (see repository.py), asks service.py
-to price, stores through repository.py, commits, and only then publishes to ``usage.charges.v1`` (keyed
-by org id). The readings handler returns before the consumer commits its offsets, so a crash anywhere
-re-delivers the batch; a redelivered measurement publishes its stored latest revision again, never a
-new one.
+Subscribers: ``usage.readings.v2`` (batches) and ``usage.readings.v1`` (single measurements, still
+accepted from producers that have not moved), both in group ``pricer``; output ``usage.charges.v2``,
+keyed ``shard-<n>``.
 """
 
 from __future__ import annotations
@@ -14,266 +13,31 @@ import base64
 import binascii
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
-from uuid import UUID
 
-import asyncpg
 import orjson
-from prometheus_client import Counter, Gauge
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from services.pricer import completeness, repository, service
+from services.pricer import completeness
+from services.pricer.pricing import PriceEndRefusedError, PriceNotFoundError, PriceOverlapError
 from services.pricer.schemas import PriceCreatedOut, PriceEndIn, PriceIn, PriceList, PriceOut, UnpricedList
-from services.pricer.service import (
-    Catalog,
-    Price,
-    PriceEndRefusedError,
-    PriceNotFoundError,
-    PriceOverlapError,
-)
+from services.pricer.service import CatalogBusyError, Pricer
 from services.pricer.settings import PricerSettings
-from shared.clock import utcnow
-from shared.contracts import MeasurementTaken
-from shared.wire import Measurement
+from shared.batches import SHARDS, decode_charges, decode_measurements
+from shared.clock import as_utc
+from shared.contracts import ChargesComputed, MeasurementsTaken, MeasurementTaken
 from shared.http import ORJSONResponse, ProblemError, read_json
-from shared.ids import uuid7
-from shared.kafka import Outgoing, Publisher, Received
+from shared.kafka import Received, model_decoder
 from shared.runtime import Runtime
-from shared.topics import CHARGES, READINGS
+from shared.topics import CHARGES, READINGS, READINGS_V1, dlq
+from shared.wire import decoder_for
 
-__all__ = ["Pricer", "routes", "start", "stop", "CatalogBusyError"]
+__all__ = ["routes", "declare", "start", "stop"]
 
 log = logging.getLogger(__name__)
-
-CHARGES_STORED = Counter(
-    "billing_pricer_charges_total",
-    "Charge revisions stored and published; rate() is charges per second",
-    ["status", "origin"],
-)
-CHARGES_REPUBLISHED = Counter(
-    "billing_pricer_charges_republished_total", "Stored charges published again for redelivered measurements"
-)
-UNPRICED = Gauge("billing_pricer_unpriced_charges", "Charges whose latest revision is unpriced")
-CATALOG_RELOADS = Counter("billing_pricer_catalog_reloads_total", "Times the in-memory price catalog was reloaded")
-
-ReadingsBatch = list[Received[Measurement]]  # the consumer hands over shared.wire's mirror
-
-
-class CatalogBusyError(Exception):
-    """A price change could not take the catalog lock in time (batches kept it)."""
-
-
-class Pricer:
-    """The pricer's use cases over a pool and a publisher."""
-
-    def __init__(
-        self,
-        pool: asyncpg.Pool,
-        publisher: Publisher,
-        charges_topic: str,
-        *,
-        reprice_chunk: int = 2000,
-        lock_timeout_ms: int = 10_000,
-    ) -> None:
-        self._pool = pool
-        self._publisher = publisher
-        self._topic = charges_topic
-        self._chunk = reprice_chunk
-        self._lock_timeout_ms = lock_timeout_ms
-        self._catalog = Catalog((), version=0)
-        self._swept_version = 0
-
-    async def _current_catalog(self, conn: asyncpg.Connection) -> Catalog:
-        """The catalog as committed; reloaded only when its version moved. Call under the lock."""
-        version = await repository.catalog_version(conn)
-        if version != self._catalog.version:
-            self._catalog = Catalog(await repository.load_prices(conn), version)
-            CATALOG_RELOADS.inc()
-        return self._catalog
-
-    # -- usage.readings.v1 ------------------------------------------------------------------------
-
-    async def handle_readings(self, batch: ReadingsBatch) -> list[tuple[Received[Measurement], str]]:
-        """Price a batch in one transaction, publish the charges after the commit, return the rejects."""
-        priced_at = utcnow()
-        messages = [r.message for r in batch]
-        inserted = unpriced = 0
-        async with self._pool.acquire() as conn:
-            async with conn.transaction():
-                await repository.lock_catalog_shared(conn)
-                catalog = await self._current_catalog(conn)
-                priced = service.price_batch(messages, catalog, priced_at)
-                payloads = priced.payloads
-                if priced.rows:
-                    inserted, unpriced = await repository.store_charges(conn, priced.rows, priced.unpriced)
-                    if inserted < len(priced.rows):
-                        # Some were stored before (a redelivery): publish what is stored, the latest revision.
-                        stored = await repository.latest_staged_charges(conn)
-                        payloads = [service.stored_charge_payload(m, stored[m.id]) for m in priced.measurements]
-        await self._publisher.publish(
-            self._topic, [Outgoing(m.org_id.encode(), p) for m, p in zip(priced.measurements, payloads, strict=True)]
-        )
-        CHARGES_STORED.labels("priced", "readings").inc(inserted - unpriced)
-        CHARGES_STORED.labels("unpriced", "readings").inc(unpriced)
-        CHARGES_REPUBLISHED.inc(len(priced.rows) - inserted)
-        UNPRICED.inc(unpriced)
-        return [(batch[i], why) for i, why in priced.rejects]
-
-    # -- the catalog ------------------------------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def _catalog_change(self) -> AsyncIterator[asyncpg.Connection]:
-        """A transaction holding the catalog lock exclusively: it waits for the in-flight batches to
-        commit, but no longer than the lock timeout (then CatalogBusyError)."""
-        async with self._pool.acquire() as conn:
-            try:
-                async with conn.transaction():
-                    await repository.lock_catalog_exclusive(conn, self._lock_timeout_ms)
-                    yield conn
-            except asyncpg.LockNotAvailableError:
-                raise CatalogBusyError("the price catalog is busy; retry") from None
-
-    async def add_price(self, body: PriceIn) -> tuple[Price, bool, int]:
-        """Add a price; returns (price, created, charges re-priced). Re-sending a price identical to an
-        existing one returns that one (created False); any other overlap raises PriceOverlapError."""
-        new = Price(
-            id=uuid7(),
-            meter=body.meter,
-            resource_kind=body.resource_kind,
-            unit_of_measure=body.unit_of_measure,
-            microcredits_per_unit=body.microcredits_per_unit,
-            unit=body.unit,
-            valid_from=body.valid_from,
-            valid_until=body.valid_until,
-            created_at=utcnow(),
-        )
-        async with self._catalog_change() as conn:
-            try:
-                async with conn.transaction():  # a savepoint, so that the overlap can be described
-                    price = await repository.insert_price(conn, new)
-            except asyncpg.ExclusionViolationError:
-                conflicts = await repository.overlapping_prices(
-                    conn, new.meter, new.resource_kind, new.valid_from, new.valid_until
-                )
-                if len(conflicts) == 1 and _same_terms(conflicts[0], new):
-                    return conflicts[0], False, 0
-                ids = ", ".join(str(c.id) for c in conflicts)
-                raise PriceOverlapError(
-                    f"{new.meter}/{new.resource_kind or '-'} already has a price in that range ({ids})",
-                    [c.id for c in conflicts],
-                ) from None
-        repriced = await self.reprice(only=price)
-        return price, True, repriced
-
-    async def end_price(self, price_id: UUID, at: datetime) -> Price:
-        async with self._catalog_change() as conn:
-            price = await repository.get_price_for_update(conn, price_id)
-            if price is None:
-                raise PriceNotFoundError(f"no price {price_id}")
-            last = await repository.last_priced_hour(conn, price_id, at)
-            if service.check_end(price, at, last):
-                price = await repository.end_price(conn, price_id, at)
-        return price
-
-    async def get_price(self, price_id: UUID) -> Price:
-        async with self._pool.acquire() as conn:
-            price = await repository.get_price(conn, price_id)
-        if price is None:
-            raise PriceNotFoundError(f"no price {price_id}")
-        return price
-
-    async def list_prices(
-        self, meter: str | None, resource_kind: str | None, at: datetime | None, limit: int
-    ) -> list[Price]:
-        async with self._pool.acquire() as conn:
-            return await repository.list_prices(conn, meter, resource_kind, at, limit)
-
-    # -- re-pricing and the outbox ----------------------------------------------------------------
-
-    async def reprice(self, only: Price | None = None) -> int:
-        """Re-price the unpriced charges that a price now covers (those of ``only``, or all), a chunk per
-        transaction, each chunk's revisions queued in the outbox and then published; returns how many."""
-        total = 0
-        after: tuple[datetime, UUID] | None = None
-        while True:
-            priced_at = utcnow()
-            async with self._pool.acquire() as conn:
-                async with conn.transaction():
-                    await repository.lock_catalog_shared(conn)
-                    catalog = await self._current_catalog(conn)
-                    rows = await repository.covered_unpriced(conn, after, self._chunk, only)
-                    done = [
-                        r
-                        for r in (
-                            service.reprice_document(orjson.loads(row["charge"]), row["reading_hour"], catalog, priced_at)
-                            for row in rows
-                        )
-                        if r is not None
-                    ]
-                    if done:
-                        await repository.store_repriced(
-                            conn, [r.row for r in done], [(r.row[1], r.row[2], r.org_id, r.payload) for r in done]
-                        )
-            if rows:
-                after = (rows[-1]["reading_hour"], rows[-1]["measurement_id"])
-            if done:
-                total += len(done)
-                CHARGES_STORED.labels("priced", "repricing").inc(len(done))
-                UNPRICED.dec(len(done))
-                await self.flush_outbox()
-            if len(rows) < self._chunk:
-                return total
-
-    async def sweep_if_catalog_changed(self) -> int:
-        """Re-price everything the catalog covers when its version moved since the last full sweep: the
-        instance that added a price may have died before re-pricing (it re-prices on its next start,
-        but it may never start again)."""
-        async with self._pool.acquire() as conn:
-            version = await repository.catalog_version(conn)
-        if version == self._swept_version:
-            return 0
-        repriced = await self.reprice()
-        self._swept_version = version
-        return repriced
-
-    async def flush_outbox(self, limit: int = 2000) -> int:
-        """Publish the re-priced revisions not yet published (deleting them once acknowledged)."""
-        total = 0
-        while True:
-            async with self._pool.acquire() as conn:
-                async with conn.transaction():
-                    rows = await repository.take_outbox(conn, limit)
-                    if rows:
-                        await self._publisher.publish(
-                            self._topic, [Outgoing(r["org_id"].encode(), bytes(r["payload"])) for r in rows]
-                        )
-                        await repository.delete_outbox(conn, [(r["measurement_id"], r["revision"]) for r in rows])
-            total += len(rows)
-            if len(rows) < limit:
-                return total
-
-    async def unpriced(self, after: tuple[datetime, UUID] | None, limit: int) -> list[asyncpg.Record]:
-        async with self._pool.acquire() as conn:
-            return await repository.list_unpriced(conn, after, limit)
-
-    async def refresh_unpriced_gauge(self) -> None:
-        async with self._pool.acquire() as conn:
-            UNPRICED.set(await repository.count_unpriced(conn))
-
-
-def _terms(p: Price) -> tuple[Any, ...]:
-    return (p.meter, p.resource_kind, p.unit_of_measure, p.microcredits_per_unit, p.unit, p.valid_from, p.valid_until)
-
-
-def _same_terms(a: Price, b: Price) -> bool:
-    return _terms(a) == _terms(b)
-
-
-# -- HTTP -----------------------------------------------------------------------------------------
 
 
 def _pricer(request: Request) -> Pricer:
@@ -308,22 +72,28 @@ def _limit_param(request: Request, default: int, maximum: int) -> int:
     return int(raw)
 
 
-def _encode_cursor(hour: datetime, measurement: UUID) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps([hour.isoformat(), str(measurement)])).decode().rstrip("=")
+Cursor = tuple[datetime, str, int, str, str]  # reading hour, meter, shard, kind, resource id
 
 
-def _decode_cursor(raw: str | None) -> tuple[datetime, UUID] | None:
+def _encode_cursor(position: Cursor) -> str:
+    hour, meter, shard, kind, resource = position
+    return base64.urlsafe_b64encode(orjson.dumps([hour.isoformat(), meter, shard, kind, resource])).decode().rstrip("=")
+
+
+def _decode_cursor(raw: str | None) -> Cursor | None:
     if not raw:
         return None
     try:
         value = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+        if not (isinstance(value, list) and len(value) == 5):
             raise ValueError("not a cursor")
-        hour_text, measurement = value
-        hour = datetime.fromisoformat(hour_text)
-        if hour.tzinfo is None:
-            raise ValueError("naive")
-        return hour, UUID(measurement)
+        hour_text, meter, shard, kind, resource = value
+        if not (isinstance(hour_text, str) and isinstance(meter, str) and isinstance(kind, str)
+                and isinstance(resource, str) and isinstance(shard, int) and not isinstance(shard, bool)
+                and 0 <= shard < SHARDS):
+            raise ValueError("not a cursor")
+        hour = as_utc(datetime.fromisoformat(hour_text))
+        return hour, meter, shard, kind, resource
     except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
         raise _invalid("cursor", "not a cursor this endpoint returned") from None
 
@@ -378,10 +148,9 @@ async def list_prices(request: Request) -> Response:
 async def list_unpriced(request: Request) -> Response:
     limit = _limit_param(request, 100, 1000)
     after = _decode_cursor(request.query_params.get("cursor"))
-    rows = await _pricer(request).unpriced(after, limit)
-    next_cursor = _encode_cursor(rows[-1]["reading_hour"], rows[-1]["measurement_id"]) if len(rows) == limit else None
-    page = UnpricedList(items=[orjson.loads(r["charge"]) for r in rows], next_cursor=next_cursor)
-    return ORJSONResponse(page.model_dump(mode="json"))
+    page = await _pricer(request).unpriced(after, limit)
+    cursor = _encode_cursor(page.next_cursor) if page.next_cursor is not None else None
+    return ORJSONResponse(UnpricedList(items=page.items, next_cursor=cursor).model_dump(mode="json"))
 
 
 def routes() -> list[BaseRoute]:
@@ -398,9 +167,45 @@ def routes() -> list[BaseRoute]:
 # -- lifecycle ------------------------------------------------------------------------------------
 
 
+def declare(runtime: Runtime) -> None:
+    """The pricer's topics: what it consumes (handled by the Pricer that ``start`` builds) and publishes."""
+
+    def pricer() -> Pricer:
+        p: Pricer = runtime.state["pricer"]
+        return p
+
+    async def readings(batch: list[Received[Any]]) -> Any:
+        return await pricer().handle_readings(batch)
+
+    async def readings_v1(batch: list[Received[Any]]) -> Any:
+        return await pricer().handle_readings_v1(batch)
+
+    def v2(raw: bytes) -> tuple[Any, list[Any]]:
+        decoded = decode_measurements(raw)
+        return decoded.message, decoded.rejected
+
+    runtime.consume(
+        READINGS, MeasurementsTaken, v2, readings,
+        description="Readings in batches (one reading hour, meter and shard each), priced into usage.charges.v2.",
+    )
+    runtime.consume(
+        READINGS_V1, MeasurementTaken, model_decoder(decoder_for(MeasurementTaken), MeasurementTaken), readings_v1,
+        description="Single measurements from producers that have not moved to v2: regrouped by shard and priced "
+        "like the batches (the same measurement counts once, on either topic).",
+    )
+    runtime.publishes(
+        CHARGES, ChargesComputed,
+        "Exact charges in batches (one reading hour, meter and shard each), keyed shard-<n>; a re-priced "
+        "measurement comes again with a higher revision.",
+    )
+    for topic in (READINGS, READINGS_V1):
+        runtime.publishes(dlq(topic), None, f"What the pricer could not process from {topic}, with the reason in "
+                          "the dlq.reason header (refused items of a batch as a batch of their own).")
+
+
 async def start(runtime: Runtime) -> None:
-    """Build the pricer, publish what a crash left in the outbox, re-price what a price added before a
-    crash covers, then register the readings consumer and the maintenance loop."""
+    """Build the pricer, publish what a crash left unpublished, re-price what a price added before a crash
+    covers, then start the maintenance loop (the subscribers start after this returns)."""
     s = runtime.settings
     assert isinstance(s, PricerSettings)
     pricer = Pricer(
@@ -416,14 +221,13 @@ async def start(runtime: Runtime) -> None:
     if repriced:
         log.info("re-priced charges covered by the catalog at start", extra={"repriced": repriced})
     await pricer.refresh_unpriced_gauge()
-    runtime.consume(READINGS, MeasurementTaken, pricer.handle_readings)
     runtime.state["maintenance"] = asyncio.create_task(
         _maintenance(pricer, s.maintenance_interval_seconds), name="pricer-maintenance"
     )
 
 
 async def stop(runtime: Runtime) -> None:
-    """After the consumers stopped (the runtime stops them first): end the maintenance loop."""
+    """After the subscribers stopped (the runtime stops them first): end the maintenance loop."""
     task: asyncio.Task[None] | None = runtime.state.pop("maintenance", None)
     if task is not None:
         task.cancel()
@@ -432,7 +236,7 @@ async def stop(runtime: Runtime) -> None:
 
 
 async def _maintenance(pricer: Pricer, interval: float) -> None:
-    """Publish outbox rows another instance left behind (crash), re-price what a price added elsewhere
+    """Publish batches another instance left unpublished (crash), re-price what a price added elsewhere
     covers if its instance did not, and refresh the unpriced gauge."""
     while True:
         await asyncio.sleep(interval)

@@ -1,5 +1,7 @@
 """Every SQL statement of the pricer. Functions take a connection; the caller owns the transaction.
 
+Charges are stored per shard (reading hour, meter, shard), a batch message per row (``charge_batches``).
+
 Catalog consistency: every writer of charges (a readings batch, a re-pricing chunk) holds the catalog
 lock in SHARED mode for its transaction and reads the catalog inside it; every catalog change holds it
 EXCLUSIVE. So a change waits for the batches priced with the old catalog to commit, and no batch
@@ -9,14 +11,15 @@ an unpriced charge that a concurrent batch was writing, and an end never misses 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 import asyncpg
 
-from services.pricer.service import ChargeRow, Price, StoredCharge, UnpricedRow
+from services.pricer.pricing import Price
+from shared.batches import ShardKey
 
 __all__ = [
     "lock_catalog_shared",
@@ -30,15 +33,20 @@ __all__ = [
     "end_price",
     "list_prices",
     "last_priced_hour",
-    "store_charges",
-    "latest_staged_charges",
+    "BatchRow",
+    "ConcurrentShardWriteError",
+    "lock_shards",
+    "load_shards",
+    "insert_batches",
+    "add_unpriced",
+    "delete_unpriced",
+    "add_priced_hours",
     "covered_unpriced",
-    "store_repriced",
-    "take_outbox",
-    "delete_outbox",
-    "list_unpriced",
+    "unpriced_after",
+    "take_unpublished",
+    "mark_published",
     "count_unpriced",
-    "stored_charges",
+    "all_batches",
     "completeness_counts",
 ]
 
@@ -180,233 +188,194 @@ async def list_prices(
 
 
 async def last_priced_hour(conn: asyncpg.Connection, price_id: UUID, since: datetime) -> datetime | None:
-    """The latest reading hour at or after ``since`` priced with ``price_id``. Walks the charges key
-    from ``since`` (it starts with the reading hour), so ending a price near now reads few rows."""
+    """The latest reading hour at or after ``since`` priced with ``price_id``."""
     value: datetime | None = await conn.fetchval(
-        "SELECT max(reading_hour) FROM charges WHERE reading_hour >= $1 AND price_id = $2", since, price_id
+        "SELECT max(reading_hour) FROM priced_hours WHERE price_id = $1 AND reading_hour >= $2", price_id, since
     )
     return value
 
 
-_CHARGE_COLUMNS = (
-    "reading_hour",
-    "measurement_id",
-    "revision",
-    "meter",
-    "resource_kind",
-    "value",
-    "price_id",
-    "amount_numerator",
-    "amount_denominator",
-    "priced_at",
+class ConcurrentShardWriteError(asyncpg.SerializationError):
+    """Another transaction stored a batch of the same shard meanwhile: retry (a serialization failure, so
+    the consumer and the re-pricer treat it as transient; the retry sees that batch)."""
+
+
+# A batch as stored: its shard, seq, counts (items, priced, unpriced, revisions), published, message.
+BatchRow = tuple[ShardKey, int, int, int, int, int, bool, bytes]
+
+_BATCH_COLUMNS = (
+    "reading_hour", "meter", "shard", "seq", "items", "d_priced", "d_unpriced", "d_revisions", "published", "message",
 )
-_UNPRICED_COLUMNS = ("measurement_id", "reading_hour", "meter", "resource_kind", "revision", "charge")
-
-# The redelivery path stages the batch with COPY in a per-session temporary table and moves it with one
-# INSERT ... ON CONFLICT DO NOTHING, which is what makes a measurement stored before a no-op.
-_STAGING_DDL = """CREATE TEMPORARY TABLE IF NOT EXISTS charge_staging (
-    reading_hour timestamptz, measurement_id uuid, revision integer, meter text, resource_kind text,
-    value bigint, price_id uuid, amount_numerator bigint, amount_denominator bigint, priced_at timestamptz,
-    charge jsonb
-) ON COMMIT DELETE ROWS"""
-# Insert the new charges and, for those of them that are unpriced (and only those: a redelivered
-# measurement must not resurrect an unpriced entry that was re-priced since), the unpriced entry.
-_MOVE_STAGED = """
-WITH inserted AS (
-    INSERT INTO charges (reading_hour, measurement_id, revision, meter, resource_kind, value, price_id,
-                         amount_numerator, amount_denominator, priced_at)
-    SELECT reading_hour, measurement_id, revision, meter, resource_kind, value, price_id,
-           amount_numerator, amount_denominator, priced_at
-    FROM charge_staging
-    ON CONFLICT DO NOTHING
-    RETURNING measurement_id, price_id
-), unpriced AS (
-    INSERT INTO unpriced_charges (measurement_id, reading_hour, meter, resource_kind, revision, charge)
-    SELECT s.measurement_id, s.reading_hour, s.meter, s.resource_kind, s.revision, s.charge
-    FROM charge_staging s JOIN inserted i ON i.measurement_id = s.measurement_id
-    WHERE i.price_id IS NULL
-    ON CONFLICT DO NOTHING
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM inserted) AS inserted, (SELECT count(*) FROM unpriced) AS unpriced"""
 
 
-async def store_charges(
-    conn: asyncpg.Connection, rows: Sequence[ChargeRow], unpriced: Sequence[UnpricedRow]
-) -> tuple[int, int]:
-    """Store revision 1 of a batch's charges (distinct measurements) unless already stored, and the
-    unpriced entries of the new unpriced ones; returns (charges inserted, of which unpriced).
+def _keys(keys: Iterable[ShardKey]) -> tuple[list[datetime], list[str], list[int]]:
+    ks = sorted(set(keys))
+    return [k.reading_hour for k in ks], [k.meter for k in ks], [k.shard for k in ks]
 
-    First tries COPY straight into ``charges`` inside a savepoint: almost every batch is new, and this
-    is the cheapest write there is (no staging, no conflict handling). A batch holding a measurement
-    stored before fails that attempt on the primary key; the savepoint is rolled back and the batch
-    goes through the staging table instead. Either way the staged rows of the second path remain
-    readable by ``latest_staged_charges`` until the transaction ends."""
+
+_SHARD_BATCHES = """
+    SELECT b.reading_hour, b.meter, b.shard, b.seq, b.message
+    FROM unnest($1::timestamptz[], $2::text[], $3::int2[]) AS k(reading_hour, meter, shard)
+    JOIN charge_batches b ON b.reading_hour = k.reading_hour AND b.meter = k.meter AND b.shard = k.shard
+    ORDER BY b.reading_hour, b.meter, b.shard, b.seq"""
+
+
+def _by_shard(rows: Sequence[asyncpg.Record]) -> dict[ShardKey, list[tuple[int, bytes]]]:
+    out: dict[ShardKey, list[tuple[int, bytes]]] = {}
+    for r in rows:
+        out.setdefault(ShardKey(r["reading_hour"], r["meter"], r["shard"]), []).append((r["seq"], r["message"]))
+    return out
+
+
+async def lock_shards(conn: asyncpg.Connection, keys: Iterable[ShardKey]) -> dict[ShardKey, list[tuple[int, bytes]]]:
+    """The stored batches (seq, message) of the shards ``keys`` that have any, locked until the end of the
+    transaction. Almost always empty: a shard is priced once, when its readings first arrive."""
+    return _by_shard(await conn.fetch(_SHARD_BATCHES + " FOR UPDATE OF b", *_keys(keys)))
+
+
+async def load_shards(conn: asyncpg.Connection, keys: Iterable[ShardKey]) -> dict[ShardKey, list[tuple[int, bytes]]]:
+    """``lock_shards`` without the lock (for reading)."""
+    return _by_shard(await conn.fetch(_SHARD_BATCHES, *_keys(keys)))
+
+
+async def insert_batches(conn: asyncpg.Connection, rows: Sequence[BatchRow]) -> None:
+    """Store new batches (COPY). Raises ConcurrentShardWriteError when a (shard, seq) exists already."""
+    if not rows:
+        return
+    records = [(k.reading_hour, k.meter, k.shard, seq, n, p, u, r, pub, msg) for k, seq, n, p, u, r, pub, msg in rows]
     try:
         async with conn.transaction():
-            await conn.copy_records_to_table("charges", records=rows, columns=_CHARGE_COLUMNS)
-    except asyncpg.UniqueViolationError:
-        pass
-    else:
-        if unpriced:
-            await conn.copy_records_to_table("unpriced_charges", records=unpriced, columns=_UNPRICED_COLUMNS)
-        return len(rows), len(unpriced)
-    docs = {u[0]: u[5] for u in unpriced}
-    await conn.execute(_STAGING_DDL)
-    await conn.copy_records_to_table(
-        "charge_staging", records=[(*r, docs.get(r[1])) for r in rows], columns=(*_CHARGE_COLUMNS, "charge")
-    )
-    row = await conn.fetchrow(_MOVE_STAGED)
-    return int(row["inserted"]), int(row["unpriced"])
+            await conn.copy_records_to_table("charge_batches", records=records, columns=_BATCH_COLUMNS)
+    except asyncpg.UniqueViolationError as exc:
+        raise ConcurrentShardWriteError("another transaction stored a batch of this shard") from exc
 
 
-_STORED_COLUMNS = "measurement_id, revision, price_id, amount_numerator, amount_denominator, value, priced_at"
+async def add_unpriced(conn: asyncpg.Connection, rows: Iterable[tuple[ShardKey, str]]) -> None:
+    """Note the shards that now hold unpriced charges of a kind."""
+    rows = sorted(set(rows))
+    if rows:
+        await conn.execute(
+            """INSERT INTO unpriced_shards (reading_hour, meter, shard, resource_kind)
+               SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int2[], $4::text[])
+               ON CONFLICT DO NOTHING""",
+            [k.reading_hour for k, _ in rows], [k.meter for k, _ in rows], [k.shard for k, _ in rows], [c for _, c in rows],
+        )
 
 
-def _stored(r: asyncpg.Record) -> StoredCharge:
-    return StoredCharge(
-        measurement_id=UUID(int=r["measurement_id"].int),
-        revision=r["revision"],
-        price_id=_uuid(r["price_id"]),
-        amount_numerator=r["amount_numerator"],
-        amount_denominator=r["amount_denominator"],
-        value=r["value"],
-        priced_at=r["priced_at"],
-    )
+async def delete_unpriced(conn: asyncpg.Connection, rows: Iterable[tuple[ShardKey, str]]) -> None:
+    rows = sorted(set(rows))
+    if rows:
+        await conn.execute(
+            """DELETE FROM unpriced_shards u
+               USING unnest($1::timestamptz[], $2::text[], $3::int2[], $4::text[]) AS k(h, m, s, c)
+               WHERE u.reading_hour = k.h AND u.meter = k.m AND u.shard = k.s AND u.resource_kind = k.c""",
+            [k.reading_hour for k, _ in rows], [k.meter for k, _ in rows], [k.shard for k, _ in rows], [c for _, c in rows],
+        )
 
 
-async def latest_staged_charges(conn: asyncpg.Connection) -> dict[UUID, StoredCharge]:
-    """The latest stored revision of each staged measurement (after ``store_charges``)."""
-    rows = await conn.fetch(
-        f"""SELECT DISTINCT ON (c.measurement_id) {", ".join("c." + c for c in _STORED_COLUMNS.split(", "))}
-            FROM charge_staging s
-            JOIN charges c ON c.reading_hour = s.reading_hour AND c.measurement_id = s.measurement_id
-            ORDER BY c.measurement_id, c.revision DESC"""
-    )
-    return {c.measurement_id: c for c in map(_stored, rows)}
+async def add_priced_hours(conn: asyncpg.Connection, rows: Iterable[tuple[UUID, datetime]]) -> None:
+    rows = sorted(set(rows))
+    if rows:
+        await conn.execute(
+            """INSERT INTO priced_hours (price_id, reading_hour)
+               SELECT * FROM unnest($1::uuid[], $2::timestamptz[]) ON CONFLICT DO NOTHING""",
+            [p for p, _ in rows], [h for _, h in rows],
+        )
+
+
+UnpricedKey = tuple[datetime, str, int, str]  # reading hour, meter, shard, kind: the keyset of unpriced_shards
 
 
 async def covered_unpriced(
-    conn: asyncpg.Connection,
-    after: tuple[datetime, UUID] | None,
-    limit: int,
-    only: Price | None = None,
-) -> list[asyncpg.Record]:
-    """Unpriced charges that a price now covers, in (reading_hour, measurement_id) order after the
-    keyset position ``after``, locked for re-pricing (rows another re-pricer holds are skipped).
-    ``only``: just those the price ``only`` covers (uses the (meter, kind, hour) index)."""
-    hour, mid = after if after is not None else (None, None)
+    conn: asyncpg.Connection, after: UnpricedKey | None, limit: int, only: Price | None = None
+) -> list[tuple[ShardKey, str]]:
+    """Shards holding unpriced charges of a kind that a price now covers (the price ``only``, or any), in
+    keyset order after ``after``, locked (rows another re-pricer holds are skipped)."""
+    h, m, s, c = after if after is not None else (None, None, None, None)
     if only is not None:
-        return await conn.fetch(
-            """SELECT measurement_id, reading_hour, revision, charge FROM unpriced_charges
+        rows = await conn.fetch(
+            """SELECT reading_hour, meter, shard, resource_kind FROM unpriced_shards
                WHERE meter = $1 AND resource_kind = $2
                  AND reading_hour >= $3 AND ($4::timestamptz IS NULL OR reading_hour < $4)
-                 AND ($5::timestamptz IS NULL OR (reading_hour, measurement_id) > ($5, $6::uuid))
-               ORDER BY reading_hour, measurement_id
-               LIMIT $7
+                 AND ($5::timestamptz IS NULL OR (reading_hour, meter, shard, resource_kind) > ($5, $6::text, $7::int2, $8::text))
+               ORDER BY reading_hour, meter, shard, resource_kind
+               LIMIT $9
                FOR UPDATE SKIP LOCKED""",
-            only.meter,
-            only.resource_kind,
-            only.valid_from,
-            only.valid_until,
-            hour,
-            mid,
-            limit,
+            only.meter, only.resource_kind, only.valid_from, only.valid_until, h, m, s, c, limit,
         )
-    return await conn.fetch(
-        """SELECT u.measurement_id, u.reading_hour, u.revision, u.charge FROM unpriced_charges u
-           WHERE EXISTS (SELECT 1 FROM prices p
-                         WHERE p.meter = u.meter AND p.resource_kind = u.resource_kind
-                           AND p.valid_during @> u.reading_hour)
-             AND ($1::timestamptz IS NULL OR (u.reading_hour, u.measurement_id) > ($1, $2::uuid))
-           ORDER BY u.reading_hour, u.measurement_id
-           LIMIT $3
-           FOR UPDATE OF u SKIP LOCKED""",
-        hour,
-        mid,
-        limit,
+    else:
+        rows = await conn.fetch(
+            """SELECT u.reading_hour, u.meter, u.shard, u.resource_kind FROM unpriced_shards u
+               WHERE EXISTS (SELECT 1 FROM prices p
+                             WHERE p.meter = u.meter AND p.resource_kind = u.resource_kind
+                               AND p.valid_during @> u.reading_hour)
+                 AND ($1::timestamptz IS NULL OR (u.reading_hour, u.meter, u.shard, u.resource_kind) > ($1, $2::text, $3::int2, $4::text))
+               ORDER BY u.reading_hour, u.meter, u.shard, u.resource_kind
+               LIMIT $5
+               FOR UPDATE OF u SKIP LOCKED""",
+            h, m, s, c, limit,
+        )
+    return [(ShardKey(r["reading_hour"], r["meter"], r["shard"]), r["resource_kind"]) for r in rows]
+
+
+async def unpriced_after(conn: asyncpg.Connection, after: UnpricedKey | None, limit: int) -> list[tuple[ShardKey, str]]:
+    """Shards holding unpriced charges, by kind, in keyset order after ``after`` (the admin list)."""
+    h, m, s, c = after if after is not None else (None, None, None, None)
+    rows = await conn.fetch(
+        """SELECT reading_hour, meter, shard, resource_kind FROM unpriced_shards
+           WHERE ($1::timestamptz IS NULL OR (reading_hour, meter, shard, resource_kind) >= ($1, $2::text, $3::int2, $4::text))
+           ORDER BY reading_hour, meter, shard, resource_kind
+           LIMIT $5""",
+        h, m, s, c, limit,
     )
+    return [(ShardKey(r["reading_hour"], r["meter"], r["shard"]), r["resource_kind"]) for r in rows]
 
 
-async def store_repriced(conn: asyncpg.Connection, rows: Sequence[ChargeRow], outbox: Sequence[tuple[UUID, int, str, bytes]]) -> None:
-    """Store re-priced revisions, drop their unpriced entries, and queue their messages in the outbox."""
-    await conn.executemany(
-        """INSERT INTO charges (reading_hour, measurement_id, revision, meter, resource_kind, value, price_id,
-                               amount_numerator, amount_denominator, priced_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-           ON CONFLICT DO NOTHING""",
-        rows,
-    )
-    await conn.execute("DELETE FROM unpriced_charges WHERE measurement_id = ANY($1::uuid[])", [r[1] for r in rows])
-    await conn.executemany(
-        """INSERT INTO charge_outbox (measurement_id, revision, org_id, payload) VALUES ($1, $2, $3, $4)
-           ON CONFLICT DO NOTHING""",
-        outbox,
-    )
-
-
-async def take_outbox(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
-    """Outbox rows to publish, locked (another publisher skips them) until the transaction ends."""
-    return await conn.fetch(
-        """SELECT measurement_id, revision, org_id, payload FROM charge_outbox
-           ORDER BY created_at, measurement_id, revision
+async def take_unpublished(conn: asyncpg.Connection, limit: int) -> list[tuple[ShardKey, int, bytes]]:
+    """Batches stored but not yet acknowledged by the broker, oldest first, locked (another publisher
+    skips them) until the transaction ends."""
+    rows = await conn.fetch(
+        """SELECT reading_hour, meter, shard, seq, message FROM charge_batches
+           WHERE NOT published
+           ORDER BY created_at, reading_hour, meter, shard, seq
            LIMIT $1
            FOR UPDATE SKIP LOCKED""",
         limit,
     )
+    return [(ShardKey(r["reading_hour"], r["meter"], r["shard"]), r["seq"], r["message"]) for r in rows]
 
 
-async def delete_outbox(conn: asyncpg.Connection, keys: Sequence[tuple[UUID, int]]) -> None:
-    await conn.execute(
-        """DELETE FROM charge_outbox o USING unnest($1::uuid[], $2::int[]) AS k(measurement_id, revision)
-           WHERE o.measurement_id = k.measurement_id AND o.revision = k.revision""",
-        [k[0] for k in keys],
-        [k[1] for k in keys],
-    )
-
-
-async def list_unpriced(
-    conn: asyncpg.Connection, after: tuple[datetime, UUID] | None, limit: int
-) -> list[asyncpg.Record]:
-    """Unpriced charges (their latest revision) in (reading_hour, measurement_id) order."""
-    hour, mid = after if after is not None else (None, None)
-    return await conn.fetch(
-        """SELECT measurement_id, reading_hour, charge FROM unpriced_charges
-           WHERE ($1::timestamptz IS NULL OR (reading_hour, measurement_id) > ($1, $2::uuid))
-           ORDER BY reading_hour, measurement_id
-           LIMIT $3""",
-        hour,
-        mid,
-        limit,
-    )
+async def mark_published(conn: asyncpg.Connection, batches: Sequence[tuple[ShardKey, int]]) -> None:
+    if batches:
+        await conn.execute(
+            """UPDATE charge_batches b SET published = true
+               FROM unnest($1::timestamptz[], $2::text[], $3::int2[], $4::int4[]) AS k(h, m, s, q)
+               WHERE b.reading_hour = k.h AND b.meter = k.m AND b.shard = k.s AND b.seq = k.q""",
+            [k.reading_hour for k, _ in batches], [k.meter for k, _ in batches], [k.shard for k, _ in batches],
+            [q for _, q in batches],
+        )
 
 
 async def count_unpriced(conn: asyncpg.Connection) -> int:
-    return int(await conn.fetchval("SELECT count(*) FROM unpriced_charges"))
+    """Measurements whose latest charge is unpriced (sum of the batches' changes)."""
+    return int(await conn.fetchval("SELECT coalesce(sum(d_unpriced), 0) FROM charge_batches"))
 
 
-async def stored_charges(conn: asyncpg.Connection) -> list[dict[str, Any]]:
-    """Every stored charge revision (tests and audits; not for the hot path)."""
-    rows = await conn.fetch(
-        f"SELECT reading_hour, meter, resource_kind, {_STORED_COLUMNS} FROM charges "
-        "ORDER BY reading_hour, measurement_id, revision"
+async def all_batches(conn: asyncpg.Connection) -> dict[ShardKey, list[tuple[int, bytes]]]:
+    """Every stored batch (tests and audits; not for the hot path)."""
+    return _by_shard(
+        await conn.fetch("SELECT reading_hour, meter, shard, seq, message FROM charge_batches ORDER BY 1, 2, 3, 4")
     )
-    return [dict(r) for r in rows]
 
 
 async def completeness_counts(conn: asyncpg.Connection, since: datetime, until: datetime) -> list[asyncpg.Record]:
     """Per reading hour and meter: measurements whose latest charge revision is priced / unpriced, and the
-    sum of those latest revisions (the ledger must have applied the same). Walks the charges key, which
-    starts with the reading hour, in order: DISTINCT ON keeps each measurement's highest revision."""
+    sum of those latest revisions (the ledger must have applied the same)."""
     return await conn.fetch(
-        """SELECT reading_hour AS hour, meter,
-                  count(*) FILTER (WHERE price_id IS NOT NULL) AS priced,
-                  count(*) FILTER (WHERE price_id IS NULL) AS unpriced,
-                  sum(revision)::bigint AS revisions
-           FROM (SELECT DISTINCT ON (reading_hour, measurement_id) reading_hour, meter, price_id, revision
-                 FROM charges
-                 WHERE reading_hour >= $1 AND reading_hour < $2
-                 ORDER BY reading_hour, measurement_id, revision DESC) latest
+        """SELECT reading_hour AS hour, meter, sum(d_priced)::bigint AS priced, sum(d_unpriced)::bigint AS unpriced,
+                  sum(d_revisions)::bigint AS revisions
+           FROM charge_batches
+           WHERE reading_hour >= $1 AND reading_hour < $2
            GROUP BY reading_hour, meter
            ORDER BY reading_hour, meter""",
         since,

@@ -8,7 +8,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.pricer.service import MAX_AMOUNT, Price
+from services.pricer.pricing import MAX_AMOUNT, Price
 from shared.contracts import UtcDatetime
 
 __all__ = ["PriceIn", "PriceEndIn", "PriceOut", "PriceCreatedOut", "PriceList", "UnpricedList"]

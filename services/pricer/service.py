@@ -1,378 +1,477 @@
-"""The pricer's logic, free of I/O: the price catalog held in memory, exact charges, and the JSON of the
-``ChargeComputed`` messages.
+"""The pricer's use cases: each owns its transaction, asks ``pricing`` to price, stores through
+``repository`` and, once committed, publishes to ``usage.charges.v2``.
 
-A charge is ``value * microcredits_per_unit / unit`` microcredits, kept exact as an integer numerator and
-denominator **reduced to lowest terms** (so the denominator divides the price's ``unit``); nothing is
-rounded here. ``display_amount`` is the same figure in credits rounded half-up to 6 places, for people.
+Readings (``usage.readings.v2`` batches, and ``usage.readings.v1`` single measurements regrouped into
+batches) are priced a shard at a time. A shard seen for the first time costs one row: its charges batch,
+stored and published as is. A shard that holds batches already (a redelivery, a part of it sent again,
+the same measurements on v1 and v2) is read under a lock: the measurements it holds are not priced
+again — the batches holding their latest charges are published again, byte for byte — and only the new
+ones make a new batch. The consumer commits its offsets after this returns, so a crash anywhere delivers
+the readings again, and that path makes the repeat harmless.
 
-Throughput matters (a batch holds thousands of measurements), so the per-message path avoids building
-pydantic models: the charge document is a dict dumped by orjson, whose output the contract model
-parses to the same value (tests/unit/test_pricer_service.py holds that equivalence, and the fast id and
-display helpers against ``shared.ids`` and ``shared.money``).
+Catalog consistency: every writer of charges (a readings batch, a re-pricing chunk) holds the catalog
+lock in SHARED mode for its transaction and reads the catalog inside it; every catalog change holds it
+EXCLUSIVE. So a change waits for the batches priced with the old catalog to commit, and no batch commits
+charges priced with a catalog older than the last committed change.
 """
 
 from __future__ import annotations
 
-import bisect
-import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from math import gcd
 from typing import Any
 from uuid import UUID
 
-import orjson
+import asyncpg
+import msgspec
+from prometheus_client import Counter, Gauge
 
-from shared.contracts import MeasurementTaken
-from shared.ids import NAMESPACE
+from services.pricer import repository
+from services.pricer.pricing import (
+    Catalog,
+    Price,
+    PriceNotFoundError,
+    PriceOverlapError,
+    Priced,
+    ShardKey,
+    batches_of_v1,
+    check_end,
+    latest_items,
+    price_items,
+    reprice_items,
+)
+from services.pricer.schemas import PriceIn
+from shared.batches import (
+    BatchRejected,
+    Charges,
+    Measurements,
+    encode_charges,
+    encode_measurements,
+    hour_text,
+    shard_key,
+    subset,
+)
+from shared.clock import utcnow
+from shared.ids import charge_id, measurement_id, uuid7
+from shared.kafka import Outgoing, Received, Stream
+from shared.money import display_credits
+from shared.wire import Measurement
 
-__all__ = [
-    "MAX_AMOUNT",
-    "PricingError",
-    "InvalidPriceError",
-    "PriceNotFoundError",
-    "PriceOverlapError",
-    "PriceEndRefusedError",
-    "Price",
-    "Catalog",
-    "StoredCharge",
-    "PricedBatch",
-    "ChargeRow",
-    "UnpricedRow",
-    "Repriced",
-    "exact_amount",
-    "display_amount",
-    "charge_id_str",
-    "price_batch",
-    "stored_charge_payload",
-    "reprice_document",
-    "check_end",
-]
+__all__ = ["Pricer", "CatalogBusyError", "UnpricedPage"]
 
-# The contract caps integers at 2**62 (amount_numerator, amount_denominator).
-MAX_AMOUNT = 2**62
-_MICRO = 1_000_000
-_NS = NAMESPACE.bytes
-_DUMPS_OPTIONS = orjson.OPT_UTC_Z
+log = logging.getLogger(__name__)
 
+CHARGES_STORED = Counter(
+    "billing_pricer_charges_total",
+    "Charge revisions stored and published; rate() is charges per second",
+    ["status", "origin"],
+)
+CHARGES_REPUBLISHED = Counter(
+    "billing_pricer_batches_republished_total", "Stored charge batches published again for redelivered measurements"
+)
+UNPRICED = Gauge("billing_pricer_unpriced_charges", "Measurements whose latest charge is unpriced")
+CATALOG_RELOADS = Counter("billing_pricer_catalog_reloads_total", "Times the in-memory price catalog was reloaded")
 
-class PricingError(Exception):
-    """Base of the pricer's named errors."""
-
-
-class InvalidPriceError(PricingError):
-    """A price that cannot exist (its range is empty, a field out of bounds)."""
-
-
-class PriceNotFoundError(PricingError):
-    """No price has this id."""
-
-
-class PriceOverlapError(PricingError):
-    """The new range overlaps a price of the same (meter, resource kind)."""
-
-    def __init__(self, message: str, conflicts: Sequence[UUID]) -> None:
-        super().__init__(message)
-        self.conflicts = list(conflicts)
+_decode_charges = msgspec.json.Decoder(Charges)
 
 
-class PriceEndRefusedError(PricingError):
-    """Ending the price at that time would contradict its range or charges already priced with it."""
+class CatalogBusyError(Exception):
+    """A price change could not take the catalog lock in time (batches kept it)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Price:
-    """``microcredits_per_unit`` per ``unit`` of a meter's quantity, valid in [valid_from, valid_until)."""
+@dataclass
+class UnpricedPage:
+    """A page of the admin list: per-charge documents and the cursor of the next page (None: the end)."""
 
-    id: UUID
-    meter: str
-    resource_kind: str
-    unit_of_measure: str
-    microcredits_per_unit: int
-    unit: int
-    valid_from: datetime
-    valid_until: datetime | None
-    created_at: datetime
-
-    def covers(self, at: datetime) -> bool:
-        return self.valid_from <= at and (self.valid_until is None or at < self.valid_until)
+    items: list[dict[str, Any]]
+    next_cursor: tuple[datetime, str, int, str, str] | None
 
 
-class Catalog:
-    """The prices in memory, found by (meter, kind) and a bisection on ``valid_from``.
+@dataclass
+class _Shard:
+    """One shard's work in a transaction: what it stores and publishes."""
 
-    ``version`` is the database's catalog version it was loaded at; lookups are memoised per
-    (meter, kind, hour), since a batch holds many measurements of few hours."""
-
-    _MEMO_LIMIT = 200_000
-
-    def __init__(self, prices: Iterable[Price], version: int = 0) -> None:
-        self.version = version
-        by_key: dict[tuple[str, str], list[Price]] = {}
-        for p in prices:
-            by_key.setdefault((p.meter, p.resource_kind), []).append(p)
-        self._series: dict[tuple[str, str], tuple[list[datetime], list[Price]]] = {}
-        for key, series in by_key.items():
-            series.sort(key=lambda p: p.valid_from)
-            self._series[key] = ([p.valid_from for p in series], series)
-        self._memo: dict[tuple[str, str, datetime], Price | None] = {}
-
-    def __len__(self) -> int:
-        return sum(len(s[1]) for s in self._series.values())
-
-    def price_at(self, meter: str, resource_kind: str, at: datetime) -> Price | None:
-        """The price of (meter, kind) valid at instant ``at``, or None."""
-        memo_key = (meter, resource_kind, at)
-        try:
-            return self._memo[memo_key]
-        except KeyError:
-            pass
-        found: Price | None = None
-        series = self._series.get((meter, resource_kind))
-        if series is not None:
-            starts, prices = series
-            i = bisect.bisect_right(starts, at) - 1
-            if i >= 0 and prices[i].covers(at):
-                found = prices[i]
-        if len(self._memo) >= self._MEMO_LIMIT:
-            self._memo.clear()
-        self._memo[memo_key] = found
-        return found
+    stored: list[Charges] = field(default_factory=list)
+    stored_raw: list[bytes] = field(default_factory=list)
+    next_seq: int = 1
 
 
-def exact_amount(value: int, microcredits_per_unit: int, unit: int) -> tuple[int, int]:
-    """``value * microcredits_per_unit / unit`` as (numerator, denominator) in lowest terms."""
-    product = value * microcredits_per_unit
-    g = gcd(product, unit)
-    return product // g, unit // g
+def _stored(rows: Sequence[tuple[int, bytes]]) -> _Shard:
+    shard = _Shard()
+    for seq, raw in rows:
+        shard.stored.append(_decode_charges.decode(raw))
+        shard.stored_raw.append(bytes(raw))
+        shard.next_seq = seq + 1
+    return shard
 
 
-def display_amount(numerator: int, denominator: int) -> str:
-    """Credits of ``numerator/denominator`` microcredits, half-up to 6 places: the integer form of
-    ``shared.money.display_credits`` for non-negative amounts (a credit is 10**6 microcredits, so the
-    6th decimal of credits is the whole microcredit)."""
-    q = (2 * numerator + denominator) // (2 * denominator)
-    return f"{q // _MICRO}.{q % _MICRO:06d}"
+class Pricer:
+    """The pricer's use cases over a pool and the broker."""
 
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        stream: Stream,
+        charges_topic: str,
+        *,
+        reprice_chunk: int = 200,
+        lock_timeout_ms: int = 10_000,
+    ) -> None:
+        self._pool = pool
+        self._stream = stream
+        self._topic = charges_topic
+        self._chunk = reprice_chunk
+        self._lock_timeout_ms = lock_timeout_ms
+        self._catalog = Catalog((), version=0)
+        self._swept_version = 0
 
-def _uuid5_bytes(name: str) -> bytearray:
-    """The 16 bytes of uuid5(shared.ids.NAMESPACE, name)."""
-    digest = bytearray(hashlib.sha1(_NS + name.encode()).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50
-    digest[8] = (digest[8] & 0x3F) | 0x80
-    return digest
+    async def _current_catalog(self, conn: asyncpg.Connection) -> Catalog:
+        """The catalog as committed; reloaded only when its version moved. Call under the lock."""
+        version = await repository.catalog_version(conn)
+        if version != self._catalog.version:
+            self._catalog = Catalog(await repository.load_prices(conn), version)
+            CATALOG_RELOADS.inc()
+        return self._catalog
 
+    # -- readings ---------------------------------------------------------------------------------
 
-def _uuid_text(u: UUID) -> str:
-    """``str(u)`` (orjson writes the same canonical form at a third of the cost)."""
-    return orjson.dumps(u)[1:-1].decode()
+    async def handle_readings(
+        self, batch: list[Received[Measurements]]
+    ) -> list[tuple[Received[Measurements], str | BatchRejected]]:
+        """Price a batch of ``usage.readings.v2`` messages; returns what it refuses (a message whose hour
+        is not whole; an item whose charge would exceed the contract's integers, as a batch of its own)."""
+        rejects: list[tuple[Received[Measurements], str | BatchRejected]] = []
+        work: list[Received[Measurements]] = []
+        for r in batch:
+            why = _hour_problem(r.message.reading_hour)
+            if why is None:
+                work.append(r)
+            else:
+                rejects.append((r, why))
+        refused = await self._ingest([r.message for r in work], origin="readings")
+        for n, i, why in refused:
+            m = work[n].message
+            rejects.append((work[n], BatchRejected(why, (i,), encode_measurements(subset(m, [i])))))
+        return rejects
 
+    async def handle_readings_v1(self, batch: list[Received[Measurement]]) -> list[tuple[Received[Measurement], str]]:
+        """Price a batch of ``usage.readings.v1`` messages (one measurement each), regrouped by shard."""
+        rejects: list[tuple[Received[Measurement], str]] = []
+        valid: list[Received[Measurement]] = []
+        for r in batch:
+            m = r.message
+            why = _hour_problem(m.reading_hour)
+            if why is None and measurement_id(m.reading_hour, m.meter, m.resource_id) != m.id:
+                why = "id is not shared.ids.measurement_id(reading_hour, meter, resource_id)"
+            if why is None:
+                valid.append(r)
+            else:
+                rejects.append((r, why))
+        groups = batches_of_v1([r.message for r in valid])
+        refused = await self._ingest([b for b, _ in groups], origin="readings_v1")
+        for n, i, why in refused:
+            rejects.append((valid[groups[n][1][i]], why))
+        return rejects
 
-def charge_id_str(measurement: str, revision: int) -> str:
-    """``str(shared.ids.charge_id(UUID(measurement), revision))``, without building UUID objects."""
-    h = _uuid5_bytes(f"charge|{measurement}|{revision}").hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    async def _ingest(self, messages: Sequence[Measurements], origin: str) -> list[tuple[int, int, str]]:
+        """Price and store ``messages`` in one transaction, then publish; returns the items refused, as
+        (message position, item position, reason)."""
+        if not messages:
+            return []
+        priced_at = utcnow()
+        refused: list[tuple[int, int, str]] = []
+        outgoing: list[Outgoing] = []
+        rows: list[repository.BatchRow] = []
+        unpriced_rows: list[tuple[ShardKey, str]] = []
+        hours: list[tuple[UUID, datetime]] = []
+        counts = {"priced": 0, "unpriced": 0, "republished": 0}
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                await repository.lock_catalog_shared(conn)
+                catalog = await self._current_catalog(conn)
+                keys = {ShardKey(m.reading_hour, m.meter, m.shard) for m in messages}
+                shards = {k: _stored(v) for k, v in (await repository.lock_shards(conn, keys)).items()}
+                for n, m in enumerate(messages):
+                    key = ShardKey(m.reading_hour, m.meter, m.shard)
+                    shard = shards.setdefault(key, _Shard())
+                    positions: Sequence[int] = range(len(m.resource_id))
+                    if shard.stored:
+                        latest = latest_items(shard.stored)
+                        positions = [i for i, rid in enumerate(m.resource_id) if rid not in latest]
+                        again = {latest[rid].batch for rid in m.resource_id if rid in latest}
+                        outgoing.extend(Outgoing(shard_key(key.shard), shard.stored_raw[b]) for b in sorted(again))
+                        counts["republished"] += len(again)
+                        if not positions:
+                            continue
+                    priced = price_items(m, positions, catalog, priced_at)
+                    refused.extend((n, i, why) for i, why in priced.rejects)
+                    if priced.message is None:
+                        continue
+                    raw = encode_charges(priced.message)
+                    rows.append(_row(key, shard.next_seq, priced, raw, published=True))
+                    unpriced_rows.extend((key, kind) for kind in priced.unpriced_kinds)
+                    hours.extend((p, key.reading_hour) for p in priced.price_ids)
+                    shard.stored.append(priced.message)
+                    shard.stored_raw.append(raw)
+                    shard.next_seq += 1
+                    outgoing.append(Outgoing(shard_key(key.shard), raw))
+                    counts["priced"] += priced.priced
+                    counts["unpriced"] += priced.unpriced
+                await repository.insert_batches(conn, rows)
+                await repository.add_unpriced(conn, unpriced_rows)
+                await repository.add_priced_hours(conn, hours)
+        await self._stream.publish(self._topic, outgoing)
+        CHARGES_STORED.labels("priced", origin).inc(counts["priced"])
+        CHARGES_STORED.labels("unpriced", origin).inc(counts["unpriced"])
+        CHARGES_REPUBLISHED.inc(counts["republished"])
+        UNPRICED.inc(counts["unpriced"])
+        return refused
 
+    # -- the catalog ------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class StoredCharge:
-    """A charge revision as stored."""
+    @contextlib.asynccontextmanager
+    async def _catalog_change(self) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction holding the catalog lock exclusively: it waits for the in-flight batches to
+        commit, but no longer than the lock timeout (then CatalogBusyError)."""
+        async with self._pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    await repository.lock_catalog_exclusive(conn, self._lock_timeout_ms)
+                    yield conn
+            except asyncpg.LockNotAvailableError:
+                raise CatalogBusyError("the price catalog is busy; retry") from None
 
-    measurement_id: UUID
-    revision: int
-    price_id: UUID | None
-    amount_numerator: int
-    amount_denominator: int
-    value: int
-    priced_at: datetime
-
-
-# A charge row as repository.store_charges writes it (the charges table's columns, in order), and an
-# unpriced entry (repository: unpriced_charges) carrying the unpriced revision's document.
-ChargeRow = tuple[datetime, UUID, int, str, str, int, UUID | None, int, int, datetime]
-UnpricedRow = tuple[UUID, datetime, str, str, int, str]
-
-
-@dataclass(slots=True)
-class PricedBatch:
-    """A batch priced in memory: one row and one message per distinct accepted measurement, in the
-    same order; the unpriced ones again as unpriced entries; the rejected input positions with why."""
-
-    measurements: list[MeasurementTaken] = field(default_factory=list)
-    rows: list[ChargeRow] = field(default_factory=list)
-    payloads: list[bytes] = field(default_factory=list)
-    unpriced: list[UnpricedRow] = field(default_factory=list)
-    rejects: list[tuple[int, str]] = field(default_factory=list)
-
-
-def _document(
-    m: MeasurementTaken,
-    measurement: str,
-    revision: int,
-    price_id: UUID | None,
-    numerator: int,
-    denominator: int,
-    value: int,
-    priced_at: datetime,
-) -> dict[str, Any]:
-    return {
-        "id": charge_id_str(measurement, revision),
-        "schema_name": "usage.charge",
-        "schema_version": 1,
-        "measurement_id": measurement,
-        "revision": revision,
-        "reading_hour": m.reading_hour,
-        "meter": m.meter,
-        "resource_id": m.resource_id,
-        "resource_kind": m.resource_kind,
-        "resource_name": m.resource_name,
-        "org_id": m.org_id,
-        "org_name": m.org_name,
-        "space_id": m.space_id,
-        "space_name": m.space_name,
-        "value": value,
-        "unit": m.unit,
-        "estimated": m.estimated,
-        "status": "unpriced" if price_id is None else "priced",
-        "price_id": price_id,  # orjson writes a UUID in its canonical form, as str()
-        "amount_numerator": numerator,
-        "amount_denominator": denominator,
-        "display_amount": display_amount(numerator, denominator),
-        "priced_at": priced_at,
-    }
-
-
-def price_batch(batch: Sequence[MeasurementTaken], catalog: Catalog, priced_at: datetime) -> PricedBatch:
-    """Price revision 1 of every distinct measurement in ``batch`` with the price valid at its hour.
-
-    Rejected (by position): a reading hour that is not a whole hour, an id that is not the measurement
-    id of (hour, meter, resource), an amount beyond the contract's integers. A measurement repeated in
-    the batch is priced once (ids are deterministic, so a repeat is the same fact)."""
-    out = PricedBatch()
-    seen: set[UUID] = set()
-    hour_texts: dict[datetime, str | None] = {}
-    for index, m in enumerate(batch):
-        if m.id in seen:
-            continue
-        hour = m.reading_hour
-        hour_text = hour_texts.get(hour, "")
-        if hour_text == "":
-            whole = hour.minute == 0 and hour.second == 0 and hour.microsecond == 0
-            hour_text = hour.strftime("%Y-%m-%dT%H:00:00Z") if whole else None
-            hour_texts[hour] = hour_text
-        if hour_text is None:
-            out.rejects.append((index, "reading_hour must be a whole UTC hour (minute 0)"))
-            continue
-        if _uuid5_bytes(f"measurement|{hour_text}|{m.meter}|{m.resource_id}") != m.id.bytes:
-            out.rejects.append((index, "id is not shared.ids.measurement_id(reading_hour, meter, resource_id)"))
-            continue
-        price = catalog.price_at(m.meter, m.resource_kind, hour)
-        if price is None:
-            price_id, numerator, denominator = None, 0, 1
-        else:
-            price_id = price.id
-            numerator, denominator = exact_amount(m.value, price.microcredits_per_unit, price.unit)
-            if numerator > MAX_AMOUNT:
-                out.rejects.append((index, f"charge of {numerator}/{denominator} microcredits exceeds 2**62"))
-                continue
-        seen.add(m.id)
-        payload = orjson.dumps(
-            _document(m, _uuid_text(m.id), 1, price_id, numerator, denominator, m.value, priced_at),
-            option=_DUMPS_OPTIONS,
+    async def add_price(self, body: PriceIn) -> tuple[Price, bool, int]:
+        """Add a price; returns (price, created, charges re-priced). Re-sending a price identical to an
+        existing one returns that one (created False); any other overlap raises PriceOverlapError."""
+        new = Price(
+            id=uuid7(),
+            meter=body.meter,
+            resource_kind=body.resource_kind,
+            unit_of_measure=body.unit_of_measure,
+            microcredits_per_unit=body.microcredits_per_unit,
+            unit=body.unit,
+            valid_from=body.valid_from,
+            valid_until=body.valid_until,
+            created_at=utcnow(),
         )
-        if price_id is None:
-            out.unpriced.append((m.id, hour, m.meter, m.resource_kind, 1, payload.decode()))
-        out.measurements.append(m)
-        out.rows.append((hour, m.id, 1, m.meter, m.resource_kind, m.value, price_id, numerator, denominator, priced_at))
-        out.payloads.append(payload)
+        async with self._catalog_change() as conn:
+            try:
+                async with conn.transaction():  # a savepoint, so that the overlap can be described
+                    price = await repository.insert_price(conn, new)
+            except asyncpg.ExclusionViolationError:
+                conflicts = await repository.overlapping_prices(
+                    conn, new.meter, new.resource_kind, new.valid_from, new.valid_until
+                )
+                if len(conflicts) == 1 and _same_terms(conflicts[0], new):
+                    return conflicts[0], False, 0
+                ids = ", ".join(str(c.id) for c in conflicts)
+                raise PriceOverlapError(
+                    f"{new.meter}/{new.resource_kind or '-'} already has a price in that range ({ids})",
+                    [c.id for c in conflicts],
+                ) from None
+        repriced = await self.reprice(only=price)
+        return price, True, repriced
+
+    async def end_price(self, price_id: UUID, at: datetime) -> Price:
+        async with self._catalog_change() as conn:
+            price = await repository.get_price_for_update(conn, price_id)
+            if price is None:
+                raise PriceNotFoundError(f"no price {price_id}")
+            last = await repository.last_priced_hour(conn, price_id, at)
+            if check_end(price, at, last):
+                price = await repository.end_price(conn, price_id, at)
+        return price
+
+    async def get_price(self, price_id: UUID) -> Price:
+        async with self._pool.acquire() as conn:
+            price = await repository.get_price(conn, price_id)
+        if price is None:
+            raise PriceNotFoundError(f"no price {price_id}")
+        return price
+
+    async def list_prices(
+        self, meter: str | None, resource_kind: str | None, at: datetime | None, limit: int
+    ) -> list[Price]:
+        async with self._pool.acquire() as conn:
+            return await repository.list_prices(conn, meter, resource_kind, at, limit)
+
+    # -- re-pricing and the outbox ----------------------------------------------------------------
+
+    async def reprice(self, only: Price | None = None) -> int:
+        """Re-price the unpriced charges that a price now covers (those of ``only``, or all), some shards
+        per transaction, each shard's new revisions stored as one batch and then published; returns how
+        many charges were re-priced."""
+        total = 0
+        after: repository.UnpricedKey | None = None
+        while True:
+            priced_at = utcnow()
+            done = 0
+            async with self._pool.acquire() as conn:
+                async with conn.transaction():
+                    await repository.lock_catalog_shared(conn)
+                    catalog = await self._current_catalog(conn)
+                    found = await repository.covered_unpriced(conn, after, self._chunk, only)
+                    kinds: dict[ShardKey, set[str]] = {}
+                    for key, kind in found:
+                        kinds.setdefault(key, set()).add(kind)
+                    shards = {k: _stored(v) for k, v in (await repository.lock_shards(conn, kinds)).items()}
+                    rows: list[repository.BatchRow] = []
+                    hours: list[tuple[UUID, datetime]] = []
+                    cleared: list[tuple[ShardKey, str]] = []
+                    for key, want in kinds.items():
+                        shard = shards.get(key)
+                        if shard is None:
+                            cleared.extend((key, k) for k in want)
+                            continue
+                        priced = reprice_items(shard.stored, catalog, priced_at, want)
+                        if priced is not None and priced.message is not None:
+                            n = priced.priced
+                            raw = encode_charges(priced.message)
+                            rows.append((key, shard.next_seq, n, n, -n, n, False, raw))
+                            hours.extend((p, key.reading_hour) for p in priced.price_ids)
+                            shard.stored.append(priced.message)
+                            done += n
+                        still = _unpriced_kinds(shard.stored)
+                        cleared.extend((key, k) for k in want if k not in still)
+                    await repository.insert_batches(conn, rows)
+                    await repository.delete_unpriced(conn, cleared)
+                    await repository.add_priced_hours(conn, hours)
+            if found:
+                last_key, last_kind = found[-1]
+                after = (last_key.reading_hour, last_key.meter, last_key.shard, last_kind)
+            if done:
+                total += done
+                CHARGES_STORED.labels("priced", "repricing").inc(done)
+                UNPRICED.dec(done)
+                await self.flush_outbox()
+            if len(found) < self._chunk:
+                return total
+
+    async def sweep_if_catalog_changed(self) -> int:
+        """Re-price everything the catalog covers when its version moved since the last full sweep: the
+        instance that added a price may have died before re-pricing."""
+        async with self._pool.acquire() as conn:
+            version = await repository.catalog_version(conn)
+        if version == self._swept_version:
+            return 0
+        repriced = await self.reprice()
+        self._swept_version = version
+        return repriced
+
+    async def flush_outbox(self, limit: int = 200) -> int:
+        """Publish the stored batches not yet published (re-priced revisions), marking them once
+        acknowledged; returns how many."""
+        total = 0
+        while True:
+            async with self._pool.acquire() as conn:
+                async with conn.transaction():
+                    rows = await repository.take_unpublished(conn, limit)
+                    if rows:
+                        await self._stream.publish(self._topic, [Outgoing(shard_key(k.shard), raw) for k, _, raw in rows])
+                        await repository.mark_published(conn, [(k, seq) for k, seq, _ in rows])
+            total += len(rows)
+            if len(rows) < limit:
+                return total
+
+    # -- queries ----------------------------------------------------------------------------------
+
+    async def unpriced(self, after: tuple[datetime, str, int, str, str] | None, limit: int) -> UnpricedPage:
+        """Unpriced charges (their latest revision), as per-charge documents, in (hour, meter, shard,
+        kind, resource) order after the cursor ``after``."""
+        items: list[dict[str, Any]] = []
+        start = after[:4] if after is not None else None
+        async with self._pool.acquire() as conn:
+            while len(items) < limit:
+                found = await repository.unpriced_after(conn, start, 50)
+                if not found:
+                    return UnpricedPage(items, None)
+                shards = await repository.load_shards(conn, {k for k, _ in found})
+                for key, kind in found:
+                    stored = [_decode_charges.decode(raw) for _, raw in shards.get(key, [])]
+                    for doc in _unpriced_documents(stored, kind):
+                        position = (key.reading_hour, key.meter, key.shard, kind, doc["resource_id"])
+                        if after is not None and position <= after:
+                            continue
+                        items.append(doc)
+                        if len(items) == limit:
+                            return UnpricedPage(items, position)
+                last, last_kind = found[-1]
+                start = (last.reading_hour, last.meter, last.shard, last_kind + "\x00")
+        return UnpricedPage(items, None)
+
+    async def refresh_unpriced_gauge(self) -> None:
+        async with self._pool.acquire() as conn:
+            UNPRICED.set(await repository.count_unpriced(conn))
+
+
+def _row(key: ShardKey, seq: int, priced: Priced, raw: bytes, published: bool) -> repository.BatchRow:
+    n = priced.priced + priced.unpriced
+    return (key, seq, n, priced.priced, priced.unpriced, priced.revisions, published, raw)
+
+
+def _unpriced_kinds(stored: Sequence[Charges]) -> set[str]:
+    out = set()
+    for at in latest_items(stored).values():
+        c = stored[at.batch]
+        if c.price[at.item] < 0:
+            out.add(c.kinds[c.kind[at.item]])
     return out
 
 
-def stored_charge_payload(m: MeasurementTaken, stored: StoredCharge) -> bytes:
-    """The message of a stored revision, with the descriptive fields of its measurement: what a
-    redelivered measurement publishes again."""
-    doc = _document(
-        m,
-        str(m.id),
-        stored.revision,
-        stored.price_id,
-        stored.amount_numerator,
-        stored.amount_denominator,
-        stored.value,
-        stored.priced_at,
-    )
-    return orjson.dumps(doc, option=_DUMPS_OPTIONS)
-
-
-@dataclass(frozen=True, slots=True)
-class Repriced:
-    """A new revision of a charge that was unpriced."""
-
-    row: ChargeRow
-    org_id: str
-    payload: bytes
-
-
-def reprice_document(
-    document: Mapping[str, Any], reading_hour: datetime, catalog: Catalog, priced_at: datetime
-) -> Repriced | None:
-    """The next revision of the unpriced charge ``document`` (a ChargeComputed as published) priced
-    with the catalog; None when still no price covers it or the amount would exceed the contract."""
-    meter, kind, value = document["meter"], document["resource_kind"], int(document["value"])
-    price = catalog.price_at(meter, kind, reading_hour)
-    if price is None:
-        return None
-    numerator, denominator = exact_amount(value, price.microcredits_per_unit, price.unit)
-    if numerator > MAX_AMOUNT:
-        return None
-    revision = int(document["revision"]) + 1
-    measurement = str(document["measurement_id"])
-    doc = dict(document)
-    doc.update(
-        id=charge_id_str(measurement, revision),
-        revision=revision,
-        status="priced",
-        price_id=str(price.id),
-        amount_numerator=numerator,
-        amount_denominator=denominator,
-        display_amount=display_amount(numerator, denominator),
-        priced_at=priced_at,
-    )
-    row: ChargeRow = (
-        reading_hour,
-        UUID(measurement),
-        revision,
-        meter,
-        kind,
-        value,
-        price.id,
-        numerator,
-        denominator,
-        priced_at,
-    )
-    return Repriced(row=row, org_id=str(document.get("org_id", "")), payload=orjson.dumps(doc, option=_DUMPS_OPTIONS))
-
-
-def check_end(price: Price, at: datetime, last_priced_hour: datetime | None) -> bool:
-    """Whether ending ``price`` at ``at`` changes it (False: it already ends exactly then).
-
-    Raises PriceEndRefusedError when ``at`` is not after its start, later than its current end, or
-    not after the last hour already priced with it (history that was charged is not rewritten)."""
-    if at <= price.valid_from:
-        raise PriceEndRefusedError(
-            f"a price can only end after it starts ({price.valid_from.isoformat()}); got {at.isoformat()}"
+def _unpriced_documents(stored: Sequence[Charges], kind: str) -> list[dict[str, Any]]:
+    """The latest charges of a shard that are unpriced and of ``kind``, one document each (the shape of
+    ``shared.contracts.ChargeComputed``), by resource id."""
+    docs = []
+    for rid, at in sorted(latest_items(stored).items()):
+        c = stored[at.batch]
+        i = at.item
+        if c.price[i] >= 0 or c.kinds[c.kind[i]] != kind:
+            continue
+        mid = measurement_id(c.reading_hour, c.meter, rid)
+        org, space = c.orgs[c.org[i]], c.spaces[c.space[i]]
+        docs.append(
+            {
+                "id": str(charge_id(mid, at.revision)),
+                "schema_name": "usage.charge",
+                "schema_version": 1,
+                "measurement_id": str(mid),
+                "revision": at.revision,
+                "reading_hour": hour_text(c.reading_hour),
+                "meter": c.meter,
+                "resource_id": rid,
+                "resource_kind": kind,
+                "resource_name": c.resource_name[i],
+                "org_id": org.id,
+                "org_name": org.name,
+                "space_id": space.id,
+                "space_name": space.name,
+                "value": c.value[i],
+                "unit": c.unit,
+                "estimated": c.estimated[i],
+                "status": "unpriced",
+                "price_id": None,
+                "amount_numerator": 0,
+                "amount_denominator": 1,
+                "display_amount": display_credits(0),
+                "priced_at": c.priced_at.isoformat().replace("+00:00", "Z"),
+            }
         )
-    if price.valid_until is not None:
-        if at == price.valid_until:
-            return False
-        if at > price.valid_until:
-            raise PriceEndRefusedError(
-                f"the price already ends at {price.valid_until.isoformat()}; it can only be ended earlier"
-            )
-    if last_priced_hour is not None and last_priced_hour >= at:
-        raise PriceEndRefusedError(
-            f"the price already priced charges up to the hour {last_priced_hour.isoformat()}; "
-            "end it after that hour (charged history is not rewritten)"
-        )
-    return True
+    return docs
+
+
+def _hour_problem(hour: datetime) -> str | None:
+    if hour.minute or hour.second or hour.microsecond:
+        return "reading_hour must be a whole UTC hour (minute 0)"
+    return None
+
+
+def _terms(p: Price) -> tuple[Any, ...]:
+    return (p.meter, p.resource_kind, p.unit_of_measure, p.microcredits_per_unit, p.unit, p.valid_from, p.valid_until)
+
+
+def _same_terms(a: Price, b: Price) -> bool:
+    return _terms(a) == _terms(b)

@@ -1,0 +1,266 @@
+"""Charges as the api's read model keeps them, free of I/O: per shard of resources (reading hour, meter,
+shard) a document with the latest revision of each measurement, and the rollups the usage queries read.
+
+- A shard document (``ShardDoc``) holds, per measurement, its org, space, kind, unit, value, revision and
+  exact amount. A charges batch for a shard with no document becomes its document as it is; otherwise its
+  items replace those with an older revision (an older or equal revision changes nothing).
+- A charge counts for a customer once the ledger has said, in a usage line, that its org belonged to that
+  customer in its reading hour (``org_customer_hour``). ``Rollup`` sums what counts: per group (org, space,
+  meter, kind) and hour, day and month in rows; per resource and day or month in documents per (customer,
+  period, meter, shard). A replaced revision is taken back out (sign -1) before the new one goes in.
+- Amounts stay exact: per cell, numerators summed per denominator, combined over their lcm only when
+  written.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from math import gcd, lcm
+from uuid import UUID
+
+import orjson
+
+from shared.batches import Charges, ShardKey
+from shared.clock import BUSINESS_TZ, as_utc
+
+__all__ = [
+    "ShardDoc",
+    "Rollup",
+    "ResourceDoc",
+    "ny_day",
+    "ny_month",
+    "exact",
+]
+
+
+@functools.lru_cache(maxsize=8192)  # charges come an hour at a time: the same few hours, over and over
+def ny_day(moment: datetime) -> date:
+    """The America/New_York calendar day containing ``moment``."""
+    return as_utc(moment).astimezone(BUSINESS_TZ).date()
+
+
+@functools.lru_cache(maxsize=8192)
+def ny_month(moment: datetime) -> date:
+    local = as_utc(moment).astimezone(BUSINESS_TZ)
+    return date(local.year, local.month, 1)
+
+
+def exact(by_den: dict[int, int]) -> tuple[int, int]:
+    """Numerators summed per denominator as one fraction (numerator, denominator), reduced."""
+    common = 1
+    for den in by_den:
+        common = lcm(common, den)
+    num = sum(n * (common // d) for d, n in by_den.items())
+    g = gcd(num, common) or 1
+    return num // g, common // g
+
+
+_COLUMNS = ("r", "o", "s", "k", "u", "x", "v", "n", "d")
+
+
+@dataclass
+class ShardDoc:
+    """The latest charge of every measurement of one shard, as columns with dictionaries (orgs, spaces,
+    kinds, units)."""
+
+    orgs: list[str]
+    spaces: list[str]
+    kinds: list[str]
+    units: list[str]
+    r: list[str]  # resource id
+    o: list[int]
+    s: list[int]
+    k: list[int]
+    u: list[int]
+    x: list[int]  # value
+    v: list[int]  # revision
+    n: list[int]  # amount numerator
+    d: list[int]  # amount denominator
+
+    @classmethod
+    def of(cls, c: Charges) -> ShardDoc:
+        """A charges batch (its items distinct) as the document of a shard that had none."""
+        return cls(
+            orgs=[o.id for o in c.orgs], spaces=[s.id for s in c.spaces], kinds=list(c.kinds), units=[c.unit],
+            r=list(c.resource_id), o=list(c.org), s=list(c.space), k=list(c.kind), u=[0] * len(c.resource_id),
+            x=list(c.value), v=list(c.revision), n=list(c.amount_numerator), d=list(c.amount_denominator),
+        )
+
+    @classmethod
+    def load(cls, raw: bytes) -> ShardDoc:
+        return cls(**orjson.loads(raw))
+
+    def dump(self) -> bytes:
+        return orjson.dumps(
+            {"orgs": self.orgs, "spaces": self.spaces, "kinds": self.kinds, "units": self.units,
+             **{c: getattr(self, c) for c in _COLUMNS}}
+        )
+
+    def __len__(self) -> int:
+        return len(self.r)
+
+    def merge(self, c: Charges) -> tuple[list[int], list[int]]:
+        """Put the items of ``c`` that are newer than what the document holds into it. Returns the
+        positions (in the document, after the merge) of the replaced items as they were (in ``old``, a
+        copy taken by the caller) and of the new or replaced ones: ``(replaced_old, changed)``."""
+        where = {rid: i for i, rid in enumerate(self.r)}
+        org_at = _indexer(self.orgs)
+        space_at = _indexer(self.spaces)
+        kind_at = _indexer(self.kinds)
+        unit_at = _indexer(self.units)
+        unit = unit_at(c.unit)
+        replaced: list[int] = []
+        changed: list[int] = []
+        for i, rid in enumerate(c.resource_id):
+            at = where.get(rid)
+            if at is not None and self.v[at] >= c.revision[i]:
+                continue
+            values = (
+                org_at(c.orgs[c.org[i]].id), space_at(c.spaces[c.space[i]].id), kind_at(c.kinds[c.kind[i]]), unit,
+                c.value[i], c.revision[i], c.amount_numerator[i], c.amount_denominator[i],
+            )
+            if at is None:
+                at = where[rid] = len(self.r)
+                self.r.append(rid)
+                for col, value in zip(_COLUMNS[1:], values, strict=True):
+                    getattr(self, col).append(value)
+            else:
+                replaced.append(at)
+                for col, value in zip(_COLUMNS[1:], values, strict=True):
+                    getattr(self, col)[at] = value
+            changed.append(at)
+        return replaced, changed
+
+    def copy(self) -> ShardDoc:
+        return ShardDoc(
+            list(self.orgs), list(self.spaces), list(self.kinds), list(self.units),
+            *(list(getattr(self, c)) for c in _COLUMNS),
+        )
+
+
+def _indexer(table: list[str]) -> Callable[[str], int]:
+    index = {v: i for i, v in enumerate(table)}
+
+    def at(value: str) -> int:
+        i = index.get(value)
+        if i is None:
+            i = index[value] = len(table)
+            table.append(value)
+        return i
+
+    return at
+
+
+# (customer, period, meter, shard) -> resource document
+ResourceKey = tuple[UUID, date, str, int]
+
+
+@dataclass
+class ResourceDoc:
+    """Usage per (resource, unit) of one customer, period (day or month), meter and shard: value and exact
+    amount. Stored as {"r": [...], "u": [...], "x": [...], "n": [...], "d": [...]}."""
+
+    cells: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (rid, unit) -> [value, num, den]
+
+    @classmethod
+    def load(cls, raw: bytes) -> ResourceDoc:
+        d = orjson.loads(raw)
+        return cls({(r, u): [x, n, dd] for r, u, x, n, dd in zip(d["r"], d["u"], d["x"], d["n"], d["d"], strict=True)})
+
+    def dump(self) -> bytes:
+        keys = sorted(self.cells)
+        vals = [self.cells[k] for k in keys]
+        return orjson.dumps(
+            {"r": [k[0] for k in keys], "u": [k[1] for k in keys], "x": [v[0] for v in vals],
+             "n": [v[1] for v in vals], "d": [v[2] for v in vals]}
+        )
+
+    def add(self, other: ResourceDoc) -> None:
+        for key, (x, n, d) in other.cells.items():
+            cell = self.cells.get(key)
+            if cell is None:
+                self.cells[key] = [x, n, d]
+                continue
+            common = lcm(cell[2], d)
+            num = cell[1] * (common // cell[2]) + n * (common // d)
+            g = gcd(num, common) or 1
+            cell[0] += x
+            cell[1], cell[2] = num // g, common // g
+        # A resource whose charges were all taken back (a move to another customer) leaves no cell.
+        for key in [k for k, c in self.cells.items() if c[0] == 0 and c[1] == 0]:
+            del self.cells[key]
+
+
+GroupKey = tuple[UUID, str, object, str, str, str]  # customer, dim, period, key, key2, unit
+
+
+@dataclass
+class Rollup:
+    """Changes to the rollups, summed exactly before they are written."""
+
+    # (customer, hour, org, space, meter, kind, unit) -> [value, {den: num}]: charges are summed here
+    # first, and the group cells derived from these sums by ``groups`` (a few hundred per batch instead of
+    # one per charge and cell).
+    fine: dict[tuple[UUID, datetime, str, str, str, str, str], list[object]] = field(default_factory=dict)
+    resource_day: dict[ResourceKey, ResourceDoc] = field(default_factory=dict)
+    resource_month: dict[ResourceKey, ResourceDoc] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.fine)
+
+    def add(self, key: ShardKey, doc: ShardDoc, positions: Iterable[int], customer_of_org: Sequence[UUID | None], sign: int) -> None:
+        """Add (sign 1) or take back (sign -1) the items of ``doc`` at ``positions`` whose org has a
+        customer (``customer_of_org``, by position in ``doc.orgs``)."""
+        hour, meter, shard = key
+        day, month = ny_day(hour), ny_month(hour)
+        fine = self.fine
+        r, o, s, k, u, x, n, d = doc.r, doc.o, doc.s, doc.k, doc.u, doc.x, doc.n, doc.d
+        orgs, spaces, kinds, units = doc.orgs, doc.spaces, doc.kinds, doc.units
+        for i in positions:
+            customer = customer_of_org[o[i]]
+            if customer is None:
+                continue
+            unit = units[u[i]]
+            value, num, den = sign * x[i], sign * n[i], d[i]
+            fkey = (customer, hour, orgs[o[i]], spaces[s[i]], meter, kinds[k[i]], unit)
+            cell = fine.get(fkey)
+            if cell is None:
+                cell = fine[fkey] = [0, {}]
+            cell[0] += value  # type: ignore[operator]
+            dens: dict[int, int] = cell[1]  # type: ignore[assignment]
+            dens[den] = dens.get(den, 0) + num
+            for docs, period in ((self.resource_day, day), (self.resource_month, month)):
+                rdoc = docs.get((customer, period, meter, shard))
+                if rdoc is None:
+                    rdoc = docs[(customer, period, meter, shard)] = ResourceDoc()
+                rcell = rdoc.cells.get((r[i], unit))
+                if rcell is None:
+                    rdoc.cells[(r[i], unit)] = [value, num, den]
+                else:
+                    common = lcm(rcell[2], den)
+                    rcell[0] += value
+                    rcell[1] = rcell[1] * (common // rcell[2]) + num * (common // den)
+                    rcell[2] = common
+
+    def groups(self) -> dict[str, dict[GroupKey, tuple[int, int, int]]]:
+        """The group cells (value, exact numerator, denominator) of each granularity table: ``hour``
+        (usage_hour_group), ``day`` (usage_day_group), ``month`` (usage_month)."""
+        acc: dict[str, dict[GroupKey, list[object]]] = {"hour": {}, "day": {}, "month": {}}
+        for (customer, hour, org, space, meter, kind, unit), (value, dens) in self.fine.items():
+            periods = (("hour", hour), ("day", ny_day(hour)), ("month", ny_month(hour)))
+            for dim, key, key2 in (("org", org, ""), ("space", space, ""), ("meter", meter, ""), ("kind", meter, kind)):
+                for table, period in periods:
+                    cell = acc[table].get((customer, dim, period, key, key2, unit))
+                    if cell is None:
+                        cell = acc[table][(customer, dim, period, key, key2, unit)] = [0, {}]
+                    cell[0] += value  # type: ignore[operator]
+                    sums: dict[int, int] = cell[1]  # type: ignore[assignment]
+                    for den, num in dens.items():  # type: ignore[attr-defined]
+                        sums[den] = sums.get(den, 0) + num
+        return {
+            table: {k: (int(v[0]), *exact(v[1])) for k, v in cells.items()}  # type: ignore[arg-type, misc]
+            for table, cells in acc.items()
+        }

@@ -1,0 +1,40 @@
+-- Charges arrive in batches (usage.charges.v2) and are kept per shard of resources (reading hour, meter,
+-- shard), one row each, instead of a row per measurement; so are the per-resource rollups, per (customer,
+-- day or month, meter, shard). The group rollups (org, space, meter, kind) stay rows: a handful per hour.
+-- The per-measurement tables of the usage.charges.v1 read model are kept, unread, under *_v1 names.
+
+ALTER TABLE charge RENAME TO charge_v1;
+ALTER TABLE usage_day RENAME TO usage_day_v1;
+-- Per-resource months are now documents (usage_resource_month); the rows stay for history, unread.
+ALTER TABLE usage_month DROP CONSTRAINT usage_month_dim_check;
+UPDATE usage_month SET dim = 'resource_v1' WHERE dim = 'resource';
+ALTER TABLE usage_month ADD CONSTRAINT usage_month_dim_check CHECK (dim IN ('org', 'space', 'meter', 'kind', 'resource_v1'));
+
+-- The latest charge of every measurement of a shard (services/api/charges.py, ShardDoc): what a newer
+-- revision is compared with, what charges waiting for their org's customer are attributed from, and what
+-- hourly usage by resource reads.
+CREATE TABLE charge_shard (
+    reading_hour timestamptz NOT NULL,
+    meter        text NOT NULL,
+    shard        smallint NOT NULL CHECK (shard >= 0),
+    items        bytea COMPRESSION lz4 NOT NULL,
+    PRIMARY KEY (reading_hour, meter, shard)
+);
+
+-- Usage per resource of one customer, day (America/New_York) or month, meter and shard (ResourceDoc).
+CREATE TABLE usage_resource_day (
+    customer_id uuid NOT NULL,
+    day         date NOT NULL,
+    meter       text NOT NULL,
+    shard       smallint NOT NULL,
+    items       bytea COMPRESSION lz4 NOT NULL,
+    PRIMARY KEY (customer_id, day, meter, shard)
+);
+CREATE TABLE usage_resource_month (
+    customer_id uuid NOT NULL,
+    month       date NOT NULL CHECK (extract(day FROM month) = 1),
+    meter       text NOT NULL,
+    shard       smallint NOT NULL,
+    items       bytea COMPRESSION lz4 NOT NULL,
+    PRIMARY KEY (customer_id, month, meter, shard)
+);

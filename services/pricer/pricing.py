@@ -1,0 +1,401 @@
+"""The pricer's rules, free of I/O: the price catalog held in memory, exact charges of a batch of
+measurements, what a shard already holds, re-pricing, and the readings of ``usage.readings.v1`` as batches.
+
+A charge is ``value * microcredits_per_unit / unit`` microcredits, kept exact as an integer numerator and
+denominator; nothing is rounded here. The denominator is the price's ``unit`` (so the charges of one
+price share it and sum without a common-denominator search), reduced only when the numerator would
+exceed the contract's 2**62; an amount that still does is refused.
+
+State is kept per shard (reading hour, meter, shard of resources): the charge batches published for it,
+in order (``seq``). An item's latest charge is the one in the last batch that holds its resource.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from math import gcd
+from typing import NamedTuple
+from uuid import UUID
+
+from shared.batches import (
+    MAX_INT,
+    Charges,
+    Measurements,
+    Price as PriceRef,
+    Ref,
+    ShardKey,
+    charges_id,
+    measurements_id,
+    shard_of,
+)
+from shared.ids import reading_id
+from shared.wire import Measurement
+
+__all__ = [
+    "MAX_AMOUNT",
+    "PricingError",
+    "InvalidPriceError",
+    "PriceNotFoundError",
+    "PriceOverlapError",
+    "PriceEndRefusedError",
+    "Price",
+    "Catalog",
+    "ShardKey",
+    "Priced",
+    "Latest",
+    "price_items",
+    "latest_items",
+    "reprice_items",
+    "batches_of_v1",
+    "exact_amount",
+    "check_end",
+]
+
+MAX_AMOUNT = MAX_INT
+
+
+class PricingError(Exception):
+    """Base of the pricer's named errors."""
+
+
+class InvalidPriceError(PricingError):
+    """A price that cannot exist (its range is empty, a field out of bounds)."""
+
+
+class PriceNotFoundError(PricingError):
+    """No price has this id."""
+
+
+class PriceOverlapError(PricingError):
+    """The new range overlaps a price of the same (meter, resource kind)."""
+
+    def __init__(self, message: str, conflicts: Sequence[UUID]) -> None:
+        super().__init__(message)
+        self.conflicts = list(conflicts)
+
+
+class PriceEndRefusedError(PricingError):
+    """Ending the price at that time would contradict its range or charges already priced with it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """``microcredits_per_unit`` per ``unit`` of a meter's quantity, valid in [valid_from, valid_until)."""
+
+    id: UUID
+    meter: str
+    resource_kind: str
+    unit_of_measure: str
+    microcredits_per_unit: int
+    unit: int
+    valid_from: datetime
+    valid_until: datetime | None
+    created_at: datetime
+
+    def covers(self, at: datetime) -> bool:
+        return self.valid_from <= at and (self.valid_until is None or at < self.valid_until)
+
+    @property
+    def ref(self) -> PriceRef:
+        return PriceRef(self.id, self.microcredits_per_unit, self.unit)
+
+
+class Catalog:
+    """The prices in memory, found by (meter, kind) and a bisection on ``valid_from``; ``version`` is the
+    database's catalog version it was loaded at."""
+
+    def __init__(self, prices: Iterable[Price], version: int = 0) -> None:
+        self.version = version
+        by_key: dict[tuple[str, str], list[Price]] = {}
+        for p in prices:
+            by_key.setdefault((p.meter, p.resource_kind), []).append(p)
+        self._series: dict[tuple[str, str], tuple[list[datetime], list[Price]]] = {}
+        for key, series in by_key.items():
+            series.sort(key=lambda p: p.valid_from)
+            self._series[key] = ([p.valid_from for p in series], series)
+
+    def __len__(self) -> int:
+        return sum(len(s[1]) for s in self._series.values())
+
+    def price_at(self, meter: str, resource_kind: str, at: datetime) -> Price | None:
+        """The price of (meter, kind) valid at instant ``at``, or None."""
+        series = self._series.get((meter, resource_kind))
+        if series is None:
+            return None
+        starts, prices = series
+        i = bisect.bisect_right(starts, at) - 1
+        if i >= 0 and prices[i].covers(at):
+            return prices[i]
+        return None
+
+
+def exact_amount(value: int, microcredits_per_unit: int, unit: int) -> tuple[int, int]:
+    """``value * microcredits_per_unit / unit`` as (numerator, denominator): over ``unit``, or in lowest
+    terms when the numerator over ``unit`` would exceed 2**62."""
+    product = value * microcredits_per_unit
+    if product <= MAX_AMOUNT:
+        return product, unit
+    g = gcd(product, unit)
+    return product // g, unit // g
+
+
+@dataclass(slots=True)
+class Priced:
+    """A charges batch priced in memory, with its counts, and the input items it refused (positions)."""
+
+    message: Charges | None
+    priced: int = 0
+    unpriced: int = 0
+    revisions: int = 0
+    price_ids: set[UUID] = field(default_factory=set)
+    unpriced_kinds: set[str] = field(default_factory=set)
+    rejects: list[tuple[int, str]] = field(default_factory=list)
+
+
+def _charges(
+    m: Measurements | Charges,
+    positions: Sequence[int],
+    revisions: Sequence[int],
+    prices: list[PriceRef],
+    price: list[int],
+    nums: list[int],
+    dens: list[int],
+    priced_at: datetime,
+) -> Charges:
+    rid = [m.resource_id[i] for i in positions]
+    return Charges(
+        id=charges_id(m.reading_hour, m.meter, m.shard, rid, revisions),
+        reading_hour=m.reading_hour,
+        meter=m.meter,
+        unit=m.unit,
+        shard=m.shard,
+        priced_at=priced_at,
+        orgs=m.orgs,
+        spaces=m.spaces,
+        kinds=m.kinds,
+        prices=prices,
+        resource_id=rid,
+        resource_name=[m.resource_name[i] for i in positions],
+        org=[m.org[i] for i in positions],
+        space=[m.space[i] for i in positions],
+        kind=[m.kind[i] for i in positions],
+        value=[m.value[i] for i in positions],
+        estimated=[m.estimated[i] for i in positions],
+        revision=list(revisions),
+        price=price,
+        amount_numerator=nums,
+        amount_denominator=dens,
+    )
+
+
+def price_items(
+    m: Measurements | Charges,
+    positions: Sequence[int],
+    catalog: Catalog,
+    priced_at: datetime,
+    revisions: Sequence[int] | None = None,
+) -> Priced:
+    """Price the items of ``m`` at ``positions`` with the price of their kind valid at the reading hour,
+    as revision 1 (or ``revisions``, one per position). Items whose amount exceeds 2**62 are refused."""
+    hour, meter = m.reading_hour, m.meter
+    by_kind: dict[int, int] = {}  # kind position -> position in `refs`, or -1
+    refs: list[PriceRef] = []
+    found: list[Price] = []
+    for k in {m.kind[i] for i in positions}:
+        p = catalog.price_at(meter, m.kinds[k], hour)
+        if p is None:
+            by_kind[k] = -1
+        else:
+            by_kind[k] = len(refs)
+            refs.append(p.ref)
+            found.append(p)
+    out = Priced(None)
+    keep: list[int] = []
+    keep_revisions: list[int] = []
+    price: list[int] = []
+    nums: list[int] = []
+    dens: list[int] = []
+    value, kind = m.value, m.kind
+    for n, i in enumerate(positions):
+        p = by_kind[kind[i]]
+        if p < 0:
+            num, den = 0, 1
+            out.unpriced += 1
+            out.unpriced_kinds.add(m.kinds[kind[i]])
+        else:
+            ref = refs[p]
+            num = value[i] * ref.microcredits_per_unit
+            den = ref.unit
+            if num > MAX_AMOUNT:
+                num, den = exact_amount(value[i], ref.microcredits_per_unit, ref.unit)
+                if num > MAX_AMOUNT:
+                    out.rejects.append((i, f"charge of {num}/{den} microcredits exceeds 2**62"))
+                    continue
+            out.priced += 1
+        keep.append(i)
+        keep_revisions.append(1 if revisions is None else revisions[n])
+        price.append(p)
+        nums.append(num)
+        dens.append(den)
+    if keep:
+        out.message = _charges(m, keep, keep_revisions, refs, price, nums, dens, priced_at)
+        out.revisions = sum(keep_revisions)
+        out.price_ids = {found[p].id for p in set(price) if p >= 0}
+    return out
+
+
+class Latest(NamedTuple):
+    """Where a resource's latest charge of a shard is: the stored batch (position in the list given to
+    ``latest_items``) and the item in it."""
+
+    batch: int
+    item: int
+    revision: int
+
+
+def latest_items(stored: Sequence[Charges]) -> dict[str, Latest]:
+    """Per resource, its latest charge among the shard's stored batches (in ``seq`` order; a higher
+    revision wins, so a batch stored out of order cannot bring an older revision back)."""
+    latest: dict[str, Latest] = {}
+    for b, c in enumerate(stored):
+        for i, (rid, rev) in enumerate(zip(c.resource_id, c.revision, strict=True)):
+            have = latest.get(rid)
+            if have is None or rev > have.revision:
+                latest[rid] = Latest(b, i, rev)
+    return latest
+
+
+def reprice_items(
+    stored: Sequence[Charges], catalog: Catalog, priced_at: datetime, kinds: set[str] | None = None
+) -> Priced | None:
+    """The next revision of every item of the shard whose latest charge is unpriced and that a price now
+    covers (only those of ``kinds`` when given), as one batch; None when there is none."""
+    latest = latest_items(stored)
+    chosen: dict[int, list[tuple[int, int]]] = {}  # batch -> [(item, next revision)]
+    for rid, at in latest.items():
+        c = stored[at.batch]
+        if c.price[at.item] >= 0:
+            continue
+        kind = c.kinds[c.kind[at.item]]
+        if kinds is not None and kind not in kinds:
+            continue
+        if catalog.price_at(c.meter, kind, c.reading_hour) is None:
+            continue
+        chosen.setdefault(at.batch, []).append((at.item, at.revision + 1))
+    if not chosen:
+        return None
+    # One batch out: the chosen items regrouped under the tables of the first stored batch that holds
+    # one (the tables of the others are merged in by value).
+    merged = _merge([(stored[b], items) for b, items in sorted(chosen.items())])
+    return price_items(merged, range(len(merged.resource_id)), catalog, priced_at, revisions=merged.revision)
+
+
+def _merge(parts: Sequence[tuple[Charges, list[tuple[int, int]]]]) -> Charges:
+    """Items from several batches of one shard as one batch (tables rebuilt), with their next revisions."""
+    orgs: dict[Ref, int] = {}
+    spaces: dict[Ref, int] = {}
+    kinds: dict[str, int] = {}
+    cols: dict[str, list[object]] = {k: [] for k in ("resource_id", "resource_name", "org", "space", "kind", "value",
+                                                     "estimated", "revision")}
+    first = parts[0][0]
+    for c, items in parts:
+        for i, rev in sorted(items, key=lambda t: c.resource_id[t[0]]):
+            cols["resource_id"].append(c.resource_id[i])
+            cols["resource_name"].append(c.resource_name[i])
+            cols["org"].append(orgs.setdefault(c.orgs[c.org[i]], len(orgs)))
+            cols["space"].append(spaces.setdefault(c.spaces[c.space[i]], len(spaces)))
+            cols["kind"].append(kinds.setdefault(c.kinds[c.kind[i]], len(kinds)))
+            cols["value"].append(c.value[i])
+            cols["estimated"].append(c.estimated[i])
+            cols["revision"].append(rev)
+    n = len(cols["resource_id"])
+    return Charges(
+        id=first.id,
+        reading_hour=first.reading_hour,
+        meter=first.meter,
+        unit=first.unit,
+        shard=first.shard,
+        priced_at=first.priced_at,
+        orgs=list(orgs),
+        spaces=list(spaces),
+        kinds=list(kinds),
+        prices=[],
+        price=[-1] * n,
+        amount_numerator=[0] * n,
+        amount_denominator=[1] * n,
+        **cols,  # type: ignore[arg-type]
+    )
+
+
+def batches_of_v1(items: Sequence[Measurement]) -> list[tuple[Measurements, list[int]]]:
+    """Measurements of ``usage.readings.v1`` (one each) as batches, one per (hour, meter, shard, unit),
+    each with the positions in ``items`` its items came from. A measurement repeated keeps its first
+    copy (ids are deterministic: a repeat is the same fact)."""
+    groups: dict[tuple[datetime, str, int, str], list[int]] = {}
+    for n, m in enumerate(items):
+        groups.setdefault((m.reading_hour, m.meter, shard_of(m.resource_id), m.unit), []).append(n)
+    out: list[tuple[Measurements, list[int]]] = []
+    for (hour, meter, shard, unit), positions in groups.items():
+        orgs: dict[Ref, int] = {}
+        spaces: dict[Ref, int] = {}
+        kinds: dict[str, int] = {}
+        seen: set[str] = set()
+        kept: list[int] = []
+        cols: dict[str, list[object]] = {k: [] for k in ("resource_id", "resource_name", "org", "space", "kind",
+                                                         "value", "estimated")}
+        for n in sorted(positions, key=lambda n: items[n].resource_id):
+            m = items[n]
+            if m.resource_id in seen:
+                continue
+            seen.add(m.resource_id)
+            kept.append(n)
+            cols["resource_id"].append(m.resource_id)
+            cols["resource_name"].append(m.resource_name)
+            cols["org"].append(orgs.setdefault(Ref(m.org_id, m.org_name), len(orgs)))
+            cols["space"].append(spaces.setdefault(Ref(m.space_id, m.space_name), len(spaces)))
+            cols["kind"].append(kinds.setdefault(m.resource_kind, len(kinds)))
+            cols["value"].append(m.value)
+            cols["estimated"].append(m.estimated)
+        rids: list[str] = cols["resource_id"]  # type: ignore[assignment]
+        batch = Measurements(
+            id=measurements_id(hour, meter, shard, rids),
+            reading_id=reading_id(hour),
+            reading_hour=hour,
+            meter=meter,
+            unit=unit,
+            shard=shard,
+            taken_at=max(items[n].taken_at for n in kept),
+            orgs=list(orgs),
+            spaces=list(spaces),
+            kinds=list(kinds),
+            **cols,  # type: ignore[arg-type]
+        )
+        out.append((batch, kept))
+    return out
+
+
+def check_end(price: Price, at: datetime, last_priced_hour: datetime | None) -> bool:
+    """Whether ending ``price`` at ``at`` changes it (False: it already ends exactly then).
+
+    Raises PriceEndRefusedError when ``at`` is not after its start, later than its current end, or
+    not after the last hour already priced with it (history that was charged is not rewritten)."""
+    if at <= price.valid_from:
+        raise PriceEndRefusedError(
+            f"a price can only end after it starts ({price.valid_from.isoformat()}); got {at.isoformat()}"
+        )
+    if price.valid_until is not None:
+        if at == price.valid_until:
+            return False
+        if at > price.valid_until:
+            raise PriceEndRefusedError(
+                f"the price already ends at {price.valid_until.isoformat()}; it can only be ended earlier"
+            )
+    if last_priced_hour is not None and last_priced_hour >= at:
+        raise PriceEndRefusedError(
+            f"the price already priced charges up to the hour {last_priced_hour.isoformat()}; "
+            "end it after that hour (charged history is not rewritten)"
+        )
+    return True

@@ -1,0 +1,490 @@
+"""The batched topics, ``usage.readings.v2`` and ``usage.charges.v2``: shards, message ids, encoding, and
+the fast decoding every consumer uses, with checks item by item.
+
+A batch message carries many measurements (charges) of one reading hour and meter for one shard of
+resources, as columns (``shared.contracts.MeasurementsTaken``, ``ChargesComputed``). The pydantic models
+there are the contract: they generate the AsyncAPI document and word the reason of a message refused as
+a whole. Validating a few hundred items with them would cost what the batch saves, so consumers decode
+with the msgspec mirrors below (the columns typed loosely) and then check every item with a handful of
+whole-column operations (min, max, set); only when one of those fails are the items looked at one by
+one, and the bad ones are split off with their reason (``Decoded.rejected``) while the good ones go on.
+A message the mirror cannot read at all is refused as a whole with the contract's reason.
+
+Items are also refused when they belong to another shard than the message says, and when a resource
+appears twice in one message with other facts (the same facts twice count once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Generic, Literal, NamedTuple, TypeVar
+
+import msgspec
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from shared.contracts import MAX_ITEMS, SHARDS, ChargesComputed, MeasurementsTaken
+from shared.ids import NAMESPACE
+
+__all__ = [
+    "SHARDS",
+    "MAX_ITEMS",
+    "MAX_INT",
+    "ShardKey",
+    "shard_of",
+    "shard_key",
+    "hour_text",
+    "measurements_id",
+    "charges_id",
+    "Ref",
+    "Price",
+    "Measurements",
+    "Charges",
+    "Decoded",
+    "BatchRejected",
+    "decode_measurements",
+    "decode_charges",
+    "encode_measurements",
+    "Item",
+    "measurement_batches",
+    "encode_charges",
+    "subset",
+    "describe_error",
+]
+
+MAX_INT = 2**62
+_MAX_REVISION = 2**31 - 1
+_UTC_Z = orjson.OPT_UTC_Z
+
+
+class ShardKey(NamedTuple):
+    """What consumers keep their state by: the measurements of one reading hour and meter in one shard."""
+
+    reading_hour: datetime
+    meter: str
+    shard: int
+
+
+def shard_of(resource_id: str) -> int:
+    """The shard of a resource: crc32 of its id (UTF-8) modulo ``SHARDS`` (the contract's rule)."""
+    return zlib.crc32(resource_id.encode()) % SHARDS
+
+
+def shard_key(shard: int) -> bytes:
+    """The Kafka key of a batch of ``shard``: ``shared.kafka``'s partitioner sends it to partition
+    ``shard mod partitions``, so the shards spread evenly and one shard keeps one partition (its
+    revisions stay in order)."""
+    return b"shard-%d" % shard
+
+
+def hour_text(hour: datetime) -> str:
+    """The reading hour as ids spell it."""
+    return hour.astimezone(UTC).strftime("%Y-%m-%dT%H:00:00Z")
+
+
+def _digest(parts: Sequence[str]) -> str:
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()
+
+
+def measurements_id(hour: datetime, meter: str, shard: int, resource_ids: Sequence[str]) -> uuid.UUID:
+    """The id of a readings batch: uuid5 of its hour, meter, shard and the resource ids it carries, so
+    re-publishing the same measurements yields the same message."""
+    return uuid.uuid5(NAMESPACE, f"measurements|{hour_text(hour)}|{meter}|{shard}|{_digest(resource_ids)}")
+
+
+def charges_id(hour: datetime, meter: str, shard: int, resource_ids: Sequence[str], revisions: Sequence[int]) -> uuid.UUID:
+    """The id of a charges batch: uuid5 of its hour, meter, shard and the (resource, revision) pairs."""
+    pairs = [f"{r}#{v}" for r, v in zip(resource_ids, revisions, strict=True)]
+    return uuid.uuid5(NAMESPACE, f"charges|{hour_text(hour)}|{meter}|{shard}|{_digest(pairs)}")
+
+
+# ------------------------------------------------------------------------------------------ mirrors
+
+_Time = Annotated[datetime, msgspec.Meta(tz=True)]
+_Str64 = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+_Str32 = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+_Shard = Annotated[int, msgspec.Meta(ge=0, lt=SHARDS)]
+
+
+class Ref(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """An org or a space of a batch's dictionary."""
+
+    id: Annotated[str, msgspec.Meta(max_length=64)]
+    name: Annotated[str, msgspec.Meta(max_length=512)] = ""
+
+
+class Price(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """A price of a charges batch's dictionary."""
+
+    id: uuid.UUID
+    microcredits_per_unit: Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
+    unit: Annotated[int, msgspec.Meta(ge=1, le=MAX_INT)]
+
+
+class Measurements(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """Mirror of ``shared.contracts.MeasurementsTaken``; item columns typed loosely, checked by
+    ``decode_measurements``."""
+
+    id: uuid.UUID
+    reading_id: uuid.UUID
+    reading_hour: _Time
+    meter: _Str64
+    unit: _Str32
+    shard: _Shard
+    taken_at: _Time
+    orgs: list[Ref]
+    spaces: list[Ref]
+    kinds: list[Annotated[str, msgspec.Meta(max_length=128)]]
+    resource_id: list[str]
+    resource_name: list[str]
+    org: list[int]
+    space: list[int]
+    kind: list[int]
+    value: list[int]
+    estimated: list[bool]
+    schema_name: Literal["usage.measurements"] = "usage.measurements"
+    schema_version: Literal[2] = 2
+
+
+class Charges(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """Mirror of ``shared.contracts.ChargesComputed``; item columns checked by ``decode_charges``."""
+
+    id: uuid.UUID
+    reading_hour: _Time
+    meter: _Str64
+    unit: _Str32
+    shard: _Shard
+    priced_at: _Time
+    orgs: list[Ref]
+    spaces: list[Ref]
+    kinds: list[Annotated[str, msgspec.Meta(max_length=128)]]
+    prices: list[Price]
+    resource_id: list[str]
+    resource_name: list[str]
+    org: list[int]
+    space: list[int]
+    kind: list[int]
+    value: list[int]
+    estimated: list[bool]
+    revision: list[int]
+    price: list[int]
+    amount_numerator: list[int]
+    amount_denominator: list[int]
+    schema_name: Literal["usage.charges"] = "usage.charges"
+    schema_version: Literal[2] = 2
+
+
+_MEASUREMENT_COLUMNS = ("resource_id", "resource_name", "org", "space", "kind", "value", "estimated")
+_CHARGE_COLUMNS = (*_MEASUREMENT_COLUMNS, "revision", "price", "amount_numerator", "amount_denominator")
+# The facts of an item: two items of one resource in one message must agree on them.
+_MEASUREMENT_FACTS = ("org", "space", "kind", "value", "estimated")
+_CHARGE_FACTS = (*_MEASUREMENT_FACTS, "revision", "price", "amount_numerator", "amount_denominator")
+
+B = TypeVar("B", Measurements, Charges)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRejected:
+    """Items of a batch the consumer refuses: ``positions`` in the message (empty: the whole message),
+    why, and the bytes the dead-letter topic gets (the refused items as a batch of their own)."""
+
+    reason: str
+    positions: tuple[int, ...] = ()
+    value: bytes | None = None
+
+
+@dataclass(slots=True)
+class Decoded(Generic[B]):
+    """A decoded batch: its good items (``message``, None when nothing is left) and what was refused."""
+
+    message: B | None
+    rejected: list[BatchRejected] = field(default_factory=list)
+
+
+def describe_error(exc: ValidationError) -> str:
+    """A short, readable reason from a pydantic validation error."""
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "message"
+        parts.append(f"{loc}: {err.get('msg')}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+def _utc(struct: B) -> B | None:
+    moved: dict[str, datetime] = {}
+    for name in ("reading_hour", "taken_at", "priced_at"):
+        moment = getattr(struct, name, None)
+        if moment is not None and moment.tzinfo is not UTC:
+            try:
+                moved[name] = moment.astimezone(UTC)
+            except OverflowError:
+                return None
+    return msgspec.structs.replace(struct, **moved) if moved else struct
+
+
+def _whole_reason(raw: bytes, model: type[BaseModel]) -> str:
+    try:
+        model.model_validate_json(raw)
+    except ValidationError as exc:
+        return f"invalid {model.__name__}: {describe_error(exc)}"
+    return f"{model.__name__} that this consumer cannot read (a time out of range, or a number beyond 64 bits)"
+
+
+def _in_range(column: list[int], low: int, high: int) -> bool:
+    return not column or (min(column) >= low and max(column) <= high)
+
+
+def _item_reason(msg: Measurements | Charges, i: int, charges: bool) -> str | None:
+    """Why item ``i`` is refused, or None (the slow path: only after a whole-column check failed)."""
+    rid, name = msg.resource_id[i], msg.resource_name[i]
+    if not isinstance(rid, str) or not 1 <= len(rid) <= 64:
+        return f"item {i}: resource_id must be 1 to 64 characters"
+    if not isinstance(name, str) or len(name) > 512:
+        return f"item {i}: resource_name must be at most 512 characters"
+    for column, table in (("org", msg.orgs), ("space", msg.spaces), ("kind", msg.kinds)):
+        if not 0 <= getattr(msg, column)[i] < len(table):
+            return f"item {i}: {column} {getattr(msg, column)[i]} is not a position in {column}s"
+    if not 0 <= msg.value[i] <= MAX_INT:
+        return f"item {i}: value must be an integer from 0 to 2**62"
+    if shard_of(rid) != msg.shard:
+        return f"item {i}: resource {rid} belongs to shard {shard_of(rid)}, not {msg.shard}"
+    if charges:
+        assert isinstance(msg, Charges)
+        if not 1 <= msg.revision[i] <= _MAX_REVISION:
+            return f"item {i}: revision must be an integer from 1 to 2**31-1"
+        if not -1 <= msg.price[i] < len(msg.prices):
+            return f"item {i}: price {msg.price[i]} is not -1 or a position in prices"
+        if not 0 <= msg.amount_numerator[i] <= MAX_INT:
+            return f"item {i}: amount_numerator must be an integer from 0 to 2**62"
+        if not 1 <= msg.amount_denominator[i] <= MAX_INT:
+            return f"item {i}: amount_denominator must be an integer from 1 to 2**62"
+        if msg.price[i] < 0 and msg.amount_numerator[i] != 0:
+            return f"item {i}: unpriced with a non-zero amount"
+    return None
+
+
+def _columns_ok(msg: Measurements | Charges, charges: bool) -> bool:
+    """The whole-column checks: true when every item is valid (the fast path)."""
+    ids = msg.resource_id
+    lengths = list(map(len, ids))
+    if ids and (min(lengths) < 1 or max(lengths) > 64):
+        return False
+    if msg.resource_name and max(map(len, msg.resource_name)) > 512:
+        return False
+    if not (
+        _in_range(msg.org, 0, len(msg.orgs) - 1)
+        and _in_range(msg.space, 0, len(msg.spaces) - 1)
+        and _in_range(msg.kind, 0, len(msg.kinds) - 1)
+        and _in_range(msg.value, 0, MAX_INT)
+    ):
+        return False
+    crc, shards, shard = zlib.crc32, SHARDS, msg.shard
+    if any(crc(r.encode()) % shards != shard for r in ids):
+        return False
+    if charges:
+        assert isinstance(msg, Charges)
+        if not (
+            _in_range(msg.revision, 1, _MAX_REVISION)
+            and _in_range(msg.price, -1, len(msg.prices) - 1)
+            and _in_range(msg.amount_numerator, 0, MAX_INT)
+            and _in_range(msg.amount_denominator, 1, MAX_INT)
+        ):
+            return False
+        if -1 in msg.price and any(p < 0 and n for p, n in zip(msg.price, msg.amount_numerator, strict=True)):
+            return False
+    return True
+
+
+def subset(msg: B, positions: Sequence[int]) -> B:
+    """The batch ``msg`` with only the items at ``positions`` (tables kept whole)."""
+    columns = _CHARGE_COLUMNS if isinstance(msg, Charges) else _MEASUREMENT_COLUMNS
+    changes = {name: [getattr(msg, name)[i] for i in positions] for name in columns}
+    return msgspec.structs.replace(msg, **changes)
+
+
+def _decode(raw: bytes, struct: type[B], model: type[BaseModel], encode: Callable[[B], bytes]) -> Decoded[B]:
+    charges = struct is Charges
+    try:
+        msg = msgspec.json.decode(raw, type=struct)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return Decoded(None, [BatchRejected(_whole_reason(raw, model))])
+    utc = _utc(msg)
+    if utc is None:
+        return Decoded(None, [BatchRejected(_whole_reason(raw, model))])
+    msg = utc
+    columns = _CHARGE_COLUMNS if charges else _MEASUREMENT_COLUMNS
+    n = len(msg.resource_id)
+    if n > MAX_ITEMS or any(len(getattr(msg, c)) != n for c in columns):
+        return Decoded(None, [BatchRejected(_whole_reason(raw, model))])
+    unique = len(set(msg.resource_id)) == n
+    if _columns_ok(msg, charges) and unique:
+        return Decoded(msg)
+    # The slow path: find the bad items and the repeated resources.
+    facts = _CHARGE_FACTS if charges else _MEASUREMENT_FACTS
+    keep: list[int] = []
+    bad: dict[str, list[int]] = {}
+    first: dict[str, int] = {}
+    for i in range(n):
+        why = _item_reason(msg, i, charges)
+        if why is None:
+            rid = msg.resource_id[i]
+            j = first.get(rid)
+            if j is None:
+                first[rid] = i
+                keep.append(i)
+                continue
+            if all(getattr(msg, f)[i] == getattr(msg, f)[j] for f in facts):
+                continue  # the same measurement twice: it counts once
+            why = f"item {i}: resource {rid} appears again with other facts than item {j}"
+        bad.setdefault(why, []).append(i)
+    rejected = [BatchRejected(why, tuple(pos), encode(subset(msg, pos))) for why, pos in bad.items()]
+    return Decoded(subset(msg, keep) if keep else None, rejected)
+
+
+def decode_measurements(raw: bytes) -> Decoded[Measurements]:
+    """A ``usage.readings.v2`` message, its good items and its refused ones."""
+    return _decode(raw, Measurements, MeasurementsTaken, encode_measurements)
+
+
+def decode_charges(raw: bytes) -> Decoded[Charges]:
+    """A ``usage.charges.v2`` message, its good items and its refused ones."""
+    return _decode(raw, Charges, ChargesComputed, encode_charges)
+
+
+# ------------------------------------------------------------------------------------------ encoding
+
+
+def _refs(refs: Sequence[Ref]) -> list[dict[str, str]]:
+    return [{"id": r.id, "name": r.name} for r in refs]
+
+
+def encode_measurements(m: Measurements) -> bytes:
+    """The JSON of a readings batch (fields in the contract's order)."""
+    return orjson.dumps(
+        {
+            "id": m.id,
+            "schema_name": "usage.measurements",
+            "schema_version": 2,
+            "reading_id": m.reading_id,
+            "reading_hour": m.reading_hour,
+            "meter": m.meter,
+            "unit": m.unit,
+            "shard": m.shard,
+            "taken_at": m.taken_at,
+            "orgs": _refs(m.orgs),
+            "spaces": _refs(m.spaces),
+            "kinds": m.kinds,
+            "resource_id": m.resource_id,
+            "resource_name": m.resource_name,
+            "org": m.org,
+            "space": m.space,
+            "kind": m.kind,
+            "value": m.value,
+            "estimated": m.estimated,
+        },
+        option=_UTC_Z,
+    )
+
+
+def encode_charges(c: Charges) -> bytes:
+    """The JSON of a charges batch (fields in the contract's order)."""
+    return orjson.dumps(
+        {
+            "id": c.id,
+            "schema_name": "usage.charges",
+            "schema_version": 2,
+            "reading_hour": c.reading_hour,
+            "meter": c.meter,
+            "unit": c.unit,
+            "shard": c.shard,
+            "priced_at": c.priced_at,
+            "orgs": _refs(c.orgs),
+            "spaces": _refs(c.spaces),
+            "kinds": c.kinds,
+            "prices": [{"id": p.id, "microcredits_per_unit": p.microcredits_per_unit, "unit": p.unit} for p in c.prices],
+            "resource_id": c.resource_id,
+            "resource_name": c.resource_name,
+            "org": c.org,
+            "space": c.space,
+            "kind": c.kind,
+            "value": c.value,
+            "estimated": c.estimated,
+            "revision": c.revision,
+            "price": c.price,
+            "amount_numerator": c.amount_numerator,
+            "amount_denominator": c.amount_denominator,
+        },
+        option=_UTC_Z,
+    )
+
+
+class Item(NamedTuple):
+    """One measurement as a producer has it, before it is dealt to its shard's batch."""
+
+    resource_id: str
+    resource_name: str
+    org_id: str
+    org_name: str
+    space_id: str
+    space_name: str
+    kind: str
+    value: int
+    estimated: bool = False
+
+
+def measurement_batches(
+    reading_hour: datetime,
+    meter: str,
+    unit: str,
+    items: Sequence[Item],
+    *,
+    reading_id: uuid.UUID,
+    taken_at: datetime,
+    max_items: int = MAX_ITEMS,
+) -> list[Measurements]:
+    """``items`` of one hour and meter as batches: one per shard (several parts when a shard holds more
+    than ``max_items``), items in resource-id order, tables in order of first use. The same items always
+    make the same batches, byte for byte."""
+    by_shard: dict[int, list[Item]] = {}
+    for it in items:
+        by_shard.setdefault(shard_of(it.resource_id), []).append(it)
+    out: list[Measurements] = []
+    for shard in sorted(by_shard):
+        ordered = sorted(by_shard[shard], key=lambda it: it.resource_id)
+        for start in range(0, len(ordered), max_items):
+            part = ordered[start : start + max_items]
+            orgs: dict[Ref, int] = {}
+            spaces: dict[Ref, int] = {}
+            kinds: dict[str, int] = {}
+            rids = [it.resource_id for it in part]
+            org = [orgs.setdefault(Ref(it.org_id, it.org_name), len(orgs)) for it in part]
+            space = [spaces.setdefault(Ref(it.space_id, it.space_name), len(spaces)) for it in part]
+            kind = [kinds.setdefault(it.kind, len(kinds)) for it in part]
+            out.append(
+                Measurements(
+                    id=measurements_id(reading_hour, meter, shard, rids),
+                    reading_id=reading_id,
+                    reading_hour=reading_hour,
+                    meter=meter,
+                    unit=unit,
+                    shard=shard,
+                    taken_at=taken_at,
+                    orgs=list(orgs),
+                    spaces=list(spaces),
+                    kinds=list(kinds),
+                    resource_id=rids,
+                    resource_name=[it.resource_name for it in part],
+                    org=org,
+                    space=space,
+                    kind=kind,
+                    value=[it.value for it in part],
+                    estimated=[it.estimated for it in part],
+                )
+            )
+    return out
