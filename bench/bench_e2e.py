@@ -22,12 +22,13 @@ from fractions import Fraction
 from typing import Any
 
 import httpx
+import msgspec
 
 from bench.common import KAFKA, ROOT, drop_database, dsn, emit, fresh_database, fresh_topics
-from services.collector.service import _message
+from shared.batches import Item, Measurements, encode_measurements, measurement_batches, measurements_id, shard_key
 from shared import ids
 from shared.clock import billing_month
-from shared.kafka import Publisher, group_lag
+from shared.kafka import Outgoing, Publisher, group_lag
 from shared.topics import CHARGES, READINGS, TRANSACTIONS, delete_topics
 from simulator.oidc import mint_token
 from tests.stack import Stack
@@ -54,6 +55,7 @@ class World:
                 self.resources.append((f"app-{i:06d}", "cfapps", "", org, 64 * (1 + i % 16), "MB"))
             else:
                 self.resources.append((f"si-{i:06d}", "cfservices", PLANS[i % 3], org, 1, "instance"))
+        self._template: list[Measurements] | None = None
         # Exact usage of one hour per (customer, price key), for the factor 1; an hour's is factor × this.
         self.per_hour: dict[tuple[int, str, str], Fraction] = defaultdict(Fraction)
         for _, meter, kind, org, base, _ in self.resources:
@@ -64,15 +66,26 @@ class World:
     def factor(hour: datetime) -> int:
         return 1 + int((hour - START) / HOUR) % 3
 
-    def rows(self, hour: datetime) -> list[dict[str, Any]]:
+    def messages(self, hour: datetime) -> list[Outgoing]:
+        """The hour's readings as the collector's relay publishes them: usage.readings.v2 batches (built
+        from the batches of the first hour with this hour's values: the relay sends stored bytes, it does
+        not build them, so building them should cost the benchmark little)."""
+        if self._template is None:
+            by_meter: dict[tuple[str, str], list[Item]] = defaultdict(list)
+            for res, meter, kind, org, base, unit in self.resources:
+                by_meter[(meter, unit)].append(Item(res, res, org, org, f"{org}-space", "space", kind, base))
+            self._template = [
+                b for (meter, unit), items in by_meter.items()
+                for b in measurement_batches(START, meter, unit, items, reading_id=ids.reading_id(START), taken_at=START)
+            ]
         f = self.factor(hour)
-        rid = ids.reading_id(hour)
-        make = {m: ids.measurement_ids(hour, m) for m in ("cfapps", "cfservices")}
+        rid, taken = ids.reading_id(hour), hour + timedelta(minutes=1)
         return [
-            {"id": make[meter](res), "reading_id": rid, "hour": hour, "meter": meter, "resource_id": res,
-             "resource_kind": kind, "resource_name": res, "org_id": org, "org_name": org, "space_id": f"{org}-space",
-             "space_name": "space", "value": base * f, "unit": unit, "estimated": False, "taken_at": hour + timedelta(minutes=1)}
-            for res, meter, kind, org, base, unit in self.resources
+            Outgoing(shard_key(b.shard), encode_measurements(msgspec.structs.replace(
+                b, id=measurements_id(hour, b.meter, b.shard, b.resource_id), reading_id=rid, reading_hour=hour,
+                taken_at=taken, value=[v * f for v in b.value],
+            )))
+            for b in self._template
         ]
 
     def expected_used(self, hours: list[datetime]) -> dict[int, int]:
@@ -151,7 +164,7 @@ async def main(n_resources: int, n_hours: int, latency_hours: int) -> None:
         encode_s = 0.0
         for h in hours:
             te = time.perf_counter()
-            msgs = [_message(r) for r in world.rows(h)]  # type: ignore[arg-type]
+            msgs = world.messages(h)
             encode_s += time.perf_counter() - te
             await publisher.publish(topic, msgs)
         publish_end[0] = time.perf_counter() - t0
@@ -165,7 +178,7 @@ async def main(n_resources: int, n_hours: int, latency_hours: int) -> None:
                 h = START + HOUR * (n_hours + k)
                 hours.append(h)
                 want = world.expected_used(hours)
-                msgs = [_message(r) for r in world.rows(h)]  # type: ignore[arg-type]
+                msgs = world.messages(h)
                 tp = time.perf_counter()
                 await publisher.publish(topic, msgs)
 
@@ -196,7 +209,7 @@ async def main(n_resources: int, n_hours: int, latency_hours: int) -> None:
             "publish_to_balance_p50_s": round(statistics.median(latencies), 3),
             "publish_to_balance_p99_s": round(p(0.99), 3),
             "rss_mb": {k: {"start": round(v[0]), "peak": round(max(v)), "end": round(v[-1])} for k, v in rss.items() if v},
-            "targets": {"e2e_measurements_per_s": 100_000, "publish_to_balance_p99_s": 2.0},
+            "targets": {"e2e_measurements_per_s": 100_000, "publish_to_balance_p99_s": 1.0},
         }, "e2e")
     finally:
         stack.stop()

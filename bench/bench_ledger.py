@@ -2,7 +2,7 @@
 
 Sets up a fresh database (``--customers`` customers, each with an agreement, ``--orgs`` orgs assigned to
 them round-robin, so every customer's orgs spread over the topic's partitions), produces ``--count``
-charges to a fresh, prefixed ``usage.charges.v1`` (``--resources`` resources per hour; a share of
+charges to a fresh, prefixed ``usage.charges.v2`` in batches (``--resources`` resources per hour; a share of
 re-priced revisions and of duplicates), then starts the ledger as a subprocess (``billing ledger``, as in
 production) and measures:
 
@@ -46,6 +46,7 @@ from bench.common import (  # noqa: E402
     ADMIN_DSN, KAFKA, committed, drop_database, dsn, emit, free_port, fresh_database, fresh_topics, proc_status,
     named_id, produce, wait_ready,
 )
+from shared.batches import Charges, Price as PriceRef, Ref, charges_id, encode_charges, shard_key, shard_of  # noqa: E402
 from shared.topics import ALL_TOPICS, CHARGES  # noqa: E402
 
 START = datetime(2026, 3, 1, 5, tzinfo=UTC)  # March 1, 00:00 in New York
@@ -68,93 +69,105 @@ def charges(
     revisions: float,
     duplicates: float,
     sums: dict[tuple[str, str, str], Fraction],
+    tally: dict[str, int],
     seed: int = 7,
 ) -> Iterator[tuple[bytes, bytes]]:
-    """About ``count`` valid usage.charge messages (duplicates and revisions included), keyed by org id,
-    generated as they are sent (constant memory, so a run can last ten minutes); adds to ``sums`` the exact
-    sum of the latest revisions per (org, New York month, price) for the check. 80% app charges (MB-hours
-    at 1 credit per 730 GB-hours), 20% service instances of three plans (per 730 instance-hours)."""
+    """About ``count`` valid charges as usage.charges.v2 batches (one per hour, meter and shard, as the
+    pricer publishes them), generated as they are sent (constant memory, so a run can last ten minutes);
+    a share of the charges re-priced an hour later (revision 2 at 110%, in batches of their own) and a
+    share of the batches sent twice. Adds to ``sums`` the exact sum of the latest revisions per (org, New
+    York month, price) for the check, and counts messages and charges in ``tally``. 80% app charges
+    (MB-hours at 1 credit per 730 GB-hours), 20% service instances of three plans (per 730 instance-hours)."""
     rng = random.Random(seed)
     produced = 0
     hours = -(-count // resources)
-    # What does not change from hour to hour, once per resource; the sums as counts per amount until the end.
     per_resource = [_resource(r, orgs) for r in range(resources)]
-    tally: dict[tuple[str, str, str, Fraction], int] = defaultdict(int)
+    by_shard: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for r, res in enumerate(per_resource):
+        by_shard[(res[0], shard_of(res[1]))].append(r)
+    tally_amounts: dict[tuple[str, str, str, Fraction], int] = defaultdict(int)
+    pending: list[tuple[int, datetime]] = []
     for h in range(hours + 1):
         hour = START + timedelta(hours=h)
-        hour_text = hour.strftime("%Y-%m-%dT%H:00:00Z")
         local = hour.astimezone(NEW_YORK)
         month = f"{local.year:04d}-{local.month:02d}"
-        pending_revisions: list[tuple[dict[str, Any], Fraction]] = []
-        for meter, resource, org, price, amount, fixed in per_resource:
-            if produced >= count:
-                break
-            mid = named_id(f"measurement|{hour_text}|{meter}|{resource}")
-            doc: dict[str, Any] = {
-                "id": named_id(f"charge|{mid}|1"),
-                "measurement_id": mid,
-                "reading_hour": hour_text,
-                "priced_at": hour_text,
-                **fixed,
-            }
-            message = (org.encode(), orjson.dumps(doc))
-            yield message
-            produced += 1
-            tally[(org, month, price, amount)] += 1
-            if rng.random() < revisions:
-                pending_revisions.append((doc, amount))
-            if rng.random() < duplicates:
-                yield message
-                produced += 1
-        # Re-priced revisions arrive an hour later (a price corrected), at 110% of the amount: the latest
-        # revision replaces the first in the expected sums.
-        for doc, first in pending_revisions:
-            amount = first * Fraction(11, 10)
-            rev = dict(doc, revision=2, id=named_id(f"charge|{doc['measurement_id']}|2"))
-            rev["amount_numerator"], rev["amount_denominator"] = amount.numerator, amount.denominator
-            yield doc["org_id"].encode(), orjson.dumps(rev)
-            produced += 1
-            tally[(doc["org_id"], month, doc["price_id"], amount)] += 1
-            tally[(doc["org_id"], month, doc["price_id"], first)] -= 1
+        # Re-priced revisions of the previous hour's charges arrive now (a price corrected), at 110%.
+        if pending:
+            groups: dict[tuple[str, int, datetime], list[int]] = defaultdict(list)
+            for r, at in pending:
+                groups[(per_resource[r][0], shard_of(per_resource[r][1]), at)].append(r)
+            for (meter, shard, at), rs in sorted(groups.items()):
+                at_local = at.astimezone(NEW_YORK)
+                at_month = f"{at_local.year:04d}-{at_local.month:02d}"
+                for r in rs:
+                    _, _, org, price, amount = per_resource[r]
+                    tally_amounts[(org, at_month, price, amount * Fraction(11, 10))] += 1
+                    tally_amounts[(org, at_month, price, amount)] -= 1
+                raw = _batch(at, meter, shard, rs, per_resource, revision=2, factor=Fraction(11, 10))
+                tally["messages"] += 1
+                tally["charges"] += len(rs)
+                yield shard_key(shard), raw
+            pending = []
         if produced >= count:
             break
-    for (org, month, price, amount), n in tally.items():
+        for (meter, shard), rs in sorted(by_shard.items()):
+            if produced >= count:
+                break
+            rs = rs[: count - produced]
+            raw = _batch(hour, meter, shard, rs, per_resource)
+            produced += len(rs)
+            tally["messages"] += 1
+            tally["charges"] += len(rs)
+            yield shard_key(shard), raw
+            if rng.random() < duplicates:
+                tally["messages"] += 1
+                tally["charges"] += len(rs)
+                yield shard_key(shard), raw
+            for r in rs:
+                _, _, org, price, amount = per_resource[r]
+                tally_amounts[(org, month, price, amount)] += 1
+                if rng.random() < revisions:
+                    pending.append((r, hour))
+    for (org, month, price, amount), n in tally_amounts.items():
         sums[(org, month, price)] += amount * n
 
 
-def _resource(r: int, orgs: list[str]) -> tuple[str, str, str, str, Fraction, dict[str, Any]]:
-    """Resource ``r``'s meter, id, org, price, charge per hour and the message fields that never change."""
+def _batch(
+    hour: datetime, meter: str, shard: int, rs: list[int], per_resource: list[tuple[str, str, str, str, Fraction]],
+    revision: int = 1, factor: Fraction = Fraction(1),
+) -> bytes:
+    """The charges of resources ``rs`` (one meter and shard) as one usage.charges.v2 message."""
+    orgs = sorted({per_resource[r][2] for r in rs})
+    org_at = {o: i for i, o in enumerate(orgs)}
+    prices = sorted({per_resource[r][3] for r in rs})
+    price_at = {p: i for i, p in enumerate(prices)}
+    kinds = [""] if meter == "cfapps" else KINDS
+    amounts = [per_resource[r][4] * factor for r in rs]
+    rids = [per_resource[r][1] for r in rs]
+    return encode_charges(
+        Charges(
+            id=charges_id(hour, meter, shard, rids, [revision] * len(rs)),
+            reading_hour=hour, meter=meter, unit="MB" if meter == "cfapps" else "instance", shard=shard,
+            priced_at=hour, orgs=[Ref(o, f"org {o}") for o in orgs], spaces=[Ref("space", "space")], kinds=kinds,
+            prices=[PriceRef(uuid.UUID(p), 1, 1) for p in prices],
+            resource_id=rids, resource_name=[f"resource-{r}" for r in rs], org=[org_at[per_resource[r][2]] for r in rs],
+            space=[0] * len(rs), kind=[0 if meter == "cfapps" else r % 3 for r in rs], value=[1] * len(rs),
+            estimated=[False] * len(rs), revision=[revision] * len(rs), price=[price_at[per_resource[r][3]] for r in rs],
+            amount_numerator=[a.numerator for a in amounts], amount_denominator=[a.denominator for a in amounts],
+        )
+    )
+
+
+def _resource(r: int, orgs: list[str]) -> tuple[str, str, str, str, Fraction]:
+    """Resource ``r``'s meter, id, org, price and charge per hour."""
     app = r % 5 != 0
     meter = "cfapps" if app else "cfservices"
     resource = str(uuid.UUID(int=(r + 1) << 64))
     org = orgs[r % len(orgs)]
     value = (r % 64 + 1) * 128 if app else 1
     if app:
-        price, amount = APPS_PRICE, Fraction(value * 1_000_000, 730 * 1024)
-    else:
-        price, amount = KIND_PRICES[r % 3], Fraction((r % 3 + 1) * 5_000_000, 730)
-    fixed = {
-        "schema_name": "usage.charge",
-        "schema_version": 1,
-        "revision": 1,
-        "meter": meter,
-        "resource_id": resource,
-        "resource_kind": "" if app else KINDS[r % 3],
-        "resource_name": f"resource-{r}",
-        "org_id": org,
-        "org_name": f"org {org}",
-        "space_id": str(uuid.UUID(int=(r % 1000) + 7)),
-        "space_name": f"space-{r % 1000}",
-        "value": value,
-        "unit": "MB" if app else "instance",
-        "estimated": False,
-        "status": "priced",
-        "price_id": price,
-        "amount_numerator": amount.numerator,
-        "amount_denominator": amount.denominator,
-        "display_amount": "0",
-    }
-    return meter, resource, org, price, amount, fixed
+        return meter, resource, org, APPS_PRICE, Fraction(value * 1_000_000, 730 * 1024)
+    return meter, resource, org, KIND_PRICES[r % 3], Fraction((r % 3 + 1) * 5_000_000, 730)
 
 
 async def prepare(ledger_dsn: str, customers: int, orgs: list[str]) -> dict[str, str]:
@@ -226,8 +239,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         orgs = bench_orgs(args.orgs)
         sums: dict[tuple[str, str, str], Fraction] = defaultdict(Fraction)
-        total, seconds = await produce(topic, charges(args.count, args.resources, orgs, args.revisions, args.duplicates, sums))
-        result["messages"] = total
+        tally = {"messages": 0, "charges": 0}
+        total, seconds = await produce(
+            topic, charges(args.count, args.resources, orgs, args.revisions, args.duplicates, sums, tally), chunk=200
+        )
+        result.update(tally)
+        per_message = tally["charges"] / tally["messages"]
         result["generate_and_produce_s"] = round(seconds, 1)
 
         ledger_dsn = dsn(db, "ledger")
@@ -275,7 +292,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         window = last_t - first_t
         quarter, tenth = max(1, len(rss) // 4), max(1, -(-len(rss) // 10))
         result.update(
-            sustained_charges_per_s=round((last_n - first_n) / window) if window > 0 else None,
+            # Offsets count messages: charges committed = messages times the mean batch size.
+            sustained_charges_per_s=round((last_n - first_n) * per_message / window) if window > 0 else None,
             measured_window_s=round(window, 2),
             end_to_end_s=round(last_t - started, 2),
             peak_rss_mb=[round(p / 2**20, 1) for p in peak],
@@ -313,7 +331,7 @@ def main() -> None:
     parser.add_argument("--revisions", type=float, default=0.01, help="share of charges re-priced once")
     parser.add_argument("--duplicates", type=float, default=0.01, help="share of charges sent twice")
     parser.add_argument("--instances", type=int, default=1, help="ledger processes in the group")
-    parser.add_argument("--batch", type=int, default=20_000, help="LEDGER_BATCH_MAX_RECORDS")
+    parser.add_argument("--batch", type=int, default=200, help="LEDGER_BATCH_MAX_RECORDS (messages)")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--keep", action="store_true", help="keep the database and topics")
     args = parser.parse_args()

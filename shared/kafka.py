@@ -208,7 +208,9 @@ class _Subscription:
             # A rebalance may have taken partitions while this batch waited for the lock: their records
             # are the new owner's (it reads them from the committed offsets).
             assigned = consumer.assignment()
-            records = tuple(r for r in records if TopicPartition(r.topic, r.partition) in assigned)
+            gone = {(r.topic, r.partition) for r in records} - {(tp.topic, tp.partition) for tp in assigned}
+            if gone:
+                records = tuple(r for r in records if (r.topic, r.partition) not in gone)
             if records and not await self._process(consumer, records):
                 await message.nack()  # stopping: rewind, so that nothing after this batch is committed
 

@@ -38,7 +38,10 @@ class ServiceSettings(BaseSettings):
     port: int = Field(ge=1, le=65535)
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
     db_pool_size: int = Field(default=8, ge=1, le=100)
-    batch_max_records: int = Field(default=5000, ge=1, le=100_000)
+    batch_max_records: int = Field(
+        default=200, ge=1, le=100_000,
+        description="Messages handled per batch (one transaction); a batch message holds a shard's measurements.",
+    )
     batch_timeout_ms: int = Field(default=200, ge=1, le=60_000)
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     schema_name: str = Field(default="", description="Defaults to the service name.")

@@ -154,14 +154,16 @@ def _indexer(table: list[str]) -> Callable[[str], int]:
     return at
 
 
-# (customer, period, meter, shard) -> resource document
-ResourceKey = tuple[UUID, date, str, int]
+# (customer, period, meter) -> resource document
+ResourceKey = tuple[UUID, date, str]
+# A charge as the per-resource documents take it: resource, unit, value, numerator, denominator.
+ResourceEntry = tuple[str, str, int, int, int]
 
 
 @dataclass
 class ResourceDoc:
-    """Usage per (resource, unit) of one customer, period (day or month), meter and shard: value and exact
-    amount. Stored as {"r": [...], "u": [...], "x": [...], "n": [...], "d": [...]}."""
+    """Usage per (resource, unit) of one customer, period (day or month) and meter: value and exact amount.
+    Stored as {"r": [...], "u": [...], "x": [...], "n": [...], "d": [...]}."""
 
     cells: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (rid, unit) -> [value, num, den]
 
@@ -178,20 +180,27 @@ class ResourceDoc:
              "n": [v[1] for v in vals], "d": [v[2] for v in vals]}
         )
 
-    def add(self, other: ResourceDoc) -> None:
-        for key, (x, n, d) in other.cells.items():
-            cell = self.cells.get(key)
+    def add(self, entries: Iterable[ResourceEntry]) -> None:
+        cells = self.cells
+        emptied = False
+        for rid, unit, x, n, d in entries:
+            cell = cells.get((rid, unit))
             if cell is None:
-                self.cells[key] = [x, n, d]
-                continue
-            common = lcm(cell[2], d)
-            num = cell[1] * (common // cell[2]) + n * (common // d)
-            g = gcd(num, common) or 1
-            cell[0] += x
-            cell[1], cell[2] = num // g, common // g
-        # A resource whose charges were all taken back (a move to another customer) leaves no cell.
-        for key in [k for k, c in self.cells.items() if c[0] == 0 and c[1] == 0]:
-            del self.cells[key]
+                cells[(rid, unit)] = [x, n, d]
+            elif cell[2] == d:  # a resource's charges share their price's denominator, as a rule
+                cell[0] += x
+                cell[1] += n
+            else:
+                common = lcm(cell[2], d)
+                num = cell[1] * (common // cell[2]) + n * (common // d)
+                g = gcd(num, common) or 1
+                cell[0] += x
+                cell[1], cell[2] = num // g, common // g
+            emptied = emptied or x < 0
+        if emptied:
+            # A resource whose charges were all taken back (a move to another customer) leaves no cell.
+            for key in [k for k, c in cells.items() if c[0] == 0 and c[1] == 0]:
+                del cells[key]
 
 
 GroupKey = tuple[UUID, str, object, str, str, str]  # customer, dim, period, key, key2, unit
@@ -205,8 +214,8 @@ class Rollup:
     # first, and the group cells derived from these sums by ``groups`` (a few hundred per batch instead of
     # one per charge and cell).
     fine: dict[tuple[UUID, datetime, str, str, str, str, str], list[object]] = field(default_factory=dict)
-    resource_day: dict[ResourceKey, ResourceDoc] = field(default_factory=dict)
-    resource_month: dict[ResourceKey, ResourceDoc] = field(default_factory=dict)
+    # (customer, hour, meter) -> the charges, for the per-resource documents of its day and month.
+    resources: dict[tuple[UUID, datetime, str], list[ResourceEntry]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.fine)
@@ -214,36 +223,48 @@ class Rollup:
     def add(self, key: ShardKey, doc: ShardDoc, positions: Iterable[int], customer_of_org: Sequence[UUID | None], sign: int) -> None:
         """Add (sign 1) or take back (sign -1) the items of ``doc`` at ``positions`` whose org has a
         customer (``customer_of_org``, by position in ``doc.orgs``)."""
-        hour, meter, shard = key
-        day, month = ny_day(hour), ny_month(hour)
-        fine = self.fine
+        hour, meter, _ = key
         r, o, s, k, u, x, n, d = doc.r, doc.o, doc.s, doc.k, doc.u, doc.x, doc.n, doc.d
-        orgs, spaces, kinds, units = doc.orgs, doc.spaces, doc.kinds, doc.units
+        units = doc.units
+        values: dict[tuple[int, int, int, int, int], int] = {}
+        nums: dict[tuple[int, int, int, int, int], int] = {}
+        entries: dict[UUID, list[ResourceEntry]] = {}
         for i in positions:
-            customer = customer_of_org[o[i]]
+            oi = o[i]
+            customer = customer_of_org[oi]
             if customer is None:
                 continue
-            unit = units[u[i]]
-            value, num, den = sign * x[i], sign * n[i], d[i]
-            fkey = (customer, hour, orgs[o[i]], spaces[s[i]], meter, kinds[k[i]], unit)
-            cell = fine.get(fkey)
+            ui, di = u[i], d[i]
+            fk = (oi, s[i], k[i], ui, di)
+            value, num = sign * x[i], sign * n[i]
+            values[fk] = values.get(fk, 0) + value
+            nums[fk] = nums.get(fk, 0) + num
+            out = entries.get(customer)
+            if out is None:
+                out = entries[customer] = []
+            out.append((r[i], units[ui], value, num, di))
+        for customer, out in entries.items():
+            self.resources.setdefault((customer, hour, meter), []).extend(out)
+        orgs, spaces, kinds = doc.orgs, doc.spaces, doc.kinds
+        for fk, value in values.items():
+            oi, si, ki, ui, di = fk
+            customer = customer_of_org[oi]
+            assert customer is not None
+            fine_key = (customer, hour, orgs[oi], spaces[si], meter, kinds[ki], units[ui])
+            cell = self.fine.get(fine_key)
             if cell is None:
-                cell = fine[fkey] = [0, {}]
+                cell = self.fine[fine_key] = [0, {}]
             cell[0] += value  # type: ignore[operator]
             dens: dict[int, int] = cell[1]  # type: ignore[assignment]
-            dens[den] = dens.get(den, 0) + num
-            for docs, period in ((self.resource_day, day), (self.resource_month, month)):
-                rdoc = docs.get((customer, period, meter, shard))
-                if rdoc is None:
-                    rdoc = docs[(customer, period, meter, shard)] = ResourceDoc()
-                rcell = rdoc.cells.get((r[i], unit))
-                if rcell is None:
-                    rdoc.cells[(r[i], unit)] = [value, num, den]
-                else:
-                    common = lcm(rcell[2], den)
-                    rcell[0] += value
-                    rcell[1] = rcell[1] * (common // rcell[2]) + num * (common // den)
-                    rcell[2] = common
+            dens[di] = dens.get(di, 0) + nums[fk]
+
+    def resource_changes(self) -> dict[str, dict[ResourceKey, list[ResourceEntry]]]:
+        """The charges per per-resource document: ``day`` and ``month`` (America/New_York)."""
+        out: dict[str, dict[ResourceKey, list[ResourceEntry]]] = {"day": {}, "month": {}}
+        for (customer, hour, meter), entries in self.resources.items():
+            out["day"].setdefault((customer, ny_day(hour), meter), []).extend(entries)
+            out["month"].setdefault((customer, ny_month(hour), meter), []).extend(entries)
+        return out
 
     def groups(self) -> dict[str, dict[GroupKey, tuple[int, int, int]]]:
         """The group cells (value, exact numerator, denominator) of each granularity table: ``hour``

@@ -85,7 +85,7 @@ class Api:
         self._clients: list[httpx.AsyncClient] = []
         self.access_cache: TtlCache[tuple[bool, bool]] = TtlCache(settings.query_cache_seconds)
         self.usage_cache: TtlCache[bytes] = TtlCache(settings.query_cache_seconds, max_entries=2_000)
-        self.names = projector.Names()
+        self.projector: projector.Projector | None = None
         self.declare(runtime)
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -142,11 +142,16 @@ class Api:
         for topic in (CHARGES, TRANSACTIONS):
             runtime.publishes(dlq(topic), None, f"What the api's read model could not process from {topic}.")
 
+    def _projector(self) -> projector.Projector:
+        if self.projector is None:
+            self.projector = projector.Projector(self.runtime.pool)
+        return self.projector
+
     async def on_charges(self, batch: list[Received[Charges]]) -> None:
-        await projector.apply_charges(self.runtime.pool, [r.message for r in batch], self.names)
+        await self._projector().apply_charges([r.message for r in batch])
 
     async def on_ledger(self, batch: list[Received[projector.LedgerMessage]]) -> None:
-        await projector.apply_ledger(self.runtime.pool, [r.message.root for r in batch])
+        await self._projector().apply_ledger([r.message.root for r in batch])
 
     # ------------------------------------------------------------------------------------ routing
 

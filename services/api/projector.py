@@ -10,6 +10,7 @@ customer then adds every stored charge of that org and hour to the rollups.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated
@@ -32,7 +33,7 @@ from services.api.service import (
 from shared.batches import Charges, ShardKey
 from shared.contracts import StatementIssued, TransactionPosted
 
-__all__ = ["LedgerMessage", "Names", "apply_charges", "apply_ledger"]
+__all__ = ["LedgerMessage", "Names", "Projector"]
 
 log = logging.getLogger(__name__)
 
@@ -42,137 +43,162 @@ class LedgerMessage(RootModel[Annotated[TransactionPosted | StatementIssued, Fie
 
 
 class Names:
-    """The display names written last, remembered, so that a batch writes only the names that changed
-    (a foundation's names rarely do; every batch carries them)."""
+    """The display names written last, remembered per shard, so that a batch writes only the names that
+    changed (a foundation's names rarely do, and every batch carries them)."""
 
-    def __init__(self, limit: int = 200_000) -> None:
-        self.orgs: dict[str, str] = {}
-        self.spaces: dict[str, tuple[str, str]] = {}
-        self.resources: dict[str, tuple[str, str, str, str, str]] = {}
-        self._limit = limit
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, int], tuple[object, ...]] = {}
+
+    @staticmethod
+    def _signature(c: Charges) -> tuple[object, ...]:
+        return (c.orgs, c.spaces, c.kinds, c.resource_id, c.resource_name, c.org, c.space, c.kind)
 
     def changed(self, batches: Sequence[Charges]) -> tuple[dict[str, str], dict[str, tuple[str, str]], dict[str, tuple[str, str, str, str, str]]]:
         orgs: dict[str, str] = {}
         spaces: dict[str, tuple[str, str]] = {}
         resources: dict[str, tuple[str, str, str, str, str]] = {}
         for c in sorted(batches, key=lambda c: c.priced_at):  # the latest names win
-            org_ids = [o.id for o in c.orgs]
+            if self._seen.get((c.meter, c.shard)) == self._signature(c):
+                continue  # the same resources with the same names as this shard's last batch
             for o in c.orgs:
-                if o.id and self.orgs.get(o.id) != o.name:
+                if o.id:
                     orgs[o.id] = o.name
+            org_ids = [o.id for o in c.orgs]
             for i, rid in enumerate(c.resource_id):
                 org_id, space = org_ids[c.org[i]], c.spaces[c.space[i]]
                 if space.id:
-                    value = (space.name, org_id)
-                    if self.spaces.get(space.id) != value:
-                        spaces[space.id] = value
-                attrs = (c.resource_name[i], c.meter, c.kinds[c.kind[i]], space.id, org_id)
-                if self.resources.get(rid) != attrs:
-                    resources[rid] = attrs
+                    spaces[space.id] = (space.name, org_id)
+                resources[rid] = (c.resource_name[i], c.meter, c.kinds[c.kind[i]], space.id, org_id)
         return orgs, spaces, resources
 
-    def written(self, orgs: dict[str, str], spaces: dict[str, tuple[str, str]], resources: dict[str, tuple[str, str, str, str, str]]) -> None:
-        """Remember what a committed batch wrote."""
-        for table, new in ((self.orgs, orgs), (self.spaces, spaces), (self.resources, resources)):
-            if len(table) + len(new) > self._limit:
-                table.clear()
-            table.update(new)  # type: ignore[attr-defined]
-
-
-async def apply_charges(pool: asyncpg.Pool, batches: Sequence[Charges], names: Names | None = None) -> int:
-    """Store the newer revisions and move the rollups of the customers they are attributed to; returns
-    how many measurements changed."""
-    if not batches:
-        return 0
-    names = names or Names()
-    changed = 0
-    async with pool.acquire() as conn, conn.transaction():
-        await repo.lock_hours(conn, {c.reading_hour for c in batches})
-        keys = {ShardKey(c.reading_hour, c.meter, c.shard) for c in batches}
-        stored = await repo.lock_charge_shards(conn, keys)
-        docs: dict[ShardKey, ShardDoc] = {k: ShardDoc.load(raw) for k, raw in stored.items()}
-        pairs = {(o.id, c.reading_hour) for c in batches for o in c.orgs}
-        pairs |= {(o, k.reading_hour) for k, d in docs.items() for o in d.orgs}
-        customer_of = await repo.customers_of(conn, pairs)
-        rollup = Rollup()
-        written: dict[ShardKey, ShardDoc] = {}
+    def written(self, batches: Sequence[Charges]) -> None:
+        """Remember what a committed transaction wrote."""
+        if len(self._seen) > 100_000:
+            self._seen.clear()
         for c in batches:
-            key = ShardKey(c.reading_hour, c.meter, c.shard)
-            doc = docs.get(key)
-            if doc is None:
-                doc = docs[key] = ShardDoc.of(c)
-                positions: Sequence[int] = range(len(doc))
-                changed += len(doc)
+            self._seen[(c.meter, c.shard)] = self._signature(c)
+
+
+class Projector:
+    """The read model's two consumers, with what this process remembers between batches: the names it
+    wrote, and the shard documents it wrote (by version), which attribution would otherwise read back."""
+
+    def __init__(self, pool: asyncpg.Pool, cached_docs: int = 2000) -> None:
+        self.pool = pool
+        self.names = Names()
+        self._docs: OrderedDict[ShardKey, tuple[int, ShardDoc]] = OrderedDict()
+        self._cached = cached_docs
+
+    def _remember(self, versions: dict[ShardKey, int], docs: dict[ShardKey, ShardDoc]) -> None:
+        for key, version in versions.items():
+            self._docs[key] = (version, docs[key])
+            self._docs.move_to_end(key)
+        while len(self._docs) > self._cached:
+            self._docs.popitem(last=False)
+
+    async def apply_charges(self, batches: Sequence[Charges]) -> int:
+        """Store the newer revisions and move the rollups of the customers they are attributed to; returns
+        how many measurements changed."""
+        if not batches:
+            return 0
+        changed = 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            await repo.lock_hours(conn, {c.reading_hour for c in batches})
+            keys = {ShardKey(c.reading_hour, c.meter, c.shard) for c in batches}
+            stored = await repo.lock_charge_shards(conn, keys)
+            docs: dict[ShardKey, ShardDoc] = {k: ShardDoc.load(raw) for k, raw in stored.items()}
+            pairs = {(o.id, c.reading_hour) for c in batches for o in c.orgs}
+            pairs |= {(o, k.reading_hour) for k, d in docs.items() for o in d.orgs}
+            customer_of = await repo.customers_of(conn, pairs)
+            rollup = Rollup()
+            written: dict[ShardKey, ShardDoc] = {}
+            for c in batches:
+                key = ShardKey(c.reading_hour, c.meter, c.shard)
+                doc = docs.get(key)
+                if doc is None:
+                    doc = docs[key] = ShardDoc.of(c)
+                    positions: Sequence[int] = range(len(doc))
+                    changed += len(doc)
+                else:
+                    before = doc.copy()
+                    replaced, positions = doc.merge(c)
+                    if not positions:
+                        continue
+                    changed += len(positions)
+                    rollup.add(key, before, replaced, [customer_of.get((o, key.reading_hour)) for o in before.orgs], -1)
+                rollup.add(key, doc, positions, [customer_of.get((o, key.reading_hour)) for o in doc.orgs], +1)
+                written[key] = doc
+            versions = await repo.save_charge_shards(conn, [(k, d.dump()) for k, d in written.items()])
+            await _write_rollups(conn, rollup)
+            new_names = self.names.changed(batches)
+            await repo.upsert_names(conn, *new_names)
+        self.names.written(batches)
+        self._remember(versions, written)
+        return changed
+
+    async def apply_ledger(self, messages: Sequence[TransactionPosted | StatementIssued]) -> int:
+        """Store new transactions and statements, learn which customer each org belonged to in each hour
+        from the usage lines, and attribute the charges waiting for that; returns transactions stored."""
+        txns = [m for m in messages if isinstance(m, TransactionPosted)]
+        statements = [m for m in messages if isinstance(m, StatementIssued)]
+        async with self.pool.acquire() as conn, conn.transaction():
+            await repo.insert_customers(conn, [m.customer_id for m in messages])
+            rows: list[TransactionRow] = []
+            for t in txns:  # in partition order: a reversal comes after its original
+                original = await _original(conn, t, rows) if t.type == "reversal" else None
+                rows.append(transaction_row(t, original))
+            stored = await repo.insert_transactions(conn, rows)
+            facts = usage_org_hours(txns)
+            if facts:
+                await repo.lock_hours(conn, {f.hour for f in facts})
+                new, conflicts = await repo.insert_org_hours(conn, facts)
+                for f in conflicts[:20]:
+                    log.warning(
+                        "the ledger names a second customer for an org-hour; keeping the first",
+                        extra={"org_id": f.org_id, "hour": f.hour.isoformat(), "customer_id": str(f.customer_id)},
+                    )
+                if new:
+                    await self._attribute(conn, {(f.org_id, f.hour): f.customer_id for f in new})
+            if statements:
+                await repo.upsert_statements(conn, [statement_row(s) for s in statements])
+            return len(stored)
+
+    async def _attribute(self, conn: asyncpg.Connection, customer_of: dict[tuple[str, datetime], UUID]) -> None:
+        """Add the stored charges of newly attributed (org, hour) pairs to the rollups (the documents this
+        process holds at the stored version are not read again)."""
+        versions = await repo.charge_shard_versions(conn, {h for _, h in customer_of})
+        docs: dict[ShardKey, ShardDoc] = {}
+        missing = []
+        for key, version in versions.items():
+            held = self._docs.get(key)
+            if held is not None and held[0] == version:
+                docs[key] = held[1]
             else:
-                before = doc.copy()
-                replaced, positions = doc.merge(c)
-                if not positions:
-                    continue
-                changed += len(positions)
-                rollup.add(key, before, replaced, [customer_of.get((o, key.reading_hour)) for o in before.orgs], -1)
-            rollup.add(key, doc, positions, [customer_of.get((o, key.reading_hour)) for o in doc.orgs], +1)
-            written[key] = doc
-        await repo.save_charge_shards(conn, [(k, d.dump()) for k, d in written.items()])
+                missing.append(key)
+        for key, raw in (await repo.charge_shards(conn, missing)).items():
+            docs[key] = ShardDoc.load(raw)
+        rollup = Rollup()
+        for key, doc in docs.items():
+            owners = [customer_of.get((o, key.reading_hour)) for o in doc.orgs]
+            if any(owners):
+                wanted = {i for i, c in enumerate(owners) if c is not None}
+                rollup.add(key, doc, [i for i in range(len(doc)) if doc.o[i] in wanted], owners, +1)
         await _write_rollups(conn, rollup)
-        new_names = names.changed(batches)
-        await repo.upsert_names(conn, *new_names)
-    names.written(*new_names)
-    return changed
 
 
 async def _write_rollups(conn: asyncpg.Connection, rollup: Rollup) -> None:
     if not rollup:
         return
     await repo.apply_group_rollups(conn, rollup.groups())
-    for period, changes in (("day", rollup.resource_day), ("month", rollup.resource_month)):
+    for period, changes in rollup.resource_changes().items():
         stored = await repo.lock_resource_docs(conn, period, changes)
         docs = []
-        for key, change in changes.items():
+        for key, entries in changes.items():
             raw = stored.get(key)
             doc = ResourceDoc.load(raw) if raw is not None else ResourceDoc()
-            doc.add(change)
+            doc.add(entries)
             docs.append((key, doc.dump()))
         await repo.save_resource_docs(conn, period, docs)
-
-
-async def apply_ledger(pool: asyncpg.Pool, messages: Sequence[TransactionPosted | StatementIssued]) -> int:
-    """Store new transactions and statements, learn which customer each org belonged to in each hour
-    from the usage lines, and attribute the charges waiting for that; returns transactions stored."""
-    txns = [m for m in messages if isinstance(m, TransactionPosted)]
-    statements = [m for m in messages if isinstance(m, StatementIssued)]
-    async with pool.acquire() as conn, conn.transaction():
-        await repo.insert_customers(conn, [m.customer_id for m in messages])
-        rows: list[TransactionRow] = []
-        for t in txns:  # in partition order: a reversal comes after its original
-            original = await _original(conn, t, rows) if t.type == "reversal" else None
-            rows.append(transaction_row(t, original))
-        stored = await repo.insert_transactions(conn, rows)
-        facts = usage_org_hours(txns)
-        if facts:
-            await repo.lock_hours(conn, {f.hour for f in facts})
-            new, conflicts = await repo.insert_org_hours(conn, facts)
-            for f in conflicts[:20]:
-                log.warning(
-                    "the ledger names a second customer for an org-hour; keeping the first",
-                    extra={"org_id": f.org_id, "hour": f.hour.isoformat(), "customer_id": str(f.customer_id)},
-                )
-            if new:
-                await _attribute(conn, {(f.org_id, f.hour): f.customer_id for f in new})
-        if statements:
-            await repo.upsert_statements(conn, [statement_row(s) for s in statements])
-        return len(stored)
-
-
-async def _attribute(conn: asyncpg.Connection, customer_of: dict[tuple[str, datetime], UUID]) -> None:
-    """Add the stored charges of newly attributed (org, hour) pairs to the rollups."""
-    rollup = Rollup()
-    for key, raw in (await repo.charge_shards_at(conn, {h for _, h in customer_of})).items():
-        doc = ShardDoc.load(raw)
-        owners = [customer_of.get((o, key.reading_hour)) for o in doc.orgs]
-        if any(owners):
-            wanted = {i for i, c in enumerate(owners) if c is not None}
-            rollup.add(key, doc, [i for i in range(len(doc)) if doc.o[i] in wanted], owners, +1)
-    await _write_rollups(conn, rollup)
 
 
 async def _original(

@@ -101,16 +101,40 @@ async def lock_charge_shards(conn: asyncpg.Connection, keys: Iterable[ShardKey])
     return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): r["items"] for r in rows}
 
 
-async def save_charge_shards(conn: asyncpg.Connection, docs: Sequence[tuple[ShardKey, bytes]]) -> None:
-    if docs:
-        ordered = sorted(docs)
-        await conn.execute(
-            """INSERT INTO charge_shard (reading_hour, meter, shard, items)
-               SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int2[], $4::bytea[])
-               ON CONFLICT (reading_hour, meter, shard) DO UPDATE SET items = EXCLUDED.items""",
-            [k.reading_hour for k, _ in ordered], [k.meter for k, _ in ordered], [k.shard for k, _ in ordered],
-            [d for _, d in ordered],
-        )
+async def save_charge_shards(conn: asyncpg.Connection, docs: Sequence[tuple[ShardKey, bytes]]) -> dict[ShardKey, int]:
+    """Insert or replace shard documents; returns their new versions."""
+    if not docs:
+        return {}
+    ordered = sorted(docs)
+    rows = await conn.fetch(
+        """INSERT INTO charge_shard AS c (reading_hour, meter, shard, items)
+           SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int2[], $4::bytea[])
+           ON CONFLICT (reading_hour, meter, shard) DO UPDATE SET items = EXCLUDED.items, version = c.version + 1
+           RETURNING reading_hour, meter, shard, version""",
+        [k.reading_hour for k, _ in ordered], [k.meter for k, _ in ordered], [k.shard for k, _ in ordered],
+        [d for _, d in ordered],
+    )
+    return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): r["version"] for r in rows}
+
+
+async def charge_shard_versions(conn: asyncpg.Connection, hours: Iterable[datetime]) -> dict[ShardKey, int]:
+    """The version of every shard document of these reading hours (not the documents)."""
+    rows = await conn.fetch(
+        "SELECT reading_hour, meter, shard, version FROM charge_shard WHERE reading_hour = ANY($1::timestamptz[])",
+        sorted(set(hours)),
+    )
+    return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): r["version"] for r in rows}
+
+
+async def charge_shards(conn: asyncpg.Connection, keys: Iterable[ShardKey]) -> dict[ShardKey, bytes]:
+    """These shards' documents (those that have one)."""
+    ks = sorted(set(keys))
+    rows = await conn.fetch(
+        f"""SELECT c.reading_hour, c.meter, c.shard, c.items FROM {_SHARDS}
+              JOIN charge_shard c ON c.reading_hour = k.reading_hour AND c.meter = k.meter AND c.shard = k.shard""",
+        [k.reading_hour for k in ks], [k.meter for k in ks], [k.shard for k in ks],
+    )
+    return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): r["items"] for r in rows}
 
 
 async def charge_shards_at(conn: asyncpg.Connection, hours: Iterable[datetime]) -> dict[ShardKey, bytes]:
@@ -133,14 +157,13 @@ async def lock_resource_docs(conn: asyncpg.Connection, period: str, keys: Iterab
     if not ks:
         return {}
     rows = await conn.fetch(
-        f"""SELECT t.customer_id, t.{column} AS period, t.meter, t.shard, t.items
-              FROM unnest($1::uuid[], $2::date[], $3::text[], $4::int2[]) AS k(customer_id, period, meter, shard)
+        f"""SELECT t.customer_id, t.{column} AS period, t.meter, t.items
+              FROM unnest($1::uuid[], $2::date[], $3::text[]) AS k(customer_id, period, meter)
               JOIN {table} t ON t.customer_id = k.customer_id AND t.{column} = k.period AND t.meter = k.meter
-                            AND t.shard = k.shard
-             ORDER BY 1, 2, 3, 4 FOR UPDATE OF t""",
-        [k[0] for k in ks], [k[1] for k in ks], [k[2] for k in ks], [k[3] for k in ks],
+             ORDER BY 1, 2, 3 FOR UPDATE OF t""",
+        [k[0] for k in ks], [k[1] for k in ks], [k[2] for k in ks],
     )
-    return {(r["customer_id"], r["period"], r["meter"], r["shard"]): r["items"] for r in rows}
+    return {(r["customer_id"], r["period"], r["meter"]): r["items"] for r in rows}
 
 
 async def save_resource_docs(conn: asyncpg.Connection, period: str, docs: Sequence[tuple[ResourceKey, bytes]]) -> None:
@@ -148,11 +171,11 @@ async def save_resource_docs(conn: asyncpg.Connection, period: str, docs: Sequen
     if docs:
         ordered = sorted(docs)
         await conn.execute(
-            f"""INSERT INTO {table} (customer_id, {column}, meter, shard, items)
-                SELECT * FROM unnest($1::uuid[], $2::date[], $3::text[], $4::int2[], $5::bytea[])
-                ON CONFLICT (customer_id, {column}, meter, shard) DO UPDATE SET items = EXCLUDED.items""",
+            f"""INSERT INTO {table} (customer_id, {column}, meter, items)
+                SELECT * FROM unnest($1::uuid[], $2::date[], $3::text[], $4::bytea[])
+                ON CONFLICT (customer_id, {column}, meter) DO UPDATE SET items = EXCLUDED.items""",
             [k[0] for k, _ in ordered], [k[1] for k, _ in ordered], [k[2] for k, _ in ordered],
-            [k[3] for k, _ in ordered], [d for _, d in ordered],
+            [d for _, d in ordered],
         )
 
 
@@ -163,7 +186,7 @@ async def resource_docs(
     table, column = _RESOURCE_TABLES[period]
     rows = await conn.fetch(
         f"""SELECT {column} AS period, items FROM {table}
-             WHERE customer_id = $1 AND {column} >= $2 AND {column} < $3 ORDER BY {column}, meter, shard""",
+             WHERE customer_id = $1 AND {column} >= $2 AND {column} < $3 ORDER BY {column}, meter""",
         customer_id, first, stop,
     )
     return [(r["period"], r["items"]) for r in rows]

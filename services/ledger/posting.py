@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from typing import Any
 from math import gcd, lcm
 
 import orjson
@@ -172,18 +173,110 @@ def held_batches(held: dict[tuple[ShardKey, str], bytes]) -> list[Charges]:
     return out
 
 
+GroupKey = tuple[uuid.UUID, date, uuid.UUID]  # customer, month, price
+Line = tuple[datetime, str, str, str]  # hour, org, meter, kind
+
+
 @dataclass
 class _Shard:
-    """A shard's state in the transaction: applied charges, and held ones per org (loaded or new)."""
+    """A shard's state in the transaction: applied charges (a group is an id, or the key of a group this
+    posting creates), and held ones per org (loaded or new). A shard's first batch, the usual case, is
+    kept as its columns (``fresh``) instead of a dict per charge."""
 
-    applied: dict[str, Applied] = field(default_factory=dict)
+    applied: dict[str, tuple[int, GroupKey | int, int, int]] = field(default_factory=dict)
+    fresh: tuple[list[str], list[int], list[GroupKey], list[int], list[int]] | None = None
     held: dict[str, dict[str, Held]] = field(default_factory=dict)
     applied_changed: bool = False
     held_changed: set[str] = field(default_factory=set)
 
+    def as_dict(self) -> dict[str, tuple[int, GroupKey | int, int, int]]:
+        """The applied charges as a dict (a fresh shard is converted once a second batch touches it)."""
+        if self.fresh is not None:
+            rids, revs, gks, nums, dens = self.fresh
+            self.applied = dict(zip(rids, zip(revs, gks, nums, dens, strict=True), strict=True))
+            self.fresh = None
+        return self.applied
 
-# (shard, resource, revision, customer, price id, numerator, denominator, org id, kind, replaced)
-_Change = tuple[ShardKey, str, int, uuid.UUID, uuid.UUID, int, int, str, str, Applied | None]
+
+def _post_fresh(
+    c: Charges,
+    key: ShardKey,
+    shard: _Shard,
+    customer_of: list[uuid.UUID | None],
+    acc: dict[tuple[GroupKey | int, Line, int], int],
+) -> int:
+    """The first batch of a shard with nothing held, every org with a customer: every item is new, so the
+    charges are summed column at a time (per org, kind, price and denominator) and the batch's columns
+    become the shard's state as they are."""
+    hour, meter = key.reading_hour, key.meter
+    month = billing_month(hour)
+    sums: dict[tuple[int, int, int, int], int] = defaultdict(int)
+    for k4, num in zip(zip(c.org, c.kind, c.price, c.amount_denominator), c.amount_numerator, strict=True):
+        sums[k4] += num
+    group_of: dict[tuple[int, int], GroupKey] = {}
+    for (o, k, p, den), num in sums.items():
+        group = group_of.get((o, p))
+        if group is None:
+            customer = customer_of[o]
+            assert customer is not None
+            group = group_of[(o, p)] = (customer, month, c.prices[p].id if p >= 0 else NIL_PRICE)
+        acc[(group, (hour, c.orgs[o].id, meter, c.kinds[k]), den)] += num
+    groups = [group_of[op] for op in zip(c.org, c.price, strict=True)]
+    shard.fresh = (c.resource_id, c.revision, groups, c.amount_numerator, c.amount_denominator)
+    shard.applied_changed = True
+    return len(groups)
+
+
+def _post_items(
+    c: Charges,
+    key: ShardKey,
+    shard: _Shard,
+    customer_of: list[uuid.UUID | None],
+    acc: dict[tuple[GroupKey | int, Line, int], int],
+    result: Posting,
+) -> int:
+    """Item by item against the shard's state: an older or equal revision changes nothing; one whose org has
+    no customer is held; any other adds its amount and takes back the one it replaces."""
+    applied, held = shard.as_dict(), shard.held
+    month = billing_month(key.reading_hour)
+    price_ids = [p.id for p in c.prices]
+    kinds, orgs = c.kinds, c.orgs
+    changed = 0
+    for rid, rev, o, k, p, num, den in zip(
+        c.resource_id, c.revision, c.org, c.kind, c.price, c.amount_numerator, c.amount_denominator, strict=True
+    ):
+        old = applied.get(rid)
+        org_id = orgs[o].id
+        waiting = held.get(org_id)
+        was_held = waiting.get(rid) if waiting is not None else None
+        if old is not None and old[0] >= rev:
+            if was_held is not None and was_held[0] <= old[0]:  # a held copy that was overtaken
+                del waiting[rid]  # type: ignore[union-attr]
+                shard.held_changed.add(org_id)
+            continue
+        customer = customer_of[o]
+        if customer is None:
+            if was_held is not None and was_held[0] >= rev:
+                continue
+            if waiting is None:
+                waiting = held[org_id] = {}
+            waiting[rid] = (rev, kinds[k], str(price_ids[p]) if p >= 0 else "", num, den)
+            shard.held_changed.add(org_id)
+            result.held += 1
+            continue
+        if was_held is not None and was_held[0] <= rev:
+            del waiting[rid]  # type: ignore[union-attr]
+            shard.held_changed.add(org_id)
+            result.released += 1
+        group = (customer, month, price_ids[p] if p >= 0 else NIL_PRICE)
+        line = (key.reading_hour, org_id, key.meter, kinds[k])
+        acc[(group, line, den)] += num
+        if old is not None:
+            acc[(old[1], line, old[3])] -= old[2]
+        applied[rid] = (rev, group, num, den)
+        shard.applied_changed = True
+        changed += 1
+    return changed
 
 
 async def post_batches(
@@ -214,65 +307,32 @@ async def post_batches(
         digest = batch_digest(batches)
     owners = await repo.owners(conn, {(o.id, c.reading_hour) for c in batches for o in c.orgs})
 
-    changes: list[_Change] = []
+    # Numerators to add per (group, line, denominator); a group is known by its key (customer, month, price)
+    # until the missing ones are created below, or by its id when it comes from the stored state.
+    acc: dict[tuple[GroupKey | int, Line, int], int] = defaultdict(int)
     for c in batches:
         key = ShardKey(c.reading_hour, c.meter, c.shard)
         shard = shards[key]
-        applied, held = shard.applied, shard.held
         customer_of = [owners.get((o.id, c.reading_hour)) for o in c.orgs]
-        price_ids = [p.id for p in c.prices]
-        kinds, orgs = c.kinds, c.orgs
-        for rid, rev, o, k, p, num, den in zip(
-            c.resource_id, c.revision, c.org, c.kind, c.price, c.amount_numerator, c.amount_denominator, strict=True
-        ):
-            old = applied.get(rid)
-            org_id = orgs[o].id
-            waiting = held.get(org_id)
-            was_held = waiting.get(rid) if waiting is not None else None
-            if old is not None and old[0] >= rev:
-                if was_held is not None and was_held[0] <= old[0]:  # a held copy that was overtaken
-                    del waiting[rid]  # type: ignore[union-attr]
-                    shard.held_changed.add(org_id)
-                continue
-            customer = customer_of[o]
-            if customer is None:
-                if was_held is not None and was_held[0] >= rev:
-                    continue
-                if waiting is None:
-                    waiting = held[org_id] = {}
-                waiting[rid] = (rev, kinds[k], str(price_ids[p]) if p >= 0 else "", num, den)
-                shard.held_changed.add(org_id)
-                result.held += 1
-                continue
-            if was_held is not None and was_held[0] <= rev:
-                del waiting[rid]  # type: ignore[union-attr]
-                shard.held_changed.add(org_id)
-                result.released += 1
-            changes.append((key, rid, rev, customer, price_ids[p] if p >= 0 else NIL_PRICE, num, den, org_id, kinds[k], old))
-            applied[rid] = (rev, 0, num, den)  # the group is filled in below
-            shard.applied_changed = True
-    result.changed = len(changes)
+        if shard.fresh is None and not shard.applied and not shard.held and None not in customer_of:
+            result.changed += _post_fresh(c, key, shard, customer_of, acc)
+        else:
+            result.changed += _post_items(c, key, shard, customer_of, acc, result)
 
-    if changes:
-        groups = await repo.group_ids(conn, {(ch[3], billing_month(ch[0].reading_hour), ch[4]) for ch in changes})
-        # Per (group, hour, org, meter, kind): numerators summed per denominator.
-        deltas: dict[int, dict[tuple[datetime, str, str, str], dict[int, int]]] = defaultdict(lambda: defaultdict(dict))
-        for key, rid, rev, customer, price_id, num, den, org_id, kind, old in changes:
-            gid = groups[(customer, billing_month(key.reading_hour), price_id)]
-            shards[key].applied[rid] = (rev, gid, num, den)
-            line = (key.reading_hour, org_id, key.meter, kind)
-            cell = deltas[gid][line]
+    amounts: list[tuple[int, Line, int]] = []
+    rows: dict[int, Any] = {}
+    groups: dict[GroupKey, int] = {}
+    if result.changed:
+        groups = await repo.group_ids(conn, {g for g, _, _ in acc if isinstance(g, tuple)})
+        deltas: dict[int, dict[Line, dict[int, int]]] = defaultdict(lambda: defaultdict(dict))
+        for (g, line, den), num in acc.items():
+            cell = deltas[g if isinstance(g, int) else groups[g]][line]
             cell[den] = cell.get(den, 0) + num
-            if old is not None and old[1]:
-                cell = deltas[old[1]][line]
-                cell[old[3]] = cell.get(old[3], 0) - old[2]
         rows = await repo.lock_groups(conn, deltas)
-        updates, amounts = allocate(
-            {gid: (int(r["sum_num"]), int(r["sum_den"])) for gid, r in rows.items()}, deltas
-        )
+        updates, amounts = allocate({gid: (int(r["sum_num"]), int(r["sum_den"])) for gid, r in rows.items()}, deltas)
         await repo.update_groups(conn, updates)
-    await _save(conn, shards)
-    if not changes:
+    await _save(conn, shards, groups)
+    if not amounts:
         return result
 
     per_hour: dict[tuple[uuid.UUID, datetime], list[UsageAmount]] = defaultdict(list)
@@ -309,25 +369,29 @@ async def post_batches(
     return result
 
 
-async def _save(conn: repo.Conn, shards: dict[ShardKey, _Shard]) -> None:
+async def _save(conn: repo.Conn, shards: dict[ShardKey, _Shard], groups: dict[GroupKey, int]) -> None:
     states, held_rows, gone = [], [], []
     for key, shard in sorted(shards.items()):
-        if shard.applied_changed:
-            applied = shard.applied
+        if shard.fresh is not None:
+            rids, revs, gks, nums, dens = shard.fresh
+            doc = orjson.dumps({"r": rids, "v": revs, "g": [groups[g] for g in gks], "n": nums, "d": dens})
+            states.append((key, len(rids), sum(revs), doc))
+        elif shard.applied_changed:
+            applied = {
+                rid: (v, g if isinstance(g, int) else groups[g], n, d) for rid, (v, g, n, d) in shard.applied.items()
+            }
             states.append((key, len(applied), sum(a[0] for a in applied.values()), _dump_applied(applied)))
         for org_id in sorted(shard.held_changed):
             items = shard.held[org_id]
             # Counted as held: the items not applied meanwhile (an older revision may stay applied).
-            waiting = [h for rid, h in items.items() if rid not in shard.applied]
+            applied = shard.as_dict()
+            waiting = [h for rid, h in items.items() if rid not in applied]
             if items:
                 held_rows.append((key, org_id, len(waiting), sum(h[0] for h in waiting), _dump_held(items)))
             else:
                 gone.append((key, org_id))
     await repo.save_shard_states(conn, states)
     await repo.save_held(conn, held_rows, gone)
-
-
-Line = tuple[datetime, str, str, str]  # hour, org, meter, kind
 
 
 def allocate(

@@ -15,9 +15,6 @@ class LedgerSettings(ServiceSettings):
 
     database_url: SecretStr = local_dsn("ledger")
     port: int = 8083
-    # Larger batches than the other services: a batch costs a handful of statements whatever its size, and
-    # the usage lines it posts are per (customer, hour, org, meter, kind, price), so fewer per charge.
-    batch_max_records: int = Field(default=20_000, ge=1, le=100_000)
     settlement_delay_hours: int = Field(
         default=72,
         ge=0,

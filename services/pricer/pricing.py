@@ -30,6 +30,7 @@ from shared.batches import (
     charges_id,
     measurements_id,
     shard_of,
+    subset,
 )
 from shared.ids import reading_id
 from shared.wire import Measurement
@@ -155,19 +156,69 @@ class Priced:
     rejects: list[tuple[int, str]] = field(default_factory=list)
 
 
-def _charges(
+def price_items(
     m: Measurements | Charges,
-    positions: Sequence[int],
-    revisions: Sequence[int],
-    prices: list[PriceRef],
-    price: list[int],
-    nums: list[int],
-    dens: list[int],
+    positions: Sequence[int] | None,
+    catalog: Catalog,
     priced_at: datetime,
-) -> Charges:
-    rid = [m.resource_id[i] for i in positions]
-    return Charges(
-        id=charges_id(m.reading_hour, m.meter, m.shard, rid, revisions),
+    revisions: Sequence[int] | None = None,
+) -> Priced:
+    """Price the items of ``m`` (those at ``positions``, or all) with the price of their kind valid at the
+    reading hour, as revision 1 (or ``revisions``, one per item priced). Items whose amount exceeds 2**62
+    are refused. Column at a time: a batch holds few kinds, so a price is looked up per kind, not per
+    item."""
+    if positions is not None and len(positions) != len(m.resource_id):
+        origin = list(positions)
+        m = subset(m, origin)
+    else:
+        origin = list(range(len(m.resource_id)))
+    hour, meter = m.reading_hour, m.meter
+    refs: list[PriceRef] = []
+    found: list[Price] = []
+    price_of_kind: list[int] = []  # kind position -> position in `refs`, or -1
+    for kind in m.kinds:
+        p = catalog.price_at(meter, kind, hour)
+        if p is None:
+            price_of_kind.append(-1)
+        else:
+            price_of_kind.append(len(refs))
+            refs.append(p.ref)
+            found.append(p)
+    mpu = [0 if p < 0 else refs[p].microcredits_per_unit for p in price_of_kind]
+    unit = [1 if p < 0 else refs[p].unit for p in price_of_kind]
+    kinds = m.kind
+    price = [price_of_kind[k] for k in kinds]
+    nums = [v * mpu[k] for v, k in zip(m.value, kinds, strict=True)]
+    dens = [unit[k] for k in kinds]
+    out = Priced(None)
+    if nums and max(nums) > MAX_AMOUNT:
+        keep = []
+        for i, (num, den) in enumerate(zip(nums, dens, strict=True)):
+            if num > MAX_AMOUNT:
+                g = gcd(num, den)
+                num, den = num // g, den // g
+                if num > MAX_AMOUNT:
+                    out.rejects.append((origin[i], f"charge of {num}/{den} microcredits exceeds 2**62"))
+                    continue
+                nums[i], dens[i] = num, den
+            keep.append(i)
+        if len(keep) < len(nums):
+            m = subset(m, keep)
+            price, nums, dens = [price[i] for i in keep], [nums[i] for i in keep], [dens[i] for i in keep]
+            if revisions is not None:
+                revisions = [revisions[i] for i in keep]
+    n = len(price)
+    if not n:
+        return out
+    out.unpriced = price.count(-1)
+    out.priced = n - out.unpriced
+    if out.unpriced:
+        out.unpriced_kinds = {m.kinds[k] for k, p in zip(m.kind, price, strict=True) if p < 0}
+    revs = [1] * n if revisions is None else list(revisions)
+    out.revisions = sum(revs)
+    out.price_ids = {found[p].id for p in set(price) if p >= 0}
+    out.message = Charges(
+        id=charges_id(m.reading_hour, m.meter, m.shard, m.resource_id, revs),
         reading_hour=m.reading_hour,
         meter=m.meter,
         unit=m.unit,
@@ -176,74 +227,19 @@ def _charges(
         orgs=m.orgs,
         spaces=m.spaces,
         kinds=m.kinds,
-        prices=prices,
-        resource_id=rid,
-        resource_name=[m.resource_name[i] for i in positions],
-        org=[m.org[i] for i in positions],
-        space=[m.space[i] for i in positions],
-        kind=[m.kind[i] for i in positions],
-        value=[m.value[i] for i in positions],
-        estimated=[m.estimated[i] for i in positions],
-        revision=list(revisions),
+        prices=refs,
+        resource_id=m.resource_id,
+        resource_name=m.resource_name,
+        org=m.org,
+        space=m.space,
+        kind=m.kind,
+        value=m.value,
+        estimated=m.estimated,
+        revision=revs,
         price=price,
         amount_numerator=nums,
         amount_denominator=dens,
     )
-
-
-def price_items(
-    m: Measurements | Charges,
-    positions: Sequence[int],
-    catalog: Catalog,
-    priced_at: datetime,
-    revisions: Sequence[int] | None = None,
-) -> Priced:
-    """Price the items of ``m`` at ``positions`` with the price of their kind valid at the reading hour,
-    as revision 1 (or ``revisions``, one per position). Items whose amount exceeds 2**62 are refused."""
-    hour, meter = m.reading_hour, m.meter
-    by_kind: dict[int, int] = {}  # kind position -> position in `refs`, or -1
-    refs: list[PriceRef] = []
-    found: list[Price] = []
-    for k in {m.kind[i] for i in positions}:
-        p = catalog.price_at(meter, m.kinds[k], hour)
-        if p is None:
-            by_kind[k] = -1
-        else:
-            by_kind[k] = len(refs)
-            refs.append(p.ref)
-            found.append(p)
-    out = Priced(None)
-    keep: list[int] = []
-    keep_revisions: list[int] = []
-    price: list[int] = []
-    nums: list[int] = []
-    dens: list[int] = []
-    value, kind = m.value, m.kind
-    for n, i in enumerate(positions):
-        p = by_kind[kind[i]]
-        if p < 0:
-            num, den = 0, 1
-            out.unpriced += 1
-            out.unpriced_kinds.add(m.kinds[kind[i]])
-        else:
-            ref = refs[p]
-            num = value[i] * ref.microcredits_per_unit
-            den = ref.unit
-            if num > MAX_AMOUNT:
-                num, den = exact_amount(value[i], ref.microcredits_per_unit, ref.unit)
-                if num > MAX_AMOUNT:
-                    out.rejects.append((i, f"charge of {num}/{den} microcredits exceeds 2**62"))
-                    continue
-            out.priced += 1
-        keep.append(i)
-        keep_revisions.append(1 if revisions is None else revisions[n])
-        price.append(p)
-        nums.append(num)
-        dens.append(den)
-    if keep:
-        out.message = _charges(m, keep, keep_revisions, refs, price, nums, dens, priced_at)
-        out.revisions = sum(keep_revisions)
-        out.price_ids = {found[p].id for p in set(price) if p >= 0}
     return out
 
 
@@ -290,7 +286,7 @@ def reprice_items(
     # One batch out: the chosen items regrouped under the tables of the first stored batch that holds
     # one (the tables of the others are merged in by value).
     merged = _merge([(stored[b], items) for b, items in sorted(chosen.items())])
-    return price_items(merged, range(len(merged.resource_id)), catalog, priced_at, revisions=merged.revision)
+    return price_items(merged, None, catalog, priced_at, revisions=merged.revision)
 
 
 def _merge(parts: Sequence[tuple[Charges, list[tuple[int, int]]]]) -> Charges:

@@ -197,7 +197,7 @@ class Pricer:
                 for n, m in enumerate(messages):
                     key = ShardKey(m.reading_hour, m.meter, m.shard)
                     shard = shards.setdefault(key, _Shard())
-                    positions: Sequence[int] = range(len(m.resource_id))
+                    positions: Sequence[int] | None = None
                     if shard.stored:
                         latest = latest_items(shard.stored)
                         positions = [i for i, rid in enumerate(m.resource_id) if rid not in latest]

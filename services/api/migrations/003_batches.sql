@@ -1,6 +1,6 @@
 -- Charges arrive in batches (usage.charges.v2) and are kept per shard of resources (reading hour, meter,
 -- shard), one row each, instead of a row per measurement; so are the per-resource rollups, per (customer,
--- day or month, meter, shard). The group rollups (org, space, meter, kind) stay rows: a handful per hour.
+-- day or month, meter). The group rollups (org, space, meter, kind) stay rows: a handful per hour.
 -- The per-measurement tables of the usage.charges.v1 read model are kept, unread, under *_v1 names.
 
 ALTER TABLE charge RENAME TO charge_v1;
@@ -17,24 +17,24 @@ CREATE TABLE charge_shard (
     reading_hour timestamptz NOT NULL,
     meter        text NOT NULL,
     shard        smallint NOT NULL CHECK (shard >= 0),
+    version      bigint NOT NULL DEFAULT 1,  -- +1 at every change: lets an api process reuse a copy it holds
     items        bytea COMPRESSION lz4 NOT NULL,
     PRIMARY KEY (reading_hour, meter, shard)
 );
 
--- Usage per resource of one customer, day (America/New_York) or month, meter and shard (ResourceDoc).
+-- Usage per resource of one customer, day (America/New_York) or month, and meter (ResourceDoc): one
+-- document per customer and meter, rewritten as each hour is attributed.
 CREATE TABLE usage_resource_day (
     customer_id uuid NOT NULL,
     day         date NOT NULL,
     meter       text NOT NULL,
-    shard       smallint NOT NULL,
     items       bytea COMPRESSION lz4 NOT NULL,
-    PRIMARY KEY (customer_id, day, meter, shard)
+    PRIMARY KEY (customer_id, day, meter)
 );
 CREATE TABLE usage_resource_month (
     customer_id uuid NOT NULL,
     month       date NOT NULL CHECK (extract(day FROM month) = 1),
     meter       text NOT NULL,
-    shard       smallint NOT NULL,
     items       bytea COMPRESSION lz4 NOT NULL,
-    PRIMARY KEY (customer_id, month, meter, shard)
+    PRIMARY KEY (customer_id, month, meter)
 );
