@@ -11,6 +11,7 @@ from services.api.dashboard import Dashboard
 from services.api.handlers import Api
 from services.api.settings import ApiSettings
 from shared.runtime import Runtime, serve
+from shared.settings import load_settings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -27,5 +28,5 @@ def create_app(settings: ApiSettings | None = None) -> Starlette:
 
 
 def main() -> None:
-    settings = ApiSettings()
+    settings = load_settings(ApiSettings, "api")
     serve("api", create_app(settings), settings)

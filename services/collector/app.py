@@ -11,6 +11,7 @@ from services.collector.openapi import openapi_document
 from services.collector.settings import CollectorSettings
 from shared.openapi import openapi_route
 from shared.runtime import Runtime, serve
+from shared.settings import load_settings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -23,5 +24,5 @@ def create_app(settings: CollectorSettings | None = None) -> Starlette:
 
 
 def main() -> None:
-    settings = CollectorSettings()
+    settings = load_settings(CollectorSettings, "collector")
     serve("collector", create_app(settings), settings)

@@ -11,6 +11,7 @@ from services.ledger.openapi import openapi_document
 from services.ledger.settings import LedgerSettings
 from shared.openapi import openapi_route
 from shared.runtime import Runtime, serve
+from shared.settings import load_settings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -23,5 +24,5 @@ def create_app(settings: LedgerSettings | None = None) -> Starlette:
 
 
 def main() -> None:
-    settings = LedgerSettings()
+    settings = load_settings(LedgerSettings, "ledger")
     serve("ledger", create_app(settings), settings)

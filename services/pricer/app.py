@@ -11,6 +11,7 @@ from services.pricer.openapi import openapi_document
 from services.pricer.settings import PricerSettings
 from shared.openapi import openapi_route
 from shared.runtime import Runtime, serve
+from shared.settings import load_settings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -23,5 +24,5 @@ def create_app(settings: PricerSettings | None = None) -> Starlette:
 
 
 def main() -> None:
-    settings = PricerSettings()
+    settings = load_settings(PricerSettings, "pricer")
     serve("pricer", create_app(settings), settings)
