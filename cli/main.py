@@ -122,11 +122,22 @@ def chaos(
 
 
 @app.command()
-def topics() -> None:
-    """Create the topics of the design (and their DLQs) on KAFKA_BOOTSTRAP_SERVERS."""
-    from shared.topics import main
+def topics(
+    check: Annotated[
+        bool, typer.Option("--check", help="Change nothing: report every topic's settings; exit 1 on a difference.")
+    ] = False,
+) -> None:
+    """Create the topics of the design (and their DLQs) on KAFKA_BOOTSTRAP_SERVERS with the configured
+    partitions, replication, min.insync.replicas and retention, and set those of existing topics; a topic
+    whose partitions or replicas differ is reported (exit 1), never silently kept."""
+    from shared.topics import TopicsError, run
 
-    main()
+    try:
+        code = run(check=check)
+    except TopicsError as exc:
+        typer.echo(f"billing topics: {exc}", err=True)
+        code = 1
+    raise typer.Exit(code)
 
 
 def main() -> None:
