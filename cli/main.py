@@ -140,6 +140,19 @@ def topics(
     raise typer.Exit(code)
 
 
+@app.command("settings-doc")
+def settings_doc(
+    write: Annotated[bool, typer.Option("--write", help="Replace the table in README.md instead of printing it.")] = False,
+) -> None:
+    """Print the configuration table generated from the settings classes (README, "Configuration")."""
+    from cli import settings_doc as doc
+
+    if write:
+        typer.echo("README.md: table " + ("rewritten" if doc.write() else "already up to date"))
+    else:
+        typer.echo(doc.table(), nl=False)
+
+
 def main() -> None:
     app()
 

@@ -25,6 +25,7 @@ class CollectorSettings(ServiceSettings):
         "uaa_url": "url",
         "client_secret": "secret",
     }
+    PRODUCTION_NOTES: ClassVar[Mapping[str, str]] = {"sim_time_header": "must be `false`"}
 
     database_url: SecretStr = Field(default=local_dsn("collector"), description=DSN_HELP)
     port: int = Field(default=8081, ge=0, le=65535, description=PORT_HELP)
