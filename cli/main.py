@@ -142,7 +142,9 @@ def topics(
 
 @app.command("settings-doc")
 def settings_doc(
-    write: Annotated[bool, typer.Option("--write", help="Replace the table in README.md instead of printing it.")] = False,
+    write: Annotated[
+        bool, typer.Option("--write", help="Replace the table in README.md instead of printing it.")
+    ] = False,
 ) -> None:
     """Print the configuration table generated from the settings classes (README, "Configuration")."""
     from cli import settings_doc as doc

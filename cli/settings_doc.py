@@ -37,7 +37,8 @@ SERVICES: Mapping[str, type[ServiceSettings]] = {
 
 # Read by the tests and benchmarks, not by a service: documented here so the table names every variable.
 OTHER_ROWS = (
-    ("`BILLING_PG_ADMIN_DSN`", "local superuser", "not used", "tests and benchmarks only: creates their fresh databases"),
+    ("`BILLING_PG_ADMIN_DSN`", "local superuser", "not used",
+     "tests and benchmarks only: creates their fresh databases"),
 )
 
 PRODUCTION_RULE = {
