@@ -20,6 +20,7 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
 from shared.db import create_pool, migrate, ping
+from shared.health import ReadinessPolicy
 from shared.http import BodySizeLimit, exception_handlers, ops_routes
 from shared.kafka import BatchConsumer, Handler, Publisher
 from shared.logging import configure_logging
@@ -41,6 +42,8 @@ class Runtime:
     publisher: Publisher = field(init=False)
     consumers: list[BatchConsumer[Any]] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
+    # Which ready_checks decide /readyz (shared/health.py); set by the service's app.py before app().
+    readiness: ReadinessPolicy = field(default_factory=ReadinessPolicy)
 
     @property
     def schema(self) -> str:
@@ -115,7 +118,7 @@ class Runtime:
                 log.info("service stopped")
 
         app = Starlette(
-            routes=[*ops_routes(self.ready_checks), *routes],
+            routes=[*ops_routes(self.ready_checks, lambda: self.readiness), *routes],
             lifespan=lifespan,
             exception_handlers=dict(exception_handlers),
             middleware=[Middleware(BodySizeLimit, max_bytes=self.settings.max_body_bytes)],

@@ -10,6 +10,7 @@ from services.collector import handlers
 from services.collector.openapi import openapi_document
 from services.collector.settings import CollectorSettings
 from shared.openapi import openapi_route
+from shared.health import ReadinessPolicy
 from shared.runtime import Runtime, serve
 from shared.settings import load_settings
 
@@ -19,6 +20,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 def create_app(settings: CollectorSettings | None = None) -> Starlette:
     settings = settings or CollectorSettings()
     runtime = Runtime("collector", settings, MIGRATIONS)
+    # Ready when its readings are published to the broker from its database (the outbox).
+    runtime.readiness = ReadinessPolicy(required=frozenset({"database", "kafka"}))
     routes = [*handlers.routes(), openapi_route(openapi_document)]
     return runtime.app(routes=routes, on_start=handlers.start, on_stop=handlers.stop)
 
