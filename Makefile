@@ -25,10 +25,11 @@ $(VENV)/.installed: pyproject.toml requirements.lock requirements-dev.lock
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $@
 
-install: $(VENV)/.installed ## install what is missing: Python packages, PostgreSQL, Kafka's jars, Chromium (browser tests)
+install: $(VENV)/.installed ## install what is missing: Python packages, PostgreSQL, Kafka's jars, Chromium (browser tests), kustomize
 	@$(LOCAL)/pg.sh install
 	@$(LOCAL)/kafka.sh install
 	@$(LOCAL)/browser.sh install
+	@deploy/k8s/kustomize.sh install
 
 infra-up: install ## start PostgreSQL and Kafka (idempotent)
 	@$(LOCAL)/pg.sh start
