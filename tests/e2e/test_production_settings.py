@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_settings_profiles import REQUIRED
+from tests.support.production import REQUIRED
 
 pytestmark = pytest.mark.e2e
 

@@ -11,27 +11,7 @@ from services.collector.settings import CollectorSettings
 from services.ledger.settings import LedgerSettings
 from services.pricer.settings import PricerSettings
 from shared.settings import SettingsError, read_settings
-
-# What an operator must set for each service in production: the contract the manifests are checked against.
-REQUIRED = {
-    ApiSettings: [
-        "API_DATABASE_URL",
-        "KAFKA_BOOTSTRAP_SERVERS",
-        "API_OIDC_ISSUER",
-        "API_LEDGER_URL",
-        "API_PRICER_URL",
-        "API_COLLECTOR_URL",
-    ],
-    CollectorSettings: [
-        "COLLECTOR_DATABASE_URL",
-        "KAFKA_BOOTSTRAP_SERVERS",
-        "COLLECTOR_CF_API_URL",
-        "COLLECTOR_UAA_URL",
-        "COLLECTOR_CLIENT_SECRET",
-    ],
-    LedgerSettings: ["LEDGER_DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS"],
-    PricerSettings: ["PRICER_DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS"],
-}
+from tests.support.production import REQUIRED
 
 GOOD = {
     "database_url": "postgresql://billing_svc:Xk2-not-the-role@db.billing.internal:5432/billing",
