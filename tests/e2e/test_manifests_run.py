@@ -1,7 +1,8 @@
 """The four services started here with exactly the environment the deployment manifests give them (the
 k8s local-cluster overlay's Deployments with its ConfigMap and Secrets; docker-compose.yml), in
 BILLING_ENV=production, become ready; the api then forwards admin reads to the three others and accepts the
-simulator's tokens, so the service URLs and the issuer are right as well as present.
+simulator's tokens and the collector reads the simulated Cloud Foundry with the manifests' client secret,
+so the URLs, the issuer and the secret are right as well as present.
 
 What is changed to run them on this machine, and nothing else: each host:port of the manifests (kafka:9092,
 postgres:5432, the simulator, the services' own names) is mapped to the local stand-in, the DSNs' database
@@ -164,6 +165,11 @@ async def test_the_services_run_in_production_with_the_manifests_environment(
                 for path in ("/admin/customers", "/admin/prices", "/admin/readings"):
                     answer = await client.get(urls["api"] + path, timeout=30)
                     assert answer.status_code == 200, (path, answer.text)
+                # A reading of this hour (the collector's schedule may have taken it already): Cloud Foundry and
+                # UAA answered the collector with the manifests' URLs and client secret.
+                reading = await client.post(urls["api"] + "/admin/readings", json={}, timeout=60)
+                assert reading.status_code == 200, reading.text
+                assert reading.json()["errors"] == [] and reading.json()["measurements"] > 0, reading.text
         finally:
             for proc in procs.values():
                 if proc.poll() is None:
