@@ -18,17 +18,18 @@ export SIM_ARGS ?= --seed 42 --orgs 12 --spaces-per-org 3 --apps 660 --services 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml requirements.lock
+$(VENV)/.installed: pyproject.toml requirements.lock requirements-dev.lock
 	@command -v curl >/dev/null || { source $(LOCAL)/common.sh && apt_install curl; }
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.lock
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.lock -r requirements-dev.lock
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $@
 
-install: $(VENV)/.installed ## install what is missing: Python packages, PostgreSQL, Kafka's jars, Chromium (browser tests)
+install: $(VENV)/.installed ## install what is missing: Python packages, PostgreSQL, Kafka's jars, Chromium (browser tests), kustomize
 	@$(LOCAL)/pg.sh install
 	@$(LOCAL)/kafka.sh install
 	@$(LOCAL)/browser.sh install
+	@deploy/k8s/kustomize.sh install
 
 infra-up: install ## start PostgreSQL and Kafka (idempotent)
 	@$(LOCAL)/pg.sh start

@@ -122,11 +122,37 @@ def chaos(
 
 
 @app.command()
-def topics() -> None:
-    """Create the topics of the design (and their DLQs) on KAFKA_BOOTSTRAP_SERVERS."""
-    from shared.topics import main
+def topics(
+    check: Annotated[
+        bool, typer.Option("--check", help="Change nothing: report every topic's settings; exit 1 on a difference.")
+    ] = False,
+) -> None:
+    """Create the topics of the design (and their DLQs) on KAFKA_BOOTSTRAP_SERVERS with the configured
+    partitions, replication, min.insync.replicas and retention, and set those of existing topics; a topic
+    whose partitions or replicas differ is reported (exit 1), never silently kept."""
+    from shared.topics import TopicsError, run
 
-    main()
+    try:
+        code = run(check=check)
+    except TopicsError as exc:
+        typer.echo(f"billing topics: {exc}", err=True)
+        code = 1
+    raise typer.Exit(code)
+
+
+@app.command("settings-doc")
+def settings_doc(
+    write: Annotated[
+        bool, typer.Option("--write", help="Replace the table in README.md instead of printing it.")
+    ] = False,
+) -> None:
+    """Print the configuration table generated from the settings classes (README, "Configuration")."""
+    from cli import settings_doc as doc
+
+    if write:
+        typer.echo("README.md: table " + ("rewritten" if doc.write() else "already up to date"))
+    else:
+        typer.echo(doc.table(), nl=False)
 
 
 def main() -> None:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -17,6 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.health import ReadinessPolicy, ReadyCheck, run_checks
 
 __all__ = [
     "problem",
@@ -134,25 +135,18 @@ class BodySizeLimit:
         await self.app(scope, limited, send)
 
 
-ReadyCheck = Callable[[], Awaitable[None]]
-
-
-def ops_routes(checks: Callable[[], Mapping[str, ReadyCheck]]) -> list[Route]:
-    """``/healthz`` (the process answers), ``/readyz`` (every dependency answers) and ``/metrics``."""
+def ops_routes(
+    checks: Callable[[], Mapping[str, ReadyCheck]], policy: Callable[[], ReadinessPolicy] = ReadinessPolicy
+) -> list[Route]:
+    """``/healthz`` (the process answers), ``/readyz`` (the dependencies the service's readiness policy
+    requires answer; the others are reported) and ``/metrics``."""
 
     async def healthz(request: Request) -> Response:
         return ORJSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        results: dict[str, str] = {}
-        for name, check in checks().items():
-            try:
-                await asyncio.wait_for(check(), timeout=3)
-                results[name] = "ok"
-            except Exception as exc:  # a readiness probe reports, it never raises
-                results[name] = f"failed: {type(exc).__name__}"
-        ok = bool(results) and all(v == "ok" for v in results.values())
-        return ORJSONResponse({"status": "ready" if ok else "not ready", "checks": results}, status_code=200 if ok else 503)
+        ok, body = await run_checks(checks(), policy())
+        return ORJSONResponse(body, status_code=200 if ok else 503)
 
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

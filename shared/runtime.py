@@ -23,7 +23,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from shared.db import create_pool, migrate, ping
-from shared.http import ORJSONResponse, BodySizeLimit, exception_handlers, ops_routes
+from shared.health import ReadinessPolicy
+from shared.http import BodySizeLimit, ORJSONResponse, exception_handlers, ops_routes
 from shared.kafka import Decoder, Handler, Stream
 from shared.logging import configure_logging
 from shared.settings import ServiceSettings
@@ -57,6 +58,8 @@ class Runtime:
     @property
     def stream(self) -> Stream:
         return self.publisher
+    # Which ready_checks decide /readyz (shared/health.py); set by the service's app.py before app().
+    readiness: ReadinessPolicy = field(default_factory=ReadinessPolicy)
 
     @property
     def schema(self) -> str:
@@ -149,7 +152,11 @@ class Runtime:
             return ORJSONResponse(self.publisher.asyncapi())
 
         app = Starlette(
-            routes=[*ops_routes(self.ready_checks), Route("/asyncapi.json", asyncapi, methods=["GET"]), *routes],
+            routes=[
+                *ops_routes(self.ready_checks, lambda: self.readiness),
+                Route("/asyncapi.json", asyncapi, methods=["GET"]),
+                *routes,
+            ],
             lifespan=lifespan,
             exception_handlers=dict(exception_handlers),
             middleware=[Middleware(BodySizeLimit, max_bytes=self.settings.max_body_bytes)],

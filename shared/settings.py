@@ -2,14 +2,55 @@
 
 Each service has its own prefix (``COLLECTOR_``, ``PRICER_``, ``LEDGER_``, ``API_``); the broker is the
 one setting they share, ``KAFKA_BOOTSTRAP_SERVERS``. Secrets are ``SecretStr`` and never print.
+
+Two profiles, chosen by ``BILLING_ENV``: ``local`` (the default) keeps the defaults of the local stack and
+the simulator, so ``make up`` and the tests need no configuration; ``production`` gives no default to any
+URL, secret, DSN or issuer (the fields a class names in ``PRODUCTION_REQUIRED``) and refuses values that
+only make sense on a developer's machine: a loopback host, the simulator's client secret, a database
+password equal to its role. A service started with such a setting stops at once with one line naming
+the variable(s), instead of starting "healthy" and failing every request: the defaults point at the
+simulator, which a cluster does not have.
+
+``BILLING_ALLOW_LOCAL_HOSTS=true`` lifts only the loopback rule, for the test that runs the services with
+the environment the deployment manifests give them, mapped onto this machine's stack.
 """
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field, SecretStr
+import ipaddress
+import sys
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ServiceSettings", "local_dsn"]
+__all__ = [
+    "DSN_HELP",
+    "PORT_HELP",
+    "Kind",
+    "PROFILE_ENV",
+    "ProfileSettings",
+    "ServiceSettings",
+    "SettingsError",
+    "env_name",
+    "load_settings",
+    "local_dsn",
+    "read_settings",
+    "simulator_look",
+]
+
+PROFILE_ENV = "BILLING_ENV"
+# The simulator's client secrets (simulator/config.py): a real UAA never issues these.
+SIMULATOR_SECRETS = frozenset({"sim-secret"})
+# What a production field holds, for the simulator-looking checks: a URL, a DSN, host:port broker list, a
+# secret, or any value (only its presence is checked).
+Kind = Literal["url", "dsn", "servers", "secret", "value"]
+
+S = TypeVar("S", bound="ProfileSettings")
+PORT_HELP = "Port to listen on (0: any free port)."
+DSN_HELP = "PostgreSQL DSN of this service's own login role (its schema is the service's name)."
 
 
 def local_dsn(role: str) -> SecretStr:
@@ -17,34 +58,171 @@ def local_dsn(role: str) -> SecretStr:
     return SecretStr(f"postgresql://{role}:{role}@127.0.0.1:5433/billing")
 
 
-class ServiceSettings(BaseSettings):
-    """What every service needs. Subclasses set ``env_prefix`` and their own defaults."""
+class SettingsError(Exception):
+    """The settings cannot be used; the message is one line naming the variables."""
+
+
+def _loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    host = host.strip("[]").lower()
+    if host in {"localhost", "ip6-localhost", "ip6-loopback"} or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
+def simulator_look(kind: str, value: Any, allow_local_hosts: bool = False) -> str | None:
+    """Why ``value`` (of a production-required field of ``kind``) looks like a local or simulator value,
+    or None when it does not."""
+    text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+    if not text.strip():
+        return "is empty"
+    if kind == "secret" and text in SIMULATOR_SECRETS:
+        return "is the simulator's client secret"
+    if kind == "url":
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return "is not an http(s) URL"
+        if _loopback(parts.hostname) and not allow_local_hosts:
+            return f"points at this machine ({parts.hostname})"
+    if kind == "dsn":
+        parts = urlsplit(text)
+        if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+            return "is not a postgresql:// DSN with a host"
+        if _loopback(parts.hostname) and not allow_local_hosts:
+            return f"points at this machine ({parts.hostname})"
+        if parts.username and parts.password == parts.username:
+            return "has the role name as its password (the local default)"
+    if kind == "servers":
+        for server in text.split(","):
+            host = server.strip().rsplit(":", 1)[0]
+            if _loopback(host) and not allow_local_hosts:
+                return f"points at this machine ({host})"
+    return None
+
+
+def env_name(cls: type[BaseSettings], field: str) -> str:
+    """The environment variable that sets ``field`` of ``cls``."""
+    info = cls.model_fields[field]
+    alias = info.validation_alias
+    if isinstance(alias, AliasChoices):
+        first = alias.choices[0]
+        if isinstance(first, str):
+            return first
+    if isinstance(alias, str):
+        return alias
+    return (str(cls.model_config.get("env_prefix", "")) + field).upper()
+
+
+class ProfileSettings(BaseSettings):
+    """The profile every settings class shares; subclasses list their production-required fields."""
 
     model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+    # Field name -> Kind: no default in production, and no local-looking value.
+    PRODUCTION_REQUIRED: ClassVar[Mapping[str, Kind]] = {}
 
-    database_url: SecretStr = Field(description="PostgreSQL DSN of this service's own role.")
+    billing_env: Literal["local", "production"] = Field(
+        default="local",
+        validation_alias=AliasChoices(PROFILE_ENV),
+        description="`local`: the local stack's and simulator's defaults. `production`: every URL, secret, DSN "
+        "and issuer must be set and must not look local; a missing one stops the process naming it.",
+    )
+    allow_local_hosts: bool = Field(
+        default=False,
+        validation_alias=AliasChoices("BILLING_ALLOW_LOCAL_HOSTS"),
+        description="In production, accept loopback hosts (only the test that runs the manifests' environment "
+        "on this machine sets it).",
+    )
+
+    def production_problems(self) -> list[str]:
+        """What stops this configuration in production, one phrase per variable."""
+        problems = []
+        cls = type(self)
+        for name, kind in cls.PRODUCTION_REQUIRED.items():
+            var = env_name(cls, name)
+            if name not in self.model_fields_set:
+                problems.append(f"{var} is not set")
+                continue
+            why = simulator_look(kind, getattr(self, name), self.allow_local_hosts)
+            if why:
+                problems.append(f"{var} {why}")
+        return problems
+
+    @model_validator(mode="after")
+    def _production_profile(self) -> ProfileSettings:
+        if self.billing_env == "production":
+            problems = self.production_problems()
+            if problems:
+                raise ValueError(f"{PROFILE_ENV}=production: " + "; ".join(problems))
+        return self
+
+
+def _one_line(cls: type[BaseSettings], exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        loc = [str(x) for x in err["loc"]]
+        if loc and loc[0] in cls.model_fields:
+            parts.append(f"{env_name(cls, loc[0])}: {msg}")
+        elif loc:
+            parts.append(f"{loc[0]}: {msg}")
+        else:
+            parts.append(msg)
+    return "; ".join(parts)
+
+
+def read_settings(cls: type[S], **overrides: Any) -> S:
+    """``cls`` from the environment (and ``overrides``); ``SettingsError`` with one line on a bad value."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(_one_line(cls, exc)) from None
+
+
+def load_settings(cls: type[S], name: str) -> S:
+    """For entry points: ``cls`` from the environment, or one line on stderr and exit status 2."""
+    try:
+        return read_settings(cls)
+    except SettingsError as exc:
+        print(f"billing {name}: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+class ServiceSettings(ProfileSettings):
+    """What every service needs. Subclasses set ``env_prefix`` and their own defaults."""
+
+    PRODUCTION_REQUIRED: ClassVar[Mapping[str, Kind]] = {"database_url": "dsn", "kafka_bootstrap_servers": "servers"}
+
+    database_url: SecretStr = Field(description=DSN_HELP)
     kafka_bootstrap_servers: str = Field(
         default="127.0.0.1:9092",
         validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS"),
         min_length=1,
+        description="The Kafka brokers (host:port, comma-separated) every service and the topics job use.",
     )
     topic_prefix: str = Field(
         default="",
         validation_alias=AliasChoices("KAFKA_TOPIC_PREFIX"),
         pattern=r"^[A-Za-z0-9._-]*$",
-        description="Prepended to every topic name (tests and staging use it to keep apart).",
+        description="Prepended to every topic and consumer-group name (tests and staging use it to keep apart).",
     )
-    host: str = "127.0.0.1"
-    port: int = Field(ge=1, le=65535)
-    log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
-    db_pool_size: int = Field(default=8, ge=1, le=100)
+    host: str = Field(default="127.0.0.1", description="Interface to listen on (`0.0.0.0` in a container).")
+    port: int = Field(ge=0, le=65535, description=PORT_HELP)
+    log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$", description="Log level.")
+    db_pool_size: int = Field(default=8, ge=1, le=100, description="Database connections in the pool.")
     batch_max_records: int = Field(
         default=200, ge=1, le=100_000,
         description="Messages handled per batch (one transaction); a batch message holds a shard's measurements.",
     )
-    batch_timeout_ms: int = Field(default=200, ge=1, le=60_000)
-    max_body_bytes: int = Field(default=1_000_000, ge=1024)
-    schema_name: str = Field(default="", description="Defaults to the service name.")
+    batch_timeout_ms: int = Field(
+        default=200, ge=1, le=60_000, description="How long a consumer waits to fill a batch."
+    )
+    max_body_bytes: int = Field(default=1_000_000, ge=1024, description="Larger request bodies are refused (413).")
+    schema_name: str = Field(default="", description="The service's database schema; empty: the service's name.")
 
     def topic(self, name: str) -> str:
         """The full name of topic ``name`` (a constant of ``shared.topics``) for this deployment."""

@@ -2,7 +2,7 @@
 # Apache Kafka 4.x for local development, tests and CI, without Docker: the jars of
 # org.apache.kafka:kafka_2.13 and their runtime dependencies, fetched once with Maven (kafka/pom.xml) into
 # $LOCAL_DIR/kafka/libs, run on Java 17 as one KRaft node (broker + controller) on 127.0.0.1:$KAFKA_PORT.
-# Start also creates the design's topics (12 partitions each, plus their .dlq companions).
+# Start also creates the design's topics with the settings of shared/topics.py (plus their .dlq companions).
 #   kafka.sh install|start|stop|status|topics|clean
 set -euo pipefail
 source "$(dirname "$0")/common.sh"

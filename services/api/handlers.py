@@ -35,6 +35,7 @@ from services.api.auth import (
 )
 from services.api.cache import TtlCache
 from services.api.forward import ADMIN_ROUTES, AdminRoute, Forwarder, UpstreamError
+from services.api.freshness import Freshness
 from services.api.openapi import openapi_bytes
 from services.api.params import Cursor, invalid, only_known, parse_enum, parse_limit, parse_month, parse_time, parse_uuid
 from services.api.schemas import EntitlementIn, Subject
@@ -87,6 +88,7 @@ class Api:
         self.usage_cache: TtlCache[bytes] = TtlCache(settings.query_cache_seconds, max_entries=2_000)
         self.projector: projector.Projector | None = None
         self.declare(runtime)
+        self.freshness = Freshness()
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -149,9 +151,11 @@ class Api:
 
     async def on_charges(self, batch: list[Received[Charges]]) -> None:
         await self._projector().apply_charges([r.message for r in batch])
+        self.freshness.applied("charges")
 
     async def on_ledger(self, batch: list[Received[projector.LedgerMessage]]) -> None:
         await self._projector().apply_ledger([r.message.root for r in batch])
+        self.freshness.applied("transactions")
 
     # ------------------------------------------------------------------------------------ routing
 
@@ -201,6 +205,8 @@ class Api:
                 except ProblemError as exc:
                     resp = problem(exc.status, exc.title, exc.detail, **exc.extra)
                 status = resp.status_code
+                if need == "read" and status < 400:
+                    resp.headers.update(self.freshness.header())  # how old the read model's answer may be
                 return resp
             finally:
                 REQUESTS.labels(name, request.method, str(status)).inc()

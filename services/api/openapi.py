@@ -29,6 +29,19 @@ def _ok(name: str, description: str = "OK") -> dict[str, Any]:
     return ok(_ref(name), description)
 
 
+READ_MODEL_AGE = {
+    "description": "Whole seconds since the read model last applied a batch of charges or transactions (absent "
+    "before its first batch since the api started). Reads are answered while Kafka is away; this says how old "
+    "they may be.",
+    "schema": {"type": "integer", "minimum": 0},
+}
+
+
+def _read_ok(name: str) -> dict[str, Any]:
+    """A 200 answered from the read model: the body and how fresh it is."""
+    return {**_ok(name), "headers": {"Read-Model-Age": READ_MODEL_AGE}}
+
+
 CUSTOMER_ID = _param("customer_id", "path", UUID_SCHEMA, "The customer's id.")
 LIMIT = _param(
     "limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}, "Page size."
@@ -271,7 +284,7 @@ def _customer_routes() -> dict[str, Any]:
                 "`customers` claim and those an admin entitled the token's subject to.",
                 "security": read,
                 "parameters": [LIMIT, CURSOR],
-                "responses": {"200": _ok("CustomerPage"), **BAD_INPUT, **AUTH_ERRORS},
+                "responses": {"200": _read_ok("CustomerPage"), **BAD_INPUT, **AUTH_ERRORS},
             }
         },
         "/v1/customers/{customer_id}/balance": {
@@ -282,7 +295,7 @@ def _customer_routes() -> dict[str, Any]:
                     CUSTOMER_ID,
                     _param("as_of", "query", TIME_SCHEMA, "Count transactions that occurred at or before this time (default: now)."),
                 ],
-                "responses": {"200": _ok("Balance"), **BAD_INPUT, **NOT_FOUND, **AUTH_ERRORS},
+                "responses": {"200": _read_ok("Balance"), **BAD_INPUT, **NOT_FOUND, **AUTH_ERRORS},
             }
         },
         "/v1/customers/{customer_id}/usage": {
@@ -302,7 +315,7 @@ def _customer_routes() -> dict[str, Any]:
                     LIMIT,
                     CURSOR,
                 ],
-                "responses": {"200": _ok("UsagePage"), **BAD_INPUT, **NOT_FOUND, **AUTH_ERRORS},
+                "responses": {"200": _read_ok("UsagePage"), **BAD_INPUT, **NOT_FOUND, **AUTH_ERRORS},
             }
         },
         "/v1/customers/{customer_id}/transactions": {
@@ -317,7 +330,7 @@ def _customer_routes() -> dict[str, Any]:
                     _param("from", "query", TIME_SCHEMA, "Occurred at or after."),
                     _param("to", "query", TIME_SCHEMA, "Occurred before."),
                 ],
-                "responses": {"200": _ok("TransactionPage"), **BAD_INPUT, **NOT_FOUND, **AUTH_ERRORS},
+                "responses": {"200": _read_ok("TransactionPage"), **BAD_INPUT, **NOT_FOUND, **AUTH_ERRORS},
             }
         },
         "/v1/customers/{customer_id}/statements/{month}": {
@@ -326,7 +339,7 @@ def _customer_routes() -> dict[str, Any]:
                 "security": read,
                 "parameters": [CUSTOMER_ID, _param("month", "path", MONTH_SCHEMA, "YYYY-MM")],
                 "responses": {
-                    "200": _ok("Statement"),
+                    "200": _read_ok("Statement"),
                     "404": _problem("No such customer (or not visible), or no statement for that month yet."),
                     "422": BAD_INPUT["422"],
                     **AUTH_ERRORS,
@@ -544,9 +557,24 @@ def _completeness_route() -> dict[str, Any]:
 
 def _ops_routes() -> dict[str, Any]:
     status = {"type": "object", "properties": {"status": STR}, "required": ["status"]}
+    when = {"type": ["string", "null"], "format": "date-time"}
+    age = {"type": ["number", "null"]}
+    freshness = {"type": "object", "properties": {"last_batch_at": when, "age_seconds": age}}
     ready = {
         "type": "object",
-        "properties": {"status": STR, "checks": {"type": "object", "additionalProperties": STR}},
+        "properties": {
+            "status": STR,
+            "checks": {"type": "object", "additionalProperties": STR},
+            "not_required": {"type": "array", "items": STR, "description": "Checks reported, not required."},
+            "read_model": {
+                **freshness,
+                "properties": {
+                    **freshness["properties"],
+                    "consumers": {"type": "object", "additionalProperties": freshness},
+                },
+                "description": "When the read model last applied a batch (latest of its consumers, and each).",
+            },
+        },
         "required": ["status", "checks"],
     }
     return {
@@ -556,7 +584,8 @@ def _ops_routes() -> dict[str, Any]:
         "/healthz": {"get": {"summary": "The process answers", "security": [], "responses": {"200": {"description": "OK", "content": {JSON: {"schema": status}}}}}},
         "/readyz": {
             "get": {
-                "summary": "Every dependency answers (database, Kafka, consumers)",
+                "summary": "Ready to answer: the database and the consumers' loops (Kafka is reported, not required: "
+                "reads are answered from the read model, whose freshness is given)",
                 "security": [],
                 "responses": {
                     "200": {"description": "Ready", "content": {JSON: {"schema": ready}}},

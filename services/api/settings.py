@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 from pydantic import AnyHttpUrl, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from shared.settings import ServiceSettings, local_dsn
+from shared.settings import DSN_HELP, PORT_HELP, Kind, ServiceSettings, local_dsn
 
 __all__ = ["ApiSettings"]
 
@@ -16,34 +19,58 @@ def _base_url(value: object) -> str:
 
 
 class ApiSettings(ServiceSettings):
+    """The api: its database and broker, the OIDC issuer its tokens come from, and the owning services it
+    forwards admin commands to (each required in production)."""
+
     # validate_by_name: ServiceSettings gives topic_prefix and kafka_bootstrap_servers env aliases, and
     # without it `ApiSettings(topic_prefix=...)` is silently ignored (see the report on shared/settings.py).
     model_config = SettingsConfigDict(env_prefix="API_", extra="ignore", frozen=True, validate_by_name=True)
+    PRODUCTION_REQUIRED: ClassVar[Mapping[str, Kind]] = {
+        **ServiceSettings.PRODUCTION_REQUIRED,
+        "oidc_issuer": "url",
+        "ledger_url": "url",
+        "pricer_url": "url",
+        "collector_url": "url",
+    }
 
-    database_url: SecretStr = local_dsn("api")
-    port: int = 8080
+    database_url: SecretStr = Field(default=local_dsn("api"), description=DSN_HELP)
+    port: int = Field(default=8080, ge=0, le=65535, description=PORT_HELP)
 
     # Tokens: OIDC discovery at <issuer>/.well-known/openid-configuration finds the JWKS.
-    oidc_issuer: str = Field(default="http://127.0.0.1:8090", description="`iss` every token must carry.")
+    oidc_issuer: str = Field(
+        default="http://127.0.0.1:8090",
+        description="`iss` every token must carry; its OIDC discovery document names the keys.",
+    )
     oidc_audience: str = Field(default="billing-api", min_length=1, description="`aud` every token must carry.")
     clock_skew_seconds: int = Field(default=30, ge=0, le=300, description="Leeway on exp and nbf.")
     jwks_cache_seconds: float = Field(default=600, ge=1, description="Keys are refreshed after this long.")
     jwks_refetch_min_interval_seconds: float = Field(
         default=10, ge=0, description="An unknown `kid` refetches the keys at most this often."
     )
-    oidc_timeout_seconds: float = Field(default=5, gt=0, le=60)
-    token_cache_size: int = Field(default=4096, ge=0, le=1_000_000, description="Verified tokens remembered.")
-    token_cache_seconds: float = Field(default=60, ge=0, le=3600, description="How long a verified token is remembered.")
+    oidc_timeout_seconds: float = Field(default=5, gt=0, le=60, description="Timeout of a request to the issuer.")
+    token_cache_size: int = Field(
+        default=4096, ge=0, le=1_000_000, description="Verified tokens remembered."
+    )
+    token_cache_seconds: float = Field(
+        default=60, ge=0, le=3600, description="How long a verified token is remembered."
+    )
 
     query_cache_seconds: float = Field(
-        default=1.0, ge=0, le=60, description="Usage answers and access decisions are reused this long; 0 = off."
+        default=1.0,
+        ge=0,
+        le=60,
+        description="Usage answers and access decisions are reused this long; 0 = off.",
     )
 
     # The owning services of the admin commands.
-    ledger_url: str = "http://127.0.0.1:8083"
-    pricer_url: str = "http://127.0.0.1:8082"
-    collector_url: str = "http://127.0.0.1:8081"
-    upstream_timeout_seconds: float = Field(default=15, gt=0, le=300)
+    ledger_url: str = Field(default="http://127.0.0.1:8083", description="The ledger's base URL (admin commands).")
+    pricer_url: str = Field(default="http://127.0.0.1:8082", description="The pricer's base URL (admin commands).")
+    collector_url: str = Field(
+        default="http://127.0.0.1:8081", description="The collector's base URL (admin commands)."
+    )
+    upstream_timeout_seconds: float = Field(
+        default=15, gt=0, le=300, description="Timeout of a forwarded admin command."
+    )
 
     @field_validator("oidc_issuer", mode="after")
     @classmethod

@@ -11,7 +11,9 @@ from services.collector.openapi import openapi_document
 from services.collector.settings import CollectorSettings
 from shared.openapi import openapi_route
 from shared.contracts import MeasurementsTaken
+from shared.health import ReadinessPolicy
 from shared.runtime import Runtime, serve
+from shared.settings import load_settings
 from shared.topics import READINGS
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -25,10 +27,12 @@ def create_app(settings: CollectorSettings | None = None) -> Starlette:
         "Every reading's measurements in batches (one reading hour, meter and shard of resources each), keyed "
         "shard-<n>, estimated ones flagged; published from the collector's outbox after they are stored.",
     )
+    # Ready when its readings are published to the broker from its database (the outbox).
+    runtime.readiness = ReadinessPolicy(required=frozenset({"database", "kafka"}))
     routes = [*handlers.routes(), openapi_route(openapi_document)]
     return runtime.app(routes=routes, on_start=handlers.start, on_stop=handlers.stop)
 
 
 def main() -> None:
-    settings = CollectorSettings()
+    settings = load_settings(CollectorSettings, "collector")
     serve("collector", create_app(settings), settings)

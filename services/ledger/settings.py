@@ -5,16 +5,20 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from shared.settings import ServiceSettings, local_dsn
+from shared.settings import DSN_HELP, PORT_HELP, ServiceSettings, local_dsn
+
+__all__ = ["LedgerSettings"]
 
 
 class LedgerSettings(ServiceSettings):
+    """The ledger: its database and broker (required in production) and its own tuning."""
+
     # populate_by_name: LedgerSettings(topic_prefix=..., kafka_bootstrap_servers=...) must not be ignored
     # (those fields have environment aliases; without it pydantic-settings drops the keyword silently).
     model_config = SettingsConfigDict(env_prefix="LEDGER_", extra="ignore", frozen=True, populate_by_name=True)
 
-    database_url: SecretStr = local_dsn("ledger")
-    port: int = 8083
+    database_url: SecretStr = Field(default=local_dsn("ledger"), description=DSN_HELP)
+    port: int = Field(default=8083, ge=0, le=65535, description=PORT_HELP)
     settlement_delay_hours: int = Field(
         default=72,
         ge=0,
