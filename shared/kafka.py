@@ -410,7 +410,7 @@ class Stream:
             auto_offset_reset="earliest",
             listener=listener,
             decoder=_passthrough,
-            max_partition_fetch_bytes=4 * 1024 * 1024,
+            max_partition_fetch_bytes=1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
             session_timeout_ms=30_000,
             heartbeat_interval_ms=3_000,

@@ -215,7 +215,7 @@ class ServiceSettings(ProfileSettings):
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$", description="Log level.")
     db_pool_size: int = Field(default=8, ge=1, le=100, description="Database connections in the pool.")
     batch_max_records: int = Field(
-        default=200, ge=1, le=100_000,
+        default=1000, ge=1, le=100_000,
         description="Messages handled per batch (one transaction); a batch message holds a shard's measurements.",
     )
     batch_timeout_ms: int = Field(

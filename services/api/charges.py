@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from math import gcd, lcm
+from typing import Any
 from uuid import UUID
 
 import orjson
@@ -29,6 +30,9 @@ from shared.clock import BUSINESS_TZ, as_utc
 __all__ = [
     "ShardDoc",
     "Rollup",
+    "Part",
+    "contributions",
+    "Pending",
     "ResourceDoc",
     "ny_day",
     "ny_month",
@@ -156,54 +160,124 @@ def _indexer(table: list[str]) -> Callable[[str], int]:
 
 # (customer, period, meter) -> resource document
 ResourceKey = tuple[UUID, date, str]
-# A charge as the per-resource documents take it: resource, unit, value, numerator, denominator.
-ResourceEntry = tuple[str, str, int, int, int]
+# Charges as the per-resource documents take them: columns of resource, unit, value, numerator, denominator.
+ResourceEntries = tuple[list[str], list[str], list[int], list[int], list[int]]
 
 
-@dataclass
 class ResourceDoc:
-    """Usage per (resource, unit) of one customer, period (day or month) and meter: value and exact amount.
-    Stored as {"r": [...], "u": [...], "x": [...], "n": [...], "d": [...]}."""
+    """Usage per (resource, unit) of one customer, period (day or month) and meter: value and exact amount,
+    as the columns it is stored as: {"r": [...], "u": [...], "x": [...], "n": [...], "d": [...]}. Merged
+    in place (a customer's resources come back hour after hour: most entries update a cell)."""
 
-    cells: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (rid, unit) -> [value, num, den]
+    def __init__(self, columns: dict[str, list[Any]] | None = None) -> None:
+        self.c = columns if columns is not None else {"r": [], "u": [], "x": [], "n": [], "d": []}
 
     @classmethod
     def load(cls, raw: bytes) -> ResourceDoc:
-        d = orjson.loads(raw)
-        return cls({(r, u): [x, n, dd] for r, u, x, n, dd in zip(d["r"], d["u"], d["x"], d["n"], d["d"], strict=True)})
+        return cls(orjson.loads(raw))
 
     def dump(self) -> bytes:
-        keys = sorted(self.cells)
-        vals = [self.cells[k] for k in keys]
-        return orjson.dumps(
-            {"r": [k[0] for k in keys], "u": [k[1] for k in keys], "x": [v[0] for v in vals],
-             "n": [v[1] for v in vals], "d": [v[2] for v in vals]}
-        )
+        return orjson.dumps(self.c)
 
-    def add(self, entries: Iterable[ResourceEntry]) -> None:
-        cells = self.cells
+    @property
+    def cells(self) -> dict[tuple[str, str], list[int]]:
+        """(resource, unit) -> [value, numerator, denominator]."""
+        c = self.c
+        return {(r, u): [x, n, d] for r, u, x, n, d in zip(c["r"], c["u"], c["x"], c["n"], c["d"], strict=True)}
+
+    def add(self, entries: Sequence[ResourceEntries]) -> None:
+        c = self.c
+        rs, us, xs, ns, ds = c["r"], c["u"], c["x"], c["n"], c["d"]
+        at = {key: i for i, key in enumerate(zip(rs, us))}
         emptied = False
-        for rid, unit, x, n, d in entries:
-            cell = cells.get((rid, unit))
-            if cell is None:
-                cells[(rid, unit)] = [x, n, d]
-            elif cell[2] == d:  # a resource's charges share their price's denominator, as a rule
-                cell[0] += x
-                cell[1] += n
+        for rid, unit, x, n, d in (row for cols in entries for row in zip(*cols)):
+            i = at.get((rid, unit))
+            if i is None:
+                at[(rid, unit)] = len(rs)
+                rs.append(rid)
+                us.append(unit)
+                xs.append(x)
+                ns.append(n)
+                ds.append(d)
+            elif ds[i] == d:  # a resource's charges share their price's denominator, as a rule
+                xs[i] += x
+                ns[i] += n
             else:
-                common = lcm(cell[2], d)
-                num = cell[1] * (common // cell[2]) + n * (common // d)
+                common = lcm(ds[i], d)
+                num = ns[i] * (common // ds[i]) + n * (common // d)
                 g = gcd(num, common) or 1
-                cell[0] += x
-                cell[1], cell[2] = num // g, common // g
+                xs[i] += x
+                ns[i], ds[i] = num // g, common // g
             emptied = emptied or x < 0
         if emptied:
             # A resource whose charges were all taken back (a move to another customer) leaves no cell.
-            for key in [k for k, c in cells.items() if c[0] == 0 and c[1] == 0]:
-                del cells[key]
+            keep = [i for i in range(len(rs)) if xs[i] != 0 or ns[i] != 0]
+            for name in ("r", "u", "x", "n", "d"):
+                c[name] = [c[name][i] for i in keep]
 
 
 GroupKey = tuple[UUID, str, object, str, str, str]  # customer, dim, period, key, key2, unit
+
+# One org's part of a shard document: per (space, kind, unit, denominator) the summed value and numerator,
+# and its charges as columns (resource, unit, value, numerator, denominator) for the per-resource documents
+# (columns of strings and ints: the garbage collector never walks them).
+Part = tuple[dict[tuple[int, int, int, int], list[int]], tuple[list[str], list[str], list[int], list[int], list[int]]]
+
+
+class Pending:
+    """Charges of one org, reading hour and meter whose customer is not known yet, gathered from the
+    batches of one transaction: its sums per (space, kind, unit, denominator) and its charges as
+    per-resource columns. Stored as a row of ``pending_charges`` until the ledger names the customer."""
+
+    def __init__(self) -> None:
+        self.sums: dict[tuple[str, str, str, int], list[int]] = {}
+        self.cols: ResourceEntries = ([], [], [], [], [])
+
+    def add(self, doc: ShardDoc, part: Part) -> None:
+        for (si, ki, ui, di), (value, num) in part[0].items():
+            cell = self.sums.setdefault((doc.spaces[si], doc.kinds[ki], doc.units[ui], di), [0, 0])
+            cell[0] += value
+            cell[1] += num
+        for mine, theirs in zip(self.cols, part[1], strict=True):
+            mine.extend(theirs)  # type: ignore[attr-defined]
+
+    def dump(self) -> bytes:
+        keys = list(self.sums)
+        vals = [self.sums[k] for k in keys]
+        rr, ru, rx, rn, rd = self.cols
+        return orjson.dumps(
+            {"s": [k[0] for k in keys], "k": [k[1] for k in keys], "u": [k[2] for k in keys],
+             "d": [k[3] for k in keys], "x": [v[0] for v in vals], "n": [v[1] for v in vals],
+             "rr": rr, "ru": ru, "rx": rx, "rn": rn, "rd": rd}
+        )
+
+
+def contributions(doc: ShardDoc, positions: Iterable[int] | None = None, sign: int = 1) -> dict[int, Part]:
+    """The items of ``doc`` (at ``positions``, or all) grouped by org (position in ``doc.orgs``), summed as
+    the rollups take them: computed once per document, whichever orgs' customers become known later."""
+    out: dict[int, Part] = {}
+    r, o, s, k, u, x, n, d = doc.r, doc.o, doc.s, doc.k, doc.u, doc.x, doc.n, doc.d
+    units = doc.units
+    for i in range(len(r)) if positions is None else positions:
+        part = out.get(o[i])
+        if part is None:
+            part = out[o[i]] = ({}, ([], [], [], [], []))
+        ui, di = u[i], d[i]
+        value, num = sign * x[i], sign * n[i]
+        key = (s[i], k[i], ui, di)
+        cell = part[0].get(key)
+        if cell is None:
+            part[0][key] = [value, num]
+        else:
+            cell[0] += value
+            cell[1] += num
+        rs, us, xs, ns, ds = part[1]
+        rs.append(r[i])
+        us.append(units[ui])
+        xs.append(value)
+        ns.append(num)
+        ds.append(di)
+    return out
 
 
 @dataclass
@@ -215,7 +289,7 @@ class Rollup:
     # one per charge and cell).
     fine: dict[tuple[UUID, datetime, str, str, str, str, str], list[object]] = field(default_factory=dict)
     # (customer, hour, meter) -> the charges, for the per-resource documents of its day and month.
-    resources: dict[tuple[UUID, datetime, str], list[ResourceEntry]] = field(default_factory=dict)
+    resources: dict[tuple[UUID, datetime, str], list[ResourceEntries]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.fine)
@@ -223,44 +297,42 @@ class Rollup:
     def add(self, key: ShardKey, doc: ShardDoc, positions: Iterable[int], customer_of_org: Sequence[UUID | None], sign: int) -> None:
         """Add (sign 1) or take back (sign -1) the items of ``doc`` at ``positions`` whose org has a
         customer (``customer_of_org``, by position in ``doc.orgs``)."""
+        for org, part in contributions(doc, positions, sign).items():
+            customer = customer_of_org[org]
+            if customer is not None:
+                self.add_part(key, doc, customer, org, part)
+
+    def add_part(self, key: ShardKey, doc: ShardDoc, customer: UUID, org: int, part: Part) -> None:
+        """Add one org's part of a shard document (``contributions``) for ``customer``."""
         hour, meter, _ = key
-        r, o, s, k, u, x, n, d = doc.r, doc.o, doc.s, doc.k, doc.u, doc.x, doc.n, doc.d
-        units = doc.units
-        values: dict[tuple[int, int, int, int, int], int] = {}
-        nums: dict[tuple[int, int, int, int, int], int] = {}
-        entries: dict[UUID, list[ResourceEntry]] = {}
-        for i in positions:
-            oi = o[i]
-            customer = customer_of_org[oi]
-            if customer is None:
-                continue
-            ui, di = u[i], d[i]
-            fk = (oi, s[i], k[i], ui, di)
-            value, num = sign * x[i], sign * n[i]
-            values[fk] = values.get(fk, 0) + value
-            nums[fk] = nums.get(fk, 0) + num
-            out = entries.get(customer)
-            if out is None:
-                out = entries[customer] = []
-            out.append((r[i], units[ui], value, num, di))
-        for customer, out in entries.items():
-            self.resources.setdefault((customer, hour, meter), []).extend(out)
-        orgs, spaces, kinds = doc.orgs, doc.spaces, doc.kinds
-        for fk, value in values.items():
-            oi, si, ki, ui, di = fk
-            customer = customer_of_org[oi]
-            assert customer is not None
-            fine_key = (customer, hour, orgs[oi], spaces[si], meter, kinds[ki], units[ui])
+        sums, entries = part
+        self.resources.setdefault((customer, hour, meter), []).append(entries)
+        org_id, spaces, kinds, units = doc.orgs[org], doc.spaces, doc.kinds, doc.units
+        for (si, ki, ui, di), (value, num) in sums.items():
+            fine_key = (customer, hour, org_id, spaces[si], meter, kinds[ki], units[ui])
             cell = self.fine.get(fine_key)
             if cell is None:
                 cell = self.fine[fine_key] = [0, {}]
             cell[0] += value  # type: ignore[operator]
             dens: dict[int, int] = cell[1]  # type: ignore[assignment]
-            dens[di] = dens.get(di, 0) + nums[fk]
+            dens[di] = dens.get(di, 0) + num
 
-    def resource_changes(self) -> dict[str, dict[ResourceKey, list[ResourceEntry]]]:
+    def add_pending(self, customer: UUID, hour: datetime, meter: str, org_id: str, raw: bytes) -> None:
+        """Add a waiting org's charges (``pending_doc``) for the customer it turned out to have."""
+        p = orjson.loads(raw)
+        for space, kind, unit, den, value, num in zip(p["s"], p["k"], p["u"], p["d"], p["x"], p["n"], strict=True):
+            fine_key = (customer, hour, org_id, space, meter, kind, unit)
+            cell = self.fine.get(fine_key)
+            if cell is None:
+                cell = self.fine[fine_key] = [0, {}]
+            cell[0] += value  # type: ignore[operator]
+            dens: dict[int, int] = cell[1]  # type: ignore[assignment]
+            dens[den] = dens.get(den, 0) + num
+        self.resources.setdefault((customer, hour, meter), []).append((p["rr"], p["ru"], p["rx"], p["rn"], p["rd"]))
+
+    def resource_changes(self) -> dict[str, dict[ResourceKey, list[ResourceEntries]]]:
         """The charges per per-resource document: ``day`` and ``month`` (America/New_York)."""
-        out: dict[str, dict[ResourceKey, list[ResourceEntry]]] = {"day": {}, "month": {}}
+        out: dict[str, dict[ResourceKey, list[ResourceEntries]]] = {"day": {}, "month": {}}
         for (customer, hour, meter), entries in self.resources.items():
             out["day"].setdefault((customer, ny_day(hour), meter), []).extend(entries)
             out["month"].setdefault((customer, ny_month(hour), meter), []).extend(entries)

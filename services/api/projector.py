@@ -2,15 +2,16 @@
 measurement by revision (charges, kept per shard: ``services/api/charges.py``) and by message id (ledger
 messages), so a batch replayed after a crash changes nothing twice.
 
-The charges consumer and the ledger consumer serialise per reading hour (``repository.lock_hours``): a
-charge whose org's customer is not known yet is only stored; the ledger's usage line that names the
-customer then adds every stored charge of that org and hour to the rollups.
+The charges consumer and the ledger consumer serialise per reading hour (``repository.lock_hours``): the
+changes of a charge whose org's customer is not known yet wait in ``pending_charges`` (per org, hour and
+meter, summed as the rollups take them); the ledger's usage line that names the customer then adds them to
+the rollups and deletes them. Nothing is read twice: a shard's document is read only when a batch changes
+it again.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated
@@ -20,7 +21,7 @@ import asyncpg
 from pydantic import Field, RootModel
 
 from services.api import repository as repo
-from services.api.charges import ResourceDoc, Rollup, ShardDoc
+from services.api.charges import Pending, ResourceDoc, Rollup, ShardDoc, contributions
 from services.api.service import (
     TransactionRow,
     entries_mirror,
@@ -80,25 +81,16 @@ class Names:
 
 
 class Projector:
-    """The read model's two consumers, with what this process remembers between batches: the names it
-    wrote, and the shard documents it wrote (by version), which attribution would otherwise read back."""
+    """The read model's two consumers (and the names this process wrote, remembered between batches)."""
 
-    def __init__(self, pool: asyncpg.Pool, cached_docs: int = 2000) -> None:
+    def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         self.names = Names()
-        self._docs: OrderedDict[ShardKey, tuple[int, ShardDoc]] = OrderedDict()
-        self._cached = cached_docs
-
-    def _remember(self, versions: dict[ShardKey, int], docs: dict[ShardKey, ShardDoc]) -> None:
-        for key, version in versions.items():
-            self._docs[key] = (version, docs[key])
-            self._docs.move_to_end(key)
-        while len(self._docs) > self._cached:
-            self._docs.popitem(last=False)
 
     async def apply_charges(self, batches: Sequence[Charges]) -> int:
-        """Store the newer revisions and move the rollups of the customers they are attributed to; returns
-        how many measurements changed."""
+        """Store the newer revisions; move the rollups of the customers they are attributed to, and keep
+        the changes of orgs whose customer is not known yet waiting (``pending_charges``); returns how
+        many measurements changed."""
         if not batches:
             return 0
         changed = 0
@@ -111,13 +103,24 @@ class Projector:
             pairs |= {(o, k.reading_hour) for k, d in docs.items() for o in d.orgs}
             customer_of = await repo.customers_of(conn, pairs)
             rollup = Rollup()
+            waiting: dict[tuple[datetime, str, str], Pending] = {}
+
+            def add(key: ShardKey, doc: ShardDoc, positions: Sequence[int] | None, sign: int) -> None:
+                for org, part in contributions(doc, positions, sign).items():
+                    customer = customer_of.get((doc.orgs[org], key.reading_hour))
+                    if customer is not None:
+                        rollup.add_part(key, doc, customer, org, part)
+                    else:
+                        pending = waiting.setdefault((key.reading_hour, key.meter, doc.orgs[org]), Pending())
+                        pending.add(doc, part)
+
             written: dict[ShardKey, ShardDoc] = {}
             for c in batches:
                 key = ShardKey(c.reading_hour, c.meter, c.shard)
                 doc = docs.get(key)
                 if doc is None:
                     doc = docs[key] = ShardDoc.of(c)
-                    positions: Sequence[int] = range(len(doc))
+                    add(key, doc, None, +1)
                     changed += len(doc)
                 else:
                     before = doc.copy()
@@ -125,15 +128,15 @@ class Projector:
                     if not positions:
                         continue
                     changed += len(positions)
-                    rollup.add(key, before, replaced, [customer_of.get((o, key.reading_hour)) for o in before.orgs], -1)
-                rollup.add(key, doc, positions, [customer_of.get((o, key.reading_hour)) for o in doc.orgs], +1)
+                    add(key, before, replaced, -1)
+                    add(key, doc, positions, +1)
                 written[key] = doc
-            versions = await repo.save_charge_shards(conn, [(k, d.dump()) for k, d in written.items()])
+            await repo.save_charge_shards(conn, [(k, d.dump()) for k, d in written.items()])
+            await repo.insert_pending(conn, [(h, m, o, p.dump()) for (h, m, o), p in waiting.items()])
             await _write_rollups(conn, rollup)
             new_names = self.names.changed(batches)
             await repo.upsert_names(conn, *new_names)
         self.names.written(batches)
-        self._remember(versions, written)
         return changed
 
     async def apply_ledger(self, messages: Sequence[TransactionPosted | StatementIssued]) -> int:
@@ -158,32 +161,21 @@ class Projector:
                         extra={"org_id": f.org_id, "hour": f.hour.isoformat(), "customer_id": str(f.customer_id)},
                     )
                 if new:
-                    await self._attribute(conn, {(f.org_id, f.hour): f.customer_id for f in new})
+                    await _attribute(conn, {(f.org_id, f.hour): f.customer_id for f in new})
             if statements:
                 await repo.upsert_statements(conn, [statement_row(s) for s in statements])
             return len(stored)
 
-    async def _attribute(self, conn: asyncpg.Connection, customer_of: dict[tuple[str, datetime], UUID]) -> None:
-        """Add the stored charges of newly attributed (org, hour) pairs to the rollups (the documents this
-        process holds at the stored version are not read again)."""
-        versions = await repo.charge_shard_versions(conn, {h for _, h in customer_of})
-        docs: dict[ShardKey, ShardDoc] = {}
-        missing = []
-        for key, version in versions.items():
-            held = self._docs.get(key)
-            if held is not None and held[0] == version:
-                docs[key] = held[1]
-            else:
-                missing.append(key)
-        for key, raw in (await repo.charge_shards(conn, missing)).items():
-            docs[key] = ShardDoc.load(raw)
-        rollup = Rollup()
-        for key, doc in docs.items():
-            owners = [customer_of.get((o, key.reading_hour)) for o in doc.orgs]
-            if any(owners):
-                wanted = {i for i, c in enumerate(owners) if c is not None}
-                rollup.add(key, doc, [i for i in range(len(doc)) if doc.o[i] in wanted], owners, +1)
-        await _write_rollups(conn, rollup)
+
+async def _attribute(conn: asyncpg.Connection, customer_of: dict[tuple[str, datetime], UUID]) -> None:
+    """Add the charges waiting for newly attributed (org, hour) pairs to the rollups, and forget them."""
+    rollup = Rollup()
+    taken = []
+    for row in await repo.take_pending(conn, customer_of):
+        rollup.add_pending(customer_of[(row["org_id"], row["hour"])], row["hour"], row["meter"], row["org_id"], row["items"])
+        taken.append(row["id"])
+    await _write_rollups(conn, rollup)
+    await repo.delete_pending(conn, taken)
 
 
 async def _write_rollups(conn: asyncpg.Connection, rollup: Rollup) -> None:

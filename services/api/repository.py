@@ -101,40 +101,17 @@ async def lock_charge_shards(conn: asyncpg.Connection, keys: Iterable[ShardKey])
     return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): r["items"] for r in rows}
 
 
-async def save_charge_shards(conn: asyncpg.Connection, docs: Sequence[tuple[ShardKey, bytes]]) -> dict[ShardKey, int]:
-    """Insert or replace shard documents; returns their new versions."""
-    if not docs:
-        return {}
-    ordered = sorted(docs)
-    rows = await conn.fetch(
-        """INSERT INTO charge_shard AS c (reading_hour, meter, shard, items)
-           SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int2[], $4::bytea[])
-           ON CONFLICT (reading_hour, meter, shard) DO UPDATE SET items = EXCLUDED.items, version = c.version + 1
-           RETURNING reading_hour, meter, shard, version""",
-        [k.reading_hour for k, _ in ordered], [k.meter for k, _ in ordered], [k.shard for k, _ in ordered],
-        [d for _, d in ordered],
-    )
-    return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): r["version"] for r in rows}
-
-
-async def charge_shard_versions(conn: asyncpg.Connection, hours: Iterable[datetime]) -> dict[ShardKey, int]:
-    """The version of every shard document of these reading hours (not the documents)."""
-    rows = await conn.fetch(
-        "SELECT reading_hour, meter, shard, version FROM charge_shard WHERE reading_hour = ANY($1::timestamptz[])",
-        sorted(set(hours)),
-    )
-    return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): r["version"] for r in rows}
-
-
-async def charge_shards(conn: asyncpg.Connection, keys: Iterable[ShardKey]) -> dict[ShardKey, bytes]:
-    """These shards' documents (those that have one)."""
-    ks = sorted(set(keys))
-    rows = await conn.fetch(
-        f"""SELECT c.reading_hour, c.meter, c.shard, c.items FROM {_SHARDS}
-              JOIN charge_shard c ON c.reading_hour = k.reading_hour AND c.meter = k.meter AND c.shard = k.shard""",
-        [k.reading_hour for k in ks], [k.meter for k in ks], [k.shard for k in ks],
-    )
-    return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): r["items"] for r in rows}
+async def save_charge_shards(conn: asyncpg.Connection, docs: Sequence[tuple[ShardKey, bytes]]) -> None:
+    """Insert or replace shard documents."""
+    if docs:
+        ordered = sorted(docs)
+        await conn.execute(
+            """INSERT INTO charge_shard (reading_hour, meter, shard, items)
+               SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int2[], $4::bytea[])
+               ON CONFLICT (reading_hour, meter, shard) DO UPDATE SET items = EXCLUDED.items""",
+            [k.reading_hour for k, _ in ordered], [k.meter for k, _ in ordered], [k.shard for k, _ in ordered],
+            [d for _, d in ordered],
+        )
 
 
 async def charge_shards_at(conn: asyncpg.Connection, hours: Iterable[datetime]) -> dict[ShardKey, bytes]:
@@ -145,6 +122,33 @@ async def charge_shards_at(conn: asyncpg.Connection, hours: Iterable[datetime]) 
         sorted(set(hours)),
     )
     return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): r["items"] for r in rows}
+
+
+async def insert_pending(conn: asyncpg.Connection, rows: Sequence[tuple[datetime, str, str, bytes]]) -> None:
+    """Charges waiting for their org's customer: (hour, meter, org, Pending document)."""
+    if rows:
+        await conn.copy_records_to_table(
+            "pending_charges", records=rows, columns=("hour", "meter", "org_id", "items")
+        )
+
+
+async def take_pending(conn: asyncpg.Connection, pairs: Iterable[tuple[str, datetime]]) -> list[asyncpg.Record]:
+    """The charges waiting for these (org, hour) pairs, locked."""
+    ps = sorted(set(pairs))
+    if not ps:
+        return []
+    return await conn.fetch(
+        """SELECT p.id, p.hour, p.meter, p.org_id, p.items
+             FROM unnest($1::text[], $2::timestamptz[]) AS k(org_id, hour)
+             JOIN pending_charges p ON p.org_id = k.org_id AND p.hour = k.hour
+            ORDER BY p.id FOR UPDATE OF p""",
+        [p[0] for p in ps], [p[1] for p in ps],
+    )
+
+
+async def delete_pending(conn: asyncpg.Connection, ids: Sequence[int]) -> None:
+    if ids:
+        await conn.execute("DELETE FROM pending_charges WHERE id = ANY($1::bigint[])", list(ids))
 
 
 _RESOURCE_TABLES = {"day": ("usage_resource_day", "day"), "month": ("usage_resource_month", "month")}

@@ -17,10 +17,21 @@ CREATE TABLE charge_shard (
     reading_hour timestamptz NOT NULL,
     meter        text NOT NULL,
     shard        smallint NOT NULL CHECK (shard >= 0),
-    version      bigint NOT NULL DEFAULT 1,  -- +1 at every change: lets an api process reuse a copy it holds
     items        bytea COMPRESSION lz4 NOT NULL,
     PRIMARY KEY (reading_hour, meter, shard)
 );
+
+-- Changes of charges whose org's customer the ledger has not named yet (services/api/charges.py,
+-- Pending): per org, reading hour and meter, summed as the rollups take them. The ledger's usage line that
+-- names the customer adds them to the rollups and deletes them.
+CREATE TABLE pending_charges (
+    id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    hour    timestamptz NOT NULL,
+    meter   text NOT NULL,
+    org_id  text NOT NULL,
+    items   bytea COMPRESSION lz4 NOT NULL
+);
+CREATE INDEX pending_charges_org_hour ON pending_charges (org_id, hour);
 
 -- Usage per resource of one customer, day (America/New_York) or month, and meter (ResourceDoc): one
 -- document per customer and meter, rewritten as each hour is attributed.
