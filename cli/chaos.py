@@ -56,7 +56,8 @@ from cli.demo import Api, set_up
 from cli.localstack import KAFKA, ROOT, admin_dsn, drop_database, dsn, free_port, fresh_database, infra
 from cli.scenario import DEMO, SMALL, Scenario
 from shared.clock import BUSINESS_TZ
-from shared.contracts import ChargeComputed, MeasurementTaken, TransactionPosted
+from shared.batches import decode_measurements
+from shared.contracts import ChargesComputed, MeasurementsTaken, TransactionPosted
 from shared.kafka import group_lag
 from shared.topics import CHARGES, READINGS, TRANSACTIONS, delete_topics, dlq, ensure_topics
 from simulator.oidc import mint_token
@@ -398,15 +399,24 @@ async def verify(plan: Plan, database: str, prefix: str, api: Api) -> Findings:
     try:
         ok_runs = {(r["hour"], r["meter"]) for r in await conn.fetch(
             "SELECT hour, meter FROM collector.meter_runs WHERE ok AND hour >= $1 AND hour < $2", first, end)}
-        collected = {(r["hour"], r["meter"]): (r["n"], int(r["v"])) for r in await conn.fetch(
-            """SELECT hour, meter, count(*) AS n, sum(value) AS v FROM collector.measurements
-                WHERE hour >= $1 AND hour < $2 GROUP BY 1, 2""", first, end)}
-        f.estimated = await conn.fetchval("SELECT count(*) FROM collector.measurements WHERE estimated")
-        priced = {(r["reading_hour"], r["meter"]): r["n"] for r in await conn.fetch(
-            """SELECT reading_hour, meter, count(DISTINCT measurement_id) AS n FROM pricer.charges
+        # The collector keeps each reading's batches as it published them: count and sum them.
+        collected: dict[tuple[datetime, str], tuple[int, int]] = {}
+        f.estimated = 0
+        for r in await conn.fetch(
+            "SELECT hour, meter, message FROM collector.reading_batches WHERE hour >= $1 AND hour < $2", first, end
+        ):
+            batch = decode_measurements(r["message"]).message
+            assert batch is not None, "the collector stored a batch it cannot read"
+            n, v = collected.get((r["hour"], r["meter"]), (0, 0))
+            collected[(r["hour"], r["meter"])] = (n + len(batch.value), v + sum(batch.value))
+            f.estimated += sum(batch.estimated)
+        # Distinct measurements priced: each batch adds its new measurements (re-pricings move priced and
+        # unpriced counts between each other).
+        priced = {(r["reading_hour"], r["meter"]): int(r["n"]) for r in await conn.fetch(
+            """SELECT reading_hour, meter, sum(d_priced + d_unpriced) AS n FROM pricer.charge_batches
                 GROUP BY 1, 2""")}
-        applied = await conn.fetchval("SELECT count(*) FROM ledger.charge_state")
-        f.held = await conn.fetchval("SELECT count(*) FROM ledger.held_charges")
+        applied = int(await conn.fetchval("SELECT coalesce(sum(posted), 0) FROM ledger.shard_state"))
+        f.held = int(await conn.fetchval("SELECT coalesce(sum(held), 0) FROM ledger.held_shards"))
         names = {r["id"]: r["name"] for r in await conn.fetch("SELECT id, name FROM ledger.customers")}
         price_keys = {r["id"]: (r["meter"], r["resource_kind"], r["valid_from"]) for r in await conn.fetch(
             "SELECT id, meter, resource_kind, lower(valid_during) AS valid_from FROM pricer.prices")}
@@ -470,7 +480,7 @@ def _iso(t: datetime) -> str:
 
 async def dead_letters(prefix: str) -> tuple[int, int]:
     """(messages in the run's DLQs, how many of them are valid for their topic)."""
-    models = {READINGS: MeasurementTaken, CHARGES: ChargeComputed, TRANSACTIONS: TransactionPosted}
+    models = {READINGS: MeasurementsTaken, CHARGES: ChargesComputed, TRANSACTIONS: TransactionPosted}
     total = valid = 0
     consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA, group_id=None, enable_auto_commit=False)
     await consumer.start()

@@ -10,15 +10,16 @@ The figures of a row (hour h, meter m):
 
 - ``read``: measurements the collector read from Cloud Foundry; ``estimated``: those it estimated for a
   missed hour; ``published``: those of readings whose outbox row is marked published (``unpublished`` =
-  the rest: the relay still owes them to ``usage.readings.v1``).
+  the rest: the relay still owes them to ``usage.readings.v2``).
 - ``priced`` / ``unpriced``: measurements whose latest charge revision at the pricer has / has no price;
-  ``dead_lettered_at_pricer``: distinct measurements of that hour and meter on ``usage.readings.v1.dlq``
-  dead-lettered by the pricer's consumer group.
-- ``posted``: charges the ledger applied to a customer's exact month sum (``charge_state``), zero-amount
+  ``dead_lettered_at_pricer``: distinct measurements of that hour and meter on ``usage.readings.v2.dlq``
+  and ``usage.readings.v1.dlq`` dead-lettered by the pricer's consumer group (a refused item of a batch
+  counts alone; a batch refused as a whole counts each of its items).
+- ``posted``: charges the ledger applied to a customer's exact month sum (``shard_state``), zero-amount
   and unpriced ones included (they count at 0 and are re-posted when re-priced; posting floors per
   customer, month and price, so a charge need not move a whole microcredit to be posted); ``held``:
-  charges whose org had no customer at that hour (``held_charges``); ``dead_lettered_at_ledger``:
-  distinct measurements on ``usage.charges.v1.dlq`` dead-lettered by the ledger's consumer group (the
+  charges whose org had no customer at that hour (``held_shards``); ``dead_lettered_at_ledger``:
+  distinct measurements on ``usage.charges.v2.dlq`` dead-lettered by the ledger's consumer group (the
   api's own group dead-letters the same bad charges too; those are not counted twice).
 - ``revisions_behind``: the sum of the latest charge revisions at the pricer minus the sum of the
   revisions the ledger applied (posted or held).
@@ -430,8 +431,9 @@ def report_json(
 
 # GET an owner's internal route: (service, path, query) -> its JSON body (errors are the caller's to raise).
 GetJson = Callable[[str, str, Mapping[str, str]], Awaitable[Any]]
-# Count the two DLQs: (usage.readings.v1.dlq by the pricer, usage.charges.v1.dlq by the ledger).
-CountDeadLetters = Callable[[], Awaitable[tuple[DeadLetterCounts, DeadLetterCounts]]]
+# Count the DLQs: ([usage.readings.v2.dlq, usage.readings.v1.dlq] by the pricer, usage.charges.v2.dlq by the
+# ledger).
+CountDeadLetters = Callable[[], Awaitable[tuple[Sequence[DeadLetterCounts], DeadLetterCounts]]]
 
 
 async def build_report(
@@ -447,7 +449,11 @@ async def build_report(
         dead_letters(),
     )
     collector = parse_collector(c)
+    pricer_rows: dict[Key, int] = {}
+    for counts in at_pricer:
+        for key, n in counts.by_row.items():
+            pricer_rows[key] = pricer_rows.get(key, 0) + n
     rows = reconcile(
-        hours_between(start, end), collector, parse_pricer(p), parse_ledger(led), at_pricer.by_row, at_ledger.by_row
+        hours_between(start, end), collector, parse_pricer(p), parse_ledger(led), pricer_rows, at_ledger.by_row
     )
-    return report_json(start, end, rows, collector.meters, (at_pricer, at_ledger), utcnow())
+    return report_json(start, end, rows, collector.meters, (*at_pricer, at_ledger), utcnow())

@@ -4,9 +4,10 @@ A DLQ (``<topic>.dlq``, see ``shared.kafka``) holds the original bytes of each r
 reason and the consumer group that refused it in headers. It is read here from the beginning to the end
 offsets it had when the count started, without a consumer group (nothing is committed, nothing joins a
 group). Best effort by nature: a message is attributed to (hour, meter) from its JSON's ``reading_hour``
-and ``meter`` (floored to the hour); one that is not JSON, or lacks them, is unattributed. Each
-measurement counts once (by the value's measurement id; without one, by the original record's topic,
-partition and offset, so the same record dead-lettered again after a redelivery counts once).
+and ``meter`` (floored to the hour); one that is not JSON, or lacks them, is unattributed. A batch (the
+v2 topics; refused items come as a batch of their own) counts each of its items. Each measurement counts
+once (by (hour, meter, resource id); without a resource id, by the original record's topic, partition and
+offset, so the same record dead-lettered again after a redelivery counts once).
 """
 
 from __future__ import annotations
@@ -24,16 +25,16 @@ from aiokafka.errors import KafkaError
 
 from services.api.completeness import DeadLetterCounts, Key
 from shared.clock import hour_floor
-from shared.topics import CHARGES, READINGS, dlq
+from shared.topics import CHARGES, READINGS, READINGS_V1, dlq
 
 __all__ = ["attribute", "count_for_report", "tally"]
 
 log = logging.getLogger(__name__)
 
 
-def attribute(value: bytes | None, id_field: str) -> tuple[Key, str | None] | None:
-    """((reading hour, meter), measurement id or None) of a dead-lettered value, or None when it names
-    no reading hour with a zone and no meter."""
+def attribute(value: bytes | None) -> tuple[Key, list[str | None]] | None:
+    """((reading hour, meter), the resource id of each measurement it carries, None where it names none)
+    of a dead-lettered value, or None when it names no reading hour with a zone and no meter."""
     if not value:
         return None
     try:
@@ -50,8 +51,10 @@ def attribute(value: bytes | None, id_field: str) -> tuple[Key, str | None] | No
         hour = hour_floor(moment)  # refuses a naive time
     except (ValueError, OverflowError):
         return None
-    ident = doc.get(id_field)
-    return (hour, meter), ident if isinstance(ident, str) and len(ident) <= 64 else None
+    ids = doc.get("resource_id")
+    if isinstance(ids, list):  # a batch: one measurement per item
+        return (hour, meter), [r if isinstance(r, str) and len(r) <= 64 else None for r in ids[:100_000]]
+    return (hour, meter), [ids if isinstance(ids, str) and len(ids) <= 64 else None]
 
 
 def _position(record: Any) -> tuple[str, ...]:
@@ -66,7 +69,6 @@ async def tally(
     bootstrap_servers: str,
     topic: str,
     groups: Iterable[str],
-    id_field: str,
     start: datetime,
     end: datetime,
     timeout: float = 20.0,
@@ -76,7 +78,7 @@ async def tally(
     broker: a topic that cannot be read (completely) comes back with ``complete`` False."""
     counts = DeadLetterCounts(topic=topic, groups=tuple(sorted(set(groups))))
     try:
-        await asyncio.wait_for(_read(bootstrap_servers, topic, id_field, start, end, counts), timeout)
+        await asyncio.wait_for(_read(bootstrap_servers, topic, start, end, counts), timeout)
     except (TimeoutError, KafkaError, OSError) as exc:
         counts.complete = False
         counts.error = type(exc).__name__ if isinstance(exc, TimeoutError) else str(exc)[:200] or type(exc).__name__
@@ -84,9 +86,7 @@ async def tally(
     return counts
 
 
-async def _read(
-    bootstrap_servers: str, topic: str, id_field: str, start: datetime, end: datetime, counts: DeadLetterCounts
-) -> None:
+async def _read(bootstrap_servers: str, topic: str, start: datetime, end: datetime, counts: DeadLetterCounts) -> None:
     partitions = await _partitions(bootstrap_servers, topic)
     if not partitions:
         return  # no such topic: nothing was dead-lettered there
@@ -116,7 +116,7 @@ async def _read(
                 for record in records:
                     if record.offset < ends[tp]:
                         counts.records += 1
-                        _count(record, wanted, id_field, start, end, seen, counts)
+                        _count(record, wanted, start, end, seen, counts)
             for tp in list(pending):
                 if await consumer.position(tp) >= ends[tp]:
                     pending.discard(tp)
@@ -140,7 +140,6 @@ async def _partitions(bootstrap_servers: str, topic: str) -> list[int]:
 def _count(
     record: Any,
     wanted: set[str],
-    id_field: str,
     start: datetime,
     end: datetime,
     seen: set[tuple[str, ...]],
@@ -149,29 +148,36 @@ def _count(
     group = dict(record.headers or ()).get("dlq.group", b"").decode(errors="replace")
     if group not in wanted:
         return
-    found = attribute(record.value, id_field)
-    key = ("measurement", found[1]) if found is not None and found[1] is not None else _position(record)
-    if key in seen:
-        return
-    seen.add(key)
-    counts.counted += 1
+    found = attribute(record.value)
     if found is None:
-        counts.unattributed += 1
+        key = _position(record)
+        if key not in seen:
+            seen.add(key)
+            counts.counted += 1
+            counts.unattributed += 1
         return
-    row = found[0]
-    if start <= row[0] < end:
-        counts.by_row[row] = counts.by_row.get(row, 0) + 1
+    row, resources = found
+    for n, rid in enumerate(resources):
+        key = ("measurement", row[0].isoformat(), row[1], rid) if rid is not None else (*_position(record), str(n))
+        if key in seen:
+            continue
+        seen.add(key)
+        counts.counted += 1
+        if start <= row[0] < end:
+            counts.by_row[row] = counts.by_row.get(row, 0) + 1
 
 
 async def count_for_report(
     bootstrap_servers: str, topic_of: Callable[[str], str], start: datetime, end: datetime
-) -> tuple[DeadLetterCounts, DeadLetterCounts]:
-    """The two DLQs the completeness report reconciles: ``usage.readings.v1.dlq`` as the pricer's group
-    dead-lettered it, ``usage.charges.v1.dlq`` as the ledger's (not the api's). ``topic_of`` is the
-    deployment's ``settings.topic``: topics and groups carry its prefix (a group is also matched by its
-    bare service name, as deployments before prefixed groups named them)."""
-    pricer, ledger = await asyncio.gather(
-        tally(bootstrap_servers, dlq(topic_of(READINGS)), {topic_of("pricer"), "pricer"}, "id", start, end),
-        tally(bootstrap_servers, dlq(topic_of(CHARGES)), {topic_of("ledger"), "ledger"}, "measurement_id", start, end),
+) -> tuple[list[DeadLetterCounts], DeadLetterCounts]:
+    """The DLQs the completeness report reconciles: ``usage.readings.v2.dlq`` and ``usage.readings.v1.dlq``
+    as the pricer's group dead-lettered them, ``usage.charges.v2.dlq`` as the ledger's (not the api's).
+    ``topic_of`` is the deployment's ``settings.topic``: topics and groups carry its prefix (a group is
+    also matched by its bare service name, as deployments before prefixed groups named them)."""
+    pricer_groups, ledger_groups = {topic_of("pricer"), "pricer"}, {topic_of("ledger"), "ledger"}
+    v2, v1, ledger = await asyncio.gather(
+        tally(bootstrap_servers, dlq(topic_of(READINGS)), pricer_groups, start, end),
+        tally(bootstrap_servers, dlq(topic_of(READINGS_V1)), pricer_groups, start, end),
+        tally(bootstrap_servers, dlq(topic_of(CHARGES)), ledger_groups, start, end),
     )
-    return pricer, ledger
+    return [v2, v1], ledger
