@@ -32,9 +32,8 @@ from services.ledger.app import create_app as ledger_app
 from services.ledger.settings import LedgerSettings
 from services.pricer.app import create_app as pricer_app
 from services.pricer.settings import PricerSettings
-from shared import ids
-from shared.contracts import ChargeComputed
-from shared.kafka import Outgoing, encode, group_lag
+from shared.batches import Charges, Ref, charges_id, encode_charges, shard_key, shard_of
+from shared.kafka import Outgoing, group_lag
 from shared.topics import CHARGES, READINGS
 from simulator import FaultConfig, Foundation, SimConfig
 from tests.sim_server import running_sim, serve_app
@@ -61,18 +60,19 @@ COUNTED = (
 
 
 class CorruptingPublisher:
-    """Publishes like the collector's publisher, but turns one measurement into an invalid message (a
-    negative value) on its way: the pricer must dead-letter it, and the report must count it there."""
+    """Publishes like the collector's publisher, but turns one measurement of one hour into an invalid item
+    (a negative value) on its way: the pricer must dead-letter that item alone, and the report must count
+    it there."""
 
-    def __init__(self, inner: Any, target: str) -> None:
-        self.inner, self.target, self.corrupted = inner, target.encode(), 0
+    def __init__(self, inner: Any, hour: datetime, target: str) -> None:
+        self.inner, self.hour, self.target, self.corrupted = inner, hour, target, 0
 
     async def publish(self, topic: str, messages: Any) -> int:
         out = []
         for m in messages:
-            if self.target in m.value:
-                doc = orjson.loads(m.value)
-                doc["value"] = -1
+            doc = orjson.loads(m.value)
+            if datetime.fromisoformat(doc["reading_hour"]) == self.hour and self.target in doc["resource_id"]:
+                doc["value"][doc["resource_id"].index(self.target)] = -1
                 m = Outgoing(m.key, orjson.dumps(doc), m.headers)
                 self.corrupted += 1
             out.append(m)
@@ -201,39 +201,28 @@ async def test_the_report_counts_every_stage_and_flags_what_does_not_reconcile(p
 
         # One measurement of hour 1 is corrupted on its way to the pricer.
         victim = min(k for k in oracle(world, HOURS[1]) if k[0] == "cfservices")
-        victim_id = str(ids.measurement_id(HOURS[1], *victim))
-        corrupting = CorruptingPublisher(p.collector.publisher, victim_id)
+        corrupting = CorruptingPublisher(p.collector.publisher, HOURS[1], victim[1])
         p.collector.publisher = corrupting
         outcomes = [await p.collector.take_reading(HOURS[k], kind="periodic") for k in (0, 1, 3, 4)]
         assert [bool(o.errors) for o in outcomes] == [False, False, False, True]
         assert corrupting.corrupted == 1
 
-        # Garbage on both topics (no hour, no meter), and a charge the pricer never made (priced without a
-        # price: the ledger refuses it) for the hour before the first reading.
+        # Garbage on both topics (no hour, no meter), and a charge the pricer never made (unpriced with an
+        # amount: every consumer refuses the item) for the hour before the first reading.
         intruder_hour = HOURS[0] - H
-        measurement = ids.measurement_id(intruder_hour, "cfapps", "intruder-app")
-        intruder = ChargeComputed(
-            id=ids.charge_id(measurement, 1),
-            measurement_id=measurement,
-            revision=1,
-            reading_hour=intruder_hour,
-            meter="cfapps",
-            resource_id="intruder-app",
-            org_id=world.orgs()[0].guid,
-            value=64,
-            unit="MB",
-            status="priced",
-            price_id=None,
-            amount_numerator=5,
-            amount_denominator=1,
-            display_amount="0.000005",
-            priced_at=intruder_hour,
+        shard = shard_of("intruder-app")
+        intruder = Charges(
+            id=charges_id(intruder_hour, "cfapps", shard, ["intruder-app"], [1]),
+            reading_hour=intruder_hour, meter="cfapps", unit="MB", shard=shard, priced_at=intruder_hour,
+            orgs=[Ref(world.orgs()[0].guid)], spaces=[Ref("")], kinds=[""], prices=[],
+            resource_id=["intruder-app"], resource_name=[""], org=[0], space=[0], kind=[0], value=[64],
+            estimated=[False], revision=[1], price=[-1], amount_numerator=[5], amount_denominator=[1],
         )
         publisher = p.api.publisher
         await publisher.publish(p.prefix + READINGS, [Outgoing(b"x", b"this is not a measurement")])
         await publisher.publish(
             p.prefix + CHARGES,
-            [Outgoing(b"x", b"\x00 nor a charge"), Outgoing(world.orgs()[0].guid.encode(), encode(intruder))],
+            [Outgoing(b"x", b"\x00 nor a charge"), Outgoing(shard_key(shard), encode_charges(intruder))],
         )
         await p.caught_up()
 
@@ -309,20 +298,26 @@ async def test_the_report_counts_every_stage_and_flags_what_does_not_reconcile(p
     assert clean["reconciles"] is True and clean["flagged"] == 0 and clean["hours"] == 4
     assert len(clean["rows"]) == 8 and all(r["revisions_behind"] == 0 for r in clean["rows"])
 
-    # A deliberately un-posted hour: the ledger loses three charges of hour 3's apps.
+    # A deliberately un-posted hour: the ledger loses three charges of hour 3's apps (taken out of one
+    # shard's applied charges, with its counts).
     conn = await asyncpg.connect(database.admin_dsn)
     try:
-        lost = await conn.fetchval(
-            """WITH gone AS (
-                   DELETE FROM ledger.charge_state WHERE ctid IN (
-                       SELECT ctid FROM ledger.charge_state WHERE reading_hour = $1 AND meter = 'cfapps' LIMIT 3)
-                   RETURNING 1)
-               SELECT count(*) FROM gone""",
+        row = await conn.fetchrow(
+            """SELECT shard, items FROM ledger.shard_state
+                WHERE reading_hour = $1 AND meter = 'cfapps' AND posted >= 3 ORDER BY shard LIMIT 1""",
             HOURS[3],
+        )
+        doc = orjson.loads(row["items"])
+        lost = doc["v"][:3]
+        kept = {k: v[3:] for k, v in doc.items()}
+        await conn.execute(
+            """UPDATE ledger.shard_state SET items = $3, posted = posted - 3, revisions = revisions - $4
+                WHERE reading_hour = $1 AND meter = 'cfapps' AND shard = $2""",
+            HOURS[3], row["shard"], orjson.dumps(kept), sum(lost),
         )
     finally:
         await conn.close()
-    assert lost == 3
+    assert len(lost) == 3
     after = await p.report(HOURS[0], HOURS[4])
     w = want[(HOURS[3], "cfapps")]
     bad = [r for r in after["rows"] if not r["reconciles"]]

@@ -241,9 +241,12 @@ async def test_build_report_asks_each_owner_and_refuses_a_wrong_answer():
         asked.append((service, path, dict(params)))
         return answers[service]
 
-    async def dlqs() -> tuple[DeadLetterCounts, DeadLetterCounts]:
+    async def dlqs() -> tuple[list[DeadLetterCounts], DeadLetterCounts]:
         return (
-            DeadLetterCounts("r.dlq", ("pricer",), records=1, counted=1, by_row={(HOURS[0], "cfapps"): 1}),
+            [
+                DeadLetterCounts("r2.dlq", ("pricer",), records=1, counted=1, by_row={(HOURS[0], "cfapps"): 1}),
+                DeadLetterCounts("r1.dlq", ("pricer",)),
+            ],
             DeadLetterCounts("c.dlq", ("ledger",)),
         )
 
@@ -253,6 +256,7 @@ async def test_build_report_asks_each_owner_and_refuses_a_wrong_answer():
         for s in ("collector", "ledger", "pricer")
     ]
     assert doc["reconciles"] is True and doc["rows"][0]["dead_lettered_at_pricer"] == 1
+    assert [d["topic"] for d in doc["dead_letters"]] == ["r2.dlq", "r1.dlq", "c.dlq"]
     answers["pricer"] = {"items": [{"hour": "2026-10-06T04:00:00", "meter": "cfapps", "priced": 1}]}  # a naive hour
     with pytest.raises(UpstreamAnswerError):
         await build_report(get_json, dlqs, HOURS[0], HOURS[0] + H)
@@ -326,12 +330,16 @@ def test_the_internal_contract_refuses_naive_hours_and_negative_counts_and_is_do
 
 
 def test_a_dead_letter_is_attributed_by_its_reading_hour_and_meter():
-    doc = {"id": "m-1", "reading_hour": "2026-10-06T04:00:00Z", "meter": "cfapps", "value": -1}
-    assert attribute(orjson.dumps(doc), "id") == ((T, "cfapps"), "m-1")
+    doc = {"id": "m-1", "resource_id": "app-1", "reading_hour": "2026-10-06T04:00:00Z", "meter": "cfapps", "value": -1}
+    assert attribute(orjson.dumps(doc)) == ((T, "cfapps"), ["app-1"])
     # a time inside the hour, in another zone, belongs to its UTC hour
-    assert attribute(orjson.dumps({**doc, "reading_hour": "2026-10-06T00:30:00-04:00"}), "id") == ((T, "cfapps"), "m-1")
-    assert attribute(orjson.dumps({**doc, "id": 7}), "id") == ((T, "cfapps"), None)
-    assert attribute(orjson.dumps({**doc, "measurement_id": "m-2"}), "measurement_id") == ((T, "cfapps"), "m-2")
+    assert attribute(orjson.dumps({**doc, "reading_hour": "2026-10-06T00:30:00-04:00"})) == ((T, "cfapps"), ["app-1"])
+    assert attribute(orjson.dumps({**doc, "resource_id": 7})) == ((T, "cfapps"), [None])
+
+
+def test_a_dead_lettered_batch_counts_each_of_its_measurements():
+    batch = {"reading_hour": "2026-10-06T04:00:00Z", "meter": "cfservices", "resource_id": ["si-1", "si-2", 3]}
+    assert attribute(orjson.dumps(batch)) == ((T, "cfservices"), ["si-1", "si-2", None])
 
 
 @pytest.mark.parametrize(
@@ -352,7 +360,7 @@ def test_a_dead_letter_is_attributed_by_its_reading_hour_and_meter():
     ],
 )
 def test_what_names_no_hour_and_meter_is_unattributed(value):
-    assert attribute(value, "id") is None
+    assert attribute(value) is None
 
 
 # ------------------------------------------------------------------------------------------ the CLI
@@ -363,7 +371,7 @@ def stub_report(reconciles: bool) -> dict[str, Any]:
     if not reconciles:
         led[(HOURS[1], "cfapps")] = LedgerRow(posted=5, held=2, revisions=7)
     rows = reconcile(HOURS, c, p, led, {}, {})
-    dlq = DeadLetterCounts("usage.readings.v1.dlq", ("pricer",), records=4, counted=3, unattributed=1)
+    dlq = DeadLetterCounts("usage.readings.v2.dlq", ("pricer",), records=4, counted=3, unattributed=1)
     return report_json(HOURS[0], HOURS[-1] + H, rows, ("cfapps",), [dlq], NOW)
 
 
@@ -395,7 +403,7 @@ def test_the_cli_exits_0_when_everything_reconciles_and_1_when_not():
     assert code == EXIT_FLAGGED
     assert "2026-10-06T05:00:00Z cfapps posted: priced 7 + unpriced 3 = 10 charges" in out
     assert "1 row(s) do not reconcile" in out and "3 reconciling rows not shown" in out
-    assert "usage.readings.v1.dlq (pricer): 3 dead-lettered, 1 without an hour and meter" in out
+    assert "usage.readings.v2.dlq (pricer): 3 dead-lettered, 1 without an hour and meter" in out
 
 
 def test_the_cli_prints_the_api_json_as_it_came():
