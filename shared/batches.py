@@ -17,6 +17,7 @@ appears twice in one message with other facts (the same facts twice count once).
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 import zlib
 from collections.abc import Callable, Sequence
@@ -25,9 +26,9 @@ from datetime import UTC, datetime
 from typing import Annotated, Generic, Literal, NamedTuple, TypeVar
 
 import msgspec
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from shared.contracts import MAX_ITEMS, SHARDS, ChargesComputed, MeasurementsTaken
+from shared.contracts import MAX_ITEMS, SHARDS, ChargesComputed, MeasurementsTaken, UtcDatetime
 from shared.ids import NAMESPACE
 
 __all__ = [
@@ -125,6 +126,7 @@ _Time = Annotated[datetime, msgspec.Meta(tz=True)]
 _Str64 = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 _Str32 = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
 _Shard = Annotated[int, msgspec.Meta(ge=0, lt=SHARDS)]
+_Table = msgspec.Meta(max_length=MAX_ITEMS)  # the contract's limit on the orgs, spaces, kinds and prices
 
 
 class Ref(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
@@ -153,9 +155,9 @@ class Measurements(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=F
     unit: _Str32
     shard: _Shard
     taken_at: _Time
-    orgs: list[Ref]
-    spaces: list[Ref]
-    kinds: list[Annotated[str, msgspec.Meta(max_length=128)]]
+    orgs: Annotated[list[Ref], _Table]
+    spaces: Annotated[list[Ref], _Table]
+    kinds: Annotated[list[Annotated[str, msgspec.Meta(max_length=128)]], _Table]
     resource_id: list[str]
     resource_name: list[str]
     org: list[int]
@@ -176,10 +178,10 @@ class Charges(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False)
     unit: _Str32
     shard: _Shard
     priced_at: _Time
-    orgs: list[Ref]
-    spaces: list[Ref]
-    kinds: list[Annotated[str, msgspec.Meta(max_length=128)]]
-    prices: list[Price]
+    orgs: Annotated[list[Ref], _Table]
+    spaces: Annotated[list[Ref], _Table]
+    kinds: Annotated[list[Annotated[str, msgspec.Meta(max_length=128)]], _Table]
+    prices: Annotated[list[Price], _Table]
     resource_id: list[str]
     resource_name: list[str]
     org: list[int]
@@ -232,11 +234,37 @@ def describe_error(exc: ValidationError) -> str:
     return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
 
 
-def _utc(struct: B) -> B | None:
+_TIME_NAMES = ("reading_hour", "taken_at", "priced_at")
+# pydantic truncates fractional seconds beyond the sixth digit, msgspec rounds them (05:59:59.9999999 would
+# be the hour 06:00): such times, and any a JSON escape may hide (\u0039 is a 9), are read as the contract
+# reads them.
+_LONG_FRACTION = re.compile(rb"\.\d{7}")
+_LONG_FRACTION_TEXT = re.compile(r"\.\d{7}")
+_contract_time = TypeAdapter(UtcDatetime)
+
+
+class _TimeTexts(msgspec.Struct):
+    reading_hour: str | None = None
+    taken_at: str | None = None
+    priced_at: str | None = None
+
+
+def _utc(struct: B, raw: bytes) -> B | None:
     moved: dict[str, datetime] = {}
-    for name in ("reading_hour", "taken_at", "priced_at"):
+    texts = None
+    if _LONG_FRACTION.search(raw) is not None or b"\\u" in raw:
+        texts = msgspec.json.decode(raw, type=_TimeTexts)
+    for name in _TIME_NAMES:
         moment = getattr(struct, name, None)
-        if moment is not None and moment.tzinfo is not UTC:
+        if moment is None:
+            continue
+        text = getattr(texts, name, None)
+        if text is not None and _LONG_FRACTION_TEXT.search(text) is not None:
+            try:
+                moved[name] = _contract_time.validate_json(msgspec.json.encode(text))
+            except ValidationError:
+                return None
+        elif moment.tzinfo is not UTC:
             try:
                 moved[name] = moment.astimezone(UTC)
             except OverflowError:
@@ -333,7 +361,7 @@ def _decode(raw: bytes, struct: type[B], model: type[BaseModel], encode: Callabl
         msg = msgspec.json.decode(raw, type=struct)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return Decoded(None, [BatchRejected(_whole_reason(raw, model))])
-    utc = _utc(msg)
+    utc = _utc(msg, raw)
     if utc is None:
         return Decoded(None, [BatchRejected(_whole_reason(raw, model))])
     msg = utc

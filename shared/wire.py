@@ -100,7 +100,8 @@ _TIMES: dict[type[msgspec.Struct], tuple[str, ...]] = {
 }
 
 # pydantic truncates fractional seconds beyond the sixth digit, msgspec rounds them: such a message takes
-# the pydantic path. (The pattern may also match inside a text field; that only costs the slow path.)
+# the pydantic path, and so does one with a JSON escape, which may hide such a digit (\u0039 is a 9). (The
+# pattern may also match inside a text field; that only costs the slow path.)
 _LONG_FRACTION = re.compile(rb"\.\d{7}")
 
 S = TypeVar("S", bound=msgspec.Struct)
@@ -112,7 +113,7 @@ def _fast(struct: type[S]) -> Callable[[bytes], S | None]:
     long_fraction = _LONG_FRACTION.search
 
     def decode(raw: bytes) -> S | None:
-        if long_fraction(raw) is not None:
+        if long_fraction(raw) is not None or b"\\u" in raw:
             return None
         try:
             msg = decoder.decode(raw)
