@@ -1,4 +1,4 @@
-"""The collector's pure logic: estimation for missed hours, meters on bad input, the relay's bytes."""
+"""The collector's pure logic: estimation for missed hours, meters on bad input, the batches it stores and relays."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from hypothesis import strategies as st
 
 from services.collector.cf_client import CFClient
 from services.collector.meters import AppsMeter, ServicesMeter
-from services.collector.service import Previous, _message, estimate
+from services.collector.repository import BATCH_COLUMNS
+from services.collector.service import Previous, _batch_row, _parts, estimate
 from shared import ids
-from shared.contracts import MeasurementTaken
-from shared.kafka import encode
+from shared.batches import SHARDS, Item, Measurements, measurement_batches, shard_of
+from shared.contracts import MeasurementsTaken
 
 H0 = datetime(2026, 10, 1, 1, tzinfo=UTC)
 MISSING = [H0 + timedelta(hours=k) for k in (1, 2, 3)]
@@ -52,7 +53,8 @@ def cf_transport(pages: dict[str, dict]) -> httpx.MockTransport:
         if request.url.path == "/oauth/token":
             return httpx.Response(200, json={"access_token": "t", "token_type": "bearer", "expires_in": 600})
         body = pages[request.url.path]
-        return httpx.Response(200, json={"pagination": {"total_results": len(body["resources"]), "total_pages": 1, "next": None}, **body})
+        pagination = {"total_results": len(body["resources"]), "total_pages": 1, "next": None}
+        return httpx.Response(200, json={"pagination": pagination, **body})
 
     return httpx.MockTransport(handler)
 
@@ -91,7 +93,8 @@ async def test_apps_meter_records_bad_input_on_the_affected_measurement_and_goes
 
 async def test_services_meter_measures_managed_instances_with_their_plan_as_kind() -> None:
     pages = {"/v3/service_instances": {"resources": [
-        {"guid": "si1", "name": "db", "type": "managed", "relationships": {"service_plan": {"data": {"guid": "plan-a"}}, "space": {"data": {"guid": "s"}}}},
+        {"guid": "si1", "name": "db", "type": "managed",
+         "relationships": {"service_plan": {"data": {"guid": "plan-a"}}, "space": {"data": {"guid": "s"}}}},
         {"guid": "si2", "name": "up", "type": "user-provided", "relationships": {"space": {"data": {"guid": "s"}}}},
         {"guid": "si3", "name": "noplan", "type": "managed", "relationships": {"space": {"data": {"guid": "s"}}}},
     ]}}
@@ -102,18 +105,38 @@ async def test_services_meter_measures_managed_instances_with_their_plan_as_kind
     assert got == {"si1": (1, "plan-a", None), "si3": (1, "", "no service_plan relationship")}
 
 
-def test_relay_bytes_are_a_valid_contract_message() -> None:
-    row = {
-        "id": ids.measurement_id(H0, "cfapps", "r"), "reading_id": ids.reading_id(H0), "hour": H0, "meter": "cfapps",
-        "resource_id": "r", "resource_kind": "", "resource_name": "app", "org_id": "o", "org_name": "org",
-        "space_id": "s", "space_name": "space", "value": 512, "unit": "MB", "estimated": True,
-        "taken_at": datetime(2026, 10, 1, 2, 1, 3, 123456, tzinfo=UTC),
+def test_a_stored_batch_row_is_the_contract_message_it_relays() -> None:
+    taken_at = datetime(2026, 10, 1, 2, 1, 3, 123456, tzinfo=UTC)
+    rids = [r for r in (f"app-{i}" for i in range(200)) if shard_of(r) == 5][:3]
+    items = [Item(r, f"name {r}", "o", "org", "s", "space", "", 512 * (i + 1), estimated=i == 1)
+             for i, r in enumerate(reversed(rids))]
+    (b,) = measurement_batches(H0, "cfapps", "MB", items, reading_id=ids.reading_id(H0), taken_at=taken_at)
+    row = dict(zip(BATCH_COLUMNS, _batch_row(b, 0), strict=True))
+    assert {k: v for k, v in row.items() if k != "message"} == {
+        "hour": H0, "meter": "cfapps", "shard": 5, "part": 0, "reading_id": ids.reading_id(H0),
+        "measurements": 3, "estimated": 1,
     }
-    out = _message(row)  # type: ignore[arg-type]
-    validated = MeasurementTaken.model_validate_json(out.value)
-    assert out.value == encode(validated)
-    assert out.key == b"r"
-    assert orjson.loads(out.value)["reading_hour"] == "2026-10-01T01:00:00Z"
+    validated = MeasurementsTaken.model_validate_json(row["message"])
+    assert validated.resource_id == sorted(rids) and validated.shard == 5
+    assert sorted(zip(validated.resource_id, validated.value, validated.estimated, strict=True)) == sorted(
+        (it.resource_id, it.value, it.estimated) for it in items)
+    assert orjson.loads(row["message"])["reading_hour"] == "2026-10-01T01:00:00Z"
+    # The same measurements make the same bytes: a re-published batch is the message sent before.
+    (again,) = measurement_batches(H0, "cfapps", "MB", list(reversed(items)), reading_id=ids.reading_id(H0),
+                                   taken_at=taken_at)
+    assert _batch_row(again, 0)[-1] == row["message"]
+
+
+def test_parts_are_numbered_within_their_shard() -> None:
+    def stub(shard: int) -> Measurements:
+        return Measurements(
+            id=uuid.uuid4(), reading_id=uuid.uuid4(), reading_hour=H0, meter="m", unit="u", shard=shard, taken_at=H0,
+            orgs=[], spaces=[], kinds=[], resource_id=[], resource_name=[], org=[], space=[], kind=[], value=[],
+            estimated=[],
+        )
+
+    shards = [0, 3, 3, 3, 7, SHARDS - 1, SHARDS - 1]
+    assert [part for _, part in _parts([stub(s) for s in shards])] == [0, 0, 1, 2, 0, 0, 1]
 
 
 @pytest.mark.parametrize("status", [401, 403])
