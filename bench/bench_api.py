@@ -1,8 +1,8 @@
 """Benchmark of the api's monthly usage query (not a test).
 
 Fills the api's read model, on a fresh database, for one customer with ``--resources`` resources × a
-month of hourly charges (generated inside PostgreSQL; the daily and monthly rollups are then computed
-from them by SQL, as the consumer would have maintained them), starts the api as a subprocess (``billing
+month of hourly charges (through the read model's projector, as its consumer applies them), starts the
+api as a subprocess (``billing
 api``, uvicorn, as in production) with a local OIDC issuer, and hammers
 
     GET /v1/customers/{id}/usage?from=<month start>&to=<month end>&granularity=month&group_by=org
@@ -31,7 +31,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,9 @@ sys.path.insert(0, str(ROOT))
 from bench.common import KAFKA, drop_database, dsn, emit, fresh_database, fresh_topics  # noqa: E402
 from tests.sim_server import serve_app  # noqa: E402
 from shared.clock import month_bounds, parse_month  # noqa: E402
-from services.api.repository import group_rollups_backfill_sql  # noqa: E402
-from shared.db import migrate  # noqa: E402
+from services.api.projector import Projector  # noqa: E402
+from shared.batches import Charges, Item, Price, charges_id, measurement_batches  # noqa: E402
+from shared.db import create_pool, migrate  # noqa: E402
 
 CUSTOMER = uuid.UUID("0190b000-0000-7000-8000-0000000000be")
 MIGRATIONS = ROOT / "services" / "api" / "migrations"
@@ -57,100 +58,62 @@ MIGRATIONS = ROOT / "services" / "api" / "migrations"
 # ------------------------------------------------------------------------------------------ fill
 
 
-async def fill(conn: asyncpg.Connection, resources: int, orgs: int, spaces: int, month: str) -> dict[str, Any]:
-    """Hourly charges for every resource and hour of the month, then the rollups from them (SQL)."""
+async def fill(
+    conn: asyncpg.Connection, api_dsn: str, resources: int, orgs: int, spaces: int, month: str
+) -> dict[str, Any]:
+    """Hourly charges for every resource and hour of the month, through the read model's own projector
+    (as its consumer applies them, without Kafka), after the org-hour facts the ledger's usage lines would
+    bring, so that every charge is attributed as it is applied."""
     start, end = month_bounds(parse_month(month))
     hours = int((end - start).total_seconds() // 3600)
     t0 = time.perf_counter()
-    async with conn.transaction():
-        await conn.execute("SET LOCAL synchronous_commit = off")
-        await conn.execute("INSERT INTO customer (customer_id) VALUES ($1)", CUSTOMER)
-        # 512..2048 MB per app, priced at 1,000,000 microcredits per GB per 730 hours: exact, never rounded.
-        await conn.execute(
-            """
-            INSERT INTO charge (measurement_id, revision, charge_id, hour, org_id, space_id, resource_id, meter,
-                                resource_kind, unit, value, amount_num, amount_den, priced, estimated)
-            SELECT md5('m|' || r || '|' || h)::uuid, 1, md5('c|' || r || '|' || h)::uuid,
-                   $1::timestamptz + h * interval '1 hour',
-                   'org-' || (r % $3), 'space-' || (r % $4), 'app-' || r, 'cfapps', '', 'MB',
-                   512 * (1 + r % 4), 512 * (1 + r % 4) * 1000000, 1024 * 730, true, false
-            FROM generate_series(0, $2 - 1) AS r, generate_series(0, $5 - 1) AS h
-            """,
-            start,
-            resources,
-            orgs,
-            spaces,
-            hours,
-        )
-        t_charges = time.perf_counter()
-        await conn.execute(
-            """
-            INSERT INTO org_customer_hour (org_id, hour, customer_id)
-            SELECT 'org-' || o, $1::timestamptz + h * interval '1 hour', $2
-            FROM generate_series(0, $3 - 1) AS o, generate_series(0, $4 - 1) AS h
-            """,
-            start,
-            CUSTOMER,
-            orgs,
-            hours,
-        )
-        await conn.execute(
-            """
-            INSERT INTO usage_day (customer_id, day, resource_id, meter, resource_kind, org_id, space_id, unit,
-                                   value, amount_num, amount_den)
-            SELECT $1, day, resource_id, meter, resource_kind, org_id, space_id, unit, v, r[1], r[2]
-            FROM (SELECT (hour AT TIME ZONE 'America/New_York')::date AS day, resource_id, meter, resource_kind,
-                         org_id, space_id, unit, sum(value) AS v, rat_sum(amount_num, amount_den) AS r
-                  FROM charge GROUP BY 1, 2, 3, 4, 5, 6, 7) d
-            """,
-            CUSTOMER,
-        )
-        for dim, key, key2 in (
-            ("org", "org_id", "''"),
-            ("space", "space_id", "''"),
-            ("resource", "resource_id", "''"),
-            ("meter", "meter", "''"),
-            ("kind", "meter", "resource_kind"),
-        ):
-            await conn.execute(
-                f"""
-                INSERT INTO usage_month (customer_id, dim, month, key, key2, unit, value, amount_num, amount_den)
-                SELECT $1, $2, m, k, k2, unit, v, r[1], r[2]
-                FROM (SELECT date_trunc('month', day)::date AS m, {key} AS k, {key2} AS k2, unit, sum(value) AS v,
-                             rat_sum(amount_num, amount_den) AS r
-                      FROM usage_day WHERE customer_id = $1 GROUP BY 1, 2, 3, 4) g
-                """,
-                CUSTOMER,
-                dim,
-            )
-        # The hourly and daily rollups per group, with the statements migration 002 fills them with.
-        await conn.execute(group_rollups_backfill_sql())
-        await conn.execute("INSERT INTO org_info SELECT 'org-' || o, 'Org ' || o FROM generate_series(0, $1 - 1) o", orgs)
-        await conn.execute(
-            "INSERT INTO space_info SELECT 'space-' || s, 'Space ' || s, 'org-' || (s % $2) FROM generate_series(0, $1 - 1) s",
-            spaces,
-            orgs,
-        )
-        await conn.execute(
-            """
-            INSERT INTO resource_info SELECT 'app-' || r, 'App ' || r, 'cfapps', '', 'space-' || (r % $3), 'org-' || (r % $2)
-            FROM generate_series(0, $1 - 1) r
-            """,
-            resources,
-            orgs,
-            spaces,
-        )
-        counts = {
-            t: await conn.fetchval(f"SELECT count(*) FROM {t}")
-            for t in ("charge", "usage_day", "usage_month", "usage_day_group", "usage_hour_group", "org_customer_hour")
-        }
-    await conn.execute("ANALYZE")
-    return {
-        "hours": hours,
-        "rows": counts,
-        "fill_seconds": round(time.perf_counter() - t0, 1),
-        "charges_seconds": round(t_charges - t0, 1),
+    await conn.execute("INSERT INTO customer (customer_id) VALUES ($1)", CUSTOMER)
+    await conn.execute(
+        """
+        INSERT INTO org_customer_hour (org_id, hour, customer_id)
+        SELECT 'org-' || o, $1::timestamptz + h * interval '1 hour', $2
+        FROM generate_series(0, $3 - 1) AS o, generate_series(0, $4 - 1) AS h
+        """,
+        start,
+        CUSTOMER,
+        orgs,
+        hours,
+    )
+    # 512..2048 MB per app, priced at 1,000,000 microcredits per GB per 730 hours: exact, never rounded.
+    template = measurement_batches(
+        start, "cfapps", "MB",
+        [Item(f"app-{r}", f"App {r}", f"org-{r % orgs}", f"Org {r % orgs}", f"space-{r % spaces}",
+              f"Space {r % spaces}", "", 512 * (1 + r % 4)) for r in range(resources)],
+        reading_id=uuid.uuid4(), taken_at=start,
+    )
+    price = Price(uuid.UUID(int=1), 1_000_000, 1024 * 730)
+    pool = await create_pool(api_dsn, "api", max_size=2)
+    projector = Projector(pool)
+    try:
+        batches: list[Charges] = []
+        for h in range(hours):
+            hour = start + timedelta(hours=h)
+            for m in template:
+                n = len(m.resource_id)
+                batches.append(Charges(
+                    id=charges_id(hour, m.meter, m.shard, m.resource_id, [1] * n), reading_hour=hour, meter=m.meter,
+                    unit=m.unit, shard=m.shard, priced_at=hour, orgs=m.orgs, spaces=m.spaces, kinds=m.kinds,
+                    prices=[price], resource_id=m.resource_id, resource_name=m.resource_name, org=m.org,
+                    space=m.space, kind=m.kind, value=m.value, estimated=m.estimated, revision=[1] * n,
+                    price=[0] * n, amount_numerator=[v * 1_000_000 for v in m.value], amount_denominator=[1024 * 730] * n,
+                ))
+            if h % 24 == 23 or h == hours - 1:  # a day at a time, as the consumer takes a batch
+                await projector.apply_charges(batches)
+                batches = []
+    finally:
+        await pool.close()
+    counts = {
+        t: await conn.fetchval(f"SELECT count(*) FROM {t}")
+        for t in ("charge_shard", "usage_resource_day", "usage_resource_month", "usage_month", "usage_day_group",
+                  "usage_hour_group", "org_customer_hour")
     }
+    await conn.execute("ANALYZE")
+    return {"hours": hours, "rows": counts, "fill_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def answer_is_exact(body: dict[str, Any], resources: int, orgs: int, hours: int) -> bool:
@@ -340,7 +303,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         conn = await asyncpg.connect(dsn(database, "api"), server_settings={"search_path": "api", "timezone": "UTC"}, command_timeout=None)
         try:
             await migrate(conn, "api", MIGRATIONS)
-            filled = await fill(conn, opts.resources, opts.orgs, opts.spaces, opts.month)
+            filled = await fill(conn, dsn(database, "api"), opts.resources, opts.orgs, opts.spaces, opts.month)
         finally:
             await conn.close()
         start, end = month_bounds(parse_month(opts.month))

@@ -1,7 +1,8 @@
 """The limits and the alternative, on the same rows and the same machine:
 
 - Kafka's own producer performance tool (``org.apache.kafka.tools.ProducerPerformance``), records of the
-  size of our measurement messages, acks=all and idempotence as our producer: the broker's limit;
+  size of our readings batches (usage.readings.v2), acks=all and idempotence as our producer: the
+  broker's limit, in messages and in the measurements they carry;
 - PostgreSQL ``COPY`` of the same measurement rows into a table with a uuid primary key: the database's;
 - one set-based SQL statement that prices and posts the whole month (the reference system's approach):
   floor(sum(value × price / unit)) per customer, month and price, from a measurements table.
@@ -44,12 +45,12 @@ async def main(n_resources: int, n_hours: int) -> None:
     world = World(n_resources)
     total = n_resources * n_hours
     prefix = await fresh_topics()
-    sample = world.rows(START)[0]
-    from services.collector.service import _message
-
-    size = len(_message(sample).value)  # type: ignore[arg-type]
+    batches = world.messages(START)
+    size = round(sum(len(m.value) for m in batches) / len(batches))
+    per_message = n_resources / len(batches)
+    messages = round(total / per_message)
     try:
-        kafka_rate = producer_perf(prefix + READINGS, total, size)
+        kafka_rate = producer_perf(prefix + READINGS, messages, size)
     finally:
         await delete_topics(KAFKA, prefix=prefix)
 
@@ -91,8 +92,9 @@ async def main(n_resources: int, n_hours: int) -> None:
     want = sum(world.expected_used([START + HOUR * k for k in range(n_hours)]).values())
     assert posted == want, (posted, want)
     emit({
-        "measurements": total, "record_size": size,
+        "measurements": total, "record_size": size, "measurements_per_record": round(per_message, 1),
         "kafka_producer_perf_records_per_s": round(kafka_rate),
+        "kafka_producer_perf_measurements_per_s": round(kafka_rate * per_message),
         "postgres_copy_rows_per_s": round(total / copy_s),
         "set_based_sql_seconds": round(sql_s, 1),
         "set_based_sql_measurements_per_s": round(total / sql_s),

@@ -66,6 +66,16 @@ class World:
     def factor(hour: datetime) -> int:
         return 1 + int((hour - START) / HOUR) % 3
 
+    def rows(self, hour: datetime) -> list[dict[str, Any]]:
+        """The hour's measurements as rows (the set-based SQL baseline stores them so)."""
+        f = self.factor(hour)
+        make = {m: ids.measurement_ids(hour, m) for m in ("cfapps", "cfservices")}
+        return [
+            {"id": make[meter](res), "meter": meter, "resource_id": res, "resource_kind": kind, "org_id": org,
+             "value": base * f}
+            for res, meter, kind, org, base, _ in self.resources
+        ]
+
     def messages(self, hour: datetime) -> list[Outgoing]:
         """The hour's readings as the collector's relay publishes them: usage.readings.v2 batches (built
         from the batches of the first hour with this hour's values: the relay sends stored bytes, it does

@@ -235,7 +235,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         conn = await asyncpg.connect(dsn(database, "api"), server_settings={"search_path": "api", "timezone": "UTC"}, command_timeout=None)
         try:
             await migrate(conn, "api", MIGRATIONS)
-            filled = await fill(conn, opts.resources, opts.orgs, opts.spaces, opts.month)
+            filled = await fill(conn, dsn(database, "api"), opts.resources, opts.orgs, opts.spaces, opts.month)
             filled["ledger_transactions"] = await fill_ledger(conn, opts.month, 5_000_000)
         finally:
             await conn.close()

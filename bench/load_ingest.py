@@ -7,7 +7,7 @@ resources (its ``World``), waiting until every customer's balance in the api ref
 the next: one hour every ~4 s (publish -> balance p50 3.5 s, p99 4.3 s on the 2-core machine, README),
 i.e. ~2,500 measurements/s. Twice that here: ``--resources 20000`` per simulated hour, one hour every
 ``--hour-seconds 4`` on a fixed schedule (not waiting for the pipeline) = 5,000 measurements/s, published
-as the collector's relay publishes (``services.collector.service._message``, keyed by resource).
+as the collector's relay publishes (usage.readings.v2 batches, keyed by shard).
 
 The pricer, the ledger and the api run as their own processes (``tests.stack.Stack``) on a fresh
 database and topic set. Every ``--sample-seconds`` the RSS of each service and the lag of each consumer
@@ -51,7 +51,6 @@ from aiokafka.admin import AIOKafkaAdminClient
 from bench.bench_e2e import HOUR, START, World, set_up
 from bench.common import KAFKA, ROOT, drop_database, dsn, emit, fresh_database, fresh_topics
 from bench.load_api import record_load
-from services.collector.service import _message
 from shared.kafka import Publisher
 from shared.topics import CHARGES, READINGS, TRANSACTIONS, delete_topics
 from simulator.oidc import mint_token
@@ -198,7 +197,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                 else:
                     late += 1
                 h = START + HOUR * k
-                await publisher.publish(topic, [_message(r) for r in world.rows(h)])  # type: ignore[arg-type]
+                await publisher.publish(topic, world.messages(h))
                 published_hours.append(h)
                 if sampler.done():
                     sampler.result()
