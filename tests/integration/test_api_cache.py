@@ -5,17 +5,20 @@ working once its cached decision expires."""
 from __future__ import annotations
 
 from fractions import Fraction
+from typing import Any
 
 import pytest
 
-from tests.support.api_factories import charge
+from tests.support.api_factories import batches, charge
 from tests.support.api_harness import running_api
 from tests.support.api_read_model import H1, OCT, A, B, fill, ts
 
 pytestmark = pytest.mark.integration
 
 
-async def test_cached_answers_expire_and_never_bypass_the_access_check(infra, database, topic_prefix):
+async def test_cached_answers_expire_and_never_bypass_the_access_check(
+    infra: Any, database: Any, topic_prefix: str
+) -> None:
     async with running_api(infra, database, topic_prefix, query_cache_seconds=30) as h:
         await fill(h)
         api = h.app.state.api
@@ -32,7 +35,7 @@ async def test_cached_answers_expire_and_never_bypass_the_access_check(infra, da
         assert stranger.status_code == 404 and "items" not in stranger.text
 
         # more usage arrives: within the time to live the answer is the cached one, after it the new one
-        await h.publish_charges([charge(H1, "app-new", org="org-x", value=1, amount=Fraction(1_000_000))])
+        await h.publish_charges(batches([charge(H1, "app-new", org="org-x", value=1, amount=Fraction(1_000_000))]))
         await h.caught_up()
         assert (await h.client.get(url, params=q, headers=h.admin)).content == first.content
         now[0] += 31

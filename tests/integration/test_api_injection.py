@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 PAYLOADS = [
     "' OR '1'='1",
-    "1; DROP TABLE api.charge; --",
+    "1; DROP TABLE api.charge_shard; --",
     "'; DELETE FROM api.ledger_transaction; --",
     f"{A}' OR 1=1 --",
     f"{A}; TRUNCATE api.usage_month",
@@ -66,7 +66,7 @@ async def snapshot(h: ApiHarness) -> dict[str, str]:
     return out
 
 
-async def test_injection_in_every_parameter_is_4xx_and_changes_nothing(harness: ApiHarness):
+async def test_injection_in_every_parameter_is_4xx_and_changes_nothing(harness: ApiHarness) -> None:
     h = harness
     await fill(h)
     await h.client.post("/admin/entitlements", json={"subject": "carol", "customer_id": str(A)}, headers=h.admin)
@@ -90,7 +90,7 @@ async def test_injection_in_every_parameter_is_4xx_and_changes_nothing(harness: 
     assert (await h.client.get(f"/v1/customers/{A}/usage", params=USAGE, headers=h.admin)).json() == usage_before
 
 
-async def test_hostile_text_in_a_token_and_a_body_is_only_ever_data(harness: ApiHarness):
+async def test_hostile_text_in_a_token_and_a_body_is_only_ever_data(harness: ApiHarness) -> None:
     h = harness
     await fill(h)
     before = await snapshot(h)

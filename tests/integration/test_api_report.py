@@ -19,7 +19,7 @@ from tests.support.api_read_model import A, fill, ny_month, oracle
 pytestmark = pytest.mark.integration
 
 
-async def test_the_report_of_a_month_matches_what_flowed_through_the_topics(harness: ApiHarness):
+async def test_the_report_of_a_month_matches_what_flowed_through_the_topics(harness: ApiHarness) -> None:
     h = harness
     await fill(h)
     token = h.issuer.token(customers=[str(A)], sub="report-user")
@@ -40,7 +40,10 @@ async def test_the_report_of_a_month_matches_what_flowed_through_the_topics(harn
         out = io.StringIO()
         assert await asyncio.to_thread(report, str(A), "2026-10", "csv", url, token, out=out) == 0
         rows = list(csv.DictReader(io.StringIO(out.getvalue())))
-        assert {r["resource_id"] for r in rows} == {"app-x1", "svc-x2", "app-x3", "app-z1"}
+        by_resource = {k[1]: v for k, v in oracle(A, ny_month, lambda c: c.resource_id).items() if k[0] == "2026-10"}
+        assert {r["resource_id"] for r in rows} == set(by_resource) == {"app-x1", "svc-x2", "app-x3", "app-x6", "app-z1"}
+        for r in rows:
+            assert r["microcredits_exact"] == "{0.numerator}/{0.denominator}".format(by_resource[r["resource_id"]][1])
 
         out = io.StringIO()
         assert await asyncio.to_thread(report, str(A), "2026-10", "table", url, token, out=out) == 0
@@ -49,5 +52,6 @@ async def test_the_report_of_a_month_matches_what_flowed_through_the_topics(harn
         # another customer's reader gets nothing
         err = io.StringIO()
         stranger = h.issuer.token(customers=[], sub="someone-else")
-        assert await asyncio.to_thread(report, str(A), "2026-10", "json", url, stranger, out=io.StringIO(), err=err) == 1
+        code = await asyncio.to_thread(report, str(A), "2026-10", "json", url, stranger, out=io.StringIO(), err=err)
+        assert code == 1
         assert "404" in err.getvalue()

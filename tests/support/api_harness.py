@@ -1,6 +1,7 @@
 """The harness the api's integration tests share: the real api app (its lifespan: pool, migrations,
 producer, consumers) on a fresh database and fresh topics, a local OIDC issuer on a random port, and a
-publisher for feeding the topics. (The factories of contract messages are in tests/support/api_factories.py.)"""
+publisher for feeding the topics as the pricer and the ledger do (charges batches keyed by their shard).
+(The factories of contract messages are in tests/support/api_factories.py.)"""
 
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 from services.api.app import create_app
+from services.api.projector import Projector
 from services.api.settings import ApiSettings
-from shared.contracts import ChargeComputed, StatementIssued, TransactionPosted
+from shared.batches import Charges
+from shared.contracts import StatementIssued, TransactionPosted
 from shared.kafka import Outgoing, Publisher, encode, group_lag
-from shared.topics import CHARGES, TRANSACTIONS
+from shared.topics import CHARGES, TRANSACTIONS, dlq
+from tests.support.api_factories import outgoing
 from tests.support.tokens import LocalIssuer, serve_issuer
 
 
@@ -31,17 +36,27 @@ class ApiHarness:
     admin_dsn: str
     app: Any = None
 
-    def headers(self, scopes: Sequence[str] = ("usage.read",), customers: Sequence[str] = (), **kw: Any) -> dict[str, str]:
+    def headers(
+        self, scopes: Sequence[str] = ("usage.read",), customers: Sequence[str] = (), **kw: Any
+    ) -> dict[str, str]:
         return {"authorization": f"Bearer {self.issuer.token(scopes=scopes, customers=customers, **kw)}"}
 
     @property
     def admin(self) -> dict[str, str]:
         return self.headers(scopes=["usage.admin"], sub="admin-1")
 
-    async def publish_charges(self, charges: Sequence[ChargeComputed]) -> None:
-        await self.publisher.publish(
-            self.settings.topic(CHARGES), [Outgoing(c.org_id.encode(), encode(c)) for c in charges]
-        )
+    async def publish_charges(self, charges: Sequence[Charges]) -> None:
+        """Publish charges batches (``api_factories.batches``) to the charges topic, keyed by shard."""
+        await self.publisher.publish(self.settings.topic(CHARGES), [outgoing(c) for c in charges])
+
+    async def project(
+        self, charges: Sequence[Charges] = (), ledger: Sequence[TransactionPosted | StatementIssued] = ()
+    ) -> None:
+        """Apply charges batches, then ledger messages, to the read model through a Projector of its own on
+        the app's pool: what the api's consumers do with them, without the round trip through Kafka."""
+        p = Projector(self.app.state.api.runtime.pool)
+        await p.apply_charges(list(charges))
+        await p.apply_ledger(list(ledger))
 
     async def publish_ledger(self, messages: Sequence[TransactionPosted | StatementIssued]) -> None:
         await self.publisher.publish(
@@ -67,7 +82,8 @@ class ApiHarness:
         topics = [self.settings.topic(CHARGES), self.settings.topic(TRANSACTIONS)]
 
         async def check() -> bool:
-            lags = [await group_lag(self.settings.kafka_bootstrap_servers, self.settings.topic("api"), t) for t in topics]
+            servers, group = self.settings.kafka_bootstrap_servers, self.settings.topic("api")
+            lags = [await group_lag(servers, group, t) for t in topics]
             return sum(lags) == 0
 
         await self.until(check, "the api's consumers to catch up")
@@ -77,6 +93,26 @@ class ApiHarness:
             return int(await self.sql(f"SELECT count(*) FROM api.{table}")) >= n
 
         await self.until(check, f"{n} rows in api.{table}")
+
+    async def dead_letters(self, topic: str, expected: int, timeout: float = 10) -> list[ConsumerRecord[bytes, bytes]]:
+        """The records of ``topic``'s DLQ (``topic`` unprefixed), read from its beginning: at least
+        ``expected`` of them, then whatever else comes within a second."""
+        consumer = AIOKafkaConsumer(
+            dlq(self.settings.topic(topic)), bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            auto_offset_reset="earliest", group_id=None, enable_auto_commit=False,
+        )
+        await consumer.start()
+        records: list[ConsumerRecord[bytes, bytes]] = []
+        try:
+            deadline = asyncio.get_running_loop().time() + timeout
+            while len(records) < expected and asyncio.get_running_loop().time() < deadline:
+                got = await consumer.getmany(timeout_ms=500)
+                records.extend(r for rs in got.values() for r in rs)
+            got = await consumer.getmany(timeout_ms=1000)
+            records.extend(r for rs in got.values() for r in rs)
+        finally:
+            await consumer.stop()
+        return records
 
 
 @contextlib.asynccontextmanager
@@ -103,13 +139,14 @@ async def running_api(infra: Any, database: Any, topic_prefix: str, **overrides:
         await publisher.start()
         try:
             async with app.router.lifespan_context(app):
-                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as client:
+                transport = httpx.ASGITransport(app=app)
+                async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as client:
                     yield ApiHarness(client, issuer, settings, publisher, database.admin_dsn, app)
         finally:
             await publisher.stop()
 
 
 @pytest.fixture
-async def harness(infra, database, topic_prefix) -> AsyncIterator[ApiHarness]:
+async def harness(infra: Any, database: Any, topic_prefix: str) -> AsyncIterator[ApiHarness]:
     async with running_api(infra, database, topic_prefix) as h:
         yield h

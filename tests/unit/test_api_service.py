@@ -1,10 +1,12 @@
-"""The api's pure logic: usage periods in America/New_York, revision handling and rollup deltas, balance
-buckets of ledger transactions, amounts as answered, and strict parameter parsing."""
+"""The api's pure logic: usage periods in America/New_York, revision handling per shard of charges and the
+rollup deltas it makes (services/api/charges.py), balance buckets of ledger transactions, amounts as
+answered, and strict parameter parsing."""
 
 from __future__ import annotations
 
 import uuid
 from datetime import UTC, date, datetime
+from typing import Any
 from fractions import Fraction
 
 import pytest
@@ -13,15 +15,13 @@ from hypothesis import strategies as st
 
 from services.api.cache import TtlCache
 from services.api.params import Cursor, only_known, parse_limit, parse_month, parse_time, parse_uuid
+from services.api.charges import Pending, ResourceDoc, Rollup, ShardDoc, contributions
 from services.api.service import (
-    ChargeRow,
     UsageRangeError,
     amount_fields,
     balance_from_buckets,
-    charge_rollups,
     credits_text,
     entries_mirror,
-    latest_changes,
     period_of,
     reversal_candidates,
     transaction_row,
@@ -31,7 +31,8 @@ from services.api.service import (
 from shared.contracts import EntryLine, TransactionPosted, UsageLine
 from shared.http import ProblemError
 from shared.money import display_credits
-from tests.support.api_factories import charge, txn
+from shared.batches import Charges, ShardKey, shard_of
+from tests.support.api_factories import ChargeItem, batches, charge, txn
 
 CUST = uuid.UUID("0190a000-0000-7000-8000-0000000000c1")
 
@@ -74,35 +75,113 @@ def test_periods_carry_their_utc_bounds_including_the_daylight_saving_days():
 
 # ------------------------------------------------------------------------------------------- charges
 
-
-def test_only_a_newer_revision_replaces_a_stored_charge_and_the_batch_keeps_its_highest():
-    h = datetime(2026, 10, 5, 14, tzinfo=UTC)
-    r1 = charge(h, "app", org="o", amount=Fraction(1, 3))
-    r2 = charge(h, "app", org="o", amount=Fraction(2, 3), revision=2)
-    r3 = charge(h, "app", org="o", amount=Fraction(5, 3), revision=3)
-    assert latest_changes([r1, r3, r2, r1], {}) == [(None, ChargeRow.of(r3))]
-    stored = {r2.measurement_id: ChargeRow.of(r2)}
-    assert latest_changes([r1, r2], stored) == []  # nothing newer
-    assert latest_changes([r3], stored) == [(ChargeRow.of(r2), ChargeRow.of(r3))]
+H = datetime(2026, 11, 1, 3, tzinfo=UTC)  # Oct 31, 23:00 in New York
 
 
-def test_an_unpriced_charge_counts_its_value_but_no_microcredits():
-    c = ChargeRow.of(charge(datetime(2026, 10, 5, 14, tzinfo=UTC), "app", org="o", value=300, priced=False))
-    assert (c.value, c.amount, c.priced) == (300, Fraction(0), False)
+def one(c: ChargeItem) -> Charges:
+    (batch,) = batches([c])
+    return batch
 
 
-def test_rollups_move_a_replaced_revision_out_and_ignore_unattributed_charges():
-    h = datetime(2026, 11, 1, 3, tzinfo=UTC)  # Oct 31 in New York
-    old = ChargeRow.of(charge(h, "app", org="o", value=100, amount=Fraction(1, 3)))
-    new = ChargeRow.of(charge(h, "app", org="o", value=150, amount=Fraction(1, 7), revision=2))
-    stray = ChargeRow.of(charge(h, "app-2", org="nobody", value=5, amount=Fraction(9)))
-    r = charge_rollups([(old, new), (None, stray)], {("o", h): CUST})
-    day = r.day[(CUST, date(2026, 10, 31), "app", "cfapps", "", "o", "space-1", "MB")]
-    assert day == [50, Fraction(1, 7) - Fraction(1, 3)]
-    assert r.month[(CUST, "org", date(2026, 10, 1), "o", "", "MB")] == [50, Fraction(1, 7) - Fraction(1, 3)]
-    assert r.month[(CUST, "kind", date(2026, 10, 1), "cfapps", "", "MB")] == [50, Fraction(1, 7) - Fraction(1, 3)]
-    assert {k[1] for k in r.month} == {"org", "space", "resource", "meter", "kind"}
-    assert all(k[0] == CUST for k in r.day)  # the stray charge waits, counted nowhere
+def key_of(c: Charges) -> ShardKey:
+    return ShardKey(c.reading_hour, c.meter, c.shard)
+
+
+def test_only_a_newer_revision_replaces_a_stored_charge_whatever_the_order() -> None:
+    r1 = charge(H, "app", org="o", amount=Fraction(1, 3))
+    r2 = charge(H, "app", org="o", amount=Fraction(2, 3), revision=2)
+    r3 = charge(H, "app", org="o", amount=Fraction(5, 3), revision=3)
+    doc = ShardDoc.of(one(r1))
+    assert doc.merge(one(r3)) == ([0], [0])  # the stored item replaced, in place
+    assert doc.merge(one(r2)) == ([], []) and doc.merge(one(r1)) == ([], []) and doc.merge(one(r3)) == ([], [])
+    assert (doc.r, doc.v, doc.n, doc.d) == (["app"], [3], [5], [3])
+    # a new resource of the shard is added after the others; the document survives storage as it was
+    sibling = next(f"s{i}" for i in range(1000) if shard_of(f"s{i}") == shard_of("app"))
+    assert doc.merge(one(charge(H, sibling, org="o2", value=5, amount=Fraction(9)))) == ([], [1])
+    assert ShardDoc.load(doc.dump()) == doc and doc.orgs == ["o", "o2"]
+
+
+def test_an_unpriced_charge_counts_its_value_but_no_microcredits() -> None:
+    doc = ShardDoc.of(one(charge(H, "app", org="o", value=300, priced=False)))
+    ((sums, _),) = contributions(doc).values()
+    assert list(sums.values()) == [[300, 0]]
+
+
+def exact_groups(r: Rollup) -> dict[str, dict[Any, tuple[int, Fraction]]]:
+    return {t: {k: (v, Fraction(n, d)) for k, (v, n, d) in cells.items()} for t, cells in r.groups().items()}
+
+
+def test_rollups_move_a_replaced_revision_out_and_leave_unattributed_charges_out() -> None:
+    old = charge(H, "app", org="o", value=100, amount=Fraction(1, 3))
+    new = charge(H, "app", org="o", value=150, amount=Fraction(1, 7), revision=2)
+    stray = next(f"s{i}" for i in range(1000) if shard_of(f"s{i}") == old.shard)
+    first = batches([old, charge(H, stray, org="nobody", value=5, amount=Fraction(9))])
+    assert len(first) == 1  # one batch: both resources are of one shard
+    doc = ShardDoc.of(first[0])
+    before = doc.copy()
+    replaced, changed = doc.merge(one(new))
+    r = Rollup()
+    key = key_of(first[0])
+    customers = [CUST if org == "o" else None for org in doc.orgs]
+    r.add(key, before, replaced, customers, -1)
+    r.add(key, doc, changed, customers, +1)
+    delta = (50, Fraction(1, 7) - Fraction(1, 3))
+    groups = exact_groups(r)
+    assert groups["month"] == {
+        (CUST, dim, date(2026, 10, 1), k, k2, "MB"): delta
+        for dim, k, k2 in (("org", "o", ""), ("space", "space-1", ""), ("meter", "cfapps", ""), ("kind", "cfapps", ""))
+    }
+    assert set(groups["day"]) == {(CUST, k[1], date(2026, 10, 31), *k[3:]) for k in groups["month"]}
+    assert set(groups["hour"]) == {(CUST, k[1], H, *k[3:]) for k in groups["month"]}
+    assert all(v == delta for t in ("day", "hour") for v in groups[t].values())
+    # the per-resource documents of the day and the month take the same change, and nothing of "nobody"
+    changes = r.resource_changes()
+    assert set(changes["day"]) == {(CUST, date(2026, 10, 31), "cfapps")}
+    assert set(changes["month"]) == {(CUST, date(2026, 10, 1), "cfapps")}
+    day = ResourceDoc()
+    day.add([(["app"], ["MB"], [100], [1], [3])])  # what revision 1 had put there
+    day.add(changes["day"][(CUST, date(2026, 10, 31), "cfapps")])
+    assert {k: (x, Fraction(n, d)) for k, (x, n, d) in day.cells.items()} == {("app", "MB"): (150, Fraction(1, 7))}
+
+
+def test_resource_documents_sum_exactly_and_drop_a_resource_taken_back_entirely() -> None:
+    doc = ResourceDoc()
+    doc.add([(["a", "b"], ["MB", "MB"], [10, 1], [1, 2], [3, 7])])
+    doc.add([(["a"], ["MB"], [5], [1], [730]), (["b", "c"], ["MB", "instance"], [-1, 2], [-2, 0], [7, 1])])
+    cells = {k: (x, Fraction(n, d)) for k, (x, n, d) in ResourceDoc.load(doc.dump()).cells.items()}
+    assert cells == {("a", "MB"): (15, Fraction(1, 3) + Fraction(1, 730)), ("c", "instance"): (2, Fraction(0))}
+
+
+def test_charges_that_wait_for_their_customer_are_attributed_as_if_they_had_been_known() -> None:
+    """Changes kept while an org's customer is unknown (``Pending``, stored as bytes) become, once it is
+    known, exactly the rollup changes the same charges make when the customer is known at once."""
+    r1 = charge(H, "app", org="o", value=100, amount=Fraction(1, 3))
+    r2 = charge(H, "app", org="o", value=40, amount=Fraction(2, 730), revision=2)
+    doc = ShardDoc.of(one(r1))
+    key = key_of(one(r1))
+    pending = Pending()
+    for part in contributions(doc).values():
+        pending.add(doc, part)
+    before = doc.copy()
+    replaced, changed = doc.merge(one(r2))
+    later = Pending()
+    for part in contributions(before, replaced, -1).values():
+        later.add(before, part)
+    for part in contributions(doc, changed, +1).values():
+        later.add(doc, part)
+    waited = Rollup()
+    for p in (pending, later):
+        waited.add_pending(CUST, H, "cfapps", "o", p.dump())
+    direct = Rollup()
+    direct.add(key, doc, None, [CUST], +1)
+    assert exact_groups(waited) == exact_groups(direct)
+    assert exact_groups(direct)["day"][(CUST, "org", date(2026, 10, 31), "o", "", "MB")] == (40, Fraction(2, 730))
+    docs: dict[str, dict[tuple[str, str], tuple[int, Fraction]]] = {}
+    for name, r in (("waited", waited), ("direct", direct)):
+        d = ResourceDoc()
+        d.add(r.resource_changes()["month"][(CUST, date(2026, 10, 1), "cfapps")])
+        docs[name] = {k: (x, Fraction(n, den)) for k, (x, n, den) in d.cells.items()}
+    assert docs["waited"] == docs["direct"] == {("app", "MB"): (40, Fraction(2, 730))}
 
 
 # -------------------------------------------------------------------------------------------- ledger
