@@ -3,7 +3,7 @@ through its executable path, never a downloaded browser — against the simulato
 pricer, the ledger and the api, each its own process on a fresh database and fresh topics.
 
 Two weeks of hourly measurements (September into October 2026, America/New_York) are published on the
-readings topic as the collector would; the pricer prices them, the ledger posts them and closes both
+readings topic (usage.readings.v2) as the collector would: per hour and meter, one batch per shard; the pricer prices them, the ledger posts them and closes both
 months, the api projects them. Every figure the pages show is compared with what the JSON API answers for
 the same customer (or with figures computed here from the API's transactions), never with the dashboard's
 own output. Screenshots go to .local/screenshots/; with BILLING_SCREENSHOTS=docs they replace the ones the
@@ -29,8 +29,8 @@ import httpx
 import pytest
 
 from shared import ids
-from shared.contracts import MeasurementTaken
-from shared.kafka import Outgoing, Publisher, encode, group_lag
+from shared.batches import Item, encode_measurements, measurement_batches, shard_key
+from shared.kafka import Outgoing, Publisher, group_lag
 from shared.topics import CHARGES, READINGS, TRANSACTIONS
 from simulator.oidc import mint_token
 from tests.stack import ROOT, Stack
@@ -186,26 +186,19 @@ async def fill(stack: Stack, admin: Api, kafka: str, prefix: str) -> tuple[str, 
     publisher = Publisher(kafka, client_id="dashboard-test")
     await publisher.start()
     try:
+        # as the collector publishes them: per hour and meter, one batch per shard of resources, keyed by shard
         messages = []
         for i, hour in enumerate(HOURS):
-            for org, org_name, space, space_name, rid, meter, kind, unit, value in RESOURCES:
-                m = MeasurementTaken(
-                    id=ids.measurement_id(hour, meter, rid),
-                    reading_id=ids.reading_id(hour),
-                    reading_hour=hour,
-                    meter=meter,
-                    resource_id=rid,
-                    resource_kind=kind,
-                    resource_name=rid,
-                    org_id=org,
-                    org_name=org_name,
-                    space_id=space,
-                    space_name=space_name,
-                    value=value(i),
-                    unit=unit,
-                    taken_at=hour + timedelta(minutes=5),
-                )
-                messages.append(Outgoing(rid.encode(), encode(m)))
+            for meter, unit in (("cfapps", "MB"), ("cfservices", "instance")):
+                items = [
+                    Item(rid, rid, org, org_name, space, space_name, kind, value(i))
+                    for org, org_name, space, space_name, rid, m, kind, u, value in RESOURCES
+                    if m == meter and u == unit
+                ]
+                for batch in measurement_batches(
+                    hour, meter, unit, items, reading_id=ids.reading_id(hour), taken_at=hour + timedelta(minutes=5)
+                ):
+                    messages.append(Outgoing(shard_key(batch.shard), encode_measurements(batch)))
         await publisher.publish(prefix + READINGS, messages)
     finally:
         await publisher.stop()
