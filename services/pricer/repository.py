@@ -318,12 +318,17 @@ async def covered_unpriced(
     return [(ShardKey(r["reading_hour"], r["meter"], r["shard"]), r["resource_kind"]) for r in rows]
 
 
-async def unpriced_after(conn: asyncpg.Connection, after: UnpricedKey | None, limit: int) -> list[tuple[ShardKey, str]]:
-    """Shards holding unpriced charges, by kind, in keyset order after ``after`` (the admin list)."""
+async def unpriced_after(
+    conn: asyncpg.Connection, after: UnpricedKey | None, limit: int, *, strict: bool = False
+) -> list[tuple[ShardKey, str]]:
+    """Shards holding unpriced charges, by kind, in keyset order from ``after`` (past it when ``strict``;
+    the admin list)."""
     h, m, s, c = after if after is not None else (None, None, None, None)
+    op = ">" if strict else ">="
     rows = await conn.fetch(
-        """SELECT reading_hour, meter, shard, resource_kind FROM unpriced_shards
-           WHERE ($1::timestamptz IS NULL OR (reading_hour, meter, shard, resource_kind) >= ($1, $2::text, $3::int2, $4::text))
+        f"""SELECT reading_hour, meter, shard, resource_kind FROM unpriced_shards
+           WHERE ($1::timestamptz IS NULL
+                  OR (reading_hour, meter, shard, resource_kind) {op} ($1, $2::text, $3::int2, $4::text))
            ORDER BY reading_hour, meter, shard, resource_kind
            LIMIT $5""",
         h, m, s, c, limit,

@@ -384,9 +384,10 @@ class Pricer:
         kind, resource) order after the cursor ``after``."""
         items: list[dict[str, Any]] = []
         start = after[:4] if after is not None else None
+        strict = False  # the cursor's own shard and kind may hold more of the list; the next fetches go past
         async with self._pool.acquire() as conn:
             while len(items) < limit:
-                found = await repository.unpriced_after(conn, start, 50)
+                found = await repository.unpriced_after(conn, start, 50, strict=strict)
                 if not found:
                     return UnpricedPage(items, None)
                 shards = await repository.load_shards(conn, {k for k, _ in found})
@@ -400,7 +401,8 @@ class Pricer:
                         if len(items) == limit:
                             return UnpricedPage(items, position)
                 last, last_kind = found[-1]
-                start = (last.reading_hour, last.meter, last.shard, last_kind + "\x00")
+                # Past the last (shard, kind): PostgreSQL text cannot hold the "\x00" that would follow it.
+                start, strict = (last.reading_hour, last.meter, last.shard, last_kind), True
         return UnpricedPage(items, None)
 
     async def refresh_unpriced_gauge(self) -> None:
