@@ -189,11 +189,11 @@ class ResourceDoc:
         c = self.c
         rs, us, xs, ns, ds = c["r"], c["u"], c["x"], c["n"], c["d"]
         at = {key: i for i, key in enumerate(zip(rs, us))}
-        emptied = False
+        taken_back: set[int] = set()
         for rid, unit, x, n, d in (row for cols in entries for row in zip(*cols)):
             i = at.get((rid, unit))
             if i is None:
-                at[(rid, unit)] = len(rs)
+                i = at[(rid, unit)] = len(rs)
                 rs.append(rid)
                 us.append(unit)
                 xs.append(x)
@@ -208,10 +208,12 @@ class ResourceDoc:
                 g = gcd(num, common) or 1
                 xs[i] += x
                 ns[i], ds[i] = num // g, common // g
-            emptied = emptied or x < 0
-        if emptied:
-            # A resource whose charges were all taken back (a move to another customer) leaves no cell.
-            keep = [i for i in range(len(rs)) if xs[i] != 0 or ns[i] != 0]
+            if x < 0 or n < 0:
+                taken_back.add(i)
+        if taken_back:
+            # A resource whose charges were all taken back (a move to another customer) leaves no cell; a
+            # resource that used nothing (value and amount 0) but was not taken back stays, as in its hours.
+            keep = [i for i in range(len(rs)) if i not in taken_back or xs[i] != 0 or ns[i] != 0]
             for name in ("r", "u", "x", "n", "d"):
                 c[name] = [c[name][i] for i in keep]
 

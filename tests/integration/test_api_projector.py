@@ -217,3 +217,27 @@ async def test_a_revision_while_the_org_waits_for_its_customer_counts_once_as_it
     expected = oracle({("org-a", h): cust, ("org-b", h): CUSTOMERS[1]}, [r1, other, r2, r3])
     assert expected[(CUSTOMERS[1], "hour", "resource", h, "r16", "")] == ({"MB": 7}, Fraction(2))
     assert nonzero(await read_back(pool), expected) == expected
+
+
+async def test_the_answers_do_not_depend_on_what_came_before_the_latest_revisions(pool: asyncpg.Pool) -> None:
+    """A resource that used nothing in an hour (an app scaled to zero instances: value 0, amount 0) is usage
+    of that hour like any other, and stays in its day and month whether or not another resource of the
+    customer was revised since: the same latest charges give the same answers in any history."""
+    h, cust = HOURS[0], CUSTOMERS[0]
+    fact = txn(cust, "usage", 1, occurred_at=h, reading_hour=h, orgs=["org-a"])
+    idle = charge(h, "r2", org="org-a", value=0, amount=Fraction(0))
+    busy = [charge(h, "r0", org="org-a", value=100 * rev, amount=Fraction(rev, 3), revision=rev) for rev in (1, 2)]
+    expected = oracle({("org-a", h): cust}, [idle, *busy])
+    assert expected[(cust, "day", "resource", date(2026, 10, 31), "r2", "")] == ({"MB": 0}, Fraction(0))
+    answers = []
+    for history in ([[idle, busy[1]]], [[busy[0]], [idle, busy[1]]], [[idle, busy[0]], [busy[1]]]):
+        async with pool.acquire() as conn:
+            await conn.execute(f"TRUNCATE {TABLES}")
+        p = Projector(pool)
+        await p.apply_ledger([fact])
+        for step in history:
+            await p.apply_charges(batches(step))
+        answers.append(await read_back(pool))
+    for answer in answers:
+        assert {k: v for k, v in answer.items() if expected.get(k) != v} == {}
+        assert {k: v for k, v in expected.items() if answer.get(k) != v} == {}

@@ -146,10 +146,14 @@ def test_rollups_move_a_replaced_revision_out_and_leave_unattributed_charges_out
 
 def test_resource_documents_sum_exactly_and_drop_a_resource_taken_back_entirely() -> None:
     doc = ResourceDoc()
-    doc.add([(["a", "b"], ["MB", "MB"], [10, 1], [1, 2], [3, 7])])
+    doc.add([(["a", "b", "idle"], ["MB", "MB", "MB"], [10, 1, 0], [1, 2, 0], [3, 7, 1])])
     doc.add([(["a"], ["MB"], [5], [1], [730]), (["b", "c"], ["MB", "instance"], [-1, 2], [-2, 0], [7, 1])])
     cells = {k: (x, Fraction(n, d)) for k, (x, n, d) in ResourceDoc.load(doc.dump()).cells.items()}
-    assert cells == {("a", "MB"): (15, Fraction(1, 3) + Fraction(1, 730)), ("c", "instance"): (2, Fraction(0))}
+    assert cells == {
+        ("a", "MB"): (15, Fraction(1, 3) + Fraction(1, 730)),
+        ("idle", "MB"): (0, Fraction(0)),  # used nothing, but was not taken back: still there
+        ("c", "instance"): (2, Fraction(0)),
+    }
 
 
 def test_charges_that_wait_for_their_customer_are_attributed_as_if_they_had_been_known() -> None:
