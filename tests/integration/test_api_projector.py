@@ -10,7 +10,7 @@ import asyncio
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -241,3 +241,34 @@ async def test_the_answers_do_not_depend_on_what_came_before_the_latest_revision
     for answer in answers:
         assert {k: v for k, v in answer.items() if expected.get(k) != v} == {}
         assert {k: v for k, v in expected.items() if answer.get(k) != v} == {}
+
+
+async def test_a_charge_and_the_fact_that_attributes_it_never_miss_each_other(pool: asyncpg.Pool) -> None:
+    """The charges consumer and the ledger consumer (two processes: two projectors) apply a charge and the
+    fact naming its org's customer at the same moment, hour after hour: whichever commits first, the charge
+    counts once for that customer (neither sees the other's uncommitted row, so they serialise per hour)."""
+    charges_side, ledger_side = Projector(pool), Projector(pool)
+    cust = CUSTOMERS[1]
+    owner: dict[tuple[str, datetime], uuid.UUID] = {}
+    items: list[ChargeItem] = []
+    first = datetime(2026, 10, 1, 4, tzinfo=UTC)
+    for n in range(24):
+        h = first + timedelta(hours=n)
+        owner[("org-a", h)] = cust
+        hour_items = [charge(h, rid, org="org-a", value=n + 1, amount=Fraction(n + 1, 7)) for rid in ("r0", "r2")]
+        items += hour_items
+        fact = txn(cust, "usage", 1, occurred_at=h, reading_hour=h, orgs=["org-a"])
+        await asyncio.gather(charges_side.apply_charges(batches(hour_items)), ledger_side.apply_ledger([fact]))
+    async with pool.acquire() as conn:
+        rows = await repo.usage_page(
+            conn, cust, granularity="hour", dim="resource", first=first, stop=first + timedelta(days=1), after=None,
+            limit=1000,
+        )
+    expected = oracle(owner, items)
+    assert {(r.period, r.key): (dict(r.values), r.amount) for r in rows} == {
+        (k[3], k[4]): v for k, v in expected.items() if k[1:3] == ("hour", "resource")
+    }
+    month = await read_back(pool)
+    assert month[(cust, "month", "org", date(2026, 10, 1), "org-a", "")] == (
+        {"MB": 2 * sum(range(1, 25))}, Fraction(2 * sum(range(1, 25)), 7)
+    )
