@@ -4,11 +4,13 @@ own process: no 5xx, no response that breaks the documented schema, and every er
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 
 from simulator.oidc import mint_token
+from tests.conftest import Database, Infra
 from tests.stack import Stack
 
 pytestmark = pytest.mark.e2e
@@ -43,7 +45,9 @@ def fuzz(api_url: str, token: str, examples: int) -> tuple[list[str], dict[str, 
     return failures, calls
 
 
-async def test_schemathesis_finds_no_server_error_and_no_schema_violation(infra, database, topic_prefix, tmp_path):
+async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
+    infra: Infra, database: Database, topic_prefix: str, tmp_path: Path
+) -> None:
     stack = Stack(database.dsn, topic_prefix, tmp_path / "logs")
     try:
         await stack.start("sim", "collector", "pricer", "ledger", "api")

@@ -3,11 +3,12 @@ through its executable path, never a downloaded browser — against the simulato
 pricer, the ledger and the api, each its own process on a fresh database and fresh topics.
 
 Two weeks of hourly measurements (September into October 2026, America/New_York) are published on the
-readings topic (usage.readings.v2) as the collector would: per hour and meter, one batch per shard; the pricer prices them, the ledger posts them and closes both
-months, the api projects them. Every figure the pages show is compared with what the JSON API answers for
-the same customer (or with figures computed here from the API's transactions), never with the dashboard's
-own output. Screenshots go to .local/screenshots/; with BILLING_SCREENSHOTS=docs they replace the ones the
-README shows (docs/screenshots/), so that a plain test run leaves the checkout unchanged.
+readings topic (usage.readings.v2) as the collector would: per hour and meter, one batch per shard; the
+pricer prices them, the ledger posts them and closes both months, the api projects them. Every figure the
+pages show is compared with what the JSON API answers for the same customer (or with figures computed here
+from the API's transactions), never with the dashboard's own output. Screenshots go to
+.local/screenshots/; with BILLING_SCREENSHOTS=docs they replace the ones the README shows
+(docs/screenshots/), so that a plain test run leaves the checkout unchanged.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from shared.batches import Item, encode_measurements, measurement_batches, shard
 from shared.kafka import Outgoing, Publisher, group_lag
 from shared.topics import CHARGES, READINGS, TRANSACTIONS
 from simulator.oidc import mint_token
+from tests.conftest import Database, Infra
 from tests.stack import ROOT, Stack
 
 pytestmark = pytest.mark.e2e
@@ -221,7 +223,8 @@ async def attr_rows(page: Any, selector: str, *attrs: str) -> list[dict[str, str
     return await page.eval_on_selector_all(
         selector,
         # "last": the text of the row's last cell (textContent: the row may sit in a closed <details>)
-        "(rows, attrs) => rows.map(r => Object.fromEntries(attrs.map(a => [a, a === 'last' ? r.lastElementChild.textContent.trim() : (r.getAttribute(a) || '')])))",
+        "(rows, attrs) => rows.map(r => Object.fromEntries(attrs.map(a => [a, a === 'last'"
+        " ? r.lastElementChild.textContent.trim() : (r.getAttribute(a) || '')])))",
         list(attrs),
     )
 
@@ -296,7 +299,7 @@ def projected_runout(transactions: list[dict[str, Any]], remaining: int, as_of: 
 
 
 @pytest.fixture
-async def stack(infra, database, topic_prefix, tmp_path) -> AsyncIterator[Stack]:
+async def stack(infra: Infra, database: Database, topic_prefix: str, tmp_path: Path) -> AsyncIterator[Stack]:
     s = Stack(database.dsn, topic_prefix, tmp_path / "logs")
     try:
         await s.start("sim", "pricer", "ledger", "api")
@@ -306,8 +309,8 @@ async def stack(infra, database, topic_prefix, tmp_path) -> AsyncIterator[Stack]
 
 
 async def test_the_dashboard_shows_the_apis_numbers_to_admins_and_readers(
-    chromium: str, infra, topic_prefix, stack: Stack
-):
+    chromium: str, infra: Infra, topic_prefix: str, stack: Stack
+) -> None:
     from playwright.async_api import async_playwright, expect
 
     issuer, base = stack.url("sim"), stack.url("api")

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tests.conftest import Database, Infra
 from tests.sim_server import serve_app
 from tests.support.api_harness import running_api
 
@@ -23,7 +24,10 @@ def ledger_stub(calls: list[tuple[str, str, bytes]]) -> Starlette:
             return JSONResponse({"items": [{"id": "c-1", "name": "Agency A"}], "next_cursor": None})
         if b'"name"' not in body:
             return JSONResponse(
-                {"type": "about:blank", "title": "Invalid request body", "status": 422, "detail": "name: Field required"},
+                {
+                    "type": "about:blank", "title": "Invalid request body", "status": 422,
+                    "detail": "name: Field required",
+                },
                 status_code=422,
                 media_type="application/problem+json",
             )
@@ -41,7 +45,9 @@ def ledger_stub(calls: list[tuple[str, str, bytes]]) -> Starlette:
     )
 
 
-async def test_admin_commands_reach_the_owner_and_come_back_as_it_answered(infra, database, topic_prefix):
+async def test_admin_commands_reach_the_owner_and_come_back_as_it_answered(
+    infra: Infra, database: Database, topic_prefix: str
+) -> None:
     calls: list[tuple[str, str, bytes]] = []
     async with serve_app(ledger_stub(calls)) as ledger_url:
         async with running_api(infra, database, topic_prefix, ledger_url=ledger_url) as h:

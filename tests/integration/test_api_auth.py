@@ -43,7 +43,7 @@ async def seed(h: ApiHarness) -> None:
     await h.until_count("customer", 2)
 
 
-async def test_no_token_and_every_attack_token_are_401_on_every_route(harness: ApiHarness):
+async def test_no_token_and_every_attack_token_are_401_on_every_route(harness: ApiHarness) -> None:
     h = harness
     await seed(h)
     tokens = attacks(h.issuer, str(A))
@@ -64,27 +64,30 @@ async def test_no_token_and_every_attack_token_are_401_on_every_route(harness: A
             assert body["status"] == 401 and "funded" not in r.text, name
 
 
-async def test_an_unknown_kid_refetches_the_keys_once_then_is_refused(harness: ApiHarness):
+async def test_an_unknown_kid_refetches_the_keys_once_then_is_refused(harness: ApiHarness) -> None:
     h = harness
     await seed(h)
     ok = await h.client.get(f"/v1/customers/{A}/balance", headers=h.headers(customers=[str(A)]))
     assert ok.status_code == 200
     fetched = h.issuer.jwks_fetches
     await asyncio.sleep(0.6)
-    r = await h.client.get(f"/v1/customers/{A}/balance", headers={"authorization": f"Bearer {h.issuer.mint(kid='ghost', customers=[str(A)])}"})
+    ghost = h.issuer.mint(kid="ghost", customers=[str(A)])
+    r = await h.client.get(f"/v1/customers/{A}/balance", headers={"authorization": f"Bearer {ghost}"})
     assert r.status_code == 401
     assert h.issuer.jwks_fetches == fetched + 1
-    r = await h.client.get(f"/v1/customers/{A}/balance", headers={"authorization": f"Bearer {h.issuer.mint(kid='ghost-2', customers=[str(A)])}"})
+    ghost = h.issuer.mint(kid="ghost-2", customers=[str(A)])
+    r = await h.client.get(f"/v1/customers/{A}/balance", headers={"authorization": f"Bearer {ghost}"})
     assert r.status_code == 401
     assert h.issuer.jwks_fetches == fetched + 1  # rate-limited: no second refetch right away
     # a key the issuer starts publishing is accepted once the interval has passed
     new = h.issuer.rotate()
     await asyncio.sleep(0.6)
-    r = await h.client.get(f"/v1/customers/{A}/balance", headers={"authorization": f"Bearer {h.issuer.mint(key=new, customers=[str(A)])}"})
+    rotated = h.issuer.mint(key=new, customers=[str(A)])
+    r = await h.client.get(f"/v1/customers/{A}/balance", headers={"authorization": f"Bearer {rotated}"})
     assert r.status_code == 200
 
 
-async def test_a_valid_token_without_the_scope_is_403(harness: ApiHarness):
+async def test_a_valid_token_without_the_scope_is_403(harness: ApiHarness) -> None:
     h = harness
     await seed(h)
     no_scope = h.headers(scopes=[], customers=[str(A)])
@@ -101,7 +104,7 @@ async def test_a_valid_token_without_the_scope_is_403(harness: ApiHarness):
             assert 'scope="usage.admin"' in r.headers["www-authenticate"]
 
 
-async def test_a_reader_never_learns_about_a_customer_it_may_not_see(harness: ApiHarness):
+async def test_a_reader_never_learns_about_a_customer_it_may_not_see(harness: ApiHarness) -> None:
     h = harness
     await seed(h)
     reader_b = h.headers(customers=[str(B)], sub="reader-b")

@@ -5,10 +5,10 @@ working once its cached decision expires."""
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Any
 
 import pytest
 
+from tests.conftest import Database, Infra
 from tests.support.api_factories import batches, charge
 from tests.support.api_harness import running_api
 from tests.support.api_read_model import H1, OCT, A, B, fill, ts
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 
 async def test_cached_answers_expire_and_never_bypass_the_access_check(
-    infra: Any, database: Any, topic_prefix: str
+    infra: Infra, database: Database, topic_prefix: str
 ) -> None:
     async with running_api(infra, database, topic_prefix, query_cache_seconds=30) as h:
         await fill(h)
@@ -48,6 +48,7 @@ async def test_cached_answers_expire_and_never_bypass_the_access_check(
         carol = h.headers(sub="carol")
         await h.client.post("/admin/entitlements", json={"subject": "carol", "customer_id": str(A)}, headers=h.admin)
         assert (await h.client.get(url, params=q, headers=carol)).status_code == 200
-        await h.client.delete("/admin/entitlements", params={"subject": "carol", "customer_id": str(A)}, headers=h.admin)
+        entitlement = {"subject": "carol", "customer_id": str(A)}
+        await h.client.delete("/admin/entitlements", params=entitlement, headers=h.admin)
         now[0] += 31
         assert (await h.client.get(url, params=q, headers=carol)).status_code == 404

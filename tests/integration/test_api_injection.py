@@ -59,7 +59,10 @@ QUERY_TARGETS: list[tuple[str, str, dict[str, str], list[str]]] = [
 
 
 async def snapshot(h: ApiHarness) -> dict[str, str]:
-    tables = await h.sql("SELECT string_agg(table_name, ',' ORDER BY table_name) FROM information_schema.tables WHERE table_schema = 'api'")
+    tables = await h.sql(
+        "SELECT string_agg(table_name, ',' ORDER BY table_name) FROM information_schema.tables"
+        " WHERE table_schema = 'api'"
+    )
     out = {"_tables": tables}
     for t in tables.split(","):
         out[t] = await h.sql(f"SELECT md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) FROM api.{t} x")

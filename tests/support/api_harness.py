@@ -23,6 +23,7 @@ from shared.batches import Charges
 from shared.contracts import StatementIssued, TransactionPosted
 from shared.kafka import Outgoing, Publisher, encode, group_lag
 from shared.topics import CHARGES, TRANSACTIONS, dlq
+from tests.conftest import Database, Infra
 from tests.support.api_factories import outgoing
 from tests.support.tokens import LocalIssuer, serve_issuer
 
@@ -116,7 +117,9 @@ class ApiHarness:
 
 
 @contextlib.asynccontextmanager
-async def running_api(infra: Any, database: Any, topic_prefix: str, **overrides: Any) -> AsyncIterator[ApiHarness]:
+async def running_api(
+    infra: Infra, database: Database, topic_prefix: str, **overrides: Any
+) -> AsyncIterator[ApiHarness]:
     """The api app, lifespan started, with a local issuer; ``overrides`` go to its settings."""
     async with serve_issuer(LocalIssuer()) as issuer:
         options: dict[str, Any] = {
@@ -147,6 +150,6 @@ async def running_api(infra: Any, database: Any, topic_prefix: str, **overrides:
 
 
 @pytest.fixture
-async def harness(infra: Any, database: Any, topic_prefix: str) -> AsyncIterator[ApiHarness]:
+async def harness(infra: Infra, database: Database, topic_prefix: str) -> AsyncIterator[ApiHarness]:
     async with running_api(infra, database, topic_prefix) as h:
         yield h

@@ -5,7 +5,7 @@ owners here are a stub Starlette app reached through httpx's ASGI transport (no 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import orjson
@@ -37,14 +37,16 @@ def stub_owner(seen: list[dict[str, object]]) -> Starlette:
             body = {"type": "about:blank", "title": "Invalid tier", "status": 422, "detail": "credits must be positive"}
             return Response(orjson.dumps(body), status_code=422, media_type="application/problem+json")
         if request.url.path.startswith("/internal/customers/"):
-            return Response(b'{"title":"Not Found","status":404}', status_code=404, media_type="application/problem+json")
-        return JSONResponse(record, status_code=201 if request.method == "POST" else 200, headers={"location": "/internal/x"})
+            body = b'{"title":"Not Found","status":404}'
+            return Response(body, status_code=404, media_type="application/problem+json")
+        status = 201 if request.method == "POST" else 200
+        return JSONResponse(record, status_code=status, headers={"location": "/internal/x"})
 
     return Starlette(routes=[Route("/{rest:path}", echo, methods=["GET", "POST"])])
 
 
 def api_app(forwarder: Forwarder) -> Starlette:
-    def endpoint(route: AdminRoute):
+    def endpoint(route: AdminRoute) -> Callable[[Request], Awaitable[Response]]:
         async def handle(request: Request) -> Response:
             return await forwarder.forward(request, route, "admin-1")
 
@@ -56,8 +58,11 @@ def api_app(forwarder: Forwarder) -> Starlette:
     )
 
 
+Setup = tuple[httpx.AsyncClient, list[dict[str, object]]]  # a client of the api's admin routes and what the owner saw
+
+
 @pytest.fixture
-async def setup() -> AsyncIterator[tuple[httpx.AsyncClient, list[dict[str, object]]]]:
+async def setup() -> AsyncIterator[Setup]:
     seen: list[dict[str, object]] = []
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=stub_owner(seen))) as upstream:
         app = api_app(Forwarder(upstream, BASES))
@@ -81,7 +86,9 @@ EXPECTED = {  # our route -> (owner, the owner's path), written out rather than 
     "/admin/org-assignments": ("ledger", "/internal/org-assignments"),
     "/admin/agreements": ("ledger", "/internal/agreements"),
     "/admin/months/{month}/close": ("ledger", "/internal/months/2026-10/close"),
-    "/admin/transactions/{transaction_id}/reverse": ("ledger", "/internal/transactions/0190a000-0000-7000-8000-00000000000b/reverse"),
+    "/admin/transactions/{transaction_id}/reverse": (
+        "ledger", "/internal/transactions/0190a000-0000-7000-8000-00000000000b/reverse"
+    ),
     "/admin/unassigned": ("ledger", "/internal/held"),
     "/admin/prices": ("pricer", "/internal/prices"),
     "/admin/prices/{price_id}/end": ("pricer", "/internal/prices/0190a000-0000-7000-8000-00000000000c/end"),
@@ -90,14 +97,15 @@ EXPECTED = {  # our route -> (owner, the owner's path), written out rather than 
 }
 
 
-async def test_every_admin_route_reaches_its_owner_with_method_path_and_body(setup):
+async def test_every_admin_route_reaches_its_owner_with_method_path_and_body(setup: Setup) -> None:
     client, seen = setup
     assert {r.path for r in ADMIN_ROUTES} == set(EXPECTED)
     for route in ADMIN_ROUTES:
         for method in route.methods:
             seen.clear()
             body = b'{"name": "Agency A", "tier": "gold"}' if method == "POST" else b""
-            r = await client.request(method, concrete(route.path), content=body, headers={"content-type": "application/json"})
+            headers = {"content-type": "application/json"}
+            r = await client.request(method, concrete(route.path), content=body, headers=headers)
             if route.path == "/admin/tiers" and method == "POST" or route.path == "/admin/customers/{customer_id}":
                 continue  # the stub answers these with problems: see the next test
             assert r.status_code == (201 if method == "POST" else 200), (route.path, r.text)
@@ -111,17 +119,19 @@ async def test_every_admin_route_reaches_its_owner_with_method_path_and_body(set
                 assert got["body"] == body.decode() and got["content_type"] == "application/json"
 
 
-async def test_the_owners_problems_come_back_unchanged(setup):
+async def test_the_owners_problems_come_back_unchanged(setup: Setup) -> None:
     client, _ = setup
     r = await client.post("/admin/tiers", json={"name": "x", "credits": -1})
     assert r.status_code == 422
     assert r.headers["content-type"] == "application/problem+json"
-    assert r.json() == {"type": "about:blank", "title": "Invalid tier", "status": 422, "detail": "credits must be positive"}
+    assert r.json() == {
+        "type": "about:blank", "title": "Invalid tier", "status": 422, "detail": "credits must be positive"
+    }
     r = await client.get(f"/admin/customers/{uuid.uuid4()}")
     assert r.status_code == 404 and r.json() == {"title": "Not Found", "status": 404}
 
 
-async def test_only_validated_query_parameters_are_passed_on(setup):
+async def test_only_validated_query_parameters_are_passed_on(setup: Setup) -> None:
     client, seen = setup
     cid = str(uuid.uuid4())
     r = await client.get("/admin/agreements", params={"customer_id": cid, "limit": "10", "cursor": "abc-_"})
@@ -137,7 +147,7 @@ async def test_only_validated_query_parameters_are_passed_on(setup):
     assert seen == []  # none of them reached the owner
 
 
-async def test_bad_path_parameters_never_reach_the_owner(setup):
+async def test_bad_path_parameters_never_reach_the_owner(setup: Setup) -> None:
     client, seen = setup
     for path in ("/admin/months/2026-13/close", "/admin/months/..%2F..%2Fadmin/close", "/admin/prices/not-a-uuid/end"):
         r = await client.post(path)
@@ -149,7 +159,7 @@ async def test_bad_path_parameters_never_reach_the_owner(setup):
     ("error", "status"),
     [(httpx.ConnectError("refused"), 502), (httpx.ReadTimeout("slow"), 504), (httpx.RemoteProtocolError("eof"), 502)],
 )
-async def test_an_owner_that_is_away_gives_502_or_504(error, status):
+async def test_an_owner_that_is_away_gives_502_or_504(error: Exception, status: int) -> None:
     def fail(request: httpx.Request) -> httpx.Response:
         raise error
 

@@ -15,7 +15,7 @@ from services.api.settings import ApiSettings
 from tests.support.openapi_checks import DOC, violations
 
 
-def test_the_document_names_exactly_the_served_routes_and_methods():
+def test_the_document_names_exactly_the_served_routes_and_methods() -> None:
     app = create_app(ApiSettings(port=0))
     served = {
         (r.path, m.lower())
@@ -28,7 +28,7 @@ def test_the_document_names_exactly_the_served_routes_and_methods():
     assert served == documented
 
 
-def test_every_path_parameter_is_declared_and_every_declared_one_is_in_the_path():
+def test_every_path_parameter_is_declared_and_every_declared_one_is_in_the_path() -> None:
     for path, ops in DOC["paths"].items():
         in_path = set(re.findall(r"{(\w+)}", path))
         for method, op in ops.items():
@@ -38,7 +38,7 @@ def test_every_path_parameter_is_declared_and_every_declared_one_is_in_the_path(
                 assert p["required"] is True or p["in"] == "query", (path, method, p["name"])
 
 
-def test_every_reference_resolves_and_every_operation_documents_its_errors():
+def test_every_reference_resolves_and_every_operation_documents_its_errors() -> None:
     text = str(DOC)
     for ref in set(re.findall(r"#/components/schemas/(\w+)", text)):
         assert ref in DOC["components"]["schemas"], ref
@@ -52,18 +52,19 @@ def test_every_reference_resolves_and_every_operation_documents_its_errors():
                 assert "404" in op["responses"]
 
 
-def test_the_checker_catches_what_it_should():
+def test_the_checker_catches_what_it_should() -> None:
     """``violations`` must be able to fail, or the integration tests that lean on it prove nothing."""
     page = {"customer_id": str(uuid.uuid4()), "items": [], "next_cursor": None}
     assert violations(page, {"$ref": "#/components/schemas/TransactionPage"}) == []
     assert violations(page | {"extra": 1}, {"$ref": "#/components/schemas/TransactionPage"})
     assert violations(page | {"customer_id": "nope"}, {"$ref": "#/components/schemas/TransactionPage"})
     assert violations({"items": []}, {"$ref": "#/components/schemas/TransactionPage"})
-    assert violations({"customer_id": str(uuid.uuid4()), "items": [{"id": 1}], "next_cursor": None}, {"$ref": "#/components/schemas/TransactionPage"})
+    bad_item = {"customer_id": str(uuid.uuid4()), "items": [{"id": 1}], "next_cursor": None}
+    assert violations(bad_item, {"$ref": "#/components/schemas/TransactionPage"})
 
 
 @pytest.mark.parametrize("name", sorted(DOC["components"]["schemas"]))
-def test_every_object_schema_lists_only_properties_it_requires_or_describes(name):
+def test_every_object_schema_lists_only_properties_it_requires_or_describes(name: str) -> None:
     s = DOC["components"]["schemas"][name]
     if s.get("type") == "object":
         assert set(s.get("required", [])) <= set(s.get("properties", {})), name

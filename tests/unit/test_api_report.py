@@ -20,7 +20,9 @@ from cli.report import register, report
 CUSTOMER = str(uuid.uuid4())
 
 
-def item(org: str, space: str, resource: str, exact: Fraction, value: int, meter: str = "cfapps", unit: str = "MB") -> dict[str, Any]:
+def item(
+    org: str, space: str, resource: str, exact: Fraction, value: int, meter: str = "cfapps", unit: str = "MB"
+) -> dict[str, Any]:
     return {
         "period": "2026-10",
         "period_start": "2026-10-01T04:00:00Z",
@@ -45,7 +47,10 @@ def item(org: str, space: str, resource: str, exact: Fraction, value: int, meter
 # Three resources of a third of a microcredit each: every line floors to 0, the exact total is 1.
 PAGES = [
     [item("org-a", "space-1", "app-1", Fraction(1, 3), 10), item("org-a", "space-1", "app-2", Fraction(1, 3), 20)],
-    [item("org-a", "space-2", "app-3", Fraction(1, 3), 30), item("org-b", "space-9", "svc-1", Fraction(2_500_000), 2, "cfservices", "instance")],
+    [
+        item("org-a", "space-2", "app-3", Fraction(1, 3), 30),
+        item("org-b", "space-9", "svc-1", Fraction(2_500_000), 2, "cfservices", "instance"),
+    ],
 ]
 
 
@@ -56,7 +61,8 @@ class StubApi:
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
         if self.status != 200:
-            return httpx.Response(self.status, json={"type": "about:blank", "title": "Nope", "status": self.status, "detail": "no such customer"})
+            problem = {"type": "about:blank", "title": "Nope", "status": self.status, "detail": "no such customer"}
+            return httpx.Response(self.status, json=problem)
         i = int(request.url.params.get("cursor", "0"))
         nxt = str(i + 1) if i + 1 < len(self.pages) else None
         return httpx.Response(200, json={"items": self.pages[i], "next_cursor": nxt})
@@ -72,7 +78,7 @@ def run(fmt: str, stub: StubApi | None = None, **kw: Any) -> tuple[int, str, str
     return code, out.getvalue(), err.getvalue(), stub
 
 
-def test_it_asks_for_the_new_york_month_by_resource_and_follows_the_cursors():
+def test_it_asks_for_the_new_york_month_by_resource_and_follows_the_cursors() -> None:
     code, _, _, stub = run("json")
     assert code == 0
     first, second = stub.requests
@@ -88,7 +94,7 @@ def test_it_asks_for_the_new_york_month_by_resource_and_follows_the_cursors():
     assert first.headers["authorization"] == "Bearer tok"
 
 
-def test_json_groups_org_space_resource_and_totals_exactly():
+def test_json_groups_org_space_resource_and_totals_exactly() -> None:
     code, out, _, _ = run("json")
     doc = json.loads(out)
     assert code == 0
@@ -101,7 +107,7 @@ def test_json_groups_org_space_resource_and_totals_exactly():
     assert doc["orgs"][1]["credits"] == "2.500000"
 
 
-def test_csv_has_one_row_per_resource():
+def test_csv_has_one_row_per_resource() -> None:
     code, out, _, _ = run("csv")
     rows = list(csv.DictReader(io.StringIO(out)))
     assert code == 0
@@ -110,7 +116,7 @@ def test_csv_has_one_row_per_resource():
     assert rows[0]["microcredits_exact"] == "1/3"
 
 
-def test_the_table_shows_the_tree_and_the_total():
+def test_the_table_shows_the_tree_and_the_total() -> None:
     code, out, _, _ = run("table")
     assert code == 0
     for text in ("org-a-name", "space-1-name", "app-1-name", "org-b-name", "svc-1-name", "Total", "2.500001"):
@@ -118,7 +124,7 @@ def test_the_table_shows_the_tree_and_the_total():
     assert out.index("org-a-name") < out.index("space-1-name") < out.index("app-1-name") < out.index("org-b-name")
 
 
-def test_errors_are_exit_statuses_with_a_message():
+def test_errors_are_exit_statuses_with_a_message() -> None:
     code, _, err, _ = run("json", StubApi(status=404))
     assert code == 1 and "404" in err and "no such customer" in err
     code, _, err, _ = run("json", StubApi(status=401))
@@ -133,11 +139,14 @@ def test_errors_are_exit_statuses_with_a_message():
         raise httpx.ConnectError("refused")
 
     err = io.StringIO()
-    code = report(CUSTOMER, "2026-10", "json", "http://api.test", "tok", out=io.StringIO(), err=err, transport=httpx.MockTransport(refuse))
+    code = report(
+        CUSTOMER, "2026-10", "json", "http://api.test", "tok", out=io.StringIO(), err=err,
+        transport=httpx.MockTransport(refuse),
+    )
     assert code == 1 and "cannot reach the API" in err.getvalue()
 
 
-def test_register_adds_the_report_command():
+def test_register_adds_the_report_command() -> None:
     app = typer.Typer()
 
     @app.callback()

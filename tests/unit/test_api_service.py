@@ -40,7 +40,7 @@ CUST = uuid.UUID("0190a000-0000-7000-8000-0000000000c1")
 # ------------------------------------------------------------------------------------------- periods
 
 
-def test_day_and_month_ranges_must_fall_on_new_york_boundaries():
+def test_day_and_month_ranges_must_fall_on_new_york_boundaries() -> None:
     r = usage_range(datetime(2026, 10, 1, 4, tzinfo=UTC), datetime(2026, 12, 1, 5, tzinfo=UTC), "month")
     assert (r.first, r.stop) == (date(2026, 10, 1), date(2026, 12, 1))
     with pytest.raises(UsageRangeError, match="start of a month"):
@@ -57,7 +57,7 @@ def test_day_and_month_ranges_must_fall_on_new_york_boundaries():
         usage_range(datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC), "hour")
 
 
-def test_periods_carry_their_utc_bounds_including_the_daylight_saving_days():
+def test_periods_carry_their_utc_bounds_including_the_daylight_saving_days() -> None:
     assert period_of("day", date(2026, 11, 1)) == {
         "period": "2026-11-01",
         "period_start": "2026-11-01T04:00:00Z",
@@ -191,14 +191,17 @@ def test_charges_that_wait_for_their_customer_are_attributed_as_if_they_had_been
 # -------------------------------------------------------------------------------------------- ledger
 
 
-def test_transaction_buckets_and_reversals():
+def test_transaction_buckets_and_reversals() -> None:
     t0 = datetime(2026, 10, 1, 4, tzinfo=UTC)
     funding = txn(CUST, "funding", 1_000, occurred_at=t0)
     row = transaction_row(funding)
     assert (row.bucket, row.signed_amount, row.amount) == ("funded", 1_000, 1_000)
     assert transaction_row(txn(CUST, "late_usage", 7, occurred_at=t0)).bucket == "used"
     assert transaction_row(txn(CUST, "expiry", 9, occurred_at=t0)).bucket == "expired"
-    rev = txn(CUST, "reversal", 1_000, occurred_at=t0, idempotency_key=f"reversal:{funding.id}", counter="funding", reverse_sides=True)
+    rev = txn(
+        CUST, "reversal", 1_000, occurred_at=t0, idempotency_key=f"reversal:{funding.id}", counter="funding",
+        reverse_sides=True,
+    )
     assert reversal_candidates(rev) == [funding.id]
     r = transaction_row(rev, (funding.id, "funded", 1_000))
     assert (r.bucket, r.signed_amount, r.reverses) == ("funded", -1_000, funding.id)
@@ -210,7 +213,7 @@ def test_transaction_buckets_and_reversals():
     assert not entries_mirror(row.entries, other_account.entries)
 
 
-def test_a_multi_entry_transaction_moves_its_debit_total():
+def test_a_multi_entry_transaction_moves_its_debit_total() -> None:
     t = TransactionPosted(
         id=uuid.uuid4(),
         customer_id=CUST,
@@ -224,15 +227,20 @@ def test_a_multi_entry_transaction_moves_its_debit_total():
             EntryLine(account="credit_pool:a", side="credit", amount=40),
             EntryLine(account="credit_pool:b", side="credit", amount=2),
         ],
-        usage=[UsageLine(org_id="o1", meter="cfapps", microcredits=30), UsageLine(org_id="o2", meter="cfapps", microcredits=12)],
+        usage=[
+            UsageLine(org_id="o1", meter="cfapps", microcredits=30),
+            UsageLine(org_id="o2", meter="cfapps", microcredits=12),
+        ],
         posted_at=datetime(2026, 10, 5, 15, tzinfo=UTC),
     )
     assert transaction_row(t).amount == 42
     facts = usage_org_hours([t, txn(CUST, "funding", 5, occurred_at=t.occurred_at, orgs=["o3"])])
-    assert {(f.org_id, f.hour, f.customer_id) for f in facts} == {("o1", t.reading_hour, CUST), ("o2", t.reading_hour, CUST)}
+    assert {(f.org_id, f.hour, f.customer_id) for f in facts} == {
+        ("o1", t.reading_hour, CUST), ("o2", t.reading_hour, CUST)
+    }
 
 
-def test_balance_remaining_and_overage():
+def test_balance_remaining_and_overage() -> None:
     b = balance_from_buckets({"funded": 100, "used": 130, "expired": 5})
     assert (b.remaining, b.overage) == (-35, 35)
     assert balance_from_buckets({}).as_json()["remaining"] == 0
@@ -242,11 +250,11 @@ def test_balance_remaining_and_overage():
 
 
 @given(st.integers(min_value=-(10**15), max_value=10**15), st.integers(min_value=1, max_value=10**9))
-def test_credits_text_is_display_credits(n, d):
+def test_credits_text_is_display_credits(n: int, d: int) -> None:
     assert credits_text(n, d) == display_credits(Fraction(n, d))
 
 
-def test_amounts_are_the_floor_and_the_reduced_fraction():
+def test_amounts_are_the_floor_and_the_reduced_fraction() -> None:
     assert amount_fields(Fraction(2_000_000, 730)) == {
         "microcredits": 2739,
         "microcredits_exact": "200000/73",
@@ -257,17 +265,20 @@ def test_amounts_are_the_floor_and_the_reduced_fraction():
 # ---------------------------------------------------------------------------------------- parameters
 
 
-def test_times_need_a_zone_and_come_back_in_utc():
+def test_times_need_a_zone_and_come_back_in_utc() -> None:
     assert parse_time("t", "2026-10-01T00:00:00-04:00") == datetime(2026, 10, 1, 4, tzinfo=UTC)
     assert parse_time("t", "2026-10-01t04:00:00z") == datetime(2026, 10, 1, 4, tzinfo=UTC)
     assert parse_time("t", "2026-10-01T04:00:00.000000000Z") == datetime(2026, 10, 1, 4, tzinfo=UTC)
-    for bad in ("2026-10-01T04:00:00", "2026-10-01", "yesterday", "2026-10-01T04:00:00 04:00", "2026-02-30T00:00:00Z", "2026-10-01T04:00:00.0000001Z"):
+    for bad in (
+        "2026-10-01T04:00:00", "2026-10-01", "yesterday", "2026-10-01T04:00:00 04:00", "2026-02-30T00:00:00Z",
+        "2026-10-01T04:00:00.0000001Z",
+    ):
         with pytest.raises(ProblemError) as err:
             parse_time("t", bad)
         assert err.value.status == 422
 
 
-def test_months_uuids_limits_and_unknown_parameters():
+def test_months_uuids_limits_and_unknown_parameters() -> None:
     assert parse_month("m", "2026-02") == date(2026, 2, 1)
     for bad in ("2026-2", "2026-13", "26-01", "2026-00", "0001-01"):
         with pytest.raises(ProblemError):
@@ -286,7 +297,7 @@ def test_months_uuids_limits_and_unknown_parameters():
         only_known(QueryParams("limit=1&x=2"), ("limit",))
 
 
-def test_cursors_round_trip_only_within_their_own_query():
+def test_cursors_round_trip_only_within_their_own_query() -> None:
     scope = Cursor.scope_of("usage", CUST, "a")
     token = Cursor.encode(scope, ["2026-10-01", "org-1", ""])
     assert Cursor.decode(token, scope, (str, str, str)) == ["2026-10-01", "org-1", ""]
@@ -303,7 +314,7 @@ def test_cursors_round_trip_only_within_their_own_query():
         assert err.value.status == 400
 
 
-def test_the_ttl_cache_forgets_after_its_time_and_can_be_off():
+def test_the_ttl_cache_forgets_after_its_time_and_can_be_off() -> None:
     now = [0.0]
     c: TtlCache[str] = TtlCache(1.0, max_entries=2, clock=lambda: now[0])
     c.put("a", "1")
@@ -319,7 +330,7 @@ def test_the_ttl_cache_forgets_after_its_time_and_can_be_off():
     assert off.get("a") is None
 
 
-def test_periods_are_cached_but_not_shared_mutably():
+def test_periods_are_cached_but_not_shared_mutably() -> None:
     a = period_of("month", date(2026, 10, 1))
     b = {**period_of("month", date(2026, 10, 1))}
     b["period"] = "changed"

@@ -23,8 +23,11 @@ class Clock:
         return self.t
 
 
+Setup = tuple[LocalIssuer, TokenVerifier, Clock]
+
+
 @pytest.fixture
-async def setup() -> AsyncIterator[tuple[LocalIssuer, TokenVerifier, Clock]]:
+async def setup() -> AsyncIterator[Setup]:
     issuer = LocalIssuer()
     clock = Clock()
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=issuer.app())) as client:
@@ -33,11 +36,12 @@ async def setup() -> AsyncIterator[tuple[LocalIssuer, TokenVerifier, Clock]]:
         yield issuer, verifier, clock
 
 
-async def test_valid_rs256_and_es256_tokens_give_subject_scopes_and_customers(setup):
+async def test_valid_rs256_and_es256_tokens_give_subject_scopes_and_customers(setup: Setup) -> None:
     issuer, verifier, _ = setup
     customer = str(uuid.uuid4())
     for key in (issuer.rsa, issuer.ec):
-        p = await verifier.verify(issuer.mint(key=key, sub="alice", scopes=["usage.read"], customers=[customer, "not-a-uuid"]))
+        token = issuer.mint(key=key, sub="alice", scopes=["usage.read"], customers=[customer, "not-a-uuid"])
+        p = await verifier.verify(token)
         assert p.subject == "alice"
         assert p.can_read and not p.is_admin
         assert {str(c) for c in p.customers} == {customer}
@@ -68,14 +72,14 @@ async def test_valid_rs256_and_es256_tokens_give_subject_scopes_and_customers(se
         "no_exp",
     ],
 )
-async def test_every_attack_token_is_refused(setup, name):
+async def test_every_attack_token_is_refused(setup: Setup, name: str) -> None:
     issuer, verifier, _ = setup
     token = attacks(issuer, str(uuid.uuid4()))[name]
     with pytest.raises(AuthError):
         await verifier.verify(token)
 
 
-async def test_clock_skew_is_tolerated_within_the_leeway_only(setup):
+async def test_clock_skew_is_tolerated_within_the_leeway_only(setup: Setup) -> None:
     issuer, verifier, _ = setup
     await verifier.verify(issuer.token(exp_in=-10))  # expired 10 s ago: within 30 s of skew
     await verifier.verify(issuer.token(nbf_in=10))  # valid in 10 s: within the skew
@@ -85,14 +89,14 @@ async def test_clock_skew_is_tolerated_within_the_leeway_only(setup):
         await verifier.verify(issuer.token(nbf_in=45))
 
 
-async def test_keys_are_fetched_once_and_cached(setup):
+async def test_keys_are_fetched_once_and_cached(setup: Setup) -> None:
     issuer, verifier, _ = setup
     for _ in range(5):
         await verifier.verify(issuer.token(sub=f"u{_}"))
     assert issuer.jwks_fetches == 1
 
 
-async def test_unknown_kid_refetches_once_then_refuses_and_is_rate_limited(setup):
+async def test_unknown_kid_refetches_once_then_refuses_and_is_rate_limited(setup: Setup) -> None:
     issuer, verifier, clock = setup
     await verifier.verify(issuer.token())
     assert issuer.jwks_fetches == 1
@@ -105,7 +109,7 @@ async def test_unknown_kid_refetches_once_then_refuses_and_is_rate_limited(setup
     assert issuer.jwks_fetches == 2  # a second unknown kid right after does not refetch
 
 
-async def test_a_rotated_key_is_picked_up_by_the_refetch(setup):
+async def test_a_rotated_key_is_picked_up_by_the_refetch(setup: Setup) -> None:
     issuer, verifier, clock = setup
     await verifier.verify(issuer.token())
     new = issuer.rotate()
@@ -115,7 +119,7 @@ async def test_a_rotated_key_is_picked_up_by_the_refetch(setup):
     assert issuer.jwks_fetches == 2
 
 
-async def test_keys_expire_after_their_ttl(setup):
+async def test_keys_expire_after_their_ttl(setup: Setup) -> None:
     issuer, verifier, clock = setup
     await verifier.verify(issuer.token())
     clock.t += 601
@@ -123,7 +127,7 @@ async def test_keys_expire_after_their_ttl(setup):
     assert issuer.jwks_fetches == 2
 
 
-async def test_issuer_down_without_cached_keys_is_unavailable_not_unauthorized(setup):
+async def test_issuer_down_without_cached_keys_is_unavailable_not_unauthorized(setup: Setup) -> None:
     issuer, verifier, clock = setup
     issuer.down = True
     with pytest.raises(IssuerUnavailableError):
@@ -137,7 +141,7 @@ async def test_issuer_down_without_cached_keys_is_unavailable_not_unauthorized(s
     assert (await verifier.verify(issuer.token(sub="b"))).subject == "b"
 
 
-async def test_discovery_naming_another_issuer_is_refused(setup):
+async def test_discovery_naming_another_issuer_is_refused(setup: Setup) -> None:
     issuer, _, clock = setup
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=issuer.app())) as client:
         jwks = JwksCache("http://other.test", client, monotonic=clock)
@@ -146,12 +150,14 @@ async def test_discovery_naming_another_issuer_is_refused(setup):
             await verifier.verify(issuer.token(iss="http://other.test"))
 
 
-async def test_verified_tokens_are_cached_but_still_expire():
+async def test_verified_tokens_are_cached_but_still_expire() -> None:
     issuer = LocalIssuer()
     now = [time.time()]
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=issuer.app())) as client:
         jwks = JwksCache(issuer.url, client)
-        verifier = TokenVerifier(jwks, issuer=issuer.url, audience=AUDIENCE, leeway_seconds=0, cache_seconds=3600, clock=lambda: now[0])
+        verifier = TokenVerifier(
+            jwks, issuer=issuer.url, audience=AUDIENCE, leeway_seconds=0, cache_seconds=3600, clock=lambda: now[0]
+        )
         token = issuer.token(exp_in=60)
         await verifier.verify(token)
         now[0] += 30
