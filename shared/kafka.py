@@ -186,6 +186,18 @@ def _passthrough(message: Any) -> Any:
     return message.body
 
 
+def _rewind(consumer: AIOKafkaConsumer, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+    """Seek each partition of ``records`` that this member still owns back to its first record."""
+    first: dict[TopicPartition, int] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        first[tp] = min(first.get(tp, r.offset), r.offset)
+    assigned = consumer.assignment()
+    for tp, offset in first.items():
+        if tp in assigned:
+            consumer.seek(tp, offset)
+
+
 class _Subscription:
     """One topic's consumer: decode, handle, dead-letter, commit."""
 
@@ -211,8 +223,15 @@ class _Subscription:
             gone = {(r.topic, r.partition) for r in records} - {(tp.topic, tp.partition) for tp in assigned}
             if gone:
                 records = tuple(r for r in records if (r.topic, r.partition) not in gone)
-            if records and not await self._process(consumer, records):
-                await message.nack()  # stopping: rewind, so that nothing after this batch is committed
+            try:
+                if records and not await self._process(consumer, records):
+                    await message.nack()  # stopping: rewind, so that nothing after this batch is committed
+            except Exception:
+                # Not the handler's failure (it retries and isolates on its own): decoding, the DLQ. With
+                # nothing acknowledged, the next batch's commit would go past this one: read it again instead.
+                log.exception("batch failed outside its handler; reading it again", extra={"topic": self.topic})
+                await self.stream.sleep_unless_stopping(1.0)
+                _rewind(consumer, records)
 
     async def _process(self, consumer: AIOKafkaConsumer, records: Sequence[ConsumerRecord[bytes, bytes]]) -> bool:
         """Handle, dead-letter and commit one batch; False when the service stopped before it was handled."""
@@ -298,7 +317,8 @@ class _Subscription:
         messages = []
         for rec, why in rejected:
             headers = [
-                ("dlq.reason", why.reason.encode()[:4000]),
+                # at most 4000 bytes, cut between characters (a header is text)
+                ("dlq.reason", why.reason.encode()[:4000].decode(errors="ignore").encode()),
                 ("dlq.topic", self.topic.encode()),
                 ("dlq.partition", str(rec.partition).encode()),
                 ("dlq.offset", str(rec.offset).encode()),
