@@ -11,7 +11,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -23,12 +22,21 @@ from services.api.service import OrgHour, TransactionRow
 from shared.batches import ShardKey
 
 __all__ = [
-    "lock_orgs",
-    "stored_charges",
-    "upsert_charges",
+    "lock_hours",
+    "lock_charge_shards",
+    "save_charge_shards",
+    "charge_shards",
+    "charge_shards_at",
+    "insert_pending",
+    "take_pending",
+    "delete_pending",
+    "lock_resource_docs",
+    "save_resource_docs",
+    "resource_docs",
+    "customer_org_hours",
+    "resource_attrs",
     "customers_of",
-    "charges_at",
-    "apply_rollups",
+    "apply_group_rollups",
     "upsert_names",
     "insert_org_hours",
     "insert_customers",
@@ -63,18 +71,8 @@ def json_value(text: str | None) -> Any:
 # ------------------------------------------------------------------------------------------- consumers
 
 
-def _lock_key(org_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(b"api-org:" + org_id.encode(), digest_size=8).digest(), "big", signed=True)
-
-
-async def lock_orgs(conn: asyncpg.Connection, org_ids: Iterable[str]) -> None:
-    """Transaction-scoped advisory locks on these orgs, taken in one global order (no deadlock): the
-    charge and ledger consumers serialise per org, so a charge and the fact that attributes it to a
-    customer can never miss each other (each would otherwise not see the other's uncommitted row)."""
-    keys = sorted({_lock_key(o) for o in org_ids})
-    if keys:
-        # executemany pipelines the statements in list order.
-        await conn.executemany("SELECT pg_advisory_xact_lock($1)", [(k,) for k in keys])
+def _lock_key(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(b"api-org:" + name.encode(), digest_size=8).digest(), "big", signed=True)
 
 
 async def lock_hours(conn: asyncpg.Connection, hours: Iterable[datetime]) -> None:

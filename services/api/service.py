@@ -1,14 +1,12 @@
 """The api's logic, free of HTTP and Kafka: how charges and ledger messages change the read model, who
 may see which customer, and how usage periods are cut (days and months in America/New_York).
 
-Read-model rules:
-- A charge is stored once per measurement, latest revision only: a revision that is not newer than the
-  stored one changes nothing (idempotent by measurement id and revision); a newer one takes the older
-  one's value and amount back out of the rollups and puts its own in.
+Read-model rules (the charges themselves: ``charges.py`` and ``projector.py``):
+- A charge is kept once per measurement, latest revision only (per shard of resources); a newer one takes
+  the older one's value and amount back out of the rollups and puts its own in.
 - A charge counts for a customer once the ledger has said, in a usage line of a usage transaction, that
-  its org belonged to that customer in its reading hour (``org_customer_hour``). Charges that arrive
-  first wait in ``charge`` and are added to the rollups when that fact arrives; the two consumers
-  serialise on per-org advisory locks so that neither order loses a charge.
+  its org belonged to that customer in its reading hour (``org_customer_hour``); until then its changes
+  wait (``pending_charges``).
 - Balances come from the ledger's transactions by type: funding → funded, usage/late_usage → used,
   expiry → expired, a reversal → minus its original's bucket. Remaining = funded − used − expired;
   overage = max(0, −remaining). "As of" a time counts transactions that occurred at or before it.
@@ -19,15 +17,14 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from fractions import Fraction
 from uuid import UUID
 
 from shared.clock import BUSINESS_TZ, as_utc
-from shared.contracts import ChargeComputed, EntryLine, StatementIssued, TransactionPosted
+from shared.contracts import EntryLine, StatementIssued, TransactionPosted
 from shared.money import MICROCREDITS_PER_CREDIT, display_credits
 
 __all__ = [
@@ -35,10 +32,6 @@ __all__ = [
     "GROUP_BYS",
     "TRANSACTION_TYPES",
     "DIMENSIONS",
-    "ChargeRow",
-    "Rollups",
-    "latest_changes",
-    "charge_rollups",
     "OrgHour",
     "usage_org_hours",
     "TransactionRow",
@@ -90,130 +83,6 @@ def _ny_midnight(day: date) -> datetime:
 
 def _next_month(month: date) -> date:
     return date(month.year + (month.month == 12), month.month % 12 + 1, 1)
-
-
-# ---------------------------------------------------------------------------------------------- charges
-
-
-@dataclass(frozen=True, slots=True)
-class ChargeRow:
-    """One measurement's charge as the read model keeps it (latest revision)."""
-
-    measurement_id: UUID
-    revision: int
-    charge_id: UUID
-    hour: datetime
-    org_id: str
-    space_id: str
-    resource_id: str
-    meter: str
-    resource_kind: str
-    unit: str
-    value: int
-    amount: Fraction
-    priced: bool
-    estimated: bool
-
-    @classmethod
-    def of(cls, c: ChargeComputed) -> ChargeRow:
-        return cls(
-            measurement_id=c.measurement_id,
-            revision=c.revision,
-            charge_id=c.id,
-            hour=c.reading_hour,
-            org_id=c.org_id,
-            space_id=c.space_id,
-            resource_id=c.resource_id,
-            meter=c.meter,
-            resource_kind=c.resource_kind,
-            unit=c.unit,
-            value=c.value,
-            amount=Fraction(c.amount_numerator, c.amount_denominator) if c.status == "priced" else Fraction(0),
-            priced=c.status == "priced",
-            estimated=c.estimated,
-        )
-
-
-def latest_changes(
-    incoming: Iterable[ChargeComputed], stored: Mapping[UUID, ChargeRow]
-) -> list[tuple[ChargeRow | None, ChargeRow]]:
-    """(replaced, new) for every measurement whose incoming revision is newer than the stored one; the
-    highest revision in the batch wins, re-deliveries and older revisions change nothing."""
-    best: dict[UUID, ChargeComputed] = {}
-    for c in incoming:
-        have = best.get(c.measurement_id)
-        if have is None or c.revision > have.revision:
-            best[c.measurement_id] = c
-    out: list[tuple[ChargeRow | None, ChargeRow]] = []
-    for mid, c in best.items():
-        old = stored.get(mid)
-        if old is None or c.revision > old.revision:
-            out.append((old, ChargeRow.of(c)))
-    return out
-
-
-DayKey = tuple[UUID, date, str, str, str, str, str, str]  # customer, day, resource, meter, kind, org, space, unit
-MonthKey = tuple[UUID, str, date, str, str, str]  # customer, dim, month, key, key2, unit
-HourGroupKey = tuple[UUID, str, datetime, str, str, str]  # customer, dim, hour, key, key2, unit
-DayGroupKey = tuple[UUID, str, date, str, str, str]  # customer, dim, day, key, key2, unit
-
-
-@dataclass
-class Rollups:
-    """Changes to the rollups: (value, exact microcredits) per key. ``day`` is per resource; ``month``
-    per group of every dimension; ``hour_group`` and ``day_group`` per group of every dimension but the
-    resource (those queries read the per-resource tables)."""
-
-    day: dict[DayKey, list[int | Fraction]] = field(default_factory=lambda: defaultdict(lambda: [0, Fraction(0)]))
-    month: dict[MonthKey, list[int | Fraction]] = field(default_factory=lambda: defaultdict(lambda: [0, Fraction(0)]))
-    hour_group: dict[HourGroupKey, list[int | Fraction]] = field(default_factory=lambda: defaultdict(lambda: [0, Fraction(0)]))
-    day_group: dict[DayGroupKey, list[int | Fraction]] = field(default_factory=lambda: defaultdict(lambda: [0, Fraction(0)]))
-    # (customer, hour, org, space, meter, kind, unit): charges are summed here first, and the group cells
-    # derived from these sums by ``fold`` (a few hundred per batch instead of one per charge and cell).
-    fine: dict[tuple[UUID, datetime, str, str, str, str, str], list[int | Fraction]] = field(
-        default_factory=lambda: defaultdict(lambda: [0, Fraction(0)])
-    )
-
-    def add(self, customer: UUID, c: ChargeRow, sign: int) -> None:
-        value, amount = sign * c.value, sign * c.amount
-        for cell in (
-            self.day[(customer, ny_day(c.hour), c.resource_id, c.meter, c.resource_kind, c.org_id, c.space_id, c.unit)],
-            self.month[(customer, "resource", ny_month(c.hour), c.resource_id, "", c.unit)],
-            self.fine[(customer, c.hour, c.org_id, c.space_id, c.meter, c.resource_kind, c.unit)],
-        ):
-            cell[0] += value
-            cell[1] += amount
-
-    def fold(self) -> Rollups:
-        """Add the sums of ``fine`` to the monthly, daily and hourly cells of every group dimension."""
-        for (customer, hour, org, space, meter, kind, unit), (value, amount) in self.fine.items():
-            day, month = ny_day(hour), ny_month(hour)
-            for dim, key, key2 in (("org", org, ""), ("space", space, ""), ("meter", meter, ""), ("kind", meter, kind)):
-                for cell in (
-                    self.month[(customer, dim, month, key, key2, unit)],
-                    self.day_group[(customer, dim, day, key, key2, unit)],
-                    self.hour_group[(customer, dim, hour, key, key2, unit)],
-                ):
-                    cell[0] += value
-                    cell[1] += amount
-        self.fine.clear()
-        return self
-
-    def __bool__(self) -> bool:
-        return bool(self.day or self.month or self.hour_group or self.day_group or self.fine)
-
-
-def charge_rollups(
-    changes: Iterable[tuple[ChargeRow | None, ChargeRow]], customer_of: Mapping[tuple[str, datetime], UUID]
-) -> Rollups:
-    """The rollup changes of replacing charges, for those whose org's customer is known at their hour."""
-    r = Rollups()
-    for old, new in changes:
-        if old is not None and (cust := customer_of.get((old.org_id, old.hour))) is not None:
-            r.add(cust, old, -1)
-        if (cust := customer_of.get((new.org_id, new.hour))) is not None:
-            r.add(cust, new, +1)
-    return r.fold()
 
 
 # --------------------------------------------------------------------------------------------- ledger
