@@ -187,9 +187,15 @@ async def test_the_posted_figure_must_be_the_floor_of_the_exact_sum(ledger_db: L
                 customer,
                 uuid.uuid4(),
             )
+        # The floor is accepted (rolled back: no charge is applied to this made-up sum, which the books
+        # check at teardown would report).
+        tx = conn.transaction()
+        await tx.start()
         await conn.execute(
             """INSERT INTO month_usage (customer_id, month, price_id, sum_num, sum_den, posted)
                VALUES ($1, '2026-05-01', $2, 7, 2, 3)""",
             customer,
             uuid.uuid4(),
         )
+        assert await conn.fetchval("SELECT posted FROM month_usage WHERE customer_id = $1", customer) == 3
+        await tx.rollback()

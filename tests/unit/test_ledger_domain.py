@@ -1,12 +1,17 @@
-"""The ledger's pure rules: drawing order, giving back, balanced drafts, open months, thresholds, batch ids."""
+"""The ledger's pure rules: drawing order, giving back, balanced drafts, open months, thresholds, batch ids,
+the exact allocation of fractional charges to whole microcredits, and what the consumer hands the ledger."""
 
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import UTC, date, datetime
 from fractions import Fraction
 
+import msgspec
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from services.ledger.domain import (
     EXPIRED,
@@ -25,9 +30,9 @@ from services.ledger.domain import (
     thresholds_reached,
     usage_transaction,
 )
-from services.ledger.posting import batch_digest, batch_months, invalid_reason
-from shared import ids
-from shared.contracts import ChargeComputed
+from services.ledger.posting import allocate, batch_digest, batch_months
+from shared.batches import Charges, decode_charges, encode_charges, shard_of
+from tests.support.ledger import charges_batch, item
 
 HOUR = datetime(2026, 4, 10, 15, tzinfo=UTC)
 PRICE = uuid.UUID(int=1)
@@ -39,7 +44,9 @@ def book(*pools: tuple[datetime, datetime, int, int, bool]) -> Book:
     b = Book(uuid.UUID(int=99), accounts)
     for n, (start, end, credits, left, expired) in enumerate(pools):
         aid = uuid.UUID(int=100 + n)
-        b.pools.append(Pool(aid, start, end, credits, expired, Account(10 + n, f"credit_pool:{aid}", "credit_pool", -left)))
+        b.pools.append(
+            Pool(aid, start, end, credits, expired, Account(10 + n, f"credit_pool:{aid}", "credit_pool", -left))
+        )
     return b
 
 
@@ -137,38 +144,113 @@ def test_a_closed_month_posts_in_the_first_open_month_after_it() -> None:
 
 @pytest.mark.parametrize(
     ("funded", "used", "expected"),
-    [(1000, 499, []), (1000, 500, [50]), (1000, 899, [50, 75]), (1000, 900, [50, 75, 90]), (1000, 1500, [50, 75, 90, 100]), (0, 10, [])],
+    [
+        (1000, 499, []),
+        (1000, 500, [50]),
+        (1000, 899, [50, 75]),
+        (1000, 900, [50, 75, 90]),
+        (1000, 1500, [50, 75, 90, 100]),
+        (0, 10, []),
+    ],
 )
 def test_thresholds_reached(funded: int, used: int, expected: list[int]) -> None:
     assert thresholds_reached(funded, used) == expected
 
 
-def charge(hour: datetime, resource: str, revision: int = 1, **kw: object) -> ChargeComputed:
-    mid = ids.measurement_id(hour, "cfapps", resource)
-    fields: dict[str, object] = dict(
-        id=ids.charge_id(mid, revision), measurement_id=mid, revision=revision, reading_hour=hour, meter="cfapps",
-        resource_id=resource, org_id="o", value=1, unit="MB", status="priced", price_id=PRICE,
-        amount_numerator=Fraction(1, 3).numerator, amount_denominator=3, display_amount="0", priced_at=hour,
-    )
-    fields.update(kw)
-    return ChargeComputed(**fields)  # type: ignore[arg-type]
+def batch(hour: datetime, *resources: str, revision: int = 1) -> Charges:
+    """A charges batch of one shard: ``resources`` must share it (the test picks them so)."""
+    return charges_batch(hour, [item("o", Fraction(1, 3), resource=r, revision=revision) for r in resources])
+
+
+def same_shard(n: int, shard: int = 0) -> list[str]:
+    """``n`` resource ids of ``shard``."""
+    return [r for r in (f"res-{i}" for i in range(10_000)) if shard_of(r) == shard][:n]
 
 
 def test_a_batch_digest_ignores_order_and_tells_batches_apart() -> None:
-    a, b, c = charge(HOUR, "a"), charge(HOUR, "b"), charge(HOUR, "b", revision=2)
+    r1, r2 = same_shard(2)
+    a, b, c = batch(HOUR, r1), batch(HOUR, r2), batch(HOUR, r2, revision=2)
     assert batch_digest([a, b]) == batch_digest([b, a])
     assert batch_digest([a, b]) != batch_digest([a, c])
     assert batch_digest([a]) != batch_digest([a, a])
+    # The same measurements batched otherwise are other messages: another digest, so the transactions of
+    # both postings keep distinct idempotency keys.
+    assert batch_digest([batch(HOUR, r1, r2)]) != batch_digest([a, b])
 
 
 def test_batch_months_span_new_york_months_of_the_hours() -> None:
     # 04:00 UTC on Mar 1 is still February in New York; 05:00 is March.
     hours = [datetime(2026, 3, 1, 4, tzinfo=UTC), datetime(2026, 5, 1, 3, tzinfo=UTC)]
-    assert batch_months([charge(h, "r") for h in hours]) == {date(2026, 2, 1), date(2026, 3, 1), date(2026, 4, 1)}
+    assert batch_months([batch(h, "r") for h in hours]) == {date(2026, 2, 1), date(2026, 4, 1)}
+    assert batch_months([batch(datetime(2026, 3, 1, 5, tzinfo=UTC), "r")]) == {date(2026, 3, 1)}
 
 
-def test_inconsistent_charges_are_refused() -> None:
-    assert invalid_reason(charge(HOUR, "a")) is None
-    assert invalid_reason(charge(HOUR, "a", price_id=None)) == "priced charge without price_id"
-    assert invalid_reason(charge(HOUR, "a", status="unpriced", price_id=None)) == "unpriced charge with a non-zero amount"
-    assert invalid_reason(charge(HOUR, "a", status="unpriced", price_id=None, amount_numerator=0)) is None
+def test_the_consumer_hands_the_ledger_only_consistent_items() -> None:
+    """What ``invalid_reason`` refused per charge in v1, the decoder now refuses per item: the ledger is
+    never handed an unpriced item with an amount, an item of another shard, or a measurement twice."""
+    r1, r2, r3 = same_shard(3)
+    other = next(r for r in (f"x-{i}" for i in range(1000)) if shard_of(r) != shard_of(r1))
+    good = item("o", 5, resource=r1)
+    unpriced = item("o", 5, resource=r2, price_id=None)
+    zero = item("o", 0, resource=r3, price_id=None)
+    stray = item("o", 7, resource=other)
+    decoded = decode_charges(
+        encode_charges(charges_batch(HOUR, [good, unpriced, zero, stray, good], shard=shard_of(r1)))
+    )
+    assert decoded.message is not None
+    assert decoded.message.resource_id == [r1, r3]  # the good one once, the unpriced zero
+    assert sorted((r.positions, r.reason) for r in decoded.rejected) == [
+        ((1,), "item 1: unpriced with a non-zero amount"),
+        ((3,), f"item 3: resource {other} belongs to shard {shard_of(other)}, not {shard_of(r1)}"),
+    ]
+    for r, rid in zip(sorted(decoded.rejected, key=lambda r: r.positions), [r2, other], strict=True):
+        # Each refused item goes to the DLQ as a well-formed batch of its own, refused again for its reason.
+        assert r.value is not None
+        alone = msgspec.json.decode(r.value, type=Charges)
+        assert alone.resource_id == [rid] and alone.shard == shard_of(r1)
+        assert [x.reason for x in decode_charges(r.value).rejected] == [
+            r.reason.replace(f"item {r.positions[0]}", "item 0")
+        ]
+    twice = decode_charges(encode_charges(charges_batch(HOUR, [good, item("o", 6, resource=r1)])))
+    assert twice.message is not None and twice.message.amount_numerator == [5]
+    assert [r.positions for r in twice.rejected] == [(1,)]
+
+
+LINE = tuple[datetime, str, str, str]
+lines = st.lists(
+    st.tuples(
+        st.integers(0, 3),  # hour
+        st.sampled_from(["o1", "o2"]),
+        st.integers(-3_000_000, 3_000_000),
+        st.sampled_from([1, 3, 7, 730, 2**31 - 1]),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(start=st.tuples(st.integers(0, 10**9), st.sampled_from([1, 2, 3, 730, 999_983])), changes=lines)
+def test_allocated_whole_microcredits_telescope_to_the_change_of_the_floor(
+    start: tuple[int, int], changes: list[tuple[int, str, int, int]]
+) -> None:
+    """``allocate`` against Fraction: the group's new exact sum, its posted floor, and line amounts whose
+    total is floor(new sum) - floor(old sum), each line off its own exact change by less than one."""
+    before = Fraction(*start)
+    deltas: dict[int, dict[LINE, dict[int, int]]] = {7: {}}
+    exact: dict[LINE, Fraction] = {}
+    for h, org, num, den in changes:
+        line = (datetime(2026, 4, 1, h, tzinfo=UTC), org, "cfapps", "")
+        cell = deltas[7].setdefault(line, {})
+        cell[den] = cell.get(den, 0) + num
+        exact[line] = exact.get(line, Fraction(0)) + Fraction(num, den)
+    after = before + sum(exact.values())
+    assume(after >= 0)  # a group's sum never goes below zero: amounts are taken back only once added
+    updates, amounts = allocate({7: (start[0], start[1])}, deltas)
+    [(gid, num, den, posted)] = updates
+    assert gid == 7 and Fraction(num, den) == after and posted == after.numerator // after.denominator
+    assert math.gcd(num, den) == 1
+    assert sum(a for _, _, a in amounts) == posted - before.numerator // before.denominator
+    assert {line for _, line, _ in amounts} == set(exact)
+    for _, line, amount in amounts:
+        assert abs(amount - exact[line]) < 1
