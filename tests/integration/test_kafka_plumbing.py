@@ -318,7 +318,7 @@ async def test_offsets_are_committed_only_after_the_handler_and_the_dlq_publish(
         await dlq_gate.wait()
         await publish_retrying(target, messages)
 
-    stream.publish_retrying = held  # type: ignore[method-assign]
+    stream.publish_retrying = held  # type: ignore[method-assign,assignment]
     async with producing(infra.kafka) as pub:
         await pub.publish(topic, [Outgoing(b"k", v) for v in (measurement("a"), b"{bad", measurement("b"))])
     async with consuming(stream):
@@ -340,7 +340,7 @@ async def test_stop_finishes_the_batch_in_hand_and_commits_it(infra: Any, make_t
     """What SIGTERM does to a service: the batch being handled completes and is committed."""
     topic = await make_topic(partitions=1)
     g = group()
-    started, done = asyncio.Event(), []
+    started, done = asyncio.Event(), list[str]()
 
     async def slow(received: list[Received[Measurement]]) -> None:
         started.set()
@@ -399,16 +399,25 @@ async def test_a_rebalance_between_two_members_loses_and_repeats_nothing(infra: 
         return handle
 
     total = 600
-    async with producing(infra.kafka) as pub:
-        await pub.publish(topic, [Outgoing(f"k{i % 40}".encode(), measurement(f"r{i}")) for i in range(total)])
     a = subscriber(infra.kafka, topic, g, handler("a"), max_records=10)
     b = subscriber(infra.kafka, topic, g, handler("b"), max_records=10)
-    async with consuming(a):
-        await until(lambda: len(handled["a"]) >= 50)
-        async with consuming(b):
-            await until(lambda: len(handled["a"]) + len(handled["b"]) >= total, timeout=60)
-            await until(lambda: _no_lag(infra.kafka, g, topic))
-            assignments = [s.subscriptions[0].consumer.assignment() for s in (a, b)]  # type: ignore[union-attr]
+
+    def assigned(stream: Stream) -> set[Any]:
+        consumers = [sub.consumer for sub in stream.broker.subscribers if sub.consumer is not None]
+        return set(consumers[0].assignment()) if consumers else set()
+
+    async with producing(infra.kafka) as pub:
+        first_wave = [Outgoing(f"k{i % 40}".encode(), measurement(f"r{i}")) for i in range(total // 2)]
+        await pub.publish(topic, first_wave)
+        async with consuming(a):
+            await until(lambda: len(handled["a"]) >= 50)
+            async with consuming(b):  # joins while the first member is busy
+                await until(lambda: bool(assigned(a)) and bool(assigned(b)) and not assigned(a) & assigned(b))
+                second_wave = [Outgoing(f"k{i % 40}".encode(), measurement(f"r{i}")) for i in range(total // 2, total)]
+                await pub.publish(topic, second_wave)
+                await until(lambda: len(handled["a"]) + len(handled["b"]) >= total, timeout=60)
+                await until(lambda: _no_lag(infra.kafka, g, topic))
+                assignments = [assigned(a), assigned(b)]
     every = handled["a"] + handled["b"]
     assert len(every) == len(set(every)) == total  # once each
     assert handled["b"], "the second member got no partition"

@@ -54,7 +54,7 @@ Key = tuple[datetime, str, str]  # a measurement: reading hour, meter, resource
 
 def settings(database: Any, infra: Any, topic_prefix: str, **extra: Any) -> PricerSettings:
     return PricerSettings(
-        database_url=database.dsn("pricer"), KAFKA_BOOTSTRAP_SERVERS=infra.kafka, KAFKA_TOPIC_PREFIX=topic_prefix,
+        database_url=database.dsn("pricer"), kafka_bootstrap_servers=infra.kafka, topic_prefix=topic_prefix,
         port=8082, batch_timeout_ms=50, maintenance_interval_seconds=3600, **extra,
     )
 
@@ -147,7 +147,7 @@ async def stored_items(pool: Any) -> list[tuple[Key, int]]:
     """Every (measurement, revision) the pricer stored, with repeats if any."""
     async with pool.acquire() as conn:
         rows = await conn.fetch("SELECT message FROM charge_batches")
-    out = []
+    out: list[tuple[Key, int]] = []
     for r in rows:
         c = decode_charges(bytes(r["message"])).message
         assert c is not None

@@ -52,8 +52,8 @@ class Running:
 def settings(database: Any, infra: Any, topic_prefix: str) -> PricerSettings:
     return PricerSettings(
         database_url=database.dsn("pricer"),
-        KAFKA_BOOTSTRAP_SERVERS=infra.kafka,
-        KAFKA_TOPIC_PREFIX=topic_prefix,
+        kafka_bootstrap_servers=infra.kafka,
+        topic_prefix=topic_prefix,
         port=8082,
         maintenance_interval_seconds=3600,
     )

@@ -241,8 +241,8 @@ async def test_stored_charges_do_not_depend_on_order_repeats_batching_or_topic_v
                     (c.revision[i], p, Fraction(c.amount_numerator[i], c.amount_denominator[i])))
         assert set(charges) == {(_hour(s), s[0][0], _resource(s)) for s in specs}
 
-        expected_unpriced = set()
-        expected_hours = set()
+        expected_unpriced: set[tuple[datetime, str, int, str]] = set()
+        expected_hours: set[tuple[UUID, datetime]] = set()
         for n, spec in enumerate(specs):
             (meter, kind), _, _, value = spec
             hour = _hour(spec)

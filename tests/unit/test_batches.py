@@ -93,7 +93,7 @@ def raw(d: dict[str, Any]) -> bytes:
 
 def item_facts(m: Measurements | Charges, i: int) -> tuple[Any, ...]:
     """Item ``i`` with its table positions resolved."""
-    facts = (m.resource_id[i], m.resource_name[i], m.orgs[m.org[i]], m.spaces[m.space[i]], m.kinds[m.kind[i]],
+    facts: tuple[Any, ...] = (m.resource_id[i], m.resource_name[i], m.orgs[m.org[i]], m.spaces[m.space[i]], m.kinds[m.kind[i]],
              m.value[i], m.estimated[i])
     if isinstance(m, Charges):
         price = None if m.price[i] < 0 else m.prices[m.price[i]]
@@ -247,8 +247,9 @@ def assert_split(raw_in: bytes, decoded: Any, positions: tuple[int, ...], struct
     """The refused items' value is a batch of just those items: the same envelope and tables."""
     (rej,) = decoded.rejected
     assert rej.positions == positions
-    original = msgspec.json.decode(raw_in, type=struct)
-    alone = msgspec.json.decode(rej.value, type=struct)
+    assert rej.value is not None
+    original: Any = msgspec.json.decode(raw_in, type=struct)
+    alone: Any = msgspec.json.decode(rej.value, type=struct)
     assert envelope(alone) == envelope(original)
     for column in ("resource_id", "resource_name", "org", "space", "kind", "value", "estimated"):
         assert getattr(alone, column) == [getattr(original, column)[i] for i in positions], column
@@ -409,7 +410,7 @@ def test_a_bad_charge_item_is_split_off_with_its_reason(column: str, bad: Any, w
     assert got.message is not None and got.message.resource_id == good.message.resource_id[:2]
     assert [item_facts(got.message, i) for i in range(2)] == [item_facts(good.message, i) for i in range(2)]
     (rej,) = got.rejected
-    assert rej.positions == (2,) and rej.reason == f"item 2: {words}"
+    assert rej.positions == (2,) and rej.reason == f"item 2: {words}" and rej.value is not None
     alone = msgspec.json.decode(rej.value, type=Charges)
     assert envelope(alone) == envelope(good.message) and alone.resource_id == [good.message.resource_id[2]]
     assert getattr(alone, column) == [bad]

@@ -6,6 +6,7 @@ import math
 import uuid
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
+from typing import Any
 
 import httpx
 import orjson
@@ -48,7 +49,7 @@ def test_linear_policy_interpolates_rounded_half_up(a: int, b: int, n: int) -> N
         assert min(a, b) <= v <= max(a, b)
 
 
-def cf_transport(pages: dict[str, dict]) -> httpx.MockTransport:
+def cf_transport(pages: dict[str, Any]) -> httpx.MockTransport:
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/oauth/token":
             return httpx.Response(200, json={"access_token": "t", "token_type": "bearer", "expires_in": 600})

@@ -33,13 +33,13 @@ from shared.batches import (
     Charges,
     Item,
     Measurements,
-    Price as PriceRef,
     Ref,
     charges_id,
     encode_charges,
     measurement_batches,
     shard_of,
 )
+from shared.batches import Price as PriceRef
 from shared.contracts import ChargesComputed, MeasurementTaken
 from shared.wire import decoder_for
 
@@ -111,7 +111,8 @@ def catalogs(draw: st.DrawFn) -> list[Price]:
                 unit = draw(st.integers(1, 2**40))
                 start, end = T0 + timedelta(hours=cuts[i]), T0 + timedelta(hours=cuts[i + 1])
                 out.append(price(meter, kind, mpu, unit, start, end))
-        if cuts and draw(st.booleans()):
+        open_ended: bool = draw(st.booleans())
+        if cuts and open_ended:
             out.append(price(meter, kind, 99, 7, T0 + timedelta(hours=cuts[-1]), None))
     return out
 
@@ -180,29 +181,29 @@ def test_a_charges_batch_is_the_contract_message_written_out_by_hand() -> None:
     assert priced.rejects == [] and priced.message is not None
     assert priced.price_ids == {app.id} and priced.unpriced_kinds == {"plan-z"}
     got = ChargesComputed.model_validate_json(encode_charges(priced.message))
-    expected = ChargesComputed(
-        id=charges_id(hour, "cfapps", 3, m.resource_id, [1, 1]),
-        reading_hour=hour,
-        meter="cfapps",
-        unit="MB",
-        shard=3,
-        priced_at=PRICED_AT,
-        orgs=[{"id": "org-7", "name": 'Org "Seven" ✓'}],
-        spaces=[{"id": "space-1", "name": "dev"}],
-        kinds=["", "plan-z"],
-        prices=[{"id": app.id, "microcredits_per_unit": 1_000_000, "unit": 730 * 1024}],
-        resource_id=m.resource_id,
-        resource_name=[f"name of {r}" for r in m.resource_id],
-        org=[0, 0],
-        space=[0, 0],
-        kind=[0, 1],
-        value=[3 * 1024, 512],
-        estimated=[True, True],
-        revision=[1, 1],
-        price=[0, -1],
-        amount_numerator=[3 * 1024 * 1_000_000, 0],
-        amount_denominator=[730 * 1024, 1],
-    )
+    expected = ChargesComputed.model_validate({
+        "id": charges_id(hour, "cfapps", 3, m.resource_id, [1, 1]),
+        "reading_hour": hour,
+        "meter": "cfapps",
+        "unit": "MB",
+        "shard": 3,
+        "priced_at": PRICED_AT,
+        "orgs": [{"id": "org-7", "name": 'Org "Seven" ✓'}],
+        "spaces": [{"id": "space-1", "name": "dev"}],
+        "kinds": ["", "plan-z"],
+        "prices": [{"id": app.id, "microcredits_per_unit": 1_000_000, "unit": 730 * 1024}],
+        "resource_id": m.resource_id,
+        "resource_name": [f"name of {r}" for r in m.resource_id],
+        "org": [0, 0],
+        "space": [0, 0],
+        "kind": [0, 1],
+        "value": [3 * 1024, 512],
+        "estimated": [True, True],
+        "revision": [1, 1],
+        "price": [0, -1],
+        "amount_numerator": [3 * 1024 * 1_000_000, 0],
+        "amount_denominator": [730 * 1024, 1],
+    })
     assert got == expected
 
 

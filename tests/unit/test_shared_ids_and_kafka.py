@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -54,7 +55,7 @@ def test_keys_that_only_look_like_shards_are_hashed() -> None:
 def test_retry_delay_doubles_up_to_thirty_seconds() -> None:
     delays = [retry_delay(a) for a in range(1, 12)]
     assert delays[:4] == [0.4, 0.8, 1.6, 3.2]
-    assert all(b >= a for a, b in zip(delays, delays[1:], strict=False))
+    assert all(b >= a for a, b in itertools.pairwise(delays))
     assert max(delays) == 30.0
 
 

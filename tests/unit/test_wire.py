@@ -228,7 +228,7 @@ def _escape_a_time_digit(draw: st.DrawFn, doc: dict[str, Any], text: str) -> str
     value: str = doc[name]
     positions = [i for i, c in enumerate(value) if c.isdigit()]
     i = draw(st.sampled_from(positions))
-    escaped = json.dumps(value[:i])[:-1] + "\\u%04x" % ord(value[i]) + json.dumps(value[i + 1 :])[1:]
+    escaped = json.dumps(value[:i])[:-1] + f"\\u{ord(value[i]):04x}" + json.dumps(value[i + 1 :])[1:]
     key = json.dumps(name) + ": "
     return text.replace(key + json.dumps(value, ensure_ascii=False), key + escaped, 1)
 
@@ -496,7 +496,7 @@ def _batch_differential(model: type[BaseModel], raw: bytes) -> None:
         assert kept_items == {ids_alone[i]: _resolved(alone, i, charges) for i in range(n)}
         if whole is not None:
             _same_envelope(kept, whole, columns)
-            first = {}
+            first: dict[str, tuple[Any, ...]] = {}
             for i, rid in enumerate(whole.resource_id):  # type: ignore[attr-defined]
                 first.setdefault(rid, _resolved(whole, i, charges))
             assert all(first[rid] == facts for rid, facts in kept_items.items())
@@ -512,7 +512,8 @@ def _batch_differential(model: type[BaseModel], raw: bytes) -> None:
         for name in msgspec.structs.asdict(split):
             if name not in columns:
                 assert getattr(split, name) == getattr(kept or original, name) or name in _TIME_FIELDS, name
-    for i, rid in enumerate(original.resource_id):
+    original_ids: list[str] = original.resource_id  # type: ignore[attr-defined]
+    for i, rid in enumerate(original_ids):
         if i not in refused:
             assert rid in kept_items, (i, rid)
 
