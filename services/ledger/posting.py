@@ -25,6 +25,7 @@ from datetime import date, datetime
 from typing import Any
 from math import gcd, lcm
 
+import asyncpg
 import orjson
 
 from services.ledger import messages
@@ -44,6 +45,7 @@ from shared.clock import billing_month
 from shared.ids import uuid7
 
 __all__ = [
+    "ConcurrentShardUpdateError",
     "Posting",
     "batch_digest",
     "batch_months",
@@ -60,6 +62,12 @@ __all__ = [
 # id text or "", numerator, denominator).
 Applied = tuple[int, int, int, int]
 Held = tuple[int, str, str, int, int]
+
+
+class ConcurrentShardUpdateError(asyncpg.SerializationError):
+    """Another transaction wrote the state (or held charges) of a shard this posting found without any, e.g.
+    a partition that moved mid-batch: retry the batch (a serialization failure, so the consumer and the
+    service's retries treat it as transient); the retry reads that state and posts only the difference."""
 
 
 @dataclass
@@ -296,7 +304,8 @@ async def post_batches(
         return result
     closed = await lock_open_months(conn, {billing_month(k.reading_hour) for k in keys})
     shards: dict[ShardKey, _Shard] = {k: _Shard() for k in keys}
-    for key, raw in (await repo.lock_shard_states(conn, keys)).items():
+    stored = await repo.lock_shard_states(conn, keys)
+    for key, raw in stored.items():
         shards[key].applied = _load_applied(raw)
     held_rows = await repo.lock_held(conn, keys)
     for (key, org_id), raw in held_rows.items():
@@ -331,7 +340,7 @@ async def post_batches(
         rows = await repo.lock_groups(conn, deltas)
         updates, amounts = allocate({gid: (int(r["sum_num"]), int(r["sum_den"])) for gid, r in rows.items()}, deltas)
         await repo.update_groups(conn, updates)
-    await _save(conn, shards, groups)
+    await _save(conn, shards, groups, set(stored), set(held_rows))
     if not amounts:
         return result
 
@@ -369,7 +378,16 @@ async def post_batches(
     return result
 
 
-async def _save(conn: repo.Conn, shards: dict[ShardKey, _Shard], groups: dict[GroupKey, int]) -> None:
+async def _save(
+    conn: repo.Conn,
+    shards: dict[ShardKey, _Shard],
+    groups: dict[GroupKey, int],
+    stored: set[ShardKey],
+    stored_held: set[tuple[ShardKey, str]],
+) -> None:
+    """Write the changed shard states and held rows. Rows that existed are locked and replaced; the others
+    are inserted only if still absent: another transaction that inserted one meanwhile posted those charges
+    too (a new shard has no row to lock), so this posting fails as a serialization failure."""
     states, held_rows, gone = [], [], []
     for key, shard in sorted(shards.items()):
         if shard.fresh is not None:
@@ -390,8 +408,14 @@ async def _save(conn: repo.Conn, shards: dict[ShardKey, _Shard], groups: dict[Gr
                 held_rows.append((key, org_id, len(waiting), sum(h[0] for h in waiting), _dump_held(items)))
             else:
                 gone.append((key, org_id))
-    await repo.save_shard_states(conn, states)
-    await repo.save_held(conn, held_rows, gone)
+    await repo.save_shard_states(conn, [r for r in states if r[0] in stored])
+    await repo.save_held(conn, [r for r in held_rows if (r[0], r[1]) in stored_held], gone)
+    new_states = [r for r in states if r[0] not in stored]
+    new_held = [r for r in held_rows if (r[0], r[1]) not in stored_held]
+    if await repo.insert_shard_states(conn, new_states) < len(new_states):
+        raise ConcurrentShardUpdateError("the state of a shard of this batch was first written concurrently")
+    if await repo.insert_held(conn, new_held) < len(new_held):
+        raise ConcurrentShardUpdateError("charges of a shard of this batch were first held concurrently")
 
 
 def allocate(

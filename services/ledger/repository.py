@@ -65,6 +65,21 @@ async def save_shard_states(conn: Conn, rows: Sequence[tuple[ShardKey, int, int,
     )
 
 
+async def insert_shard_states(conn: Conn, rows: Sequence[tuple[ShardKey, int, int, bytes]]) -> int:
+    """Insert the states of shards that had none when locked, unless another transaction inserted one
+    meanwhile (this waits for it to end); returns how many were inserted."""
+    if not rows:
+        return 0
+    status = await conn.execute(
+        """INSERT INTO shard_state (reading_hour, meter, shard, posted, revisions, items)
+           SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int2[], $4::int4[], $5::int8[], $6::bytea[])
+           ON CONFLICT DO NOTHING""",
+        [r[0].reading_hour for r in rows], [r[0].meter for r in rows], [r[0].shard for r in rows],
+        [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+    )
+    return int(status.split()[-1])
+
+
 async def lock_held(conn: Conn, keys: Iterable[ShardKey]) -> dict[tuple[ShardKey, str], bytes]:
     """The held charges of the shards ``keys``, per org, locked."""
     rows = await conn.fetch(
@@ -98,6 +113,22 @@ async def save_held(conn: Conn, rows: Sequence[tuple[ShardKey, str, int, int, by
             [g[0].reading_hour for g in gone], [g[0].meter for g in gone], [g[0].shard for g in gone],
             [g[1] for g in gone],
         )
+
+
+async def insert_held(conn: Conn, rows: Sequence[tuple[ShardKey, str, int, int, bytes]]) -> int:
+    """Insert held charges of (shard, org) pairs that had none when locked, unless another transaction
+    inserted them meanwhile; returns how many were inserted."""
+    if not rows:
+        return 0
+    status = await conn.execute(
+        """INSERT INTO held_shards (reading_hour, meter, shard, org_id, held, revisions, items)
+           SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int2[], $4::text[], $5::int4[], $6::int8[],
+                                $7::bytea[])
+           ON CONFLICT DO NOTHING""",
+        [r[0].reading_hour for r in rows], [r[0].meter for r in rows], [r[0].shard for r in rows],
+        [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows],
+    )
+    return int(status.split()[-1])
 
 
 async def resolvable_held(

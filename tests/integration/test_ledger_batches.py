@@ -171,7 +171,8 @@ async def test_a_shard_with_state_and_first_sights_of_other_shards_post_together
     assert await held_revisions(db) == {(HOUR, "cfapps", unassigned, s3[1]): 1}
     usage = await db.fetch(
         """SELECT u.resource_kind, u.price_id, u.microcredits FROM usage_lines u
-             JOIN transactions t ON t.id = u.transaction_id WHERE t.customer_id = $1 ORDER BY t.posted_at, u.resource_kind""",
+             JOIN transactions t ON t.id = u.transaction_id
+            WHERE t.customer_id = $1 ORDER BY t.posted_at, u.resource_kind""",
         customer,
     )
     # The second posting's lines: +20 (s1[0]) + 1/3 + 2/3 + 1 on the default kind, 5 on plan.
