@@ -1,10 +1,14 @@
 """The ledger as a whole service on the real broker and database: its internal HTTP commands (validation,
-problem documents, 404s, pagination), the usage.charges.v1 consumer, and what it publishes (transactions,
-statements, alerts; rejected charges to the DLQ), including the outbox left behind by a crash."""
+problem documents, 404s, pagination), the usage.charges.v2 consumer, and what it publishes (transactions,
+statements, alerts; refused items of a batch to the DLQ, each as a batch of its own), the held charges'
+listing paged by (hour, meter, shard, org, resource), the completeness counts, and the outbox left behind
+by a crash."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -13,21 +17,25 @@ from fractions import Fraction
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 from services.ledger.app import MIGRATIONS, create_app
 from services.ledger.service import LedgerService
 from services.ledger.settings import LedgerSettings
-from shared.contracts import AlertRaised, ChargeComputed, StatementIssued, TransactionPosted
+from shared.batches import Charges, shard_key, shard_of
+from shared.contracts import AlertRaised, ChargesComputed, StatementIssued, TransactionPosted
 from shared.db import create_pool, migrate
-from shared.kafka import Outgoing, Publisher, encode
 from shared.topics import ALERTS, CHARGES, TRANSACTIONS, dlq
 from tests.support.ledger import (  # noqa: F401  (fixture)
     PRICE_A,
     assert_books_hold,
-    charge,
+    charges_batch,
+    item,
     ledger_topics,
+    publish_charges,
+    resources_of_shard,
 )
 
 pytestmark = pytest.mark.integration
@@ -61,7 +69,9 @@ async def client(database: Any, infra: Any, ledger_topics: str) -> AsyncIterator
         yield c
 
 
-async def read_topic(bootstrap: str, topic: str, done: Callable[[list[ConsumerRecord]], bool], timeout: float = 30) -> list[ConsumerRecord]:  # type: ignore[type-arg]
+async def read_topic(
+    bootstrap: str, topic: str, done: Callable[[list[ConsumerRecord]], bool], timeout: float = 30
+) -> list[ConsumerRecord]:  # type: ignore[type-arg]
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
     await consumer.start()
     records: list[ConsumerRecord] = []  # type: ignore[type-arg]
@@ -119,8 +129,12 @@ async def test_commands_validate_their_input_and_answer_problem_documents(client
     assert is_problem(await client.get(f"/internal/customers/{uuid.uuid4()}"), 404)
 
     org = {"org_id": "org-1", "customer_id": customer["id"], "starts_at": "2026-01-01T00:00:00Z"}
-    assert is_problem(await client.post("/internal/org-assignments", json=org | {"starts_at": "2026-01-01T00:00:00"}), 422)
-    assert is_problem(await client.post("/internal/org-assignments", json=org | {"customer_id": str(uuid.uuid4())}), 404)
+    assert is_problem(
+        await client.post("/internal/org-assignments", json=org | {"starts_at": "2026-01-01T00:00:00"}), 422
+    )
+    assert is_problem(
+        await client.post("/internal/org-assignments", json=org | {"customer_id": str(uuid.uuid4())}), 404
+    )
     assert (await client.post("/internal/org-assignments", json=org)).status_code == 201
     assert is_problem(await client.post("/internal/org-assignments", json=org), 409)
     listed = (await client.get("/internal/org-assignments", params={"org_id": "org-1"})).json()
@@ -129,9 +143,13 @@ async def test_commands_validate_their_input_and_answer_problem_documents(client
     ]
 
     agreement = {"customer_id": customer["id"], "starts_at": "2026-02-01T05:00:00Z", "ends_at": "2027-02-01T05:00:00Z"}
-    assert is_problem(await client.post("/internal/agreements", json=agreement | {"ends_at": "2026-01-01T00:00:00Z"}), 422)
+    assert is_problem(
+        await client.post("/internal/agreements", json=agreement | {"ends_at": "2026-01-01T00:00:00Z"}), 422
+    )
     assert is_problem(await client.post("/internal/agreements", json=agreement | {"credits": -1}), 422)
-    assert is_problem(await client.post("/internal/agreements", json=agreement | {"customer_id": str(uuid.uuid4())}), 404)
+    assert is_problem(
+        await client.post("/internal/agreements", json=agreement | {"customer_id": str(uuid.uuid4())}), 404
+    )
     made = await client.post("/internal/agreements", json=agreement)
     assert made.status_code == 201 and made.json()["credits"] == 5_000_000  # the tier's default
     listed = (await client.get("/internal/agreements", params={"customer_id": customer["id"]})).json()["items"]
@@ -147,7 +165,11 @@ async def test_commands_validate_their_input_and_answer_problem_documents(client
     assert again.status_code == 200 and again.json()["already_closed"] is True
     statement = await client.get(f"/internal/customers/{customer['id']}/statements/2026-02")
     assert statement.status_code == 200
-    assert (statement.json()["opening_balance"], statement.json()["funded"], statement.json()["closing_balance"]) == (0, 5_000_000, 5_000_000)
+    assert (statement.json()["opening_balance"], statement.json()["funded"], statement.json()["closing_balance"]) == (
+        0,
+        5_000_000,
+        5_000_000,
+    )
     assert is_problem(await client.get(f"/internal/customers/{customer['id']}/statements/2026-03"), 404)
     assert is_problem(await client.get(f"/internal/customers/{customer['id']}/statements/March"), 422)
 
@@ -163,8 +185,12 @@ async def test_commands_validate_their_input_and_answer_problem_documents(client
     assert balance.status_code == 200 and balance.json()["funded"] == 0 and balance.json()["remaining"] == 0
     before = await client.get(f"/internal/customers/{customer['id']}/balance", params={"as_of": "2026-03-01T00:00:00Z"})
     assert before.json()["funded"] == 5_000_000
-    assert is_problem(await client.get(f"/internal/customers/{customer['id']}/balance", params={"as_of": "yesterday"}), 422)
-    assert is_problem(await client.get(f"/internal/customers/{customer['id']}/balance", params={"as_of": "2026-03-01T00:00:00"}), 422)
+    assert is_problem(
+        await client.get(f"/internal/customers/{customer['id']}/balance", params={"as_of": "yesterday"}), 422
+    )
+    assert is_problem(
+        await client.get(f"/internal/customers/{customer['id']}/balance", params={"as_of": "2026-03-01T00:00:00"}), 422
+    )
     assert (await client.post("/internal/expire-agreements")).json() == {"expired": 0}
 
 
@@ -185,7 +211,9 @@ async def test_charges_are_posted_and_every_committed_fact_is_published(
     topic_prefix = ledger_topics
     customer = await make_customer(client, credits=1_000)
     org = f"org-{uuid.uuid4().hex[:6]}"
-    await client.post("/internal/org-assignments", json={"org_id": org, "customer_id": customer, "starts_at": "2026-01-01T00:00:00Z"})
+    await client.post(
+        "/internal/org-assignments", json={"org_id": org, "customer_id": customer, "starts_at": "2026-01-01T00:00:00Z"}
+    )
     agreement = (
         await client.post(
             "/internal/agreements",
@@ -193,19 +221,23 @@ async def test_charges_are_posted_and_every_committed_fact_is_published(
         )
     ).json()
     hour = datetime(2026, 3, 10, 14, tzinfo=UTC)
-    good = [
-        charge(org, hour, Fraction(1201, 2), resource="app-1"),
-        charge(org, hour, 0, resource="db-1", meter="cfservices", kind="plan-small", price_id=None),
-    ]
-    bad = charge(org, hour, 5, resource="app-2").model_copy(update={"price_id": None})
-    publisher = Publisher(infra.kafka, client_id="test")
-    await publisher.start()
-    try:
-        await publisher.publish(
-            topic_prefix + CHARGES, [Outgoing(org.encode(), encode(c)) for c in [*good, bad, good[0]]]
-        )
-    finally:
-        await publisher.stop()
+    app_1, unpriced, repeated = resources_of_shard(5, 3)
+    stray = resources_of_shard(6, 1)[0]  # of another shard than the batch says
+    apps = charges_batch(
+        hour,
+        [
+            item(org, Fraction(1201, 2), resource=app_1, denominator=1000),
+            item(org, 5, resource=unpriced, price_id=None),  # refused: unpriced with an amount
+            item(org, 9, resource=stray),  # refused: another shard
+            item(org, 1, resource=repeated),
+            item(org, 1, resource=repeated),  # the same measurement twice counts once
+        ],
+        shard=5,
+    )
+    services = charges_batch(
+        hour, [item(org, 0, resource="db-1", kind="plan-small", price_id=None)], meter="cfservices"
+    )
+    await publish_charges(infra.kafka, topic_prefix, [apps, services, apps])  # and the whole batch again
 
     def usage_seen(records: list[ConsumerRecord]) -> bool:  # type: ignore[type-arg]
         return any(isinstance(m, TransactionPosted) and m.type == "usage" for m in posted(records))
@@ -220,54 +252,124 @@ async def test_charges_are_posted_and_every_committed_fact_is_published(
     tx = usage[0]
     assert str(tx.customer_id) == customer and tx.reading_hour == hour and tx.occurred_at == hour
     assert [(u.org_id, u.meter, u.resource_kind, u.price_id, u.microcredits) for u in tx.usage] == [
-        (org, "cfapps", "", PRICE_A, 600)
+        (org, "cfapps", "", PRICE_A, 601)  # floor(1201/2 + 1)
     ]
     assert {(e.account, e.side, e.amount) for e in tx.entries} == {
-        ("usage", "credit", 600),
-        (f"credit_pool:{agreement['id']}", "debit", 600),
+        ("usage", "credit", 601),
+        (f"credit_pool:{agreement['id']}", "debit", 601),
     }
     assert tx.idempotency_key.startswith(f"usage:{customer}:")
 
-    dead = await read_topic(infra.kafka, dlq(topic_prefix + CHARGES), lambda r: len(r) >= 1)
-    assert len(dead) == 1 and dead[0].value == encode(bad)
-    assert dict(dead[0].headers)["dlq.reason"] == b"priced charge without price_id"
+    # The refused items, each in the DLQ alone (once per delivery of their batch), with their reason and
+    # position; the value is a batch of just that item, the rest of the message as it was.
+    dead = await read_topic(infra.kafka, dlq(topic_prefix + CHARGES), lambda r: len(r) >= 4)
+    assert len(dead) == 4
+    refused: dict[str, tuple[bytes, Charges]] = {}
+    for record in dead:
+        headers = dict(record.headers)
+        assert record.key == shard_key(5) and headers["dlq.topic"] == (topic_prefix + CHARGES).encode()
+        alone = msgspec.json.decode(record.value, type=Charges)
+        assert (alone.id, alone.shard, alone.reading_hour, alone.orgs) == (apps.id, 5, hour, apps.orgs)
+        refused[headers["dlq.items"].decode()] = (headers["dlq.reason"], alone)
+    assert sorted(refused) == ["1", "2"]
+    reason, alone = refused["1"]
+    assert reason == b"item 1: unpriced with a non-zero amount"
+    assert (alone.resource_id, alone.price, alone.amount_numerator) == ([unpriced], [-1], [5])
+    reason, alone = refused["2"]
+    assert reason == f"item 2: resource {stray} belongs to shard {shard_of(stray)}, not 5".encode()
+    assert (alone.resource_id, alone.amount_numerator, alone.amount_denominator) == ([stray], [9], [1])
+    ChargesComputed.model_validate_json(msgspec.json.encode(alone))  # a message the contract accepts
 
     alerts = await read_topic(infra.kafka, topic_prefix + ALERTS, lambda r: len(r) >= 1)
     assert [AlertRaised.model_validate_json(r.value).threshold_percent for r in alerts] == [50]
 
     assert (await client.post("/internal/months/2026-03/close")).status_code == 201
-    records = await read_topic(infra.kafka, topic_prefix + TRANSACTIONS, lambda r: any(isinstance(m, StatementIssued) for m in posted(r)))
+    records = await read_topic(
+        infra.kafka, topic_prefix + TRANSACTIONS, lambda r: any(isinstance(m, StatementIssued) for m in posted(r))
+    )
     statements = [m for m in posted(records) if isinstance(m, StatementIssued)]
-    assert [(s.month, s.opening_balance, s.funded, s.used, s.closing_balance) for s in statements] == [("2026-03", 0, 1_000, 600, 400)]
+    assert [(s.month, s.opening_balance, s.funded, s.used, s.closing_balance) for s in statements] == [
+        ("2026-03", 0, 1_000, 601, 399)
+    ]
     balance = (await client.get(f"/internal/customers/{customer}/balance")).json()
-    assert (balance["funded"], balance["used"], balance["remaining"]) == (1_000, 600, 400)
+    assert (balance["funded"], balance["used"], balance["remaining"]) == (1_000, 601, 399)
 
 
-async def test_a_held_charge_is_listed_then_posted_when_its_org_is_assigned(
+def cursor(value: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+async def test_held_charges_are_listed_by_page_then_posted_when_their_org_is_assigned(
     client: httpx.AsyncClient, infra: Any, ledger_topics: str
 ) -> None:
     topic_prefix = ledger_topics
     customer = await make_customer(client)
-    org = f"org-{uuid.uuid4().hex[:6]}"
-    held_charge = charge(org, datetime(2026, 6, 1, 12, tzinfo=UTC), 77, resource="app-h")
-    publisher = Publisher(infra.kafka, client_id="test")
-    await publisher.start()
-    try:
-        await publisher.publish(topic_prefix + CHARGES, [Outgoing(org.encode(), encode(held_charge))])
-    finally:
-        await publisher.stop()
-    items: list[dict[str, Any]] = []
+    orgs = sorted(f"org-{uuid.uuid4().hex[:6]}" for _ in range(2))
+    hours = [datetime(2026, 6, 1, 12, tzinfo=UTC), datetime(2026, 6, 1, 13, tzinfo=UTC)]
+    # Per org, three resources of shard 3 and two of shard 17 (amounts 7, 8, 9 and 7, 8), both hours.
+    in_3, in_17 = resources_of_shard(3, 6), resources_of_shard(17, 4)
+    resources = {orgs[0]: (in_3[:3], in_17[:2]), orgs[1]: (in_3[3:], in_17[2:])}
+    batches = [
+        charges_batch(hour, [item(org, 7 + i, resource=r) for org in orgs for i, r in enumerate(resources[org][n])])
+        for hour in hours
+        for n in (0, 1)
+    ]
+    await publish_charges(infra.kafka, topic_prefix, batches)
+    wanted = sorted(
+        (hour.isoformat(), shard_of(r), org, r) for hour in hours for org in orgs for rs in resources[org] for r in rs
+    )
+    assert len(wanted) == 20
     for _ in range(100):
-        items = (await client.get("/internal/held")).json()["items"]
-        if items:
+        if len((await client.get("/internal/held", params={"limit": 1000})).json()["items"]) == len(wanted):
             break
         await asyncio.sleep(0.1)
-    assert [(h["measurement_id"], h["org_id"], h["amount_numerator"]) for h in items] == [(str(held_charge.measurement_id), org, 77)]
-    assigned = await client.post("/internal/org-assignments", json={"org_id": org, "customer_id": customer, "starts_at": "2026-05-01T00:00:00Z"})
-    assert assigned.status_code == 201 and assigned.json()["held_charges_posted"] == 1
-    assert (await client.get("/internal/held")).json()["items"] == []
+    # Page by page (3 at a time: pages end inside a shard's row and between orgs): each charge once, in
+    # (hour, meter, shard, org, resource) order.
+    pages: list[list[dict[str, Any]]] = []
+    params: dict[str, Any] = {"limit": 3}
+    while True:
+        page = (await client.get("/internal/held", params=params)).json()
+        pages.append(page["items"])
+        if page["next_cursor"] is None:
+            break
+        params["cursor"] = page["next_cursor"]
+    assert [len(p) for p in pages] == [3] * 6 + [2]
+    listed = [h for p in pages for h in p]
+    assert [(h["reading_hour"], shard_of(h["resource_id"]), h["org_id"], h["resource_id"]) for h in listed] == wanted
+    assert {(h["meter"], h["revision"], h["price_id"], h["amount_denominator"]) for h in listed} == {
+        ("cfapps", 1, str(PRICE_A), 1)
+    }
+    well_formed = [hours[0].isoformat(), "cfapps", 3, orgs[0], in_3[0]]
+    assert (await client.get("/internal/held", params={"cursor": cursor(well_formed)})).status_code == 200
+    for bad in (["x"], [1, 2], [*well_formed[:2], 24, *well_formed[3:]], [*well_formed[:2], "3", *well_formed[3:]]):
+        assert is_problem(await client.get("/internal/held", params={"cursor": cursor(bad)}), 422), bad
+    assert is_problem(await client.get("/internal/held", params={"cursor": "%%%"}), 422)
+
+    async def completeness(since: str, until: str) -> list[tuple[str, str, int, int, int]]:
+        answer = await client.get("/internal/completeness", params={"from": since, "to": until})
+        assert answer.status_code == 200
+        return [(c["hour"], c["meter"], c["posted"], c["held"], c["revisions"]) for c in answer.json()["items"]]
+
+    assert await completeness("2026-06-01T12:00:00Z", "2026-06-01T14:00:00Z") == [
+        ("2026-06-01T12:00:00Z", "cfapps", 0, 10, 10),
+        ("2026-06-01T13:00:00Z", "cfapps", 0, 10, 10),
+    ]
+
+    # Assigned from 12:30: that org's 13:00 charges are posted, the rest stay held.
+    assigned = await client.post(
+        "/internal/org-assignments",
+        json={"org_id": orgs[0], "customer_id": customer, "starts_at": "2026-06-01T12:30:00Z"},
+    )
+    assert assigned.status_code == 201 and assigned.json()["held_charges_posted"] == 5
+    left = (await client.get("/internal/held", params={"limit": 1000})).json()["items"]
+    assert [(h["reading_hour"], shard_of(h["resource_id"]), h["org_id"], h["resource_id"]) for h in left] == [
+        w for w in wanted if (w[0], w[2]) != (hours[1].isoformat(), orgs[0])
+    ]
     balance = (await client.get(f"/internal/customers/{customer}/balance")).json()
-    assert balance["used"] == 77 and balance["remaining"] == -77
+    assert (balance["used"], balance["remaining"]) == (7 + 8 + 9 + 7 + 8, -39)
+    assert await completeness("2026-06-01T13:00:00Z", "2026-06-01T14:00:00Z") == [
+        ("2026-06-01T13:00:00Z", "cfapps", 5, 5, 10)
+    ]
 
 
 async def test_messages_committed_but_not_published_before_a_crash_are_published_on_start(
@@ -284,7 +386,9 @@ async def test_messages_committed_but_not_published_before_a_crash_are_published
         service = LedgerService(pool, settings)
         await service.create_tier("t", 10)
         customer = (await service.create_customer("A", "t")).body["id"]
-        made = await service.create_agreement(customer, datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC), None)
+        made = await service.create_agreement(
+            customer, datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC), None
+        )
         async with pool.acquire() as conn:
             assert await conn.fetchval("SELECT count(*) FROM outbox") == 1
     finally:
@@ -293,7 +397,9 @@ async def test_messages_committed_but_not_published_before_a_crash_are_published
 
     async with running(settings) as client:
         records = await read_topic(infra.kafka, topic_prefix + TRANSACTIONS, lambda r: len(r) >= 1)
-        assert [TransactionPosted.model_validate_json(r.value).id for r in records] == [made.body["funding_transaction_id"]]
+        assert [TransactionPosted.model_validate_json(r.value).id for r in records] == [
+            made.body["funding_transaction_id"]
+        ]
         ready = await client.get("/readyz")
         assert ready.status_code == 200
     pool = await create_pool(settings.database_url.get_secret_value(), "ledger")
@@ -302,8 +408,3 @@ async def test_messages_committed_but_not_published_before_a_crash_are_published
             assert await conn.fetchval("SELECT count(*) FROM outbox") == 0
     finally:
         await pool.close()
-
-
-def test_charge_helper_builds_valid_charges() -> None:
-    c = charge("org", datetime(2026, 1, 1, tzinfo=UTC), Fraction(7, 3))
-    assert isinstance(c, ChargeComputed) and (c.amount_numerator, c.amount_denominator) == (7, 3)

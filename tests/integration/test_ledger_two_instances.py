@@ -1,5 +1,6 @@
-"""Two ledger instances in one consumer group on the real broker, one customer's orgs spread over
-partitions that both instances own: every charge is posted exactly once, and the posting rule holds."""
+"""Two ledger instances in one consumer group on the real broker, one customer's charges in every shard, so
+on partitions that both instances own (a batch keyed ``shard-<n>`` goes to partition n mod partitions):
+every charge is posted exactly once, and the posting rule holds."""
 
 from __future__ import annotations
 
@@ -15,20 +16,23 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer
-from aiokafka.partitioner import murmur2
 
 from services.ledger.app import create_app
 from services.ledger.settings import LedgerSettings
-from shared.contracts import ChargeComputed, TransactionPosted
-from shared.kafka import Outgoing, Publisher, encode
-from shared.topics import CHARGES, TRANSACTIONS
+from shared.batches import SHARDS, Charges, shard_of
+from shared.contracts import TransactionPosted
+from shared.topics import TRANSACTIONS
 from tests.conftest import TEST_PARTITIONS
 from tests.support.ledger import (  # noqa: F401  (fixture)
     PRICE_A,
     PRICE_B,
+    ChargeItem,
+    applied_revisions,
     assert_books_hold,
-    charge,
+    charges_batches,
+    item,
     ledger_topics,
+    publish_charges,
 )
 
 pytestmark = pytest.mark.integration
@@ -36,36 +40,38 @@ pytestmark = pytest.mark.integration
 NEW_YORK = ZoneInfo("America/New_York")
 
 
-def partition_of(key: str) -> int:
-    return (murmur2(key.encode()) & 0x7FFFFFFF) % TEST_PARTITIONS
-
-
-def stream(orgs: list[str], seed: int = 5) -> tuple[list[ChargeComputed], dict[tuple[str, uuid.UUID], Fraction]]:
-    """Charges over a month boundary in New York, with revisions and duplicates; and the exact sum of the
-    latest revisions per (month, price)."""
+def stream(
+    orgs: list[str], seed: int = 5
+) -> tuple[list[Charges], dict[tuple[datetime, str], int], dict[tuple[str, uuid.UUID], Fraction]]:
+    """Charge batches over a month boundary in New York, in every shard, with revisions (in later batches)
+    and whole batches duplicated; the latest revision per (hour, resource); the exact sum of the latest
+    revisions per (month, price)."""
     rng = random.Random(seed)
     hours = [datetime(2026, 3, 31, 22, tzinfo=UTC) + timedelta(hours=h) for h in range(10)]  # Apr 1 starts at 04:00Z
-    latest: dict[uuid.UUID, tuple[int, str, uuid.UUID, Fraction]] = {}
-    out: list[ChargeComputed] = []
+    resources = [f"res-{r}" for r in range(120)]
+    assert {shard_of(r) for r in resources} == set(range(SHARDS))
+    latest: dict[tuple[datetime, str], tuple[int, str, uuid.UUID, Fraction]] = {}
+    out: list[Charges] = []
     for hour in hours:
-        for r in range(60):
+        first: list[ChargeItem] = []
+        revised: list[ChargeItem] = []
+        for r, resource in enumerate(resources):
             org = orgs[r % len(orgs)]
             price = PRICE_A if r % 3 else PRICE_B
             amount = Fraction(rng.randint(1, 5_000_000), rng.choice([730, 747_520, 3]))
-            c = charge(org, hour, amount, resource=f"res-{r}", price_id=price)
-            out.append(c)
+            first.append(item(org, amount, resource=resource, price_id=price))
             local = hour.astimezone(NEW_YORK)
-            latest[c.measurement_id] = (1, f"{local:%Y-%m}", price, amount)
+            latest[(hour, resource)] = (1, f"{local:%Y-%m}", price, amount)
             if rng.random() < 0.1:  # re-priced later
                 amount2 = amount * Fraction(9, 10)
-                out.append(charge(org, hour, amount2, resource=f"res-{r}", revision=2, price_id=price))
-                latest[c.measurement_id] = (2, f"{local:%Y-%m}", price, amount2)
-            if rng.random() < 0.05:
-                out.append(c)  # duplicate
+                revised.append(item(org, amount2, resource=resource, revision=2, price_id=price))
+                latest[(hour, resource)] = (2, f"{local:%Y-%m}", price, amount2)
+        batches = charges_batches(first, hour) + charges_batches(revised, hour)
+        out += batches + [b for b in batches if rng.random() < 0.05]  # duplicates
     sums: dict[tuple[str, uuid.UUID], Fraction] = defaultdict(Fraction)
     for _, month, price, amount in latest.values():
         sums[(month, price)] += amount
-    return out, sums
+    return out, {k: v[0] for k, v in latest.items()}, sums
 
 
 async def test_two_instances_post_every_charge_exactly_once(database: Any, infra: Any, ledger_topics: str) -> None:
@@ -88,45 +94,42 @@ async def test_two_instances_post_every_charge_exactly_once(database: Any, infra
                 "/internal/agreements",
                 json={"customer_id": customer, "starts_at": "2026-01-01T00:00:00Z", "ends_at": "2027-01-01T00:00:00Z"},
             )
-            # Four orgs on every partition of the test topic, so whichever split the group makes, the
-            # customer's orgs span both instances.
-            orgs, per_partition = [], defaultdict(int)
-            while len(orgs) < 4 * TEST_PARTITIONS:
-                org = f"org-{uuid.uuid4().hex[:8]}"
-                if per_partition[partition_of(org)] < 4:
-                    per_partition[partition_of(org)] += 1
-                    orgs.append(org)
+            # The customer's charges are in every shard, so on every partition: whichever split the group
+            # makes, both instances post for the customer.
+            orgs = [f"org-{uuid.uuid4().hex[:8]}" for _ in range(5)]
             for org in orgs:
-                await client.post("/internal/org-assignments", json={"org_id": org, "customer_id": customer, "starts_at": "2026-01-01T00:00:00Z"})
+                await client.post(
+                    "/internal/org-assignments",
+                    json={"org_id": org, "customer_id": customer, "starts_at": "2026-01-01T00:00:00Z"},
+                )
 
         # Both instances own partitions before anything is produced.
+        subscriptions = [r.stream.subscriptions[0] for r in runtimes]
+
+        def owned_by(runtime: Any) -> set[int]:
+            consumers = [sub.consumer for sub in runtime.stream.broker.subscribers if sub.consumer is not None]
+            return {tp.partition for tp in consumers[0].assignment()} if consumers else set()
+
+        owned: list[set[int]] = []
         for _ in range(300):
-            owned = [{tp.partition for tp in r.consumers[0].assignment()} for r in runtimes]
+            owned = [owned_by(r) for r in runtimes]
             if all(owned) and len(owned[0] | owned[1]) == TEST_PARTITIONS:
                 break
             await asyncio.sleep(0.1)
-        assert all(owned), "both instances must own partitions"
-        org_partitions = {partition_of(o) for o in orgs}
-        assert org_partitions & owned[0] and org_partitions & owned[1], "the customer's orgs must span both instances"
+        assert all(owned), f"both instances must own partitions: {owned}"
 
-        charges, sums = stream(orgs)
-        publisher = Publisher(infra.kafka, client_id="test")
-        await publisher.start()
-        try:
-            await publisher.publish(ledger_topics + CHARGES, [Outgoing(c.org_id.encode(), encode(c)) for c in charges])
-        finally:
-            await publisher.stop()
+        charges, latest, sums = stream(orgs)
+        await publish_charges(infra.kafka, ledger_topics, charges)
 
-        measurements = {c.measurement_id for c in charges}
         pool = runtimes[0].pool
         for _ in range(600):
             async with pool.acquire() as conn:
-                applied = await conn.fetchval("SELECT count(*) FROM charge_state")
+                applied = await conn.fetchval("SELECT coalesce(sum(posted), 0) FROM shard_state")
                 pending = await conn.fetchval("SELECT count(*) FROM outbox")
-            if applied == len(measurements) and pending == 0 and all(r.consumers[0].batches for r in runtimes):
+            if applied == len(latest) and pending == 0 and all(s.batches for s in subscriptions):
                 break
             await asyncio.sleep(0.1)
-        batches = [r.consumers[0].batches for r in runtimes]
+        batches = [s.batches for s in subscriptions]
         assert all(batches), f"both instances must have posted batches: {batches}"
 
         async with pool.acquire() as conn:
@@ -136,20 +139,19 @@ async def test_two_instances_post_every_charge_exactly_once(database: Any, infra
                     WHERE t.customer_id = $1 GROUP BY 1, 2""",
                 uuid.UUID(customer),
             )
-            revisions = dict(await conn.fetch("SELECT measurement_id, revision FROM charge_state"))
             usage_ids = {r["id"] for r in await conn.fetch("SELECT id FROM transactions WHERE type = 'usage'")}
+        revisions = await applied_revisions(pool)
         await assert_books_hold(pool)
 
     expected = {k: v.numerator // v.denominator for k, v in sums.items()}
     assert {(r["month"], r["price_id"]): r["mc"] for r in rows} == expected
     assert set(expected) == {("2026-03", PRICE_A), ("2026-03", PRICE_B), ("2026-04", PRICE_A), ("2026-04", PRICE_B)}
-    latest = {}
-    for c in charges:
-        latest[c.measurement_id] = max(latest.get(c.measurement_id, 0), c.revision)
-    assert revisions == latest
+    assert {(h, r): v for (h, _, r), v in revisions.items()} == latest
 
     # What reached the topic: each usage transaction once (by id), adding up to the same figures.
-    consumer = AIOKafkaConsumer(ledger_topics + TRANSACTIONS, bootstrap_servers=infra.kafka, auto_offset_reset="earliest", group_id=None)
+    consumer = AIOKafkaConsumer(
+        ledger_topics + TRANSACTIONS, bootstrap_servers=infra.kafka, auto_offset_reset="earliest", group_id=None
+    )
     await consumer.start()
     seen: dict[uuid.UUID, TransactionPosted] = {}
     try:

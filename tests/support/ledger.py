@@ -31,8 +31,10 @@ from services.ledger.app import MIGRATIONS
 from services.ledger.posting import Posting
 from services.ledger.service import LedgerService
 from services.ledger.settings import LedgerSettings
-from shared.batches import Charges, Price, Ref, charges_id, decode_charges, encode_charges, shard_of
+from shared.batches import Charges, Price, Ref, charges_id, decode_charges, encode_charges, shard_key, shard_of
 from shared.db import create_pool, migrate
+from shared.kafka import Outgoing, Publisher
+from shared.topics import CHARGES
 
 PRICE_A = uuid.UUID("00000000-0000-4000-8000-00000000000a")
 PRICE_B = uuid.UUID("00000000-0000-4000-8000-00000000000b")
@@ -212,7 +214,7 @@ def delivered(batches: Sequence[Charges]) -> list[Charges]:
     return out
 
 
-async def applied_revisions(db: LedgerDB) -> dict[tuple[datetime, str, str], int]:
+async def applied_revisions(db: LedgerDB | asyncpg.Pool) -> dict[tuple[datetime, str, str], int]:
     """The applied revision of every measurement (hour, meter, resource), read from ``shard_state``'s
     documents as the migration describes them."""
     out: dict[tuple[datetime, str, str], int] = {}
@@ -225,7 +227,7 @@ async def applied_revisions(db: LedgerDB) -> dict[tuple[datetime, str, str], int
     return out
 
 
-async def held_revisions(db: LedgerDB) -> dict[tuple[datetime, str, str, str], int]:
+async def held_revisions(db: LedgerDB | asyncpg.Pool) -> dict[tuple[datetime, str, str, str], int]:
     """The held revision of every held charge (hour, meter, org, resource), from ``held_shards``."""
     out: dict[tuple[datetime, str, str, str], int] = {}
     for r in await db.fetch("SELECT reading_hour, meter, org_id, items FROM held_shards"):
@@ -329,6 +331,18 @@ async def ledger_db(database: Any) -> AsyncIterator[LedgerDB]:
         await assert_books_hold(pool)
     finally:
         await pool.close()
+
+
+async def publish_charges(bootstrap: str, topic_prefix: str, batches: Sequence[Charges]) -> None:
+    """Publish batches to ``usage.charges.v2`` as the pricer does: the encoded batch keyed by its shard."""
+    publisher = Publisher(bootstrap, client_id="ledger-test")
+    await publisher.start()
+    try:
+        await publisher.publish(
+            topic_prefix + CHARGES, [Outgoing(shard_key(b.shard), encode_charges(b)) for b in batches]
+        )
+    finally:
+        await publisher.stop()
 
 
 async def delete_topics(bootstrap: str, prefix: str) -> None:
