@@ -30,13 +30,12 @@ from shared.batches import (
     Item,
     Measurements,
     decode_charges,
-    decode_measurements,
     encode_measurements,
     measurement_batches,
     shard_key,
     shard_of,
 )
-from shared.contracts import MeasurementTaken
+from shared.contracts import MeasurementsTaken, MeasurementTaken
 from shared.db import create_pool, migrate
 from shared.kafka import Outgoing, Publisher, Received
 from shared.topics import CHARGES, READINGS, READINGS_V1, dlq
@@ -200,9 +199,13 @@ async def test_batches_become_charges_and_bad_messages_and_bad_items_go_to_the_d
     topic = topic_prefix + READINGS
     apps = reading((f"app-{i}", 512 * (i + 1)) for i in range(40))
     services = reading([("svc-1", 1), ("svc-2", 3)], meter="cfservices", org="org-b", kind="plan")
-    # A batch with one malformed item (a negative value): the good items go on, the bad one to the DLQ alone.
-    (mixed,) = reading([(r, 7) for r in same_shard(3, "mixed")], hour=HOUR + timedelta(hours=1))
-    mixed_raw = with_bad_item(mixed, 1, "value", -1)
+    # A batch with malformed items (a negative value; a resource of another shard): the good items go on,
+    # each bad one to the DLQ alone.
+    (mixed,) = reading([(r, 7) for r in same_shard(4, "mixed")], hour=HOUR + timedelta(hours=1))
+    stranger = next(r for r in (f"stray-{i}" for i in range(100)) if shard_of(r) != mixed.shard)
+    mixed_doc = json.loads(with_bad_item(mixed, 1, "value", -1))
+    mixed_doc["resource_id"][2] = stranger
+    mixed_raw = json.dumps(mixed_doc).encode()
     # A batch with an item whose charge would exceed 2**62: refused by the pricer itself, item by item.
     (huge,) = reading([("big-1", 2**30)], meter="cfbig")
     half_hour = reading([("app-half", 1)], hour=HOUR + timedelta(minutes=30))[0]
@@ -223,10 +226,10 @@ async def test_batches_become_charges_and_bad_messages_and_bad_items_go_to_the_d
             await pub.publish(topic, [Outgoing(b"shard-0", raw) for raw in whole_bad])
             await pub.publish(topic, [Outgoing(shard_key(mixed.shard), mixed_raw), *outgoing([huge])])
         expected = {(b.reading_hour, b.meter, r) for b in good for r in b.resource_id}
-        mixed_good = {(mixed.reading_hour, "cfapps", r) for i, r in enumerate(mixed.resource_id) if i != 1}
+        mixed_good = {(mixed.reading_hour, "cfapps", r) for i, r in enumerate(mixed.resource_id) if i in (0, 3)}
         charges = await read_topic(infra.kafka, topic_prefix + CHARGES,
                                    lambda got: measurements_in(got) >= expected | mixed_good)
-        dead = await read_topic(infra.kafka, dlq(topic), lambda got: len(got) >= 6)
+        dead = await read_topic(infra.kafka, dlq(topic), lambda got: len(got) >= 7)
         metrics = (await http.get("/metrics")).text
 
         # A redelivery (the same batches again) publishes the stored charge batches again, byte for byte.
@@ -265,21 +268,24 @@ async def test_batches_become_charges_and_bad_messages_and_bad_items_go_to_the_d
     assert "schema_version" in whole[whole_bad[1]]
     assert "surprise" in whole[whole_bad[2]]
     assert "whole UTC hour" in whole[whole_bad[3]]
-    by_item = [(dict(r.headers), r.value) for r in dead if "dlq.items" in dict(r.headers)]
-    assert len(by_item) == 2
-    for h, value in by_item:
+    by_item = {int(dict(r.headers)["dlq.items"]): (dict(r.headers), r.value)
+               for r in dead if "dlq.items" in dict(r.headers) and json.loads(r.value)["meter"] == "cfapps"}
+    assert set(by_item) == {1, 2}
+    for position, (h, value) in by_item.items():
+        # Its value is a batch of just that item: the envelope of its batch, that one item.
         split = msgspec.json.decode(value, type=Measurements)
-        source = mixed if split.meter == "cfapps" else huge
-        position = int(h["dlq.items"])
-        # Its value is a valid batch of just that item: the envelope of its batch, that one item.
-        assert (split.id, split.reading_hour, split.shard) == (source.id, source.reading_hour, source.shard)
-        assert split.resource_id == [source.resource_id[position]]
-        if source is mixed:
-            assert position == 1 and split.value == [-1]
-            assert h["dlq.reason"].decode() == "item 1: value must be an integer from 0 to 2**62"
-        else:
-            assert position == 0 and "exceeds 2**62" in h["dlq.reason"].decode()
-            assert decode_measurements(value).rejected == []  # valid: only the pricer refuses it
+        assert (split.id, split.reading_hour, split.shard) == (mixed.id, mixed.reading_hour, mixed.shard)
+        assert split.resource_id == [mixed_doc["resource_id"][position]]
+        assert split.value == [mixed_doc["value"][position]]
+    assert by_item[1][0]["dlq.reason"] == b"item 1: value must be an integer from 0 to 2**62"
+    assert by_item[2][0]["dlq.reason"].decode() == f"item 2: resource {stranger} belongs to shard " \
+        f"{shard_of(stranger)}, not {mixed.shard}"
+    alone = MeasurementsTaken.model_validate_json(by_item[2][1])  # a valid contract batch of that one item
+    assert alone.resource_id == [stranger] and alone.value == [7] and alone.id == mixed.id
+    (too_big,) = [(dict(r.headers), r.value) for r in dead if "dlq.items" in dict(r.headers)
+                  and json.loads(r.value)["meter"] == "cfbig"]
+    assert too_big[0]["dlq.items"] == b"0" and "exceeds 2**62" in too_big[0]["dlq.reason"].decode()
+    assert too_big[1] == encode_measurements(huge)  # valid: only the pricer refuses it, as it came
     assert 'billing_pricer_charges_total{origin="readings",status="priced"}' in metrics
     assert "billing_pricer_unpriced_charges" in metrics
 

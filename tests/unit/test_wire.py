@@ -575,15 +575,16 @@ def test_every_batch_field_and_item_at_its_edges(model: type[BaseModel]) -> None
             _batch_differential(model, json.dumps(doc, ensure_ascii=False).encode())
 
 
-@pytest.mark.parametrize("model", list(BATCH_MODELS))
-@pytest.mark.parametrize("name", ["reading_hour", "taken_at", "priced_at"])
+@pytest.mark.parametrize(
+    ("model", "name"),
+    [(MeasurementsTaken, "reading_hour"), (MeasurementsTaken, "taken_at"), (ChargesComputed, "reading_hour"),
+     (ChargesComputed, "priced_at")],
+)
 def test_batch_times_with_more_than_six_fractional_digits_are_read_like_the_contract(
     model: type[BaseModel], name: str
 ) -> None:
     """pydantic truncates what msgspec would round: 05:59:59.9999999 is not the hour 06:00."""
     doc = BATCH_DOCS[model]()
-    if name not in doc:
-        return
     for text in ("2026-03-08T05:59:59.9999999Z", "2026-03-08T05:59:59.999999\\u0039Z"):
         raw = json.dumps(doc | {name: "TIME"}).encode().replace(b"TIME", text.encode())
         _batch_differential(model, raw)
