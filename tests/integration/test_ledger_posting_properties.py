@@ -194,7 +194,7 @@ async def assign_behind_its_back(db: LedgerDB, org: str, customer: uuid.UUID) ->
 
 
 @settings(
-    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
 @given(s=scenarios)
 async def test_posted_microcredits_equal_the_floor_of_the_exact_monthly_sum(ledger_db: LedgerDB, s: Scenario) -> None:
@@ -261,7 +261,7 @@ async def test_posted_microcredits_equal_the_floor_of_the_exact_monthly_sum(ledg
 
 
 @settings(
-    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
 @given(s=scenarios, replays=st.integers(1, 3))
 async def test_replaying_the_whole_stream_changes_nothing(ledger_db: LedgerDB, s: Scenario, replays: int) -> None:
