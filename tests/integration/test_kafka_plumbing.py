@@ -403,7 +403,7 @@ async def test_a_rebalance_between_two_members_loses_and_repeats_nothing(infra: 
     b = subscriber(infra.kafka, topic, g, handler("b"), max_records=10)
 
     def assigned(stream: Stream) -> set[Any]:
-        consumers = [sub.consumer for sub in stream.broker.subscribers if sub.consumer is not None]
+        consumers = [c for sub in stream.broker.subscribers if (c := getattr(sub, "consumer", None)) is not None]
         return set(consumers[0].assignment()) if consumers else set()
 
     async with producing(infra.kafka) as pub:
