@@ -16,10 +16,14 @@ AT = datetime(2026, 5, 1, tzinfo=UTC)
 
 
 async def _accounts(db: LedgerDB, customer: uuid.UUID) -> dict[str, int]:
-    return {r["name"]: r["id"] for r in await db.fetch("SELECT id, name FROM accounts WHERE customer_id = $1", customer)}
+    return {
+        r["name"]: r["id"] for r in await db.fetch("SELECT id, name FROM accounts WHERE customer_id = $1", customer)
+    }
 
 
-async def _insert_transaction(conn: asyncpg.Connection, customer: uuid.UUID, key: str, entries: list[tuple[int, str, int]]) -> uuid.UUID:
+async def _insert_transaction(
+    conn: asyncpg.Connection, customer: uuid.UUID, key: str, entries: list[tuple[int, str, int]]
+) -> uuid.UUID:
     tid = uuid.uuid4()
     await conn.execute(
         """INSERT INTO transactions (id, customer_id, type, occurred_at, idempotency_key)
@@ -47,7 +51,9 @@ async def test_an_unbalanced_transaction_is_refused_at_commit(ledger_db: LedgerD
         tx = conn.transaction()
         await tx.start()
         # Accepted statement by statement: the check is deferred to the commit.
-        await _insert_transaction(conn, customer, "unbalanced", [(acc["funding"], "debit", 100), (acc["expired"], "credit", 99)])
+        await _insert_transaction(
+            conn, customer, "unbalanced", [(acc["funding"], "debit", 100), (acc["expired"], "credit", 99)]
+        )
         with pytest.raises(asyncpg.CheckViolationError, match="unbalanced"):
             await tx.commit()
         # A failed commit has rolled back; asyncpg's transaction object needs no rollback now.
@@ -73,7 +79,9 @@ async def test_an_entry_added_later_to_a_committed_transaction_must_keep_it_bala
     acc = await _accounts(ledger_db, customer)
     async with ledger_db.pool.acquire() as conn:
         async with conn.transaction():
-            tid = await _insert_transaction(conn, customer, "ok", [(acc["funding"], "debit", 5), (acc["expired"], "credit", 5)])
+            tid = await _insert_transaction(
+                conn, customer, "ok", [(acc["funding"], "debit", 5), (acc["expired"], "credit", 5)]
+            )
         with pytest.raises(asyncpg.CheckViolationError, match="unbalanced"):
             async with conn.transaction():
                 await conn.execute(
@@ -87,8 +95,13 @@ async def test_a_balanced_transaction_commits_and_moves_the_balances(ledger_db: 
     customer = await ledger_db.customer()
     acc = await _accounts(ledger_db, customer)
     async with ledger_db.pool.acquire() as conn, conn.transaction():
-        await _insert_transaction(conn, customer, "fine", [(acc["funding"], "debit", 40), (acc["expired"], "credit", 40)])
-    balances = {r["name"]: r["balance"] for r in await ledger_db.fetch("SELECT name, balance FROM accounts WHERE customer_id = $1", customer)}
+        await _insert_transaction(
+            conn, customer, "fine", [(acc["funding"], "debit", 40), (acc["expired"], "credit", 40)]
+        )
+    balances = {
+        r["name"]: r["balance"]
+        for r in await ledger_db.fetch("SELECT name, balance FROM accounts WHERE customer_id = $1", customer)
+    }
     assert balances["funding"] == 40 and balances["expired"] == -40
 
 
@@ -111,7 +124,9 @@ async def test_entries_transactions_and_usage_lines_cannot_be_changed(ledger_db:
     acc = await _accounts(ledger_db, customer)
     async with ledger_db.pool.acquire() as conn:
         async with conn.transaction():
-            tid = await _insert_transaction(conn, customer, "kept", [(acc["funding"], "debit", 5), (acc["usage"], "credit", 5)])
+            tid = await _insert_transaction(
+                conn, customer, "kept", [(acc["funding"], "debit", 5), (acc["usage"], "credit", 5)]
+            )
             await conn.execute(
                 """INSERT INTO usage_lines (transaction_id, org_id, meter, resource_kind, month, microcredits)
                    VALUES ($1, 'o', 'cfapps', '', '2026-05-01', 5)""",
@@ -128,10 +143,14 @@ async def test_a_duplicate_idempotency_key_is_refused(ledger_db: LedgerDB) -> No
     acc = await _accounts(ledger_db, customer)
     async with ledger_db.pool.acquire() as conn:
         async with conn.transaction():
-            await _insert_transaction(conn, customer, "same-key", [(acc["funding"], "debit", 5), (acc["expired"], "credit", 5)])
+            await _insert_transaction(
+                conn, customer, "same-key", [(acc["funding"], "debit", 5), (acc["expired"], "credit", 5)]
+            )
         with pytest.raises(asyncpg.UniqueViolationError, match="idempotency_key"):
             async with conn.transaction():
-                await _insert_transaction(conn, customer, "same-key", [(acc["funding"], "debit", 5), (acc["expired"], "credit", 5)])
+                await _insert_transaction(
+                    conn, customer, "same-key", [(acc["funding"], "debit", 5), (acc["expired"], "credit", 5)]
+                )
 
 
 @pytest.mark.parametrize("amount", [0, -5])
@@ -141,7 +160,12 @@ async def test_entry_amounts_must_be_positive(ledger_db: LedgerDB, amount: int) 
     async with ledger_db.pool.acquire() as conn:
         with pytest.raises(asyncpg.CheckViolationError, match="amount"):
             async with conn.transaction():
-                await _insert_transaction(conn, customer, f"amount{amount}", [(acc["funding"], "debit", amount), (acc["expired"], "credit", amount)])
+                await _insert_transaction(
+                    conn,
+                    customer,
+                    f"amount{amount}",
+                    [(acc["funding"], "debit", amount), (acc["expired"], "credit", amount)],
+                )
 
 
 async def test_a_transaction_is_reversed_at_most_once(ledger_db: LedgerDB) -> None:
@@ -149,7 +173,9 @@ async def test_a_transaction_is_reversed_at_most_once(ledger_db: LedgerDB) -> No
     acc = await _accounts(ledger_db, customer)
     async with ledger_db.pool.acquire() as conn:
         async with conn.transaction():
-            tid = await _insert_transaction(conn, customer, "orig", [(acc["funding"], "debit", 5), (acc["expired"], "credit", 5)])
+            tid = await _insert_transaction(
+                conn, customer, "orig", [(acc["funding"], "debit", 5), (acc["expired"], "credit", 5)]
+            )
 
         async def reversal(key: str) -> None:
             rid = uuid.uuid4()
