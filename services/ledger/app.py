@@ -9,8 +9,8 @@ from starlette.applications import Starlette
 from services.ledger import handlers
 from services.ledger.openapi import openapi_document
 from services.ledger.settings import LedgerSettings
-from shared.openapi import openapi_route
 from shared.health import ReadinessPolicy
+from shared.openapi import openapi_route
 from shared.runtime import Runtime, serve
 from shared.settings import load_settings
 

@@ -48,7 +48,7 @@ from shared.kafka import Received
 from shared.runtime import Runtime
 from shared.topics import ALERTS, CHARGES, TRANSACTIONS, dlq
 
-__all__ = ["routes", "declare", "start", "stop", "charges_handler"]
+__all__ = ["charges_handler", "declare", "routes", "start", "stop"]
 
 log = logging.getLogger(__name__)
 

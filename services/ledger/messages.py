@@ -12,13 +12,13 @@ from shared.kafka import encode
 from shared.topics import ALERTS, TRANSACTIONS
 
 __all__ = [
-    "transaction_posted",
-    "alert_raised",
-    "statement_issued",
-    "statement_id",
-    "alert_id",
-    "to_outbox",
     "OutboxMessage",
+    "alert_id",
+    "alert_raised",
+    "statement_id",
+    "statement_issued",
+    "to_outbox",
+    "transaction_posted",
 ]
 
 OutboxMessage = tuple[str, bytes | None, bytes]

@@ -22,8 +22,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Any
 from math import gcd, lcm
+from typing import Any
 
 import asyncpg
 import orjson
@@ -47,13 +47,13 @@ from shared.ids import uuid7
 __all__ = [
     "ConcurrentShardUpdateError",
     "Posting",
-    "batch_digest",
+    "allocate",
     "batch_months",
+    "change_mark",
     "held_batches",
     "load_held",
     "lock_open_months",
     "post_batches",
-    "allocate",
     "raise_alerts",
     "record_transactions",
 ]
@@ -97,11 +97,13 @@ async def lock_open_months(conn: repo.Conn, months: Iterable[date]) -> frozenset
         locked |= need
 
 
-def batch_digest(batches: Sequence[Charges]) -> str:
-    """Identifies a delivered Kafka batch by its messages (ids derive from their content): the sum of their
-    ids and their count. Order-free, so a replayed batch yields the same idempotency keys."""
-    total = sum(c.id.int for c in batches) % (1 << 128)
-    return f"{total:032x}.{len(batches)}"
+def change_mark(key: ShardKey, resource_id: str, revision: int) -> int:
+    """A 128-bit mark of one charge applied: a posting's usage transactions are keyed by the sum of the
+    marks of the charges it applied, so two postings that apply different charges never share a key (the
+    same Kafka batch delivered again after an assignment posts what it held the first time under a new
+    key), and a posting retried after a rollback gets the key it would have had."""
+    text = f"{key.reading_hour.isoformat()}|{key.meter}|{key.shard}|{resource_id}|{revision}"
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=16).digest(), "big")
 
 
 def batch_months(batches: Sequence[Charges]) -> set[date]:
@@ -117,8 +119,13 @@ def _dump_applied(items: dict[str, Applied]) -> bytes:
     rids = list(items)
     vals = list(items.values())
     return orjson.dumps(
-        {"r": rids, "v": [a[0] for a in vals], "g": [a[1] for a in vals], "n": [a[2] for a in vals],
-         "d": [a[3] for a in vals]}
+        {
+            "r": rids,
+            "v": [a[0] for a in vals],
+            "g": [a[1] for a in vals],
+            "n": [a[2] for a in vals],
+            "d": [a[3] for a in vals],
+        }
     )
 
 
@@ -133,8 +140,14 @@ def load_held(raw: bytes) -> dict[str, Held]:
 def _dump_held(items: dict[str, Held]) -> bytes:
     vals = list(items.values())
     return orjson.dumps(
-        {"r": list(items), "v": [h[0] for h in vals], "k": [h[1] for h in vals], "p": [h[2] for h in vals],
-         "n": [h[3] for h in vals], "d": [h[4] for h in vals]}
+        {
+            "r": list(items),
+            "v": [h[0] for h in vals],
+            "k": [h[1] for h in vals],
+            "p": [h[2] for h in vals],
+            "n": [h[3] for h in vals],
+            "d": [h[4] for h in vals],
+        }
     )
 
 
@@ -196,6 +209,7 @@ class _Shard:
     held: dict[str, dict[str, Held]] = field(default_factory=dict)
     applied_changed: bool = False
     held_changed: set[str] = field(default_factory=set)
+    mark: int = 0  # the sum of the change marks of what this posting applied to the shard
 
     def as_dict(self) -> dict[str, tuple[int, GroupKey | int, int, int]]:
         """The applied charges as a dict (a fresh shard is converted once a second batch touches it)."""
@@ -232,6 +246,7 @@ def _post_fresh(
     groups = [group_of[op] for op in zip(c.org, c.price, strict=True)]
     shard.fresh = (c.resource_id, c.revision, groups, c.amount_numerator, c.amount_denominator)
     shard.applied_changed = True
+    shard.mark += c.id.int  # a batch's id derives from its items, and a fresh shard applies all of them
     return len(groups)
 
 
@@ -283,6 +298,7 @@ def _post_items(
             acc[(old[1], line, old[3])] -= old[2]
         applied[rid] = (rev, group, num, den)
         shard.applied_changed = True
+        shard.mark += change_mark(key, rid, rev)
         changed += 1
     return changed
 
@@ -291,13 +307,12 @@ async def post_batches(
     conn: repo.Conn,
     batches: Sequence[Charges],
     now: datetime,
-    digest: str | None = None,
     release: Sequence[tuple[ShardKey, str]] = (),
 ) -> Posting:
     """Post charges batches inside the caller's transaction, and the held charges of the (shard, org) pairs
     ``release`` (read under the same locks). Lock order, the same everywhere: months (shared), shard rows,
-    held rows, then (customer, month, price) rows by id, then the customers' accounts by id. ``digest``
-    (part of the usage transactions' idempotency keys) defaults to one of the batches posted."""
+    held rows, then (customer, month, price) rows by id, then the customers' accounts by id. The usage
+    transactions' idempotency keys end with the sum of the change marks of the charges applied."""
     result = Posting()
     keys = {ShardKey(c.reading_hour, c.meter, c.shard) for c in batches} | {k for k, _ in release}
     if not keys:
@@ -312,8 +327,6 @@ async def post_batches(
         shards[key].held[org_id] = load_held(raw)
     if release:
         batches = [*batches, *held_batches({k: held_rows[k] for k in release if k in held_rows})]
-    if digest is None:
-        digest = batch_digest(batches)
     owners = await repo.owners(conn, {(o.id, c.reading_hour) for c in batches for o in c.orgs})
 
     # Numerators to add per (group, line, denominator); a group is known by its key (customer, month, price)
@@ -353,6 +366,7 @@ async def post_batches(
         per_hour[(g["customer_id"], hour)].append(UsageAmount(org_id, meter, kind, g["price_id"], g["month"], amount))
     if not per_hour:
         return result
+    digest = f"{sum(s.mark for s in shards.values()) % (1 << 128):032x}"
     books = await repo.load_books(conn, {cid for cid, _ in per_hour})
     drafts: list[TransactionDraft] = []
     for (customer_id, hour), lines in sorted(per_hour.items()):

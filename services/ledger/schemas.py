@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.contracts import UtcDatetime
 
-__all__ = ["TierIn", "CustomerIn", "AssignmentIn", "AgreementIn", "ReverseIn", "MAX_MICROCREDITS"]
+__all__ = ["MAX_MICROCREDITS", "AgreementIn", "AssignmentIn", "CustomerIn", "ReverseIn", "TierIn"]
 
 MAX_MICROCREDITS = 2**62
 

@@ -33,26 +33,25 @@ from services.ledger.domain import (
 )
 from services.ledger.posting import (
     Posting,
-    batch_digest,
     load_held,
     lock_open_months,
     post_batches,
     record_transactions,
 )
 from services.ledger.settings import LedgerSettings
-from shared.clock import billing_month, month_bounds, utcnow
 from shared.batches import Charges, ShardKey
+from shared.clock import billing_month, month_bounds, utcnow
 from shared.ids import measurement_id, uuid7
 
 __all__ = [
-    "LedgerError",
-    "NotFoundError",
-    "ConflictError",
-    "InvalidError",
-    "LedgerService",
-    "Result",
     "CloseResult",
+    "ConflictError",
     "HeldPage",
+    "InvalidError",
+    "LedgerError",
+    "LedgerService",
+    "NotFoundError",
+    "Result",
 ]
 
 log = logging.getLogger(__name__)
@@ -135,7 +134,7 @@ class LedgerService:
     async def post_charges(self, batches: Sequence[Charges]) -> Posting:
         """Post charges batches in one transaction. Not retried here: the consumer retries."""
         async with self._pool.acquire() as conn, conn.transaction():
-            return await post_batches(conn, batches, self._clock(), batch_digest(batches))
+            return await post_batches(conn, batches, self._clock())
 
     async def post_resolvable_held(self, org_id: str | None = None) -> Posting:
         """Post held charges whose org now has a customer at their hour (one org, or all), some shards at

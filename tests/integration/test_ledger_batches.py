@@ -194,3 +194,29 @@ def test_helpers_build_batches_the_consumer_accepts() -> None:
         charges_batch(hour, items)
     mixed = charges_batch(hour, items, shard=0)
     assert len(decode_charges(encode_charges(mixed)).rejected) == sum(1 for it in items if shard_of(it.resource) != 0)
+
+
+async def test_a_redelivered_batch_posts_what_it_held_once_its_org_has_a_customer(ledger_db: LedgerDB) -> None:
+    """A batch posted once (one org's charges applied, another org's held for want of a customer) and
+    delivered again after that org was assigned but before its held charges were released (an assignment
+    releases only so many at once; a crash can leave a batch's offset uncommitted): the second posting
+    draws the same customer in the same hour, so its usage transaction must not reuse the first one's
+    idempotency key. It posts the held charge, once."""
+    db = ledger_db
+    customer, org = await setup(db)
+    late = f"org-{uuid.uuid4().hex[:8]}"
+    a, b = resources_of_shard(7, 2)
+    message = charges_batch(HOUR, [item(org, 40, resource=a), item(late, 2, resource=b)])
+    first = await db.service.post_charges([message])
+    assert (first.changed, first.held, first.transactions) == (1, 1, 1)
+    async with db.pool.acquire() as conn:  # the assignment row alone, as if its release was still to come
+        await conn.execute(
+            "INSERT INTO org_assignments (org_id, starts_at, customer_id) VALUES ($1, $2, $3)", late, LONG_AGO, customer
+        )
+    again = await db.service.post_charges([message])
+    assert (again.changed, again.released, again.transactions) == (1, 1, 1)
+    assert await posted_by_group(db, [customer]) == {(customer, MONTH, PRICE_A): 42}
+    assert await held_revisions(db) == {}
+    keys = await db.fetch("SELECT idempotency_key FROM transactions WHERE customer_id = $1", customer)
+    assert len({k["idempotency_key"] for k in keys}) == 2
+    assert (await db.service.post_charges([message])).changed == 0

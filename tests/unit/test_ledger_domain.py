@@ -30,8 +30,8 @@ from services.ledger.domain import (
     thresholds_reached,
     usage_transaction,
 )
-from services.ledger.posting import allocate, batch_digest, batch_months
-from shared.batches import Charges, decode_charges, encode_charges, shard_of
+from services.ledger.posting import allocate, batch_months, change_mark
+from shared.batches import Charges, ShardKey, decode_charges, encode_charges, shard_of
 from tests.support.ledger import charges_batch, item
 
 HOUR = datetime(2026, 4, 10, 15, tzinfo=UTC)
@@ -167,15 +167,18 @@ def same_shard(n: int, shard: int = 0) -> list[str]:
     return [r for r in (f"res-{i}" for i in range(10_000)) if shard_of(r) == shard][:n]
 
 
-def test_a_batch_digest_ignores_order_and_tells_batches_apart() -> None:
-    r1, r2 = same_shard(2)
-    a, b, c = batch(HOUR, r1), batch(HOUR, r2), batch(HOUR, r2, revision=2)
-    assert batch_digest([a, b]) == batch_digest([b, a])
-    assert batch_digest([a, b]) != batch_digest([a, c])
-    assert batch_digest([a]) != batch_digest([a, a])
-    # The same measurements batched otherwise are other messages: another digest, so the transactions of
-    # both postings keep distinct idempotency keys.
-    assert batch_digest([batch(HOUR, r1, r2)]) != batch_digest([a, b])
+def test_change_marks_tell_apart_every_part_of_a_charge_applied() -> None:
+    key = ShardKey(HOUR, "cfapps", 3)
+    marks = {
+        change_mark(key, "r", 1),
+        change_mark(key, "r", 2),
+        change_mark(key, "s", 1),
+        change_mark(ShardKey(HOUR, "cfapps", 4), "r", 1),
+        change_mark(ShardKey(HOUR, "services", 3), "r", 1),
+        change_mark(ShardKey(HOUR.replace(hour=HOUR.hour + 1), "cfapps", 3), "r", 1),
+    }
+    assert len(marks) == 6 and all(0 <= m < 1 << 128 for m in marks)
+    assert change_mark(key, "r", 1) == change_mark(ShardKey(HOUR, "cfapps", 3), "r", 1)
 
 
 def test_batch_months_span_new_york_months_of_the_hours() -> None:
