@@ -91,6 +91,10 @@ class Frames:
         while len(self._by_id) > self._cache:
             self._by_id.popitem(last=False)
 
+    def lacks(self, scope: str) -> bool:
+        """Whether ``scope`` has no frame at hand (``ensure`` would read or write one)."""
+        return scope not in self._by_scope
+
     async def ensure(self, conn: _Conn, seeds: Mapping[str, bytes]) -> None:
         """Make sure each scope of ``seeds`` has its frame at hand: the stored one, or ``seeds[scope]`` stored
         as it (the first writer of a scope wins; every process then reads the winner). ``conn`` must not be

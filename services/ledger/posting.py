@@ -40,7 +40,8 @@ from services.ledger.domain import (
     thresholds_reached,
     usage_transaction,
 )
-from shared.batches import Charges, Price, Ref, ShardKey
+from shared.batches import Charges, Price, Ref, ShardKey, encode_charges
+from shared.blobs import Frames, scope_of
 from shared.clock import billing_month
 from shared.ids import uuid7
 
@@ -50,6 +51,7 @@ __all__ = [
     "allocate",
     "batch_months",
     "change_mark",
+    "ensure_frames",
     "held_batches",
     "load_held",
     "lock_open_months",
@@ -104,6 +106,17 @@ def change_mark(key: ShardKey, resource_id: str, revision: int) -> int:
     key), and a posting retried after a rollback gets the key it would have had."""
     text = f"{key.reading_hour.isoformat()}|{key.meter}|{key.shard}|{resource_id}|{revision}"
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=16).digest(), "big")
+
+
+async def ensure_frames(frames: Frames, pool: repo.Conn, batches: Sequence[Charges]) -> None:
+    """Frames for the shards of ``batches`` that have none at hand, seeded with a batch of each (its resource
+    ids and names are what the shard's documents repeat). Called before the posting's transaction."""
+    seeds: dict[str, bytes] = {}
+    for c in batches:
+        scope = scope_of(c.meter, c.shard, c.reading_hour)
+        if scope not in seeds and frames.lacks(scope):
+            seeds[scope] = encode_charges(c)
+    await frames.ensure(pool, seeds)
 
 
 def batch_months(batches: Sequence[Charges]) -> set[date]:
@@ -305,6 +318,7 @@ def _post_items(
 
 async def post_batches(
     conn: repo.Conn,
+    frames: Frames,
     batches: Sequence[Charges],
     now: datetime,
     release: Sequence[tuple[ShardKey, str]] = (),
@@ -319,10 +333,10 @@ async def post_batches(
         return result
     closed = await lock_open_months(conn, {billing_month(k.reading_hour) for k in keys})
     shards: dict[ShardKey, _Shard] = {k: _Shard() for k in keys}
-    stored = await repo.lock_shard_states(conn, keys)
+    stored = await repo.lock_shard_states(conn, frames, keys)
     for key, raw in stored.items():
         shards[key].applied = _load_applied(raw)
-    held_rows = await repo.lock_held(conn, keys)
+    held_rows = await repo.lock_held(conn, frames, keys)
     for (key, org_id), raw in held_rows.items():
         shards[key].held[org_id] = load_held(raw)
     if release:
@@ -353,7 +367,7 @@ async def post_batches(
         rows = await repo.lock_groups(conn, deltas)
         updates, amounts = allocate({gid: (int(r["sum_num"]), int(r["sum_den"])) for gid, r in rows.items()}, deltas)
         await repo.update_groups(conn, updates)
-    await _save(conn, shards, groups, set(stored), set(held_rows))
+    await _save(conn, frames, shards, groups, set(stored), set(held_rows))
     if not amounts:
         return result
 
@@ -394,6 +408,7 @@ async def post_batches(
 
 async def _save(
     conn: repo.Conn,
+    frames: Frames,
     shards: dict[ShardKey, _Shard],
     groups: dict[GroupKey, int],
     stored: set[ShardKey],
@@ -422,13 +437,13 @@ async def _save(
                 held_rows.append((key, org_id, len(waiting), sum(h[0] for h in waiting), _dump_held(items)))
             else:
                 gone.append((key, org_id))
-    await repo.save_shard_states(conn, [r for r in states if r[0] in stored])
-    await repo.save_held(conn, [r for r in held_rows if (r[0], r[1]) in stored_held], gone)
+    await repo.save_shard_states(conn, frames, [r for r in states if r[0] in stored])
+    await repo.save_held(conn, frames, [r for r in held_rows if (r[0], r[1]) in stored_held], gone)
     new_states = [r for r in states if r[0] not in stored]
     new_held = [r for r in held_rows if (r[0], r[1]) not in stored_held]
-    if await repo.insert_shard_states(conn, new_states) < len(new_states):
+    if await repo.insert_shard_states(conn, frames, new_states) < len(new_states):
         raise ConcurrentShardUpdateError("the state of a shard of this batch was first written concurrently")
-    if await repo.insert_held(conn, new_held) < len(new_held):
+    if await repo.insert_held(conn, frames, new_held) < len(new_held):
         raise ConcurrentShardUpdateError("charges of a shard of this batch were first held concurrently")
 
 
