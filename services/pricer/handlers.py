@@ -26,7 +26,7 @@ from services.pricer.pricing import PriceEndRefusedError, PriceNotFoundError, Pr
 from services.pricer.schemas import PriceCreatedOut, PriceEndIn, PriceIn, PriceList, PriceOut, UnpricedList
 from services.pricer.service import CatalogBusyError, Pricer
 from services.pricer.settings import PricerSettings
-from shared.batches import SHARDS, decode_charges, decode_measurements
+from shared.batches import SHARDS, decode_measurements
 from shared.clock import as_utc
 from shared.contracts import ChargesComputed, MeasurementsTaken, MeasurementTaken
 from shared.http import ORJSONResponse, ProblemError, read_json
