@@ -1,4 +1,5 @@
-"""Every SQL statement of the collector."""
+"""Every SQL statement of the collector. A batch's message is stored compressed against its shard's frame
+(``shared/blobs.py``); the methods here take and give it plain."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from uuid import UUID
 import asyncpg
 import orjson
 
+from shared.blobs import Frames, scope_of
+
 __all__ = ["BATCH_COLUMNS", "BatchRow", "Repository"]
 
 BATCH_COLUMNS = ("hour", "meter", "shard", "part", "reading_id", "measurements", "estimated", "message")
@@ -17,7 +20,14 @@ BATCH_COLUMNS = ("hour", "meter", "shard", "part", "reading_id", "measurements",
 BatchRow = tuple[Any, ...]  # in BATCH_COLUMNS order
 
 
+def _packed(frames: Frames, rows: Sequence[BatchRow]) -> list[BatchRow]:
+    return [(*r[:7], frames.pack(scope_of(r[1], r[2], r[0]), r[7])) for r in rows]
+
+
 class Repository:
+    def __init__(self, frames: Frames) -> None:
+        self.frames = frames
+
     async def reading_at(self, conn: asyncpg.Connection, hour: datetime) -> asyncpg.Record | None:
         return await conn.fetchrow("SELECT id, kind, taken_at, measurements, estimated, errors FROM readings WHERE hour = $1", hour)
 
@@ -43,7 +53,7 @@ class Repository:
 
     async def copy_batches(self, conn: asyncpg.Connection, rows: Sequence[BatchRow]) -> None:
         if rows:
-            await conn.copy_records_to_table("reading_batches", records=rows, columns=BATCH_COLUMNS)
+            await conn.copy_records_to_table("reading_batches", records=_packed(self.frames, rows), columns=BATCH_COLUMNS)
 
     async def last_ok_hour(self, conn: asyncpg.Connection, meter: str, before: datetime) -> datetime | None:
         return await conn.fetchval("SELECT max(hour) FROM meter_runs WHERE meter = $1 AND ok AND hour < $2", meter, before)
@@ -53,7 +63,7 @@ class Repository:
         rows = await conn.fetch(
             "SELECT message FROM reading_batches WHERE hour = $2 AND meter = $1 ORDER BY shard, part", meter, hour
         )
-        return [r["message"] for r in rows]
+        return await self.frames.unpack_all(conn, [r["message"] for r in rows])
 
     async def insert_estimates(self, conn: asyncpg.Connection, rows: Sequence[BatchRow], taken_at: datetime) -> int:
         """Batches of estimated measurements for missed hours: their readings are created (kind 'estimated')
@@ -67,7 +77,7 @@ class Repository:
             sorted({(r[4], r[0], taken_at) for r in rows}),
         )
         await conn.execute("CREATE TEMP TABLE IF NOT EXISTS estimates_in (LIKE reading_batches) ON COMMIT DELETE ROWS")
-        await conn.copy_records_to_table("estimates_in", records=rows, columns=BATCH_COLUMNS)
+        await conn.copy_records_to_table("estimates_in", records=_packed(self.frames, rows), columns=BATCH_COLUMNS)
         counts = await conn.fetch(
             """WITH ins AS (
                    INSERT INTO reading_batches SELECT * FROM estimates_in ON CONFLICT DO NOTHING RETURNING hour, estimated)
@@ -115,13 +125,15 @@ class Repository:
                          IS DISTINCT FROM (excluded.name, excluded.kind, excluded.space_guid)"""
             )
 
-    async def lock_unpublished(self, conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
-        """Batches the relay still owes, oldest hour first, locked so that two relays never send one twice."""
-        return await conn.fetch(
+    async def lock_unpublished(self, conn: asyncpg.Connection, limit: int) -> list[tuple[asyncpg.Record, bytes]]:
+        """Batches the relay still owes, oldest hour first, each with its message, locked so that two relays
+        never send one twice."""
+        rows = await conn.fetch(
             """SELECT hour, meter, shard, part, message FROM reading_batches WHERE published_at IS NULL
                ORDER BY hour, meter, shard, part LIMIT $1 FOR UPDATE SKIP LOCKED""",
             limit,
         )
+        return list(zip(rows, await self.frames.unpack_all(conn, [r["message"] for r in rows]), strict=True))
 
     async def mark_published(self, conn: asyncpg.Connection, keys: Sequence[tuple[datetime, str, int, int]], at: datetime) -> None:
         await conn.execute(

@@ -30,6 +30,7 @@ from shared.kafka import Outgoing, Publisher
 from shared.topics import READINGS
 from simulator import FaultConfig, Foundation, SimConfig
 from tests.sim_server import running_sim
+from tests.support.documents import unpacked
 
 pytestmark = pytest.mark.integration
 
@@ -113,8 +114,11 @@ def expected(world: Foundation, hour: datetime) -> Facts:
     }
 
 
-async def stored_rows(pool: asyncpg.Pool, hour: datetime) -> list[asyncpg.Record]:
-    return await pool.fetch("SELECT * FROM reading_batches WHERE hour = $1 ORDER BY meter, shard, part", hour)
+async def stored_rows(pool: asyncpg.Pool, hour: datetime) -> list[dict[str, Any]]:
+    """The hour's stored batches, each message as published (stored compressed)."""
+    rows = await pool.fetch("SELECT * FROM reading_batches WHERE hour = $1 ORDER BY meter, shard, part", hour)
+    messages = await unpacked(pool, "collector", [r["message"] for r in rows])
+    return [dict(r) | {"message": m} for r, m in zip(rows, messages, strict=True)]
 
 
 async def stored(pool: asyncpg.Pool, hour: datetime, estimated: bool | None = None) -> Facts:
