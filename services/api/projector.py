@@ -31,7 +31,8 @@ from services.api.service import (
     transaction_row,
     usage_org_hours,
 )
-from shared.batches import Charges, ShardKey
+from shared.batches import Charges, ShardKey, encode_charges
+from shared.blobs import Frames, scope_of
 from shared.contracts import StatementIssued, TransactionPosted
 
 __all__ = ["LedgerMessage", "Names", "Projector"]
@@ -86,6 +87,7 @@ class Projector:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         self.names = Names()
+        self.frames = Frames()  # the shard documents' compression frames (shared/blobs.py), for this database
 
     async def apply_charges(self, batches: Sequence[Charges]) -> int:
         """Store the newer revisions; move the rollups of the customers they are attributed to, and keep
@@ -94,10 +96,16 @@ class Projector:
         if not batches:
             return 0
         changed = 0
+        seeds: dict[str, bytes] = {}
+        for c in batches:  # a shard's first batch of a month seeds its frame
+            scope = scope_of(c.meter, c.shard, c.reading_hour)
+            if scope not in seeds and self.frames.lacks(scope):
+                seeds[scope] = encode_charges(c)
+        await self.frames.ensure(self.pool, seeds)
         async with self.pool.acquire() as conn, conn.transaction():
             await repo.lock_hours(conn, {c.reading_hour for c in batches})
             keys = {ShardKey(c.reading_hour, c.meter, c.shard) for c in batches}
-            stored = await repo.lock_charge_shards(conn, keys)
+            stored = await repo.lock_charge_shards(conn, self.frames, keys)
             docs: dict[ShardKey, ShardDoc] = {k: ShardDoc.load(raw) for k, raw in stored.items()}
             pairs = {(o.id, c.reading_hour) for c in batches for o in c.orgs}
             pairs |= {(o, k.reading_hour) for k, d in docs.items() for o in d.orgs}
@@ -131,7 +139,7 @@ class Projector:
                     add(key, before, replaced, -1)
                     add(key, doc, positions, +1)
                 written[key] = doc
-            await repo.save_charge_shards(conn, [(k, d.dump()) for k, d in written.items()])
+            await repo.save_charge_shards(conn, self.frames, [(k, d.dump()) for k, d in written.items()])
             await repo.insert_pending(conn, [(h, m, o, p.dump()) for (h, m, o), p in waiting.items()])
             await _write_rollups(conn, rollup)
             new_names = self.names.changed(batches)

@@ -20,12 +20,12 @@ import orjson
 from services.api.charges import ResourceDoc, ResourceKey, ShardDoc, exact
 from services.api.service import OrgHour, TransactionRow
 from shared.batches import ShardKey
+from shared.blobs import Frames, scope_of
 
 __all__ = [
     "lock_hours",
     "lock_charge_shards",
     "save_charge_shards",
-    "charge_shards",
     "charge_shards_at",
     "insert_pending",
     "take_pending",
@@ -87,7 +87,14 @@ async def lock_hours(conn: asyncpg.Connection, hours: Iterable[datetime]) -> Non
 _SHARDS = "unnest($1::timestamptz[], $2::text[], $3::int2[]) AS k(reading_hour, meter, shard)"
 
 
-async def lock_charge_shards(conn: asyncpg.Connection, keys: Iterable[ShardKey]) -> dict[ShardKey, bytes]:
+# Shard documents are stored compressed against their shard's frame (shared/blobs.py): the writer (the
+# projector) keeps the frames of its database; reading needs only frames by id, the same in every database.
+_READER = Frames()
+
+
+async def lock_charge_shards(
+    conn: asyncpg.Connection, frames: Frames, keys: Iterable[ShardKey]
+) -> dict[ShardKey, bytes]:
     """The stored documents of these shards (those that have one), locked until the transaction ends."""
     ks = sorted(set(keys))
     rows = await conn.fetch(
@@ -96,10 +103,11 @@ async def lock_charge_shards(conn: asyncpg.Connection, keys: Iterable[ShardKey])
              ORDER BY 1, 2, 3 FOR UPDATE OF c""",
         [k.reading_hour for k in ks], [k.meter for k in ks], [k.shard for k in ks],
     )
-    return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): r["items"] for r in rows}
+    docs = await frames.unpack_all(conn, [r["items"] for r in rows])
+    return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): d for r, d in zip(rows, docs, strict=True)}
 
 
-async def save_charge_shards(conn: asyncpg.Connection, docs: Sequence[tuple[ShardKey, bytes]]) -> None:
+async def save_charge_shards(conn: asyncpg.Connection, frames: Frames, docs: Sequence[tuple[ShardKey, bytes]]) -> None:
     """Insert or replace shard documents."""
     if docs:
         ordered = sorted(docs)
@@ -108,7 +116,7 @@ async def save_charge_shards(conn: asyncpg.Connection, docs: Sequence[tuple[Shar
                SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int2[], $4::bytea[])
                ON CONFLICT (reading_hour, meter, shard) DO UPDATE SET items = EXCLUDED.items""",
             [k.reading_hour for k, _ in ordered], [k.meter for k, _ in ordered], [k.shard for k, _ in ordered],
-            [d for _, d in ordered],
+            [frames.pack(scope_of(k.meter, k.shard, k.reading_hour), d) for k, d in ordered],
         )
 
 
@@ -119,7 +127,8 @@ async def charge_shards_at(conn: asyncpg.Connection, hours: Iterable[datetime]) 
             WHERE reading_hour = ANY($1::timestamptz[]) ORDER BY 1, 2, 3""",
         sorted(set(hours)),
     )
-    return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): r["items"] for r in rows}
+    docs = await _READER.unpack_all(conn, [r["items"] for r in rows])
+    return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): d for r, d in zip(rows, docs, strict=True)}
 
 
 async def insert_pending(conn: asyncpg.Connection, rows: Sequence[tuple[datetime, str, str, bytes]]) -> None:

@@ -10,6 +10,14 @@ ALTER TABLE usage_month DROP CONSTRAINT usage_month_dim_check;
 UPDATE usage_month SET dim = 'resource_v1' WHERE dim = 'resource';
 ALTER TABLE usage_month ADD CONSTRAINT usage_month_dim_check CHECK (dim IN ('org', 'space', 'meter', 'kind', 'resource_v1'));
 
+-- Shard documents are stored compressed against a frame of their meter, shard and month (shared/blobs.py),
+-- kept in blob_frames: written once per scope, never changed.
+CREATE TABLE blob_frames (
+    id    bigint PRIMARY KEY,
+    scope text NOT NULL UNIQUE,
+    frame bytea NOT NULL
+);
+
 -- The latest charge of every measurement of a shard (services/api/charges.py, ShardDoc): what a newer
 -- revision is compared with, what charges waiting for their org's customer are attributed from, and what
 -- hourly usage by resource reads.
@@ -17,9 +25,10 @@ CREATE TABLE charge_shard (
     reading_hour timestamptz NOT NULL,
     meter        text NOT NULL,
     shard        smallint NOT NULL CHECK (shard >= 0),
-    items        bytea COMPRESSION lz4 NOT NULL,
+    items        bytea NOT NULL,  -- compressed (shared/blobs.py)
     PRIMARY KEY (reading_hour, meter, shard)
 );
+ALTER TABLE charge_shard ALTER COLUMN items SET STORAGE EXTERNAL;
 
 -- Changes of charges whose org's customer the ledger has not named yet (services/api/charges.py,
 -- Pending): per org, reading hour and meter, summed as the rollups take them. The ledger's usage line that
