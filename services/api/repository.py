@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from fractions import Fraction
 from typing import Any
 from uuid import UUID
@@ -27,9 +27,6 @@ __all__ = [
     "lock_charge_shards",
     "save_charge_shards",
     "charge_shards_at",
-    "insert_pending",
-    "take_pending",
-    "delete_pending",
     "lock_resource_docs",
     "save_resource_docs",
     "resource_docs",
@@ -131,34 +128,7 @@ async def charge_shards_at(conn: asyncpg.Connection, hours: Iterable[datetime]) 
     return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): d for r, d in zip(rows, docs, strict=True)}
 
 
-async def insert_pending(conn: asyncpg.Connection, rows: Sequence[tuple[datetime, str, str, bytes]]) -> None:
-    """Charges waiting for their org's customer: (hour, meter, org, Pending document)."""
-    if rows:
-        await conn.copy_records_to_table(
-            "pending_charges", records=rows, columns=("hour", "meter", "org_id", "items")
-        )
-
-
-async def take_pending(conn: asyncpg.Connection, pairs: Iterable[tuple[str, datetime]]) -> list[asyncpg.Record]:
-    """The charges waiting for these (org, hour) pairs, locked."""
-    ps = sorted(set(pairs))
-    if not ps:
-        return []
-    return await conn.fetch(
-        """SELECT p.id, p.hour, p.meter, p.org_id, p.items
-             FROM unnest($1::text[], $2::timestamptz[]) AS k(org_id, hour)
-             JOIN pending_charges p ON p.org_id = k.org_id AND p.hour = k.hour
-            ORDER BY p.id FOR UPDATE OF p""",
-        [p[0] for p in ps], [p[1] for p in ps],
-    )
-
-
-async def delete_pending(conn: asyncpg.Connection, ids: Sequence[int]) -> None:
-    if ids:
-        await conn.execute("DELETE FROM pending_charges WHERE id = ANY($1::bigint[])", list(ids))
-
-
-_RESOURCE_TABLES = {"day": ("usage_resource_day", "day"), "month": ("usage_resource_month", "month")}
+_RESOURCE_TABLES = {"day": ("usage_resource_day", "day")}  # a month is read as its days
 
 
 async def lock_resource_docs(conn: asyncpg.Connection, period: str, keys: Iterable[ResourceKey]) -> dict[ResourceKey, bytes]:
@@ -697,17 +667,17 @@ async def _resource_page(
     limit: int,
 ) -> list[UsageRow]:
     """A page of usage per resource, in (period, resource) order: hours from the charge documents of the
-    hours the customer had orgs in, days and months from its per-resource documents. Periods are read a
+    hours the customer had orgs in, days and months from its per-resource day documents. Periods are read a
     few at a time until the page is full, so a page costs what its periods hold, not the whole range."""
     start = after[0] if after is not None else first
     if granularity == "hour":
         org_hours = await customer_org_hours(conn, customer_id, start, stop)  # type: ignore[arg-type]
         periods: list[Any] = sorted(org_hours)
     else:
-        table, column = _RESOURCE_TABLES[granularity]
         rows = await conn.fetch(
-            f"SELECT DISTINCT {column} AS p FROM {table} WHERE customer_id = $1 AND {column} >= $2 AND {column} < $3 ORDER BY 1",
-            customer_id, start, stop,
+            """SELECT DISTINCT date_trunc($4, day)::date AS p FROM usage_resource_day
+                 WHERE customer_id = $1 AND day >= $2 AND day < $3 ORDER BY 1""",
+            customer_id, start, stop, granularity,
         )
         periods = [r["p"] for r in rows]
     out: list[UsageRow] = []
@@ -723,11 +693,11 @@ async def _resource_page(
                 for j in range(len(doc)):
                     if doc.o[j] in wanted:
                         _add_cell(cells, (key.reading_hour, doc.r[j]), doc.units[doc.u[j]], doc.x[j], doc.n[j], doc.d[j])
-        else:
-            table, column = _RESOURCE_TABLES[granularity]
+        else:  # a day's documents, or a month's days summed
             rows = await conn.fetch(
-                f"SELECT {column} AS p, items FROM {table} WHERE customer_id = $1 AND {column} = ANY($2::date[])",
-                customer_id, chunk,
+                """SELECT date_trunc($4, day)::date AS p, items FROM usage_resource_day
+                    WHERE customer_id = $1 AND day >= $2 AND day < $3""",
+                customer_id, chunk[0], _next_period(granularity, chunk[-1]), granularity,
             )
             for r in rows:
                 for (rid, unit), (x, n, d) in ResourceDoc.load(r["items"]).cells.items():
@@ -745,6 +715,12 @@ async def _resource_page(
     names = await resource_attrs(conn, [r.key for r in out])
     blank = {c: "" for c in _DIM_ATTRS["resource"]}
     return [UsageRow(r.period, r.key, r.key2, r.values, r.amount, names.get(r.key, blank)) for r in out]
+
+
+def _next_period(granularity: str, period: date) -> date:
+    if granularity == "day":
+        return period + timedelta(days=1)
+    return date(period.year + period.month // 12, period.month % 12 + 1, 1)
 
 
 def _add_cell(
