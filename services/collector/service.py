@@ -313,7 +313,7 @@ def _parts(batches: list[Measurements]) -> list[tuple[Measurements, int]]:
 
 
 def _batch_row(b: Measurements, part: int) -> tuple[Any, ...]:
-    """A batch as a row of reading_batches (repository.BATCH_COLUMNS)."""
+    """A batch as a row of reading_batches (repository.BATCH_COLUMNS; the key first)."""
     return (b.reading_hour, b.meter, b.shard, part, b.reading_id, len(b.resource_id), sum(b.estimated),
             encode_measurements(b))
 

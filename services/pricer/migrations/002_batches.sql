@@ -36,10 +36,7 @@ CREATE TABLE charge_batches (
     message      bytea NOT NULL,  -- the ChargesComputed JSON as sent, compressed (shared/blobs.py)
     PRIMARY KEY (reading_hour, meter, shard, seq)
 );
--- Compressed already; kept out of line even when small, so that marking a batch published rewrites a
--- narrow row, not the message.
-ALTER TABLE charge_batches ALTER COLUMN message SET STORAGE EXTERNAL;
-ALTER TABLE charge_batches SET (toast_tuple_target = 128);
+ALTER TABLE charge_batches ALTER COLUMN message SET STORAGE EXTERNAL;  -- compressed already
 CREATE INDEX charge_batches_unpublished ON charge_batches (created_at) WHERE NOT published;
 
 -- The shards holding measurements of a (meter, kind) whose latest charge is unpriced: what a new price
