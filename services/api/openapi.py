@@ -16,7 +16,7 @@ from services.api.schemas import SUBJECT_PATTERN
 from services.api.service import GRANULARITIES, GROUP_BYS, MAX_PERIODS, TRANSACTION_TYPES
 from shared.openapi import INT, JSON, MONTH_SCHEMA, PROBLEM, STR, TIME_SCHEMA, UUID_SCHEMA, ok, param, problem
 
-__all__ = ["openapi_document", "openapi_bytes"]
+__all__ = ["openapi_bytes", "openapi_document"]
 
 _problem, _param = problem, param
 
