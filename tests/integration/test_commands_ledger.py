@@ -21,9 +21,10 @@ import pytest
 
 from services.ledger.app import create_app
 from services.ledger.settings import LedgerSettings
-from shared.commands import CommandJournal
-from tests.conftest import Database, Infra
-from tests.support.ledger import assert_books_hold, ledger_topics  # noqa: F401  (fixture)
+from shared.commands import CommandJournal, request_digest
+from shared.db import create_pool, migrate
+from tests.conftest import ROOT, Database, Infra
+from tests.support.ledger import assert_books_hold
 
 pytestmark = pytest.mark.integration
 
@@ -46,8 +47,8 @@ async def running(database: Database, infra: Infra, prefix: str) -> AsyncIterato
 
 
 @pytest.fixture
-async def ledger(database: Database, infra: Infra, ledger_topics: str) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
-    async with running(database, infra, ledger_topics) as pair:
+async def ledger(database: Database, infra: Infra, topic_prefix: str) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    async with running(database, infra, topic_prefix) as pair:
         yield pair
 
 
@@ -323,8 +324,6 @@ async def test_a_key_left_running_by_a_crash_answers_409_not_a_second_run(
     cid = await customer_of(client)
     body = {"customer_id": cid, "starts_at": "2026-01-01T05:00:00Z", "ends_at": "2027-01-01T05:00:00Z"}
     # What a crash between the reservation and the answer leaves: the key reserved, no answer stored.
-    from shared.commands import request_digest
-
     raw = json.dumps(body).encode()
     async with app.state.runtime.pool.acquire() as conn:
         await conn.execute(
@@ -339,15 +338,10 @@ async def test_a_key_left_running_by_a_crash_answers_409_not_a_second_run(
 
 @pytest.mark.parametrize("service", ["collector", "pricer", "ledger"])
 async def test_the_audit_log_is_append_only_for_the_services_role(database: Database, service: str) -> None:
-    from shared.db import create_pool, migrate
-
-    migrations = {"collector": "services/collector", "pricer": "services/pricer", "ledger": "services/ledger"}
-    from pathlib import Path
-
     pool = await create_pool(database.dsn(service), service, max_size=2)
     try:
         async with pool.acquire() as conn:
-            await migrate(conn, service, Path(migrations[service]) / "migrations")
+            await migrate(conn, service, ROOT / "services" / service / "migrations")
             await conn.execute(
                 """INSERT INTO audit_log (recorded_at, actor, kind, method, path, status, replay)
                    VALUES (now(), 'alice', 'x.y', 'POST', '/internal/x', 201, false)"""
