@@ -66,7 +66,10 @@ from shared.http import ORJSONResponse, ProblemError, problem
 __all__ = [
     "ACTOR_HEADER",
     "ANONYMOUS",
+    "AUDIT_ENTRY_SCHEMA",
+    "IDEMPOTENCY_KEY_PARAMETER",
     "KEY_HEADER",
+    "MAX_ACTOR",
     "REPLAYED_HEADER",
     "RETENTION",
     "CommandJournal",
