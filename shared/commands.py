@@ -265,7 +265,13 @@ def journal_of(request: Request) -> CommandJournal:
 
 def command(kind: str) -> Callable[[Endpoint], Endpoint]:
     """Make ``endpoint`` a command of ``kind`` (e.g. ``ledger.agreement.create``): audited, idempotent
-    under an Idempotency-Key. Put it outermost, over whatever turns the service's errors into answers."""
+    under an Idempotency-Key.
+
+    Order of wrappers: inside authentication (``request.state.principal`` must be set when this runs; a
+    request refused for its token is not a command), outside whatever turns the service's own errors into
+    answers (``_guard`` in the ledger). Exceptions that reach it are answered by the app's exception
+    handlers (``shared.http``: ProblemError as its problem, anything else 500), so a domain error nobody
+    mapped would be stored and replayed as a 500."""
 
     def wrap(endpoint: Endpoint) -> Endpoint:
         async def wrapped(request: Request) -> Response:
