@@ -26,7 +26,7 @@ what and when). Requests without a key are audited in step 3 alike (no reservati
 
 Every request that reaches a wrapped endpoint is audited, refusals too (400 bad key, 409 in progress,
 422 mismatch, the command's own 4xx and 5xx), with the actor, kind, method, path, body digest and body
-(JSON; null when it is not JSON), time (UTC), status, problem type and title, key and whether it was a
+(JSON; null when it is not JSON), the time it arrived (UTC), status, problem type and title, key and whether it was a
 replay. ``audit_log`` is append-only: the service's role may not UPDATE, DELETE or TRUNCATE it, and a
 trigger refuses those to anyone.
 
@@ -203,7 +203,7 @@ class CommandJournal:
     async def _audit(self, pool: asyncpg.Pool, entry: _Entry, resp: Response, complete: bool = False) -> None:
         """Append the entry (and, with ``complete``, store the answer under the key) in one transaction. A
         failure here is logged, not answered: the command's answer is the caller's either way."""
-        body = bytes(resp.body)
+        body = bytes(getattr(resp, "body", b""))  # commands answer whole bodies, never streams
         ptype = ptitle = None
         if resp.status_code >= 400 and (resp.headers.get("content-type") or "").startswith("application/problem+json"):
             try:
