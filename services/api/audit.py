@@ -26,7 +26,7 @@ from starlette.responses import Response
 from services.api.auth import Principal
 from services.api.forward import Forwarder, UpstreamError
 from services.api.params import Cursor, invalid, only_known, parse_enum, parse_limit, parse_time
-from shared.commands import AUDIT_ENTRY_SCHEMA, MAX_ACTOR, audit_cursor
+from shared.audit import AUDIT_ENTRY_SCHEMA, MAX_ACTOR, audit_cursor
 from shared.http import ORJSONResponse, ProblemError
 from shared.openapi import TIME_SCHEMA, param
 

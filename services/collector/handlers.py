@@ -16,8 +16,9 @@ from services.collector.cf_client import CFClient
 from services.collector.schemas import ReadingRequest
 from services.collector.service import Collector
 from services.collector.settings import CollectorSettings
+from shared.audit import audit_route
 from shared.clock import as_utc, hour_floor, utcnow
-from shared.commands import audit_route, command
+from shared.commands import command
 from shared.http import ORJSONResponse, ProblemError, read_json
 from shared.runtime import Runtime
 from shared.topics import READINGS

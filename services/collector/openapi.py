@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from services.collector.schemas import ReadingRequest
-from shared.commands import audit_openapi, with_commands
+from shared.audit import audit_openapi
+from shared.commands import with_commands
 from shared.completeness import CollectorCompleteness, openapi_path
 from shared.openapi import (
     INT,

@@ -43,9 +43,10 @@ from services.ledger.outbox import Outbox
 from services.ledger.schemas import AgreementIn, AssignmentIn, CustomerIn, ReverseIn, TierIn
 from services.ledger.service import LedgerError, LedgerService
 from services.ledger.settings import LedgerSettings
+from shared.audit import audit_route
 from shared.batches import SHARDS, Charges, decode_charges
 from shared.clock import as_utc, parse_month
-from shared.commands import audit_route, command
+from shared.commands import command
 from shared.contracts import AlertRaised, ChargesComputed, TransactionPosted
 from shared.http import ORJSONResponse, ProblemError, read_json
 from shared.kafka import Received

@@ -8,7 +8,8 @@ from typing import Any
 
 from services.ledger.handlers import DEFAULT_LIMIT, MAX_LIMIT
 from services.ledger.schemas import AgreementIn, AssignmentIn, CustomerIn, ReverseIn, TierIn
-from shared.commands import audit_openapi, with_commands
+from shared.audit import audit_openapi
+from shared.commands import with_commands
 from shared.completeness import LedgerCompleteness, openapi_path
 from shared.openapi import (
     INT,

@@ -26,9 +26,10 @@ from services.pricer.pricing import PriceEndRefusedError, PriceNotFoundError, Pr
 from services.pricer.schemas import PriceCreatedOut, PriceEndIn, PriceIn, PriceList, PriceOut, UnpricedList
 from services.pricer.service import CatalogBusyError, Pricer
 from services.pricer.settings import PricerSettings
+from shared.audit import audit_route
 from shared.batches import SHARDS, decode_measurements
 from shared.clock import as_utc
-from shared.commands import audit_route, command
+from shared.commands import command
 from shared.contracts import ChargesComputed, MeasurementsTaken, MeasurementTaken
 from shared.http import ORJSONResponse, ProblemError, read_json
 from shared.kafka import Received, model_decoder

@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from services.pricer.schemas import PriceEndIn, PriceIn
-from shared.commands import audit_openapi, with_commands
+from shared.audit import audit_openapi
+from shared.commands import with_commands
 from shared.completeness import PricerCompleteness, openapi_path
 from shared.openapi import (
     NULLABLE_TIME,

@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from pydantic import SecretStr
 
 from services.collector.app import create_app as collector_app
 from services.collector.settings import CollectorSettings
@@ -38,12 +39,12 @@ async def owners(database: Database, infra: Infra, prefix: str) -> AsyncIterator
     """The ledger, pricer and collector, lifespans started, each served on a random local port."""
     common: dict[str, Any] = {"kafka_bootstrap_servers": infra.kafka, "topic_prefix": prefix, "port": 1}
     apps = {
-        "ledger": ledger_app(LedgerSettings(database_url=database.dsn("ledger"), periodic_interval_seconds=0,
+        "ledger": ledger_app(LedgerSettings(database_url=SecretStr(database.dsn("ledger")), periodic_interval_seconds=0,
                                             batch_timeout_ms=100, **common)),
-        "pricer": pricer_app(PricerSettings(database_url=database.dsn("pricer"), maintenance_interval_seconds=3600,
+        "pricer": pricer_app(PricerSettings(database_url=SecretStr(database.dsn("pricer")), maintenance_interval_seconds=3600,
                                             **common)),
         # Nothing here takes a reading: the Cloud Foundry API it would read is never asked.
-        "collector": collector_app(CollectorSettings(database_url=database.dsn("collector"), schedule_enabled=False,
+        "collector": collector_app(CollectorSettings(database_url=SecretStr(database.dsn("collector")), schedule_enabled=False,
                                                      cf_api_url="http://127.0.0.1:9", uaa_url="http://127.0.0.1:9",
                                                      **common)),
     }

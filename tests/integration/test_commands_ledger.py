@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from services.ledger.app import create_app
 from services.ledger.settings import LedgerSettings
@@ -35,7 +36,7 @@ CREDITS = 5_000_000
 @asynccontextmanager
 async def running(database: Database, infra: Infra, prefix: str) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
     settings = LedgerSettings(
-        database_url=database.dsn("ledger"), kafka_bootstrap_servers=infra.kafka, topic_prefix=prefix, port=8083,
+        database_url=SecretStr(database.dsn("ledger")), kafka_bootstrap_servers=infra.kafka, topic_prefix=prefix, port=8083,
         periodic_interval_seconds=0, batch_timeout_ms=100,
     )
     app = create_app(settings)

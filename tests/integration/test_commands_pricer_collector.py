@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from services.collector.app import create_app as collector_app
 from services.collector.settings import CollectorSettings
@@ -51,7 +52,7 @@ def readings(hour: datetime, n: int) -> list[Received[Measurements]]:
 @pytest.fixture
 async def pricer(database: Database, infra: Infra, topic_prefix: str) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
     settings = PricerSettings(
-        database_url=database.dsn("pricer"), kafka_bootstrap_servers=infra.kafka, topic_prefix=topic_prefix,
+        database_url=SecretStr(database.dsn("pricer")), kafka_bootstrap_servers=infra.kafka, topic_prefix=topic_prefix,
         port=8082, maintenance_interval_seconds=3600,
     )
     app = pricer_app(settings)
@@ -123,7 +124,7 @@ async def test_a_manual_reading_sent_again_with_its_key_is_taken_once(
 ) -> None:
     async with running_sim(SimConfig(**WORLD)) as (url, _):
         settings = CollectorSettings(
-            database_url=database.dsn("collector"), kafka_bootstrap_servers=infra.kafka, topic_prefix=topic_prefix,
+            database_url=SecretStr(database.dsn("collector")), kafka_bootstrap_servers=infra.kafka, topic_prefix=topic_prefix,
             cf_api_url=url, uaa_url=url, schedule_enabled=False, sim_time_header=True, per_page=50,
         )
         app = collector_app(settings)

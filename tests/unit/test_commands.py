@@ -21,7 +21,8 @@ from starlette.routing import Route
 
 from services.api.audit import SERVICES, merge
 from services.api.forward import ADMIN_ROUTES, Forwarder
-from shared.commands import audit_cursor, idempotency_key, request_digest
+from shared.audit import audit_cursor
+from shared.commands import idempotency_key, request_digest
 from shared.http import ProblemError, exception_handlers
 
 
