@@ -22,6 +22,7 @@ the run-out date. No projection when nothing was used in that window, or when no
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import logging
@@ -46,6 +47,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from services.api import audit
 from services.api import repository as repo
 from services.api.auth import AuthError, IssuerUnavailableError, Principal
 from services.api.charts import OTHER_COLOUR, PALETTE, BurnDown, Series, burn_down, format_credits, stacked_bars
@@ -389,6 +391,11 @@ class Dashboard:
                     ),
                     Route("/admin/unpriced", self._page("unpriced", self.unpriced, admin=True), methods=["GET"]),
                     Route("/admin/unassigned", self._page("unassigned", self.unassigned, admin=True), methods=["GET"]),
+                    Route(
+                        "/admin/audit",
+                        self._page("audit", functools.partial(audit.audit_page, self), admin=True),
+                        methods=["GET"],
+                    ),
                     Mount("/static", app=StaticFiles(directory=HERE / "static"), name="dashboard-static"),
                     Route("/{rest:path}", self._plain("not_found", self.not_found), methods=["GET"]),
                 ],

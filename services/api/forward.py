@@ -1,6 +1,7 @@
 """Admin commands forwarded to the service that owns them (one httpx.AsyncClient per app, with timeouts):
 the answer is the owner's status and body, problem+json included; 502 when the owner cannot be reached,
-504 when it does not answer in time.
+504 when it does not answer in time. A command's Idempotency-Key goes along (shared/commands.py), with the
+caller's subject as the actor, so a retry after a 504 is answered by the owner without running it twice.
 
 Only validated values reach the upstream URL: path parameters are re-rendered from their parsed form
 (a UUID, a ``YYYY-MM``), query parameters are limited to a known set, each checked by its type.
@@ -19,9 +20,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from services.api.params import invalid, only_known, parse_limit, parse_month, parse_time, parse_uuid
+from shared.commands import KEY_HEADER, REPLAYED_HEADER, idempotency_key
 from shared.http import problem
 
-__all__ = ["AdminRoute", "ADMIN_ROUTES", "FORWARDED_QUERY", "Forwarder", "UpstreamError"]
+__all__ = ["ADMIN_ROUTES", "FORWARDED_QUERY", "AdminRoute", "Forwarder", "UpstreamError"]
 
 log = logging.getLogger(__name__)
 
@@ -143,16 +145,25 @@ class Forwarder:
             body = await request.body()
             if body:
                 headers["content-type"] = request.headers.get("content-type", "application/octet-stream")
+            key = idempotency_key(request.headers)  # checked here as the owner checks it (400 otherwise)
+            if key is not None:
+                headers[KEY_HEADER] = key
         url = self._bases[route.service] + path
         try:
             upstream = await self._client.request(request.method, url, params=query, content=body, headers=headers)
         except httpx.TimeoutException:
             log.warning("admin command timed out", extra={"upstream": route.service, "path": path})
-            return problem(504, "Gateway Timeout", f"the {route.service} did not answer in time; the command may or may not have been applied")
+            return problem(
+                504, "Gateway Timeout", f"the {route.service} did not answer in time; the command may or may not have "
+                "been applied (sent with an Idempotency-Key, send it again with the same key to get its answer)",
+            )
         except httpx.HTTPError as exc:
             log.warning("admin command could not be forwarded", extra={"upstream": route.service, "path": path, "error": repr(exc)})
             return problem(502, "Bad Gateway", f"the {route.service} service cannot be reached")
         media = upstream.headers.get("content-type")
-        # Only the body and its type travel back: the owner's other headers (e.g. a Location naming an
-        # internal path) are not the api's to give out.
-        return Response(upstream.content, status_code=upstream.status_code, media_type=media)
+        # Only the body, its type and whether it is a replay travel back: the owner's other headers (e.g. a
+        # Location naming an internal path) are not the api's to give out.
+        resp = Response(upstream.content, status_code=upstream.status_code, media_type=media)
+        if upstream.headers.get(REPLAYED_HEADER) == "true":
+            resp.headers[REPLAYED_HEADER] = "true"
+        return resp

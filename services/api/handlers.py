@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from services.api import completeness, dead_letters, projector
+from services.api import audit, completeness, dead_letters, projector
 from services.api import repository as repo
 from services.api.auth import (
     SCOPE_ADMIN,
@@ -37,7 +37,16 @@ from services.api.cache import TtlCache
 from services.api.forward import ADMIN_ROUTES, AdminRoute, Forwarder, UpstreamError
 from services.api.freshness import Freshness
 from services.api.openapi import openapi_bytes
-from services.api.params import Cursor, invalid, only_known, parse_enum, parse_limit, parse_month, parse_time, parse_uuid
+from services.api.params import (
+    Cursor,
+    invalid,
+    only_known,
+    parse_enum,
+    parse_limit,
+    parse_month,
+    parse_time,
+    parse_uuid,
+)
 from services.api.schemas import EntitlementIn, Subject
 from services.api.service import (
     GRANULARITIES,
@@ -51,10 +60,10 @@ from services.api.service import (
     usage_range,
 )
 from services.api.settings import ApiSettings
+from shared.batches import Charges, decode_charges
 from shared.clock import utcnow
 from shared.contracts import ChargesComputed
 from shared.http import ORJSONResponse, ProblemError, problem, read_json
-from shared.batches import Charges, decode_charges
 from shared.kafka import Received, model_decoder
 from shared.runtime import Runtime
 from shared.topics import CHARGES, TRANSACTIONS, dlq
@@ -183,6 +192,7 @@ class Api:
             Route(
                 "/admin/completeness", self._guard("admin", "completeness", self.completeness_report), methods=["GET"]
             ),
+            Route("/admin/audit", self._guard("admin", "audit", functools.partial(audit.admin_audit, self)), methods=["GET"]),
         ]
         for admin in ADMIN_ROUTES:
             out.append(

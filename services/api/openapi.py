@@ -9,14 +9,16 @@ from typing import Any
 
 import orjson
 
+from services.api import audit
 from services.api.completeness import MAX_HOURS, RULES, TOTALS
 from services.api.forward import ADMIN_ROUTES, FORWARDED_QUERY
 from services.api.params import DEFAULT_LIMIT, MAX_LIMIT
 from services.api.schemas import SUBJECT_PATTERN
 from services.api.service import GRANULARITIES, GROUP_BYS, MAX_PERIODS, TRANSACTION_TYPES
+from shared.commands import IDEMPOTENCY_KEY_PARAMETER
 from shared.openapi import INT, JSON, MONTH_SCHEMA, PROBLEM, STR, TIME_SCHEMA, UUID_SCHEMA, ok, param, problem
 
-__all__ = ["openapi_document", "openapi_bytes"]
+__all__ = ["openapi_bytes", "openapi_document"]
 
 _problem, _param = problem, param
 
@@ -393,6 +395,11 @@ def _admin_routes() -> dict[str, Any]:
                 "responses": forwarded,
             }
             if method == "POST":
+                op["parameters"] = [*op["parameters"], IDEMPOTENCY_KEY_PARAMETER]
+                op["responses"] = {
+                    **forwarded,
+                    "400": _problem("The Idempotency-Key is malformed (checked before forwarding)."),
+                }
                 op["requestBody"] = {
                     "required": False,
                     "description": f"JSON, as the {r.service} takes it for this command.",
@@ -625,10 +632,16 @@ def _document() -> dict[str, Any]:
         },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
-        "paths": {**_customer_routes(), **_admin_routes(), **_completeness_route(), **_ops_routes()},
+        "paths": {
+            **_customer_routes(),
+            **_admin_routes(),
+            **audit.openapi_paths(_problem, AUTH_ERRORS),
+            **_completeness_route(),
+            **_ops_routes(),
+        },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
-            "schemas": {**_schemas(), **_completeness_schemas()},
+            "schemas": {**_schemas(), **_completeness_schemas(), **audit.OPENAPI_SCHEMAS},
         },
     }
 

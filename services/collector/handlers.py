@@ -16,7 +16,9 @@ from services.collector.cf_client import CFClient
 from services.collector.schemas import ReadingRequest
 from services.collector.service import Collector
 from services.collector.settings import CollectorSettings
+from shared.audit import audit_route
 from shared.clock import as_utc, hour_floor, utcnow
+from shared.commands import command
 from shared.http import ORJSONResponse, ProblemError, read_json
 from shared.runtime import Runtime
 from shared.topics import READINGS
@@ -42,7 +44,7 @@ def _time_param(request: Request, name: str, default: datetime) -> datetime:
     if raw is None:
         return default
     try:
-        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        value = datetime.fromisoformat(raw)
     except ValueError:
         raise ProblemError(400, "Invalid query parameter", f"{name}: not an ISO-8601 time") from None
     if value.tzinfo is None:
@@ -62,9 +64,11 @@ async def list_readings(request: Request) -> Response:
 
 def routes() -> list[BaseRoute]:
     return [
-        Route("/internal/readings", post_reading, methods=["POST"]),
+        # A command (shared/commands.py): audited, idempotent under an Idempotency-Key.
+        Route("/internal/readings", command("collector.reading.take")(post_reading), methods=["POST"]),
         Route("/internal/readings", list_readings, methods=["GET"]),
         Route("/internal/completeness", completeness.completeness, methods=["GET"]),
+        audit_route(),
     ]
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from services.collector.schemas import ReadingRequest
+from shared.audit import audit_openapi
+from shared.commands import with_commands
 from shared.completeness import CollectorCompleteness, openapi_path
 from shared.openapi import (
     INT,
@@ -94,6 +96,6 @@ def openapi_document() -> dict[str, Any]:
         "Collector (internal)",
         "Readings of the Cloud Foundry v3 API, stored and published to usage.readings.v1. Internal routes: "
         "the api forwards /admin/readings here. Errors are application/problem+json.",
-        {**_paths(), **openapi_path(CollectorCompleteness, "collector")},
-        {"ReadingOutcome": _OUTCOME, "Reading": _READING},
+        {**with_commands(_paths()), **openapi_path(CollectorCompleteness, "collector"), **audit_openapi()[0]},
+        {"ReadingOutcome": _OUTCOME, "Reading": _READING, **audit_openapi()[1]},
     )

@@ -17,6 +17,9 @@ Internal HTTP commands (JSON; errors are application/problem+json):
   POST /internal/expire-agreements
   GET  /internal/held                                ?limit=&cursor=
   GET  /internal/completeness                        ?from=&to=  (services/ledger/completeness.py)
+  GET  /internal/audit                               ?actor=&kind=&from=&to=&limit=&cursor=
+
+Every POST is a command (shared/commands.py): audited, and idempotent under an Idempotency-Key header.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ from services.ledger.outbox import Outbox
 from services.ledger.schemas import AgreementIn, AssignmentIn, CustomerIn, ReverseIn, TierIn
 from services.ledger.service import LedgerError, LedgerService
 from services.ledger.settings import LedgerSettings
+from shared.audit import audit_route
 from shared.batches import SHARDS, Charges, decode_charges
 from shared.clock import as_utc, parse_month
+from shared.commands import command
 from shared.contracts import AlertRaised, ChargesComputed, TransactionPosted
 from shared.http import ORJSONResponse, ProblemError, read_json
 from shared.kafka import Received
@@ -365,6 +370,23 @@ async def held(request: Request) -> Response:
     return ORJSONResponse({"items": page.items, "next_cursor": nxt})
 
 
+# The commands (shared/commands.py): audited, idempotent under an Idempotency-Key; the value is their kind.
+COMMANDS: dict[Endpoint, str] = {
+    create_tier: "ledger.tier.create",
+    create_customer: "ledger.customer.create",
+    assign_org: "ledger.org_assignment.create",
+    create_agreement: "ledger.agreement.create",
+    close_month: "ledger.month.close",
+    reverse: "ledger.transaction.reverse",
+    expire_agreements: "ledger.agreements.expire",
+}
+
+
+def _endpoint(fn: Endpoint) -> Endpoint:
+    kind = COMMANDS.get(fn)
+    return command(kind)(_guard(fn)) if kind else _guard(fn)
+
+
 def routes() -> list[BaseRoute]:
     table: list[tuple[str, Endpoint, str]] = [
         ("/internal/tiers", create_tier, "POST"),
@@ -383,6 +405,7 @@ def routes() -> list[BaseRoute]:
         ("/internal/expire-agreements", expire_agreements, "POST"),
         ("/internal/held", held, "GET"),
     ]
-    return [Route(path, _guard(fn), methods=[method], name=f"{fn.__name__}") for path, fn, method in table] + [
+    return [Route(path, _endpoint(fn), methods=[method], name=f"{fn.__name__}") for path, fn, method in table] + [
         Route("/internal/completeness", completeness.completeness, methods=["GET"]),
+        audit_route(),
     ]

@@ -8,6 +8,8 @@ from typing import Any
 
 from services.ledger.handlers import DEFAULT_LIMIT, MAX_LIMIT
 from services.ledger.schemas import AgreementIn, AssignmentIn, CustomerIn, ReverseIn, TierIn
+from shared.audit import audit_openapi
+from shared.commands import with_commands
 from shared.completeness import LedgerCompleteness, openapi_path
 from shared.openapi import (
     INT,
@@ -249,6 +251,6 @@ def openapi_document() -> dict[str, Any]:
         "Customers, tiers, agreements, org assignments, the double-entry ledger and statements; integer "
         "microcredits. Internal routes: the api forwards its /admin ledger commands here. Errors are "
         "application/problem+json.",
-        {**_paths(), **openapi_path(LedgerCompleteness, "ledger")},
-        SCHEMAS,
+        {**with_commands(_paths()), **openapi_path(LedgerCompleteness, "ledger"), **audit_openapi()[0]},
+        {**SCHEMAS, **audit_openapi()[1]},
     )

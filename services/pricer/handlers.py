@@ -26,8 +26,10 @@ from services.pricer.pricing import PriceEndRefusedError, PriceNotFoundError, Pr
 from services.pricer.schemas import PriceCreatedOut, PriceEndIn, PriceIn, PriceList, PriceOut, UnpricedList
 from services.pricer.service import CatalogBusyError, Pricer
 from services.pricer.settings import PricerSettings
+from shared.audit import audit_route
 from shared.batches import SHARDS, decode_measurements
 from shared.clock import as_utc
+from shared.commands import command
 from shared.contracts import ChargesComputed, MeasurementsTaken, MeasurementTaken
 from shared.http import ORJSONResponse, ProblemError, read_json
 from shared.kafka import Received, model_decoder
@@ -35,7 +37,7 @@ from shared.runtime import Runtime
 from shared.topics import CHARGES, READINGS, READINGS_V1, dlq
 from shared.wire import decoder_for
 
-__all__ = ["routes", "declare", "start", "stop"]
+__all__ = ["declare", "routes", "start", "stop"]
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +157,14 @@ async def list_unpriced(request: Request) -> Response:
 
 def routes() -> list[BaseRoute]:
     return [
-        Route("/internal/prices", post_price, methods=["POST"]),
+        # Commands (shared/commands.py): audited, idempotent under an Idempotency-Key.
+        Route("/internal/prices", command("pricer.price.add")(post_price), methods=["POST"]),
         Route("/internal/prices", list_prices, methods=["GET"]),
         Route("/internal/prices/{price_id:uuid}", get_price, methods=["GET"]),
-        Route("/internal/prices/{price_id:uuid}/end", post_price_end, methods=["POST"]),
+        Route("/internal/prices/{price_id:uuid}/end", command("pricer.price.end")(post_price_end), methods=["POST"]),
         Route("/internal/charges/unpriced", list_unpriced, methods=["GET"]),
         Route("/internal/completeness", completeness.completeness, methods=["GET"]),
+        audit_route(),
     ]
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from services.pricer.schemas import PriceEndIn, PriceIn
+from shared.audit import audit_openapi
+from shared.commands import with_commands
 from shared.completeness import PricerCompleteness, openapi_path
 from shared.openapi import (
     NULLABLE_TIME,
@@ -127,6 +129,6 @@ def openapi_document() -> dict[str, Any]:
         "The price catalog (time-ranged prices, exact fractions) and the charges it computes from "
         "usage.readings.v1. Internal routes: the api forwards /admin/prices and /admin/unpriced here. "
         "Errors are application/problem+json.",
-        {**_paths(), **openapi_path(PricerCompleteness, "pricer")},
-        {"Price": _PRICE, "PriceCreated": _PRICE_CREATED},
+        {**with_commands(_paths()), **openapi_path(PricerCompleteness, "pricer"), **audit_openapi()[0]},
+        {"Price": _PRICE, "PriceCreated": _PRICE_CREATED, **audit_openapi()[1]},
     )
