@@ -209,6 +209,9 @@ def held_batches(held: dict[tuple[ShardKey, str], bytes]) -> list[Charges]:
 
 GroupKey = tuple[uuid.UUID, date, uuid.UUID]  # customer, month, price
 Line = tuple[datetime, str, str, str]  # hour, org, meter, kind
+# Numerators to add per group, then per (line, denominator); a group is known by its key (customer, month,
+# price) until the missing ones are created, or by its id when it comes from the stored state.
+Acc = defaultdict[GroupKey | int, defaultdict[tuple[Line, int], int]]
 
 
 @dataclass
@@ -238,7 +241,7 @@ def _post_fresh(
     key: ShardKey,
     shard: _Shard,
     customer_of: list[uuid.UUID | None],
-    acc: dict[tuple[GroupKey | int, Line, int], int],
+    acc: Acc,
 ) -> int:
     """The first batch of a shard with nothing held, every org with a customer: every item is new, so the
     charges are summed column at a time (per org, kind, price and denominator) and the batch's columns
@@ -249,14 +252,16 @@ def _post_fresh(
     for k4, num in zip(zip(c.org, c.kind, c.price, c.amount_denominator), c.amount_numerator, strict=True):
         sums[k4] += num
     group_of: dict[tuple[int, int], GroupKey] = {}
+    bucket_of: dict[tuple[int, int], dict[tuple[Line, int], int]] = {}
     for (o, k, p, den), num in sums.items():
-        group = group_of.get((o, p))
-        if group is None:
+        bucket = bucket_of.get((o, p))
+        if bucket is None:
             customer = customer_of[o]
             assert customer is not None
             group = group_of[(o, p)] = (customer, month, c.prices[p].id if p >= 0 else NIL_PRICE)
-        acc[(group, (hour, c.orgs[o].id, meter, c.kinds[k]), den)] += num
-    groups = [group_of[op] for op in zip(c.org, c.price, strict=True)]
+            bucket = bucket_of[(o, p)] = acc[group]
+        bucket[((hour, c.orgs[o].id, meter, c.kinds[k]), den)] += num
+    groups = list(map(group_of.__getitem__, zip(c.org, c.price, strict=True)))
     shard.fresh = (c.resource_id, c.revision, groups, c.amount_numerator, c.amount_denominator)
     shard.applied_changed = True
     shard.mark += c.id.int  # a batch's id derives from its items, and a fresh shard applies all of them
@@ -268,7 +273,7 @@ def _post_items(
     key: ShardKey,
     shard: _Shard,
     customer_of: list[uuid.UUID | None],
-    acc: dict[tuple[GroupKey | int, Line, int], int],
+    acc: Acc,
     result: Posting,
 ) -> int:
     """Item by item against the shard's state: an older or equal revision changes nothing; one whose org has
@@ -306,9 +311,9 @@ def _post_items(
             result.released += 1
         group = (customer, month, price_ids[p] if p >= 0 else NIL_PRICE)
         line = (key.reading_hour, org_id, key.meter, kinds[k])
-        acc[(group, line, den)] += num
+        acc[group][(line, den)] += num
         if old is not None:
-            acc[(old[1], line, old[3])] -= old[2]
+            acc[old[1]][(line, old[3])] -= old[2]
         applied[rid] = (rev, group, num, den)
         shard.applied_changed = True
         shard.mark += change_mark(key, rid, rev)
@@ -343,9 +348,7 @@ async def post_batches(
         batches = [*batches, *held_batches({k: held_rows[k] for k in release if k in held_rows})]
     owners = await repo.owners(conn, {(o.id, c.reading_hour) for c in batches for o in c.orgs})
 
-    # Numerators to add per (group, line, denominator); a group is known by its key (customer, month, price)
-    # until the missing ones are created below, or by its id when it comes from the stored state.
-    acc: dict[tuple[GroupKey | int, Line, int], int] = defaultdict(int)
+    acc: Acc = defaultdict(lambda: defaultdict(int))
     for c in batches:
         key = ShardKey(c.reading_hour, c.meter, c.shard)
         shard = shards[key]
@@ -359,11 +362,13 @@ async def post_batches(
     rows: dict[int, Any] = {}
     groups: dict[GroupKey, int] = {}
     if result.changed:
-        groups = await repo.group_ids(conn, {g for g, _, _ in acc if isinstance(g, tuple)})
+        groups = await repo.group_ids(conn, {g for g in acc if isinstance(g, tuple)})
         deltas: dict[int, dict[Line, dict[int, int]]] = defaultdict(lambda: defaultdict(dict))
-        for (g, line, den), num in acc.items():
-            cell = deltas[g if isinstance(g, int) else groups[g]][line]
-            cell[den] = cell.get(den, 0) + num
+        for g, bucket in acc.items():
+            lines = deltas[g if isinstance(g, int) else groups[g]]
+            for (line, den), num in bucket.items():
+                cell = lines[line]
+                cell[den] = cell.get(den, 0) + num
         rows = await repo.lock_groups(conn, deltas)
         updates, amounts = allocate({gid: (int(r["sum_num"]), int(r["sum_den"])) for gid, r in rows.items()}, deltas)
         await repo.update_groups(conn, updates)
@@ -421,7 +426,7 @@ async def _save(
     for key, shard in sorted(shards.items()):
         if shard.fresh is not None:
             rids, revs, gks, nums, dens = shard.fresh
-            doc = orjson.dumps({"r": rids, "v": revs, "g": [groups[g] for g in gks], "n": nums, "d": dens})
+            doc = orjson.dumps({"r": rids, "v": revs, "g": list(map(groups.__getitem__, gks)), "n": nums, "d": dens})
             states.append((key, len(rids), sum(revs), doc))
         elif shard.applied_changed:
             applied = {
@@ -489,7 +494,7 @@ async def record_transactions(
     ids = [uuid7() for _ in drafts]
     await repo.insert_transactions(conn, drafts, ids, now)
     outbox = await repo.insert_outbox(
-        conn, [messages.to_outbox(messages.transaction_posted(d, tid, now)) for d, tid in zip(drafts, ids, strict=True)]
+        conn, [messages.transaction_posted_outbox(d, tid, now) for d, tid in zip(drafts, ids, strict=True)]
     )
     return ids, outbox
 
