@@ -60,9 +60,7 @@ __all__ = [
     "record_transactions",
 ]
 
-# (revision, group id, numerator, denominator) of an applied charge; of a held one (revision, kind, price
-# id text or "", numerator, denominator).
-Applied = tuple[int, int, int, int]
+# A held charge: (revision, kind, price id text or "", numerator, denominator).
 Held = tuple[int, str, str, int, int]
 
 
@@ -121,25 +119,6 @@ async def ensure_frames(frames: Frames, pool: repo.Conn, batches: Sequence[Charg
 
 def batch_months(batches: Sequence[Charges]) -> set[date]:
     return {billing_month(c.reading_hour) for c in batches}
-
-
-def _load_applied(raw: bytes) -> dict[str, Applied]:
-    doc = orjson.loads(raw)
-    return {r: (v, g, n, d) for r, v, g, n, d in zip(doc["r"], doc["v"], doc["g"], doc["n"], doc["d"], strict=True)}
-
-
-def _dump_applied(items: dict[str, Applied]) -> bytes:
-    rids = list(items)
-    vals = list(items.values())
-    return orjson.dumps(
-        {
-            "r": rids,
-            "v": [a[0] for a in vals],
-            "g": [a[1] for a in vals],
-            "n": [a[2] for a in vals],
-            "d": [a[3] for a in vals],
-        }
-    )
 
 
 def load_held(raw: bytes) -> dict[str, Held]:
@@ -216,24 +195,36 @@ Acc = defaultdict[GroupKey | int, defaultdict[tuple[Line, int], int]]
 
 @dataclass
 class _Shard:
-    """A shard's state in the transaction: applied charges (a group is an id, or the key of a group this
-    posting creates), and held ones per org (loaded or new). A shard's first batch, the usual case, is
-    kept as its columns (``fresh``) instead of a dict per charge."""
+    """A shard's state in the transaction: its applied charges as columns — resource ids, revisions, groups
+    (an id, or the key of a group this posting creates), numerators, denominators — as stored, with an
+    index by resource built when a batch is compared item by item; and its held charges per org (loaded or
+    new). A shard's first batch, the usual case, becomes the columns as it is."""
 
-    applied: dict[str, tuple[int, GroupKey | int, int, int]] = field(default_factory=dict)
-    fresh: tuple[list[str], list[int], list[GroupKey], list[int], list[int]] | None = None
+    r: list[str] = field(default_factory=list)
+    v: list[int] = field(default_factory=list)
+    g: list[GroupKey | int] = field(default_factory=list)
+    n: list[int] = field(default_factory=list)
+    d: list[int] = field(default_factory=list)
+    index: dict[str, int] | None = None
     held: dict[str, dict[str, Held]] = field(default_factory=dict)
     applied_changed: bool = False
     held_changed: set[str] = field(default_factory=set)
     mark: int = 0  # the sum of the change marks of what this posting applied to the shard
 
-    def as_dict(self) -> dict[str, tuple[int, GroupKey | int, int, int]]:
-        """The applied charges as a dict (a fresh shard is converted once a second batch touches it)."""
-        if self.fresh is not None:
-            rids, revs, gks, nums, dens = self.fresh
-            self.applied = dict(zip(rids, zip(revs, gks, nums, dens, strict=True), strict=True))
-            self.fresh = None
-        return self.applied
+    def load(self, raw: bytes) -> None:
+        doc = orjson.loads(raw)
+        self.r, self.v, self.g, self.n, self.d = doc["r"], doc["v"], doc["g"], doc["n"], doc["d"]
+
+    def positions(self) -> dict[str, int]:
+        """Position of each applied resource in the columns."""
+        if self.index is None:
+            self.index = dict(zip(self.r, range(len(self.r))))
+        return self.index
+
+    def dump(self, groups: dict[GroupKey, int]) -> bytes:
+        """The stored document, the keys of the groups created meanwhile replaced by their ids."""
+        ids = list(map(groups.get, self.g, self.g))  # a group id maps to itself
+        return orjson.dumps({"r": self.r, "v": self.v, "g": ids, "n": self.n, "d": self.d})
 
 
 def _post_fresh(
@@ -262,7 +253,10 @@ def _post_fresh(
             bucket = bucket_of[(o, p)] = acc[group]
         bucket[((hour, c.orgs[o].id, meter, c.kinds[k]), den)] += num
     groups = list(map(group_of.__getitem__, zip(c.org, c.price, strict=True)))
-    shard.fresh = (c.resource_id, c.revision, groups, c.amount_numerator, c.amount_denominator)
+    # Copies: a later batch of this posting may append to the shard's columns (the same message twice).
+    shard.r, shard.v, shard.g = list(c.resource_id), list(c.revision), groups  # type: ignore[assignment]
+    shard.n, shard.d = list(c.amount_numerator), list(c.amount_denominator)
+    shard.index = None
     shard.applied_changed = True
     shard.mark += c.id.int  # a batch's id derives from its items, and a fresh shard applies all of them
     return len(groups)
@@ -278,7 +272,8 @@ def _post_items(
 ) -> int:
     """Item by item against the shard's state: an older or equal revision changes nothing; one whose org has
     no customer is held; any other adds its amount and takes back the one it replaces."""
-    applied, held = shard.as_dict(), shard.held
+    at, held = shard.positions(), shard.held
+    revs, gs, nums, dens = shard.v, shard.g, shard.n, shard.d
     month = billing_month(key.reading_hour)
     price_ids = [p.id for p in c.prices]
     kinds, orgs = c.kinds, c.orgs
@@ -286,12 +281,13 @@ def _post_items(
     for rid, rev, o, k, p, num, den in zip(
         c.resource_id, c.revision, c.org, c.kind, c.price, c.amount_numerator, c.amount_denominator, strict=True
     ):
-        old = applied.get(rid)
+        pos = at.get(rid)
+        old_rev = revs[pos] if pos is not None else 0
         org_id = orgs[o].id
         waiting = held.get(org_id)
         was_held = waiting.get(rid) if waiting is not None else None
-        if old is not None and old[0] >= rev:
-            if was_held is not None and was_held[0] <= old[0]:  # a held copy that was overtaken
+        if old_rev >= rev:
+            if was_held is not None and was_held[0] <= old_rev:  # a held copy that was overtaken
                 del waiting[rid]  # type: ignore[union-attr]
                 shard.held_changed.add(org_id)
             continue
@@ -312,9 +308,16 @@ def _post_items(
         group = (customer, month, price_ids[p] if p >= 0 else NIL_PRICE)
         line = (key.reading_hour, org_id, key.meter, kinds[k])
         acc[group][(line, den)] += num
-        if old is not None:
-            acc[old[1]][(line, old[3])] -= old[2]
-        applied[rid] = (rev, group, num, den)
+        if pos is None:
+            at[rid] = len(shard.r)
+            shard.r.append(rid)
+            revs.append(rev)
+            gs.append(group)
+            nums.append(num)
+            dens.append(den)
+        else:
+            acc[gs[pos]][(line, dens[pos])] -= nums[pos]
+            revs[pos], gs[pos], nums[pos], dens[pos] = rev, group, num, den
         shard.applied_changed = True
         shard.mark += change_mark(key, rid, rev)
         changed += 1
@@ -340,7 +343,7 @@ async def post_batches(
     shards: dict[ShardKey, _Shard] = {k: _Shard() for k in keys}
     stored = await repo.lock_shard_states(conn, frames, keys)
     for key, raw in stored.items():
-        shards[key].applied = _load_applied(raw)
+        shards[key].load(raw)
     held_rows = await repo.lock_held(conn, frames, keys)
     for (key, org_id), raw in held_rows.items():
         shards[key].held[org_id] = load_held(raw)
@@ -353,7 +356,7 @@ async def post_batches(
         key = ShardKey(c.reading_hour, c.meter, c.shard)
         shard = shards[key]
         customer_of = [owners.get((o.id, c.reading_hour)) for o in c.orgs]
-        if shard.fresh is None and not shard.applied and not shard.held and None not in customer_of:
+        if not shard.r and not shard.held and None not in customer_of:
             result.changed += _post_fresh(c, key, shard, customer_of, acc)
         else:
             result.changed += _post_items(c, key, shard, customer_of, acc, result)
@@ -424,19 +427,12 @@ async def _save(
     too (a new shard has no row to lock), so this posting fails as a serialization failure."""
     states, held_rows, gone = [], [], []
     for key, shard in sorted(shards.items()):
-        if shard.fresh is not None:
-            rids, revs, gks, nums, dens = shard.fresh
-            doc = orjson.dumps({"r": rids, "v": revs, "g": list(map(groups.__getitem__, gks)), "n": nums, "d": dens})
-            states.append((key, len(rids), sum(revs), doc))
-        elif shard.applied_changed:
-            applied = {
-                rid: (v, g if isinstance(g, int) else groups[g], n, d) for rid, (v, g, n, d) in shard.applied.items()
-            }
-            states.append((key, len(applied), sum(a[0] for a in applied.values()), _dump_applied(applied)))
+        if shard.applied_changed:
+            states.append((key, len(shard.r), sum(shard.v), shard.dump(groups)))
         for org_id in sorted(shard.held_changed):
             items = shard.held[org_id]
             # Counted as held: the items not applied meanwhile (an older revision may stay applied).
-            applied = shard.as_dict()
+            applied = shard.positions()
             waiting = [h for rid, h in items.items() if rid not in applied]
             if items:
                 held_rows.append((key, org_id, len(waiting), sum(h[0] for h in waiting), _dump_held(items)))
