@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from shared.batches import Charges, encode_charges, shard_of
+from shared.batches import Charges, encode_charges, read_as_written, shard_of
 from shared.kafka import Outgoing, encode
 from shared.topics import CHARGES, TRANSACTIONS
 from tests.support.api_factories import ChargeItem, batches, charge, outgoing, txn
@@ -352,7 +352,7 @@ async def test_a_charges_batch_with_a_refused_item_keeps_its_good_items_and_dead
     assert headers["dlq.items"] == str(position)
     assert "shard" in headers["dlq.reason"] and stranger in headers["dlq.reason"]
     assert headers["dlq.topic"] == h.settings.topic(CHARGES)
-    refused = msgspec.json.decode(dead.value, type=Charges)
+    refused = read_as_written(dead.value, Charges)
     assert (refused.resource_id, refused.value, refused.shard) == ([stranger], [999_999], batch.shard)
 
 

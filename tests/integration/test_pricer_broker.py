@@ -15,7 +15,6 @@ from fractions import Fraction
 from typing import Any
 
 import httpx
-import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from starlette.applications import Starlette
@@ -32,6 +31,7 @@ from shared.batches import (
     decode_charges,
     encode_measurements,
     measurement_batches,
+    read_as_written,
     shard_key,
     shard_of,
 )
@@ -275,7 +275,7 @@ async def test_batches_become_charges_and_bad_messages_and_bad_items_go_to_the_d
     assert set(by_item) == {1, 2}
     for position, (h, value) in by_item.items():
         # Its value is a batch of just that item: the envelope of its batch, that one item.
-        split = msgspec.json.decode(value, type=Measurements)
+        split = read_as_written(value, Measurements)
         assert (split.id, split.reading_hour, split.shard) == (mixed.id, mixed.reading_hour, mixed.shard)
         assert split.resource_id == [mixed_doc["resource_id"][position]]
         assert split.value == [mixed_doc["value"][position]]

@@ -36,6 +36,7 @@ from shared.batches import (
     hour_text,
     measurement_batches,
     measurements_id,
+    read_as_written,
     shard_key,
     shard_of,
     subset,
@@ -248,8 +249,8 @@ def assert_split(raw_in: bytes, decoded: Any, positions: tuple[int, ...], struct
     (rej,) = decoded.rejected
     assert rej.positions == positions
     assert rej.value is not None
-    original: Any = msgspec.json.decode(raw_in, type=struct)
-    alone: Any = msgspec.json.decode(rej.value, type=struct)
+    original: Any = read_as_written(raw_in, struct)
+    alone: Any = read_as_written(rej.value, struct)
     assert envelope(alone) == envelope(original)
     for column in ("resource_id", "resource_name", "org", "space", "kind", "value", "estimated"):
         assert getattr(alone, column) == [getattr(original, column)[i] for i in positions], column
@@ -305,7 +306,7 @@ def test_each_bad_item_is_refused_on_its_own_and_all_bad_leaves_no_message() -> 
     assert got.message is not None and got.message.resource_id == [b.resource_id[1], b.resource_id[3]]
     assert [(r.positions, r.reason[:7]) for r in got.rejected] == [((0,), "item 0:"), ((2,), "item 2:")]
     for r in got.rejected:
-        alone = msgspec.json.decode(r.value, type=Measurements)  # type: ignore[arg-type]
+        alone = read_as_written(r.value, Measurements)  # type: ignore[arg-type]
         assert alone.resource_id == [b.resource_id[r.positions[0]]] and alone.value == [-5]
     d["value"] = [-1] * 4
     nothing = decode_measurements(raw(d))
@@ -404,14 +405,14 @@ def test_a_bad_charge_item_is_split_off_with_its_reason(column: str, bad: Any, w
     d = charges_doc()
     good = decode_charges(raw(d))
     assert good.rejected == [] and good.message is not None
-    assert encode_charges(good.message) == encode_charges(msgspec.json.decode(raw(d), type=Charges))
+    assert encode_charges(good.message) == encode_charges(read_as_written(raw(d), Charges))
     d[column][2] = bad
     got = decode_charges(raw(d))
     assert got.message is not None and got.message.resource_id == good.message.resource_id[:2]
     assert [item_facts(got.message, i) for i in range(2)] == [item_facts(good.message, i) for i in range(2)]
     (rej,) = got.rejected
     assert rej.positions == (2,) and rej.reason == f"item 2: {words}" and rej.value is not None
-    alone = msgspec.json.decode(rej.value, type=Charges)
+    alone = read_as_written(rej.value, Charges)
     assert envelope(alone) == envelope(good.message) and alone.resource_id == [good.message.resource_id[2]]
     assert getattr(alone, column) == [bad]
 
@@ -428,7 +429,7 @@ def test_an_unpriced_charge_with_an_amount_is_refused() -> None:
 def test_encoding_is_deterministic_and_round_trips() -> None:
     b = batch(ids_in_shard(4, 5), kinds=["", "a", "b", "a", ""])
     once = encode_measurements(b)
-    again = encode_measurements(msgspec.json.decode(once, type=Measurements))
+    again = encode_measurements(read_as_written(once, Measurements))
     assert once == again
     assert b'"reading_hour":"2026-03-08T06:00:00Z"' in once
     d = charges_doc()

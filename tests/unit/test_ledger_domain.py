@@ -8,7 +8,6 @@ import uuid
 from datetime import UTC, date, datetime
 from fractions import Fraction
 
-import msgspec
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -31,7 +30,7 @@ from services.ledger.domain import (
     usage_transaction,
 )
 from services.ledger.posting import allocate, batch_months, change_mark
-from shared.batches import Charges, ShardKey, decode_charges, encode_charges, shard_of
+from shared.batches import Charges, ShardKey, decode_charges, encode_charges, read_as_written, shard_of
 from tests.support.ledger import charges_batch, item
 
 HOUR = datetime(2026, 4, 10, 15, tzinfo=UTC)
@@ -209,7 +208,7 @@ def test_the_consumer_hands_the_ledger_only_consistent_items() -> None:
     for r, rid in zip(sorted(decoded.rejected, key=lambda r: r.positions), [r2, other], strict=True):
         # Each refused item goes to the DLQ as a well-formed batch of its own, refused again for its reason.
         assert r.value is not None
-        alone = msgspec.json.decode(r.value, type=Charges)
+        alone = read_as_written(r.value, Charges)
         assert alone.resource_id == [rid] and alone.shard == shard_of(r1)
         assert [x.reason for x in decode_charges(r.value).rejected] == [
             r.reason.replace(f"item {r.positions[0]}", "item 0")

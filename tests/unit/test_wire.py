@@ -33,6 +33,7 @@ from shared.batches import (
     describe_error,
     encode_charges,
     encode_measurements,
+    read_as_written,
     shard_of,
 )
 from shared.contracts import ChargeComputed, ChargesComputed, MeasurementsTaken, MeasurementTaken
@@ -481,7 +482,7 @@ def _batch_differential(model: type[BaseModel], raw: bytes) -> None:
     # Read item by item: what the contract refuses must not pass unrefused.
     if whole is None:
         assert decoded.rejected, f"the decoder accepted whole what the contract refuses ({refusal}): {raw[:300]!r}"
-    original = msgspec.json.decode(raw, type=struct)  # readable: the decoder split its items
+    original = read_as_written(raw, struct)  # readable: the decoder split its items
     kept = decoded.message
     kept_items: dict[str, tuple[Any, ...]] = {}
     if kept is not None:
@@ -506,7 +507,7 @@ def _batch_differential(model: type[BaseModel], raw: bytes) -> None:
         assert rej.reason.startswith(f"item {rej.positions[0]}: ")
         refused.update(rej.positions)
         assert rej.value is not None
-        split = msgspec.json.decode(rej.value, type=struct)
+        split = read_as_written(rej.value, struct)
         for column in columns:
             assert getattr(split, column) == [getattr(original, column)[i] for i in rej.positions], column
         for name in msgspec.structs.asdict(split):
