@@ -25,8 +25,8 @@ import httpx
 import msgspec
 
 from bench.common import KAFKA, ROOT, drop_database, dsn, emit, fresh_database, fresh_topics
-from shared.batches import Item, Measurements, encode_measurements, measurement_batches, measurements_id, shard_key
 from shared import ids
+from shared.batches import Item, Measurements, encode_measurements, measurement_batches, measurements_id, shard_key
 from shared.clock import billing_month
 from shared.kafka import Outgoing, Publisher, group_lag
 from shared.topics import CHARGES, READINGS, TRANSACTIONS, delete_topics
@@ -112,7 +112,8 @@ class World:
 
 
 async def set_up(stack: Stack, world: World) -> list[str]:
-    async with httpx.AsyncClient(timeout=60) as c:
+    # The internal routes verify an admin's token (of the simulator's issuer here).
+    async with httpx.AsyncClient(timeout=60, headers=stack.admin_headers("bench-setup")) as c:
         ledger, pricer = stack.url("ledger"), stack.url("pricer")
         (await c.post(f"{ledger}/internal/tiers", json={"name": "bench", "credits_per_period": 10**15})).raise_for_status()
         customers = []
@@ -192,7 +193,7 @@ async def main(n_resources: int, n_hours: int, latency_hours: int) -> None:
                 tp = time.perf_counter()
                 await publisher.publish(topic, msgs)
 
-                async def reflected(ci: int, cid: str) -> float:
+                async def reflected(ci: int, cid: str, want: dict[int, int] = want, tp: float = tp) -> float:
                     while True:
                         resp = await api.get(f"/v1/customers/{cid}/balance")
                         body = resp.json()
@@ -205,7 +206,7 @@ async def main(n_resources: int, n_hours: int, latency_hours: int) -> None:
                 latencies.extend(await asyncio.gather(*(reflected(i, c) for i, c in enumerate(customers))))
         await publisher.stop()
         latencies.sort()
-        p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
+        p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
         emit({
             "resources": n_resources, "hours": n_hours, "measurements": total,
             "collector_publish_per_s": round(total / publish_end[0]),

@@ -47,13 +47,23 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from services.api import repository as repo
-from services.api.auth import AuthError, IssuerUnavailableError, Principal
 from services.api.charts import OTHER_COLOUR, PALETTE, BurnDown, Series, burn_down, format_credits, stacked_bars
-from services.api.forward import ADMIN_ROUTES
-from services.api.params import parse_month, parse_uuid
+from services.api.forward import ADMIN_ROUTES, render
 from services.api.service import Balance, amount_fields, balance_from_buckets, iso, ny_day, ny_month, usage_range
+from shared.auth import AuthError, IssuerUnavailableError, Principal
 from shared.clock import BUSINESS_TZ, month_bounds, utcnow
-from shared.http import ProblemError
+from shared.edge import (
+    EARLIEST,
+    INVALID_PARAMETER,
+    NOT_FOUND,
+    Params,
+    ProblemError,
+    latest,
+    parameter,
+    parse_month,
+    parse_params,
+    parse_uuid,
+)
 
 if TYPE_CHECKING:
     from services.api.handlers import Api
@@ -117,7 +127,7 @@ _ENV = Environment(
 _ENV.filters["credits"] = format_credits
 _ENV.filters["micro"] = lambda microcredits: f"{int(microcredits):,}"
 _CSS_VERSION = hashlib.sha256((HERE / "static" / "dashboard.css").read_bytes()).hexdigest()[:12]
-_ADMIN = {r.path: r for r in ADMIN_ROUTES}
+_ADMIN = {r.path: r for r in ADMIN_ROUTES if r.method == "GET"}
 # The fields the admin list pages show (of the pricer's unpriced charges and the ledger's held ones).
 _LIST_FIELDS = (
     "measurement_id",
@@ -321,7 +331,7 @@ def usage_view(rows: Iterable[repo.UsageRow], month: date, org: str | None) -> d
         for g in groups.values()
         for day, amount in g.days.items()
     ]
-    table.sort(key=lambda t: (t["day"], t["label"].lower(), t["key"]))
+    table.sort(key=lambda t: (t["day"], str(t["label"]).lower(), t["key"]))
     total = sum((g.total for g in groups.values()), Fraction(0))
     return {
         "org_name": org_name or (org or ""),
@@ -471,7 +481,6 @@ class Dashboard:
         token = request.cookies.get(COOKIE)
         if not token:
             raise _SignIn()
-        assert self.api.verifier is not None, "the api has not started"
         try:
             principal = await self.api.verifier.verify(token)
         except AuthError as exc:
@@ -493,17 +502,23 @@ class Dashboard:
     async def _admin_get(
         self, path: str, principal: Principal, query: dict[str, str] | None = None, **params: str
     ) -> tuple[int, Any]:
-        """GET an admin route through the api's own forwarder (validation, timeouts, error answers)."""
+        """GET an admin route through the api's own forwarder with the caller's token: its parameters are
+        checked with the owner's models first, as the JSON route checks them."""
         assert self.api.forwarder is not None, "the api has not started"
-        scope = {
-            "type": "http",
-            "method": "GET",
-            "path": path,
-            "path_params": params,
-            "query_string": urlencode(query or {}).encode(),
-            "headers": [],
-        }
-        resp = await self.api.forwarder.forward(Request(scope), _ADMIN[path], principal.subject)
+        route = _ADMIN[path]
+        contract = route.contract
+        try:
+            path_params = parse_params(contract.path_params, params.items()) if contract.path_params else None
+            query_params = parse_params(contract.query or Params, (query or {}).items())
+        except ProblemError as exc:
+            return exc.status, {"title": exc.title, "detail": exc.detail}
+        resp = await self.api.forwarder.send(
+            route.service,
+            "GET",
+            contract.path.format(**render(path_params)),
+            token=principal.token,
+            query=render(query_params),
+        )
         try:
             body = orjson.loads(resp.body) if resp.body else None
         except orjson.JSONDecodeError:
@@ -529,13 +544,15 @@ class Dashboard:
         raw = await request.body()
         if len(raw) > MAX_FORM_BYTES:
             return self._error(request, 413, "Content Too Large", "That is not a token.")
-        fields = parse_qs(raw.decode("utf-8", errors="replace"), max_num_fields=4)
+        try:
+            fields = parse_qs(raw.decode("utf-8", errors="replace"), max_num_fields=4)
+        except ValueError:  # more fields than the form has
+            return self._render(request, "sign_in.html", 400, message="", error="Send the sign-in form only.")
         token = (fields.get("token") or [""])[-1].strip()
         if token.lower().startswith("bearer "):
             token = token[7:].strip()
         if not token:
             return self._render(request, "sign_in.html", 400, message="", error="Paste a bearer token.")
-        assert self.api.verifier is not None, "the api has not started"
         try:
             principal = await self.api.verifier.verify(token)
         except AuthError as exc:
@@ -599,7 +616,7 @@ class Dashboard:
         return str(body.get("name", "")) if status == 200 and isinstance(body, dict) else ""
 
     async def customers(self, request: Request, principal: Principal) -> Response:
-        after = parse_uuid("after", request.query_params["after"]) if "after" in request.query_params else None
+        after = parameter("after", parse_uuid, request.query_params["after"]) if "after" in request.query_params else None
         now = utcnow()
         async with self.api.runtime.pool.acquire() as conn:
             rows = await repo.visible_customers(
@@ -656,12 +673,12 @@ class Dashboard:
             after = (rows[-1].period, rows[-1].key, rows[-1].key2)
 
     async def customer(self, request: Request, principal: Principal) -> Response:
-        customer_id = parse_uuid("customer_id", request.path_params["customer_id"])
+        customer_id = parameter("customer_id", parse_uuid, request.path_params["customer_id"])
         q = request.query_params
-        month_arg = parse_month("month", q["month"]) if "month" in q else None
+        month_arg = parameter("month", parse_month, q["month"]) if "month" in q else None
         org = q.get("org") or None
         if org is not None and not _ORG.match(org):
-            raise ProblemError(422, "Invalid parameter", "org: must be a Cloud Foundry org guid")
+            raise ProblemError(INVALID_PARAMETER, "org: must be a Cloud Foundry org guid", parameter="org")
         now = utcnow()
         async with self.api.runtime.pool.acquire() as conn:
             await self.api._ensure_visible(conn, principal, customer_id)
@@ -694,26 +711,24 @@ class Dashboard:
             default_month=month_arg is None,
             previous_query=urlencode({"month": f"{_previous_month(month):%Y-%m}", **link_query}),
             next_query=urlencode({"month": f"{_next_month(month):%Y-%m}", **link_query}),
-            has_previous=month > date(1970, 1, 1),
-            has_next=month < date(9998, 12, 1),
+            has_previous=month > EARLIEST.date(),
+            has_next=month < latest().date().replace(day=1),
             org=org,
             **usage_view(rows, month, org),
             statement=statement_view(statement),
         )
 
     async def statement_csv(self, request: Request, principal: Principal) -> Response:
-        customer_id = parse_uuid("customer_id", request.path_params["customer_id"])
+        customer_id = parameter("customer_id", parse_uuid, request.path_params["customer_id"])
         m = _CSV_NAME.match(request.path_params["name"])
         if not m:
-            raise ProblemError(404, "Not Found", "statements download as <YYYY-MM>.csv")
-        month = parse_month("month", m.group(1))
+            raise ProblemError(NOT_FOUND, "statements download as <YYYY-MM>.csv")
+        month = parameter("month", parse_month, m.group(1))
         async with self.api.runtime.pool.acquire() as conn:
             await self.api._ensure_visible(conn, principal, customer_id)
             row = await repo.statement(conn, customer_id, month)
         if row is None:
-            raise ProblemError(
-                404, "Not Found", f"no statement for {month:%Y-%m} yet (months are closed by the ledger)"
-            )
+            raise ProblemError(NOT_FOUND, f"no statement for {month:%Y-%m} yet (months are closed by the ledger)")
         out = io.StringIO()
         w = csv.writer(out, lineterminator="\r\n")
         w.writerow(["customer_id", "month", "line", "meter", "resource_kind", "microcredits", "credits"])

@@ -1,5 +1,6 @@
-"""A local OIDC issuer for the api's tests: ``LocalIssuer`` (discovery, a rotatable JWKS, token minting and
-forging), ``attacks`` (tokens that must all be refused) and ``serve_issuer`` (the issuer on a random port)."""
+"""A local OIDC issuer for the services' tests: ``LocalIssuer`` (discovery, a rotatable JWKS, token minting and
+forging), ``attacks`` (tokens that must all be refused), ``serve_issuer`` (the issuer on a random port) and
+``bearer`` (the Authorization header of a token, by default an admin's, for the internal routes)."""
 
 from __future__ import annotations
 
@@ -139,6 +140,11 @@ class LocalIssuer:
         if secret is not None:
             signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
         return signing_input + "." + _b64(signature or b"")
+
+    def bearer(self, scopes: Sequence[str] = ("usage.admin",), sub: str = "admin-1", **kw: Any) -> dict[str, str]:
+        """The Authorization header of a token of this issuer (an admin's by default, valid for an hour)."""
+        kw.setdefault("exp_in", 3600)
+        return {"authorization": f"Bearer {self.mint(scopes=scopes, sub=sub, **kw)}"}
 
     def rotate(self) -> SigningKey:
         new = SigningKey(f"rsa-{len(self.published) + 1}", "RS256")

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from services.api.auth import AuthError, IssuerUnavailableError, JwksCache, TokenVerifier
+from shared.auth import AuthError, IssuerUnavailableError, JwksCache, TokenVerifier
 from tests.support.tokens import AUDIENCE, LocalIssuer, attacks
 
 
