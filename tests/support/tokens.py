@@ -152,40 +152,45 @@ class LocalIssuer:
         return new
 
 
-def attacks(issuer: LocalIssuer, customer: str) -> dict[str, str]:
-    """Tokens that must all be refused (401), by name."""
-    valid = issuer.token(customers=[customer])
-    head, payload, sig = valid.split(".")
-    tampered_claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    tampered_claims["scope"] = "usage.read usage.admin"
+def attacks(issuer: LocalIssuer, customer: str, scopes: Sequence[str] = ("usage.read",)) -> dict[str, str]:
+    """Tokens that must all be refused (401), by name; each would grant ``scopes`` if it were accepted."""
+
+    def claims(**kw: Any) -> dict[str, Any]:
+        return issuer.claims(scopes=scopes, customers=[customer], **kw)
+
+    def token(**kw: Any) -> str:
+        return issuer.mint(scopes=scopes, customers=[customer], **kw)
+
+    def tampered(**changes: Any) -> str:
+        """A valid token whose payload was changed after signing (the signature kept)."""
+        head, payload, sig = token().split(".")
+        doc = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return f"{head}.{_b64(json.dumps(doc | changes).encode())}.{sig}"
+
     stranger = _default_key("rsa-1", "RS256", "stranger")  # same kid as a published key, other key material
+    public = issuer.rsa.public_pem
     return {
         "malformed": "not-a-token",
         "malformed_segments": "a.b.c.d",
         "garbage_base64": "eyJhbGciOiJSUzI1NiJ9.@@@.xyz",
-        "alg_none": issuer.forge({"alg": "none", "kid": "rsa-1"}, issuer.claims(customers=[customer])),
-        "alg_none_with_signature": issuer.forge({"alg": "none", "kid": "rsa-1"}, issuer.claims(customers=[customer]), signature=b"x"),
-        "hs256_with_rsa_public_key": issuer.forge(
-            {"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}, issuer.claims(customers=[customer]), secret=issuer.rsa.public_pem
-        ),
-        "hs256_no_kid": issuer.forge({"alg": "HS256"}, issuer.claims(customers=[customer]), secret=issuer.rsa.public_pem),
-        "rs384": jwt.encode(issuer.claims(customers=[customer]), jwk.construct(issuer.rsa.pem, "RS384"), algorithm="RS384", headers={"kid": "rsa-1"}),
-        "es256_signed_claims_rs256_kid": jwt.encode(
-            issuer.claims(customers=[customer]), issuer.ec.signer, algorithm="ES256", headers={"kid": "rsa-1"}
-        ),
-        "expired": issuer.token(customers=[customer], exp_in=-120),
-        "not_yet_valid": issuer.token(customers=[customer], nbf_in=600, exp_in=1200),
-        "wrong_issuer": issuer.token(customers=[customer], iss="http://evil.test"),
-        "wrong_audience": issuer.token(customers=[customer], aud="another-api"),
-        "unknown_kid": issuer.mint(kid="never-published", customers=[customer]),
-        "no_kid": jwt.encode(issuer.claims(customers=[customer]), issuer.rsa.signer, algorithm="RS256"),
-        "tampered_payload": f"{head}.{_b64(json.dumps(tampered_claims).encode())}.{sig}",
-        "signed_by_stranger": issuer.mint(key=stranger, customers=[customer]),
+        "alg_none": issuer.forge({"alg": "none", "kid": "rsa-1"}, claims()),
+        "alg_none_with_signature": issuer.forge({"alg": "none", "kid": "rsa-1"}, claims(), signature=b"x"),
+        "hs256_with_rsa_public_key": issuer.forge({"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}, claims(), secret=public),
+        "hs256_no_kid": issuer.forge({"alg": "HS256"}, claims(), secret=public),
+        "rs384": jwt.encode(claims(), jwk.construct(issuer.rsa.pem, "RS384"), algorithm="RS384", headers={"kid": "rsa-1"}),
+        "es256_signed_claims_rs256_kid": jwt.encode(claims(), issuer.ec.signer, algorithm="ES256", headers={"kid": "rsa-1"}),
+        "expired": token(exp_in=-120),
+        "not_yet_valid": token(nbf_in=600, exp_in=1200),
+        "wrong_issuer": token(iss="http://evil.test"),
+        "wrong_audience": token(aud="another-api"),
+        "unknown_kid": token(kid="never-published"),
+        "no_kid": jwt.encode(claims(), issuer.rsa.signer, algorithm="RS256"),
+        "tampered_payload": tampered(scope="usage.read usage.admin", sub="someone-else"),
+        "tampered_expiry": tampered(exp=int(time.time()) + 10 * 365 * 86400),
+        "tampered_issuer": tampered(iss="http://evil.test"),
+        "signed_by_stranger": token(key=stranger),
         "no_exp": jwt.encode(
-            {k: v for k, v in issuer.claims(customers=[customer]).items() if k != "exp"},
-            issuer.rsa.signer,
-            algorithm="RS256",
-            headers={"kid": "rsa-1"},
+            {k: v for k, v in claims().items() if k != "exp"}, issuer.rsa.signer, algorithm="RS256", headers={"kid": "rsa-1"}
         ),
     }
 
