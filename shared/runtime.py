@@ -193,6 +193,9 @@ class Runtime:
             exception_handlers=dict(exception_handlers),
             middleware=[Middleware(BodySizeLimit, max_bytes=self.settings.max_body_bytes)],
         )
+        # No redirect to the path with(out) a trailing slash: the router's names the request's Host header, and
+        # a declared route is matched exactly or not at all (404).
+        app.router.redirect_slashes = False
         app.state.runtime = self
         app.state.authenticator = self.auth
         return app

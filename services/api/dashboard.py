@@ -382,8 +382,10 @@ class Dashboard:
         self.api = api
 
     def routes(self) -> list[BaseRoute]:
-        """One mount: none of its routes is a JSON route of the OpenAPI document."""
+        """One mount (and its bare path): none of its routes is a JSON route of the OpenAPI document."""
         return [
+            # Without the slash: a relative redirect (the router's own would name the request's Host).
+            Route("/dashboard", self._plain("home", self.home), methods=["GET"]),
             Mount(
                 "/dashboard",
                 routes=[
@@ -528,7 +530,10 @@ class Dashboard:
     # ------------------------------------------------------------------------------- sign in/out
 
     async def home(self, request: Request) -> Response:
-        return RedirectResponse(f"{self._base(request)}/customers", status_code=303)
+        # Mounted (/dashboard/), root_path is the dashboard's; at the bare /dashboard, the app's.
+        mounted = request.url.path.endswith("/")
+        prefix = self._base(request) if mounted else f"{request.scope.get('root_path', '')}/dashboard"
+        return RedirectResponse(f"{prefix.rstrip('/')}/customers", status_code=303)
 
     async def not_found(self, request: Request) -> Response:
         return self._error(request, 404, "Not Found", "There is no such page.")
