@@ -69,9 +69,10 @@ def parse_time(value: object) -> datetime:
         if moment.tzinfo is None or moment.utcoffset() is None:
             raise ValueError("must carry a time zone")
     elif isinstance(value, str):
-        if not _TIME.fullmatch(value):
+        m = _TIME.fullmatch(value)
+        if m is None:
             raise ValueError("must be an RFC 3339 time with a zone, e.g. 2026-10-01T04:00:00Z (encode + as %2B)")
-        frac = _TIME.fullmatch(value).group(1)  # type: ignore[union-attr]
+        frac = m.group(1)
         text = value.upper()
         if frac and len(frac) > 6:  # Python keeps microseconds: refuse finer times rather than round them
             if set(frac[6:]) != {"0"}:

@@ -87,7 +87,7 @@ def test_times_outside_the_rules_or_the_window_are_refused(bad: Any) -> None:
 
 def test_the_window_ends_ten_years_from_now() -> None:
     soon = datetime.now(UTC) + timedelta(days=365 * 9)
-    assert parse_time(soon.isoformat()) == soon.replace(microsecond=soon.microsecond)
+    assert parse_time(soon.isoformat()) == soon
     with pytest.raises(ValueError, match="ten years"):
         parse_time((datetime.now(UTC) + timedelta(days=3660)).isoformat())
 
