@@ -306,7 +306,7 @@ async def held(call: Call) -> Response:
     if pos is not None and not 0 <= pos[2] < SHARDS:
         raise ProblemError(INVALID_CURSOR, "cursor: not a cursor of this query; start again without it")
     ledger, _ = _services(call)
-    page = await ledger.list_held(tuple(pos) if pos else None, q.limit)  # type: ignore[arg-type]
+    page = await ledger.list_held(tuple(pos) if pos else None, q.limit)
     nxt = Cursor.encode(scope, page.next_cursor) if page.next_cursor is not None else None
     return answer(Page[HeldChargeOut](items=[HeldChargeOut.model_validate(i) for i in page.items], next_cursor=nxt))
 

@@ -97,7 +97,7 @@ async def list_unpriced(call: Call) -> Response:
     pos = Cursor.decode(q.cursor, scope, (datetime, str, int, str, str))  # hour, meter, shard, kind, resource
     if pos is not None and not 0 <= pos[2] < SHARDS:
         raise ProblemError(INVALID_CURSOR, "cursor: not a cursor of this query; start again without it")
-    page = await _pricer(call).unpriced(tuple(pos) if pos else None, q.limit)  # type: ignore[arg-type]
+    page = await _pricer(call).unpriced(tuple(pos) if pos else None, q.limit)
     cursor = Cursor.encode(scope, page.next_cursor) if page.next_cursor is not None else None
     items = [ChargeComputed.model_validate(doc) for doc in page.items]
     return answer(UnpricedList(items=items, next_cursor=cursor))
