@@ -185,7 +185,10 @@ class JwksCache:
             try:
                 keys = await self._fetch()
             except (httpx.HTTPError, ValueError) as exc:
-                log.warning("cannot fetch the issuer's keys", extra={"issuer": self.issuer, "error": repr(exc), "reason": reason})
+                log.warning(
+                    "cannot fetch the issuer's keys",
+                    extra={"issuer": self.issuer, "error": repr(exc), "reason": reason},
+                )
                 if not self._keys:
                     raise IssuerUnavailableError("the token issuer's keys cannot be fetched") from exc
                 return  # keep serving with the keys we have

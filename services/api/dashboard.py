@@ -397,7 +397,8 @@ class Dashboard:
         return str(body.get("name", "")) if status == 200 and isinstance(body, dict) else ""
 
     async def customers(self, request: Request, principal: Principal) -> Response:
-        after = parameter("after", parse_uuid, request.query_params["after"]) if "after" in request.query_params else None
+        q = request.query_params
+        after = parameter("after", parse_uuid, q["after"]) if "after" in q else None
         now = utcnow()
         async with self.api.runtime.pool.acquire() as conn:
             rows = await repo.visible_customers(

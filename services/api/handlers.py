@@ -115,7 +115,8 @@ class Api:
             follow_redirects=False,
         )
         self._clients = [upstream]
-        self.forwarder = Forwarder(upstream, {"ledger": s.ledger_url, "pricer": s.pricer_url, "collector": s.collector_url})
+        owners = {"ledger": s.ledger_url, "pricer": s.pricer_url, "collector": s.collector_url}
+        self.forwarder = Forwarder(upstream, owners)
 
     async def stop(self, runtime: Runtime) -> None:
         for client in self._clients:

@@ -410,5 +410,6 @@ OPERATIONS: tuple[Operation, ...] = (
     CUSTOMERS, BALANCE, USAGE, TRANSACTIONS, STATEMENT, ENTITLEMENTS, GRANT, REVOKE, COMPLETENESS,
 )
 
-assert set(GRANULARITIES) == {"hour", "day", "month"} and set(GROUP_BYS) == {"org", "space", "resource", "meter", "kind"}
+assert set(GRANULARITIES) == {"hour", "day", "month"}
+assert set(GROUP_BYS) == {"org", "space", "resource", "meter", "kind"}
 assert set(TRANSACTION_TYPES) == {"funding", "usage", "late_usage", "expiry", "reversal"}

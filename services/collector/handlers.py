@@ -82,7 +82,8 @@ async def start(runtime: Runtime) -> None:
     collector = Collector(
         # The service's Stream publishes like a Publisher (the parameter's annotation is the narrower one).
         runtime.pool, cf, runtime.publisher, s.topic(READINGS),  # type: ignore[arg-type]
-        gap_policy=s.gap_policy, max_gap_hours=s.max_gap_hours, sim_time=s.sim_time_header, publish_chunk=s.publish_chunk,
+        gap_policy=s.gap_policy, max_gap_hours=s.max_gap_hours, sim_time=s.sim_time_header,
+        publish_chunk=s.publish_chunk,
     )
     runtime.state["collector"] = collector
     tasks = [asyncio.create_task(_relay_loop(collector), name="relay")]

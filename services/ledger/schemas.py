@@ -314,7 +314,8 @@ BALANCE = _op(
 )
 STATEMENT = _op(
     "GET", "/internal/customers/{customer_id}/statements/{month}", "A closed month's statement",
-    {200: Answer(StatementOut)}, path_params=StatementPath, refusals={404: "No such customer, or the month is not closed."},
+    {200: Answer(StatementOut)}, path_params=StatementPath,
+    refusals={404: "No such customer, or the month is not closed."},
 )
 ASSIGN_ORG = _op(
     "POST", "/internal/org-assignments", "Assign an org to a customer from a time (held charges of the org are posted)",

@@ -91,7 +91,9 @@ async def oversized(url: str, doc: dict[str, Any], headers: dict[str, str]) -> l
                 if resp.status_code != 413 or not ctype.startswith("application/problem+json"):
                     wrong.append(f"POST {target} ({how}): {resp.status_code} {ctype} {resp.text[:200]}")
             # One byte under the limit is not refused for its size (whatever else is wrong with it).
-            resp = await client.post(target, content=b"x" * (DEFAULT_MAX_BODY - 1), headers={"content-type": "application/json"})
+            resp = await client.post(
+                target, content=b"x" * (DEFAULT_MAX_BODY - 1), headers={"content-type": "application/json"}
+            )
             if resp.status_code == 413:
                 wrong.append(f"POST {target}: a body under the limit got 413")
     return wrong
@@ -101,11 +103,18 @@ async def seed(stack: Stack) -> None:
     """Data for the fuzzed routes to find: a customer with an agreement and an org, a price, a reading."""
     async with httpx.AsyncClient(timeout=60, headers=stack.admin_headers("seed")) as c:
         ledger, pricer = stack.url("ledger"), stack.url("pricer")
-        (await c.post(f"{ledger}/internal/tiers", json={"name": "seed", "credits_per_period": 10**12})).raise_for_status()
+        tier = {"name": "seed", "credits_per_period": 10**12}
+        (await c.post(f"{ledger}/internal/tiers", json=tier)).raise_for_status()
         customer = (await c.post(f"{ledger}/internal/customers", json={"name": "Seed", "tier": "seed"})).json()["id"]
         for path, body in (
-            ("/internal/agreements", {"customer_id": customer, "starts_at": "2026-01-01T05:00:00Z", "ends_at": "2027-01-01T05:00:00Z"}),
-            ("/internal/org-assignments", {"org_id": "seed-org", "customer_id": customer, "starts_at": "2026-01-01T05:00:00Z"}),
+            (
+                "/internal/agreements",
+                {"customer_id": customer, "starts_at": "2026-01-01T05:00:00Z", "ends_at": "2027-01-01T05:00:00Z"},
+            ),
+            (
+                "/internal/org-assignments",
+                {"org_id": "seed-org", "customer_id": customer, "starts_at": "2026-01-01T05:00:00Z"},
+            ),
         ):
             (await c.post(ledger + path, json=body)).raise_for_status()
         (await c.post(f"{pricer}/internal/prices", json={
@@ -118,7 +127,8 @@ async def seed(stack: Stack) -> None:
 async def test_schemathesis_finds_no_server_error_on_the_internal_routes_and_big_bodies_get_413(
     infra, database, topic_prefix, tmp_path, monkeypatch
 ):
-    stack = Stack(database.dsn, topic_prefix, tmp_path / "logs", sim_args=["--orgs", "2", "--apps", "40", "--services", "10"])
+    small = ["--orgs", "2", "--apps", "40", "--services", "10"]
+    stack = Stack(database.dsn, topic_prefix, tmp_path / "logs", sim_args=small)
     try:
         await stack.start("sim")
         # The collector reads the simulator (its readings are real ones), not whatever listens on 8090.
@@ -146,7 +156,8 @@ async def test_schemathesis_finds_no_server_error_on_the_internal_routes_and_big
     assert {n: w for n, w in too_big.items() if w} == {}
     for name, (_, calls) in results.items():
         internal = {k for k in calls if " /internal/" in k}
-        documented = {f"{m.upper()} {p}" for p, ops in docs[name]["paths"].items() if p.startswith("/internal/") for m in ops}
+        paths = docs[name]["paths"]
+        documented = {f"{m.upper()} {p}" for p, ops in paths.items() if p.startswith("/internal/") for m in ops}
         # Every documented internal operation was exercised, most of them many times.
         assert internal == documented, (name, sorted(documented - internal))
         assert sum(calls[k] for k in internal) >= 10 * len(internal), (name, calls)

@@ -21,7 +21,8 @@ BILLING = ROOT / ".venv" / "bin" / "billing"
 PRODUCTION_ENV = {
     "BILLING_ENV": "production",
     "KAFKA_BOOTSTRAP_SERVERS": "kafka-0.kafka.billing.invalid:9092",
-    **{f"{svc}_OIDC_ISSUER": "https://login.example.invalid/oauth2" for svc in ("API", "COLLECTOR", "PRICER", "LEDGER")},
+    **{f"{svc}_OIDC_ISSUER": "https://login.example.invalid/oauth2" for svc in ("API", "COLLECTOR", "PRICER",
+                                                                                 "LEDGER")},
     "API_LEDGER_URL": "http://billing-ledger.invalid:8083",
     "API_PRICER_URL": "http://billing-pricer.invalid:8082",
     "API_COLLECTOR_URL": "http://billing-collector.invalid:8081",

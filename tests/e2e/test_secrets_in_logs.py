@@ -200,7 +200,8 @@ async def _exercise(stack: Stack, sim: object, sim_url: str, jwts: list[str], st
         )
         assert first.json()["errors"] == [], first.text
         await asyncio.sleep(4.5)
-        again = await call("reading again, with a fresh token", "POST", f"{collector}/internal/readings", headers=bearer,
+        again = await call("reading again, with a fresh token", "POST", f"{collector}/internal/readings",
+                           headers=bearer,
                            json={"hour": "2026-10-01T05:00:00Z"})
         assert again.json()["errors"] == [], again.text
         # Error paths: CF answering 5xx, then UAA refusing the client secret.
@@ -211,7 +212,8 @@ async def _exercise(stack: Stack, sim: object, sim_url: str, jwts: list[str], st
         sim.faults.replace(FaultConfig())
         sim.config.client_secret = "rotated"
         await asyncio.sleep(4.5)
-        refused = await call("reading with the secret refused", "POST", f"{collector}/internal/readings", headers=bearer,
+        refused = await call("reading with the secret refused", "POST", f"{collector}/internal/readings",
+                             headers=bearer,
                              json={"hour": "2026-10-01T07:00:00Z"})
         assert any("UAA refused" in e for e in refused.json()["errors"]), refused.text
 

@@ -332,7 +332,8 @@ async def test_a_manual_reading_through_the_internal_endpoint_is_a_noop_in_a_tak
         app = create_app(settings)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://collector", headers=issuer.bearer()) as c:
+            headers = issuer.bearer()
+            async with httpx.AsyncClient(transport=transport, base_url="http://collector", headers=headers) as c:
                 first = await c.post("/internal/readings", json={"hour": hour.isoformat()})
                 again = await c.post("/internal/readings", json={"hour": hour.isoformat()})
                 bad = await c.post("/internal/readings", json={"hour": "yesterday"})

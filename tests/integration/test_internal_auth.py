@@ -63,7 +63,9 @@ TABLES = {
 
 
 @contextlib.asynccontextmanager
-async def services(infra: Infra, database: Database, prefix: str, issuer: LocalIssuer) -> AsyncIterator[dict[str, Starlette]]:
+async def services(
+    infra: Infra, database: Database, prefix: str, issuer: LocalIssuer
+) -> AsyncIterator[dict[str, Starlette]]:
     common: dict[str, Any] = {
         "kafka_bootstrap_servers": infra.kafka, "topic_prefix": prefix, "port": 1, "oidc_issuer": issuer.url,
     }

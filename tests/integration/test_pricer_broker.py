@@ -54,7 +54,8 @@ Key = tuple[datetime, str, str]  # a measurement: reading hour, meter, resource
 
 def settings(database: Any, infra: Any, topic_prefix: str, issuer: LocalIssuer, **extra: Any) -> PricerSettings:
     return PricerSettings(
-        oidc_issuer=issuer.url, database_url=database.dsn("pricer"), kafka_bootstrap_servers=infra.kafka, topic_prefix=topic_prefix,
+        oidc_issuer=issuer.url, database_url=database.dsn("pricer"), kafka_bootstrap_servers=infra.kafka,
+        topic_prefix=topic_prefix,
         port=8082, batch_timeout_ms=50, maintenance_interval_seconds=3600, **extra,
     )
 

@@ -67,7 +67,9 @@ async def four_services(
         "kafka_bootstrap_servers": infra.kafka, "topic_prefix": prefix, "port": 1, "oidc_issuer": issuer.url,
     }
     owners: dict[str, Starlette] = {
-        "ledger": ledger_app(LedgerSettings(database_url=database.dsn("ledger"), periodic_interval_seconds=0, **common)),
+        "ledger": ledger_app(
+            LedgerSettings(database_url=database.dsn("ledger"), periodic_interval_seconds=0, **common)
+        ),
         "pricer": pricer_app(PricerSettings(database_url=database.dsn("pricer"), **common)),
         "collector": collector_app(
             CollectorSettings(

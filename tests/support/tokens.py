@@ -134,7 +134,10 @@ class LocalIssuer:
     def token(self, scopes: Sequence[str] = ("usage.read",), customers: Sequence[str] = (), **kw: Any) -> str:
         return self.mint(scopes=scopes, customers=customers, **kw)
 
-    def forge(self, header: dict[str, Any], claims: dict[str, Any], signature: bytes | None = None, secret: bytes | None = None) -> str:
+    def forge(
+        self, header: dict[str, Any], claims: dict[str, Any], signature: bytes | None = None,
+        secret: bytes | None = None,
+    ) -> str:
         """A token signed by hand: ``secret`` makes an HS256 MAC, ``signature`` is used as given."""
         signing_input = _b64(json.dumps(header).encode()) + "." + _b64(json.dumps(claims).encode())
         if secret is not None:
@@ -175,10 +178,16 @@ def attacks(issuer: LocalIssuer, customer: str, scopes: Sequence[str] = ("usage.
         "garbage_base64": "eyJhbGciOiJSUzI1NiJ9.@@@.xyz",
         "alg_none": issuer.forge({"alg": "none", "kid": "rsa-1"}, claims()),
         "alg_none_with_signature": issuer.forge({"alg": "none", "kid": "rsa-1"}, claims(), signature=b"x"),
-        "hs256_with_rsa_public_key": issuer.forge({"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}, claims(), secret=public),
+        "hs256_with_rsa_public_key": issuer.forge(
+            {"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}, claims(), secret=public
+        ),
         "hs256_no_kid": issuer.forge({"alg": "HS256"}, claims(), secret=public),
-        "rs384": jwt.encode(claims(), jwk.construct(issuer.rsa.pem, "RS384"), algorithm="RS384", headers={"kid": "rsa-1"}),
-        "es256_signed_claims_rs256_kid": jwt.encode(claims(), issuer.ec.signer, algorithm="ES256", headers={"kid": "rsa-1"}),
+        "rs384": jwt.encode(
+            claims(), jwk.construct(issuer.rsa.pem, "RS384"), algorithm="RS384", headers={"kid": "rsa-1"}
+        ),
+        "es256_signed_claims_rs256_kid": jwt.encode(
+            claims(), issuer.ec.signer, algorithm="ES256", headers={"kid": "rsa-1"}
+        ),
         "expired": token(exp_in=-120),
         "not_yet_valid": token(nbf_in=600, exp_in=1200),
         "wrong_issuer": token(iss="http://evil.test"),
@@ -190,7 +199,10 @@ def attacks(issuer: LocalIssuer, customer: str, scopes: Sequence[str] = ("usage.
         "tampered_issuer": tampered(iss="http://evil.test"),
         "signed_by_stranger": token(key=stranger),
         "no_exp": jwt.encode(
-            {k: v for k, v in claims().items() if k != "exp"}, issuer.rsa.signer, algorithm="RS256", headers={"kid": "rsa-1"}
+            {k: v for k, v in claims().items() if k != "exp"},
+            issuer.rsa.signer,
+            algorithm="RS256",
+            headers={"kid": "rsa-1"},
         ),
     }
 
@@ -198,7 +210,8 @@ def attacks(issuer: LocalIssuer, customer: str, scopes: Sequence[str] = ("usage.
 @contextlib.asynccontextmanager
 async def serve_issuer(issuer: LocalIssuer) -> AsyncIterator[LocalIssuer]:
     """Run ``issuer`` with uvicorn on a random local port; sets ``issuer.url``."""
-    server = uvicorn.Server(uvicorn.Config(issuer.app(), host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none"))
+    config = uvicorn.Config(issuer.app(), host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none")
+    server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:
         for _ in range(500):

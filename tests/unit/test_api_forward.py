@@ -40,7 +40,9 @@ def stub_owner(seen: list[dict[str, object]]) -> Starlette:
         }
         seen.append(record)
         if request.url.path == "/internal/tiers" and request.method == "POST":
-            problem = {"type": "about:blank", "title": "Invalid tier", "status": 422, "detail": "credits must be positive"}
+            problem = {
+                "type": "about:blank", "title": "Invalid tier", "status": 422, "detail": "credits must be positive"
+            }
             return Response(orjson.dumps(problem), status_code=422, media_type="application/problem+json")
         if request.url.path.startswith("/internal/customers/"):
             body = b'{"title":"Not Found","status":404}'
@@ -178,7 +180,8 @@ async def test_only_an_idempotency_key_and_a_safe_content_type_travel_with_the_b
     r = await client.post("/admin/readings", content=b"{}", headers={"content-type": "application/json",
                                                                     "idempotency-key": "k-1", "x-billing-actor": "me"})
     assert r.status_code == 201
-    assert (seen[-1]["idempotency_key"], seen[-1]["actor"], seen[-1]["content_type"]) == ("k-1", None, "application/json")
+    got = (seen[-1]["idempotency_key"], seen[-1]["actor"], seen[-1]["content_type"])
+    assert got == ("k-1", None, "application/json")
     r = await client.post(
         "/admin/readings", content=b"{}", headers={b"content-type": "application/json; x=\u00e9".encode("latin-1")}
     )
