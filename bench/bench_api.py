@@ -109,7 +109,7 @@ async def fill(
         await pool.close()
     counts = {
         t: await conn.fetchval(f"SELECT count(*) FROM {t}")
-        for t in ("charge_shard", "usage_resource_day", "usage_resource_month", "usage_month", "usage_day_group",
+        for t in ("charge_shard", "usage_resource_day", "usage_month", "usage_day_group",
                   "usage_hour_group", "org_customer_hour")
     }
     await conn.execute("ANALYZE")

@@ -57,6 +57,7 @@ from cli.demo import Api, set_up
 from cli.localstack import KAFKA, ROOT, admin_dsn, drop_database, dsn, free_port, fresh_database, infra
 from cli.scenario import DEMO, SMALL, Scenario
 from shared.batches import decode_measurements
+from shared.blobs import Frames
 from shared.clock import BUSINESS_TZ
 from shared.contracts import ChargesComputed, MeasurementsTaken, TransactionPosted
 from shared.kafka import group_lag
@@ -291,8 +292,8 @@ async def infra_event(event: str, sup: Supervisor, stats: Stats) -> None:
 async def wait_settled(database: str, prefix: str, timeout: float = 900) -> None:
     """Until every consumer group has committed everything and every outbox is empty, three times in a row."""
     groups = [("pricer", READINGS), ("ledger", CHARGES), ("api", CHARGES), ("api", TRANSACTIONS)]
-    outboxes = ["SELECT count(*) FROM collector.readings WHERE published_at IS NULL",
-                "SELECT count(*) FROM pricer.charge_outbox", "SELECT count(*) FROM ledger.outbox"]
+    outboxes = ["SELECT count(*) FROM collector.reading_outbox",
+                "SELECT count(*) FROM pricer.charge_batches WHERE NOT published", "SELECT count(*) FROM ledger.outbox"]
     quiet = 0
     deadline = time.monotonic() + timeout
     with console.status("waiting for the pipeline to drain") as status:
@@ -406,10 +407,12 @@ async def verify(plan: Plan, database: str, prefix: str, api: Api) -> Findings:
         # The collector keeps each reading's batches as it published them: count and sum them.
         collected: dict[tuple[datetime, str], tuple[int, int]] = {}
         f.estimated = 0
-        for r in await conn.fetch(
+        rows = await conn.fetch(
             "SELECT hour, meter, message FROM collector.reading_batches WHERE hour >= $1 AND hour < $2", first, end
-        ):
-            batch = decode_measurements(r["message"]).message
+        )
+        messages = await Frames(table="collector.blob_frames").unpack_all(conn, [r["message"] for r in rows])
+        for r, message in zip(rows, messages, strict=True):
+            batch = decode_measurements(message).message
             assert batch is not None, "the collector stored a batch it cannot read"
             n, v = collected.get((r["hour"], r["meter"]), (0, 0))
             collected[(r["hour"], r["meter"])] = (n + len(batch.value), v + sum(batch.value))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from fractions import Fraction
 from datetime import timedelta
 from typing import Any
 
@@ -155,6 +156,7 @@ async def show_and_check(api: Api, s: Scenario, ids: list[str], expected: Expect
             for key in sorted(set(by_kind_ledger) | set(by_kind_oracle)):
                 if by_kind_ledger.get(key, 0) != by_kind_oracle.get(key, 0):
                     console.print(f"[red]{name} {key[0]} {key[1] or '-'}: ledger {by_kind_ledger.get(key, 0):,} µcr, oracle {by_kind_oracle.get(key, 0):,} µcr")
+    ok &= await check_usage_by_org(api, s, ids, expected)
     for name, cid in zip(s.customers, ids, strict=True):
         console.rule(f"{name}: usage by org and space (billing report --depth space)")
         code = await asyncio.to_thread(report, cid, month, "table", str(api.http.base_url), api.token, depth="space")
@@ -170,6 +172,27 @@ async def show_and_check(api: Api, s: Scenario, ids: list[str], expected: Expect
     console.print(f"Usage held for orgs without a customer (admin list): {len(unassigned)} entries; "
                   f"the oracle expects {expected.held_measurements} measurements held")
     return ok
+
+
+async def check_usage_by_org(api: Api, s: Scenario, ids: list[str], expected: Expected) -> bool:
+    """The api's usage of the month by org, exact, against the seed's oracle: what a customer is shown
+    before any rounding equals the sum of its orgs' exact charges."""
+    first, stop = s.bounds
+    got: dict[tuple[int, str], Fraction] = {}
+    for i, cid in enumerate(ids):
+        rows = await api.items(f"/v1/customers/{cid}/usage", **{
+            "from": first.isoformat(), "to": stop.isoformat(), "granularity": "month", "group_by": "org"})
+        for row in rows:
+            got[(i, row["group"]["org_id"])] = Fraction(row["microcredits_exact"])
+    want = expected.by_org
+    wrong = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    for i, org in wrong[:10]:
+        console.print(f"[red]{s.customers[i]} org {org}: api {got.get((i, org))}, oracle {want.get((i, org))} µcr (exact)")
+    if wrong:
+        console.print(f"[red]The api's usage by org differs from the seed's for {len(wrong)} (customer, org) pairs")
+    else:
+        console.print(f"The api's usage by org equals the seed's exactly ({len(want)} customer-org pairs, as fractions).")
+    return not wrong
 
 
 async def run_demo(scenario: str = "demo", api_url: str = "http://127.0.0.1:8080", sim_url: str = "http://127.0.0.1:8090",

@@ -111,6 +111,7 @@ class Expected:
     by_meter_kind: dict[tuple[int, str, str], int]              # (customer, meter, kind) -> microcredits
     held_measurements: int                                      # measurements of orgs with no customer yet
     measurements: int
+    by_org: dict[tuple[int, str], Fraction] = field(default_factory=dict)  # (customer, org) -> exact usage
 
 
 def expected_posting(s: Scenario) -> Expected:
@@ -122,6 +123,7 @@ def expected_posting(s: Scenario) -> Expected:
     for org, customer, starts in assignments:
         by_org[org].append((starts, customer))
     exact: dict[tuple[int, tuple[str, str, datetime]], Fraction] = defaultdict(Fraction)
+    org_usage: dict[tuple[int, str], Fraction] = defaultdict(Fraction)
     held = total = 0
     for hour in s.hours:
         for e in world.expected_usage(hour):
@@ -131,16 +133,19 @@ def expected_posting(s: Scenario) -> Expected:
                 held += 1
                 continue
             price = next((p for p in prices if p.meter == e.meter and p.resource_kind == e.resource_kind and p.covers(hour)), None)
+            org_usage[(owners[-1], e.org_guid)] += 0
             if price is None:
                 continue
-            exact[(owners[-1], price.key)] += Fraction(e.value * price.microcredits_per_unit, price.unit)
+            amount = Fraction(e.value * price.microcredits_per_unit, price.unit)
+            exact[(owners[-1], price.key)] += amount
+            org_usage[(owners[-1], e.org_guid)] += amount
     by_price = {k: v.numerator // v.denominator for k, v in exact.items()}
     posted: dict[int, int] = defaultdict(int)
     by_meter_kind: dict[tuple[int, str, str], int] = defaultdict(int)
     for (customer, (meter, kind, _)), amount in by_price.items():
         posted[customer] += amount
         by_meter_kind[(customer, meter, kind)] += amount
-    return Expected(dict(posted), by_price, dict(by_meter_kind), held, total)
+    return Expected(dict(posted), by_price, dict(by_meter_kind), held, total, dict(org_usage))
 
 
 DEMO = Scenario(name="demo", seed=42, orgs=12, spaces_per_org=3, apps=660, services=240, plans=6, month=date(2026, 10, 1))

@@ -47,6 +47,7 @@ from starlette.requests import Request
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
+    "MAX_SUBJECT",
     "SCOPE_ADMIN",
     "SCOPE_READ",
     "AuthError",
@@ -69,6 +70,7 @@ SCOPE_ADMIN = "usage.admin"
 ALLOWED_ALGORITHMS: dict[str, tuple[str, str | None]] = {"RS256": ("RSA", None), "ES256": ("EC", "P-256")}
 
 MAX_TOKEN_BYTES = 16_384
+MAX_SUBJECT = 256  # characters of ``sub``: it is recorded as the actor of commands (shared/commands.py)
 _JWS_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
 
 
@@ -161,18 +163,29 @@ class JwksCache:
         if self._fetched_at is None or now - self._fetched_at > self._ttl:
             if self._may_refetch():
                 await self._refresh(reason="expired", since=self._attempted_at)
-            elif not self._keys:
+            else:
+                await self._settled()  # a fetch started a moment ago may still be under way: its keys
+            if not self._keys:
                 # The last attempt failed a moment ago: do not hammer an issuer that is down.
                 raise IssuerUnavailableError("the token issuer's keys cannot be fetched")
         found = self._keys.get(kid)
-        if found is None and self._may_refetch():
-            await self._refresh(reason="unknown kid", since=self._attempted_at)
+        if found is None:
+            if self._may_refetch():
+                await self._refresh(reason="unknown kid", since=self._attempted_at)
+            else:
+                await self._settled()
             found = self._keys.get(kid)
         if found is None:
             raise AuthError("the token is signed with an unknown key")
         if found.alg != alg:
             raise AuthError(f"the key {kid} does not sign {alg}")
         return found.key
+
+    async def _settled(self) -> None:
+        """Wait for a fetch under way (concurrent requests share it rather than fail while it runs)."""
+        if self._lock.locked():
+            async with self._lock:
+                pass
 
     def _may_refetch(self) -> bool:
         return self._attempted_at is None or self._monotonic() - self._attempted_at >= self._min_interval
@@ -332,7 +345,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 def _principal(claims: dict[str, Any], token: str) -> Principal:
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not sub or len(sub) > 256 or _CONTROL.search(sub):
+    if not isinstance(sub, str) or not sub or len(sub) > MAX_SUBJECT or _CONTROL.search(sub):
         raise AuthError("the token has no usable subject")
     raw_scope = claims.get("scope", "")
     if isinstance(raw_scope, str):

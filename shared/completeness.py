@@ -77,7 +77,7 @@ class PricerCompleteness(_Answer):
 
 
 class LedgerCount(_Item):
-    posted: Count = Field(default=0, description="Charges applied to a customer's month (charge_state).")
+    posted: Count = Field(default=0, description="Charges applied to a customer's month (the ledger's shard_state).")
     held: Count = Field(default=0, description="Charges held: their org had no customer at that hour.")
     revisions: Count = Field(default=0, description="Sum of the revisions applied or held.")
 

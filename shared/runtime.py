@@ -3,7 +3,8 @@ FastStream broker (publisher and subscribers, ``shared.kafka.Stream``), hands th
 SIGTERM finishes the batch in hand, commits, and closes everything in reverse order. Nothing connects
 at import time. Each service also serves the AsyncAPI document of its topics at ``/asyncapi.json`` and the
 OpenAPI document of its routes at ``/openapi.json``, generated from its route declarations
-(``shared.edge``); its token verification (``shared.auth.Authenticator``) is built and closed here too."""
+(``shared.edge``); its token verification (``shared.auth.Authenticator``) is built and closed here too, and
+its commands are recorded and made idempotent by ``shared.commands`` (``command_wrapper``)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
 from shared.auth import Authenticator
+from shared.commands import command
 from shared.db import create_pool, migrate, ping
 from shared.edge import CommandWrapper, Operation, Wrap, document, starlette_routes
 from shared.health import ReadinessPolicy
@@ -49,8 +51,10 @@ class Runtime:
     publisher: Stream = field(init=False)
     state: dict[str, Any] = field(default_factory=dict)
     consumes: bool = False
-    # Applied to every operation declared as a command (state-changing POSTs), in shared.edge.routes.
-    command_wrapper: CommandWrapper | None = None
+    # Applied to every operation declared as a command (the state-changing requests), in shared.edge.routes:
+    # the audit trail and Idempotency-Key handling of shared.commands, in the service's own schema (its
+    # *_commands.sql migration).
+    command_wrapper: CommandWrapper | None = command
 
     def __post_init__(self) -> None:
         s = self.settings

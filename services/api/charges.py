@@ -6,8 +6,9 @@ shard) a document with the latest revision of each measurement, and the rollups 
   items replace those with an older revision (an older or equal revision changes nothing).
 - A charge counts for a customer once the ledger has said, in a usage line, that its org belonged to that
   customer in its reading hour (``org_customer_hour``). ``Rollup`` sums what counts: per group (org, space,
-  meter, kind) and hour, day and month in rows; per resource and day or month in documents per (customer,
-  period, meter, shard). A replaced revision is taken back out (sign -1) before the new one goes in.
+  meter, kind) and hour, day and month in rows; per resource and day in documents per (customer, day,
+  meter), a month being read as its days. A replaced revision is taken back out (sign -1) before the new
+  one goes in.
 - Amounts stay exact: per cell, numerators summed per denominator, combined over their lcm only when
   written.
 """
@@ -32,7 +33,6 @@ __all__ = [
     "Rollup",
     "Part",
     "contributions",
-    "Pending",
     "ResourceDoc",
     "ny_day",
     "ny_month",
@@ -226,34 +226,6 @@ GroupKey = tuple[UUID, str, object, str, str, str]  # customer, dim, period, key
 Part = tuple[dict[tuple[int, int, int, int], list[int]], tuple[list[str], list[str], list[int], list[int], list[int]]]
 
 
-class Pending:
-    """Charges of one org, reading hour and meter whose customer is not known yet, gathered from the
-    batches of one transaction: its sums per (space, kind, unit, denominator) and its charges as
-    per-resource columns. Stored as a row of ``pending_charges`` until the ledger names the customer."""
-
-    def __init__(self) -> None:
-        self.sums: dict[tuple[str, str, str, int], list[int]] = {}
-        self.cols: ResourceEntries = ([], [], [], [], [])
-
-    def add(self, doc: ShardDoc, part: Part) -> None:
-        for (si, ki, ui, di), (value, num) in part[0].items():
-            cell = self.sums.setdefault((doc.spaces[si], doc.kinds[ki], doc.units[ui], di), [0, 0])
-            cell[0] += value
-            cell[1] += num
-        for mine, theirs in zip(self.cols, part[1], strict=True):
-            mine.extend(theirs)  # type: ignore[attr-defined]
-
-    def dump(self) -> bytes:
-        keys = list(self.sums)
-        vals = [self.sums[k] for k in keys]
-        rr, ru, rx, rn, rd = self.cols
-        return orjson.dumps(
-            {"s": [k[0] for k in keys], "k": [k[1] for k in keys], "u": [k[2] for k in keys],
-             "d": [k[3] for k in keys], "x": [v[0] for v in vals], "n": [v[1] for v in vals],
-             "rr": rr, "ru": ru, "rx": rx, "rn": rn, "rd": rd}
-        )
-
-
 def contributions(doc: ShardDoc, positions: Iterable[int] | None = None, sign: int = 1) -> dict[int, Part]:
     """The items of ``doc`` (at ``positions``, or all) grouped by org (position in ``doc.orgs``), summed as
     the rollups take them: computed once per document, whichever orgs' customers become known later."""
@@ -319,25 +291,11 @@ class Rollup:
             dens: dict[int, int] = cell[1]  # type: ignore[assignment]
             dens[di] = dens.get(di, 0) + num
 
-    def add_pending(self, customer: UUID, hour: datetime, meter: str, org_id: str, raw: bytes) -> None:
-        """Add a waiting org's charges (``pending_doc``) for the customer it turned out to have."""
-        p = orjson.loads(raw)
-        for space, kind, unit, den, value, num in zip(p["s"], p["k"], p["u"], p["d"], p["x"], p["n"], strict=True):
-            fine_key = (customer, hour, org_id, space, meter, kind, unit)
-            cell = self.fine.get(fine_key)
-            if cell is None:
-                cell = self.fine[fine_key] = [0, {}]
-            cell[0] += value  # type: ignore[operator]
-            dens: dict[int, int] = cell[1]  # type: ignore[assignment]
-            dens[den] = dens.get(den, 0) + num
-        self.resources.setdefault((customer, hour, meter), []).append((p["rr"], p["ru"], p["rx"], p["rn"], p["rd"]))
-
     def resource_changes(self) -> dict[str, dict[ResourceKey, list[ResourceEntries]]]:
-        """The charges per per-resource document: ``day`` and ``month`` (America/New_York)."""
-        out: dict[str, dict[ResourceKey, list[ResourceEntries]]] = {"day": {}, "month": {}}
+        """The charges per per-resource document: ``day`` (America/New_York; months are read as their days)."""
+        out: dict[str, dict[ResourceKey, list[ResourceEntries]]] = {"day": {}}
         for (customer, hour, meter), entries in self.resources.items():
             out["day"].setdefault((customer, ny_day(hour), meter), []).extend(entries)
-            out["month"].setdefault((customer, ny_month(hour), meter), []).extend(entries)
         return out
 
     def groups(self) -> dict[str, dict[GroupKey, tuple[int, int, int]]]:

@@ -21,6 +21,7 @@ the admin lists), which share its rendering, session and error handling.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import logging
@@ -43,6 +44,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from services.api import audit
 from services.api import repository as repo
 from services.api.charts import format_credits
 from services.api.forward import ADMIN_ROUTES, render
@@ -177,6 +179,11 @@ class Dashboard:
                     ),
                     Route("/admin/unpriced", self._page("unpriced", self.unpriced, admin=True), methods=["GET"]),
                     Route("/admin/unassigned", self._page("unassigned", self.unassigned, admin=True), methods=["GET"]),
+                    Route(
+                        "/admin/audit",
+                        self._page("audit", functools.partial(audit.audit_page, self), admin=True),
+                        methods=["GET"],
+                    ),
                     Mount("/static", app=StaticFiles(directory=HERE / "static"), name="dashboard-static"),
                     Route("/{rest:path}", self._plain("not_found", self.not_found), methods=["GET"]),
                 ],

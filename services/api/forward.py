@@ -1,6 +1,7 @@
 """Admin commands forwarded to the service that owns them (one httpx.AsyncClient per app, with timeouts):
 the answer is the owner's status and body, problem+json included; 502 when the owner cannot be reached,
-504 when it does not answer in time.
+504 when it does not answer in time. A command's Idempotency-Key goes along (checked here first, as the
+owner checks it), so a retry after a 504 is answered by the owner without running it twice.
 
 Each /admin route is its owner's route contract (``services/<owner>/schemas.py``) under the api's path: the
 same parameters, body and answers, so the api's OpenAPI document types every admin body and answer exactly
@@ -10,15 +11,14 @@ form, so only validated values reach the upstream URL; the body is passed on as 
 validate (strictly, once).
 
 The caller's bearer token is forwarded: the owner verifies it again and records its subject as the actor
-(README, "Security model"). Of the caller's other headers only ``Idempotency-Key`` is passed on (printable
-ASCII only); a forwarded command is a command of its owner, which records it, so it is not declared a
-command here as well.
+(README, "Security model"). Of the caller's other headers only ``Idempotency-Key`` is passed on, and of
+the owner's only ``Idempotent-Replayed``. A forwarded command is documented as its owner's command (its
+key and the refusals that come with it) but recorded by the owner alone (``Operation.forwarded``).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +29,17 @@ from starlette.responses import Response
 from services.collector import schemas as collector
 from services.ledger import schemas as ledger
 from services.pricer import schemas as pricer
-from shared.edge import BAD_GATEWAY, GATEWAY_TIMEOUT, Call, Operation, Params, problem
+from shared.edge import (
+    BAD_GATEWAY,
+    GATEWAY_TIMEOUT,
+    KEY_HEADER,
+    REPLAYED_HEADER,
+    Call,
+    Operation,
+    Params,
+    idempotency_key,
+    problem,
+)
 
 __all__ = ["ADMIN_ROUTES", "AdminRoute", "Forwarder", "UpstreamError", "admin_operations", "render"]
 
@@ -80,9 +90,6 @@ def render(params: Params | None) -> dict[str, str]:
         return {}
     values = params.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude_none=True)
     return {k: str(v) for k, v in values.items()}
-
-
-_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 
 def _content_type(value: str | None) -> str:
@@ -136,30 +143,36 @@ class Forwarder:
         query: Mapping[str, str] | None = None,
         body: bytes = b"",
         content_type: str | None = None,
-        idempotency_key: str | None = None,
+        key: str | None = None,
     ) -> Response:
         """``method path`` on ``service`` with the caller's ``token``: the owner's status and body as it gave
         them, or a 502/504 problem."""
         headers = {"accept": "application/json", "authorization": f"Bearer {token}"}
         if body:
             headers["content-type"] = _content_type(content_type)
-        if idempotency_key is not None and _KEY.fullmatch(idempotency_key):
-            headers["idempotency-key"] = idempotency_key
+        if key is not None:  # checked by the caller (idempotency_key)
+            headers[KEY_HEADER] = key
         url = self._bases[service] + path
         try:
             upstream = await self._client.request(method, url, params=dict(query or {}), content=body, headers=headers)
         except httpx.TimeoutException:
             log.warning("admin command timed out", extra={"upstream": service, "path": path})
-            detail = f"the {service} did not answer in time; the command may or may not have been applied"
+            detail = (
+                f"the {service} did not answer in time; the command may or may not have been applied (send it "
+                "again with the same Idempotency-Key to be answered without running it twice)"
+            )
             return problem(GATEWAY_TIMEOUT, detail)
         except httpx.HTTPError as exc:
             log.warning("admin command could not be forwarded", extra={"upstream": service, "path": path,
                                                                         "error": repr(exc)})
             return problem(BAD_GATEWAY, f"the {service} service cannot be reached")
         media = upstream.headers.get("content-type")
-        # Only the body and its type travel back: the owner's other headers (e.g. a Location naming an
-        # internal path) are not the api's to give out.
-        return Response(upstream.content, status_code=upstream.status_code, media_type=media)
+        # Only the body, its type and whether it is a replay travel back: the owner's other headers (e.g. a
+        # Location naming an internal path) are not the api's to give out.
+        resp = Response(upstream.content, status_code=upstream.status_code, media_type=media)
+        if upstream.headers.get(REPLAYED_HEADER) == "true":
+            resp.headers[REPLAYED_HEADER] = "true"
+        return resp
 
 
 def _forwarding(route: AdminRoute, forwarder: Callable[[Call], Forwarder]) -> Operation:
@@ -172,7 +185,7 @@ def _forwarding(route: AdminRoute, forwarder: Callable[[Call], Forwarder]) -> Op
             body, ctype = await call.request.body(), call.request.headers.get("content-type")
         return await forwarder(call).send(
             route.service, contract.method, upstream, token=call.caller.token, query=render(call.query),
-            body=body, content_type=ctype, idempotency_key=call.request.headers.get("idempotency-key"),
+            body=body, content_type=ctype, key=idempotency_key(call.request.headers),
         )
 
     return contract.but(
@@ -185,9 +198,10 @@ def _forwarding(route: AdminRoute, forwarder: Callable[[Call], Forwarder]) -> Op
             504: "The owning service did not answer in time (a command may or may not have been applied).",
         },
         tags=("admin",),
-        command=None,
+        forwarded=True,
         description=(contract.description + "\n\n" if contract.description else "")
-        + (f"A command of the {route.service}, which verifies the token again and records it." if contract.command
+        + (f"A command of the {route.service}, which verifies the token again, records it and answers a retry with "
+           "the same Idempotency-Key from its first answer." if contract.command
            else f"Answered by the {route.service}."),
         handler=forward,
     )

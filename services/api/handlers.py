@@ -8,6 +8,7 @@ ledger's service.py shape) is the next split."""
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ from prometheus_client import Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.api import completeness, dead_letters, projector, schemas
+from services.api import audit, completeness, dead_letters, projector, schemas
 from services.api import repository as repo
 from services.api.cache import TtlCache
 from services.api.forward import Forwarder, UpstreamError, admin_operations
@@ -172,6 +173,7 @@ class Api:
             schemas.GRANT.bind(self.grant),
             schemas.REVOKE.bind(self.revoke),
             schemas.COMPLETENESS.bind(self.completeness_report),
+            schemas.AUDIT.bind(functools.partial(audit.admin_audit, self)),
         )
         return [*own, *admin_operations(lambda call: self._forwarder())]
 

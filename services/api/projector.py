@@ -2,11 +2,11 @@
 measurement by revision (charges, kept per shard: ``services/api/charges.py``) and by message id (ledger
 messages), so a batch replayed after a crash changes nothing twice.
 
-The charges consumer and the ledger consumer serialise per reading hour (``repository.lock_hours``): the
-changes of a charge whose org's customer is not known yet wait in ``pending_charges`` (per org, hour and
-meter, summed as the rollups take them); the ledger's usage line that names the customer then adds them to
-the rollups and deletes them. Nothing is read twice: a shard's document is read only when a batch changes
-it again.
+The charges consumer and the ledger consumer serialise per reading hour (``repository.lock_hours``): a
+charge whose org's customer is not known yet changes only its shard's document; the ledger's usage line
+that first names the org's customer for that hour adds the org's charges of the hour, read from the shard
+documents, to the rollups. Nothing is stored twice: the documents are the one copy of the charges, and a
+shard's document is read again only when a batch changes it or its hour's orgs get their customers.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import asyncpg
 from pydantic import Field, RootModel
 
 from services.api import repository as repo
-from services.api.charges import Pending, ResourceDoc, Rollup, ShardDoc, contributions
+from services.api.charges import ResourceDoc, Rollup, ShardDoc, contributions
 from services.api.service import (
     TransactionRow,
     entries_mirror,
@@ -31,7 +31,8 @@ from services.api.service import (
     transaction_row,
     usage_org_hours,
 )
-from shared.batches import Charges, ShardKey
+from shared.batches import Charges, ShardKey, encode_charges
+from shared.blobs import Frames, scope_of
 from shared.contracts import StatementIssued, TransactionPosted
 
 __all__ = ["LedgerMessage", "Names", "Projector"]
@@ -86,33 +87,36 @@ class Projector:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         self.names = Names()
+        self.frames = Frames()  # the shard documents' compression frames (shared/blobs.py), for this database
 
     async def apply_charges(self, batches: Sequence[Charges]) -> int:
-        """Store the newer revisions; move the rollups of the customers they are attributed to, and keep
-        the changes of orgs whose customer is not known yet waiting (``pending_charges``); returns how
-        many measurements changed."""
+        """Store the newer revisions and move the rollups of the customers they are attributed to (the
+        charges of orgs whose customer is not known yet wait in their documents); returns how many
+        measurements changed."""
         if not batches:
             return 0
         changed = 0
+        seeds: dict[str, bytes] = {}
+        for c in batches:  # a shard's first batch of a month seeds its frame
+            scope = scope_of(c.meter, c.shard, c.reading_hour)
+            if scope not in seeds and self.frames.lacks(scope):
+                seeds[scope] = encode_charges(c)
+        await self.frames.ensure(self.pool, seeds)
         async with self.pool.acquire() as conn, conn.transaction():
             await repo.lock_hours(conn, {c.reading_hour for c in batches})
             keys = {ShardKey(c.reading_hour, c.meter, c.shard) for c in batches}
-            stored = await repo.lock_charge_shards(conn, keys)
+            stored = await repo.lock_charge_shards(conn, self.frames, keys)
             docs: dict[ShardKey, ShardDoc] = {k: ShardDoc.load(raw) for k, raw in stored.items()}
             pairs = {(o.id, c.reading_hour) for c in batches for o in c.orgs}
             pairs |= {(o, k.reading_hour) for k, d in docs.items() for o in d.orgs}
             customer_of = await repo.customers_of(conn, pairs)
             rollup = Rollup()
-            waiting: dict[tuple[datetime, str, str], Pending] = {}
 
             def add(key: ShardKey, doc: ShardDoc, positions: Sequence[int] | None, sign: int) -> None:
                 for org, part in contributions(doc, positions, sign).items():
                     customer = customer_of.get((doc.orgs[org], key.reading_hour))
                     if customer is not None:
                         rollup.add_part(key, doc, customer, org, part)
-                    else:
-                        pending = waiting.setdefault((key.reading_hour, key.meter, doc.orgs[org]), Pending())
-                        pending.add(doc, part)
 
             written: dict[ShardKey, ShardDoc] = {}
             for c in batches:
@@ -131,8 +135,7 @@ class Projector:
                     add(key, before, replaced, -1)
                     add(key, doc, positions, +1)
                 written[key] = doc
-            await repo.save_charge_shards(conn, [(k, d.dump()) for k, d in written.items()])
-            await repo.insert_pending(conn, [(h, m, o, p.dump()) for (h, m, o), p in waiting.items()])
+            await repo.save_charge_shards(conn, self.frames, [(k, d.dump()) for k, d in written.items()])
             await _write_rollups(conn, rollup)
             new_names = self.names.changed(batches)
             await repo.upsert_names(conn, *new_names)
@@ -168,14 +171,19 @@ class Projector:
 
 
 async def _attribute(conn: asyncpg.Connection, customer_of: dict[tuple[str, datetime], UUID]) -> None:
-    """Add the charges waiting for newly attributed (org, hour) pairs to the rollups, and forget them."""
+    """Add to the rollups the charges of (org, hour) pairs whose customer was just learned: read from the
+    shard documents of those hours (the charges consumer, which serialises with this per hour, added none
+    of them while the customer was unknown)."""
     rollup = Rollup()
-    taken = []
-    for row in await repo.take_pending(conn, customer_of):
-        rollup.add_pending(customer_of[(row["org_id"], row["hour"])], row["hour"], row["meter"], row["org_id"], row["items"])
-        taken.append(row["id"])
+    for key, raw in (await repo.charge_shards_at(conn, {hour for _, hour in customer_of})).items():
+        doc = ShardDoc.load(raw)
+        customers = [customer_of.get((org, key.reading_hour)) for org in doc.orgs]
+        if not any(customers):
+            continue
+        positions = [i for i, o in enumerate(doc.o) if customers[o] is not None]
+        for org, part in contributions(doc, positions).items():
+            rollup.add_part(key, doc, customers[org], org, part)  # type: ignore[arg-type]
     await _write_rollups(conn, rollup)
-    await repo.delete_pending(conn, taken)
 
 
 async def _write_rollups(conn: asyncpg.Connection, rollup: Rollup) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from fractions import Fraction
 from typing import Any
 from uuid import UUID
@@ -20,16 +20,13 @@ import orjson
 from services.api.charges import ResourceDoc, ResourceKey, ShardDoc, exact
 from services.api.service import OrgHour, TransactionRow
 from shared.batches import ShardKey
+from shared.blobs import Frames, scope_of
 
 __all__ = [
     "lock_hours",
     "lock_charge_shards",
     "save_charge_shards",
-    "charge_shards",
     "charge_shards_at",
-    "insert_pending",
-    "take_pending",
-    "delete_pending",
     "lock_resource_docs",
     "save_resource_docs",
     "resource_docs",
@@ -87,7 +84,14 @@ async def lock_hours(conn: asyncpg.Connection, hours: Iterable[datetime]) -> Non
 _SHARDS = "unnest($1::timestamptz[], $2::text[], $3::int2[]) AS k(reading_hour, meter, shard)"
 
 
-async def lock_charge_shards(conn: asyncpg.Connection, keys: Iterable[ShardKey]) -> dict[ShardKey, bytes]:
+# Shard documents are stored compressed against their shard's frame (shared/blobs.py): the writer (the
+# projector) keeps the frames of its database; reading needs only frames by id, the same in every database.
+_READER = Frames()
+
+
+async def lock_charge_shards(
+    conn: asyncpg.Connection, frames: Frames, keys: Iterable[ShardKey]
+) -> dict[ShardKey, bytes]:
     """The stored documents of these shards (those that have one), locked until the transaction ends."""
     ks = sorted(set(keys))
     rows = await conn.fetch(
@@ -96,10 +100,11 @@ async def lock_charge_shards(conn: asyncpg.Connection, keys: Iterable[ShardKey])
              ORDER BY 1, 2, 3 FOR UPDATE OF c""",
         [k.reading_hour for k in ks], [k.meter for k in ks], [k.shard for k in ks],
     )
-    return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): r["items"] for r in rows}
+    docs = await frames.unpack_all(conn, [r["items"] for r in rows])
+    return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): d for r, d in zip(rows, docs, strict=True)}
 
 
-async def save_charge_shards(conn: asyncpg.Connection, docs: Sequence[tuple[ShardKey, bytes]]) -> None:
+async def save_charge_shards(conn: asyncpg.Connection, frames: Frames, docs: Sequence[tuple[ShardKey, bytes]]) -> None:
     """Insert or replace shard documents."""
     if docs:
         ordered = sorted(docs)
@@ -108,7 +113,7 @@ async def save_charge_shards(conn: asyncpg.Connection, docs: Sequence[tuple[Shar
                SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int2[], $4::bytea[])
                ON CONFLICT (reading_hour, meter, shard) DO UPDATE SET items = EXCLUDED.items""",
             [k.reading_hour for k, _ in ordered], [k.meter for k, _ in ordered], [k.shard for k, _ in ordered],
-            [d for _, d in ordered],
+            [frames.pack(scope_of(k.meter, k.shard, k.reading_hour), d) for k, d in ordered],
         )
 
 
@@ -119,37 +124,11 @@ async def charge_shards_at(conn: asyncpg.Connection, hours: Iterable[datetime]) 
             WHERE reading_hour = ANY($1::timestamptz[]) ORDER BY 1, 2, 3""",
         sorted(set(hours)),
     )
-    return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): r["items"] for r in rows}
+    docs = await _READER.unpack_all(conn, [r["items"] for r in rows])
+    return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): d for r, d in zip(rows, docs, strict=True)}
 
 
-async def insert_pending(conn: asyncpg.Connection, rows: Sequence[tuple[datetime, str, str, bytes]]) -> None:
-    """Charges waiting for their org's customer: (hour, meter, org, Pending document)."""
-    if rows:
-        await conn.copy_records_to_table(
-            "pending_charges", records=rows, columns=("hour", "meter", "org_id", "items")
-        )
-
-
-async def take_pending(conn: asyncpg.Connection, pairs: Iterable[tuple[str, datetime]]) -> list[asyncpg.Record]:
-    """The charges waiting for these (org, hour) pairs, locked."""
-    ps = sorted(set(pairs))
-    if not ps:
-        return []
-    return await conn.fetch(
-        """SELECT p.id, p.hour, p.meter, p.org_id, p.items
-             FROM unnest($1::text[], $2::timestamptz[]) AS k(org_id, hour)
-             JOIN pending_charges p ON p.org_id = k.org_id AND p.hour = k.hour
-            ORDER BY p.id FOR UPDATE OF p""",
-        [p[0] for p in ps], [p[1] for p in ps],
-    )
-
-
-async def delete_pending(conn: asyncpg.Connection, ids: Sequence[int]) -> None:
-    if ids:
-        await conn.execute("DELETE FROM pending_charges WHERE id = ANY($1::bigint[])", list(ids))
-
-
-_RESOURCE_TABLES = {"day": ("usage_resource_day", "day"), "month": ("usage_resource_month", "month")}
+_RESOURCE_TABLES = {"day": ("usage_resource_day", "day")}  # a month is read as its days
 
 
 async def lock_resource_docs(conn: asyncpg.Connection, period: str, keys: Iterable[ResourceKey]) -> dict[ResourceKey, bytes]:
@@ -688,17 +667,17 @@ async def _resource_page(
     limit: int,
 ) -> list[UsageRow]:
     """A page of usage per resource, in (period, resource) order: hours from the charge documents of the
-    hours the customer had orgs in, days and months from its per-resource documents. Periods are read a
+    hours the customer had orgs in, days and months from its per-resource day documents. Periods are read a
     few at a time until the page is full, so a page costs what its periods hold, not the whole range."""
     start = after[0] if after is not None else first
     if granularity == "hour":
         org_hours = await customer_org_hours(conn, customer_id, start, stop)  # type: ignore[arg-type]
         periods: list[Any] = sorted(org_hours)
     else:
-        table, column = _RESOURCE_TABLES[granularity]
         rows = await conn.fetch(
-            f"SELECT DISTINCT {column} AS p FROM {table} WHERE customer_id = $1 AND {column} >= $2 AND {column} < $3 ORDER BY 1",
-            customer_id, start, stop,
+            """SELECT DISTINCT date_trunc($4, day)::date AS p FROM usage_resource_day
+                 WHERE customer_id = $1 AND day >= $2 AND day < $3 ORDER BY 1""",
+            customer_id, start, stop, granularity,
         )
         periods = [r["p"] for r in rows]
     out: list[UsageRow] = []
@@ -714,11 +693,11 @@ async def _resource_page(
                 for j in range(len(doc)):
                     if doc.o[j] in wanted:
                         _add_cell(cells, (key.reading_hour, doc.r[j]), doc.units[doc.u[j]], doc.x[j], doc.n[j], doc.d[j])
-        else:
-            table, column = _RESOURCE_TABLES[granularity]
+        else:  # a day's documents, or a month's days summed
             rows = await conn.fetch(
-                f"SELECT {column} AS p, items FROM {table} WHERE customer_id = $1 AND {column} = ANY($2::date[])",
-                customer_id, chunk,
+                """SELECT date_trunc($4, day)::date AS p, items FROM usage_resource_day
+                    WHERE customer_id = $1 AND day >= $2 AND day < $3""",
+                customer_id, chunk[0], _next_period(granularity, chunk[-1]), granularity,
             )
             for r in rows:
                 for (rid, unit), (x, n, d) in ResourceDoc.load(r["items"]).cells.items():
@@ -736,6 +715,12 @@ async def _resource_page(
     names = await resource_attrs(conn, [r.key for r in out])
     blank = {c: "" for c in _DIM_ATTRS["resource"]}
     return [UsageRow(r.period, r.key, r.key2, r.values, r.amount, names.get(r.key, blank)) for r in out]
+
+
+def _next_period(granularity: str, period: date) -> date:
+    if granularity == "day":
+        return period + timedelta(days=1)
+    return date(period.year + period.month // 12, period.month % 12 + 1, 1)
 
 
 def _add_cell(

@@ -14,12 +14,14 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.api.service import GRANULARITIES, GROUP_BYS, MAX_PERIODS, TRANSACTION_TYPES
+from shared.audit import AuditFilters, AuditPage, Service
 from shared.auth import SCOPE_ADMIN, SCOPE_READ
 from shared.completeness import RangeQuery
 from shared.contracts import EntryLine, StatementLine, UsageLine
 from shared.edge import Answer, Count, CursorText, Month, Operation, Page, Params, Reply, Time, Uuid, count
 
 __all__ = [
+    "AUDIT",
     "BALANCE",
     "COMPLETENESS",
     "CUSTOMERS",
@@ -34,6 +36,7 @@ __all__ = [
     "SUBJECT_PATTERN",
     "TRANSACTIONS",
     "USAGE",
+    "AdminAuditQuery",
     "Balance",
     "BalanceQuery",
     "CompletenessReport",
@@ -125,6 +128,14 @@ class EntitlementsQuery(PageQuery):
 class EntitlementKey(Params):
     subject: Subject = Field(description="A token subject.")
     customer_id: Uuid = Field(description="A customer id.")
+
+
+class AdminAuditQuery(AuditFilters):
+    service: Service | None = Field(default=None, description="Only this service's commands.")
+    limit: Count = count(DEFAULT_LIMIT, MAX_LIMIT)
+    cursor: CursorText | None = Field(
+        default=None, description="Opaque cursor from `next_cursor` of the previous page of the same query."
+    )
 
 
 # ------------------------------------------------------------------------------------------ answers
@@ -406,8 +417,20 @@ COMPLETENESS = _admin(
     "for every meter.",
 )
 
+AUDIT = _admin(
+    "GET", "/admin/audit", "The audit trail of the commands (api, collector, ledger, pricer), newest first",
+    {200: Answer(AuditPage)}, query=AdminAuditQuery,
+    refusals={
+        422: "to is not after from.",
+        502: "An owning service cannot be reached or answered something else.",
+        504: "An owning service did not answer in time.",
+    },
+    description="Every command request each service recorded, refused ones and replays included: who (the token's "
+    "subject), what, when and the outcome. Ordered by recorded time, then service, then each service's own order.",
+)
+
 OPERATIONS: tuple[Operation, ...] = (
-    CUSTOMERS, BALANCE, USAGE, TRANSACTIONS, STATEMENT, ENTITLEMENTS, GRANT, REVOKE, COMPLETENESS,
+    CUSTOMERS, BALANCE, USAGE, TRANSACTIONS, STATEMENT, ENTITLEMENTS, GRANT, REVOKE, COMPLETENESS, AUDIT,
 )
 
 assert set(GRANULARITIES) == {"hour", "day", "month"}

@@ -22,6 +22,7 @@ from services.collector.schemas import (
 )
 from services.collector.service import Collector
 from services.collector.settings import CollectorSettings
+from shared.audit import list_audit
 from shared.clock import hour_floor, utcnow
 from shared.completeness import RangeQuery, check_range
 from shared.edge import INVALID_PARAMETER, Call, Operation, ProblemError, answer
@@ -68,6 +69,7 @@ OPERATIONS: tuple[Operation, ...] = (
     schemas.TAKE_READING.bind(post_reading),
     schemas.LIST_READINGS.bind(list_readings),
     schemas.COMPLETENESS.bind(completeness_counts),
+    schemas.AUDIT.bind(list_audit),
 )
 
 

@@ -1,4 +1,5 @@
-"""Every SQL statement of the collector."""
+"""Every SQL statement of the collector. A batch's message is stored compressed against its shard's frame
+(``shared/blobs.py``); the methods here take and give it plain."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from uuid import UUID
 import asyncpg
 import orjson
 
+from shared.blobs import Frames, scope_of
+
 __all__ = ["BATCH_COLUMNS", "BatchRow", "Repository"]
 
 BATCH_COLUMNS = ("hour", "meter", "shard", "part", "reading_id", "measurements", "estimated", "message")
@@ -17,7 +20,14 @@ BATCH_COLUMNS = ("hour", "meter", "shard", "part", "reading_id", "measurements",
 BatchRow = tuple[Any, ...]  # in BATCH_COLUMNS order
 
 
+def _packed(frames: Frames, rows: Sequence[BatchRow]) -> list[BatchRow]:
+    return [(*r[:7], frames.pack(scope_of(r[1], r[2], r[0]), r[7])) for r in rows]
+
+
 class Repository:
+    def __init__(self, frames: Frames) -> None:
+        self.frames = frames
+
     async def reading_at(self, conn: asyncpg.Connection, hour: datetime) -> asyncpg.Record | None:
         return await conn.fetchrow("SELECT id, kind, taken_at, measurements, estimated, errors FROM readings WHERE hour = $1", hour)
 
@@ -42,8 +52,12 @@ class Repository:
         )
 
     async def copy_batches(self, conn: asyncpg.Connection, rows: Sequence[BatchRow]) -> None:
+        """Store batches, each owed to the broker (the outbox) until published."""
         if rows:
-            await conn.copy_records_to_table("reading_batches", records=rows, columns=BATCH_COLUMNS)
+            await conn.copy_records_to_table("reading_batches", records=_packed(self.frames, rows), columns=BATCH_COLUMNS)
+            await conn.copy_records_to_table(
+                "reading_outbox", records=[r[:4] for r in rows], columns=("hour", "meter", "shard", "part")
+            )
 
     async def last_ok_hour(self, conn: asyncpg.Connection, meter: str, before: datetime) -> datetime | None:
         return await conn.fetchval("SELECT max(hour) FROM meter_runs WHERE meter = $1 AND ok AND hour < $2", meter, before)
@@ -53,7 +67,7 @@ class Repository:
         rows = await conn.fetch(
             "SELECT message FROM reading_batches WHERE hour = $2 AND meter = $1 ORDER BY shard, part", meter, hour
         )
-        return [r["message"] for r in rows]
+        return await self.frames.unpack_all(conn, [r["message"] for r in rows])
 
     async def insert_estimates(self, conn: asyncpg.Connection, rows: Sequence[BatchRow], taken_at: datetime) -> int:
         """Batches of estimated measurements for missed hours: their readings are created (kind 'estimated')
@@ -67,10 +81,12 @@ class Repository:
             sorted({(r[4], r[0], taken_at) for r in rows}),
         )
         await conn.execute("CREATE TEMP TABLE IF NOT EXISTS estimates_in (LIKE reading_batches) ON COMMIT DELETE ROWS")
-        await conn.copy_records_to_table("estimates_in", records=rows, columns=BATCH_COLUMNS)
+        await conn.copy_records_to_table("estimates_in", records=_packed(self.frames, rows), columns=BATCH_COLUMNS)
         counts = await conn.fetch(
             """WITH ins AS (
-                   INSERT INTO reading_batches SELECT * FROM estimates_in ON CONFLICT DO NOTHING RETURNING hour, estimated)
+                   INSERT INTO reading_batches SELECT * FROM estimates_in ON CONFLICT DO NOTHING
+                   RETURNING hour, meter, shard, part, estimated),
+               owed AS (INSERT INTO reading_outbox SELECT hour, meter, shard, part FROM ins)
                SELECT hour, sum(estimated)::int AS n FROM ins GROUP BY hour"""
         )
         await conn.executemany(
@@ -115,31 +131,42 @@ class Repository:
                          IS DISTINCT FROM (excluded.name, excluded.kind, excluded.space_guid)"""
             )
 
-    async def lock_unpublished(self, conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
-        """Batches the relay still owes, oldest hour first, locked so that two relays never send one twice."""
-        return await conn.fetch(
-            """SELECT hour, meter, shard, part, message FROM reading_batches WHERE published_at IS NULL
-               ORDER BY hour, meter, shard, part LIMIT $1 FOR UPDATE SKIP LOCKED""",
+    async def lock_unpublished(self, conn: asyncpg.Connection, limit: int) -> list[tuple[asyncpg.Record, bytes]]:
+        """Batches the relay still owes, oldest hour first, each with its message, locked so that two relays
+        never send one twice."""
+        rows = await conn.fetch(
+            """SELECT o.hour, o.meter, o.shard, o.part, b.message
+                 FROM reading_outbox o JOIN reading_batches b USING (hour, meter, shard, part)
+                ORDER BY o.hour, o.meter, o.shard, o.part LIMIT $1 FOR UPDATE OF o SKIP LOCKED""",
             limit,
         )
+        return list(zip(rows, await self.frames.unpack_all(conn, [r["message"] for r in rows]), strict=True))
 
     async def mark_published(self, conn: asyncpg.Connection, keys: Sequence[tuple[datetime, str, int, int]], at: datetime) -> None:
+        """The batches ``keys`` are published: out of the outbox; a reading none of whose batches is owed any
+        more is published ``at``."""
         await conn.execute(
-            """UPDATE reading_batches b SET published_at = $5
-                 FROM unnest($1::timestamptz[], $2::text[], $3::int2[], $4::int2[]) AS k(hour, meter, shard, part)
-                WHERE b.hour = k.hour AND b.meter = k.meter AND b.shard = k.shard AND b.part = k.part""",
-            [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys], [k[3] for k in keys], at,
+            """DELETE FROM reading_outbox o
+                USING unnest($1::timestamptz[], $2::text[], $3::int2[], $4::int2[]) AS k(hour, meter, shard, part)
+                WHERE o.hour = k.hour AND o.meter = k.meter AND o.shard = k.shard AND o.part = k.part""",
+            [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys], [k[3] for k in keys],
+        )
+        await conn.execute(
+            """UPDATE readings r SET published_at = $2
+                WHERE r.hour = ANY($1::timestamptz[]) AND r.published_at IS NULL
+                  AND NOT EXISTS (SELECT 1 FROM reading_outbox o WHERE o.hour = r.hour)""",
+            sorted({k[0] for k in keys}), at,
         )
 
     async def readings(self, conn: asyncpg.Connection, since: datetime, until: datetime) -> list[asyncpg.Record]:
-        # A reading is published once every batch of its hour is (NULL while the relay owes one).
+        # A reading is published once none of its hour's batches is owed (NULL while the relay owes one).
         return await conn.fetch(
             """SELECT r.id, r.hour, r.kind, r.taken_at, r.measurements, r.estimated, r.errors,
-                      CASE WHEN bool_or(b.published_at IS NULL) THEN NULL
-                           ELSE coalesce(max(b.published_at), r.published_at) END AS published_at
-               FROM readings r LEFT JOIN reading_batches b ON b.hour = r.hour
+                      CASE WHEN EXISTS (SELECT 1 FROM reading_outbox o WHERE o.hour = r.hour) THEN NULL
+                           ELSE r.published_at END AS published_at
+               FROM readings r
                WHERE r.hour >= $1 AND r.hour < $2
-               GROUP BY r.id ORDER BY r.hour""",
+               ORDER BY r.hour""",
             since, until,
         )
 
@@ -148,15 +175,15 @@ class Repository:
     async def completeness_counts(
         self, conn: asyncpg.Connection, since: datetime, until: datetime
     ) -> list[asyncpg.Record]:
-        """Per hour and meter: measurements read, estimated, and of batches the outbox marks published."""
+        """Per hour and meter: measurements read, estimated, and of batches published (no longer owed)."""
         return await conn.fetch(
-            """SELECT hour, meter,
-                      sum(measurements - estimated)::int AS read,
-                      sum(estimated)::int AS estimated,
-                      coalesce(sum(measurements) FILTER (WHERE published_at IS NOT NULL), 0)::int AS published
-               FROM reading_batches
-               WHERE hour >= $1 AND hour < $2
-               GROUP BY hour, meter""",
+            """SELECT b.hour, b.meter,
+                      sum(b.measurements - b.estimated)::int AS read,
+                      sum(b.estimated)::int AS estimated,
+                      coalesce(sum(b.measurements) FILTER (WHERE o.hour IS NULL), 0)::int AS published
+               FROM reading_batches b LEFT JOIN reading_outbox o USING (hour, meter, shard, part)
+               WHERE b.hour >= $1 AND b.hour < $2
+               GROUP BY b.hour, b.meter""",
             since, until,
         )
 

@@ -11,6 +11,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared import audit
 from shared.auth import SCOPE_ADMIN
 from shared.clock import utcnow
 from shared.completeness import CollectorCompleteness
@@ -18,6 +19,7 @@ from shared.completeness import operation as completeness_operation
 from shared.edge import Answer, Operation, Params, Reply, Time
 
 __all__ = [
+    "AUDIT",
     "COMPLETENESS",
     "LIST_READINGS",
     "MAX_READINGS_RANGE",
@@ -106,6 +108,7 @@ LIST_READINGS = _op(
     query=ReadingsQuery, refusals={422: f"to is not after from, or more than {MAX_READINGS_RANGE.days} days after it."},
 )
 COMPLETENESS = completeness_operation(CollectorCompleteness, "collector")
+AUDIT = audit.operation("collector")
 
-OPERATIONS: tuple[Operation, ...] = (TAKE_READING, LIST_READINGS, COMPLETENESS)
+OPERATIONS: tuple[Operation, ...] = (TAKE_READING, LIST_READINGS, COMPLETENESS, AUDIT)
 

@@ -25,6 +25,7 @@ from prometheus_client import Counter, Histogram
 from services.collector.cf_client import CFClient
 from services.collector.meters import DEFAULT_METERS, Hierarchy, Meter, MeterResult, RawMeasurement, read_hierarchy
 from services.collector.repository import Repository
+from shared.blobs import Frames, scope_of
 from shared import ids
 from shared.clock import as_utc, hour_floor, utcnow
 from shared.batches import Item, Measurements, encode_measurements, measurement_batches, shard_key
@@ -117,7 +118,7 @@ class Collector:
         self.gap_policy, self.max_gap = gap_policy, max_gap_hours
         self.sim_time = sim_time
         self.publish_chunk = publish_chunk
-        self.repo = Repository()
+        self.repo = Repository(Frames())  # batches compressed against frames (shared/blobs.py), per database
         self._reading_lock = asyncio.Lock()
         self._relay_lock = asyncio.Lock()
 
@@ -188,6 +189,12 @@ class Collector:
         count = sum(len(its) for its in items.values())
 
         t_store = time.perf_counter()
+        seeds: dict[str, bytes] = {}
+        for r in rows:  # a shard's first batch of a month is its frame (shared/blobs.py)
+            scope = scope_of(r[1], r[2], r[0])
+            if scope not in seeds and self.repo.frames.lacks(scope):
+                seeds[scope] = r[7]
+        await self.repo.frames.ensure(self.pool, seeds)
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 if not await self.repo.insert_reading(conn, reading_id, hour, kind, taken_at, count, errors):
@@ -277,10 +284,10 @@ class Collector:
                         if not pending:
                             return sent
                         sent += await self.publisher.publish(
-                            self.topic, [Outgoing(shard_key(r["shard"]), bytes(r["message"])) for r in pending]
+                            self.topic, [Outgoing(shard_key(r["shard"]), message) for r, message in pending]
                         )
                         await self.repo.mark_published(
-                            conn, [(r["hour"], r["meter"], r["shard"], r["part"]) for r in pending], utcnow()
+                            conn, [(r["hour"], r["meter"], r["shard"], r["part"]) for r, _ in pending], utcnow()
                         )
 
     async def readings(self, since: datetime, until: datetime) -> list[dict[str, Any]]:
@@ -306,7 +313,7 @@ def _parts(batches: list[Measurements]) -> list[tuple[Measurements, int]]:
 
 
 def _batch_row(b: Measurements, part: int) -> tuple[Any, ...]:
-    """A batch as a row of reading_batches (repository.BATCH_COLUMNS)."""
+    """A batch as a row of reading_batches (repository.BATCH_COLUMNS; the key first)."""
     return (b.reading_hour, b.meter, b.shard, part, b.reading_id, len(b.resource_id), sum(b.estimated),
             encode_measurements(b))
 

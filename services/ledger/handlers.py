@@ -48,6 +48,7 @@ from services.ledger.schemas import (
 )
 from services.ledger.service import LedgerError, LedgerService
 from services.ledger.settings import LedgerSettings
+from shared.audit import list_audit
 from shared.batches import SHARDS, Charges, decode_charges
 from shared.contracts import AlertRaised, ChargesComputed, TransactionPosted
 from shared.edge import (
@@ -328,4 +329,5 @@ OPERATIONS: tuple[Operation, ...] = (
     schemas.EXPIRE.bind(_guard(expire_agreements)),
     schemas.HELD.bind(_guard(held)),
     schemas.COMPLETENESS.bind(completeness.handler),
+    schemas.AUDIT.bind(list_audit),
 )

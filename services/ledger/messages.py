@@ -5,6 +5,8 @@ from __future__ import annotations
 import uuid
 from datetime import date, datetime
 
+import orjson
+
 from services.ledger.domain import NIL_PRICE, TransactionDraft
 from shared.contracts import AlertRaised, EntryLine, StatementIssued, StatementLine, TransactionPosted, UsageLine
 from shared.ids import NAMESPACE
@@ -19,6 +21,7 @@ __all__ = [
     "statement_issued",
     "to_outbox",
     "transaction_posted",
+    "transaction_posted_outbox",
 ]
 
 OutboxMessage = tuple[str, bytes | None, bytes]
@@ -54,6 +57,39 @@ def transaction_posted(draft: TransactionDraft, transaction_id: uuid.UUID, poste
         agreement_id=draft.agreement_id,
         posted_at=posted_at,
     )
+
+
+def transaction_posted_outbox(draft: TransactionDraft, transaction_id: uuid.UUID, posted_at: datetime) -> OutboxMessage:
+    """``to_outbox(transaction_posted(...))`` written straight from the draft: the same bytes (field order,
+    times as ``...Z``; a test compares the two on random drafts), about five times cheaper, which matters
+    at thousands of usage transactions an hour."""
+    body = {
+        "id": transaction_id,
+        "schema_name": "ledger.transaction",
+        "schema_version": 1,
+        "customer_id": draft.customer_id,
+        "type": draft.type,
+        "occurred_at": draft.occurred_at,
+        "reading_hour": draft.reading_hour,
+        "description": draft.description,
+        "idempotency_key": draft.idempotency_key,
+        "entries": [{"account": e.account, "side": e.side, "amount": e.amount} for e in draft.entries],
+        "usage": [
+            {
+                "org_id": u.org_id,
+                "meter": u.meter,
+                "resource_kind": u.resource_kind,
+                "price_id": None if u.price_id == NIL_PRICE else u.price_id,
+                "microcredits": u.microcredits,
+            }
+            for u in draft.usage
+        ],
+        "reverses": draft.reverses,
+        "agreement_id": draft.agreement_id,
+        "posted_at": posted_at,
+    }
+    # default=str: ids read from the database are asyncpg's own UUID class, which orjson does not know
+    return TRANSACTIONS, str(draft.customer_id).encode(), orjson.dumps(body, default=str, option=orjson.OPT_UTC_Z)
 
 
 def alert_id(agreement_id: uuid.UUID, threshold: int) -> uuid.UUID:

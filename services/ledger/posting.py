@@ -40,7 +40,8 @@ from services.ledger.domain import (
     thresholds_reached,
     usage_transaction,
 )
-from shared.batches import Charges, Price, Ref, ShardKey
+from shared.batches import Charges, Price, Ref, ShardKey, encode_charges
+from shared.blobs import Frames, scope_of
 from shared.clock import billing_month
 from shared.ids import uuid7
 
@@ -50,6 +51,7 @@ __all__ = [
     "allocate",
     "batch_months",
     "change_mark",
+    "ensure_frames",
     "held_batches",
     "load_held",
     "lock_open_months",
@@ -58,9 +60,7 @@ __all__ = [
     "record_transactions",
 ]
 
-# (revision, group id, numerator, denominator) of an applied charge; of a held one (revision, kind, price
-# id text or "", numerator, denominator).
-Applied = tuple[int, int, int, int]
+# A held charge: (revision, kind, price id text or "", numerator, denominator).
 Held = tuple[int, str, str, int, int]
 
 
@@ -106,27 +106,19 @@ def change_mark(key: ShardKey, resource_id: str, revision: int) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=16).digest(), "big")
 
 
+async def ensure_frames(frames: Frames, pool: repo.Conn, batches: Sequence[Charges]) -> None:
+    """Frames for the shards of ``batches`` that have none at hand, seeded with a batch of each (its resource
+    ids and names are what the shard's documents repeat). Called before the posting's transaction."""
+    seeds: dict[str, bytes] = {}
+    for c in batches:
+        scope = scope_of(c.meter, c.shard, c.reading_hour)
+        if scope not in seeds and frames.lacks(scope):
+            seeds[scope] = encode_charges(c)
+    await frames.ensure(pool, seeds)
+
+
 def batch_months(batches: Sequence[Charges]) -> set[date]:
     return {billing_month(c.reading_hour) for c in batches}
-
-
-def _load_applied(raw: bytes) -> dict[str, Applied]:
-    doc = orjson.loads(raw)
-    return {r: (v, g, n, d) for r, v, g, n, d in zip(doc["r"], doc["v"], doc["g"], doc["n"], doc["d"], strict=True)}
-
-
-def _dump_applied(items: dict[str, Applied]) -> bytes:
-    rids = list(items)
-    vals = list(items.values())
-    return orjson.dumps(
-        {
-            "r": rids,
-            "v": [a[0] for a in vals],
-            "g": [a[1] for a in vals],
-            "n": [a[2] for a in vals],
-            "d": [a[3] for a in vals],
-        }
-    )
 
 
 def load_held(raw: bytes) -> dict[str, Held]:
@@ -196,28 +188,43 @@ def held_batches(held: dict[tuple[ShardKey, str], bytes]) -> list[Charges]:
 
 GroupKey = tuple[uuid.UUID, date, uuid.UUID]  # customer, month, price
 Line = tuple[datetime, str, str, str]  # hour, org, meter, kind
+# Numerators to add per group, then per (line, denominator); a group is known by its key (customer, month,
+# price) until the missing ones are created, or by its id when it comes from the stored state.
+Acc = defaultdict[GroupKey | int, defaultdict[tuple[Line, int], int]]
 
 
 @dataclass
 class _Shard:
-    """A shard's state in the transaction: applied charges (a group is an id, or the key of a group this
-    posting creates), and held ones per org (loaded or new). A shard's first batch, the usual case, is
-    kept as its columns (``fresh``) instead of a dict per charge."""
+    """A shard's state in the transaction: its applied charges as columns — resource ids, revisions, groups
+    (an id, or the key of a group this posting creates), numerators, denominators — as stored, with an
+    index by resource built when a batch is compared item by item; and its held charges per org (loaded or
+    new). A shard's first batch, the usual case, becomes the columns as it is."""
 
-    applied: dict[str, tuple[int, GroupKey | int, int, int]] = field(default_factory=dict)
-    fresh: tuple[list[str], list[int], list[GroupKey], list[int], list[int]] | None = None
+    r: list[str] = field(default_factory=list)
+    v: list[int] = field(default_factory=list)
+    g: list[GroupKey | int] = field(default_factory=list)
+    n: list[int] = field(default_factory=list)
+    d: list[int] = field(default_factory=list)
+    index: dict[str, int] | None = None
     held: dict[str, dict[str, Held]] = field(default_factory=dict)
     applied_changed: bool = False
     held_changed: set[str] = field(default_factory=set)
     mark: int = 0  # the sum of the change marks of what this posting applied to the shard
 
-    def as_dict(self) -> dict[str, tuple[int, GroupKey | int, int, int]]:
-        """The applied charges as a dict (a fresh shard is converted once a second batch touches it)."""
-        if self.fresh is not None:
-            rids, revs, gks, nums, dens = self.fresh
-            self.applied = dict(zip(rids, zip(revs, gks, nums, dens, strict=True), strict=True))
-            self.fresh = None
-        return self.applied
+    def load(self, raw: bytes) -> None:
+        doc = orjson.loads(raw)
+        self.r, self.v, self.g, self.n, self.d = doc["r"], doc["v"], doc["g"], doc["n"], doc["d"]
+
+    def positions(self) -> dict[str, int]:
+        """Position of each applied resource in the columns."""
+        if self.index is None:
+            self.index = dict(zip(self.r, range(len(self.r))))
+        return self.index
+
+    def dump(self, groups: dict[GroupKey, int]) -> bytes:
+        """The stored document, the keys of the groups created meanwhile replaced by their ids."""
+        ids = list(map(groups.get, self.g, self.g))  # a group id maps to itself
+        return orjson.dumps({"r": self.r, "v": self.v, "g": ids, "n": self.n, "d": self.d})
 
 
 def _post_fresh(
@@ -225,7 +232,7 @@ def _post_fresh(
     key: ShardKey,
     shard: _Shard,
     customer_of: list[uuid.UUID | None],
-    acc: dict[tuple[GroupKey | int, Line, int], int],
+    acc: Acc,
 ) -> int:
     """The first batch of a shard with nothing held, every org with a customer: every item is new, so the
     charges are summed column at a time (per org, kind, price and denominator) and the batch's columns
@@ -236,15 +243,20 @@ def _post_fresh(
     for k4, num in zip(zip(c.org, c.kind, c.price, c.amount_denominator), c.amount_numerator, strict=True):
         sums[k4] += num
     group_of: dict[tuple[int, int], GroupKey] = {}
+    bucket_of: dict[tuple[int, int], dict[tuple[Line, int], int]] = {}
     for (o, k, p, den), num in sums.items():
-        group = group_of.get((o, p))
-        if group is None:
+        bucket = bucket_of.get((o, p))
+        if bucket is None:
             customer = customer_of[o]
             assert customer is not None
             group = group_of[(o, p)] = (customer, month, c.prices[p].id if p >= 0 else NIL_PRICE)
-        acc[(group, (hour, c.orgs[o].id, meter, c.kinds[k]), den)] += num
-    groups = [group_of[op] for op in zip(c.org, c.price, strict=True)]
-    shard.fresh = (c.resource_id, c.revision, groups, c.amount_numerator, c.amount_denominator)
+            bucket = bucket_of[(o, p)] = acc[group]
+        bucket[((hour, c.orgs[o].id, meter, c.kinds[k]), den)] += num
+    groups = list(map(group_of.__getitem__, zip(c.org, c.price, strict=True)))
+    # Copies: a later batch of this posting may append to the shard's columns (the same message twice).
+    shard.r, shard.v, shard.g = list(c.resource_id), list(c.revision), groups  # type: ignore[assignment]
+    shard.n, shard.d = list(c.amount_numerator), list(c.amount_denominator)
+    shard.index = None
     shard.applied_changed = True
     shard.mark += c.id.int  # a batch's id derives from its items, and a fresh shard applies all of them
     return len(groups)
@@ -255,12 +267,13 @@ def _post_items(
     key: ShardKey,
     shard: _Shard,
     customer_of: list[uuid.UUID | None],
-    acc: dict[tuple[GroupKey | int, Line, int], int],
+    acc: Acc,
     result: Posting,
 ) -> int:
     """Item by item against the shard's state: an older or equal revision changes nothing; one whose org has
     no customer is held; any other adds its amount and takes back the one it replaces."""
-    applied, held = shard.as_dict(), shard.held
+    at, held = shard.positions(), shard.held
+    revs, gs, nums, dens = shard.v, shard.g, shard.n, shard.d
     month = billing_month(key.reading_hour)
     price_ids = [p.id for p in c.prices]
     kinds, orgs = c.kinds, c.orgs
@@ -268,12 +281,13 @@ def _post_items(
     for rid, rev, o, k, p, num, den in zip(
         c.resource_id, c.revision, c.org, c.kind, c.price, c.amount_numerator, c.amount_denominator, strict=True
     ):
-        old = applied.get(rid)
+        pos = at.get(rid)
+        old_rev = revs[pos] if pos is not None else 0
         org_id = orgs[o].id
         waiting = held.get(org_id)
         was_held = waiting.get(rid) if waiting is not None else None
-        if old is not None and old[0] >= rev:
-            if was_held is not None and was_held[0] <= old[0]:  # a held copy that was overtaken
+        if old_rev >= rev:
+            if was_held is not None and was_held[0] <= old_rev:  # a held copy that was overtaken
                 del waiting[rid]  # type: ignore[union-attr]
                 shard.held_changed.add(org_id)
             continue
@@ -293,10 +307,17 @@ def _post_items(
             result.released += 1
         group = (customer, month, price_ids[p] if p >= 0 else NIL_PRICE)
         line = (key.reading_hour, org_id, key.meter, kinds[k])
-        acc[(group, line, den)] += num
-        if old is not None:
-            acc[(old[1], line, old[3])] -= old[2]
-        applied[rid] = (rev, group, num, den)
+        acc[group][(line, den)] += num
+        if pos is None:
+            at[rid] = len(shard.r)
+            shard.r.append(rid)
+            revs.append(rev)
+            gs.append(group)
+            nums.append(num)
+            dens.append(den)
+        else:
+            acc[gs[pos]][(line, dens[pos])] -= nums[pos]
+            revs[pos], gs[pos], nums[pos], dens[pos] = rev, group, num, den
         shard.applied_changed = True
         shard.mark += change_mark(key, rid, rev)
         changed += 1
@@ -305,6 +326,7 @@ def _post_items(
 
 async def post_batches(
     conn: repo.Conn,
+    frames: Frames,
     batches: Sequence[Charges],
     now: datetime,
     release: Sequence[tuple[ShardKey, str]] = (),
@@ -319,24 +341,22 @@ async def post_batches(
         return result
     closed = await lock_open_months(conn, {billing_month(k.reading_hour) for k in keys})
     shards: dict[ShardKey, _Shard] = {k: _Shard() for k in keys}
-    stored = await repo.lock_shard_states(conn, keys)
+    stored = await repo.lock_shard_states(conn, frames, keys)
     for key, raw in stored.items():
-        shards[key].applied = _load_applied(raw)
-    held_rows = await repo.lock_held(conn, keys)
+        shards[key].load(raw)
+    held_rows = await repo.lock_held(conn, frames, keys)
     for (key, org_id), raw in held_rows.items():
         shards[key].held[org_id] = load_held(raw)
     if release:
         batches = [*batches, *held_batches({k: held_rows[k] for k in release if k in held_rows})]
     owners = await repo.owners(conn, {(o.id, c.reading_hour) for c in batches for o in c.orgs})
 
-    # Numerators to add per (group, line, denominator); a group is known by its key (customer, month, price)
-    # until the missing ones are created below, or by its id when it comes from the stored state.
-    acc: dict[tuple[GroupKey | int, Line, int], int] = defaultdict(int)
+    acc: Acc = defaultdict(lambda: defaultdict(int))
     for c in batches:
         key = ShardKey(c.reading_hour, c.meter, c.shard)
         shard = shards[key]
         customer_of = [owners.get((o.id, c.reading_hour)) for o in c.orgs]
-        if shard.fresh is None and not shard.applied and not shard.held and None not in customer_of:
+        if not shard.r and not shard.held and None not in customer_of:
             result.changed += _post_fresh(c, key, shard, customer_of, acc)
         else:
             result.changed += _post_items(c, key, shard, customer_of, acc, result)
@@ -345,15 +365,17 @@ async def post_batches(
     rows: dict[int, Any] = {}
     groups: dict[GroupKey, int] = {}
     if result.changed:
-        groups = await repo.group_ids(conn, {g for g, _, _ in acc if isinstance(g, tuple)})
+        groups = await repo.group_ids(conn, {g for g in acc if isinstance(g, tuple)})
         deltas: dict[int, dict[Line, dict[int, int]]] = defaultdict(lambda: defaultdict(dict))
-        for (g, line, den), num in acc.items():
-            cell = deltas[g if isinstance(g, int) else groups[g]][line]
-            cell[den] = cell.get(den, 0) + num
+        for g, bucket in acc.items():
+            lines = deltas[g if isinstance(g, int) else groups[g]]
+            for (line, den), num in bucket.items():
+                cell = lines[line]
+                cell[den] = cell.get(den, 0) + num
         rows = await repo.lock_groups(conn, deltas)
         updates, amounts = allocate({gid: (int(r["sum_num"]), int(r["sum_den"])) for gid, r in rows.items()}, deltas)
         await repo.update_groups(conn, updates)
-    await _save(conn, shards, groups, set(stored), set(held_rows))
+    await _save(conn, frames, shards, groups, set(stored), set(held_rows))
     if not amounts:
         return result
 
@@ -394,6 +416,7 @@ async def post_batches(
 
 async def _save(
     conn: repo.Conn,
+    frames: Frames,
     shards: dict[ShardKey, _Shard],
     groups: dict[GroupKey, int],
     stored: set[ShardKey],
@@ -404,31 +427,24 @@ async def _save(
     too (a new shard has no row to lock), so this posting fails as a serialization failure."""
     states, held_rows, gone = [], [], []
     for key, shard in sorted(shards.items()):
-        if shard.fresh is not None:
-            rids, revs, gks, nums, dens = shard.fresh
-            doc = orjson.dumps({"r": rids, "v": revs, "g": [groups[g] for g in gks], "n": nums, "d": dens})
-            states.append((key, len(rids), sum(revs), doc))
-        elif shard.applied_changed:
-            applied = {
-                rid: (v, g if isinstance(g, int) else groups[g], n, d) for rid, (v, g, n, d) in shard.applied.items()
-            }
-            states.append((key, len(applied), sum(a[0] for a in applied.values()), _dump_applied(applied)))
+        if shard.applied_changed:
+            states.append((key, len(shard.r), sum(shard.v), shard.dump(groups)))
         for org_id in sorted(shard.held_changed):
             items = shard.held[org_id]
             # Counted as held: the items not applied meanwhile (an older revision may stay applied).
-            applied = shard.as_dict()
+            applied = shard.positions()
             waiting = [h for rid, h in items.items() if rid not in applied]
             if items:
                 held_rows.append((key, org_id, len(waiting), sum(h[0] for h in waiting), _dump_held(items)))
             else:
                 gone.append((key, org_id))
-    await repo.save_shard_states(conn, [r for r in states if r[0] in stored])
-    await repo.save_held(conn, [r for r in held_rows if (r[0], r[1]) in stored_held], gone)
+    await repo.save_shard_states(conn, frames, [r for r in states if r[0] in stored])
+    await repo.save_held(conn, frames, [r for r in held_rows if (r[0], r[1]) in stored_held], gone)
     new_states = [r for r in states if r[0] not in stored]
     new_held = [r for r in held_rows if (r[0], r[1]) not in stored_held]
-    if await repo.insert_shard_states(conn, new_states) < len(new_states):
+    if await repo.insert_shard_states(conn, frames, new_states) < len(new_states):
         raise ConcurrentShardUpdateError("the state of a shard of this batch was first written concurrently")
-    if await repo.insert_held(conn, new_held) < len(new_held):
+    if await repo.insert_held(conn, frames, new_held) < len(new_held):
         raise ConcurrentShardUpdateError("charges of a shard of this batch were first held concurrently")
 
 
@@ -474,7 +490,7 @@ async def record_transactions(
     ids = [uuid7() for _ in drafts]
     await repo.insert_transactions(conn, drafts, ids, now)
     outbox = await repo.insert_outbox(
-        conn, [messages.to_outbox(messages.transaction_posted(d, tid, now)) for d, tid in zip(drafts, ids, strict=True)]
+        conn, [messages.transaction_posted_outbox(d, tid, now) for d, tid in zip(drafts, ids, strict=True)]
     )
     return ids, outbox
 

@@ -3,7 +3,8 @@ caller (service) owns the transaction boundary.
 
 Usage posting keeps its state per shard of resources (``shard_state``, ``held_shards``: one row per
 charges batch, the items as a document) and its exact sums per (customer, month, price) (``month_usage``);
-``posting.py`` does the arithmetic, a handful of statements per batch read and write the rows.
+``posting.py`` does the arithmetic, a handful of statements per batch read and write the rows. The
+documents are stored compressed (``shared/blobs.py``): the functions here take and give them plain.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from services.ledger.domain import (
     UsageAmount,
 )
 from shared.batches import ShardKey
+from shared.blobs import Frames, scope_of
 
 Conn = asyncpg.Connection | Any  # a pool proxy is an asyncpg connection too
 
@@ -38,7 +40,11 @@ def _key_arrays(keys: Iterable[ShardKey]) -> tuple[list[datetime], list[str], li
     return [k.reading_hour for k in ks], [k.meter for k in ks], [k.shard for k in ks]
 
 
-async def lock_shard_states(conn: Conn, keys: Iterable[ShardKey]) -> dict[ShardKey, bytes]:
+def _scope(key: ShardKey) -> str:
+    return scope_of(key.meter, key.shard, key.reading_hour)
+
+
+async def lock_shard_states(conn: Conn, frames: Frames, keys: Iterable[ShardKey]) -> dict[ShardKey, bytes]:
     """The applied charges of the shards ``keys`` that have any (their items document), locked until the
     end of the transaction. Empty for a shard's first batch, which is almost always the case."""
     rows = await conn.fetch(
@@ -48,10 +54,11 @@ async def lock_shard_states(conn: Conn, keys: Iterable[ShardKey]) -> dict[ShardK
              ORDER BY 1, 2, 3 FOR UPDATE OF s""",
         *_key_arrays(keys),
     )
-    return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): r["items"] for r in rows}
+    docs = await frames.unpack_all(conn, [r["items"] for r in rows])
+    return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): d for r, d in zip(rows, docs, strict=True)}
 
 
-async def save_shard_states(conn: Conn, rows: Sequence[tuple[ShardKey, int, int, bytes]]) -> None:
+async def save_shard_states(conn: Conn, frames: Frames, rows: Sequence[tuple[ShardKey, int, int, bytes]]) -> None:
     """Insert or replace shard states: (shard, posted, revisions, items document)."""
     if not rows:
         return
@@ -61,11 +68,11 @@ async def save_shard_states(conn: Conn, rows: Sequence[tuple[ShardKey, int, int,
            ON CONFLICT (reading_hour, meter, shard) DO UPDATE
               SET posted = EXCLUDED.posted, revisions = EXCLUDED.revisions, items = EXCLUDED.items""",
         [r[0].reading_hour for r in rows], [r[0].meter for r in rows], [r[0].shard for r in rows],
-        [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+        [r[1] for r in rows], [r[2] for r in rows], [frames.pack(_scope(r[0]), r[3]) for r in rows],
     )
 
 
-async def insert_shard_states(conn: Conn, rows: Sequence[tuple[ShardKey, int, int, bytes]]) -> int:
+async def insert_shard_states(conn: Conn, frames: Frames, rows: Sequence[tuple[ShardKey, int, int, bytes]]) -> int:
     """Insert the states of shards that had none when locked, unless another transaction inserted one
     meanwhile (this waits for it to end); returns how many were inserted."""
     if not rows:
@@ -75,12 +82,12 @@ async def insert_shard_states(conn: Conn, rows: Sequence[tuple[ShardKey, int, in
            SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int2[], $4::int4[], $5::int8[], $6::bytea[])
            ON CONFLICT DO NOTHING""",
         [r[0].reading_hour for r in rows], [r[0].meter for r in rows], [r[0].shard for r in rows],
-        [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+        [r[1] for r in rows], [r[2] for r in rows], [frames.pack(_scope(r[0]), r[3]) for r in rows],
     )
     return int(status.split()[-1])
 
 
-async def lock_held(conn: Conn, keys: Iterable[ShardKey]) -> dict[tuple[ShardKey, str], bytes]:
+async def lock_held(conn: Conn, frames: Frames, keys: Iterable[ShardKey]) -> dict[tuple[ShardKey, str], bytes]:
     """The held charges of the shards ``keys``, per org, locked."""
     rows = await conn.fetch(
         f"""SELECT h.reading_hour, h.meter, h.shard, h.org_id, h.items
@@ -89,10 +96,15 @@ async def lock_held(conn: Conn, keys: Iterable[ShardKey]) -> dict[tuple[ShardKey
              ORDER BY 1, 2, 3, 4 FOR UPDATE OF h""",
         *_key_arrays(keys),
     )
-    return {(ShardKey(r["reading_hour"], r["meter"], r["shard"]), r["org_id"]): r["items"] for r in rows}
+    docs = await frames.unpack_all(conn, [r["items"] for r in rows])
+    return {
+        (ShardKey(r["reading_hour"], r["meter"], r["shard"]), r["org_id"]): d for r, d in zip(rows, docs, strict=True)
+    }
 
 
-async def save_held(conn: Conn, rows: Sequence[tuple[ShardKey, str, int, int, bytes]], gone: Sequence[tuple[ShardKey, str]]) -> None:
+async def save_held(
+    conn: Conn, frames: Frames, rows: Sequence[tuple[ShardKey, str, int, int, bytes]], gone: Sequence[tuple[ShardKey, str]]
+) -> None:
     """Insert or replace held charges (shard, org, held, revisions, items document); delete ``gone``."""
     if rows:
         await conn.execute(
@@ -102,7 +114,8 @@ async def save_held(conn: Conn, rows: Sequence[tuple[ShardKey, str, int, int, by
                ON CONFLICT (reading_hour, meter, shard, org_id) DO UPDATE
                   SET held = EXCLUDED.held, revisions = EXCLUDED.revisions, items = EXCLUDED.items, held_at = now()""",
             [r[0].reading_hour for r in rows], [r[0].meter for r in rows], [r[0].shard for r in rows],
-            [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows],
+            [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+            [frames.pack(_scope(r[0]), r[4]) for r in rows],
         )
     if gone:
         await conn.execute(
@@ -115,7 +128,7 @@ async def save_held(conn: Conn, rows: Sequence[tuple[ShardKey, str, int, int, by
         )
 
 
-async def insert_held(conn: Conn, rows: Sequence[tuple[ShardKey, str, int, int, bytes]]) -> int:
+async def insert_held(conn: Conn, frames: Frames, rows: Sequence[tuple[ShardKey, str, int, int, bytes]]) -> int:
     """Insert held charges of (shard, org) pairs that had none when locked, unless another transaction
     inserted them meanwhile; returns how many were inserted."""
     if not rows:
@@ -126,7 +139,8 @@ async def insert_held(conn: Conn, rows: Sequence[tuple[ShardKey, str, int, int, 
                                 $7::bytea[])
            ON CONFLICT DO NOTHING""",
         [r[0].reading_hour for r in rows], [r[0].meter for r in rows], [r[0].shard for r in rows],
-        [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows],
+        [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+            [frames.pack(_scope(r[0]), r[4]) for r in rows],
     )
     return int(status.split()[-1])
 
@@ -513,15 +527,19 @@ async def list_assignments(
     )
 
 
-async def list_held(conn: Conn, after: tuple[datetime, str, int, str] | None, limit: int) -> list[asyncpg.Record]:
-    """Held (shard, org) rows in key order from ``after`` (inclusive: the caller skips what it listed)."""
+async def list_held(
+    conn: Conn, frames: Frames, after: tuple[datetime, str, int, str] | None, limit: int
+) -> list[tuple[asyncpg.Record, bytes]]:
+    """Held (shard, org) rows in key order from ``after`` (inclusive: the caller skips what it listed), each
+    with its items document."""
     h, m, s, o = after if after is not None else (None, None, None, None)
-    return await conn.fetch(
+    rows = await conn.fetch(
         """SELECT reading_hour, meter, shard, org_id, held_at, items FROM held_shards
             WHERE $1::timestamptz IS NULL OR (reading_hour, meter, shard, org_id) >= ($1, $2::text, $3::int2, $4::text)
             ORDER BY reading_hour, meter, shard, org_id LIMIT $5""",
         h, m, s, o, limit,
     )
+    return list(zip(rows, await frames.unpack_all(conn, [r["items"] for r in rows]), strict=True))
 
 
 # ---------------------------------------------------------------- agreements

@@ -11,6 +11,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared import audit
 from shared.auth import SCOPE_ADMIN
 from shared.completeness import LedgerCompleteness
 from shared.completeness import operation as completeness_operation
@@ -18,6 +19,7 @@ from shared.edge import Answer, Count, CursorText, Month, Operation, Page, Param
 
 __all__ = [
     "ASSIGN_ORG",
+    "AUDIT",
     "BALANCE",
     "CLOSE_MONTH",
     "COMPLETENESS",
@@ -320,7 +322,8 @@ STATEMENT = _op(
 ASSIGN_ORG = _op(
     "POST", "/internal/org-assignments", "Assign an org to a customer from a time (held charges of the org are posted)",
     {201: Answer(AssignmentCreatedOut, "Created")}, body=AssignmentIn,
-    refusals={404: NO_CUSTOMER, 409: "The org is assigned at that time already."}, command="ledger.assignment.create",
+    refusals={404: NO_CUSTOMER, 409: "The org is assigned at that time already."},
+    command="ledger.org_assignment.create",
 )
 LIST_ASSIGNMENTS = _op(
     "GET", "/internal/org-assignments", "Org assignments", {200: Answer(Page[AssignmentOut])}, query=AssignmentsQuery
@@ -358,8 +361,9 @@ HELD = _op(
     query=PageQuery,
 )
 COMPLETENESS = completeness_operation(LedgerCompleteness, "ledger")
+AUDIT = audit.operation("ledger")
 
 OPERATIONS: tuple[Operation, ...] = (
     CREATE_TIER, LIST_TIERS, CREATE_CUSTOMER, LIST_CUSTOMERS, GET_CUSTOMER, BALANCE, STATEMENT, ASSIGN_ORG,
-    LIST_ASSIGNMENTS, CREATE_AGREEMENT, LIST_AGREEMENTS, CLOSE_MONTH, REVERSE, EXPIRE, HELD, COMPLETENESS,
+    LIST_ASSIGNMENTS, CREATE_AGREEMENT, LIST_AGREEMENTS, CLOSE_MONTH, REVERSE, EXPIRE, HELD, COMPLETENESS, AUDIT,
 )

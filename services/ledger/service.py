@@ -33,6 +33,7 @@ from services.ledger.domain import (
 )
 from services.ledger.posting import (
     Posting,
+    ensure_frames,
     load_held,
     lock_open_months,
     post_batches,
@@ -40,6 +41,7 @@ from services.ledger.posting import (
 )
 from services.ledger.settings import LedgerSettings
 from shared.batches import Charges, ShardKey
+from shared.blobs import Frames
 from shared.clock import billing_month, month_bounds, utcnow
 from shared.ids import measurement_id, uuid7
 
@@ -115,6 +117,7 @@ class LedgerService:
         self._pool = pool
         self._settings = settings
         self._clock = clock
+        self.frames = Frames()  # the documents' compression frames (shared/blobs.py), one set per database
 
     async def _retrying(self, work: Callable[[repo.Conn], Awaitable[T]]) -> T:
         """Run ``work`` in a transaction, again if PostgreSQL reports a serialization failure or deadlock."""
@@ -133,8 +136,9 @@ class LedgerService:
 
     async def post_charges(self, batches: Sequence[Charges]) -> Posting:
         """Post charges batches in one transaction. Not retried here: the consumer retries."""
+        await ensure_frames(self.frames, self._pool, batches)
         async with self._pool.acquire() as conn, conn.transaction():
-            return await post_batches(conn, batches, self._clock())
+            return await post_batches(conn, self.frames, batches, self._clock())
 
     async def post_resolvable_held(self, org_id: str | None = None) -> Posting:
         """Post held charges whose org now has a customer at their hour (one org, or all), some shards at
@@ -146,7 +150,7 @@ class LedgerService:
                 found = await repo.resolvable_held(conn, org_id, HELD_BATCH)
                 if not found:
                     return Posting(), 0
-                return await post_batches(conn, [], self._clock(), release=found), len(found)
+                return await post_batches(conn, self.frames, [], self._clock(), release=found), len(found)
 
             posting, found = await self._retrying(one_batch)
             total.changed += posting.changed
@@ -163,10 +167,10 @@ class LedgerService:
         start = after[:4] if after is not None else None
         async with self._pool.acquire() as conn:
             while True:
-                rows = await repo.list_held(conn, start, 100)
-                for r in rows:
+                rows = await repo.list_held(conn, self.frames, start, 100)
+                for r, doc in rows:
                     key = ShardKey(r["reading_hour"], r["meter"], r["shard"])
-                    for rid, (rev, kind, price, num, den) in sorted(load_held(r["items"]).items()):
+                    for rid, (rev, kind, price, num, den) in sorted(load_held(doc).items()):
                         position = (key.reading_hour, key.meter, key.shard, r["org_id"], rid)
                         if after is not None and position <= after:
                             continue
@@ -189,7 +193,7 @@ class LedgerService:
                             return HeldPage(items, position)
                 if len(rows) < 100:
                     return HeldPage(items, None)
-                last = rows[-1]
+                last = rows[-1][0]
                 start = (last["reading_hour"], last["meter"], last["shard"], last["org_id"] + "\x00")
 
     # ------------------------------------------------------------ tiers and customers
@@ -242,7 +246,7 @@ class LedgerService:
                     "Assignment exists", f"org {org_id} already has an assignment starting {starts_at.isoformat()}"
                 )
             found = await repo.resolvable_held(conn, org_id, HELD_BATCH)
-            posting = await post_batches(conn, [], self._clock(), release=found)
+            posting = await post_batches(conn, self.frames, [], self._clock(), release=found)
             body = dict(row) | {"held_charges_posted": posting.released}
             return Result(body, posting.outbox_ids)
 
@@ -341,7 +345,7 @@ class LedgerService:
             # assigned. Posted under the exclusive lock, so nothing is held for the month after this.
             outbox: list[int] = []
             while found := await repo.resolvable_held(conn, None, HELD_BATCH, before=end):
-                posted = await post_batches(conn, [], now, release=found)
+                posted = await post_batches(conn, self.frames, [], now, release=found)
                 outbox += posted.outbox_ids
                 if len(found) < HELD_BATCH:
                     break

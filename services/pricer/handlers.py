@@ -31,6 +31,7 @@ from services.pricer.schemas import (
 )
 from services.pricer.service import CatalogBusyError, Pricer
 from services.pricer.settings import PricerSettings
+from shared.audit import list_audit
 from shared.batches import SHARDS, decode_measurements
 from shared.contracts import ChargeComputed, ChargesComputed, MeasurementsTaken, MeasurementTaken
 from shared.edge import CONFLICT, INVALID_CURSOR, NOT_FOUND, UNAVAILABLE, Call, Cursor, Operation, ProblemError, answer
@@ -110,6 +111,7 @@ OPERATIONS: tuple[Operation, ...] = (
     schemas.END_PRICE.bind(post_price_end),
     schemas.UNPRICED.bind(list_unpriced),
     schemas.COMPLETENESS.bind(completeness.handler),
+    schemas.AUDIT.bind(list_audit),
 )
 
 

@@ -1,6 +1,7 @@
 """Every SQL statement of the pricer. Functions take a connection; the caller owns the transaction.
 
-Charges are stored per shard (reading hour, meter, shard), a batch message per row (``charge_batches``).
+Charges are stored per shard (reading hour, meter, shard), a batch message per row (``charge_batches``),
+compressed against the shard's frame (``shared/blobs.py``): the functions here take and give messages plain.
 
 Catalog consistency: every writer of charges (a readings batch, a re-pricing chunk) holds the catalog
 lock in SHARED mode for its transaction and reads the catalog inside it; every catalog change holds it
@@ -13,13 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any
 from uuid import UUID
 
 import asyncpg
 
 from services.pricer.pricing import Price
 from shared.batches import ShardKey
+from shared.blobs import Frames, scope_of
 
 __all__ = [
     "lock_catalog_shared",
@@ -220,29 +221,40 @@ _SHARD_BATCHES = """
     ORDER BY b.reading_hour, b.meter, b.shard, b.seq"""
 
 
-def _by_shard(rows: Sequence[asyncpg.Record]) -> dict[ShardKey, list[tuple[int, bytes]]]:
+async def _by_shard(
+    conn: asyncpg.Connection, frames: Frames, rows: Sequence[asyncpg.Record]
+) -> dict[ShardKey, list[tuple[int, bytes]]]:
     out: dict[ShardKey, list[tuple[int, bytes]]] = {}
-    for r in rows:
-        out.setdefault(ShardKey(r["reading_hour"], r["meter"], r["shard"]), []).append((r["seq"], r["message"]))
+    messages = await frames.unpack_all(conn, [r["message"] for r in rows])
+    for r, message in zip(rows, messages, strict=True):
+        out.setdefault(ShardKey(r["reading_hour"], r["meter"], r["shard"]), []).append((r["seq"], message))
     return out
 
 
-async def lock_shards(conn: asyncpg.Connection, keys: Iterable[ShardKey]) -> dict[ShardKey, list[tuple[int, bytes]]]:
+async def lock_shards(
+    conn: asyncpg.Connection, frames: Frames, keys: Iterable[ShardKey]
+) -> dict[ShardKey, list[tuple[int, bytes]]]:
     """The stored batches (seq, message) of the shards ``keys`` that have any, locked until the end of the
     transaction. Almost always empty: a shard is priced once, when its readings first arrive."""
-    return _by_shard(await conn.fetch(_SHARD_BATCHES + " FOR UPDATE OF b", *_keys(keys)))
+    return await _by_shard(conn, frames, await conn.fetch(_SHARD_BATCHES + " FOR UPDATE OF b", *_keys(keys)))
 
 
-async def load_shards(conn: asyncpg.Connection, keys: Iterable[ShardKey]) -> dict[ShardKey, list[tuple[int, bytes]]]:
+async def load_shards(
+    conn: asyncpg.Connection, frames: Frames, keys: Iterable[ShardKey]
+) -> dict[ShardKey, list[tuple[int, bytes]]]:
     """``lock_shards`` without the lock (for reading)."""
-    return _by_shard(await conn.fetch(_SHARD_BATCHES, *_keys(keys)))
+    return await _by_shard(conn, frames, await conn.fetch(_SHARD_BATCHES, *_keys(keys)))
 
 
-async def insert_batches(conn: asyncpg.Connection, rows: Sequence[BatchRow]) -> None:
-    """Store new batches (COPY). Raises ConcurrentShardWriteError when a (shard, seq) exists already."""
+async def insert_batches(conn: asyncpg.Connection, frames: Frames, rows: Sequence[BatchRow]) -> None:
+    """Store new batches (COPY), their messages compressed. Raises ConcurrentShardWriteError when a (shard,
+    seq) exists already."""
     if not rows:
         return
-    records = [(k.reading_hour, k.meter, k.shard, seq, n, p, u, r, pub, msg) for k, seq, n, p, u, r, pub, msg in rows]
+    records = [
+        (k.reading_hour, k.meter, k.shard, seq, n, p, u, r, pub, frames.pack(scope_of(k.meter, k.shard, k.reading_hour), msg))
+        for k, seq, n, p, u, r, pub, msg in rows
+    ]
     try:
         async with conn.transaction():
             await conn.copy_records_to_table("charge_batches", records=records, columns=_BATCH_COLUMNS)
@@ -336,7 +348,7 @@ async def unpriced_after(
     return [(ShardKey(r["reading_hour"], r["meter"], r["shard"]), r["resource_kind"]) for r in rows]
 
 
-async def take_unpublished(conn: asyncpg.Connection, limit: int) -> list[tuple[ShardKey, int, bytes]]:
+async def take_unpublished(conn: asyncpg.Connection, frames: Frames, limit: int) -> list[tuple[ShardKey, int, bytes]]:
     """Batches stored but not yet acknowledged by the broker, oldest first, locked (another publisher
     skips them) until the transaction ends."""
     rows = await conn.fetch(
@@ -347,7 +359,10 @@ async def take_unpublished(conn: asyncpg.Connection, limit: int) -> list[tuple[S
            FOR UPDATE SKIP LOCKED""",
         limit,
     )
-    return [(ShardKey(r["reading_hour"], r["meter"], r["shard"]), r["seq"], r["message"]) for r in rows]
+    messages = await frames.unpack_all(conn, [r["message"] for r in rows])
+    return [
+        (ShardKey(r["reading_hour"], r["meter"], r["shard"]), r["seq"], m) for r, m in zip(rows, messages, strict=True)
+    ]
 
 
 async def mark_published(conn: asyncpg.Connection, batches: Sequence[tuple[ShardKey, int]]) -> None:
@@ -366,10 +381,12 @@ async def count_unpriced(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval("SELECT coalesce(sum(d_unpriced), 0) FROM charge_batches"))
 
 
-async def all_batches(conn: asyncpg.Connection) -> dict[ShardKey, list[tuple[int, bytes]]]:
+async def all_batches(conn: asyncpg.Connection, frames: Frames) -> dict[ShardKey, list[tuple[int, bytes]]]:
     """Every stored batch (tests and audits; not for the hot path)."""
-    return _by_shard(
-        await conn.fetch("SELECT reading_hour, meter, shard, seq, message FROM charge_batches ORDER BY 1, 2, 3, 4")
+    return await _by_shard(
+        conn,
+        frames,
+        await conn.fetch("SELECT reading_hour, meter, shard, seq, message FROM charge_batches ORDER BY 1, 2, 3, 4"),
     )
 
 

@@ -12,6 +12,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.pricer.pricing import MAX_AMOUNT, Price
+from shared import audit
 from shared.auth import SCOPE_ADMIN
 from shared.completeness import PricerCompleteness
 from shared.completeness import operation as completeness_operation
@@ -20,6 +21,7 @@ from shared.edge import Answer, Count, CursorText, Operation, Params, Reply, Tim
 
 __all__ = [
     "ADD_PRICE",
+    "AUDIT",
     "COMPLETENESS",
     "END_PRICE",
     "GET_PRICE",
@@ -148,7 +150,7 @@ ADD_PRICE = _op(
     },
     body=PriceIn,
     refusals={409: "Another price of the meter and kind overlaps the range.", 503: BUSY},
-    command="pricer.price.create",
+    command="pricer.price.add",
 )
 LIST_PRICES = _op("GET", "/internal/prices", "Prices, filtered", {200: Answer(PriceList)}, query=PricesQuery)
 GET_PRICE = _op(
@@ -170,5 +172,8 @@ UNPRICED = _op(
     {200: Answer(UnpricedList)}, query=UnpricedQuery,
 )
 COMPLETENESS = completeness_operation(PricerCompleteness, "pricer")
+AUDIT = audit.operation("pricer")
 
-OPERATIONS: tuple[Operation, ...] = (ADD_PRICE, LIST_PRICES, GET_PRICE, END_PRICE, UNPRICED, COMPLETENESS)
+OPERATIONS: tuple[Operation, ...] = (
+    ADD_PRICE, LIST_PRICES, GET_PRICE, END_PRICE, UNPRICED, COMPLETENESS, AUDIT
+)

@@ -54,6 +54,7 @@ from shared.batches import (
     shard_key,
     subset,
 )
+from shared.blobs import Frames, scope_of
 from shared.clock import utcnow
 from shared.ids import charge_id, measurement_id, uuid7
 from shared.kafka import Outgoing, Received, Stream
@@ -127,6 +128,7 @@ class Pricer:
         self._lock_timeout_ms = lock_timeout_ms
         self._catalog = Catalog((), version=0)
         self._swept_version = 0
+        self.frames = Frames()  # the stored batches' compression frames (shared/blobs.py), for this database
 
     async def _current_catalog(self, conn: asyncpg.Connection) -> Catalog:
         """The catalog as committed; reloaded only when its version moved. Call under the lock."""
@@ -188,12 +190,18 @@ class Pricer:
         unpriced_rows: list[tuple[ShardKey, str]] = []
         hours: list[tuple[UUID, datetime]] = []
         counts = {"priced": 0, "unpriced": 0, "republished": 0}
+        seeds: dict[str, bytes] = {}
+        for m in messages:  # a shard's first readings seed its frame (the names and ids its charges repeat)
+            scope = scope_of(m.meter, m.shard, m.reading_hour)
+            if scope not in seeds and self.frames.lacks(scope):
+                seeds[scope] = encode_measurements(m)
+        await self.frames.ensure(self._pool, seeds)
         async with self._pool.acquire() as conn:
             async with conn.transaction():
                 await repository.lock_catalog_shared(conn)
                 catalog = await self._current_catalog(conn)
                 keys = {ShardKey(m.reading_hour, m.meter, m.shard) for m in messages}
-                shards = {k: _stored(v) for k, v in (await repository.lock_shards(conn, keys)).items()}
+                shards = {k: _stored(v) for k, v in (await repository.lock_shards(conn, self.frames, keys)).items()}
                 for n, m in enumerate(messages):
                     key = ShardKey(m.reading_hour, m.meter, m.shard)
                     shard = shards.setdefault(key, _Shard())
@@ -220,7 +228,7 @@ class Pricer:
                     outgoing.append(Outgoing(shard_key(key.shard), raw))
                     counts["priced"] += priced.priced
                     counts["unpriced"] += priced.unpriced
-                await repository.insert_batches(conn, rows)
+                await repository.insert_batches(conn, self.frames, rows)
                 await repository.add_unpriced(conn, unpriced_rows)
                 await repository.add_priced_hours(conn, hours)
         await self._stream.publish(self._topic, outgoing)
@@ -318,7 +326,7 @@ class Pricer:
                     kinds: dict[ShardKey, set[str]] = {}
                     for key, kind in found:
                         kinds.setdefault(key, set()).add(kind)
-                    shards = {k: _stored(v) for k, v in (await repository.lock_shards(conn, kinds)).items()}
+                    shards = {k: _stored(v) for k, v in (await repository.lock_shards(conn, self.frames, kinds)).items()}
                     rows: list[repository.BatchRow] = []
                     hours: list[tuple[UUID, datetime]] = []
                     cleared: list[tuple[ShardKey, str]] = []
@@ -337,7 +345,7 @@ class Pricer:
                             done += n
                         still = _unpriced_kinds(shard.stored)
                         cleared.extend((key, k) for k in want if k not in still)
-                    await repository.insert_batches(conn, rows)
+                    await repository.insert_batches(conn, self.frames, rows)
                     await repository.delete_unpriced(conn, cleared)
                     await repository.add_priced_hours(conn, hours)
             if found:
@@ -369,7 +377,7 @@ class Pricer:
         while True:
             async with self._pool.acquire() as conn:
                 async with conn.transaction():
-                    rows = await repository.take_unpublished(conn, limit)
+                    rows = await repository.take_unpublished(conn, self.frames, limit)
                     if rows:
                         await self._stream.publish(self._topic, [Outgoing(shard_key(k.shard), raw) for k, _, raw in rows])
                         await repository.mark_published(conn, [(k, seq) for k, seq, _ in rows])
@@ -390,7 +398,7 @@ class Pricer:
                 found = await repository.unpriced_after(conn, start, 50, strict=strict)
                 if not found:
                     return UnpricedPage(items, None)
-                shards = await repository.load_shards(conn, {k for k, _ in found})
+                shards = await repository.load_shards(conn, self.frames, {k for k, _ in found})
                 for key, kind in found:
                     stored = [_decode_charges.decode(raw) for _, raw in shards.get(key, [])]
                     for doc in _unpriced_documents(stored, kind):

@@ -1,10 +1,11 @@
 """The typed HTTP edge every service shares: route declarations (``Operation``), strict parameters, bodies and
 cursors, problem+json errors with one ``type`` per mistake, and the OpenAPI 3.1 document generated from the
-declarations. A package of small modules: ``problems``, ``params``, ``cursor``, ``bodies``, ``routes``,
-``openapi``; everything a service needs is importable from here."""
+declarations. A package of small modules: ``problems``, ``params``, ``cursor``, ``bodies``, ``idempotency``,
+``routes``, ``openapi``; everything a service needs is importable from here."""
 
 from shared.edge.bodies import is_json, read_body, strict_json
 from shared.edge.cursor import Cursor
+from shared.edge.idempotency import KEY_HEADER, REPLAYED_HEADER, idempotency_key
 from shared.edge.openapi import document
 from shared.edge.params import (
     EARLIEST,
@@ -30,13 +31,16 @@ from shared.edge.problems import (
     CONTENT_TOO_LARGE,
     FORBIDDEN,
     GATEWAY_TIMEOUT,
+    IDEMPOTENCY_KEY_REUSED,
     INTERNAL,
     INVALID_BODY,
     INVALID_CURSOR,
+    INVALID_IDEMPOTENCY_KEY,
     INVALID_PARAMETER,
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
     PROBLEM,
+    REQUEST_IN_PROGRESS,
     UNAUTHORIZED,
     UNAVAILABLE,
     UNSUPPORTED_MEDIA_TYPE,
@@ -71,14 +75,19 @@ __all__ = [
     "FORBIDDEN",
     "GATEWAY_TIMEOUT",
     "HORIZON",
+    "IDEMPOTENCY_KEY_REUSED",
     "INTERNAL",
     "INVALID_BODY",
     "INVALID_CURSOR",
+    "INVALID_IDEMPOTENCY_KEY",
     "INVALID_PARAMETER",
     "JSON",
+    "KEY_HEADER",
     "METHOD_NOT_ALLOWED",
     "NOT_FOUND",
     "PROBLEM",
+    "REPLAYED_HEADER",
+    "REQUEST_IN_PROGRESS",
     "UNAUTHORIZED",
     "UNAVAILABLE",
     "UNSUPPORTED_MEDIA_TYPE",
@@ -108,6 +117,7 @@ __all__ = [
     "describe",
     "document",
     "endpoint",
+    "idempotency_key",
     "is_json",
     "latest",
     "parameter",

@@ -1,7 +1,8 @@
 """The OpenAPI 3.1 document of a service, generated from its route declarations (``Operation``): paths,
 parameters and request bodies from the models that validate them, answers from the models that build
 them, and the refusals every route has by what it declares (a scope: 401/403/503; parameters: 422;
-a body: 413/415/422). The schemas are pydantic's JSON Schema of those models, under
+a body: 413/415/422; a command: its Idempotency-Key header, 400/409/422, and ``Idempotent-Replayed`` on
+its answers, ``shared.edge.idempotency``). The schemas are pydantic's JSON Schema of those models, under
 ``#/components/schemas``. Nothing in it is written by hand."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from shared.edge.idempotency import KEY_PARAMETER, KEY_REFUSALS, REPLAYED_HEADERS
 from shared.edge.params import Params
 from shared.edge.problems import PROBLEM, TYPE_BASE, Problem
 from shared.edge.routes import JSON, Answer, Operation
@@ -62,14 +64,15 @@ def _parameters(model: type[Params] | None, where: str, defs: dict[str, Any]) ->
     return out
 
 
-def _answer(a: Answer, refs: Mapping[tuple[Any, Mode], Any]) -> dict[str, Any]:
+def _answer(a: Answer, refs: Mapping[tuple[Any, Mode], Any], command: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"description": a.description}
     if a.model is not None:
         out["content"] = {a.media_type: {"schema": refs[(a.model, "serialization")]}}
     elif a.schema is not None:
         out["content"] = {a.media_type: {"schema": dict(a.schema)}}
-    if a.headers:
-        out["headers"] = {k: dict(v) for k, v in a.headers.items()}
+    headers = {**a.headers, **(REPLAYED_HEADERS if command else {})}
+    if headers:
+        out["headers"] = {k: dict(v) for k, v in headers.items()}
     return out
 
 
@@ -95,6 +98,9 @@ def _refusals(op: Operation) -> dict[int, list[str]]:
         add(413, "The body is larger than the service's limit (<SVC>_MAX_BODY_BYTES).")
     for status, text in op.refusals.items():
         add(status, text)
+    if op.command is not None:
+        for status, text in KEY_REFUSALS.items():
+            add(status, text)
     return found
 
 
@@ -104,7 +110,8 @@ def _operation(op: Operation, refs: Mapping[tuple[Any, Mode], Any], defs: dict[s
         "operationId": op.name.lower().replace(" /", "_").replace("/", "_").replace("{", "").replace("}", "")
         .replace("-", "_").replace(".", "_"),
         "security": [{"bearer": [op.scope]}] if op.scope is not None else [],
-        "parameters": _parameters(op.path_params, "path", defs) + _parameters(op.query, "query", defs),
+        "parameters": _parameters(op.path_params, "path", defs) + _parameters(op.query, "query", defs)
+        + ([dict(KEY_PARAMETER)] if op.command is not None else []),
         "responses": {},
     }
     description = op.description
@@ -121,7 +128,8 @@ def _operation(op: Operation, refs: Mapping[tuple[Any, Mode], Any], defs: dict[s
             "required": op.body_required,
             "content": {JSON: {"schema": refs[(op.body, "validation")]}},
         }
-    responses: dict[str, Any] = {str(s): _answer(a, refs) for s, a in sorted(op.answers.items())}
+    command = op.command is not None
+    responses: dict[str, Any] = {str(s): _answer(a, refs, command) for s, a in sorted(op.answers.items())}
     for status, texts in sorted(_refusals(op).items()):
         if str(status) not in responses:
             responses[str(status)] = _problem(" ".join(texts))

@@ -22,13 +22,16 @@ __all__ = [
     "CONTENT_TOO_LARGE",
     "FORBIDDEN",
     "GATEWAY_TIMEOUT",
+    "IDEMPOTENCY_KEY_REUSED",
     "INTERNAL",
     "INVALID_BODY",
     "INVALID_CURSOR",
+    "INVALID_IDEMPOTENCY_KEY",
     "INVALID_PARAMETER",
     "METHOD_NOT_ALLOWED",
     "NOT_FOUND",
     "PROBLEM",
+    "REQUEST_IN_PROGRESS",
     "TYPE_BASE",
     "UNAUTHORIZED",
     "UNAVAILABLE",
@@ -71,6 +74,11 @@ UNAVAILABLE = ProblemType("unavailable", 503, "Service Unavailable")
 BAD_GATEWAY = ProblemType("bad-gateway", 502, "Bad Gateway")
 GATEWAY_TIMEOUT = ProblemType("gateway-timeout", 504, "Gateway Timeout")
 INTERNAL = ProblemType("internal", 500, "Internal Server Error")
+# A command's Idempotency-Key (shared.edge.idempotency, shared.commands): malformed or sent twice; its first
+# request has not answered yet; sent before with another request.
+INVALID_IDEMPOTENCY_KEY = ProblemType("invalid-idempotency-key", 400, "Invalid Idempotency-Key")
+REQUEST_IN_PROGRESS = ProblemType("request-in-progress", 409, "Request in progress")
+IDEMPOTENCY_KEY_REUSED = ProblemType("idempotency-key-reused", 422, "Idempotency-Key reused")
 
 _BY_STATUS = {
     t.status: t

@@ -9,8 +9,10 @@ and 415/422 problems itself; a ``ProblemError`` raised by the handler is answere
 
 Each route's endpoint is an ordinary Starlette endpoint (``Request -> Response``), built in layers:
 ``wrap`` (a service's own concern, e.g. metrics) → authentication → ``command(kind)`` for the routes
-declared as commands (state-changing POSTs; the place where an audit trail or Idempotency-Key handling
-is applied to all of them at once) → parsing and the handler.
+declared as commands (the state-changing requests: ``shared.commands`` records each in the audit trail
+and answers a retry with the same Idempotency-Key from the first answer, for all of them at once) →
+parsing and the handler. A route that forwards its owner's command (the api's /admin routes) is
+documented as that command — the Idempotency-Key and its refusals — but recorded by the owner.
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ class Operation:
     check_body: bool = True  # False: documented, passed on unread (the api forwarding to an owner)
     refusals: Mapping[int, str] = field(default_factory=dict)  # problems the handler may answer
     command: str | None = None  # the kind of a state-changing command, e.g. "ledger.agreement.create"
+    forwarded: bool = False  # True: the command is its owner's, recorded there (not wrapped here)
     description: str = ""
     tags: tuple[str, ...] = ()
     handler: Handler | None = None
@@ -220,11 +223,14 @@ def _authenticated(op: Operation, inner: Endpoint) -> Endpoint:
 
 
 def endpoint(op: Operation, *, command: CommandWrapper | None = None, wrap: Wrap | None = None) -> Endpoint:
-    """The Starlette endpoint of ``op``: wrap → authentication → command(kind) → parsing and handler."""
+    """The Starlette endpoint of ``op``: wrap → authentication → command(kind) → parsing and handler. A
+    command of this service needs ``command`` (never served unrecorded)."""
     if op.handler is None:
         raise ValueError(f"{op.name} has no handler")
     inner = _parsed(op, op.handler)
-    if op.command is not None and command is not None:
+    if op.command is not None and not op.forwarded:
+        if command is None:
+            raise ValueError(f"{op.name} is a command: give the command wrapper")
         inner = command(op.command)(inner)
     outer = _authenticated(op, inner)
     return wrap(op, outer) if wrap is not None else outer

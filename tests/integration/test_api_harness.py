@@ -18,10 +18,10 @@ async def test_the_api_starts_ready_with_its_consumers_and_serves_its_openapi(ha
     doc = (await harness.client.get("/openapi.json")).json()
     assert doc["openapi"].startswith("3.1")
     assert "/v1/customers/{customer_id}/usage" in doc["paths"]
-    # the read model of the batched topics, migrated on start: charges per shard, changes waiting for their
-    # org's customer, per-resource documents, group rollups; the per-measurement tables of v1 only renamed
+    # the read model of the batched topics, migrated on start: charges per shard, per-resource day
+    # documents, group rollups; the per-measurement tables of v1 only renamed
     v2 = [
-        "charge_shard", "pending_charges", "usage_resource_day", "usage_resource_month", "usage_hour_group",
+        "charge_shard", "usage_resource_day", "usage_hour_group",
         "usage_day_group", "usage_month", "org_customer_hour", "ledger_transaction", "statement", "entitlement",
     ]
     listed = await harness.sql(

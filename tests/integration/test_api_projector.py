@@ -46,7 +46,7 @@ RESOURCES = [
 ]
 DENOMINATORS = [1, 3, 7, 730, 1000]
 TABLES = (
-    "charge_shard, pending_charges, org_customer_hour, usage_resource_day, usage_resource_month, usage_month, "
+    "charge_shard, org_customer_hour, usage_resource_day, usage_month, "
     "usage_day_group, usage_hour_group, ledger_transaction, customer, org_info, space_info, resource_info"
 )
 DIMS: dict[str, Callable[[ChargeItem], tuple[str, str]]] = {

@@ -38,6 +38,7 @@ from shared.topics import CHARGES, READINGS
 from simulator import FaultConfig, Foundation, SimConfig
 from tests.sim_server import running_sim, serve_app
 from tests.support.api_harness import running_api
+from tests.support.documents import packed, unpacked
 from tests.support.openapi_checks import response_schema, violations
 
 pytestmark = pytest.mark.integration
@@ -308,13 +309,14 @@ async def test_the_report_counts_every_stage_and_flags_what_does_not_reconcile(p
                 WHERE reading_hour = $1 AND meter = 'cfapps' AND posted >= 3 ORDER BY shard LIMIT 1""",
             HOURS[3],
         )
-        doc = orjson.loads(row["items"])
+        [raw] = await unpacked(conn, "ledger", [row["items"]])
+        doc = orjson.loads(raw)
         lost = doc["v"][:3]
         kept = {k: v[3:] for k, v in doc.items()}
         await conn.execute(
             """UPDATE ledger.shard_state SET items = $3, posted = posted - 3, revisions = revisions - $4
                 WHERE reading_hour = $1 AND meter = 'cfapps' AND shard = $2""",
-            HOURS[3], row["shard"], orjson.dumps(kept), sum(lost),
+            HOURS[3], row["shard"], packed(orjson.dumps(kept)), sum(lost),
         )
     finally:
         await conn.close()

@@ -153,7 +153,7 @@ CASES = [
     Case("ledger", CHARGES, ledger_app, LedgerSettings, "ledger", charges_batch, ChargesComputed,
          ("shard_state", "held_shards", "transactions")),
     Case("api-charges", CHARGES, api_app, ApiSettings, "api", charges_batch, ChargesComputed,
-         ("charge_shard", "pending_charges", "usage_hour_group")),
+         ("charge_shard", "usage_hour_group")),
     Case("api-transactions", TRANSACTIONS, api_app, ApiSettings, "api", transaction, TransactionPosted,
          ("ledger_transaction", "customer")),
 ]

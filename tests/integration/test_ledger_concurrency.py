@@ -43,7 +43,7 @@ async def held_open(db: LedgerDB, batches: Sequence[Charges]) -> AsyncIterator[N
         tx = conn.transaction()
         await tx.start()
         try:
-            await post_batches(conn, batches, datetime.now(UTC))
+            await post_batches(conn, db.service.frames, batches, datetime.now(UTC))
         except BaseException:
             await tx.rollback()
             raise

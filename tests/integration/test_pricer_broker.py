@@ -39,6 +39,7 @@ from shared.contracts import MeasurementsTaken, MeasurementTaken
 from shared.db import create_pool, migrate
 from shared.kafka import Outgoing, Publisher, Received
 from shared.topics import CHARGES, READINGS, READINGS_V1, dlq
+from tests.support.documents import unpacked
 from tests.support.tokens import LocalIssuer
 
 pytestmark = pytest.mark.integration
@@ -149,9 +150,10 @@ async def stored_items(pool: Any) -> list[tuple[Key, int]]:
     """Every (measurement, revision) the pricer stored, with repeats if any."""
     async with pool.acquire() as conn:
         rows = await conn.fetch("SELECT message FROM charge_batches")
+        messages = await unpacked(conn, "pricer", [r["message"] for r in rows])
     out: list[tuple[Key, int]] = []
-    for r in rows:
-        c = decode_charges(bytes(r["message"])).message
+    for message in messages:
+        c = decode_charges(message).message
         assert c is not None
         out.extend((k, v[0]) for k, v in items(c).items())
     return out
@@ -491,10 +493,10 @@ async def test_what_a_crash_left_committed_but_unpublished_is_published_on_start
             await crashed.add_price(svc_price)
         async with pool.acquire() as conn:
             rows = await conn.fetch("SELECT published, message FROM charge_batches ORDER BY created_at, seq")
+            stored = set(await unpacked(conn, "pricer", [r["message"] for r in rows]))
     finally:
         await pool.close()
     assert [r["published"] for r in rows] == [True, True, False]
-    stored = {bytes(r["message"]) for r in rows}
     async with publisher(infra.kafka) as pub:
         await pub.publish(topic_prefix + READINGS, outgoing(app_readings))
 

@@ -31,6 +31,7 @@ from shared.batches import Charges, Item, Measurements, decode_charges, measurem
 from shared.contracts import ChargeComputed
 from shared.kafka import Received
 from shared.topics import CHARGES
+from tests.support.documents import unpacked
 from tests.support.tokens import LocalIssuer
 
 pytestmark = pytest.mark.integration
@@ -132,9 +133,10 @@ async def stored(running: Running) -> dict[Key, tuple[int, uuid.UUID | None, Fra
     """The latest stored revision per measurement (the highest revision over the shard's batches)."""
     async with running.pool.acquire() as conn:
         rows = await conn.fetch("SELECT message FROM charge_batches ORDER BY reading_hour, meter, shard, seq")
+        messages = await unpacked(conn, "pricer", [r["message"] for r in rows])
     latest: dict[Key, tuple[int, uuid.UUID | None, Fraction]] = {}
-    for r in rows:
-        c = decode_charges(bytes(r["message"])).message
+    for message in messages:
+        c = decode_charges(message).message
         assert c is not None
         for key, charge in items_of(c).items():
             if key not in latest or charge[0] > latest[key][0]:

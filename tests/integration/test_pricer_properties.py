@@ -40,6 +40,7 @@ from shared.db import create_pool, migrate
 from shared.kafka import Outgoing, Received
 from shared.topics import CHARGES
 from shared.wire import decoder_for
+from tests.support.documents import unpacked
 
 pytestmark = pytest.mark.integration
 
@@ -227,13 +228,14 @@ async def test_stored_charges_do_not_depend_on_order_repeats_batching_or_topic_v
             rows = await conn.fetch("SELECT reading_hour, meter, shard, seq, published, message FROM charge_batches")
             unpriced = {tuple(r) for r in await conn.fetch("SELECT * FROM unpriced_shards")}
             priced_hours = {tuple(r) for r in await conn.fetch("SELECT price_id, reading_hour FROM priced_hours")}
-        stored = {bytes(r["message"]) for r in rows}
+            messages = await unpacked(conn, "pricer", [r["message"] for r in rows])
+        stored = set(messages)
         assert all(r["published"] for r in rows)  # the outbox is empty: every re-priced batch went out
 
         # Every measurement's charges, as (revision, price id, exact amount), from the stored batches.
         charges: dict[tuple[datetime, str, str], list[tuple[int, UUID | None, Fraction]]] = {}
-        for r in rows:
-            c = decode_charges(bytes(r["message"])).message
+        for r, message in zip(rows, messages, strict=True):
+            c = decode_charges(message).message
             assert c is not None and (c.reading_hour, c.meter, c.shard) == (r["reading_hour"], r["meter"], r["shard"])
             for i, rid in enumerate(c.resource_id):
                 p = None if c.price[i] < 0 else c.prices[c.price[i]].id

@@ -1,7 +1,7 @@
 """The same mistake gets the same answer everywhere: every route of every service (the collector, the pricer,
 the ledger and the api, each its real app served over HTTP, the api forwarding to the others), read from
-the OpenAPI document each serves, is sent the same bad time, cursor, UUID, month, body and unknown
-parameter — one mistake at a time, everything else valid, with an admin's token — and each mistake is
+the OpenAPI document each serves, is sent the same bad time, cursor, UUID, month, body, unknown
+parameter and malformed Idempotency-Key (every command route) — one mistake at a time, everything else valid, with an admin's token — and each mistake is
 answered with one status and one problem ``type`` across all of them. Never a 5xx."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from starlette.applications import Starlette
 
 from services.collector.app import create_app as collector_app
@@ -53,6 +54,7 @@ MISTAKES: dict[str, tuple[list[str], tuple[int, str]]] = {
     "duplicate keys in the body": (['{"a": 1, "a": 2}'], (422, "invalid-body")),
     "a number that is not one": (['{"limit": "5", "credits_per_period": 5.0}'], (422, "invalid-body")),
     "a body that is not JSON": (["name=x"], (415, "unsupported-media-type")),
+    "bad idempotency key": (["k" * 256, ""], (400, "invalid-idempotency-key")),
     "no such route": (["/nope"], (404, "not-found")),
     "no such method": (["PUT"], (405, "method-not-allowed")),
 }
@@ -68,12 +70,12 @@ async def four_services(
     }
     owners: dict[str, Starlette] = {
         "ledger": ledger_app(
-            LedgerSettings(database_url=database.dsn("ledger"), periodic_interval_seconds=0, **common)
+            LedgerSettings(database_url=SecretStr(database.dsn("ledger")), periodic_interval_seconds=0, **common)
         ),
-        "pricer": pricer_app(PricerSettings(database_url=database.dsn("pricer"), **common)),
+        "pricer": pricer_app(PricerSettings(database_url=SecretStr(database.dsn("pricer")), **common)),
         "collector": collector_app(
             CollectorSettings(
-                database_url=database.dsn("collector"), cf_api_url="http://127.0.0.1:9", uaa_url="http://127.0.0.1:9",
+                database_url=SecretStr(database.dsn("collector")), cf_api_url="http://127.0.0.1:9", uaa_url="http://127.0.0.1:9",
                 schedule_enabled=False, **common,
             )
         ),
@@ -129,6 +131,9 @@ def requests(path: str, method: str, op: dict[str, Any]) -> list[tuple[str, dict
             else:
                 out.append((mistake, base | {"params": query | {p["name"]: bad}}))
     out.append(("unknown parameter", base | {"params": query | {"surprise": "1"}}))
+    if any(p["in"] == "header" and p["name"] == "Idempotency-Key" for p in params):
+        for bad in MISTAKES["bad idempotency key"][0]:
+            out.append(("bad idempotency key", base | {"headers": {"idempotency-key": bad}}))
     if "requestBody" in op:
         for mistake in ("duplicate keys in the body", "a number that is not one", "a body that is not JSON"):
             ctype = "text/plain" if mistake == "a body that is not JSON" else "application/json"
@@ -172,8 +177,8 @@ async def test_every_route_of_every_service_answers_the_same_mistake_alike(
         assert answers[mistake] == {expected}, (mistake, {a: examples[(mistake, a)] for a in answers[mistake]})
     # Every service was sent every mistake it has a place for: the walk covered them all.
     everywhere = {"collector", "pricer", "ledger", "api"}
-    for mistake in ("bad time", "unknown parameter", "duplicate keys in the body", "a body that is not JSON",
-                    "no such route", "no such method"):
+    for mistake in ("bad time", "bad cursor", "unknown parameter", "duplicate keys in the body",
+                    "a body that is not JSON", "bad idempotency key", "no such route", "no such method"):
         assert where[mistake] == everywhere, (mistake, where[mistake])
-    assert where["bad cursor"] == where["bad uuid"] == {"pricer", "ledger", "api"}
+    assert where["bad uuid"] == {"pricer", "ledger", "api"}
     assert where["bad month"] == {"ledger", "api"}

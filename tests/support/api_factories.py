@@ -13,7 +13,7 @@ from shared.batches import Charges, Price, Ref, charges_id, encode_charges, shar
 from shared.contracts import EntryLine, StatementIssued, StatementLine, TransactionPosted, UsageLine
 from shared.kafka import Outgoing
 
-__all__ = ["ChargeItem", "charge", "batches", "outgoing", "amount_of", "txn", "statement"]
+__all__ = ["ChargeItem", "amount_of", "batches", "charge", "outgoing", "statement", "txn"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ from shared.batches import Charges, Price, Ref, charges_id, decode_charges, enco
 from shared.db import create_pool, migrate
 from shared.kafka import Outgoing, Publisher
 from shared.topics import CHARGES
+from tests.support.documents import unpacked
 
 PRICE_A = uuid.UUID("00000000-0000-4000-8000-00000000000a")
 PRICE_B = uuid.UUID("00000000-0000-4000-8000-00000000000b")
@@ -218,8 +219,9 @@ async def applied_revisions(db: LedgerDB | asyncpg.Pool) -> dict[tuple[datetime,
     """The applied revision of every measurement (hour, meter, resource), read from ``shard_state``'s
     documents as the migration describes them."""
     out: dict[tuple[datetime, str, str], int] = {}
-    for r in await db.fetch("SELECT reading_hour, meter, items FROM shard_state"):
-        doc = orjson.loads(r["items"])
+    rows = await db.fetch("SELECT reading_hour, meter, items FROM shard_state")
+    for r, raw in zip(rows, await unpacked(db, "ledger", [r["items"] for r in rows]), strict=True):
+        doc = orjson.loads(raw)
         for rid, rev in zip(doc["r"], doc["v"], strict=True):
             key = (r["reading_hour"], r["meter"], rid)
             assert key not in out, f"{key} applied in two shards"
@@ -230,8 +232,9 @@ async def applied_revisions(db: LedgerDB | asyncpg.Pool) -> dict[tuple[datetime,
 async def held_revisions(db: LedgerDB | asyncpg.Pool) -> dict[tuple[datetime, str, str, str], int]:
     """The held revision of every held charge (hour, meter, org, resource), from ``held_shards``."""
     out: dict[tuple[datetime, str, str, str], int] = {}
-    for r in await db.fetch("SELECT reading_hour, meter, org_id, items FROM held_shards"):
-        doc = orjson.loads(r["items"])
+    rows = await db.fetch("SELECT reading_hour, meter, org_id, items FROM held_shards")
+    for r, raw in zip(rows, await unpacked(db, "ledger", [r["items"] for r in rows]), strict=True):
+        doc = orjson.loads(raw)
         for rid, rev in zip(doc["r"], doc["v"], strict=True):
             out[(r["reading_hour"], r["meter"], r["org_id"], rid)] = rev
     return out
@@ -300,8 +303,9 @@ async def assert_books_hold(pool: asyncpg.Pool) -> None:
         # (the completeness report's posted and revisions) are those of its document.
         applied: dict[tuple[datetime, str, int], set[str]] = {}
         from_state: dict[int, Fraction] = defaultdict(Fraction)
-        for r in await conn.fetch("SELECT reading_hour, meter, shard, posted, revisions, items FROM shard_state"):
-            doc = orjson.loads(r["items"])
+        rows = await conn.fetch("SELECT reading_hour, meter, shard, posted, revisions, items FROM shard_state")
+        for r, raw in zip(rows, await unpacked(conn, "ledger", [r["items"] for r in rows]), strict=True):
+            doc = orjson.loads(raw)
             assert len(set(doc["r"])) == len(doc["r"]), f"a resource applied twice in shard {tuple(r)[:3]}"
             assert (r["posted"], r["revisions"]) == (len(doc["r"]), sum(doc["v"])), f"counts of {tuple(r)[:3]}"
             applied[(r["reading_hour"], r["meter"], r["shard"])] = set(doc["r"])
@@ -310,8 +314,9 @@ async def assert_books_hold(pool: asyncpg.Pool) -> None:
         assert {g: s for g, s in exact.items() if s} == {g: s for g, s in from_state.items() if s}, (
             "exact sums differ from the charges applied"
         )
-        for r in await conn.fetch("SELECT reading_hour, meter, shard, org_id, held, revisions, items FROM held_shards"):
-            doc = orjson.loads(r["items"])
+        rows = await conn.fetch("SELECT reading_hour, meter, shard, org_id, held, revisions, items FROM held_shards")
+        for r, raw in zip(rows, await unpacked(conn, "ledger", [r["items"] for r in rows]), strict=True):
+            doc = orjson.loads(raw)
             done = applied.get((r["reading_hour"], r["meter"], r["shard"]), set())
             waiting = [v for rid, v in zip(doc["r"], doc["v"], strict=True) if rid not in done]
             assert doc["r"], f"an empty held row {tuple(r)[:4]}"

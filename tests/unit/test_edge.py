@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -15,6 +16,7 @@ import httpx
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.responses import Response
 
 from shared.auth import Principal
@@ -27,6 +29,7 @@ from shared.edge import (
     Count,
     Cursor,
     CursorText,
+    Endpoint,
     Month,
     Operation,
     Params,
@@ -244,16 +247,34 @@ class Allow:
         return Principal("someone", frozenset({scope}), frozenset(), 2**40, token="t")
 
 
+COMMANDS: list[tuple[str, str]] = []  # (kind, subject) of each request the command wrapper saw
+
+
+def recorded(kind: str) -> Callable[[Endpoint], Endpoint]:
+    """A command wrapper that notes the kind and the authenticated caller, then runs the route."""
+
+    def wrap(inner: Endpoint) -> Endpoint:
+        async def wrapped(request: Request) -> Response:
+            COMMANDS.append((kind, request.state.principal.subject))
+            return await inner(request)
+
+        return wrapped
+
+    return wrap
+
+
 async def post(raw: bytes, path: str = f"/things/{CUST}", ctype: str = "application/json") -> httpx.Response:
-    app = Starlette(routes=starlette_routes([OP]), exception_handlers=dict(exception_handlers))
+    app = Starlette(routes=starlette_routes([OP], command=recorded), exception_handlers=dict(exception_handlers))
     app.state.authenticator = Allow()
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         return await client.post(path, content=raw, headers={"content-type": ctype})
 
 
 async def test_a_declared_route_parses_its_body_strictly_and_answers_its_model() -> None:
+    COMMANDS.clear()
     ok = await post(b'{"n": 1, "at": "2026-10-01T04:00:00Z"}')
     assert ok.status_code == 201 and ok.json() == {"n": 2}
+    assert COMMANDS == [("test.thing.create", "someone")]  # a command: through the wrapper, after authentication
     for raw in (
         b'{"n": "1", "at": "2026-10-01T04:00:00Z"}',  # "1" is not an integer
         b'{"n": 1.0, "at": "2026-10-01T04:00:00Z"}',
@@ -272,18 +293,34 @@ async def test_a_declared_route_parses_its_body_strictly_and_answers_its_model()
     assert r.status_code == 422 and r.json()["type"].endswith("/invalid-parameter")
     assert r.json()["parameter"] == "customer_id"
     assert INVALID_BODY.uri.endswith("/invalid-body")
+    assert len(COMMANDS) == 10  # refused ones too: the wrapper runs before parsing
+
+
+def test_a_command_is_never_served_without_the_command_wrapper() -> None:
+    with pytest.raises(ValueError, match="command wrapper"):
+        starlette_routes([OP])
+    forwarded = OP.but(forwarded=True)  # documented as a command, recorded by its owner
+    assert starlette_routes([forwarded])
 
 
 def test_the_document_is_generated_from_the_declaration() -> None:
     doc = document("Test", "A test service.", [OP])
     op = doc["paths"]["/things/{customer_id}"]["post"]
     assert op["security"] == [{"bearer": ["usage.admin"]}] and op["x-command"] == "test.thing.create"
-    assert op["parameters"] == [
-        {"name": "customer_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"},
-         "description": ""}
-    ]
+    assert op["parameters"][0] == {
+        "name": "customer_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"},
+        "description": "",
+    }
+    key = op["parameters"][1]
+    assert (key["name"], key["in"], key["required"]) == ("Idempotency-Key", "header", False)
+    assert key["schema"]["maxLength"] == 255
+    assert len(op["parameters"]) == 2
     assert op["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Body"}
-    assert set(op["responses"]) == {"201", "401", "403", "409", "413", "415", "422", "503"}
+    assert set(op["responses"]) == {"201", "400", "401", "403", "409", "413", "415", "422", "503"}
+    assert "Idempotent-Replayed" in op["responses"]["201"]["headers"]
+    assert "Idempotency-Key" in op["responses"]["400"]["description"]
+    conflict = op["responses"]["409"]["description"]
+    assert "It exists." in conflict and "request-in-progress" in conflict
     body = doc["components"]["schemas"]["Body"]
     assert body["properties"]["at"] == {"type": "string", "format": "date-time", "title": "At"}
     assert body["additionalProperties"] is False and set(body["required"]) == {"n", "at"}

@@ -10,6 +10,14 @@ ALTER TABLE usage_month DROP CONSTRAINT usage_month_dim_check;
 UPDATE usage_month SET dim = 'resource_v1' WHERE dim = 'resource';
 ALTER TABLE usage_month ADD CONSTRAINT usage_month_dim_check CHECK (dim IN ('org', 'space', 'meter', 'kind', 'resource_v1'));
 
+-- Shard documents are stored compressed against a frame of their meter, shard and month (shared/blobs.py),
+-- kept in blob_frames: written once per scope, never changed.
+CREATE TABLE blob_frames (
+    id    bigint PRIMARY KEY,
+    scope text NOT NULL UNIQUE,
+    frame bytea NOT NULL
+);
+
 -- The latest charge of every measurement of a shard (services/api/charges.py, ShardDoc): what a newer
 -- revision is compared with, what charges waiting for their org's customer are attributed from, and what
 -- hourly usage by resource reads.
@@ -17,24 +25,14 @@ CREATE TABLE charge_shard (
     reading_hour timestamptz NOT NULL,
     meter        text NOT NULL,
     shard        smallint NOT NULL CHECK (shard >= 0),
-    items        bytea COMPRESSION lz4 NOT NULL,
+    items        bytea NOT NULL,  -- compressed (shared/blobs.py)
     PRIMARY KEY (reading_hour, meter, shard)
 );
+ALTER TABLE charge_shard ALTER COLUMN items SET STORAGE EXTERNAL;
 
--- Changes of charges whose org's customer the ledger has not named yet (services/api/charges.py,
--- Pending): per org, reading hour and meter, summed as the rollups take them. The ledger's usage line that
--- names the customer adds them to the rollups and deletes them.
-CREATE TABLE pending_charges (
-    id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    hour    timestamptz NOT NULL,
-    meter   text NOT NULL,
-    org_id  text NOT NULL,
-    items   bytea COMPRESSION lz4 NOT NULL
-);
-CREATE INDEX pending_charges_org_hour ON pending_charges (org_id, hour);
-
--- Usage per resource of one customer, day (America/New_York) or month, and meter (ResourceDoc): one
--- document per customer and meter, rewritten as each hour is attributed.
+-- Usage per resource of one customer, day (America/New_York) and meter (ResourceDoc): one document each,
+-- rewritten as each hour is attributed; a month is read as its days (a month document rewritten every
+-- hour cost more than the rest of the schema).
 CREATE TABLE usage_resource_day (
     customer_id uuid NOT NULL,
     day         date NOT NULL,
@@ -42,10 +40,14 @@ CREATE TABLE usage_resource_day (
     items       bytea COMPRESSION lz4 NOT NULL,
     PRIMARY KEY (customer_id, day, meter)
 );
-CREATE TABLE usage_resource_month (
-    customer_id uuid NOT NULL,
-    month       date NOT NULL CHECK (extract(day FROM month) = 1),
-    meter       text NOT NULL,
-    items       bytea COMPRESSION lz4 NOT NULL,
-    PRIMARY KEY (customer_id, month, meter)
+
+-- The rollups are rewritten in place as hours are attributed: room on each page for the new version of a
+-- row (an update that changes no key stays on its page and is pruned without a vacuum), and a vacuum once
+-- 2% of a table changed rather than the default 20%.
+ALTER TABLE usage_resource_day SET (
+    autovacuum_vacuum_scale_factor = 0.02, toast.autovacuum_vacuum_scale_factor = 0.02,
+    toast.autovacuum_vacuum_threshold = 1000  -- a document is a few TOAST chunks; a rewrite leaves them dead
 );
+ALTER TABLE usage_hour_group SET (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.02);
+ALTER TABLE usage_day_group SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0.02);
+ALTER TABLE usage_month SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0.02);

@@ -7,6 +7,14 @@ ALTER TABLE charges RENAME TO charges_v1;
 ALTER TABLE unpriced_charges RENAME TO unpriced_charges_v1;
 ALTER TABLE charge_outbox RENAME TO charge_outbox_v1;
 
+-- Messages are stored compressed against a frame of their meter, shard and month (shared/blobs.py), kept in
+-- blob_frames: written once per scope, never changed.
+CREATE TABLE blob_frames (
+    id    bigint PRIMARY KEY,
+    scope text NOT NULL UNIQUE,
+    frame bytea NOT NULL
+);
+
 -- Every charges batch the pricer published for a shard, in order: seq 1 for the first, +1 for each later
 -- one (measurements that arrived later, re-priced revisions). A measurement's latest charge is in the last
 -- batch that holds its resource. The counts are this batch's change to the shard's totals, so that sums
@@ -25,9 +33,10 @@ CREATE TABLE charge_batches (
     -- readings topic are published before their input offsets are committed, so they are stored true
     published    boolean NOT NULL,
     created_at   timestamptz NOT NULL DEFAULT now(),
-    message      bytea COMPRESSION lz4 NOT NULL,  -- the ChargesComputed JSON, byte for byte as sent
+    message      bytea NOT NULL,  -- the ChargesComputed JSON as sent, compressed (shared/blobs.py)
     PRIMARY KEY (reading_hour, meter, shard, seq)
 );
+ALTER TABLE charge_batches ALTER COLUMN message SET STORAGE EXTERNAL;  -- compressed already
 CREATE INDEX charge_batches_unpublished ON charge_batches (created_at) WHERE NOT published;
 
 -- The shards holding measurements of a (meter, kind) whose latest charge is unpriced: what a new price
