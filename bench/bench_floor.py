@@ -18,13 +18,14 @@ pricer does:
 and then the database's part, a row per batch:
 
 - ``copy``: the pricer's ``charge_batches`` table (its migrations, a fresh database), one row per batch
-  with the charges batch as published, COPYed ``--batch`` rows at a time, a transaction each (the
+  with the charges batch as published, compressed as the pricer stores it, COPYed ``--batch`` rows at a time, a transaction each (the
   pricer's path for a shard seen for the first time). Nothing else runs meanwhile.
 
 The ledger's floor (under ``ledger``), on the ledger benchmark's charge batches:
 
 - ``consume`` and ``decode``: as above, with ``decode_charges``;
-- ``state``: the ledger's ``shard_state`` table, one row per batch with its applied-charges document.
+- ``state``: the ledger's ``shard_state`` table, one row per batch with its applied-charges document
+  (compressed).
 
 For each: measurements/s, the CPU of this process per measurement, the CPU of the whole machine per
 measurement (this process, the broker, PostgreSQL: from /proc/stat, so the machine must be otherwise
@@ -57,6 +58,7 @@ from services.ledger.app import MIGRATIONS as LEDGER_MIGRATIONS
 from services.pricer.app import MIGRATIONS as PRICER_MIGRATIONS
 from services.pricer.pricing import Catalog, price_items
 from shared.batches import Charges, Measurements, decode_charges, decode_measurements, encode_charges
+from shared.blobs import Frames
 from shared.clock import utcnow
 from shared.db import create_pool, migrate
 from shared.kafka import Outgoing, Publisher
@@ -197,14 +199,16 @@ async def main(count: int, batch: int) -> None:
     finally:
         await delete_topics(KAFKA, prefix=prefix)
         await delete_topics(KAFKA, prefix=ledger_prefix)
-    rows = [(k[0], k[1], k[2], 1, len(c.resource_id), len(c.resource_id), 0, len(c.resource_id), True, raw)
-            for k, c, raw in _priced(count, catalog)]
+    # Stored as the services store them: compressed (zstd, here without a frame: about the same work).
+    frames = Frames()
+    rows = [(k[0], k[1], k[2], 1, len(c.resource_id), len(c.resource_id), 0, len(c.resource_id), True,
+             frames.pack("", raw)) for k, c, raw in _priced(count, catalog)]
     result["copy"] = _rates(await copy_rows(rows, batch, "pricer", PRICER_MIGRATIONS, "charge_batches", _BATCH_COLUMNS), n)
     print(f"copy: {result['copy']}", flush=True)
     for k, c, _ in _priced(ledger["count"], catalog, ledger=True):
-        state_rows.append((k[0], k[1], k[2], len(c.resource_id), len(c.resource_id), orjson.dumps(
+        state_rows.append((k[0], k[1], k[2], len(c.resource_id), len(c.resource_id), frames.pack("", orjson.dumps(
             {"r": c.resource_id, "v": c.revision, "g": [1] * len(c.resource_id), "n": c.amount_numerator,
-             "d": c.amount_denominator})))
+             "d": c.amount_denominator}))))
     ledger["state"] = _rates(await copy_rows(state_rows, batch, "ledger", LEDGER_MIGRATIONS, "shard_state", _STATE_COLUMNS),
                              ledger["count"])
     print(f"ledger state: {ledger['state']}", flush=True)

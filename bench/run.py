@@ -68,51 +68,127 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a and b else "n/a"
 
 
+def ratio_value(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+# The figures of the last full run of the first design (one message and one row per measurement,
+# usage.*.v1), kept to show beside the new ones (issue 15).
+BEFORE = ROOT / "bench" / "results_v1.json"
+
+
+def _peak(d: dict[str, Any]) -> Any:
+    v = d.get("peak_rss_mb")
+    return max(v or [0]) if isinstance(v, list) else v
+
+
+def _caught_up(e2e: dict[str, Any]) -> int | None:
+    """Measurements/s from the first publish until the ledger and the api's read model have both caught up."""
+    total, spans = e2e.get("measurements"), [e2e.get("e2e_seconds"), e2e.get("api_read_model_done_s")]
+    if not total or not all(spans):
+        return None
+    return round(total / max(spans))  # type: ignore[type-var]
+
+
+def _figures(r: dict[str, Any]) -> dict[str, Any]:
+    """The compared figures of one run's results (either design)."""
+    e2e, base, floor = r.get("e2e", {}), r.get("baselines", {}), r.get("floor", {})
+    pri, led, pri2, led2 = r.get("pricer", {}), r.get("ledger", {}), r.get("pricer_x2", {}), r.get("ledger_x2", {})
+    col, api_all = r.get("collector", {}), r.get("api", {})
+    api = api_all.get("api", {})
+    per = lambda d, k: (d.get(k) or {}).get("measurements_per_s") or (d.get(k) or {}).get("messages_per_s")  # noqa: E731
+    lf = floor.get("ledger", {})
+    return {
+        "e2e": e2e.get("e2e_measurements_per_s"),
+        "caught_up": _caught_up(e2e),
+        "p50": e2e.get("publish_to_balance_p50_s"),
+        "p99": e2e.get("publish_to_balance_p99_s"),
+        "publish": e2e.get("collector_publish_per_s"),
+        "api_updates": e2e.get("api_read_model_updates_per_s"),
+        "pricer": pri.get("sustained_measurements_per_s"),
+        "pricer_rss": _peak(pri),
+        "ledger": led.get("sustained_charges_per_s"),
+        "ledger_rss": _peak(led),
+        "pricer2": pri2.get("sustained_measurements_per_s"),
+        "ledger2": led2.get("sustained_charges_per_s"),
+        "rss_max": max([v["peak"] for v in (e2e.get("rss_mb") or {}).values()] or [0]) or None,
+        "collector_s": col.get("seconds"),
+        "collector_rss": col.get("peak_rss_mb"),
+        "api_p99": api.get("p99_ms"),
+        "api_rps": api.get("rps"),
+        "sql": base.get("set_based_sql_measurements_per_s"),
+        "copy_rows": base.get("postgres_copy_rows_per_s"),
+        "kafka_records": base.get("kafka_producer_perf_records_per_s"),
+        "floor_consume": per(floor, "consume"),
+        "floor_decode": per(floor, "decode"),
+        "floor_forward": per(floor, "forward"),
+        "floor_price": per(floor, "price"),
+        "floor_copy": (floor.get("copy") or {}).get("measurements_per_s") or (floor.get("copy") or {}).get("rows_per_s"),
+        "pricer_bound": floor.get("pricer_bound_per_s"),
+        "ledger_decode": per(lf, "decode"),
+        "ledger_bound": lf.get("ledger_bound_per_s"),
+    }
+
+
 def markdown(results: dict[str, Any], scale: str) -> str:
     m = results["machine"]
-    r = results["results"]
-    e2e, base = r.get("e2e", {}), r.get("baselines", {})
-    col, pri, led, api_all = r.get("collector", {}), r.get("pricer", {}), r.get("ledger", {}), r.get("api", {})
-    api, bare = api_all.get("api", {}), api_all.get("bare_starlette", api_all.get("bare", {}))
-    pri_rate, led_rate = pri.get("sustained_measurements_per_s"), led.get("sustained_charges_per_s")
-    pri2, led2 = r.get("pricer_x2", {}), r.get("ledger_x2", {})
-    floor = r.get("floor", {})
-    fl = lambda k: floor.get(k, {}).get("messages_per_s")  # noqa: E731
-    lf = floor.get("ledger", {})
-    peak = lambda d: max(d.get("peak_rss_mb") or [0]) if isinstance(d.get("peak_rss_mb"), list) else d.get("peak_rss_mb")  # noqa: E731
-    e2e_rate = e2e.get("e2e_measurements_per_s")
-    rows = [
-        ("end to end, collector publish → ledger committed (measurements/s)", e2e_rate, "≥ 100,000", ratio(e2e_rate, 100_000)),
-        ("publish → balance in the api, p50 / p99 (s)", f"{e2e.get('publish_to_balance_p50_s')} / {e2e.get('publish_to_balance_p99_s')}", "p99 < 2", ratio(e2e.get("publish_to_balance_p99_s"), 2)),
-        ("collector publish rate (measurements/s)", e2e.get("collector_publish_per_s"), "", ""),
-        ("collector: one reading of ~50,000 resources (s) / peak MB", f"{col.get('seconds')} / {col.get('peak_rss_mb')}", "< 10 / < 300", ratio(col.get("seconds"), 10)),
-        ("pricer alone (measurements/s) / peak MB", f"{pri_rate} / {peak(pri)}", "≥ 150,000 / < 500", ratio(pri_rate, 150_000)),
-        ("ledger alone (charges/s) / peak MB", f"{led_rate} / {peak(led)}", "≥ 150,000 / < 500", ratio(led_rate, 150_000)),
-        ("pricer, 2 instances in one group (measurements/s) / peak MB of the larger", f"{pri2.get('sustained_measurements_per_s')} / {peak(pri2)}", "≥ 150,000 / < 500", ratio(pri2.get("sustained_measurements_per_s"), 150_000)),
-        ("ledger, 2 instances in one group (charges/s) / peak MB of the larger", f"{led2.get('sustained_charges_per_s')} / {peak(led2)}", "≥ 150,000 / < 500", ratio(led2.get("sustained_charges_per_s"), 150_000)),
-        ("floor: aiokafka consume only, one message per measurement (messages/s)", fl("consume"), "≥ 150,000", ratio(fl("consume"), 150_000)),
-        ("floor: consume + decode (shared.wire), nothing else (messages/s)", fl("decode"), "≥ 150,000", ratio(fl("decode"), 150_000)),
-        ("floor: consume + decode + publish unchanged, acked per batch (messages/s)", fl("forward"), "≥ 150,000", ratio(fl("forward"), 150_000)),
-        ("our pricer without its database: consume + decode + price + publish the charge (messages/s)", fl("price"), "≥ 150,000", ratio(fl("price"), 150_000)),
-        ("floor: COPY of the pricer's charge rows, machine otherwise idle (rows/s)", floor.get("copy", {}).get("rows_per_s"), "≥ 150,000", ratio(floor.get("copy", {}).get("rows_per_s"), 150_000)),
-        ("bound: cores ÷ machine CPU of forward + COPY, any number of pricers (measurements/s)", floor.get("pricer_bound_per_s"), "≥ 150,000", ratio(floor.get("pricer_bound_per_s"), 150_000)),
-        ("bound: cores ÷ machine CPU of consume + decode, any consumer (messages/s)", floor.get("read_bound_per_s"), "≥ 150,000", ratio(floor.get("read_bound_per_s"), 150_000)),
-        ("ledger floor: consume + decode of the ledger benchmark's charges, one process (charges/s)", lf.get("decode", {}).get("messages_per_s"), "≥ 150,000", ratio(lf.get("decode", {}).get("messages_per_s"), 150_000)),
-        ("ledger floor: charge_state rows inserted if absent (COPY to temp + INSERT … ON CONFLICT DO NOTHING), idle machine (rows/s)", lf.get("state_if_absent", {}).get("rows_per_s"), "≥ 150,000", ratio(lf.get("state_if_absent", {}).get("rows_per_s"), 150_000)),
-        ("bound: cores ÷ machine CPU of charge decode + state row if absent, any number of ledgers (charges/s)", lf.get("ledger_bound_per_s"), "≥ 150,000", ratio(lf.get("ledger_bound_per_s"), 150_000)),
-        ("api read-model updates (charges/s)", e2e.get("api_read_model_updates_per_s"), "", ""),
-        ("api monthly usage query: req/s, p50 / p99 (ms)", f"{api.get('rps')} , {api.get('p50_ms')} / {api.get('p99_ms')}", "p99 < 50 ms", ratio(api.get("p99_ms"), 50)),
-        ("api uncached (req/s, p50 / p99 ms)", f"{api_all.get('api_uncached', {}).get('rps')} , {api_all.get('api_uncached', {}).get('p50_ms')} / {api_all.get('api_uncached', {}).get('p99_ms')}", "", ""),
-        ("bare Starlette endpoint, same client (req/s)", bare.get("rps"), "api ≥ half", ratio(api.get("rps"), bare.get("rps"))),
-        ("Kafka ProducerPerformance, same record size (records/s)", base.get("kafka_producer_perf_records_per_s"), "broker limit", f"pipeline = {ratio(e2e_rate, base.get('kafka_producer_perf_records_per_s'))}"),
-        ("PostgreSQL COPY of the same rows, uuid key (rows/s)", base.get("postgres_copy_rows_per_s"), "pipeline ≥ half", f"pipeline = {ratio(e2e_rate, base.get('postgres_copy_rows_per_s'))}"),
-        ("set-based SQL pricing + posting of the month (measurements/s)", base.get("set_based_sql_measurements_per_s"), "alternative", f"pipeline = {ratio(e2e_rate, base.get('set_based_sql_measurements_per_s'))}"),
+    now = _figures(results["results"])
+    before_run = orjson.loads(BEFORE.read_bytes()) if BEFORE.exists() else {"results": {}}
+    was = _figures(before_run["results"])
+    pair = lambda k, j=" / ", k2=None: (  # noqa: E731
+        f"{was[k]}{j}{was[k2]}" if k2 else was[k], f"{now[k]}{j}{now[k2]}" if k2 else now[k])
+    rows: list[tuple[str, Any, Any, str, str]] = [
+        ("end to end: collector publish → ledger committed (measurements/s)", *pair("e2e"), "≥ 100,000",
+         ratio(now["e2e"], 100_000)),
+        ("end to end until the api's read model has caught up too (measurements/s)", *pair("caught_up"), "≥ 100,000",
+         ratio(now["caught_up"], 100_000)),
+        ("set-based SQL pricing + posting of the month, same run (measurements/s)", *pair("sql"), "alternative", ""),
+        ("end to end ÷ set-based SQL", ratio(was["e2e"], was["sql"]), ratio(now["e2e"], now["sql"]),
+         "aim ≥ 0.5 (moonshot ≥ 1)", ratio(ratio_value(now["e2e"], now["sql"]), 0.5)),
+        ("publish → balance in the api, p50 / p99 (s), 10,000 resources an hour", *pair("p50", k2="p99"), "p99 < 1",
+         ratio(now["p99"], 1)),
+        ("pricer alone (measurements/s) / peak MB", *pair("pricer", k2="pricer_rss"), "≥ 300,000 / < 500",
+         ratio(now["pricer"], 300_000)),
+        ("ledger alone (charges/s) / peak MB", *pair("ledger", k2="ledger_rss"), "≥ 300,000 / < 500",
+         ratio(now["ledger"], 300_000)),
+        ("pricer, 2 instances in one group (measurements/s)", *pair("pricer2"), "", ratio(now["pricer2"], 300_000)),
+        ("ledger, 2 instances in one group (charges/s)", *pair("ledger2"), "", ratio(now["ledger2"], 300_000)),
+        ("largest peak RSS of a service over the end-to-end run (MB)", *pair("rss_max"), "< 500",
+         ratio(now["rss_max"], 500)),
+        ("collector publish rate in the end-to-end run (measurements/s)", *pair("publish"), "", ""),
+        ("api read-model updates in the end-to-end run (measurements/s)", *pair("api_updates"), "", ""),
+        ("collector: one reading of ~50,000 resources (s) / peak MB", *pair("collector_s", k2="collector_rss"),
+         "< 10 / < 300", ratio(now["collector_s"], 10)),
+        ("api monthly usage query, p99 (ms) / req/s", *pair("api_p99", k2="api_rps"), "p99 < 50",
+         ratio(now["api_p99"], 50)),
+        ("floor: consume only (measurements/s; before: messages, one a measurement)", *pair("floor_consume"),
+         "≥ 300,000", ratio(now["floor_consume"], 300_000)),
+        ("floor: consume + decode", *pair("floor_decode"), "≥ 300,000", ratio(now["floor_decode"], 300_000)),
+        ("floor: consume + decode + publish unchanged, acked per batch", *pair("floor_forward"), "≥ 300,000",
+         ratio(now["floor_forward"], 300_000)),
+        ("our pricer without its database: consume + decode + price + publish", *pair("floor_price"), "≥ 300,000",
+         ratio(now["floor_price"], 300_000)),
+        ("floor: COPY of the pricer's stored rows (measurements/s; before: a row each)", *pair("floor_copy"),
+         "≥ 300,000", ratio(now["floor_copy"], 300_000)),
+        ("bound: cores ÷ machine CPU of forward + COPY, any number of pricers", *pair("pricer_bound"),
+         "≥ 300,000", ratio(now["pricer_bound"], 300_000)),
+        ("ledger floor: consume + decode of the ledger benchmark's charges", *pair("ledger_decode"), "≥ 300,000",
+         ratio(now["ledger_decode"], 300_000)),
+        ("ledger bound: cores ÷ machine CPU of decode + state row, any number of ledgers", *pair("ledger_bound"),
+         "≥ 300,000", ratio(now["ledger_bound"], 300_000)),
+        ("Kafka ProducerPerformance, same record size (records/s)", *pair("kafka_records"), "broker limit", ""),
+        ("PostgreSQL COPY of one row per measurement, uuid key (rows/s)", *pair("copy_rows"), "", ""),
     ]
     out = [f"Scale `{scale}`, measured {results['measured_at']} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, "
-           f"Python {m['python']}; PostgreSQL 15 and Kafka 4.1 on the same machine.", "",
-           "| measure | result | target / limit | ratio |", "|---|---|---|---|"]
-    out += [f"| {a} | {b if b is not None else 'n/a'} | {c} | {d} |" for a, b, c, d in rows]
+           f"Python {m['python']}; PostgreSQL 15 and Kafka 4.1 on the same machine. \"before\": the first design "
+           f"(usage.*.v1, one message and one row per measurement), full scale, measured "
+           f"{before_run.get('measured_at', 'n/a')} on {before_run.get('machine', {}).get('cpu', 'n/a')} "
+           f"(bench/results_v1.json). Ratios are now ÷ target (for times and memory: above 1 is over the limit).",
+           "", "| measure | before (v1) | now (v2) | target / limit | ratio |", "|---|---|---|---|---|"]
+    out += [f"| {a} | {b if b is not None else 'n/a'} | {c if c is not None else 'n/a'} | {d} | {e} |"
+            for a, b, c, d, e in rows]
     soak = results.get("soak", {})
+    peak = _peak
     if soak.get("pricer", {}).get("count") or soak.get("ledger", {}).get("count"):
         sp, sl = soak.get("pricer", {}), soak.get("ledger", {})
         out += ["", f"Soak (`BENCH_SCALE=soak`, measured {soak.get('measured_at')}), one instance each at full speed:",
@@ -122,6 +198,7 @@ def markdown(results: dict[str, Any], scale: str) -> str:
                 f"RSS MB max of first / last quarter {sl.get('rss_mb_first_quarter_max')} / {sl.get('rss_mb_last_quarter_max')}"
                 + (f", by tenth of the run {sl['rss_mb_by_tenth']}" if sl.get("rss_mb_by_tenth") else "") + ", "
                 f"peak {peak(sl)}, posting rule holds: {sl.get('check', {}).get('posting_rule_holds')}."]
+    e2e = results["results"].get("e2e", {})
     if e2e.get("rss_mb"):
         out += ["", "Memory of each service over the end-to-end run (MB, start / peak / end): "
                 + ", ".join(f"{k} {v['start']} / {v['peak']} / {v['end']}" for k, v in e2e["rss_mb"].items())]
@@ -134,31 +211,32 @@ def chart(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    r = results["results"]
-    bars = [
-        ("pipeline end to end", r.get("e2e", {}).get("e2e_measurements_per_s")),
-        ("collector publish", r.get("e2e", {}).get("collector_publish_per_s")),
-        ("pricer alone", r.get("pricer", {}).get("sustained_measurements_per_s")),
-        ("ledger alone", r.get("ledger", {}).get("sustained_charges_per_s")),
-        ("api read model", r.get("e2e", {}).get("api_read_model_updates_per_s")),
-        ("floor: read + decode + publish", r.get("floor", {}).get("forward", {}).get("messages_per_s")),
-        ("floor: COPY of charge rows", r.get("floor", {}).get("copy", {}).get("rows_per_s")),
-        ("ledger floor: read + decode charges", r.get("floor", {}).get("ledger", {}).get("decode", {}).get("messages_per_s")),
-        ("ledger bound: decode + state row, 2 cores", r.get("floor", {}).get("ledger", {}).get("ledger_bound_per_s")),
-        ("Kafka ProducerPerformance", r.get("baselines", {}).get("kafka_producer_perf_records_per_s")),
-        ("PostgreSQL COPY", r.get("baselines", {}).get("postgres_copy_rows_per_s")),
-        ("set-based SQL (month)", r.get("baselines", {}).get("set_based_sql_measurements_per_s")),
+    now = _figures(results["results"])
+    was = _figures(orjson.loads(BEFORE.read_bytes())["results"]) if BEFORE.exists() else {}
+    names = [
+        ("end to end (to the ledger)", "e2e"),
+        ("end to end, api caught up", "caught_up"),
+        ("pricer alone", "pricer"),
+        ("ledger alone", "ledger"),
+        ("api read model", "api_updates"),
+        ("floor: read + decode + publish", "floor_forward"),
+        ("set-based SQL (month)", "sql"),
     ]
-    bars = [(n, v) for n, v in bars if isinstance(v, (int, float))]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.barh([n for n, _ in bars][::-1], [v for _, v in bars][::-1], color=["#1f4e79"] * len(bars))
+    names = [(n, k) for n, k in names if isinstance(now.get(k), (int, float))]
+    fig, ax = plt.subplots(figsize=(9, 5.6))
+    y = list(range(len(names)))[::-1]
+    ax.barh([v + 0.2 for v in y], [was.get(k) or 0 for _, k in names], height=0.4, color="#a6a6a6",
+            label="before: one message and row per measurement (v1)")
+    ax.barh([v - 0.2 for v in y], [now[k] for _, k in names], height=0.4, color="#1f4e79",
+            label="now: a shard's batch per message (v2)")
+    ax.set_yticks(y, [n for n, _ in names])
     ax.axvline(100_000, color="#c00000", linestyle="--", label="end-to-end target 100,000/s")
-    ax.axvline(150_000, color="#7f6000", linestyle=":", label="per-stage target 150,000/s")
+    ax.axvline(300_000, color="#7f6000", linestyle=":", label="per-stage target 300,000/s")
     ax.set_xscale("log")
-    ax.set_xlabel("messages (rows) per second, log scale")
+    ax.set_xlabel("measurements per second, log scale")
     m = results["machine"]
-    ax.set_title(f"Throughput, {m['cores']} cores, scale {results['scale']}")
-    ax.legend(loc="lower right")
+    ax.set_title(f"Throughput, {m['cores']} cores, scale {results['scale']}, {results['measured_at']}")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.4, -0.13), ncol=2, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
