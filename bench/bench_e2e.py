@@ -25,8 +25,8 @@ import httpx
 import msgspec
 
 from bench.common import KAFKA, ROOT, drop_database, dsn, emit, fresh_database, fresh_topics
-from shared.batches import Item, Measurements, encode_measurements, measurement_batches, measurements_id, shard_key
 from shared import ids
+from shared.batches import Item, Measurements, encode_measurements, measurement_batches, measurements_id, shard_key
 from shared.clock import billing_month
 from shared.kafka import Outgoing, Publisher, group_lag
 from shared.topics import CHARGES, READINGS, TRANSACTIONS, delete_topics
@@ -112,23 +112,30 @@ class World:
 
 
 async def set_up(stack: Stack, world: World) -> list[str]:
-    async with httpx.AsyncClient(timeout=60) as c:
+    # The internal routes verify an admin's token (of the simulator's issuer here).
+    async with httpx.AsyncClient(timeout=60, headers=stack.admin_headers("bench-setup")) as c:
         ledger, pricer = stack.url("ledger"), stack.url("pricer")
-        (await c.post(f"{ledger}/internal/tiers", json={"name": "bench", "credits_per_period": 10**15})).raise_for_status()
-        customers = []
-        for i in range(world.customers):
-            r = await c.post(f"{ledger}/internal/customers", json={"name": f"customer-{i}", "tier": "bench"})
+
+        async def post(url: str, body: dict[str, object]) -> httpx.Response:
+            r = await c.post(url, json=body)
             r.raise_for_status()
+            return r
+
+        await post(f"{ledger}/internal/tiers", {"name": "bench", "credits_per_period": 10**15})
+        customers = []
+        start, end = START.isoformat(), (START + timedelta(days=366)).isoformat()
+        for i in range(world.customers):
+            r = await post(f"{ledger}/internal/customers", {"name": f"customer-{i}", "tier": "bench"})
             customers.append(r.json()["id"])
-            (await c.post(f"{ledger}/internal/agreements", json={
-                "customer_id": r.json()["id"], "starts_at": START.isoformat(), "ends_at": (START + timedelta(days=366)).isoformat()})).raise_for_status()
+            await post(f"{ledger}/internal/agreements", {"customer_id": r.json()["id"], "starts_at": start, "ends_at": end})
         for org, ci in world.customer_of_org.items():
-            (await c.post(f"{ledger}/internal/org-assignments", json={"org_id": org, "customer_id": customers[ci], "starts_at": START.isoformat()})).raise_for_status()
-        prices = [("cfapps", "", "MB-hour", *APP_PRICE)] + [("cfservices", p, "instance-hour", *PLAN_PRICES[p]) for p in PLANS]
+            await post(f"{ledger}/internal/org-assignments", {"org_id": org, "customer_id": customers[ci], "starts_at": start})
+        prices = [("cfapps", "", "MB-hour", *APP_PRICE)]
+        prices += [("cfservices", p, "instance-hour", *PLAN_PRICES[p]) for p in PLANS]
         for meter, kind, uom, mpu, unit in prices:
-            (await c.post(f"{pricer}/internal/prices", json={
+            await post(f"{pricer}/internal/prices", {
                 "meter": meter, "resource_kind": kind, "unit_of_measure": uom, "microcredits_per_unit": mpu,
-                "unit": unit, "valid_from": (START - timedelta(days=1)).isoformat(), "valid_until": None})).raise_for_status()
+                "unit": unit, "valid_from": (START - timedelta(days=1)).isoformat(), "valid_until": None})
     return customers
 
 
@@ -151,7 +158,7 @@ async def main(n_resources: int, n_hours: int, latency_hours: int) -> None:
         await publisher.start()
         topic = prefix + READINGS
         total = n_resources * n_hours
-        done = {k: None for k in ("pricer", "ledger", "api_charges", "api_transactions")}
+        done: dict[str, float | None] = {k: None for k in ("pricer", "ledger", "api_charges", "api_transactions")}
 
         async def watch(t0: float) -> None:
             while any(v is None for v in done.values()):
@@ -192,7 +199,7 @@ async def main(n_resources: int, n_hours: int, latency_hours: int) -> None:
                 tp = time.perf_counter()
                 await publisher.publish(topic, msgs)
 
-                async def reflected(ci: int, cid: str) -> float:
+                async def reflected(ci: int, cid: str, want: dict[int, int] = want, tp: float = tp) -> float:
                     while True:
                         resp = await api.get(f"/v1/customers/{cid}/balance")
                         body = resp.json()
@@ -205,10 +212,10 @@ async def main(n_resources: int, n_hours: int, latency_hours: int) -> None:
                 latencies.extend(await asyncio.gather(*(reflected(i, c) for i, c in enumerate(customers))))
         await publisher.stop()
         latencies.sort()
-        p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
+        p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
         emit({
             "resources": n_resources, "hours": n_hours, "measurements": total,
-            "collector_publish_per_s": round(total / publish_end[0]),
+            "collector_publish_per_s": round(total / (publish_end[0] or float("inf"))),
             "collector_encode_s": round(encode_s, 1),
             "e2e_seconds": round(done["ledger"] or 0, 1),
             "e2e_measurements_per_s": round(total / (done["ledger"] or 1e-9)),

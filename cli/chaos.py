@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import signal
@@ -48,16 +49,16 @@ import asyncpg
 import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from cli.demo import Api, set_up
 from cli.localstack import KAFKA, ROOT, admin_dsn, drop_database, dsn, free_port, fresh_database, infra
 from cli.scenario import DEMO, SMALL, Scenario
-from shared.clock import BUSINESS_TZ
 from shared.batches import decode_measurements
 from shared.blobs import Frames
+from shared.clock import BUSINESS_TZ
 from shared.contracts import ChargesComputed, MeasurementsTaken, TransactionPosted
 from shared.kafka import group_lag
 from shared.topics import CHARGES, READINGS, TRANSACTIONS, delete_topics, dlq, ensure_topics
@@ -155,8 +156,9 @@ class Supervisor:
             "COLLECTOR_SCHEDULE_ENABLED": "false", "COLLECTOR_SIM_TIME_HEADER": "true",
             "COLLECTOR_CF_API_URL": self.sim_url, "COLLECTOR_UAA_URL": self.sim_url,
             "COLLECTOR_REQUEST_TIMEOUT_SECONDS": "2", "COLLECTOR_RETRY_ATTEMPTS": "4",
-            "LEDGER_AUTO_CLOSE_MONTHS": "false", "API_OIDC_ISSUER": self.sim_url,
-            "API_QUERY_CACHE_SECONDS": "0",
+            "LEDGER_AUTO_CLOSE_MONTHS": "false", "API_QUERY_CACHE_SECONDS": "0",
+            # Every service verifies tokens of the simulator's issuer (the internal routes too).
+            **{f"{kind.upper()}_OIDC_ISSUER": self.sim_url for kind in SERVICES},
         }
         for kind in SERVICES:
             env[f"{kind.upper()}_DATABASE_URL"] = dsn(self.database, kind)
@@ -210,7 +212,9 @@ async def drive(plan: Plan, sup: Supervisor, stats: Stats) -> None:
     the collector answers (it may be dead, restarting, or without its database or broker)."""
     hours = plan.hour_list
     started = time.monotonic()
-    async with httpx.AsyncClient(timeout=120) as http:
+    # The collector's internal route verifies an admin's token, like every /internal route.
+    token = mint_token(["usage.admin"], subject="chaos-driver", issuer=sup.sim_url, ttl=int(plan.seconds) * 4 + 3600)
+    async with httpx.AsyncClient(timeout=120, headers={"authorization": f"Bearer {token}"}) as http:
         for i, hour in enumerate(hours):
             await asyncio.sleep(max(0.0, started + plan.seconds * i / len(hours) - time.monotonic()))
             body = {"hour": _iso(hour), "kind": "periodic"}
@@ -334,7 +338,7 @@ def oracle(plan: Plan, ok_runs: set[tuple[datetime, str]]) -> Oracle:
         good = [h for h in hours if (h, meter) in ok_runs]
         for h in good:
             rows[h].extend(e for e in usage[h] if e.meter == meter)
-        for before, after in zip(good, good[1:], strict=False):
+        for before, after in itertools.pairwise(good):
             gap = int((after - before) / HOUR) - 1
             if gap <= 0 or gap > MAX_GAP_HOURS:
                 continue
@@ -483,7 +487,9 @@ def _iso(t: datetime) -> str:
 
 async def dead_letters(prefix: str) -> tuple[int, int]:
     """(messages in the run's DLQs, how many of them are valid for their topic)."""
-    models = {READINGS: MeasurementsTaken, CHARGES: ChargesComputed, TRANSACTIONS: TransactionPosted}
+    models: dict[str, type[BaseModel]] = {
+        READINGS: MeasurementsTaken, CHARGES: ChargesComputed, TRANSACTIONS: TransactionPosted
+    }
     total = valid = 0
     consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA, group_id=None, enable_auto_commit=False)
     await consumer.start()
@@ -560,7 +566,7 @@ async def run_chaos(plan_name: str = "small", keep: bool = False) -> int:
     outage = (hours[plan.outage[0]], hours[plan.outage[1]])
     sim_log = (logs / "sim.log")
     logs.mkdir(parents=True, exist_ok=True)
-    sim = subprocess.Popen(
+    sim = subprocess.Popen(  # noqa: ASYNC220 - started once, before anything else runs
         [str(ROOT / ".venv/bin/billing"), "sim", "--port", str(sim_port), "--log-level", "warning", *s.sim_args(),
          "--fault-error-rate", str(plan.error_rate), "--fault-timeout-rate", str(plan.timeout_rate),
          "--fault-timeout-seconds", "3", "--fault-seed", str(plan.seed),

@@ -1,159 +1,145 @@
-"""The audit trail of a service's commands (``shared/commands.py`` records it): ``GET /internal/audit``
-lists it, newest first, filtered by actor, kind and time [from, to), a page at a time; the OpenAPI pieces
-that document it. The api merges the three services' trails (``services/api/audit.py``)."""
+"""The audit trail of a service's commands (``shared/commands.py`` records it): ``GET /internal/audit`` on
+the collector, the pricer and the ledger lists it, newest first, filtered by actor, kind and time
+[from, to), a page at a time. Declared like every other route (``shared.edge``): the filters are a
+parameter model with the edge's bounded time, count and cursor types, the answer a page of ``AuditEntry``;
+the api's merged ``GET /admin/audit`` (``services/api/audit.py``) answers the same entries, and reads its
+own trail with ``read_page`` too."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import orjson
-from starlette.requests import Request
+from pydantic import Field
 from starlette.responses import Response
-from starlette.routing import Route
 
 from shared import commands_repo as repo
-from shared.clock import as_utc
-from shared.commands import MAX_ACTOR
-from shared.http import ORJSONResponse, ProblemError
-from shared.openapi import problem as problem_doc
+from shared.auth import MAX_SUBJECT, SCOPE_ADMIN
+from shared.edge import (
+    INVALID_PARAMETER,
+    Answer,
+    Call,
+    Count,
+    Cursor,
+    CursorText,
+    Operation,
+    Page,
+    Params,
+    ProblemError,
+    Reply,
+    Time,
+    answer,
+    count,
+)
 
-__all__ = ["AUDIT_ENTRY_SCHEMA", "MAX_ACTOR", "audit_cursor", "audit_openapi", "audit_route", "list_audit"]
+__all__ = [
+    "DEFAULT_LIMIT",
+    "MAX_LIMIT",
+    "SERVICES",
+    "AuditEntry",
+    "AuditFilters",
+    "AuditPage",
+    "AuditQuery",
+    "Service",
+    "audit_cursor",
+    "list_audit",
+    "operation",
+    "read_page",
+]
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
-AUDIT_QUERY = ("actor", "kind", "from", "to", "limit", "cursor")
+Service = Literal["api", "collector", "ledger", "pricer"]
+SERVICES: tuple[Service, ...] = ("api", "collector", "ledger", "pricer")  # those that record commands
+
+Actor = Annotated[str, Field(min_length=1, max_length=MAX_SUBJECT, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$")]
+Kind = Annotated[str, Field(pattern=r"^[a-z0-9_.]{1,64}$")]
 
 
-def audit_cursor(recorded_at: datetime, entry_id: int) -> str:
-    """The cursor of the page after the entry at (``recorded_at``, ``entry_id``)."""
-    raw = orjson.dumps([as_utc(recorded_at).isoformat(), entry_id])
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+class AuditFilters(Params):
+    """Which entries: the same filters on every service and on the api's merged list."""
+
+    actor: Actor | None = Field(default=None, description="Only the commands of this token subject.")
+    kind: Kind | None = Field(default=None, description="Only commands of this kind, e.g. ledger.agreement.create.")
+    since: Time | None = Field(default=None, alias="from", description="Recorded at or after this time.")
+    until: Time | None = Field(default=None, alias="to", description="Recorded before this time.")
+
+    def scope(self) -> str:
+        """What a service's cursor is bound to: these filters (not the page size)."""
+        return Cursor.scope_of("audit", self.actor, self.kind, self.since, self.until)
+
+    def check(self) -> None:
+        """``to`` after ``from`` when both are given; 422 ``invalid-parameter`` otherwise."""
+        if self.since is not None and self.until is not None and self.until <= self.since:
+            raise ProblemError(INVALID_PARAMETER, "to: must be after from", parameter="to")
 
 
-def _invalid(name: str, why: str) -> ProblemError:
-    return ProblemError(422, "Invalid query parameter", f"{name}: {why}", parameter=name)
+class AuditQuery(AuditFilters):
+    limit: Count = count(DEFAULT_LIMIT, MAX_LIMIT)
+    cursor: CursorText | None = Field(default=None, description="`next_cursor` of the previous page of this query.")
 
 
-def _decode_cursor(text: str) -> tuple[datetime, int]:
-    try:
-        value = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-        moment, entry_id = value
-        if not isinstance(moment, str) or type(entry_id) is not int:
-            raise ValueError("not a cursor")
-        return as_utc(datetime.fromisoformat(moment)), entry_id
-    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
-        raise _invalid("cursor", "pass back the next_cursor of a previous page") from None
+class AuditEntry(Reply):
+    """One command request and how it was answered."""
+
+    id: int = Field(description="Order of recording within its service.")
+    service: Service = Field(description="The service that received and recorded the command.")
+    recorded_at: datetime = Field(description="When the request arrived (UTC).")
+    actor: str = Field(description="The subject of the token that sent the command.")
+    kind: str = Field(description="What the command is, e.g. ledger.agreement.create.")
+    method: str
+    path: str = Field(description="The path the service received, with its query if any.")
+    body_digest: str | None = Field(description="SHA-256 of method, path and canonical JSON body.")
+    body: Any = Field(description="The body as JSON (null: none, not JSON, or not read).")
+    status: int = Field(description="The HTTP status answered.")
+    problem_type: str | None = Field(description="The problem's type when the command was refused or failed.")
+    problem_title: str | None
+    idempotency_key: str | None
+    replay: bool = Field(description="The answer was the stored one of the key's first request.")
 
 
-def _time(name: str, text: str) -> datetime:
-    try:
-        moment = datetime.fromisoformat(text.strip().replace(" ", "+"))
-        if moment.tzinfo is None:
-            raise _invalid(name, "give a time zone (e.g. Z)")
-        return as_utc(moment)
-    except ValueError:
-        raise _invalid(name, "not an ISO-8601 time") from None
+class AuditPage(Page[AuditEntry]):
+    pass
 
 
-async def list_audit(request: Request) -> Response:
-    """``GET /internal/audit``: this service's audit entries, newest first, filtered by actor, kind and
-    time [from, to), a page at a time."""
-    q = request.query_params
-    limit_text = q.get("limit", str(DEFAULT_LIMIT))
-    if not (limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= 5) or not (
-        1 <= int(limit_text) <= MAX_LIMIT
-    ):
-        raise _invalid("limit", f"an integer from 1 to {MAX_LIMIT}")
-    limit = int(limit_text)
-    text: dict[str, str | None] = {}
-    for name in ("actor", "kind"):
-        value = q.get(name)
-        if value is not None and (len(value) > MAX_ACTOR or "\x00" in value):
-            raise _invalid(name, f"at most {MAX_ACTOR} characters, no NUL")
-        text[name] = value or None
-    since = _time("from", q["from"]) if q.get("from") else None
-    until = _time("to", q["to"]) if q.get("to") else None
-    before = _decode_cursor(q["cursor"]) if q.get("cursor") else None
-    runtime = request.app.state.runtime
+def audit_cursor(scope: str, entry: AuditEntry) -> str:
+    """The cursor of the page after ``entry`` in a listing of the filters of ``scope``."""
+    return Cursor.encode(scope, [entry.recorded_at, entry.id])
+
+
+async def read_page(
+    conn: repo.Conn, service: str, filters: AuditFilters, cursor: str | None, limit: int
+) -> AuditPage:
+    """Up to ``limit`` entries of this schema's trail after ``cursor`` (a ``next_cursor`` of the same
+    filters), newest first; 422 problem on filters or a cursor that do not hold."""
+    filters.check()
+    scope = filters.scope()
+    pos = Cursor.decode(cursor, scope, (datetime, int))
+    rows = await repo.list_audit(
+        conn, actor=filters.actor, kind=filters.kind, since=filters.since, until=filters.until,
+        before=(pos[0], pos[1]) if pos else None, limit=limit,
+    )
+    items = [AuditEntry.model_validate(row | {"service": service}) for row in rows]
+    nxt = audit_cursor(scope, items[-1]) if items and len(items) == limit else None
+    return AuditPage(items=items, next_cursor=nxt)
+
+
+async def list_audit(call: Call) -> Response:
+    """``GET /internal/audit``: this service's trail."""
+    q = call.query_as(AuditQuery)
+    runtime = call.request.app.state.runtime
     async with runtime.pool.acquire() as conn:
-        items = await repo.list_audit(
-            conn, actor=text["actor"], kind=text["kind"], since=since, until=until, before=before, limit=limit
-        )
-    for item in items:
-        item["service"] = runtime.name
-    nxt = audit_cursor(items[-1]["recorded_at"], items[-1]["id"]) if len(items) == limit else None
-    return ORJSONResponse({"items": items, "next_cursor": nxt})
+        return answer(await read_page(conn, runtime.name, q, q.cursor, q.limit))
 
 
-def audit_route() -> Route:
-    return Route("/internal/audit", list_audit, methods=["GET"])
-
-
-
-
-AUDIT_ENTRY_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "integer", "description": "Order of recording within its service."},
-        "service": {"enum": ["collector", "pricer", "ledger"]},
-        "recorded_at": {"type": "string", "format": "date-time"},
-        "actor": {"type": "string", "description": "The token subject that sent the command."},
-        "kind": {"type": "string", "description": "What the command is, e.g. ledger.agreement.create."},
-        "method": {"type": "string"},
-        "path": {"type": "string"},
-        "body_digest": {"type": ["string", "null"], "description": "SHA-256 of method, path and canonical body."},
-        "body": {"description": "The body as JSON (null: none, not JSON, or not read)."},
-        "status": {"type": "integer", "description": "The HTTP status answered."},
-        "problem_type": {"type": ["string", "null"]},
-        "problem_title": {"type": ["string", "null"]},
-        "idempotency_key": {"type": ["string", "null"]},
-        "replay": {"type": "boolean", "description": "The answer was the stored one of the key's first request."},
-    },
-    "required": [
-        "id", "service", "recorded_at", "actor", "kind", "method", "path", "body_digest", "body", "status",
-        "problem_type", "problem_title", "idempotency_key", "replay",
-    ],
-    "additionalProperties": False,
-}
-
-
-def audit_openapi() -> tuple[dict[str, Any], dict[str, Any]]:
-    """The paths and schemas of ``GET /internal/audit`` for a service's OpenAPI document."""
-    time = {"type": "string", "format": "date-time"}
-    params = [
-        {"name": "actor", "in": "query", "required": False, "schema": {"type": "string", "maxLength": MAX_ACTOR},
-         "description": "Only this actor's commands."},
-        {"name": "kind", "in": "query", "required": False, "schema": {"type": "string", "maxLength": MAX_ACTOR},
-         "description": "Only commands of this kind."},
-        {"name": "from", "in": "query", "required": False, "schema": time, "description": "Recorded at or after."},
-        {"name": "to", "in": "query", "required": False, "schema": time, "description": "Recorded before."},
-        {"name": "limit", "in": "query", "required": False,
-         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
-         "description": "Page size."},
-        {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"},
-         "description": "`next_cursor` of the previous page."},
-    ]
-    page = {
-        "type": "object",
-        "properties": {
-            "items": {"type": "array", "items": {"$ref": "#/components/schemas/AuditEntry"}},
-            "next_cursor": {"type": ["string", "null"]},
-        },
-        "required": ["items", "next_cursor"],
-        "additionalProperties": False,
-    }
-    paths = {
-        "/internal/audit": {
-            "get": {
-                "summary": "The audit trail of this service's commands, newest first",
-                "parameters": params,
-                "responses": {
-                    "200": {"description": "OK", "content": {"application/json": {"schema": page}}},
-                    "422": problem_doc("A parameter is invalid (limit, cursor, a time, actor or kind)."),
-                },
-            }
-        }
-    }
-    return paths, {"AuditEntry": AUDIT_ENTRY_SCHEMA}
+def operation(owner: str) -> Operation:
+    """The contract of an owner's ``GET /internal/audit`` (bind ``list_audit``)."""
+    return Operation(
+        "GET",
+        "/internal/audit",
+        f"The audit trail of the {owner}'s commands, newest first",
+        {200: Answer(AuditPage)},
+        SCOPE_ADMIN,
+        query=AuditQuery,
+        refusals={422: "to is not after from."},
+        tags=("audit",),
+    )

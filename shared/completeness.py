@@ -11,12 +11,12 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.requests import Request
 from starlette.responses import Response
 
-from shared.clock import as_utc
+from shared.auth import SCOPE_ADMIN
 from shared.contracts import UtcDatetime
-from shared.http import ORJSONResponse, ProblemError
+from shared.edge import INVALID_PARAMETER, Answer, Call, Handler, Operation, Params, ProblemError, Time, parse_params
+from shared.edge import answer as edge_answer
 
 __all__ = [
     "MAX_RANGE_HOURS",
@@ -26,8 +26,10 @@ __all__ = [
     "LedgerCount",
     "PricerCompleteness",
     "PricerCount",
-    "counts_route",
-    "openapi_path",
+    "RangeQuery",
+    "check_range",
+    "counts_handler",
+    "operation",
     "parse_range",
 ]
 
@@ -84,87 +86,52 @@ class LedgerCompleteness(_Answer):
     items: list[LedgerCount]
 
 
-def _time(query: Mapping[str, str], name: str) -> datetime:
-    raw = query.get(name)
-    if not raw:
-        raise ProblemError(422, "Invalid query parameter", f"{name}: is required")
-    try:
-        # A '+' of an offset sent unencoded arrives as a space.
-        value = datetime.fromisoformat(raw.strip().replace(" ", "+"))
-    except ValueError:
-        raise ProblemError(422, "Invalid query parameter", f"{name}: not an ISO-8601 time") from None
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ProblemError(422, "Invalid query parameter", f"{name}: give a time zone (e.g. Z)")
-    try:
-        return as_utc(value)
-    except (ValueError, OverflowError):  # e.g. 0001-01-01T00:00+01:00 has no UTC datetime
-        raise ProblemError(422, "Invalid query parameter", f"{name}: out of the range of UTC times") from None
+class RangeQuery(Params):
+    since: Time = Field(alias="from", description="Start (inclusive), with its zone.")
+    until: Time = Field(alias="to", description="End (exclusive), with its zone.")
+
+
+def check_range(q: RangeQuery) -> tuple[datetime, datetime]:
+    """``from`` < ``to``, at most MAX_RANGE_HOURS apart; 422 ``invalid-parameter`` otherwise."""
+    if q.since >= q.until:
+        raise ProblemError(INVALID_PARAMETER, "to: must be after from", parameter="to")
+    if (q.until - q.since).total_seconds() > MAX_RANGE_HOURS * 3600:
+        raise ProblemError(INVALID_PARAMETER, f"to: at most {MAX_RANGE_HOURS} hours after from", parameter="to")
+    return q.since, q.until
 
 
 def parse_range(query: Mapping[str, str]) -> tuple[datetime, datetime]:
     """``from`` and ``to`` of an internal completeness query; 422 problem when missing, naive, empty or
     longer than MAX_RANGE_HOURS."""
-    since, until = _time(query, "from"), _time(query, "to")
-    if since >= until:
-        raise ProblemError(422, "Invalid query parameter", "to: must be after from")
-    if (until - since).total_seconds() > MAX_RANGE_HOURS * 3600:
-        raise ProblemError(422, "Invalid query parameter", f"to: at most {MAX_RANGE_HOURS} hours after from")
-    return since, until
+    return check_range(parse_params(RangeQuery, query.items()))
 
 
-def _inline(node: Any, defs: Mapping[str, Any]) -> Any:
-    if isinstance(node, dict):
-        if set(node) == {"$ref"} and node["$ref"].startswith("#/$defs/"):
-            return _inline(defs[node["$ref"].removeprefix("#/$defs/")], defs)
-        return {k: _inline(v, defs) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_inline(v, defs) for v in node]
-    return node
+def operation(answer: type[BaseModel], owner: str) -> Operation:
+    """The contract of an owner's ``GET /internal/completeness`` answering ``answer``."""
+    return Operation(
+        "GET",
+        "/internal/completeness",
+        f"What the {owner} holds per reading hour and meter, for the api's completeness report",
+        {200: Answer(answer)},
+        SCOPE_ADMIN,
+        query=RangeQuery,
+        refusals={422: f"from not before to, or more than {MAX_RANGE_HOURS} hours apart."},
+        tags=("completeness",),
+    )
 
 
-def openapi_path(answer: type[BaseModel], owner: str) -> dict[str, Any]:
-    """The OpenAPI path item of ``GET /internal/completeness`` answering ``answer`` (its JSON Schema as
-    pydantic writes it, inlined), for the owning service's document."""
-    schema = answer.model_json_schema()
-    body = _inline({k: v for k, v in schema.items() if k != "$defs"}, schema.get("$defs", {}))
-    time = {"type": "string", "format": "date-time"}
-    problem = {"content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
-    return {
-        "/internal/completeness": {
-            "get": {
-                "summary": f"What the {owner} holds per reading hour and meter, for the api's completeness report",
-                "parameters": [
-                    {"name": n, "in": "query", "required": True, "schema": time, "description": d}
-                    for n, d in (
-                        ("from", "Start (inclusive), with its zone."),
-                        ("to", "End (exclusive), with its zone."),
-                    )
-                ],
-                "responses": {
-                    "200": {"description": "OK", "content": {"application/json": {"schema": body}}},
-                    "422": {
-                        "description": "from or to missing, without a zone, not before to, or more than "
-                        f"{MAX_RANGE_HOURS} hours apart.",
-                        **problem,
-                    },
-                },
-            }
-        }
-    }
-
-
-def counts_route(
+def counts_handler(
     counts: Callable[[Any, datetime, datetime], Awaitable[Sequence[Mapping[str, Any]]]],
-    answer: type[PricerCompleteness] | type[LedgerCompleteness],
-    item: type[PricerCount] | type[LedgerCount],
-) -> Callable[[Request], Awaitable[Response]]:
-    """The route of an owner whose counts are the rows of one query, ``counts(conn, since, until)``, each
+    answer: type[PricerCompleteness | LedgerCompleteness],
+    item: type[PricerCount | LedgerCount],
+) -> Handler:
+    """The handler of an owner whose counts are the rows of one query, ``counts(conn, since, until)``, each
     row holding exactly the fields of ``item`` (the pricer and the ledger)."""
 
-    async def completeness(request: Request) -> Response:
-        since, until = parse_range(request.query_params)
-        async with request.app.state.runtime.pool.acquire() as conn:
+    async def completeness(call: Call) -> Response:
+        since, until = check_range(call.query_as(RangeQuery))
+        async with call.request.app.state.runtime.pool.acquire() as conn:
             rows = await counts(conn, since, until)
-        return ORJSONResponse(answer(items=[item(**r) for r in rows]).model_dump(mode="json"))  # type: ignore[arg-type]
+        return edge_answer(answer.model_validate({"items": [item.model_validate(dict(r)) for r in rows]}))
 
     return completeness

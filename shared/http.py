@@ -1,5 +1,7 @@
-"""HTTP plumbing every service shares: RFC 9457 problem details, a request-body size limit, and the
-``/healthz``, ``/readyz`` and ``/metrics`` routes."""
+"""HTTP plumbing every service shares: the exception handlers that answer every refusal as problem+json
+(``shared.edge.problems``), a request-body size limit, and the operations every service serves besides its
+own: ``/healthz``, ``/readyz``, ``/metrics``, ``/asyncapi.json`` and ``/openapi.json``, declared like the
+others (``shared.edge``) so that they are in the generated document too."""
 
 from __future__ import annotations
 
@@ -10,28 +12,39 @@ from typing import Any
 import asyncpg
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.edge import (
+    CONTENT_TOO_LARGE,
+    INTERNAL,
+    INVALID_BODY,
+    JSON,
+    Answer,
+    Call,
+    Operation,
+    ProblemError,
+    by_status,
+    problem,
+)
 from shared.health import ReadinessPolicy, ReadyCheck, run_checks
 
 __all__ = [
-    "problem",
-    "ProblemError",
-    "ORJSONResponse",
     "BodySizeLimit",
+    "ORJSONResponse",
     "exception_handlers",
-    "ops_routes",
-    "read_json",
+    "ops_operations",
 ]
 
 log = logging.getLogger(__name__)
 
-PROBLEM = "application/problem+json"
+# Why the ops routes need no token: probes and scrapers call them without one, and none of them changes
+# anything or tells anything about customers.
+OPS_OPEN = "probes and Prometheus call it without credentials; it changes nothing and holds no customer data."
+DOCS_OPEN = "the description of the service's interface, the same for every caller; it holds no data."
 
 
 class ORJSONResponse(JSONResponse):
@@ -45,45 +58,14 @@ def _default(obj: Any) -> Any:
     return str(obj)
 
 
-def problem(status: int, title: str, detail: str = "", **extra: Any) -> Response:
-    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
-    if detail:
-        body["detail"] = detail
-    body.update(extra)
-    return Response(orjson.dumps(body, default=_default), status_code=status, media_type=PROBLEM)
-
-
-class ProblemError(Exception):
-    """Raise from a route to answer with a problem document."""
-
-    def __init__(self, status: int, title: str, detail: str = "", **extra: Any) -> None:
-        super().__init__(detail or title)
-        self.status, self.title, self.detail, self.extra = status, title, detail, extra
-
-
-async def read_json(request: Request, model: type[BaseModel]) -> Any:
-    """The request body validated by ``model``; 415/422 problem on anything else."""
-    ctype = request.headers.get("content-type", "")
-    if "json" not in ctype:
-        raise ProblemError(415, "Unsupported Media Type", "send the body as application/json")
-    body = await request.body()
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        from shared.kafka import describe_error
-
-        raise ProblemError(422, "Invalid request body", describe_error(exc)) from None
-
-
 async def _problem_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProblemError)
-    return problem(exc.status, exc.title, exc.detail, **exc.extra)
+    return exc.response()
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    titles = {404: "Not Found", 405: "Method Not Allowed", 401: "Unauthorized", 403: "Forbidden"}
-    resp = problem(exc.status_code, titles.get(exc.status_code, "HTTP error"), str(exc.detail or ""))
+    resp = problem(by_status(exc.status_code), str(exc.detail or ""))
     if exc.headers:
         resp.headers.update(exc.headers)
     return resp
@@ -91,12 +73,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _unstorable_text(request: Request, exc: Exception) -> Response:
     # PostgreSQL text cannot hold the NUL character (SQLSTATE 22021): the value came from the request.
-    return problem(422, "Invalid text", "text values cannot contain the NUL character (\\u0000)")
+    return problem(INVALID_BODY, "text values cannot contain the NUL character (\\u0000)")
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", extra={"path": request.url.path})
-    return problem(500, "Internal Server Error", "the error was logged")
+    return problem(INTERNAL, "the error was logged")
 
 
 exception_handlers: Mapping[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
@@ -117,9 +99,10 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        detail = f"request bodies are limited to {self.max_bytes} bytes"
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await problem(413, "Content Too Large", f"request bodies are limited to {self.max_bytes} bytes")(scope, receive, send)
+                await problem(CONTENT_TOO_LARGE, detail)(scope, receive, send)
                 return
         seen = 0
 
@@ -129,30 +112,74 @@ class BodySizeLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
-                    raise ProblemError(413, "Content Too Large", f"request bodies are limited to {self.max_bytes} bytes")
+                    raise ProblemError(CONTENT_TOO_LARGE, detail)
             return msg
 
         await self.app(scope, limited, send)
 
 
-def ops_routes(
-    checks: Callable[[], Mapping[str, ReadyCheck]], policy: Callable[[], ReadinessPolicy] = ReadinessPolicy
-) -> list[Route]:
-    """``/healthz`` (the process answers), ``/readyz`` (the dependencies the service's readiness policy
-    requires answer; the others are reported) and ``/metrics``."""
+# ------------------------------------------------------------------------------------- ops operations
 
-    async def healthz(request: Request) -> Response:
+
+class Health(BaseModel):
+    status: str = Field(description="`ok`: the process answers.")
+
+
+class Readiness(BaseModel):
+    """What ``/readyz`` says: every check's result; the service's readiness policy decides which count."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: str = Field(description="`ready` or `not ready`.")
+    checks: dict[str, str] = Field(description="Each dependency: `ok` or `failed: <error type>`.")
+    not_required: list[str] = Field(default_factory=list, description="Checks reported, not required.")
+
+
+OBJECT = {"type": "object"}
+
+
+def ops_operations(
+    checks: Callable[[], Mapping[str, ReadyCheck]],
+    policy: Callable[[], ReadinessPolicy],
+    asyncapi: Callable[[], Any],
+    openapi: Callable[[], bytes],
+    *,
+    ready_summary: str = "Every dependency the service needs answers (database, Kafka, consumers)",
+) -> list[Operation]:
+    """``/healthz`` (the process answers), ``/readyz`` (the dependencies the service's readiness policy
+    requires answer; the others are reported), ``/metrics``, ``/asyncapi.json`` and ``/openapi.json``."""
+
+    async def healthz(call: Call) -> Response:
         return ORJSONResponse({"status": "ok"})
 
-    async def readyz(request: Request) -> Response:
+    async def readyz(call: Call) -> Response:
         ok, body = await run_checks(checks(), policy())
         return ORJSONResponse(body, status_code=200 if ok else 503)
 
-    async def metrics(request: Request) -> Response:
+    async def metrics(call: Call) -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    async def asyncapi_doc(call: Call) -> Response:
+        return ORJSONResponse(asyncapi())
+
+    async def openapi_doc(call: Call) -> Response:
+        return Response(openapi(), media_type=JSON)
+
     return [
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
+        Operation("GET", "/healthz", "The process answers", {200: Answer(Health)}, None, OPS_OPEN).bind(healthz),
+        Operation(
+            "GET", "/readyz", ready_summary,
+            {200: Answer(Readiness, "Ready"), 503: Answer(Readiness, "Not ready")}, None, OPS_OPEN,
+        ).bind(readyz),
+        Operation(
+            "GET", "/metrics", "Prometheus metrics",
+            {200: Answer(None, "Prometheus text format", "text/plain", {"type": "string"})}, None, OPS_OPEN,
+        ).bind(metrics),
+        Operation(
+            "GET", "/asyncapi.json", "The AsyncAPI 3.0 document of this service's topics (generated by FastStream)",
+            {200: Answer(None, "AsyncAPI 3.0", JSON, OBJECT)}, None, DOCS_OPEN,
+        ).bind(asyncapi_doc),
+        Operation(
+            "GET", "/openapi.json", "This document", {200: Answer(None, "OpenAPI 3.1", JSON, OBJECT)}, None, DOCS_OPEN
+        ).bind(openapi_doc),
     ]

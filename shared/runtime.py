@@ -1,7 +1,10 @@
 """The composition root every service uses: one lifespan that creates the pool (and migrates), the
 FastStream broker (publisher and subscribers, ``shared.kafka.Stream``), hands them to the service, and on
 SIGTERM finishes the batch in hand, commits, and closes everything in reverse order. Nothing connects
-at import time. Each service also serves the AsyncAPI document of its topics at ``/asyncapi.json``."""
+at import time. Each service also serves the AsyncAPI document of its topics at ``/asyncapi.json`` and the
+OpenAPI document of its routes at ``/openapi.json``, generated from its route declarations
+(``shared.edge``); its token verification (``shared.auth.Authenticator``) is built and closed here too, and
+its commands are recorded and made idempotent by ``shared.commands`` (``command_wrapper``)."""
 
 from __future__ import annotations
 
@@ -14,17 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 import uvicorn
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
+from shared.auth import Authenticator
+from shared.commands import command
 from shared.db import create_pool, migrate, ping
+from shared.edge import CommandWrapper, Operation, Wrap, document, starlette_routes
 from shared.health import ReadinessPolicy
-from shared.http import BodySizeLimit, ORJSONResponse, exception_handlers, ops_routes
+from shared.http import BodySizeLimit, exception_handlers, ops_operations
 from shared.kafka import Decoder, Handler, Stream
 from shared.logging import configure_logging
 from shared.settings import ServiceSettings
@@ -46,9 +51,17 @@ class Runtime:
     publisher: Stream = field(init=False)
     state: dict[str, Any] = field(default_factory=dict)
     consumes: bool = False
+    # Applied to every operation declared as a command (the state-changing requests), in shared.edge.routes:
+    # the audit trail and Idempotency-Key handling of shared.commands, in the service's own schema (its
+    # *_commands.sql migration).
+    command_wrapper: CommandWrapper | None = command
 
     def __post_init__(self) -> None:
         s = self.settings
+        self.auth = Authenticator(s, realm=f"billing-{self.name}")
+        self.operations: list[Operation] = []
+        self.api_title, self.api_description = f"billing {self.name}", self.description
+        self._openapi: bytes | None = None
         # Built (not connected) here, so that the subscribers and publishers can be declared before the
         # lifespan starts, and the AsyncAPI document generated without a broker.
         self.publisher = Stream(
@@ -113,12 +126,33 @@ class Runtime:
             checks["starting"] = _not_ready
         return checks
 
+    def openapi_document(self) -> dict[str, Any]:
+        """The OpenAPI 3.1 document of this service's operations (``app`` declares them)."""
+        return document(self.api_title, self.api_description, self.operations)
+
+    def openapi_bytes(self) -> bytes:
+        if self._openapi is None:
+            self._openapi = orjson.dumps(self.openapi_document())
+        return self._openapi
+
     def app(
         self,
-        routes: Sequence[BaseRoute],
+        operations: Sequence[Operation],
+        *,
+        routes: Sequence[BaseRoute] = (),
         on_start: Callable[[Runtime], Awaitable[None]] | None = None,
         on_stop: Callable[[Runtime], Awaitable[None]] | None = None,
+        wrap: Wrap | None = None,
+        title: str = "",
+        description: str = "",
+        ready_summary: str = "Every dependency the service needs answers (database, Kafka, consumers)",
     ) -> Starlette:
+        """The service's Starlette app: its ``operations`` and the ops routes (shared.http) as declared
+        routes, then any other ``routes`` (the api's dashboard), with the lifespan above. ``title`` and
+        ``description`` head its OpenAPI document."""
+        self.api_title = title or f"billing {self.name}"
+        self.api_description = description or self.description
+
         @contextlib.asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
             s = self.settings
@@ -145,23 +179,29 @@ class Runtime:
                     finally:
                         await self.publisher.stop()
             finally:
+                await self.auth.aclose()
                 await self.pool.close()
                 log.info("service stopped")
 
-        async def asyncapi(request: Request) -> Response:
-            return ORJSONResponse(self.publisher.asyncapi())
-
+        ops = ops_operations(
+            self.ready_checks,
+            lambda: self.readiness,
+            self.publisher.asyncapi,
+            self.openapi_bytes,
+            ready_summary=ready_summary,
+        )
+        self.operations = [*operations, *ops]
         app = Starlette(
-            routes=[
-                *ops_routes(self.ready_checks, lambda: self.readiness),
-                Route("/asyncapi.json", asyncapi, methods=["GET"]),
-                *routes,
-            ],
+            routes=[*starlette_routes(self.operations, command=self.command_wrapper, wrap=wrap), *routes],
             lifespan=lifespan,
             exception_handlers=dict(exception_handlers),
             middleware=[Middleware(BodySizeLimit, max_bytes=self.settings.max_body_bytes)],
         )
+        # No redirect to the path with(out) a trailing slash: the router's names the request's Host header, and
+        # a declared route is matched exactly or not at all (404).
+        app.router.redirect_slashes = False
         app.state.runtime = self
+        app.state.authenticator = self.auth
         return app
 
 

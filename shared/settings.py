@@ -23,14 +23,14 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic import AliasChoices, AnyHttpUrl, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
     "DSN_HELP",
     "PORT_HELP",
-    "Kind",
     "PROFILE_ENV",
+    "Kind",
     "ProfileSettings",
     "ServiceSettings",
     "SettingsError",
@@ -195,7 +195,11 @@ def load_settings(cls: type[S], name: str) -> S:
 class ServiceSettings(ProfileSettings):
     """What every service needs. Subclasses set ``env_prefix`` and their own defaults."""
 
-    PRODUCTION_REQUIRED: ClassVar[Mapping[str, Kind]] = {"database_url": "dsn", "kafka_bootstrap_servers": "servers"}
+    PRODUCTION_REQUIRED: ClassVar[Mapping[str, Kind]] = {
+        "database_url": "dsn",
+        "kafka_bootstrap_servers": "servers",
+        "oidc_issuer": "url",
+    }
 
     database_url: SecretStr = Field(description=DSN_HELP)
     kafka_bootstrap_servers: str = Field(
@@ -223,6 +227,30 @@ class ServiceSettings(ProfileSettings):
     )
     max_body_bytes: int = Field(default=1_000_000, ge=1024, description="Larger request bodies are refused (413).")
     schema_name: str = Field(default="", description="The service's database schema; empty: the service's name.")
+
+    # Tokens (shared.auth): every service verifies the bearer tokens of its routes against the same issuer;
+    # OIDC discovery at <issuer>/.well-known/openid-configuration finds the JWKS.
+    oidc_issuer: str = Field(
+        default="http://127.0.0.1:8090",
+        description="`iss` every token must carry; its OIDC discovery document names the keys.",
+    )
+    oidc_audience: str = Field(default="billing-api", min_length=1, description="`aud` every token must carry.")
+    clock_skew_seconds: int = Field(default=30, ge=0, le=300, description="Leeway on exp and nbf.")
+    jwks_cache_seconds: float = Field(default=600, ge=1, description="Keys are refreshed after this long.")
+    jwks_refetch_min_interval_seconds: float = Field(
+        default=10, ge=0, description="An unknown `kid` refetches the keys at most this often."
+    )
+    oidc_timeout_seconds: float = Field(default=5, gt=0, le=60, description="Timeout of a request to the issuer.")
+    token_cache_size: int = Field(default=4096, ge=0, le=1_000_000, description="Verified tokens remembered.")
+    token_cache_seconds: float = Field(
+        default=60, ge=0, le=3600, description="How long a verified token is remembered."
+    )
+
+    @field_validator("oidc_issuer", mode="after")
+    @classmethod
+    def _issuer_is_url(cls, value: str) -> str:
+        AnyHttpUrl(value)  # fail fast on something that is not an http(s) URL; keep the exact text for `iss`
+        return value
 
     def topic(self, name: str) -> str:
         """The full name of topic ``name`` (a constant of ``shared.topics``) for this deployment."""

@@ -24,6 +24,8 @@ from shared.topics import delete_topics, ensure_topics
 # values compared): registered before any test module imports them.
 pytest.register_assert_rewrite("tests.support")
 
+from tests.support.tokens import LocalIssuer, serve_issuer
+
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS_SQL = ROOT / "deploy" / "local" / "schemas.sql"
 SERVICES = ("collector", "pricer", "ledger", "api")
@@ -50,7 +52,7 @@ def _docker_reachable() -> bool:
             return bool(client.ping())
         finally:
             client.close()
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure means no engine to use
         return False
 
 
@@ -66,9 +68,11 @@ def infra() -> Iterator[Infra]:
     from testcontainers.kafka import KafkaContainer  # type: ignore[import-untyped]
     from testcontainers.postgres import PostgresContainer  # type: ignore[import-untyped]
 
-    with PostgresContainer("postgres:15", username="billing_admin", password="billing_admin", dbname="billing") as pgc:
-        with KafkaContainer("apache/kafka:4.1.1").with_kraft() as kc:
-            yield Infra(kc.get_bootstrap_server(), pgc.get_connection_url(driver=None))
+    with (
+        PostgresContainer("postgres:15", username="billing_admin", password="billing_admin", dbname="billing") as pgc,
+        KafkaContainer("apache/kafka:4.1.1").with_kraft() as kc,
+    ):
+        yield Infra(kc.get_bootstrap_server(), pgc.get_connection_url(driver=None))
 
 
 def dsn_with(dsn: str, *, user: str | None = None, password: str | None = None, database: str | None = None) -> str:
@@ -126,6 +130,15 @@ async def database(infra: Infra) -> AsyncIterator[Database]:
         yield db
     finally:
         await _drop_database(infra.pg_admin_dsn, db.name)
+
+
+@pytest.fixture(scope="session")
+async def issuer() -> AsyncIterator[LocalIssuer]:
+    """An OIDC issuer on a random local port for the whole run: the services under test verify the tokens
+    of their internal routes against it (``<svc>_oidc_issuer=issuer.url``); ``issuer.bearer()`` is an
+    admin's Authorization header."""
+    async with serve_issuer(LocalIssuer()) as served:
+        yield served
 
 
 # Test topics have fewer partitions than the production ones (12) and are deleted after each test: a

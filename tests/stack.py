@@ -32,6 +32,12 @@ class Stack:
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
 
+    def admin_headers(self, subject: str = "stack-admin") -> dict[str, str]:
+        """An admin's bearer token of the simulator's issuer, for the services' internal routes."""
+        from simulator.oidc import mint_token
+
+        return {"authorization": f"Bearer {mint_token(['usage.admin'], subject=subject, issuer=self.url('sim'))}"}
+
     def env(self) -> dict[str, str]:
         env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": KAFKA, "KAFKA_TOPIC_PREFIX": self.prefix,
                "COLLECTOR_SCHEDULE_ENABLED": "false", "LEDGER_AUTO_CLOSE_MONTHS": "false"}
@@ -41,7 +47,8 @@ class Stack:
             if svc in PORT_ENV:
                 env[PORT_ENV[svc]] = str(port)
         if "sim" in self.ports:
-            env["API_OIDC_ISSUER"] = self.url("sim")
+            for svc in ("collector", "pricer", "ledger", "api"):  # one issuer: every service verifies its tokens
+                env[f"{svc.upper()}_OIDC_ISSUER"] = self.url("sim")
             env["SIM_OIDC_ISSUER"] = self.url("sim")
             env.setdefault("COLLECTOR_CF_API_URL", self.url("sim"))
             env.setdefault("COLLECTOR_UAA_URL", self.url("sim"))
@@ -59,7 +66,9 @@ class Stack:
             if name == "sim":
                 args += ["--port", str(self.ports[name]), "--log-level", "warning", *self.sim_args]
             with (self.logs / f"{name}.log").open("ab") as log:  # the child keeps its own descriptor
-                self.procs[name] = subprocess.Popen(args, cwd=ROOT, env=self.env(), stdout=log, stderr=log)
+                self.procs[name] = subprocess.Popen(  # noqa: ASYNC220 - a quick fork; readiness is awaited below
+                    args, cwd=ROOT, env=self.env(), stdout=log, stderr=log
+                )
         async with httpx.AsyncClient() as c:
             for name in names:
                 path = "/healthz" if name == "sim" else "/readyz"

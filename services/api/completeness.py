@@ -61,10 +61,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from services.api.params import only_known, parse_time
 from shared.clock import hours_between, utcnow
-from shared.completeness import CollectorCompleteness, LedgerCompleteness, PricerCompleteness
-from shared.http import ProblemError
+from shared.completeness import CollectorCompleteness, LedgerCompleteness, PricerCompleteness, RangeQuery
+from shared.edge import INVALID_PARAMETER, ProblemError, parse_params
 
 __all__ = [
     "MAX_HOURS",
@@ -88,6 +87,7 @@ __all__ = [
     "parse_range",
     "reconcile",
     "report_json",
+    "whole_hours",
 ]
 
 MAX_HOURS = 31 * 24
@@ -101,30 +101,30 @@ Key = tuple[datetime, str]  # (reading hour, meter)
 # ------------------------------------------------------------------------------------------ input
 
 
-def _bad(detail: str, parameter: str | None = None) -> ProblemError:
-    extra = {"parameter": parameter} if parameter else {}
-    return ProblemError(422, "Invalid parameter", detail, **extra)
+def _bad(detail: str) -> ProblemError:
+    return ProblemError(INVALID_PARAMETER, detail, parameter="to")
+
+
+def whole_hours(q: RangeQuery) -> tuple[datetime, datetime]:
+    """The first whole hour of [from, to) and the end of the last one; a 422 problem, as every route
+    answers a bad parameter, when from >= to, the range holds no whole hour or more than MAX_HOURS."""
+    start, end = q.since, q.until
+    if start >= end:
+        raise _bad("to: must be after from")
+    if end - start > (MAX_HOURS + 1) * HOUR:  # before listing the hours of a long range
+        raise _bad(f"to: the range is longer than {MAX_HOURS} hours (31 days)")
+    hours = hours_between(start, end)
+    if not hours:
+        raise _bad("to: the range holds no whole UTC hour (from <= h < to)")
+    if len(hours) > MAX_HOURS:
+        raise _bad(f"to: the range holds {len(hours)} whole hours; at most {MAX_HOURS} (31 days)")
+    return hours[0], hours[-1] + HOUR
 
 
 def parse_range(query: Mapping[str, str]) -> tuple[datetime, datetime]:
-    """``from`` and ``to`` of the query as the first whole hour and the end of the last one; a 422 problem,
-    as every api route answers a bad parameter, on anything else (missing, unknown or repeated
-    parameters, times without a zone, from >= to, no whole hour in the range, more than MAX_HOURS hours)."""
-    q = only_known(query, ("from", "to"))
-    for name in ("from", "to"):
-        if name not in q:
-            raise _bad(f"{name}: is required", name)
-    start, end = parse_time("from", q["from"]), parse_time("to", q["to"])
-    if start >= end:
-        raise _bad("from must be before to", "to")
-    if end - start > (MAX_HOURS + 1) * HOUR:  # before listing the hours of a range of centuries
-        raise _bad(f"the range is longer than {MAX_HOURS} hours (31 days)", "to")
-    hours = hours_between(start, end)
-    if not hours:
-        raise _bad("the range holds no whole UTC hour (from <= h < to)", "to")
-    if len(hours) > MAX_HOURS:
-        raise _bad(f"the range holds {len(hours)} whole hours; at most {MAX_HOURS} (31 days)", "to")
-    return hours[0], hours[-1] + HOUR
+    """``from`` and ``to`` of a query (missing, unknown or repeated parameters and times without a zone
+    are 422 problems too) as ``whole_hours`` gives them."""
+    return whole_hours(parse_params(RangeQuery, query.items()))
 
 
 class UpstreamAnswerError(Exception):

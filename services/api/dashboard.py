@@ -13,10 +13,9 @@ Sign-in: the caller pastes a bearer token (in development ``billing token --scop
 (Secure over https) scoped to ``/dashboard``, and verified again on every request. POSTs (sign-in,
 sign-out) are refused from another origin.
 
-Burn rate and projection: the average daily usage (bucket ``used``: usage, late usage, their reversals)
-over the 30 days up to the end of the last hour with posted usage (fewer when usage began later); the
-remaining credits as of now, spent at that rate from now (or from the last posted usage, if later), give
-the run-out date. No projection when nothing was used in that window, or when nothing remains.
+What a page shows is computed in ``views.py`` (burn rate, run-out, the charts' data); this module, over 400
+lines, is the pages of one small HTML application (session, sign-in and out, the customer pages, the CSV,
+the admin lists), which share its rendering, session and error handling.
 """
 
 from __future__ import annotations
@@ -28,10 +27,8 @@ import io
 import logging
 import re
 import time
-from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import date, datetime
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,42 +46,45 @@ from starlette.staticfiles import StaticFiles
 
 from services.api import audit
 from services.api import repository as repo
-from services.api.auth import AuthError, IssuerUnavailableError, Principal
-from services.api.charts import OTHER_COLOUR, PALETTE, BurnDown, Series, burn_down, format_credits, stacked_bars
-from services.api.forward import ADMIN_ROUTES
-from services.api.params import parse_month, parse_uuid
-from services.api.service import Balance, amount_fields, balance_from_buckets, iso, ny_day, ny_month, usage_range
+from services.api.charts import format_credits
+from services.api.forward import ADMIN_ROUTES, render
+from services.api.service import balance_from_buckets, iso, ny_month, usage_range
+from services.api.views import (
+    LedgerFact,
+    burn_rate,
+    burn_view,
+    days_text,
+    next_month,
+    ny_text,
+    previous_month,
+    run_out,
+    statement_view,
+    usage_view,
+)
+from shared.auth import AuthError, IssuerUnavailableError, Principal
 from shared.clock import BUSINESS_TZ, month_bounds, utcnow
-from shared.http import ProblemError
+from shared.edge import (
+    EARLIEST,
+    INVALID_PARAMETER,
+    NOT_FOUND,
+    Params,
+    ProblemError,
+    latest,
+    parameter,
+    parse_month,
+    parse_params,
+    parse_uuid,
+)
 
 if TYPE_CHECKING:
     from services.api.handlers import Api
 
-__all__ = [
-    "COOKIE",
-    "BurnRate",
-    "Dashboard",
-    "Group",
-    "LedgerFact",
-    "burn_rate",
-    "burn_view",
-    "daily_remaining",
-    "run_out",
-    "statement_view",
-    "usage_series",
-    "usage_view",
-]
+__all__ = ["COOKIE", "Dashboard"]
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 COOKIE = "billing_dashboard_token"
-HOUR = timedelta(hours=1)
-DAY = timedelta(days=1)
-BURN_WINDOW = timedelta(days=30)
-MAX_PROJECTION = timedelta(days=366 * 50)  # beyond this a run-out date says nothing useful
-CHART_AHEAD = timedelta(days=366)  # the burn-down's axis reaches at most this far past today
-MAX_SERIES = len(PALETTE)  # more orgs (spaces) than colours: the smallest share one "other" colour
 PAGE = 100  # customers per page
 ROWS = 5000  # rows per repository call when reading a whole range
 MAX_FORM_BYTES = 32_768
@@ -119,7 +119,7 @@ _ENV = Environment(
 _ENV.filters["credits"] = format_credits
 _ENV.filters["micro"] = lambda microcredits: f"{int(microcredits):,}"
 _CSS_VERSION = hashlib.sha256((HERE / "static" / "dashboard.css").read_bytes()).hexdigest()[:12]
-_ADMIN = {r.path: r for r in ADMIN_ROUTES}
+_ADMIN = {r.path: r for r in ADMIN_ROUTES if r.method == "GET"}
 # The fields the admin list pages show (of the pricer's unpriced charges and the ledger's held ones).
 _LIST_FIELDS = (
     "measurement_id",
@@ -136,220 +136,6 @@ _LIST_FIELDS = (
     "unit",
     "credits",
 )
-
-
-# ------------------------------------------------------------------------------------- view logic
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerFact:
-    """What the burn-down needs of a ledger transaction (as the read model stores it)."""
-
-    occurred_at: datetime
-    type: str
-    bucket: str
-    signed_amount: int
-
-
-def _days(first: date, last: date) -> list[date]:
-    return [first + timedelta(days=i) for i in range((last - first).days + 1)]
-
-
-def daily_remaining(facts: Iterable[LedgerFact], first: date, last: date) -> list[int]:
-    """Remaining microcredits at the end of each America/New_York day from ``first`` to ``last``: the
-    balance rule of the JSON API (``balance_from_buckets``) over the transactions that occurred by then."""
-    sums: dict[str, int] = defaultdict(int)
-    by_day: dict[date, list[LedgerFact]] = defaultdict(list)
-    for f in facts:
-        day = ny_day(f.occurred_at)
-        if day < first:
-            sums[f.bucket] += f.signed_amount
-        elif day <= last:
-            by_day[day].append(f)
-    out = []
-    for day in _days(first, last):
-        for f in by_day.get(day, ()):
-            sums[f.bucket] += f.signed_amount
-        out.append(balance_from_buckets(sums).remaining)
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class BurnRate:
-    per_day: Fraction  # microcredits a day, exact
-    start: datetime  # the window [start, end) it was measured over
-    end: datetime
-
-    @property
-    def days(self) -> Fraction:
-        return Fraction((self.end - self.start) // timedelta(microseconds=1), DAY // timedelta(microseconds=1))
-
-
-def burn_rate(facts: Sequence[LedgerFact]) -> BurnRate | None:
-    """Average daily usage over the 30 days up to the end of the last hour with posted usage (from the
-    first posted usage, when that is later); None before any usage was posted."""
-    times = [f.occurred_at for f in facts if f.type in ("usage", "late_usage")]
-    if not times:
-        return None
-    end = max(times) + HOUR
-    start = max(end - BURN_WINDOW, min(times))
-    used = sum(f.signed_amount for f in facts if f.bucket == "used" and start <= f.occurred_at < end)
-    micros = (end - start) // timedelta(microseconds=1)
-    return BurnRate(Fraction(used) * (DAY // timedelta(microseconds=1)) / micros, start, end)
-
-
-def run_out(remaining: int, rate: BurnRate | None, now: datetime) -> datetime | None:
-    """When ``remaining`` microcredits are used up at ``rate``, spent from ``now`` (or from the end of
-    the rate's window, if later); None when there is no burn, nothing remains, or it is decades away."""
-    if rate is None or rate.per_day <= 0 or remaining <= 0:
-        return None
-    micros = Fraction(remaining) * (DAY // timedelta(microseconds=1)) / rate.per_day
-    if micros > MAX_PROJECTION // timedelta(microseconds=1):
-        return None
-    return max(now, rate.end) + timedelta(microseconds=-(-micros.numerator // micros.denominator))
-
-
-def _next_month(month: date) -> date:
-    return date(month.year + (month.month == 12), month.month % 12 + 1, 1)
-
-
-def _previous_month(month: date) -> date:
-    return date(month.year - (month.month == 1), (month.month - 2) % 12 + 1, 1)
-
-
-@dataclass
-class Group:
-    """One org (or space) of the month's usage: exact microcredits per day."""
-
-    key: str
-    label: str
-    days: dict[date, Fraction] = field(default_factory=dict)
-
-    @property
-    def total(self) -> Fraction:
-        return sum(self.days.values(), Fraction(0))
-
-
-def usage_series(groups: Sequence[Group]) -> tuple[list[Series], dict[str, str]]:
-    """The chart's series, largest month total first (at the bottom of each bar): one colour each for
-    the first ``MAX_SERIES - 1`` groups and one shared "other" series for the rest (all of them when
-    they fit). Returns the series and each group's colour."""
-    ordered = sorted(groups, key=lambda g: (-g.total, g.label.lower(), g.key))
-    shown = ordered if len(ordered) <= MAX_SERIES else ordered[: MAX_SERIES - 1]
-    rest = ordered[len(shown) :]
-    series = [Series(g.key, g.label, g.days, PALETTE[i]) for i, g in enumerate(shown)]
-    colours = {s.key: s.colour for s in series}
-    if rest:
-        merged: dict[date, Fraction] = defaultdict(Fraction)
-        for g in rest:
-            for day, amount in g.days.items():
-                merged[day] += amount
-            colours[g.key] = OTHER_COLOUR
-        series.append(Series("", f"{len(rest)} others", dict(merged), OTHER_COLOUR))
-    return series, colours
-
-
-def burn_view(
-    facts: Sequence[LedgerFact], balance: Balance, rate: BurnRate | None, runout: datetime | None, now: datetime
-) -> dict[str, Any] | None:
-    """The burn-down: remaining credits at the end of every day from the first transaction to today,
-    then the projection as a straight line to zero on the run-out day (or to the edge of the chart, a
-    year from today, when that is later)."""
-    if not facts:
-        return None
-    today = ny_day(now)
-    first = min(ny_day(f.occurred_at) for f in facts)
-    last = max(today, max(ny_day(f.occurred_at) for f in facts))
-    days = _days(first, last)
-    remaining = daily_remaining(facts, first, last)
-    end, projection = last, None
-    if runout is not None and rate is not None:
-        runout_day, edge = ny_day(runout), today + CHART_AHEAD
-        if runout_day <= edge:
-            end, projection = max(last, runout_day), (runout_day, Fraction(0))
-        else:
-            end, projection = max(last, edge), (edge, balance.remaining - rate.per_day * (edge - today).days)
-        if projection[0] <= last:
-            projection = None
-    chart = burn_down(
-        BurnDown(days, remaining, balance.funded, today, end, projection),
-        title="Remaining credits per day",
-        desc=_burn_desc(days, remaining, runout),
-        id_prefix="burn",
-    )
-    return {"svg": chart, "rows": list(zip(days, remaining, strict=True))}
-
-
-def usage_view(rows: Iterable[repo.UsageRow], month: date, org: str | None) -> dict[str, Any]:
-    """The month's usage per day by org — or by space of ``org`` — as a stacked chart, a legend table with
-    each group's colour and total, and the table of every (day, group) figure."""
-    start, stop = month_bounds(month)
-    groups: dict[str, Group] = {}
-    org_name = ""
-    for r in rows:
-        if org is not None and r.attrs.get("org_id") != org:
-            continue
-        if org is not None:
-            org_name = r.attrs.get("org_name", "") or org_name
-        label = (r.attrs.get("space_name") if org else r.attrs.get("org_name")) or r.key or "(none)"
-        g = groups.setdefault(r.key, Group(r.key, label))
-        assert isinstance(r.period, date)
-        g.days[r.period] = g.days.get(r.period, Fraction(0)) + r.amount
-    what = "space" if org else "org"
-    series, colours = usage_series(list(groups.values()))
-    chart = None
-    if groups:
-        chart = stacked_bars(
-            _days(ny_day(start), ny_day(stop) - DAY),
-            series,
-            title=f"Usage per day in {month:%B %Y}, by {what}",
-            desc=_usage_desc(month, groups.values(), f"spaces of org {org_name or org}" if org else "orgs"),
-            id_prefix="usage",
-        )
-    ordered = sorted(groups.values(), key=lambda g: (-g.total, g.label.lower(), g.key))
-    legend = [
-        {
-            "key": g.key,
-            "label": g.label,
-            "colour": colours[g.key],
-            "exact": f"{g.total.numerator}/{g.total.denominator}",
-            "credits": format_credits(g.total),
-            "query": urlencode({"month": f"{month:%Y-%m}", "org": g.key}),
-        }
-        for g in ordered
-    ]
-    table = [
-        {"day": day, "label": g.label, "key": g.key, "display": format_credits(amount), **amount_fields(amount)}
-        for g in groups.values()
-        for day, amount in g.days.items()
-    ]
-    table.sort(key=lambda t: (t["day"], t["label"].lower(), t["key"]))
-    total = sum((g.total for g in groups.values()), Fraction(0))
-    return {
-        "org_name": org_name or (org or ""),
-        "what": what,
-        "usage_chart": chart,
-        "legend": legend,
-        "table": table,
-        "total_credits": format_credits(total),
-    }
-
-
-def statement_view(row: Any) -> dict[str, Any] | None:
-    if row is None:
-        return None
-    return {
-        **{k: row[k] for k in ("opening_balance", "funded", "used", "expired", "closing_balance")},
-        "used_by_kind": [
-            {
-                "meter": str(u.get("meter", "")),
-                "resource_kind": str(u.get("resource_kind", "")),
-                "microcredits": int(u["microcredits"]),
-            }
-            for u in repo.json_value(row["used_by_kind"]) or []
-        ],
-        "issued_at": iso(row["issued_at"]),
-    }
 
 
 # ------------------------------------------------------------------------------------------- pages
@@ -374,8 +160,10 @@ class Dashboard:
         self.api = api
 
     def routes(self) -> list[BaseRoute]:
-        """One mount: none of its routes is a JSON route of the OpenAPI document."""
+        """One mount (and its bare path): none of its routes is a JSON route of the OpenAPI document."""
         return [
+            # Without the slash: a relative redirect (the router's own would name the request's Host).
+            Route("/dashboard", self._plain("home", self.home), methods=["GET"]),
             Mount(
                 "/dashboard",
                 routes=[
@@ -478,7 +266,6 @@ class Dashboard:
         token = request.cookies.get(COOKIE)
         if not token:
             raise _SignIn()
-        assert self.api.verifier is not None, "the api has not started"
         try:
             principal = await self.api.verifier.verify(token)
         except AuthError as exc:
@@ -500,17 +287,23 @@ class Dashboard:
     async def _admin_get(
         self, path: str, principal: Principal, query: dict[str, str] | None = None, **params: str
     ) -> tuple[int, Any]:
-        """GET an admin route through the api's own forwarder (validation, timeouts, error answers)."""
+        """GET an admin route through the api's own forwarder with the caller's token: its parameters are
+        checked with the owner's models first, as the JSON route checks them."""
         assert self.api.forwarder is not None, "the api has not started"
-        scope = {
-            "type": "http",
-            "method": "GET",
-            "path": path,
-            "path_params": params,
-            "query_string": urlencode(query or {}).encode(),
-            "headers": [],
-        }
-        resp = await self.api.forwarder.forward(Request(scope), _ADMIN[path], principal.subject)
+        route = _ADMIN[path]
+        contract = route.contract
+        try:
+            path_params = parse_params(contract.path_params, params.items()) if contract.path_params else None
+            query_params = parse_params(contract.query or Params, (query or {}).items())
+        except ProblemError as exc:
+            return exc.status, {"title": exc.title, "detail": exc.detail}
+        resp = await self.api.forwarder.send(
+            route.service,
+            "GET",
+            contract.path.format(**render(path_params)),
+            token=principal.token,
+            query=render(query_params),
+        )
         try:
             body = orjson.loads(resp.body) if resp.body else None
         except orjson.JSONDecodeError:
@@ -520,7 +313,10 @@ class Dashboard:
     # ------------------------------------------------------------------------------- sign in/out
 
     async def home(self, request: Request) -> Response:
-        return RedirectResponse(f"{self._base(request)}/customers", status_code=303)
+        # Mounted (/dashboard/), root_path is the dashboard's; at the bare /dashboard, the app's.
+        mounted = request.url.path.endswith("/")
+        prefix = self._base(request) if mounted else f"{request.scope.get('root_path', '')}/dashboard"
+        return RedirectResponse(f"{prefix.rstrip('/')}/customers", status_code=303)
 
     async def not_found(self, request: Request) -> Response:
         return self._error(request, 404, "Not Found", "There is no such page.")
@@ -536,13 +332,15 @@ class Dashboard:
         raw = await request.body()
         if len(raw) > MAX_FORM_BYTES:
             return self._error(request, 413, "Content Too Large", "That is not a token.")
-        fields = parse_qs(raw.decode("utf-8", errors="replace"), max_num_fields=4)
+        try:
+            fields = parse_qs(raw.decode("utf-8", errors="replace"), max_num_fields=4)
+        except ValueError:  # more fields than the form has
+            return self._render(request, "sign_in.html", 400, message="", error="Send the sign-in form only.")
         token = (fields.get("token") or [""])[-1].strip()
         if token.lower().startswith("bearer "):
             token = token[7:].strip()
         if not token:
             return self._render(request, "sign_in.html", 400, message="", error="Paste a bearer token.")
-        assert self.api.verifier is not None, "the api has not started"
         try:
             principal = await self.api.verifier.verify(token)
         except AuthError as exc:
@@ -606,7 +404,8 @@ class Dashboard:
         return str(body.get("name", "")) if status == 200 and isinstance(body, dict) else ""
 
     async def customers(self, request: Request, principal: Principal) -> Response:
-        after = parse_uuid("after", request.query_params["after"]) if "after" in request.query_params else None
+        q = request.query_params
+        after = parameter("after", parse_uuid, q["after"]) if "after" in q else None
         now = utcnow()
         async with self.api.runtime.pool.acquire() as conn:
             rows = await repo.visible_customers(
@@ -663,12 +462,12 @@ class Dashboard:
             after = (rows[-1].period, rows[-1].key, rows[-1].key2)
 
     async def customer(self, request: Request, principal: Principal) -> Response:
-        customer_id = parse_uuid("customer_id", request.path_params["customer_id"])
+        customer_id = parameter("customer_id", parse_uuid, request.path_params["customer_id"])
         q = request.query_params
-        month_arg = parse_month("month", q["month"]) if "month" in q else None
+        month_arg = parameter("month", parse_month, q["month"]) if "month" in q else None
         org = q.get("org") or None
         if org is not None and not _ORG.match(org):
-            raise ProblemError(422, "Invalid parameter", "org: must be a Cloud Foundry org guid")
+            raise ProblemError(INVALID_PARAMETER, "org: must be a Cloud Foundry org guid", parameter="org")
         now = utcnow()
         async with self.api.runtime.pool.acquire() as conn:
             await self.api._ensure_visible(conn, principal, customer_id)
@@ -691,36 +490,34 @@ class Dashboard:
             as_of=iso(now),
             balance=balance,
             rate=rate,
-            rate_end=_ny_text(rate.end) if rate else "",
-            rate_days=_days_text(rate.days) if rate else "",
+            rate_end=ny_text(rate.end) if rate else "",
+            rate_days=days_text(rate.days) if rate else "",
             runout=runout.astimezone(BUSINESS_TZ).date().isoformat() if runout else "",
             burn=burn_view(facts, balance, rate, runout, now),
             month=month,
             month_text=f"{month:%B %Y}",
             month_code=f"{month:%Y-%m}",
             default_month=month_arg is None,
-            previous_query=urlencode({"month": f"{_previous_month(month):%Y-%m}", **link_query}),
-            next_query=urlencode({"month": f"{_next_month(month):%Y-%m}", **link_query}),
-            has_previous=month > date(1970, 1, 1),
-            has_next=month < date(9998, 12, 1),
+            previous_query=urlencode({"month": f"{previous_month(month):%Y-%m}", **link_query}),
+            next_query=urlencode({"month": f"{next_month(month):%Y-%m}", **link_query}),
+            has_previous=month > EARLIEST.date(),
+            has_next=month < latest().date().replace(day=1),
             org=org,
             **usage_view(rows, month, org),
             statement=statement_view(statement),
         )
 
     async def statement_csv(self, request: Request, principal: Principal) -> Response:
-        customer_id = parse_uuid("customer_id", request.path_params["customer_id"])
+        customer_id = parameter("customer_id", parse_uuid, request.path_params["customer_id"])
         m = _CSV_NAME.match(request.path_params["name"])
         if not m:
-            raise ProblemError(404, "Not Found", "statements download as <YYYY-MM>.csv")
-        month = parse_month("month", m.group(1))
+            raise ProblemError(NOT_FOUND, "statements download as <YYYY-MM>.csv")
+        month = parameter("month", parse_month, m.group(1))
         async with self.api.runtime.pool.acquire() as conn:
             await self.api._ensure_visible(conn, principal, customer_id)
             row = await repo.statement(conn, customer_id, month)
         if row is None:
-            raise ProblemError(
-                404, "Not Found", f"no statement for {month:%Y-%m} yet (months are closed by the ledger)"
-            )
+            raise ProblemError(NOT_FOUND, f"no statement for {month:%Y-%m} yet (months are closed by the ledger)")
         out = io.StringIO()
         w = csv.writer(out, lineterminator="\r\n")
         w.writerow(["customer_id", "month", "line", "meter", "resource_kind", "microcredits", "credits"])
@@ -791,35 +588,3 @@ def _sentence(text: str) -> str:
     return text.rstrip(".") + "." if text else ""
 
 
-def _days_text(days: Fraction) -> str:
-    """A number of days for people: whole, or with one decimal (rounded half up)."""
-    tenths = (days * 20 + 1) // 2  # round(days * 10), half up, in integers
-    whole, tenth = divmod(tenths, 10)
-    return f"{whole}" if tenth == 0 else f"{whole}.{tenth}"
-
-
-def _ny_text(moment: datetime) -> str:
-    return moment.astimezone(BUSINESS_TZ).strftime("%Y-%m-%d %H:%M %Z")
-
-
-def _burn_desc(days: Sequence[date], remaining: Sequence[int], runout: datetime | None) -> str:
-    text = (
-        f"Remaining credits at the end of each day from {days[0].isoformat()} to {days[-1].isoformat()}: "
-        f"{format_credits(remaining[0])} credits on the first day, {format_credits(remaining[-1])} on the last, "
-        f"lowest {format_credits(min(remaining))}."
-    )
-    if runout is not None:
-        day = runout.astimezone(BUSINESS_TZ).date().isoformat()
-        text += f" At the current burn rate the credits run out on {day} (dashed line)."
-    return text + " The table below the chart lists every day."
-
-
-def _usage_desc(month: date, groups: Iterable[Group], scope_text: str) -> str:
-    gs = sorted(groups, key=lambda g: (-g.total, g.label.lower()))
-    total = sum((g.total for g in gs), Fraction(0))
-    parts = ", ".join(f"{g.label} {format_credits(g.total)}" for g in gs[:5])
-    more = f" and {len(gs) - 5} more" if len(gs) > 5 else ""
-    return (
-        f"Stacked bars of the credits used each day of {month:%B %Y} (America/New_York) by {scope_text}; "
-        f"{format_credits(total)} credits in all: {parts}{more}. The tables below list every figure."
-    )

@@ -19,15 +19,14 @@ def _base_url(value: object) -> str:
 
 
 class ApiSettings(ServiceSettings):
-    """The api: its database and broker, the OIDC issuer its tokens come from, and the owning services it
-    forwards admin commands to (each required in production)."""
+    """The api: its database and broker, the OIDC issuer its tokens come from (``ServiceSettings``), and the
+    owning services it forwards admin commands to (each required in production)."""
 
     # validate_by_name: ServiceSettings gives topic_prefix and kafka_bootstrap_servers env aliases, and
     # without it `ApiSettings(topic_prefix=...)` is silently ignored (see the report on shared/settings.py).
     model_config = SettingsConfigDict(env_prefix="API_", extra="ignore", frozen=True, validate_by_name=True)
     PRODUCTION_REQUIRED: ClassVar[Mapping[str, Kind]] = {
         **ServiceSettings.PRODUCTION_REQUIRED,
-        "oidc_issuer": "url",
         "ledger_url": "url",
         "pricer_url": "url",
         "collector_url": "url",
@@ -35,25 +34,6 @@ class ApiSettings(ServiceSettings):
 
     database_url: SecretStr = Field(default=local_dsn("api"), description=DSN_HELP)
     port: int = Field(default=8080, ge=0, le=65535, description=PORT_HELP)
-
-    # Tokens: OIDC discovery at <issuer>/.well-known/openid-configuration finds the JWKS.
-    oidc_issuer: str = Field(
-        default="http://127.0.0.1:8090",
-        description="`iss` every token must carry; its OIDC discovery document names the keys.",
-    )
-    oidc_audience: str = Field(default="billing-api", min_length=1, description="`aud` every token must carry.")
-    clock_skew_seconds: int = Field(default=30, ge=0, le=300, description="Leeway on exp and nbf.")
-    jwks_cache_seconds: float = Field(default=600, ge=1, description="Keys are refreshed after this long.")
-    jwks_refetch_min_interval_seconds: float = Field(
-        default=10, ge=0, description="An unknown `kid` refetches the keys at most this often."
-    )
-    oidc_timeout_seconds: float = Field(default=5, gt=0, le=60, description="Timeout of a request to the issuer.")
-    token_cache_size: int = Field(
-        default=4096, ge=0, le=1_000_000, description="Verified tokens remembered."
-    )
-    token_cache_seconds: float = Field(
-        default=60, ge=0, le=3600, description="How long a verified token is remembered."
-    )
 
     query_cache_seconds: float = Field(
         default=1.0,
@@ -71,12 +51,6 @@ class ApiSettings(ServiceSettings):
     upstream_timeout_seconds: float = Field(
         default=15, gt=0, le=300, description="Timeout of a forwarded admin command."
     )
-
-    @field_validator("oidc_issuer", mode="after")
-    @classmethod
-    def _issuer_is_url(cls, value: str) -> str:
-        _base_url(value)  # fail fast on something that is not an http(s) URL; keep the exact text for `iss`
-        return value
 
     @field_validator("ledger_url", "pricer_url", "collector_url", mode="after")
     @classmethod

@@ -7,9 +7,7 @@ from pathlib import Path
 from starlette.applications import Starlette
 
 from services.collector import handlers
-from services.collector.openapi import openapi_document
 from services.collector.settings import CollectorSettings
-from shared.openapi import openapi_route
 from shared.contracts import MeasurementsTaken
 from shared.health import ReadinessPolicy
 from shared.runtime import Runtime, serve
@@ -29,8 +27,15 @@ def create_app(settings: CollectorSettings | None = None) -> Starlette:
     )
     # Ready when its readings are published to the broker from its database (the outbox).
     runtime.readiness = ReadinessPolicy(required=frozenset({"database", "kafka"}))
-    routes = [*handlers.routes(), openapi_route(openapi_document)]
-    return runtime.app(routes=routes, on_start=handlers.start, on_stop=handlers.stop)
+    return runtime.app(
+        handlers.OPERATIONS,
+        on_start=handlers.start,
+        on_stop=handlers.stop,
+        title="Collector (internal)",
+        description="Readings of the Cloud Foundry v3 API, stored and published to the readings topic. Internal "
+        "routes: the api forwards /admin/readings here with its caller's token; every route needs a bearer "
+        "token with usage.admin.",
+    )
 
 
 def main() -> None:

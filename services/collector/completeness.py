@@ -11,16 +11,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from starlette.requests import Request
-from starlette.responses import Response
-
 from services.collector.service import Collector
-from services.collector.settings import CollectorSettings
 from shared.clock import hour_floor, utcnow
-from shared.completeness import CollectorCompleteness, CollectorCount, parse_range
-from shared.http import ORJSONResponse
+from shared.completeness import CollectorCompleteness, CollectorCount
 
-__all__ = ["completeness", "facts"]
+__all__ = ["facts"]
 
 
 async def facts(
@@ -44,11 +39,3 @@ async def facts(
         items=[CollectorCount(hour=h, meter=m, **v) for (h, m), v in sorted(items.items())],  # type: ignore[arg-type]
     )
 
-
-async def completeness(request: Request) -> Response:
-    since, until = parse_range(request.query_params)
-    runtime = request.app.state.runtime
-    settings = runtime.settings
-    assert isinstance(settings, CollectorSettings)
-    answer = await facts(runtime.state["collector"], settings.expected_since, since, until)
-    return ORJSONResponse(answer.model_dump(mode="json"))

@@ -1,75 +1,76 @@
-"""Routes and background tasks of the collector: thin; the logic lives in service.py."""
+"""Routes and background tasks of the collector: thin; the logic lives in service.py. The internal routes
+are declared in schemas.py and bound here."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
-from services.collector import completeness
+from services.collector import completeness, schemas
 from services.collector.cf_client import CFClient
-from services.collector.schemas import ReadingRequest
+from services.collector.schemas import (
+    MAX_READINGS_RANGE,
+    ReadingList,
+    ReadingOut,
+    ReadingOutcomeOut,
+    ReadingRequest,
+    ReadingsQuery,
+)
 from services.collector.service import Collector
 from services.collector.settings import CollectorSettings
-from shared.audit import audit_route
-from shared.clock import as_utc, hour_floor, utcnow
-from shared.commands import command
-from shared.http import ORJSONResponse, ProblemError, read_json
+from shared.audit import list_audit
+from shared.clock import hour_floor, utcnow
+from shared.completeness import RangeQuery, check_range
+from shared.edge import INVALID_PARAMETER, Call, Operation, ProblemError, answer
 from shared.runtime import Runtime
 from shared.topics import READINGS
 
 log = logging.getLogger(__name__)
 
+__all__ = ["OPERATIONS", "start", "stop"]
 
-def _collector(request: Request) -> Collector:
-    collector: Collector = request.app.state.runtime.state["collector"]
+
+def _collector(call: Call) -> Collector:
+    collector: Collector = call.request.app.state.runtime.state["collector"]
     return collector
 
 
-async def post_reading(request: Request) -> Response:
-    body: ReadingRequest = await read_json(request, ReadingRequest)
-    if body.hour is not None and body.hour > utcnow() + timedelta(minutes=5):
-        raise ProblemError(422, "Invalid request body", "hour: cannot read an hour in the future")
-    outcome = await _collector(request).take_reading(body.hour, kind=body.kind)
-    return ORJSONResponse(outcome.as_json(), status_code=201 if outcome.status == "taken" else 200)
+async def post_reading(call: Call) -> Response:
+    body = call.body_as(ReadingRequest)
+    outcome = await _collector(call).take_reading(body.hour, kind=body.kind)
+    return answer(ReadingOutcomeOut.model_validate(outcome.as_json()), 201 if outcome.status == "taken" else 200)
 
 
-def _time_param(request: Request, name: str, default: datetime) -> datetime:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = datetime.fromisoformat(raw)
-    except ValueError:
-        raise ProblemError(400, "Invalid query parameter", f"{name}: not an ISO-8601 time") from None
-    if value.tzinfo is None:
-        raise ProblemError(400, "Invalid query parameter", f"{name}: give a time zone (e.g. Z)")
-    try:
-        return as_utc(value)
-    except ValueError as exc:  # e.g. year 1 with a positive offset: before the first UTC datetime
-        raise ProblemError(400, "Invalid query parameter", f"{name}: {exc}") from None
-
-
-async def list_readings(request: Request) -> Response:
+async def list_readings(call: Call) -> Response:
+    q = call.query_as(ReadingsQuery)
     now = utcnow()
-    since = _time_param(request, "from", now - timedelta(days=2))
-    until = _time_param(request, "to", now + timedelta(hours=1))
-    return ORJSONResponse({"items": await _collector(request).readings(since, until)})
+    since = q.since or now - timedelta(days=2)
+    until = q.until or now + timedelta(hours=1)
+    if until <= since or until - since > MAX_READINGS_RANGE:
+        detail = f"to: must be after from, at most {MAX_READINGS_RANGE.days} days after it"
+        raise ProblemError(INVALID_PARAMETER, detail, parameter="to")
+    items = await _collector(call).readings(since, until)
+    return answer(ReadingList(items=[ReadingOut.model_validate(i) for i in items]))
 
 
-def routes() -> list[BaseRoute]:
-    return [
-        # A command (shared/commands.py): audited, idempotent under an Idempotency-Key.
-        Route("/internal/readings", command("collector.reading.take")(post_reading), methods=["POST"]),
-        Route("/internal/readings", list_readings, methods=["GET"]),
-        Route("/internal/completeness", completeness.completeness, methods=["GET"]),
-        audit_route(),
-    ]
+async def completeness_counts(call: Call) -> Response:
+    since, until = check_range(call.query_as(RangeQuery))
+    runtime = call.request.app.state.runtime
+    settings = runtime.settings
+    assert isinstance(settings, CollectorSettings)
+    return answer(await completeness.facts(runtime.state["collector"], settings.expected_since, since, until))
+
+
+OPERATIONS: tuple[Operation, ...] = (
+    schemas.TAKE_READING.bind(post_reading),
+    schemas.LIST_READINGS.bind(list_readings),
+    schemas.COMPLETENESS.bind(completeness_counts),
+    schemas.AUDIT.bind(list_audit),
+)
 
 
 async def start(runtime: Runtime) -> None:
@@ -81,8 +82,10 @@ async def start(runtime: Runtime) -> None:
         refresh_margin=s.token_refresh_margin_seconds, per_page=s.per_page,
     )
     collector = Collector(
-        runtime.pool, cf, runtime.publisher, s.topic(READINGS),
-        gap_policy=s.gap_policy, max_gap_hours=s.max_gap_hours, sim_time=s.sim_time_header, publish_chunk=s.publish_chunk,
+        # The service's Stream publishes like a Publisher (the parameter's annotation is the narrower one).
+        runtime.pool, cf, runtime.publisher, s.topic(READINGS),  # type: ignore[arg-type]
+        gap_policy=s.gap_policy, max_gap_hours=s.max_gap_hours, sim_time=s.sim_time_header,
+        publish_chunk=s.publish_chunk,
     )
     runtime.state["collector"] = collector
     tasks = [asyncio.create_task(_relay_loop(collector), name="relay")]

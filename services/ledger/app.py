@@ -7,10 +7,8 @@ from pathlib import Path
 from starlette.applications import Starlette
 
 from services.ledger import handlers
-from services.ledger.openapi import openapi_document
 from services.ledger.settings import LedgerSettings
 from shared.health import ReadinessPolicy
-from shared.openapi import openapi_route
 from shared.runtime import Runtime, serve
 from shared.settings import load_settings
 
@@ -23,8 +21,15 @@ def create_app(settings: LedgerSettings | None = None) -> Starlette:
     # Ready when its charges consumer needs the broker and its database.
     runtime.readiness = ReadinessPolicy(required=frozenset({"database", "kafka", "consumers"}))
     handlers.declare(runtime)
-    routes = [*handlers.routes(), openapi_route(openapi_document)]
-    return runtime.app(routes=routes, on_start=handlers.start, on_stop=handlers.stop)
+    return runtime.app(
+        handlers.OPERATIONS,
+        on_start=handlers.start,
+        on_stop=handlers.stop,
+        title="Ledger (internal)",
+        description="Customers, tiers, agreements, org assignments, the double-entry ledger and statements; "
+        "integer microcredits. Internal routes: the api forwards its /admin ledger commands here with its "
+        "caller's token; every route needs a bearer token with usage.admin.",
+    )
 
 
 def main() -> None:

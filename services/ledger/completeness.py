@@ -6,8 +6,8 @@ a customer at that hour), with the sum of their revisions, for the api's complet
 from __future__ import annotations
 
 from services.ledger import repository as repo
-from shared.completeness import LedgerCompleteness, LedgerCount, counts_route
+from shared.completeness import LedgerCompleteness, LedgerCount, counts_handler
 
-__all__ = ["completeness"]
+__all__ = ["handler"]
 
-completeness = counts_route(repo.completeness_counts, LedgerCompleteness, LedgerCount)
+handler = counts_handler(repo.completeness_counts, LedgerCompleteness, LedgerCount)

@@ -1,65 +1,78 @@
 """Routes and subscribers of the ledger: thin; the logic lives in service.py and posting.py.
 
-Internal HTTP commands (JSON; errors are application/problem+json):
-  POST /internal/tiers                               {name, credits_per_period}
-  GET  /internal/tiers                               ?limit=&cursor=
-  POST /internal/customers                           {name, tier}
-  GET  /internal/customers                           ?limit=&cursor=
-  GET  /internal/customers/{id}
-  GET  /internal/customers/{id}/balance              ?as_of=
-  GET  /internal/customers/{id}/statements/{YYYY-MM}
-  POST /internal/org-assignments                     {org_id, customer_id, starts_at}
-  GET  /internal/org-assignments                     ?org_id=&customer_id=&limit=&cursor=
-  POST /internal/agreements                          {customer_id, starts_at, ends_at, credits?}
-  GET  /internal/agreements                          ?customer_id=&limit=&cursor=
-  POST /internal/months/{YYYY-MM}/close
-  POST /internal/transactions/{id}/reverse           {reason?}
-  POST /internal/expire-agreements
-  GET  /internal/held                                ?limit=&cursor=
-  GET  /internal/completeness                        ?from=&to=  (services/ledger/completeness.py)
-  GET  /internal/audit                               ?actor=&kind=&from=&to=&limit=&cursor=
-
-Every POST is a command (shared/commands.py): audited, and idempotent under an Idempotency-Key header.
+The internal HTTP routes are declared in schemas.py (what each takes and answers, with the scope its
+caller's token needs); here each is bound to its handler: parse (done by the edge), call the service,
+publish what it committed, answer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import date, datetime
+from datetime import datetime
 from typing import Any
 
-import orjson
-from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
-from services.ledger import completeness
+from services.ledger import completeness, schemas
 from services.ledger.outbox import Outbox
-from services.ledger.schemas import AgreementIn, AssignmentIn, CustomerIn, ReverseIn, TierIn
+from services.ledger.schemas import (
+    AgreementCreatedOut,
+    AgreementIn,
+    AgreementOut,
+    AgreementsQuery,
+    AssignmentCreatedOut,
+    AssignmentIn,
+    AssignmentOut,
+    AssignmentsQuery,
+    BalanceOut,
+    BalanceQuery,
+    CustomerIn,
+    CustomerOut,
+    CustomerPath,
+    ExpiredOut,
+    HeldChargeOut,
+    MonthClosedOut,
+    MonthPath,
+    PageQuery,
+    ReverseIn,
+    StatementOut,
+    StatementPath,
+    TierIn,
+    TierOut,
+    TransactionOut,
+    TransactionPath,
+)
 from services.ledger.service import LedgerError, LedgerService
 from services.ledger.settings import LedgerSettings
-from shared.audit import audit_route
+from shared.audit import list_audit
 from shared.batches import SHARDS, Charges, decode_charges
-from shared.clock import as_utc, parse_month
-from shared.commands import command
 from shared.contracts import AlertRaised, ChargesComputed, TransactionPosted
-from shared.http import ORJSONResponse, ProblemError, read_json
+from shared.edge import (
+    CONFLICT,
+    INVALID_BODY,
+    INVALID_CURSOR,
+    NOT_FOUND,
+    Call,
+    Cursor,
+    Handler,
+    Operation,
+    Page,
+    ProblemError,
+    Reply,
+    answer,
+    by_status,
+)
 from shared.kafka import Received
 from shared.runtime import Runtime
 from shared.topics import ALERTS, CHARGES, TRANSACTIONS, dlq
 
-__all__ = ["charges_handler", "declare", "routes", "start", "stop"]
+__all__ = ["OPERATIONS", "charges_handler", "declare", "start", "stop"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
-
-Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 # ---------------------------------------------------------------- consumer
@@ -112,7 +125,7 @@ async def start(runtime: Runtime) -> None:
     settings = runtime.settings
     assert isinstance(settings, LedgerSettings)
     ledger = LedgerService(runtime.pool, settings)
-    outbox = Outbox(runtime.pool, runtime.publisher, settings)
+    outbox = Outbox(runtime.pool, runtime.publisher, settings)  # type: ignore[arg-type]  # a Stream publishes too
     runtime.state["ledger"] = ledger
     runtime.state["outbox"] = outbox
     runtime.state["charges_handler"] = charges_handler(ledger, outbox)
@@ -142,270 +155,179 @@ async def _periodic(ledger: LedgerService, outbox: Outbox, settings: LedgerSetti
 # ---------------------------------------------------------------- helpers
 
 
-def _services(request: Request) -> tuple[LedgerService, Outbox]:
-    state = request.app.state.runtime.state
+def _services(call: Call) -> tuple[LedgerService, Outbox]:
+    state = call.request.app.state.runtime.state
     return state["ledger"], state["outbox"]
 
 
-def _path_uuid(request: Request, name: str, what: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(request.path_params[name])
-    except ValueError:
-        raise ProblemError(404, f"{what} not found", f"{request.path_params[name]!r} is not a known id") from None
+def _refused(exc: LedgerError) -> ProblemError:
+    kind = {404: NOT_FOUND, 409: CONFLICT, 422: INVALID_BODY}.get(exc.status) or by_status(exc.status)
+    return ProblemError(kind, exc.detail, title=exc.title)
 
 
-def _query_uuid(request: Request, name: str) -> uuid.UUID | None:
-    text = request.query_params.get(name)
-    if text is None:
-        return None
-    try:
-        return uuid.UUID(text)
-    except ValueError:
-        raise ProblemError(422, "Invalid query", f"{name} must be a UUID") from None
-
-
-def _month(text: str) -> date:
-    try:
-        return parse_month(text)
-    except ValueError as exc:
-        raise ProblemError(422, "Invalid month", str(exc)) from None
-
-
-def _limit(request: Request) -> int:
-    text = request.query_params.get("limit", str(DEFAULT_LIMIT))
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
-        raise ProblemError(422, "Invalid query", f"limit must be an integer from 1 to {MAX_LIMIT}")
-    return int(text)
-
-
-def _encode_cursor(value: Any) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps(value)).decode().rstrip("=")
-
-
-def _decode_cursor(request: Request) -> Any:
-    text = request.query_params.get("cursor")
-    if not text:
-        return None
-    try:
-        return orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-    except (ValueError, orjson.JSONDecodeError):
-        raise ProblemError(422, "Invalid cursor", "pass back the next_cursor of a previous page") from None
-
-
-def _page(items: Sequence[dict[str, Any]], limit: int, cursor_of: Callable[[dict[str, Any]], Any]) -> Response:
-    nxt = _encode_cursor(cursor_of(items[-1])) if len(items) == limit else None
-    return ORJSONResponse({"items": list(items), "next_cursor": nxt})
-
-
-def _guard(endpoint: Endpoint) -> Endpoint:
+def _guard(handler: Handler) -> Handler:
     """Answer the service's named refusals as problem documents."""
 
-    async def wrapped(request: Request) -> Response:
+    async def guarded(call: Call) -> Response:
         try:
-            return await endpoint(request)
+            return await handler(call)
         except LedgerError as exc:
-            raise ProblemError(exc.status, exc.title, exc.detail) from None
+            raise _refused(exc) from None
 
-    wrapped.__name__ = endpoint.__name__
-    return wrapped
+    guarded.__name__ = handler.__name__
+    return guarded
+
+
+def _page(items: Sequence[Any], limit: int, model: type[Reply], scope: str, position: Callable[[Any], Any]) -> Response:
+    """A page of ``items`` (each made ``model``), with a cursor after the last when the page is full."""
+    nxt = Cursor.encode(scope, position(items[-1])) if len(items) == limit and items else None
+    return answer(Page[model](items=[model.model_validate(i) for i in items], next_cursor=nxt))  # type: ignore[valid-type]
 
 
 # ---------------------------------------------------------------- routes
 
 
-async def create_tier(request: Request) -> Response:
-    body: TierIn = await read_json(request, TierIn)
-    ledger, _ = _services(request)
+async def create_tier(call: Call) -> Response:
+    body = call.body_as(TierIn)
+    ledger, _ = _services(call)
     result = await ledger.create_tier(body.name, body.credits_per_period)
-    return ORJSONResponse(result.body, status_code=201)
+    return answer(TierOut.model_validate(result.body), 201)
 
 
-async def list_tiers(request: Request) -> Response:
-    ledger, _ = _services(request)
-    limit, after = _limit(request), _decode_cursor(request)
-    if after is not None and not isinstance(after, str):
-        raise ProblemError(422, "Invalid cursor", "pass back the next_cursor of a previous page")
-    return _page(await ledger.list_tiers(after, limit), limit, lambda t: t["name"])
+async def list_tiers(call: Call) -> Response:
+    q = call.query_as(PageQuery)
+    scope = Cursor.scope_of("tiers")
+    pos = Cursor.decode(q.cursor, scope, (str,))
+    ledger, _ = _services(call)
+    items = await ledger.list_tiers(pos[0] if pos else None, q.limit)
+    return _page(items, q.limit, TierOut, scope, lambda t: [t["name"]])
 
 
-async def create_customer(request: Request) -> Response:
-    body: CustomerIn = await read_json(request, CustomerIn)
-    ledger, _ = _services(request)
+async def create_customer(call: Call) -> Response:
+    body = call.body_as(CustomerIn)
+    ledger, _ = _services(call)
     result = await ledger.create_customer(body.name, body.tier)
-    return ORJSONResponse(result.body, status_code=201)
+    return answer(CustomerOut.model_validate(result.body), 201)
 
 
-def _cursor_uuid(request: Request) -> uuid.UUID | None:
-    after = _decode_cursor(request)
-    if after is None:
-        return None
-    try:
-        return uuid.UUID(str(after))
-    except ValueError:
-        raise ProblemError(422, "Invalid cursor", "pass back the next_cursor of a previous page") from None
+async def list_customers(call: Call) -> Response:
+    q = call.query_as(PageQuery)
+    scope = Cursor.scope_of("customers")
+    pos = Cursor.decode(q.cursor, scope, (uuid.UUID,))
+    ledger, _ = _services(call)
+    items = await ledger.list_customers(pos[0] if pos else None, q.limit)
+    return _page(items, q.limit, CustomerOut, scope, lambda c: [c["id"]])
 
 
-async def list_customers(request: Request) -> Response:
-    ledger, _ = _services(request)
-    limit = _limit(request)
-    return _page(await ledger.list_customers(_cursor_uuid(request), limit), limit, lambda c: str(c["id"]))
+async def get_customer(call: Call) -> Response:
+    ledger, _ = _services(call)
+    return answer(CustomerOut.model_validate(await ledger.get_customer(call.path_as(CustomerPath).customer_id)))
 
 
-async def get_customer(request: Request) -> Response:
-    ledger, _ = _services(request)
-    return ORJSONResponse(await ledger.get_customer(_path_uuid(request, "customer_id", "Customer")))
+async def balance(call: Call) -> Response:
+    ledger, _ = _services(call)
+    customer_id = call.path_as(CustomerPath).customer_id
+    return answer(BalanceOut.model_validate(await ledger.balance(customer_id, call.query_as(BalanceQuery).as_of)))
 
 
-async def balance(request: Request) -> Response:
-    ledger, _ = _services(request)
-    customer_id = _path_uuid(request, "customer_id", "Customer")
-    as_of = None
-    text = request.query_params.get("as_of")
-    if text:
-        try:
-            as_of = datetime.fromisoformat(text.replace(" ", "+"))
-        except ValueError:
-            raise ProblemError(422, "Invalid query", "as_of must be an ISO-8601 time with a zone") from None
-        if as_of.tzinfo is None:
-            raise ProblemError(422, "Invalid query", "as_of must carry a time zone (e.g. Z)")
-    return ORJSONResponse(await ledger.balance(customer_id, as_of))
+async def statement(call: Call) -> Response:
+    ledger, _ = _services(call)
+    path = call.path_as(StatementPath)
+    return answer(StatementOut.model_validate(await ledger.statement(path.customer_id, path.month)))
 
 
-async def statement(request: Request) -> Response:
-    ledger, _ = _services(request)
-    customer_id = _path_uuid(request, "customer_id", "Customer")
-    return ORJSONResponse(await ledger.statement(customer_id, _month(request.path_params["month"])))
-
-
-async def assign_org(request: Request) -> Response:
-    body: AssignmentIn = await read_json(request, AssignmentIn)
-    ledger, outbox = _services(request)
+async def assign_org(call: Call) -> Response:
+    body = call.body_as(AssignmentIn)
+    ledger, outbox = _services(call)
     result = await ledger.assign_org(body.org_id, body.customer_id, body.starts_at)
     await outbox.flush(result.outbox_ids)
-    return ORJSONResponse(result.body, status_code=201)
+    return answer(AssignmentCreatedOut.model_validate(result.body), 201)
 
 
-async def list_assignments(request: Request) -> Response:
-    ledger, _ = _services(request)
-    limit, after = _limit(request), _decode_cursor(request)
-    cursor: tuple[str, datetime] | None = None
-    if after is not None:
-        try:
-            cursor = (str(after[0]), datetime.fromisoformat(after[1]))
-        except (TypeError, IndexError, KeyError, ValueError):
-            raise ProblemError(422, "Invalid cursor", "pass back the next_cursor of a previous page") from None
-    items = await ledger.list_assignments(
-        request.query_params.get("org_id"), _query_uuid(request, "customer_id"), cursor, limit
-    )
-    return _page(items, limit, lambda a: [a["org_id"], a["starts_at"].isoformat()])
+async def list_assignments(call: Call) -> Response:
+    q = call.query_as(AssignmentsQuery)
+    scope = Cursor.scope_of("assignments", q.org_id, q.customer_id)
+    pos = Cursor.decode(q.cursor, scope, (str, datetime))
+    ledger, _ = _services(call)
+    after = (pos[0], pos[1]) if pos else None
+    items = await ledger.list_assignments(q.org_id, q.customer_id, after, q.limit)
+    return _page(items, q.limit, AssignmentOut, scope, lambda a: [a["org_id"], a["starts_at"]])
 
 
-async def create_agreement(request: Request) -> Response:
-    body: AgreementIn = await read_json(request, AgreementIn)
-    ledger, outbox = _services(request)
+async def create_agreement(call: Call) -> Response:
+    body = call.body_as(AgreementIn)
+    ledger, outbox = _services(call)
     result = await ledger.create_agreement(body.customer_id, body.starts_at, body.ends_at, body.credits)
     await outbox.flush(result.outbox_ids)
-    return ORJSONResponse(result.body, status_code=201)
+    return answer(AgreementCreatedOut.model_validate(result.body), 201)
 
 
-async def list_agreements(request: Request) -> Response:
-    ledger, _ = _services(request)
-    limit = _limit(request)
-    items = await ledger.list_agreements(_query_uuid(request, "customer_id"), _cursor_uuid(request), limit)
-    return _page(items, limit, lambda a: str(a["id"]))
+async def list_agreements(call: Call) -> Response:
+    q = call.query_as(AgreementsQuery)
+    scope = Cursor.scope_of("agreements", q.customer_id)
+    pos = Cursor.decode(q.cursor, scope, (uuid.UUID,))
+    ledger, _ = _services(call)
+    items = await ledger.list_agreements(q.customer_id, pos[0] if pos else None, q.limit)
+    return _page(items, q.limit, AgreementOut, scope, lambda a: [a["id"]])
 
 
-async def close_month(request: Request) -> Response:
-    ledger, outbox = _services(request)
-    result = await ledger.close_month(_month(request.path_params["month"]))
+async def close_month(call: Call) -> Response:
+    ledger, outbox = _services(call)
+    result = await ledger.close_month(call.path_as(MonthPath).month)
     await outbox.flush(result.outbox_ids)
-    return ORJSONResponse(
-        {
-            "month": result.month.isoformat()[:7],  # YYYY-MM, zero-padded below year 1000 too
-            "closed_at": result.closed_at,
-            "statements": result.statements,
-            "already_closed": result.already_closed,
-        },
-        status_code=200 if result.already_closed else 201,
+    out = MonthClosedOut(
+        month=result.month.isoformat()[:7],  # YYYY-MM
+        closed_at=result.closed_at,
+        statements=result.statements,
+        already_closed=result.already_closed,
     )
+    return answer(out, 200 if result.already_closed else 201)
 
 
-async def reverse(request: Request) -> Response:
-    transaction_id = _path_uuid(request, "transaction_id", "Transaction")
-    reason = ""
-    if await request.body():
-        reason = (await read_json(request, ReverseIn)).reason
-    ledger, outbox = _services(request)
-    result = await ledger.reverse(transaction_id, reason)
+async def reverse(call: Call) -> Response:
+    transaction_id = call.path_as(TransactionPath).transaction_id
+    body = call.optional_body(ReverseIn)
+    ledger, outbox = _services(call)
+    result = await ledger.reverse(transaction_id, body.reason if body else "")
     await outbox.flush(result.outbox_ids)
-    return ORJSONResponse(result.body, status_code=201 if result.created else 200)
+    return answer(TransactionOut.model_validate(result.body), 201 if result.created else 200)
 
 
-async def expire_agreements(request: Request) -> Response:
-    ledger, outbox = _services(request)
+async def expire_agreements(call: Call) -> Response:
+    ledger, outbox = _services(call)
     count, ids = await ledger.expire_due()
     await outbox.flush(ids)
-    return ORJSONResponse({"expired": count})
+    return answer(ExpiredOut(expired=count))
 
 
-async def held(request: Request) -> Response:
-    ledger, _ = _services(request)
-    limit = _limit(request)
-    after = _decode_cursor(request)
-    cursor: tuple[datetime, str, int, str, str] | None = None
-    if after is not None:
-        try:
-            hour, meter, shard, org_id, resource = after
-            if not (isinstance(meter, str) and isinstance(org_id, str) and isinstance(resource, str)
-                    and type(shard) is int and 0 <= shard < SHARDS):
-                raise ValueError("not a cursor")
-            cursor = (as_utc(datetime.fromisoformat(hour)), meter, shard, org_id, resource)
-        except (TypeError, ValueError):
-            raise ProblemError(422, "Invalid cursor", "pass back the next_cursor of a previous page") from None
-    page = await ledger.list_held(cursor, limit)
-    nxt = None
-    if page.next_cursor is not None:
-        h, m, sh, o, r = page.next_cursor
-        nxt = _encode_cursor([h.isoformat(), m, sh, o, r])
-    return ORJSONResponse({"items": page.items, "next_cursor": nxt})
+async def held(call: Call) -> Response:
+    q = call.query_as(PageQuery)
+    scope = Cursor.scope_of("held")
+    pos = Cursor.decode(q.cursor, scope, (datetime, str, int, str, str))
+    if pos is not None and not 0 <= pos[2] < SHARDS:
+        raise ProblemError(INVALID_CURSOR, "cursor: not a cursor of this query; start again without it")
+    ledger, _ = _services(call)
+    page = await ledger.list_held(tuple(pos) if pos else None, q.limit)
+    nxt = Cursor.encode(scope, page.next_cursor) if page.next_cursor is not None else None
+    return answer(Page[HeldChargeOut](items=[HeldChargeOut.model_validate(i) for i in page.items], next_cursor=nxt))
 
 
-# The commands (shared/commands.py): audited, idempotent under an Idempotency-Key; the value is their kind.
-COMMANDS: dict[Endpoint, str] = {
-    create_tier: "ledger.tier.create",
-    create_customer: "ledger.customer.create",
-    assign_org: "ledger.org_assignment.create",
-    create_agreement: "ledger.agreement.create",
-    close_month: "ledger.month.close",
-    reverse: "ledger.transaction.reverse",
-    expire_agreements: "ledger.agreements.expire",
-}
-
-
-def _endpoint(fn: Endpoint) -> Endpoint:
-    kind = COMMANDS.get(fn)
-    return command(kind)(_guard(fn)) if kind else _guard(fn)
-
-
-def routes() -> list[BaseRoute]:
-    table: list[tuple[str, Endpoint, str]] = [
-        ("/internal/tiers", create_tier, "POST"),
-        ("/internal/tiers", list_tiers, "GET"),
-        ("/internal/customers", create_customer, "POST"),
-        ("/internal/customers", list_customers, "GET"),
-        ("/internal/customers/{customer_id}", get_customer, "GET"),
-        ("/internal/customers/{customer_id}/balance", balance, "GET"),
-        ("/internal/customers/{customer_id}/statements/{month}", statement, "GET"),
-        ("/internal/org-assignments", assign_org, "POST"),
-        ("/internal/org-assignments", list_assignments, "GET"),
-        ("/internal/agreements", create_agreement, "POST"),
-        ("/internal/agreements", list_agreements, "GET"),
-        ("/internal/months/{month}/close", close_month, "POST"),
-        ("/internal/transactions/{transaction_id}/reverse", reverse, "POST"),
-        ("/internal/expire-agreements", expire_agreements, "POST"),
-        ("/internal/held", held, "GET"),
-    ]
-    return [Route(path, _endpoint(fn), methods=[method], name=f"{fn.__name__}") for path, fn, method in table] + [
-        Route("/internal/completeness", completeness.completeness, methods=["GET"]),
-        audit_route(),
-    ]
+OPERATIONS: tuple[Operation, ...] = (
+    schemas.CREATE_TIER.bind(_guard(create_tier)),
+    schemas.LIST_TIERS.bind(_guard(list_tiers)),
+    schemas.CREATE_CUSTOMER.bind(_guard(create_customer)),
+    schemas.LIST_CUSTOMERS.bind(_guard(list_customers)),
+    schemas.GET_CUSTOMER.bind(_guard(get_customer)),
+    schemas.BALANCE.bind(_guard(balance)),
+    schemas.STATEMENT.bind(_guard(statement)),
+    schemas.ASSIGN_ORG.bind(_guard(assign_org)),
+    schemas.LIST_ASSIGNMENTS.bind(_guard(list_assignments)),
+    schemas.CREATE_AGREEMENT.bind(_guard(create_agreement)),
+    schemas.LIST_AGREEMENTS.bind(_guard(list_agreements)),
+    schemas.CLOSE_MONTH.bind(_guard(close_month)),
+    schemas.REVERSE.bind(_guard(reverse)),
+    schemas.EXPIRE.bind(_guard(expire_agreements)),
+    schemas.HELD.bind(_guard(held)),
+    schemas.COMPLETENESS.bind(completeness.handler),
+    schemas.AUDIT.bind(list_audit),
+)

@@ -7,9 +7,7 @@ from pathlib import Path
 from starlette.applications import Starlette
 
 from services.pricer import handlers
-from services.pricer.openapi import openapi_document
 from services.pricer.settings import PricerSettings
-from shared.openapi import openapi_route
 from shared.health import ReadinessPolicy
 from shared.runtime import Runtime, serve
 from shared.settings import load_settings
@@ -23,8 +21,15 @@ def create_app(settings: PricerSettings | None = None) -> Starlette:
     # Ready when its readings consumer needs the broker and its database.
     runtime.readiness = ReadinessPolicy(required=frozenset({"database", "kafka", "consumers"}))
     handlers.declare(runtime)
-    routes = [*handlers.routes(), openapi_route(openapi_document)]
-    return runtime.app(routes=routes, on_start=handlers.start, on_stop=handlers.stop)
+    return runtime.app(
+        handlers.OPERATIONS,
+        on_start=handlers.start,
+        on_stop=handlers.stop,
+        title="Pricer (internal)",
+        description="The price catalog (time-ranged prices, exact fractions) and the charges it computes from "
+        "the readings. Internal routes: the api forwards /admin/prices and /admin/unpriced here with its "
+        "caller's token; every route needs a bearer token with usage.admin.",
+    )
 
 
 def main() -> None:

@@ -5,8 +5,8 @@ charge revision is priced or unpriced, and the sum of those revisions, for the a
 from __future__ import annotations
 
 from services.pricer import repository
-from shared.completeness import PricerCompleteness, PricerCount, counts_route
+from shared.completeness import PricerCompleteness, PricerCount, counts_handler
 
-__all__ = ["completeness"]
+__all__ = ["handler"]
 
-completeness = counts_route(repository.completeness_counts, PricerCompleteness, PricerCount)
+handler = counts_handler(repository.completeness_counts, PricerCompleteness, PricerCount)

@@ -107,7 +107,8 @@ async def test_no_password_client_secret_or_token_appears_in_any_log(
             monkeypatch.setattr(sim.tokens, "issue", recording_issue)
             for name, value in {
                 "COLLECTOR_CF_API_URL": sim_url, "COLLECTOR_UAA_URL": sim_url, "COLLECTOR_CLIENT_SECRET": client_secret,
-                "COLLECTOR_RETRY_ATTEMPTS": "2", "COLLECTOR_TOKEN_REFRESH_MARGIN_SECONDS": "0", "API_OIDC_ISSUER": sim_url,
+                "COLLECTOR_RETRY_ATTEMPTS": "2", "COLLECTOR_TOKEN_REFRESH_MARGIN_SECONDS": "0",
+                **{f"{svc.upper()}_OIDC_ISSUER": sim_url for svc in SERVICES},
                 **{f"{svc.upper()}_LOG_LEVEL": "DEBUG" for svc in SERVICES},
             }.items():
                 monkeypatch.setenv(name, value)
@@ -185,6 +186,7 @@ async def _exercise(stack: Stack, sim: object, sim_url: str, jwts: list[str], st
     kid = load_signing_key().kid
     admin = mint_token(["usage.admin", "usage.read"], issuer=sim_url, subject="secrets-admin")
     jwts.append(admin)
+    bearer = {"Authorization": f"Bearer {admin}"}
     async with httpx.AsyncClient(timeout=60) as c:
 
         async def call(label: str, method: str, url: str, **kw: object) -> httpx.Response:
@@ -193,24 +195,28 @@ async def _exercise(stack: Stack, sim: object, sim_url: str, jwts: list[str], st
             return resp
 
         # The collector fetches a UAA token with its secret, then a fresh one once the first expired.
-        first = await call("reading", "POST", f"{collector}/internal/readings", json={"hour": "2026-10-01T04:00:00Z"})
+        first = await call(
+            "reading", "POST", f"{collector}/internal/readings", headers=bearer, json={"hour": "2026-10-01T04:00:00Z"}
+        )
         assert first.json()["errors"] == [], first.text
         await asyncio.sleep(4.5)
         again = await call("reading again, with a fresh token", "POST", f"{collector}/internal/readings",
+                           headers=bearer,
                            json={"hour": "2026-10-01T05:00:00Z"})
         assert again.json()["errors"] == [], again.text
         # Error paths: CF answering 5xx, then UAA refusing the client secret.
         sim.faults.replace(FaultConfig(error_rate=1.0))
-        failing = await call("reading while CF fails", "POST", f"{collector}/internal/readings", json={"hour": "2026-10-01T06:00:00Z"})
+        failing = await call("reading while CF fails", "POST", f"{collector}/internal/readings", headers=bearer,
+                             json={"hour": "2026-10-01T06:00:00Z"})
         assert failing.json()["errors"], failing.text
         sim.faults.replace(FaultConfig())
         sim.config.client_secret = "rotated"
         await asyncio.sleep(4.5)
         refused = await call("reading with the secret refused", "POST", f"{collector}/internal/readings",
+                             headers=bearer,
                              json={"hour": "2026-10-01T07:00:00Z"})
         assert any("UAA refused" in e for e in refused.json()["errors"]), refused.text
 
-        bearer = {"Authorization": f"Bearer {admin}"}
         await call("valid admin token", "GET", f"{api}/v1/customers", headers=bearer)
         tier = await call("admin command forwarded", "POST", f"{api}/admin/tiers", headers=bearer,
                           json={"name": "secrets", "credits_per_period": 1_000_000})

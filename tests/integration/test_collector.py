@@ -31,6 +31,7 @@ from shared.topics import READINGS
 from simulator import FaultConfig, Foundation, SimConfig
 from tests.sim_server import running_sim
 from tests.support.documents import unpacked
+from tests.support.tokens import LocalIssuer
 
 pytestmark = pytest.mark.integration
 
@@ -326,7 +327,7 @@ async def test_completeness_counts_what_was_read_estimated_and_published(env: En
 
 
 async def test_a_manual_reading_through_the_internal_endpoint_is_a_noop_in_a_taken_hour(
-    infra: Any, database: Any, topic_prefix: str
+    infra: Any, database: Any, topic_prefix: str, issuer: LocalIssuer
 ) -> None:
     import httpx
 
@@ -338,10 +339,13 @@ async def test_a_manual_reading_through_the_internal_endpoint_is_a_noop_in_a_tak
         settings = CollectorSettings(
             database_url=database.dsn("collector"), kafka_bootstrap_servers=infra.kafka, topic_prefix=topic_prefix,
             cf_api_url=url, uaa_url=url, schedule_enabled=False, sim_time_header=True, per_page=50,
+            oidc_issuer=issuer.url,
         )
         app = create_app(settings)
         async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://collector") as c:
+            transport = httpx.ASGITransport(app=app)
+            headers = issuer.bearer()
+            async with httpx.AsyncClient(transport=transport, base_url="http://collector", headers=headers) as c:
                 first = await c.post("/internal/readings", json={"hour": hour.isoformat()})
                 again = await c.post("/internal/readings", json={"hour": hour.isoformat()})
                 bad = await c.post("/internal/readings", json={"hour": "yesterday"})
@@ -354,5 +358,5 @@ async def test_a_manual_reading_through_the_internal_endpoint_is_a_noop_in_a_tak
     assert "nothing was done" in again.json()["detail"]
     assert bad.status_code == 422 and bad.headers["content-type"] == "application/problem+json"
     assert future.status_code == 422
-    assert [r["hour"] for r in listed.json()["items"]] == [hour.isoformat()]
+    assert [datetime.fromisoformat(r["hour"]) for r in listed.json()["items"]] == [hour]
     assert listed.json()["items"][0]["published_at"] is not None

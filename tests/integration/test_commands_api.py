@@ -1,8 +1,9 @@
 """Admin commands end to end: the api, with tokens from a local issuer, forwarding to the real ledger, pricer
 and collector (each on a real port, on the real database and broker). Funding, reversal, month close and
-price commands appear in ``GET /admin/audit`` (merged from the three services, paged) with the subject of
-the token that sent them, and on the dashboard's audit page; a command whose answer timed out at the api is
-sent again with its Idempotency-Key and answered once, the books funded once."""
+price commands appear in ``GET /admin/audit`` (merged from the three services and the api's own entitlement
+commands, paged) with the subject of the token that sent them, and on the dashboard's audit page; a command
+whose answer timed out at the api is sent again with its Idempotency-Key and answered once, the books funded
+once."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from services.pricer.settings import PricerSettings
 from tests.conftest import Database, Infra
 from tests.sim_server import serve_app
 from tests.support.api_harness import ApiHarness, running_api
+from tests.support.tokens import LocalIssuer
 
 pytestmark = pytest.mark.integration
 
@@ -35,9 +37,12 @@ PRICE = {
 
 
 @asynccontextmanager
-async def owners(database: Database, infra: Infra, prefix: str) -> AsyncIterator[dict[str, Any]]:
-    """The ledger, pricer and collector, lifespans started, each served on a random local port."""
-    common: dict[str, Any] = {"kafka_bootstrap_servers": infra.kafka, "topic_prefix": prefix, "port": 1}
+async def owners(database: Database, infra: Infra, prefix: str, issuer: LocalIssuer) -> AsyncIterator[dict[str, Any]]:
+    """The ledger, pricer and collector, lifespans started, each served on a random local port, verifying the
+    tokens of ``issuer`` (the api's: it forwards its callers' tokens)."""
+    common: dict[str, Any] = {
+        "kafka_bootstrap_servers": infra.kafka, "topic_prefix": prefix, "port": 1, "oidc_issuer": issuer.url,
+    }
     apps = {
         "ledger": ledger_app(LedgerSettings(database_url=SecretStr(database.dsn("ledger")), periodic_interval_seconds=0,
                                             batch_timeout_ms=100, **common)),
@@ -57,8 +62,13 @@ async def owners(database: Database, infra: Infra, prefix: str) -> AsyncIterator
 
 
 @asynccontextmanager
-async def stack(database: Database, infra: Infra, prefix: str, **api: Any) -> AsyncIterator[ApiHarness]:
-    async with owners(database, infra, prefix) as urls, running_api(infra, database, prefix, **urls, **api) as h:
+async def stack(
+    database: Database, infra: Infra, prefix: str, issuer: LocalIssuer, **api: Any
+) -> AsyncIterator[ApiHarness]:
+    async with (
+        owners(database, infra, prefix, issuer) as urls,
+        running_api(infra, database, prefix, issuer, **urls, **api) as h,
+    ):
         yield h
 
 
@@ -75,9 +85,9 @@ async def ledger_value(database: Database, sql: str, *args: Any) -> Any:
 
 
 async def test_commands_appear_in_the_audit_trail_with_the_subject_of_their_token(
-    infra: Infra, database: Database, topic_prefix: str
+    infra: Infra, database: Database, topic_prefix: str, issuer: LocalIssuer
 ) -> None:
-    async with stack(database, infra, topic_prefix) as h:
+    async with stack(database, infra, topic_prefix, issuer) as h:
         c, admin = h.client, h.admin  # admin: subject admin-1
         ops = h.headers(scopes=["usage.admin"], sub="ops-2")
         assert (await c.post("/admin/tiers", json={"name": "gold", "credits_per_period": CREDITS},
@@ -151,8 +161,9 @@ async def test_commands_appear_in_the_audit_trail_with_the_subject_of_their_toke
         first = (await c.get("/admin/audit", params={"limit": "2"}, headers=admin)).json()
         other_query = await c.get("/admin/audit", params={"limit": "2", "actor": "ops-2", "cursor": first["next_cursor"]},
                                   headers=admin)
-        assert other_query.status_code == 400
-        for bad_query in ({"kind": "DROP TABLE"}, {"service": "api"}, {"from": "yesterday"}, {"verbose": "1"}):
+        assert other_query.status_code == 422 and other_query.json()["type"].endswith("/invalid-cursor")
+        for bad_query in ({"kind": "DROP TABLE"}, {"service": "dashboard"}, {"from": "yesterday"}, {"verbose": "1"},
+                          {"from": newest, "to": newest}):
             assert (await c.get("/admin/audit", params=bad_query, headers=admin)).status_code == 422, bad_query
         assert (await c.get("/admin/audit", headers=h.headers())).status_code == 403
         assert (await c.get("/admin/audit")).status_code == 401
@@ -170,11 +181,28 @@ async def test_commands_appear_in_the_audit_trail_with_the_subject_of_their_toke
         denied = await c.get("/dashboard/admin/audit", headers={"cookie": f"billing_dashboard_token={reader}"})
         assert denied.status_code == 403
 
+        # The api's own commands (entitlements) are recorded in its schema and merged in the same list.
+        grant = {"subject": "carol", "customer_id": customer["id"]}
+        granted = await c.post("/admin/entitlements", json=grant, headers=ops | key("grant-1"))
+        replayed = await c.post("/admin/entitlements", json=grant, headers=ops | key("grant-1"))
+        assert granted.status_code == replayed.status_code == 201 and replayed.headers["idempotent-replayed"] == "true"
+        revoked = await c.delete("/admin/entitlements", params=grant, headers=admin)
+        assert revoked.status_code == 204
+        api_trail = await listed(service="api")
+        assert [(e["actor"], e["kind"], e["status"], e["replay"]) for e in api_trail] == [
+            ("admin-1", "api.entitlement.revoke", 204, False),
+            ("ops-2", "api.entitlement.grant", 201, True),
+            ("ops-2", "api.entitlement.grant", 201, False),
+        ]
+        assert api_trail[0]["path"] == f"/admin/entitlements?subject=carol&customer_id={customer['id']}"
+        assert api_trail[2]["body"] == grant
+        assert len(await listed()) == len(entries) + 3
+
 
 async def test_a_command_timed_out_at_the_api_and_sent_again_with_its_key_funds_once(
-    infra: Infra, database: Database, topic_prefix: str
+    infra: Infra, database: Database, topic_prefix: str, issuer: LocalIssuer
 ) -> None:
-    async with stack(database, infra, topic_prefix, upstream_timeout_seconds=1) as h:
+    async with stack(database, infra, topic_prefix, issuer, upstream_timeout_seconds=1) as h:
         c, admin = h.client, h.admin
         assert (await c.post("/admin/tiers", json={"name": "gold", "credits_per_period": CREDITS},
                              headers=admin)).status_code == 201

@@ -124,8 +124,9 @@ class Pipeline:
 
 
 @pytest.fixture
-async def pipeline(infra, database, topic_prefix) -> AsyncIterator[tuple[Pipeline, Any]]:
+async def pipeline(infra, database, topic_prefix, issuer) -> AsyncIterator[tuple[Pipeline, Any]]:
     common: dict[str, Any] = {
+        "oidc_issuer": issuer.url,  # the api forwards its caller's token: the owners verify it
         "kafka_bootstrap_servers": infra.kafka,
         "topic_prefix": topic_prefix,
         "port": 1,
@@ -154,7 +155,7 @@ async def pipeline(infra, database, topic_prefix) -> AsyncIterator[tuple[Pipelin
         )
         async with served(collector) as collector_url, served(pricer) as pricer_url, served(ledger) as ledger_url:
             overrides = {"collector_url": collector_url, "pricer_url": pricer_url, "ledger_url": ledger_url}
-            async with running_api(infra, database, topic_prefix, **overrides) as api:
+            async with running_api(infra, database, topic_prefix, issuer, **overrides) as api:
                 yield (
                     Pipeline(
                         api,
@@ -177,7 +178,7 @@ async def test_the_report_counts_every_stage_and_flags_what_does_not_reconcile(p
     world = Foundation(**WORLD)
     unassigned_org = world.orgs()[-1].guid
     unpriced_plan = world.plans()[-1].guid
-    async with httpx.AsyncClient(timeout=30) as http:
+    async with httpx.AsyncClient(timeout=30, headers=p.api.issuer.bearer()) as http:
         # The ledger: every org but the last has a customer from before the first hour.
         assert (
             await http.post(f"{p.ledger_url}/internal/tiers", json={"name": "std", "credits_per_period": 10**9})

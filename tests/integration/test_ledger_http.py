@@ -37,14 +37,16 @@ from tests.support.ledger import (  # noqa: F401  (fixture)
     publish_charges,
     resources_of_shard,
 )
+from tests.support.tokens import LocalIssuer
 
 pytestmark = pytest.mark.integration
 
 PROBLEM = "application/problem+json"
 
 
-def settings_for(database: Any, infra: Any, topic_prefix: str) -> LedgerSettings:
+def settings_for(database: Any, infra: Any, topic_prefix: str, issuer: LocalIssuer) -> LedgerSettings:
     return LedgerSettings(
+        oidc_issuer=issuer.url,
         database_url=database.dsn("ledger"),
         kafka_bootstrap_servers=infra.kafka,
         topic_prefix=topic_prefix,
@@ -55,17 +57,20 @@ def settings_for(database: Any, infra: Any, topic_prefix: str) -> LedgerSettings
 
 
 @asynccontextmanager
-async def running(settings: LedgerSettings) -> AsyncIterator[httpx.AsyncClient]:
+async def running(settings: LedgerSettings, issuer: LocalIssuer) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings)
     async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ledger") as client:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ledger", headers=issuer.bearer()) as client:
             yield client
         await assert_books_hold(app.state.runtime.pool)
 
 
 @pytest.fixture
-async def client(database: Any, infra: Any, ledger_topics: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with running(settings_for(database, infra, ledger_topics)) as c:
+async def client(
+    database: Any, infra: Any, ledger_topics: str, issuer: LocalIssuer  # noqa: F811 - the fixture
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with running(settings_for(database, infra, ledger_topics, issuer), issuer) as c:
         yield c
 
 
@@ -125,7 +130,7 @@ async def test_commands_validate_their_input_and_answer_problem_documents(client
     uuid.UUID(customer["id"])
     fetched = await client.get(f"/internal/customers/{customer['id']}")
     assert fetched.status_code == 200 and fetched.json()["name"] == "A" and fetched.json()["tier"] == "standard"
-    assert is_problem(await client.get("/internal/customers/not-a-uuid"), 404)
+    assert is_problem(await client.get("/internal/customers/not-a-uuid"), 422)  # a malformed id: invalid-parameter
     assert is_problem(await client.get(f"/internal/customers/{uuid.uuid4()}"), 404)
 
     org = {"org_id": "org-1", "customer_id": customer["id"], "starts_at": "2026-01-01T00:00:00Z"}
@@ -139,7 +144,7 @@ async def test_commands_validate_their_input_and_answer_problem_documents(client
     assert is_problem(await client.post("/internal/org-assignments", json=org), 409)
     listed = (await client.get("/internal/org-assignments", params={"org_id": "org-1"})).json()
     assert [(a["org_id"], a["customer_id"], a["starts_at"]) for a in listed["items"]] == [
-        ("org-1", customer["id"], "2026-01-01T00:00:00+00:00")
+        ("org-1", customer["id"], "2026-01-01T00:00:00Z")
     ]
 
     agreement = {"customer_id": customer["id"], "starts_at": "2026-02-01T05:00:00Z", "ends_at": "2027-02-01T05:00:00Z"}
@@ -158,7 +163,8 @@ async def test_commands_validate_their_input_and_answer_problem_documents(client
 
     assert is_problem(await client.post("/internal/months/2026-13/close"), 422)
     assert is_problem(await client.post("/internal/months/26-01/close"), 422)
-    assert is_problem(await client.post("/internal/months/2099-01/close"), 409)
+    assert is_problem(await client.post("/internal/months/2099-01/close"), 422)  # beyond the edge's window
+    assert is_problem(await client.post(f"/internal/months/{datetime.now(UTC).year + 1}-01/close"), 409)
     closed = await client.post("/internal/months/2026-02/close")
     assert closed.status_code == 201 and closed.json()["statements"] == 1
     again = await client.post("/internal/months/2026-02/close")
@@ -174,7 +180,7 @@ async def test_commands_validate_their_input_and_answer_problem_documents(client
     assert is_problem(await client.get(f"/internal/customers/{customer['id']}/statements/March"), 422)
 
     assert is_problem(await client.post(f"/internal/transactions/{uuid.uuid4()}/reverse"), 404)
-    assert is_problem(await client.post("/internal/transactions/nope/reverse"), 404)
+    assert is_problem(await client.post("/internal/transactions/nope/reverse"), 422)
     funding_id = made.json()["funding_transaction_id"]
     reversed_ = await client.post(f"/internal/transactions/{funding_id}/reverse", json={"reason": "signed in error"})
     assert reversed_.status_code == 201 and reversed_.json()["reverses"] == funding_id
@@ -206,7 +212,7 @@ async def test_lists_are_paginated_with_an_opaque_cursor(client: httpx.AsyncClie
 
 
 async def test_charges_are_posted_and_every_committed_fact_is_published(
-    client: httpx.AsyncClient, infra: Any, ledger_topics: str
+    client: httpx.AsyncClient, infra: Any, ledger_topics: str  # noqa: F811 - the fixture
 ) -> None:
     topic_prefix = ledger_topics
     customer = await make_customer(client, credits=1_000)
@@ -295,12 +301,16 @@ async def test_charges_are_posted_and_every_committed_fact_is_published(
     assert (balance["funded"], balance["used"], balance["remaining"]) == (1_000, 601, 399)
 
 
+def iso(t: datetime) -> str:
+    return t.isoformat().replace("+00:00", "Z")
+
+
 def cursor(value: Any) -> str:
     return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
 
 
 async def test_held_charges_are_listed_by_page_then_posted_when_their_org_is_assigned(
-    client: httpx.AsyncClient, infra: Any, ledger_topics: str
+    client: httpx.AsyncClient, infra: Any, ledger_topics: str  # noqa: F811 - the fixture
 ) -> None:
     topic_prefix = ledger_topics
     customer = await make_customer(client)
@@ -316,7 +326,7 @@ async def test_held_charges_are_listed_by_page_then_posted_when_their_org_is_ass
     ]
     await publish_charges(infra.kafka, topic_prefix, batches)
     wanted = sorted(
-        (hour.isoformat(), shard_of(r), org, r) for hour in hours for org in orgs for rs in resources[org] for r in rs
+        (iso(hour), shard_of(r), org, r) for hour in hours for org in orgs for rs in resources[org] for r in rs
     )
     assert len(wanted) == 20
     for _ in range(100):
@@ -339,10 +349,16 @@ async def test_held_charges_are_listed_by_page_then_posted_when_their_org_is_ass
     assert {(h["meter"], h["revision"], h["price_id"], h["amount_denominator"]) for h in listed} == {
         ("cfapps", 1, str(PRICE_A), 1)
     }
-    well_formed = [hours[0].isoformat(), "cfapps", 3, orgs[0], in_3[0]]
-    assert (await client.get("/internal/held", params={"cursor": cursor(well_formed)})).status_code == 200
+    # A cursor is the service's own: bound to its query, each position checked. One it issued works; the same
+    # positions changed (a shard out of range, a number as text, too few), or made by hand, are refused.
+    issued = (await client.get("/internal/held", params={"limit": 3})).json()["next_cursor"]
+    assert (await client.get("/internal/held", params={"cursor": issued})).status_code == 200
+    doc = json.loads(base64.urlsafe_b64decode(issued + "=" * (-len(issued) % 4)))
+    well_formed = doc["p"]
+    assert well_formed[2] == 3 and well_formed[0] == hours[0].isoformat().replace("+00:00", "Z")
     for bad in (["x"], [1, 2], [*well_formed[:2], 24, *well_formed[3:]], [*well_formed[:2], "3", *well_formed[3:]]):
-        assert is_problem(await client.get("/internal/held", params={"cursor": cursor(bad)}), 422), bad
+        for forged in (cursor({"s": doc["s"], "p": bad}), cursor(bad)):
+            assert is_problem(await client.get("/internal/held", params={"cursor": forged}), 422), bad
     assert is_problem(await client.get("/internal/held", params={"cursor": "%%%"}), 422)
 
     async def completeness(since: str, until: str) -> list[tuple[str, str, int, int, int]]:
@@ -363,7 +379,7 @@ async def test_held_charges_are_listed_by_page_then_posted_when_their_org_is_ass
     assert assigned.status_code == 201 and assigned.json()["held_charges_posted"] == 5
     left = (await client.get("/internal/held", params={"limit": 1000})).json()["items"]
     assert [(h["reading_hour"], shard_of(h["resource_id"]), h["org_id"], h["resource_id"]) for h in left] == [
-        w for w in wanted if (w[0], w[2]) != (hours[1].isoformat(), orgs[0])
+        w for w in wanted if (w[0], w[2]) != (iso(hours[1]), orgs[0])
     ]
     balance = (await client.get(f"/internal/customers/{customer}/balance")).json()
     assert (balance["used"], balance["remaining"]) == (7 + 8 + 9 + 7 + 8, -39)
@@ -373,10 +389,10 @@ async def test_held_charges_are_listed_by_page_then_posted_when_their_org_is_ass
 
 
 async def test_messages_committed_but_not_published_before_a_crash_are_published_on_start(
-    database: Any, infra: Any, ledger_topics: str
+    database: Any, infra: Any, ledger_topics: str, issuer: LocalIssuer  # noqa: F811 - the fixture
 ) -> None:
     topic_prefix = ledger_topics
-    settings = settings_for(database, infra, topic_prefix)
+    settings = settings_for(database, infra, topic_prefix, issuer)
     pool = await create_pool(settings.database_url.get_secret_value(), "ledger")
     try:
         async with pool.acquire() as conn:
@@ -395,7 +411,7 @@ async def test_messages_committed_but_not_published_before_a_crash_are_published
         await pool.close()
     assert await read_topic(infra.kafka, topic_prefix + TRANSACTIONS, lambda r: False, timeout=1) == []
 
-    async with running(settings) as client:
+    async with running(settings, issuer) as client:
         records = await read_topic(infra.kafka, topic_prefix + TRANSACTIONS, lambda r: len(r) >= 1)
         assert [TransactionPosted.model_validate_json(r.value).id for r in records] == [
             made.body["funding_transaction_id"]

@@ -74,8 +74,11 @@ def stream(
     return out, {k: v[0] for k, v in latest.items()}, sums
 
 
-async def test_two_instances_post_every_charge_exactly_once(database: Any, infra: Any, ledger_topics: str) -> None:
+async def test_two_instances_post_every_charge_exactly_once(
+    database: Any, infra: Any, ledger_topics: str, issuer: Any  # noqa: F811 - the fixture
+) -> None:
     settings = LedgerSettings(
+        oidc_issuer=issuer.url,
         database_url=database.dsn("ledger"),
         kafka_bootstrap_servers=infra.kafka,
         topic_prefix=ledger_topics,
@@ -87,7 +90,8 @@ async def test_two_instances_post_every_charge_exactly_once(database: Any, infra
     first, second = create_app(settings), create_app(settings)
     async with first.router.lifespan_context(first), second.router.lifespan_context(second):
         runtimes = [first.state.runtime, second.state.runtime]
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=first), base_url="http://ledger") as client:
+        transport = httpx.ASGITransport(app=first)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ledger", headers=issuer.bearer()) as client:
             await client.post("/internal/tiers", json={"name": "t", "credits_per_period": 2_000_000_000})
             customer = (await client.post("/internal/customers", json={"name": "One agency", "tier": "t"})).json()["id"]
             await client.post(

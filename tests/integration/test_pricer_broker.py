@@ -40,6 +40,7 @@ from shared.db import create_pool, migrate
 from shared.kafka import Outgoing, Publisher, Received
 from shared.topics import CHARGES, READINGS, READINGS_V1, dlq
 from tests.support.documents import unpacked
+from tests.support.tokens import LocalIssuer
 
 pytestmark = pytest.mark.integration
 
@@ -52,9 +53,10 @@ PRICE = {
 Key = tuple[datetime, str, str]  # a measurement: reading hour, meter, resource
 
 
-def settings(database: Any, infra: Any, topic_prefix: str, **extra: Any) -> PricerSettings:
+def settings(database: Any, infra: Any, topic_prefix: str, issuer: LocalIssuer, **extra: Any) -> PricerSettings:
     return PricerSettings(
-        database_url=database.dsn("pricer"), kafka_bootstrap_servers=infra.kafka, topic_prefix=topic_prefix,
+        oidc_issuer=issuer.url, database_url=database.dsn("pricer"), kafka_bootstrap_servers=infra.kafka,
+        topic_prefix=topic_prefix,
         port=8082, batch_timeout_ms=50, maintenance_interval_seconds=3600, **extra,
     )
 
@@ -97,9 +99,10 @@ async def publisher(kafka: str) -> AsyncIterator[Publisher]:
 
 
 @contextlib.asynccontextmanager
-async def running(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+async def running(app: Starlette, issuer: LocalIssuer) -> AsyncIterator[httpx.AsyncClient]:
     async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://pricer") as http:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://pricer", headers=issuer.bearer()) as http:
             yield http
 
 
@@ -195,9 +198,9 @@ def with_bad_item(b: Measurements, position: int, column: str, value: Any) -> by
 
 
 async def test_batches_become_charges_and_bad_messages_and_bad_items_go_to_the_dlq(
-    infra: Any, database: Any, topic_prefix: str
+    infra: Any, database: Any, topic_prefix: str, issuer: LocalIssuer
 ) -> None:
-    app = create_app(settings(database, infra, topic_prefix))
+    app = create_app(settings(database, infra, topic_prefix, issuer))
     topic = topic_prefix + READINGS
     apps = reading((f"app-{i}", 512 * (i + 1)) for i in range(40))
     services = reading([("svc-1", 1), ("svc-2", 3)], meter="cfservices", org="org-b", kind="plan")
@@ -218,7 +221,7 @@ async def test_batches_become_charges_and_bad_messages_and_bad_items_go_to_the_d
         encode_measurements(half_hour),
     ]
     good = [*apps, *services]
-    async with running(app) as http:
+    async with running(app, issuer) as http:
         assert (await http.post("/internal/prices", json=PRICE)).status_code == 201
         big = {**PRICE, "meter": "cfbig", "microcredits_per_unit": 2**40, "unit": 1}
         assert (await http.post("/internal/prices", json=big)).status_code == 201
@@ -293,9 +296,9 @@ async def test_batches_become_charges_and_bad_messages_and_bad_items_go_to_the_d
 
 
 async def test_v1_readings_are_still_priced_exactly_and_bad_ones_go_to_their_dlq(
-    infra: Any, database: Any, topic_prefix: str
+    infra: Any, database: Any, topic_prefix: str, issuer: LocalIssuer
 ) -> None:
-    app = create_app(settings(database, infra, topic_prefix))
+    app = create_app(settings(database, infra, topic_prefix, issuer))
     topic = topic_prefix + READINGS_V1
     good = [v1(f"app-{i}", 512 * (i + 1)) for i in range(5)]
     unpriced = v1("svc-1", 1, meter="cfservices", org="org-b")
@@ -306,7 +309,7 @@ async def test_v1_readings_are_still_priced_exactly_and_bad_ones_go_to_their_dlq
         v1("app-id", 1).model_copy(update={"id": ids.measurement_id(HOUR, "cfapps", "x")}).model_dump_json().encode(),
         v1("app-half", 1).model_copy(update={"reading_hour": HOUR + timedelta(minutes=30)}).model_dump_json().encode(),
     ]
-    async with running(app) as http:
+    async with running(app, issuer) as http:
         assert (await http.post("/internal/prices", json=PRICE)).status_code == 201
         price_id = uuid.UUID((await http.get("/internal/prices")).json()["items"][0]["id"])
         async with publisher(infra.kafka) as pub:
@@ -337,10 +340,12 @@ async def test_v1_readings_are_still_priced_exactly_and_bad_ones_go_to_their_dlq
     assert all("dlq.items" not in dict(r.headers) for r in dead)
 
 
-async def test_a_measurement_counts_once_however_it_arrives(infra: Any, database: Any, topic_prefix: str) -> None:
+async def test_a_measurement_counts_once_however_it_arrives(
+    infra: Any, database: Any, topic_prefix: str, issuer: LocalIssuer
+) -> None:
     """Twice in one batch, in two batches, re-batched into other parts, once on v1 and once on v2 (either
     order): exactly one charge revision 1 is stored, and every message carrying it is the same bytes."""
-    app = create_app(settings(database, infra, topic_prefix))
+    app = create_app(settings(database, infra, topic_prefix, issuer))
     h1, h2 = HOUR, HOUR + timedelta(hours=1)
     names = same_shard(6, "once") + [f"other-{i}" for i in range(6)]
     values = {r: 512 * (n + 1) for n, r in enumerate(names)}
@@ -352,7 +357,7 @@ async def test_a_measurement_counts_once_however_it_arrives(infra: Any, database
             doc[column] = doc[column] + doc[column]
         return json.dumps(doc).encode()
 
-    async with running(app) as http:
+    async with running(app, issuer) as http:
         assert (await http.post("/internal/prices", json=PRICE)).status_code == 201
         pool = app.state.runtime.pool
 
@@ -402,18 +407,18 @@ async def test_a_measurement_counts_once_however_it_arrives(infra: Any, database
 
 
 async def test_two_instances_in_one_group_price_every_measurement_exactly_once(
-    infra: Any, database: Any, topic_prefix: str
+    infra: Any, database: Any, topic_prefix: str, issuer: LocalIssuer
 ) -> None:
     partitions = await topic_ready(infra.kafka, topic_prefix + READINGS)
     await topic_ready(infra.kafka, topic_prefix + READINGS_V1)
     assert partitions >= 2
-    first = create_app(settings(database, infra, topic_prefix, batch_max_records=20))
-    second = create_app(settings(database, infra, topic_prefix, batch_max_records=20))
+    first = create_app(settings(database, infra, topic_prefix, issuer, batch_max_records=20))
+    second = create_app(settings(database, infra, topic_prefix, issuer, batch_max_records=20))
     hours = [HOUR + timedelta(hours=h) for h in range(5)]
     names = [f"app-{i}" for i in range(300)]
     expected = {(h, "cfapps", r) for h in hours for r in names}
     value = {r: 64 * (n + 1) for n, r in enumerate(names)}
-    async with running(first) as http, running(second):
+    async with running(first, issuer) as http, running(second, issuer):
         assert (await http.post("/internal/prices", json=PRICE)).status_code == 201
         streams = [first.state.runtime.publisher, second.state.runtime.publisher]
 
@@ -464,9 +469,9 @@ class CrashingStream:
 
 
 async def test_what_a_crash_left_committed_but_unpublished_is_published_on_start(
-    infra: Any, database: Any, topic_prefix: str
+    infra: Any, database: Any, topic_prefix: str, issuer: LocalIssuer
 ) -> None:
-    s = settings(database, infra, topic_prefix)
+    s = settings(database, infra, topic_prefix, issuer)
     app_readings = reading([("app-crashed", 2048)])
     svc_readings = reading([("svc-crashed", 3)], meter="cfservices", org="org-z")
     pool = await create_pool(database.dsn("pricer"), "pricer")
@@ -496,7 +501,7 @@ async def test_what_a_crash_left_committed_but_unpublished_is_published_on_start
         await pub.publish(topic_prefix + READINGS, outgoing(app_readings))
 
     app = create_app(s)
-    async with running(app):
+    async with running(app, issuer):
         app_key = (HOUR, "cfapps", "app-crashed")
         charges = await read_topic(infra.kafka, topic_prefix + CHARGES,
                                    lambda got: app_key in measurements_in(got) and len(got) >= 2)

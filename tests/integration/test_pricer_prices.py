@@ -32,6 +32,7 @@ from shared.contracts import ChargeComputed
 from shared.kafka import Received
 from shared.topics import CHARGES
 from tests.support.documents import unpacked
+from tests.support.tokens import LocalIssuer
 
 pytestmark = pytest.mark.integration
 
@@ -50,8 +51,9 @@ class Running:
         return pool
 
 
-def settings(database: Any, infra: Any, topic_prefix: str) -> PricerSettings:
+def settings(database: Any, infra: Any, topic_prefix: str, issuer: LocalIssuer) -> PricerSettings:
     return PricerSettings(
+        oidc_issuer=issuer.url,
         database_url=database.dsn("pricer"),
         kafka_bootstrap_servers=infra.kafka,
         topic_prefix=topic_prefix,
@@ -61,10 +63,11 @@ def settings(database: Any, infra: Any, topic_prefix: str) -> PricerSettings:
 
 
 @pytest.fixture
-async def running(infra: Any, database: Any, topic_prefix: str) -> AsyncIterator[Running]:
-    app = create_app(settings(database, infra, topic_prefix))
+async def running(infra: Any, database: Any, topic_prefix: str, issuer: LocalIssuer) -> AsyncIterator[Running]:
+    app = create_app(settings(database, infra, topic_prefix, issuer))
     async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://pricer") as http:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://pricer", headers=issuer.bearer()) as http:
             yield Running(app, http, app.state.runtime.state["pricer"], topic_prefix + CHARGES, infra.kafka)
 
 
@@ -401,11 +404,10 @@ async def test_a_price_added_by_an_instance_that_died_is_repriced_by_another(run
 
 async def test_a_price_change_waits_for_batches_in_flight_then_gives_up(running: Running) -> None:
     pricer = Pricer(running.pool, running.pricer._stream, running.charges_topic, lock_timeout_ms=300)
-    async with running.pool.acquire() as conn:
-        async with conn.transaction():
-            await repository.lock_catalog_shared(conn)  # a batch that takes its time
-            with pytest.raises(CatalogBusyError):
-                await pricer.add_price(PriceIn.model_validate(price_body()))
+    async with running.pool.acquire() as conn, conn.transaction():
+        await repository.lock_catalog_shared(conn)  # a batch that takes its time
+        with pytest.raises(CatalogBusyError):
+            await pricer.add_price(PriceIn.model_validate(price_body()))
     assert (await running.http.get("/internal/prices")).json()["items"] == []
     r = await running.http.post("/internal/prices", json=price_body())  # once the batch committed: fine
     assert r.status_code == 201

@@ -118,10 +118,13 @@ class ApiHarness:
 
 @contextlib.asynccontextmanager
 async def running_api(
-    infra: Infra, database: Database, topic_prefix: str, **overrides: Any
+    infra: Infra, database: Database, topic_prefix: str, issuer: LocalIssuer | None = None, **overrides: Any
 ) -> AsyncIterator[ApiHarness]:
-    """The api app, lifespan started, with a local issuer; ``overrides`` go to its settings."""
-    async with serve_issuer(LocalIssuer()) as issuer:
+    """The api app, lifespan started, with a local issuer of its own (or ``issuer``, already served, when the
+    owners it forwards to verify tokens of the same issuer); ``overrides`` go to its settings."""
+    async with contextlib.AsyncExitStack() as stack:
+        if issuer is None:
+            issuer = await stack.enter_async_context(serve_issuer(LocalIssuer()))
         options: dict[str, Any] = {
             "database_url": database.dsn("api"),
             "kafka_bootstrap_servers": infra.kafka,

@@ -1,5 +1,6 @@
-"""Checks of answers against the api's OpenAPI document: ``DOC`` (the document), ``violations`` (a checker
-for the JSON Schema subset the document uses) and ``response_schema`` (the schema of one response)."""
+"""Checks of answers against the api's OpenAPI document: ``DOC`` (the document the api generates from its
+route declarations), ``violations`` (a checker for the JSON Schema subset the document uses) and
+``response_schema`` (the schema of one response)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,17 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from services.api.openapi import openapi_document
+from services.api.app import create_app
+from services.api.settings import ApiSettings
 
-DOC = openapi_document()
+
+def api_document() -> dict[str, Any]:
+    """The api's OpenAPI document, as its app serves it at /openapi.json (no I/O: the app is not started)."""
+    doc: dict[str, Any] = create_app(ApiSettings(port=0)).state.runtime.openapi_document()
+    return doc
+
+
+DOC = api_document()
 
 
 def _resolve(schema: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
@@ -33,10 +42,16 @@ def _type_ok(value: Any, t: str) -> bool:
 
 
 def violations(value: Any, schema: dict[str, Any], doc: dict[str, Any] = DOC, at: str = "$") -> list[str]:
-    """Where ``value`` breaks ``schema`` (type, enum, const, pattern, format uuid/date-time, minimum,
-    minLength/maxLength, required, properties, additionalProperties, items)."""
+    """Where ``value`` breaks ``schema`` (anyOf, allOf, type, enum, const, pattern, format uuid/date-time,
+    minimum, minLength/maxLength, required, properties, additionalProperties, items)."""
     s = _resolve(schema, doc)
     out: list[str] = []
+    if "anyOf" in s:
+        found = [violations(value, option, doc, at) for option in s["anyOf"]]
+        if all(found):
+            return [f"{at}: {value!r} matches none of anyOf: {found}"]
+    for part in s.get("allOf", []):
+        out.extend(violations(value, part, doc, at))
     if "type" in s:
         types = s["type"] if isinstance(s["type"], list) else [s["type"]]
         if not any(_type_ok(value, t) for t in types):

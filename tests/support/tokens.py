@@ -1,5 +1,6 @@
-"""A local OIDC issuer for the api's tests: ``LocalIssuer`` (discovery, a rotatable JWKS, token minting and
-forging), ``attacks`` (tokens that must all be refused) and ``serve_issuer`` (the issuer on a random port)."""
+"""A local OIDC issuer for the services' tests: ``LocalIssuer`` (discovery, a rotatable JWKS, token minting and
+forging), ``attacks`` (tokens that must all be refused), ``serve_issuer`` (the issuer on a random port) and
+``bearer`` (the Authorization header of a token, by default an admin's, for the internal routes)."""
 
 from __future__ import annotations
 
@@ -133,12 +134,20 @@ class LocalIssuer:
     def token(self, scopes: Sequence[str] = ("usage.read",), customers: Sequence[str] = (), **kw: Any) -> str:
         return self.mint(scopes=scopes, customers=customers, **kw)
 
-    def forge(self, header: dict[str, Any], claims: dict[str, Any], signature: bytes | None = None, secret: bytes | None = None) -> str:
+    def forge(
+        self, header: dict[str, Any], claims: dict[str, Any], signature: bytes | None = None,
+        secret: bytes | None = None,
+    ) -> str:
         """A token signed by hand: ``secret`` makes an HS256 MAC, ``signature`` is used as given."""
         signing_input = _b64(json.dumps(header).encode()) + "." + _b64(json.dumps(claims).encode())
         if secret is not None:
             signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
         return signing_input + "." + _b64(signature or b"")
+
+    def bearer(self, scopes: Sequence[str] = ("usage.admin",), sub: str = "admin-1", **kw: Any) -> dict[str, str]:
+        """The Authorization header of a token of this issuer (an admin's by default, valid for an hour)."""
+        kw.setdefault("exp_in", 3600)
+        return {"authorization": f"Bearer {self.mint(scopes=scopes, sub=sub, **kw)}"}
 
     def rotate(self) -> SigningKey:
         new = SigningKey(f"rsa-{len(self.published) + 1}", "RS256")
@@ -146,37 +155,51 @@ class LocalIssuer:
         return new
 
 
-def attacks(issuer: LocalIssuer, customer: str) -> dict[str, str]:
-    """Tokens that must all be refused (401), by name."""
-    valid = issuer.token(customers=[customer])
-    head, payload, sig = valid.split(".")
-    tampered_claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    tampered_claims["scope"] = "usage.read usage.admin"
+def attacks(issuer: LocalIssuer, customer: str, scopes: Sequence[str] = ("usage.read",)) -> dict[str, str]:
+    """Tokens that must all be refused (401), by name; each would grant ``scopes`` if it were accepted."""
+
+    def claims(**kw: Any) -> dict[str, Any]:
+        return issuer.claims(scopes=scopes, customers=[customer], **kw)
+
+    def token(**kw: Any) -> str:
+        return issuer.mint(scopes=scopes, customers=[customer], **kw)
+
+    def tampered(**changes: Any) -> str:
+        """A valid token whose payload was changed after signing (the signature kept)."""
+        head, payload, sig = token().split(".")
+        doc = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return f"{head}.{_b64(json.dumps(doc | changes).encode())}.{sig}"
+
     stranger = _default_key("rsa-1", "RS256", "stranger")  # same kid as a published key, other key material
+    public = issuer.rsa.public_pem
     return {
         "malformed": "not-a-token",
         "malformed_segments": "a.b.c.d",
         "garbage_base64": "eyJhbGciOiJSUzI1NiJ9.@@@.xyz",
-        "alg_none": issuer.forge({"alg": "none", "kid": "rsa-1"}, issuer.claims(customers=[customer])),
-        "alg_none_with_signature": issuer.forge({"alg": "none", "kid": "rsa-1"}, issuer.claims(customers=[customer]), signature=b"x"),
+        "alg_none": issuer.forge({"alg": "none", "kid": "rsa-1"}, claims()),
+        "alg_none_with_signature": issuer.forge({"alg": "none", "kid": "rsa-1"}, claims(), signature=b"x"),
         "hs256_with_rsa_public_key": issuer.forge(
-            {"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}, issuer.claims(customers=[customer]), secret=issuer.rsa.public_pem
+            {"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}, claims(), secret=public
         ),
-        "hs256_no_kid": issuer.forge({"alg": "HS256"}, issuer.claims(customers=[customer]), secret=issuer.rsa.public_pem),
-        "rs384": jwt.encode(issuer.claims(customers=[customer]), jwk.construct(issuer.rsa.pem, "RS384"), algorithm="RS384", headers={"kid": "rsa-1"}),
+        "hs256_no_kid": issuer.forge({"alg": "HS256"}, claims(), secret=public),
+        "rs384": jwt.encode(
+            claims(), jwk.construct(issuer.rsa.pem, "RS384"), algorithm="RS384", headers={"kid": "rsa-1"}
+        ),
         "es256_signed_claims_rs256_kid": jwt.encode(
-            issuer.claims(customers=[customer]), issuer.ec.signer, algorithm="ES256", headers={"kid": "rsa-1"}
+            claims(), issuer.ec.signer, algorithm="ES256", headers={"kid": "rsa-1"}
         ),
-        "expired": issuer.token(customers=[customer], exp_in=-120),
-        "not_yet_valid": issuer.token(customers=[customer], nbf_in=600, exp_in=1200),
-        "wrong_issuer": issuer.token(customers=[customer], iss="http://evil.test"),
-        "wrong_audience": issuer.token(customers=[customer], aud="another-api"),
-        "unknown_kid": issuer.mint(kid="never-published", customers=[customer]),
-        "no_kid": jwt.encode(issuer.claims(customers=[customer]), issuer.rsa.signer, algorithm="RS256"),
-        "tampered_payload": f"{head}.{_b64(json.dumps(tampered_claims).encode())}.{sig}",
-        "signed_by_stranger": issuer.mint(key=stranger, customers=[customer]),
+        "expired": token(exp_in=-120),
+        "not_yet_valid": token(nbf_in=600, exp_in=1200),
+        "wrong_issuer": token(iss="http://evil.test"),
+        "wrong_audience": token(aud="another-api"),
+        "unknown_kid": token(kid="never-published"),
+        "no_kid": jwt.encode(claims(), issuer.rsa.signer, algorithm="RS256"),
+        "tampered_payload": tampered(scope="usage.read usage.admin", sub="someone-else"),
+        "tampered_expiry": tampered(exp=int(time.time()) + 10 * 365 * 86400),
+        "tampered_issuer": tampered(iss="http://evil.test"),
+        "signed_by_stranger": token(key=stranger),
         "no_exp": jwt.encode(
-            {k: v for k, v in issuer.claims(customers=[customer]).items() if k != "exp"},
+            {k: v for k, v in claims().items() if k != "exp"},
             issuer.rsa.signer,
             algorithm="RS256",
             headers={"kid": "rsa-1"},
@@ -187,7 +210,8 @@ def attacks(issuer: LocalIssuer, customer: str) -> dict[str, str]:
 @contextlib.asynccontextmanager
 async def serve_issuer(issuer: LocalIssuer) -> AsyncIterator[LocalIssuer]:
     """Run ``issuer`` with uvicorn on a random local port; sets ``issuer.url``."""
-    server = uvicorn.Server(uvicorn.Config(issuer.app(), host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none"))
+    config = uvicorn.Config(issuer.app(), host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none")
+    server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:
         for _ in range(500):

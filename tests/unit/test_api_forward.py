@@ -1,11 +1,13 @@
 """Admin commands forwarded to their owners: the right service and path, validated parameters only, the
-owner's status and body (problem+json too) returned as given, 502/504 when the owner is away. The
-owners here are a stub Starlette app reached through httpx's ASGI transport (no network)."""
+caller's token (and nothing else of the caller's headers but an Idempotency-Key), the owner's status and
+body (problem+json too) returned as given, 502/504 when the owner is away. The owners here are a stub
+Starlette app reached through httpx's ASGI transport (no network); the api's routes are built from the
+same declarations as in the app, with a stand-in for token verification."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import httpx
 import orjson
@@ -15,7 +17,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from services.api.forward import ADMIN_ROUTES, AdminRoute, Forwarder
+from services.api.forward import ADMIN_ROUTES, Forwarder, admin_operations
+from shared.auth import Principal
+from shared.edge import starlette_routes
 from shared.http import exception_handlers
 
 BASES = {"ledger": "http://ledger.test", "pricer": "http://pricer.test", "collector": "http://collector.test"}
@@ -23,19 +27,23 @@ BASES = {"ledger": "http://ledger.test", "pricer": "http://pricer.test", "collec
 
 def stub_owner(seen: list[dict[str, object]]) -> Starlette:
     async def echo(request: Request) -> Response:
-        record = {
+        record: dict[str, object] = {
             "service": request.url.hostname.split(".")[0] if request.url.hostname else "",
             "method": request.method,
             "path": request.url.path,
             "query": dict(request.query_params),
             "body": (await request.body()).decode(),
             "content_type": request.headers.get("content-type"),
+            "authorization": request.headers.get("authorization"),
+            "idempotency_key": request.headers.get("idempotency-key"),
             "actor": request.headers.get("x-billing-actor"),
         }
         seen.append(record)
         if request.url.path == "/internal/tiers" and request.method == "POST":
-            body = {"type": "about:blank", "title": "Invalid tier", "status": 422, "detail": "credits must be positive"}
-            return Response(orjson.dumps(body), status_code=422, media_type="application/problem+json")
+            problem = {
+                "type": "about:blank", "title": "Invalid tier", "status": 422, "detail": "credits must be positive"
+            }
+            return Response(orjson.dumps(problem), status_code=422, media_type="application/problem+json")
         if request.url.path.startswith("/internal/customers/"):
             body = b'{"title":"Not Found","status":404}'
             return Response(body, status_code=404, media_type="application/problem+json")
@@ -45,17 +53,22 @@ def stub_owner(seen: list[dict[str, object]]) -> Starlette:
     return Starlette(routes=[Route("/{rest:path}", echo, methods=["GET", "POST"])])
 
 
+class Admin:
+    """Stands in for the token verification: every caller is an admin whose subject is not ASCII."""
+
+    realm = "test"
+
+    async def principal(self, request: Request, scope: str) -> Principal:
+        return Principal("adm\u00efn-\u2603", frozenset({"usage.admin"}), frozenset(), 2**40, token="t-admin")
+
+
 def api_app(forwarder: Forwarder) -> Starlette:
-    def endpoint(route: AdminRoute) -> Callable[[Request], Awaitable[Response]]:
-        async def handle(request: Request) -> Response:
-            return await forwarder.forward(request, route, "admin-1")
-
-        return handle
-
-    return Starlette(
-        routes=[Route(r.path, endpoint(r), methods=list(r.methods)) for r in ADMIN_ROUTES],
+    app = Starlette(
+        routes=starlette_routes(admin_operations(lambda call: forwarder)),
         exception_handlers=dict(exception_handlers),
     )
+    app.state.authenticator = Admin()
+    return app
 
 
 Setup = tuple[httpx.AsyncClient, list[dict[str, object]]]  # a client of the api's admin routes and what the owner saw
@@ -101,7 +114,7 @@ async def test_every_admin_route_reaches_its_owner_with_method_path_and_body(set
     client, seen = setup
     assert {r.path for r in ADMIN_ROUTES} == set(EXPECTED)
     for route in ADMIN_ROUTES:
-        for method in route.methods:
+        for method in (route.method,):
             seen.clear()
             body = b'{"name": "Agency A", "tier": "gold"}' if method == "POST" else b""
             headers = {"content-type": "application/json"}
@@ -112,7 +125,8 @@ async def test_every_admin_route_reaches_its_owner_with_method_path_and_body(set
             [got] = seen
             owner, upstream_path = EXPECTED[route.path]
             assert (got["service"], got["method"], got["path"]) == (owner, method, upstream_path)
-            assert got["actor"] == "admin-1"
+            assert got["authorization"] == "Bearer t-admin"  # the caller's token, for the owner to verify
+            assert got["actor"] is None  # nothing else speaks for the caller
             assert r.json() == got  # the owner's body, as it gave it
             assert "location" not in r.headers  # internal paths are not passed on
             if method == "POST":
@@ -149,10 +163,29 @@ async def test_only_validated_query_parameters_are_passed_on(setup: Setup) -> No
 
 async def test_bad_path_parameters_never_reach_the_owner(setup: Setup) -> None:
     client, seen = setup
-    for path in ("/admin/months/2026-13/close", "/admin/months/..%2F..%2Fadmin/close", "/admin/prices/not-a-uuid/end"):
+    for path in (
+        "/admin/months/2026-13/close",
+        "/admin/months/..%2F..%2Fadmin/close",
+        "/admin/prices/not-a-uuid/end",
+        "/admin/prices/0190a000-0000-7000-8000-00000000000c%0A/end",
+        "/admin/months/%D9%A2%D9%A0%D9%A2%D9%A6-10/close",
+    ):
         r = await client.post(path)
         assert 400 <= r.status_code < 500, path
     assert seen == []
+
+
+async def test_only_an_idempotency_key_and_a_safe_content_type_travel_with_the_body(setup: Setup) -> None:
+    client, seen = setup
+    r = await client.post("/admin/readings", content=b"{}", headers={"content-type": "application/json",
+                                                                    "idempotency-key": "k-1", "x-billing-actor": "me"})
+    assert r.status_code == 201
+    got = (seen[-1]["idempotency_key"], seen[-1]["actor"], seen[-1]["content_type"])
+    assert got == ("k-1", None, "application/json")
+    r = await client.post(
+        "/admin/readings", content=b"{}", headers={b"content-type": "application/json; x=\u00e9".encode("latin-1")}
+    )
+    assert r.status_code == 201 and seen[-1]["content_type"] == "application/octet-stream"
 
 
 @pytest.mark.parametrize(

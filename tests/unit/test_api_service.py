@@ -1,20 +1,19 @@
 """The api's pure logic: usage periods in America/New_York, revision handling per shard of charges and the
-rollup deltas it makes (services/api/charges.py), balance buckets of ledger transactions, amounts as
-answered, and strict parameter parsing."""
+rollup deltas it makes (services/api/charges.py), balance buckets of ledger transactions and amounts as
+answered (strict parameter parsing: tests/unit/test_edge.py)."""
 
 from __future__ import annotations
 
 import uuid
 from datetime import UTC, date, datetime
-from typing import Any
 from fractions import Fraction
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from services.api.cache import TtlCache
-from services.api.params import Cursor, only_known, parse_limit, parse_month, parse_time, parse_uuid
 from services.api.charges import ResourceDoc, Rollup, ShardDoc, contributions
 from services.api.service import (
     UsageRangeError,
@@ -28,10 +27,9 @@ from services.api.service import (
     usage_org_hours,
     usage_range,
 )
-from shared.contracts import EntryLine, TransactionPosted, UsageLine
-from shared.http import ProblemError
-from shared.money import display_credits
 from shared.batches import Charges, ShardKey, shard_of
+from shared.contracts import EntryLine, TransactionPosted, UsageLine
+from shared.money import display_credits
 from tests.support.api_factories import ChargeItem, batches, charge, txn
 
 CUST = uuid.UUID("0190a000-0000-7000-8000-0000000000c1")
@@ -227,58 +225,6 @@ def test_amounts_are_the_floor_and_the_reduced_fraction() -> None:
         "microcredits_exact": "200000/73",
         "credits": "0.002740",
     }
-
-
-# ---------------------------------------------------------------------------------------- parameters
-
-
-def test_times_need_a_zone_and_come_back_in_utc() -> None:
-    assert parse_time("t", "2026-10-01T00:00:00-04:00") == datetime(2026, 10, 1, 4, tzinfo=UTC)
-    assert parse_time("t", "2026-10-01t04:00:00z") == datetime(2026, 10, 1, 4, tzinfo=UTC)
-    assert parse_time("t", "2026-10-01T04:00:00.000000000Z") == datetime(2026, 10, 1, 4, tzinfo=UTC)
-    for bad in (
-        "2026-10-01T04:00:00", "2026-10-01", "yesterday", "2026-10-01T04:00:00 04:00", "2026-02-30T00:00:00Z",
-        "2026-10-01T04:00:00.0000001Z",
-    ):
-        with pytest.raises(ProblemError) as err:
-            parse_time("t", bad)
-        assert err.value.status == 422
-
-
-def test_months_uuids_limits_and_unknown_parameters() -> None:
-    assert parse_month("m", "2026-02") == date(2026, 2, 1)
-    for bad in ("2026-2", "2026-13", "26-01", "2026-00", "0001-01"):
-        with pytest.raises(ProblemError):
-            parse_month("m", bad)
-    with pytest.raises(ProblemError):
-        parse_uuid("id", "0190a000-0000-7000-8000-0000000000c1' OR 1=1")
-    assert parse_limit(None) == 100 and parse_limit("500") == 500
-    for bad in ("0", "501", "-1", "1.5", "１０", " 10"):
-        with pytest.raises(ProblemError):
-            parse_limit(bad)
-    from starlette.datastructures import QueryParams
-
-    with pytest.raises(ProblemError, match="more than once"):
-        only_known(QueryParams("limit=1&limit=2"), ("limit",))
-    with pytest.raises(ProblemError, match="unknown parameter"):
-        only_known(QueryParams("limit=1&x=2"), ("limit",))
-
-
-def test_cursors_round_trip_only_within_their_own_query() -> None:
-    scope = Cursor.scope_of("usage", CUST, "a")
-    token = Cursor.encode(scope, ["2026-10-01", "org-1", ""])
-    assert Cursor.decode(token, scope, (str, str, str)) == ["2026-10-01", "org-1", ""]
-    for bad_scope, bad_token, shape in (
-        (Cursor.scope_of("usage", CUST, "b"), token, (str, str, str)),
-        (scope, token + "x", (str, str, str)),
-        (scope, token, (str, str)),
-        (scope, "not base64 !", (str,)),
-        (scope, Cursor.encode(scope, ["a\x00", "b", "c"]), (str, str, str)),
-        (scope, Cursor.encode(scope, [1, "b", "c"]), (str, str, str)),
-    ):
-        with pytest.raises(ProblemError) as err:
-            Cursor.decode(bad_token, bad_scope, shape)
-        assert err.value.status == 400
 
 
 def test_the_ttl_cache_forgets_after_its_time_and_can_be_off() -> None:

@@ -4,6 +4,7 @@ which the api's integration tests also run a real issuer on a random port."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -11,7 +12,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from services.api.auth import AuthError, IssuerUnavailableError, JwksCache, TokenVerifier
+from shared.auth import AuthError, IssuerUnavailableError, JwksCache, TokenVerifier
 from tests.support.tokens import AUDIENCE, LocalIssuer, attacks
 
 
@@ -94,6 +95,39 @@ async def test_keys_are_fetched_once_and_cached(setup: Setup) -> None:
     for _ in range(5):
         await verifier.verify(issuer.token(sub=f"u{_}"))
     assert issuer.jwks_fetches == 1
+
+
+class Slow(httpx.AsyncBaseTransport):
+    """The issuer at some distance: every answer takes a moment, as over a network."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.02)
+        return await self.inner.handle_async_request(request)
+
+
+async def test_concurrent_first_requests_share_one_fetch_and_are_all_verified() -> None:
+    issuer, clock = LocalIssuer(), Clock()
+    transport = Slow(httpx.ASGITransport(app=issuer.app()))
+    async with httpx.AsyncClient(transport=transport) as client:
+        jwks = JwksCache(issuer.url, client, ttl_seconds=600, refetch_min_interval_seconds=10, monotonic=clock)
+        verifier = TokenVerifier(jwks, issuer=issuer.url, audience=AUDIENCE, leeway_seconds=30)
+        await _verify_at_once(issuer, verifier, clock)
+
+
+async def _verify_at_once(issuer: LocalIssuer, verifier: TokenVerifier, clock: Clock) -> None:
+    subjects = [f"u{i}" for i in range(6)]
+    principals = await asyncio.gather(*(verifier.verify(issuer.token(sub=s)) for s in subjects))
+    assert [p.subject for p in principals] == subjects
+    assert issuer.jwks_fetches == 1
+    # a rotated key seen by several requests at once: one refetch, every one of them verified
+    new = issuer.rotate()
+    clock.t += 11
+    rotated = await asyncio.gather(*(verifier.verify(issuer.mint(key=new, sub=s)) for s in subjects))
+    assert [p.subject for p in rotated] == subjects
+    assert issuer.jwks_fetches == 2
 
 
 async def test_unknown_kid_refetches_once_then_refuses_and_is_rate_limited(setup: Setup) -> None:

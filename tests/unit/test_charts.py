@@ -1,5 +1,5 @@
 """The dashboard's SVG charts and the view logic they draw (services/api/charts.py and the pure functions
-of services/api/dashboard.py): scales, stacking, exact labels, accessible names, colour contrast, the
+of services/api/views.py): scales, stacking, exact labels, accessible names, colour contrast, the
 burn-down series, the burn rate and the run-out date. Expected figures are computed here independently
 (Decimal, Fraction, hand arithmetic), never taken from the code under test."""
 
@@ -31,7 +31,7 @@ from services.api.charts import (
     stacked_bars,
     tick_label,
 )
-from services.api.dashboard import MAX_SERIES, Group, LedgerFact, burn_rate, daily_remaining, run_out, usage_series
+from services.api.views import MAX_SERIES, Group, LedgerFact, burn_rate, daily_remaining, run_out, usage_series
 
 SVG = "{http://www.w3.org/2000/svg}"
 CSS = Path(__file__).resolve().parents[2] / "services" / "api" / "static" / "dashboard.css"

@@ -1,7 +1,8 @@
 """The parts of the command journal that need no database: the Idempotency-Key's format, the request
-digest (the same request in another JSON layout is the same request), the api forwarding a command's key
-(checked first) with the caller as the actor, and the merge of the three services' audit trails into
-pages that walk every entry once, newest first, whatever the page size."""
+digest (the same request in another JSON layout is the same request), the actor (only ever the verified
+token's subject), the api forwarding a command's key (checked first) and bringing back whether the answer
+was a replay, and the merge of the services' audit trails into pages that walk every entry once, newest
+first, whatever the page size."""
 
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.api.audit import SERVICES, merge
-from services.api.forward import ADMIN_ROUTES, Forwarder
-from shared.audit import audit_cursor
-from shared.commands import idempotency_key, request_digest
-from shared.http import ProblemError, exception_handlers
+from services.api.forward import Forwarder, admin_operations
+from shared.audit import AuditEntry, Service, audit_cursor
+from shared.auth import Principal
+from shared.commands import actor_of, request_digest
+from shared.edge import ProblemError, idempotency_key, starlette_routes
+from shared.http import exception_handlers
 
 
 @pytest.mark.parametrize("key", ["a", "k" * 255, "0190b000-0000-7000-8000-000000000001", "with space ~!{}"])
@@ -35,7 +38,7 @@ def test_printable_ascii_keys_of_1_to_255_characters_are_accepted(key: str) -> N
 def test_other_keys_are_refused_with_400(key: str) -> None:
     with pytest.raises(ProblemError) as refused:
         idempotency_key(Headers(raw=[(b"idempotency-key", key.encode("latin-1"))]))
-    assert refused.value.status == 400
+    assert refused.value.status == 400 and refused.value.kind.slug == "invalid-idempotency-key"
 
 
 def test_no_key_is_none_and_two_keys_are_refused() -> None:
@@ -62,7 +65,29 @@ def test_the_digest_covers_method_path_and_the_canonical_body() -> None:
     assert request_digest("POST", "/internal/tiers", b'{"name":"a\\u0000b"}')[1] is None
 
 
+def request_of(principal: Principal | None) -> Request:
+    request = Request({"type": "http", "method": "POST", "path": "/internal/tiers", "headers": [
+        (b"x-billing-actor", b"mallory")], "query_string": b"", "state": {}})
+    if principal is not None:
+        request.state.principal = principal
+    return request
+
+
+def test_the_actor_is_the_token_subject_and_never_a_header() -> None:
+    alice = Principal("alice", frozenset({"usage.admin"}), frozenset(), 2**40, token="t")
+    assert actor_of(request_of(alice)) == "alice"
+    with pytest.raises(RuntimeError, match="without an authenticated caller"):
+        actor_of(request_of(None))
+
+
 # ------------------------------------------------------------------------------------- forwarding
+
+
+class Admin:
+    realm = "test"
+
+    async def principal(self, request: Request, scope: str) -> Principal:
+        return Principal("admin-1", frozenset({"usage.admin"}), frozenset(), 2**40, token="t-admin")
 
 
 @pytest.fixture
@@ -71,20 +96,16 @@ async def forwarded() -> AsyncIterator[tuple[httpx.AsyncClient, list[dict[str, A
 
     async def owner(request: Request) -> Response:
         seen.append({"path": request.url.path, "key": request.headers.get("idempotency-key"),
-                     "actor": request.headers.get("x-billing-actor")})
+                     "authorization": request.headers.get("authorization")})
         return JSONResponse({"ok": True}, status_code=201, headers={"idempotent-replayed": "true", "location": "/x"})
 
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=Starlette(routes=[
         Route("/{rest:path}", owner, methods=["GET", "POST"])
     ]))) as upstream:
         forwarder = Forwarder(upstream, {s: f"http://{s}.test" for s in SERVICES})
-        route = next(r for r in ADMIN_ROUTES if r.path == "/admin/agreements")
-
-        async def endpoint(request: Request) -> Response:
-            return await forwarder.forward(request, route, "admin-1")
-
-        app = Starlette(routes=[Route(route.path, endpoint, methods=["GET", "POST"])],
+        app = Starlette(routes=starlette_routes(admin_operations(lambda call: forwarder)),
                         exception_handlers=dict(exception_handlers))
+        app.state.authenticator = Admin()
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as client:
             yield client, seen
 
@@ -96,9 +117,10 @@ async def test_the_api_forwards_a_commands_key_and_refuses_a_malformed_one(
     resp = await client.post("/admin/agreements", json={}, headers={"Idempotency-Key": "k-1"})
     assert resp.status_code == 201 and resp.headers["idempotent-replayed"] == "true"
     assert "location" not in resp.headers
-    assert seen == [{"path": "/internal/agreements", "key": "k-1", "actor": "admin-1"}]
+    assert seen == [{"path": "/internal/agreements", "key": "k-1", "authorization": "Bearer t-admin"}]
     bad = await client.post("/admin/agreements", json={}, headers={"Idempotency-Key": "x" * 256})
     assert bad.status_code == 400 and bad.headers["content-type"] == "application/problem+json"
+    assert bad.json()["type"].endswith("/invalid-idempotency-key")
     assert len(seen) == 1  # the owner never saw it
     await client.post("/admin/agreements", json={})
     assert seen[-1]["key"] is None
@@ -107,20 +129,27 @@ async def test_the_api_forwards_a_commands_key_and_refuses_a_malformed_one(
 # ------------------------------------------------------------------------------------- merging
 
 
-def trail(rng: random.Random, service: str, n: int, start: datetime) -> list[dict[str, Any]]:
+SCOPE = "0123456789abcdef"  # what the services' cursors are bound to (their filters)
+
+
+def trail(rng: random.Random, service: Service, n: int, start: datetime) -> list[AuditEntry]:
     """A service's entries newest first; times often equal across services, never out of id order."""
     out, moment = [], start
     for i in range(1, n + 1):
         moment += timedelta(seconds=rng.choice([0, 0, 1, 2]))
-        out.append({"id": i, "service": service, "recorded_at": moment.isoformat(), "kind": f"{service}.x"})
+        out.append(AuditEntry(
+            id=i, service=service, recorded_at=moment, actor="a", kind=f"{service}.x", method="POST", path="/x",
+            body_digest=None, body=None, status=201, problem_type=None, problem_title=None, idempotency_key=None,
+            replay=False,
+        ))
     return out[::-1]
 
 
-def answer(entries: list[dict[str, Any]], position: str, limit: int) -> list[dict[str, Any]]:
+def answer(entries: list[AuditEntry], position: str, limit: int) -> list[AuditEntry]:
     """What ``GET /internal/audit?cursor=position&limit=limit`` answers: entries after the position."""
     start = 0
     if position:
-        cursors = [audit_cursor(datetime.fromisoformat(e["recorded_at"]), e["id"]) for e in entries]
+        cursors = [audit_cursor(SCOPE, e) for e in entries]
         start = cursors.index(position) + 1
     return entries[start:start + limit]
 
@@ -130,17 +159,15 @@ def answer(entries: list[dict[str, Any]], position: str, limit: int) -> list[dic
 def test_merged_pages_walk_every_entry_once_newest_first(seed: int, limit: int) -> None:
     rng = random.Random(seed)
     start = datetime(2026, 10, 1, tzinfo=UTC)
-    trails = {s: trail(rng, s, rng.randint(0, 12), start) for s in SERVICES}
+    trails: dict[str, list[AuditEntry]] = {s: trail(rng, s, rng.randint(0, 12), start) for s in SERVICES}
     everything = sorted(
-        (e for t in trails.values() for e in t),
-        key=lambda e: (datetime.fromisoformat(e["recorded_at"]), e["service"], e["id"]),
-        reverse=True,
+        (e for t in trails.values() for e in t), key=lambda e: (e.recorded_at, e.service, e.id), reverse=True
     )
     positions: dict[str, str] = {s: "" for s in SERVICES}
-    walked: list[dict[str, Any]] = []
+    walked: list[AuditEntry] = []
     for _ in range(100):
         fetched = {s: answer(trails[s], p, limit + 1) for s, p in positions.items()}
-        page, positions = merge(fetched, positions, limit)
+        page, positions = merge(fetched, positions, limit, SCOPE)
         assert len(page) <= limit
         walked += page
         if not positions:

@@ -31,9 +31,11 @@ from services.api.completeness import (
     report_json,
 )
 from services.api.dead_letters import attribute
-from shared.completeness import CollectorCompleteness, CollectorCount, openapi_path
+from services.collector.app import create_app as collector_app
+from services.collector.settings import CollectorSettings
+from shared.completeness import CollectorCompleteness, CollectorCount
 from shared.completeness import parse_range as parse_internal_range
-from shared.http import ProblemError
+from shared.edge import ProblemError
 from tests.support.openapi_checks import response_schema, violations
 
 H = timedelta(hours=1)
@@ -322,8 +324,11 @@ def test_the_internal_contract_refuses_naive_hours_and_negative_counts_and_is_do
     ):
         with pytest.raises(ValueError):
             CollectorCount.model_validate(bad)
-    path = openapi_path(CollectorCompleteness, "collector")["/internal/completeness"]["get"]
-    assert "$defs" not in json.dumps(path) and {p["name"] for p in path["parameters"]} == {"from", "to"}
+    doc = collector_app(CollectorSettings(port=1)).state.runtime.openapi_document()
+    path = doc["paths"]["/internal/completeness"]["get"]
+    assert {p["name"] for p in path["parameters"]} == {"from", "to"}
+    answer = path["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    assert answer == CollectorCompleteness.__name__ and "$defs" not in json.dumps(doc)
 
 
 # ------------------------------------------------------------------------------------------ dead letters

@@ -1,5 +1,6 @@
-"""The collector's, pricer's and ledger's OpenAPI documents name exactly the routes each app serves, with
-their path parameters, and every reference resolves."""
+"""The collector's, pricer's and ledger's OpenAPI documents (generated from their route declarations) name
+exactly the routes each app serves, with their path parameters; every reference resolves; every /internal
+route asks for a token and documents the refusals that come with one."""
 
 from __future__ import annotations
 
@@ -10,19 +11,19 @@ import pytest
 from starlette.routing import Route
 
 from services.collector.app import create_app as collector_app
-from services.collector.openapi import openapi_document as collector_doc
 from services.collector.settings import CollectorSettings
 from services.ledger.app import create_app as ledger_app
-from services.ledger.openapi import openapi_document as ledger_doc
 from services.ledger.settings import LedgerSettings
 from services.pricer.app import create_app as pricer_app
-from services.pricer.openapi import openapi_document as pricer_doc
 from services.pricer.settings import PricerSettings
 
+APPS: dict[str, Any] = {
+    "collector": lambda: collector_app(CollectorSettings(port=1)),
+    "pricer": lambda: pricer_app(PricerSettings(port=1)),
+    "ledger": lambda: ledger_app(LedgerSettings(port=1)),
+}
 SERVICES: dict[str, tuple[Any, Any]] = {
-    "collector": (lambda: collector_app(CollectorSettings(port=1)), collector_doc),
-    "pricer": (lambda: pricer_app(PricerSettings(port=1)), pricer_doc),
-    "ledger": (lambda: ledger_app(LedgerSettings(port=1)), ledger_doc),
+    name: (make, lambda make=make: make().state.runtime.openapi_document()) for name, make in APPS.items()
 }
 
 
@@ -57,3 +58,15 @@ def test_path_parameters_are_declared_and_references_resolve(service):
                 assert "413" in op["responses"], (path, method)
     for ref in set(re.findall(r"#/components/schemas/(\w+)", str(doc))):
         assert ref in doc["components"]["schemas"], ref
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_every_internal_route_needs_a_token_and_documents_its_refusals(service):
+    doc = SERVICES[service][1]()
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            if path.startswith("/internal/"):
+                assert op["security"] == [{"bearer": ["usage.admin"]}], (path, method)
+                assert {"401", "403", "422"} <= set(op["responses"]), (path, method)
+            else:
+                assert op["security"] == [] and "Open without a token" in op["description"], (path, method)

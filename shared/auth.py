@@ -1,4 +1,7 @@
-"""Bearer-token authentication of the api: JWTs verified with python-jose against the issuer's keys.
+"""Bearer-token authentication, the same in every service: JWTs verified with python-jose against the
+issuer's keys. The api verifies the tokens of its callers; the collector, the pricer and the ledger verify
+the token of every ``/internal/*`` request themselves (the api forwards its caller's token), so a command
+is authenticated where it lands (README, "Security model").
 
 - The keys come from the issuer's JWKS, found by OIDC discovery (``<issuer>/.well-known/openid-configuration``,
   whose ``issuer`` must equal the configured one) and cached; they are refreshed after ``jwks_cache_seconds``,
@@ -8,12 +11,20 @@
   the RSA public key as the secret" never reach a signature check.
 - Claims: ``iss`` and ``aud`` must equal the configured values, ``exp`` and ``sub`` are required, ``exp``
   and ``nbf`` are checked with a small leeway (clock skew).
-- Rights: ``scope`` (space-separated, or a list) carries ``usage.read`` and/or ``usage.admin``; the
+- Subject: ``sub`` is required, at most 256 characters, without control characters (it is recorded as the
+  actor of commands and must be safe to store and to show).
+- Rights: ``scope`` (separated by single spaces as RFC 6749 says, or a list) carries ``usage.read``
+  and/or ``usage.admin``; the
   ``customers`` claim (a list of customer ids) entitles the caller to those customers — the issuer is
   trusted to put there only what the subject may see. The admin-managed entitlements in the api's own
   schema (``/admin/entitlements``: subject -> customer) add to it; ``usage.admin`` sees every customer.
   A caller gets the same 404 for a customer it may not see as for one that does not exist
-  (``handlers.Api._ensure_visible``).
+  (the api's ``handlers.Api._ensure_visible``).
+
+``Authenticator`` is what a service holds: the verifier built from its settings (on first use, with its own
+HTTP client for the issuer, closed with the service) and the check of a request against a scope.
+
+One module of ~400 lines on purpose: what a token must be to be accepted is reviewed as a whole.
 """
 
 from __future__ import annotations
@@ -24,8 +35,8 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 from uuid import UUID
 
 import httpx
@@ -33,22 +44,21 @@ from jose import jwk, jwt
 from jose.backends.base import Key
 from jose.exceptions import ExpiredSignatureError, JWTClaimsError, JWTError
 from starlette.requests import Request
-from starlette.responses import Response
-
-from shared.http import problem
 
 __all__ = [
-    "SCOPE_READ",
-    "SCOPE_ADMIN",
     "ALLOWED_ALGORITHMS",
+    "MAX_SUBJECT",
+    "SCOPE_ADMIN",
+    "SCOPE_READ",
     "AuthError",
+    "AuthSettings",
+    "Authenticator",
     "ForbiddenError",
     "IssuerUnavailableError",
-    "Principal",
     "JwksCache",
+    "Principal",
     "TokenVerifier",
     "bearer_token",
-    "auth_error_response",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,8 +70,21 @@ SCOPE_ADMIN = "usage.admin"
 ALLOWED_ALGORITHMS: dict[str, tuple[str, str | None]] = {"RS256": ("RSA", None), "ES256": ("EC", "P-256")}
 
 MAX_TOKEN_BYTES = 16_384
+MAX_SUBJECT = 256  # characters of ``sub``: it is recorded as the actor of commands (shared/commands.py)
 _JWS_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
-REALM = 'realm="billing-api"'
+
+
+class AuthSettings(Protocol):
+    """The settings a service's token verification reads (``shared.settings.ServiceSettings`` has them)."""
+
+    oidc_issuer: str
+    oidc_audience: str
+    clock_skew_seconds: int
+    jwks_cache_seconds: float
+    jwks_refetch_min_interval_seconds: float
+    oidc_timeout_seconds: float
+    token_cache_size: int
+    token_cache_seconds: float
 
 
 class AuthError(Exception):
@@ -94,6 +117,8 @@ class Principal:
     customers: frozenset[UUID]
     expires_at: int
     not_before: int | None = None
+    # The bearer token itself: the api forwards it to the service that owns a command (never logged).
+    token: str = field(default="", repr=False, compare=False)
 
     @property
     def is_admin(self) -> bool:
@@ -138,18 +163,29 @@ class JwksCache:
         if self._fetched_at is None or now - self._fetched_at > self._ttl:
             if self._may_refetch():
                 await self._refresh(reason="expired", since=self._attempted_at)
-            elif not self._keys:
+            else:
+                await self._settled()  # a fetch started a moment ago may still be under way: its keys
+            if not self._keys:
                 # The last attempt failed a moment ago: do not hammer an issuer that is down.
                 raise IssuerUnavailableError("the token issuer's keys cannot be fetched")
         found = self._keys.get(kid)
-        if found is None and self._may_refetch():
-            await self._refresh(reason="unknown kid", since=self._attempted_at)
+        if found is None:
+            if self._may_refetch():
+                await self._refresh(reason="unknown kid", since=self._attempted_at)
+            else:
+                await self._settled()
             found = self._keys.get(kid)
         if found is None:
             raise AuthError("the token is signed with an unknown key")
         if found.alg != alg:
             raise AuthError(f"the key {kid} does not sign {alg}")
         return found.key
+
+    async def _settled(self) -> None:
+        """Wait for a fetch under way (concurrent requests share it rather than fail while it runs)."""
+        if self._lock.locked():
+            async with self._lock:
+                pass
 
     def _may_refetch(self) -> bool:
         return self._attempted_at is None or self._monotonic() - self._attempted_at >= self._min_interval
@@ -162,7 +198,10 @@ class JwksCache:
             try:
                 keys = await self._fetch()
             except (httpx.HTTPError, ValueError) as exc:
-                log.warning("cannot fetch the issuer's keys", extra={"issuer": self.issuer, "error": repr(exc), "reason": reason})
+                log.warning(
+                    "cannot fetch the issuer's keys",
+                    extra={"issuer": self.issuer, "error": repr(exc), "reason": reason},
+                )
                 if not self._keys:
                     raise IssuerUnavailableError("the token issuer's keys cannot be fetched") from exc
                 return  # keep serving with the keys we have
@@ -185,7 +224,7 @@ class JwksCache:
         self.fetches += 1
         body = resp.json()
         if not isinstance(body, dict) or not isinstance(body.get("keys"), list):
-            raise ValueError("the JWKS document has no keys list")
+            raise ValueError("the JWKS document has no keys list")  # noqa: TRY004 - caught with fetch errors
         keys: dict[str, _Jwk] = {}
         for raw in body["keys"]:
             parsed = _parse_jwk(raw)
@@ -208,7 +247,7 @@ def _parse_jwk(raw: Any) -> tuple[str, _Jwk] | None:
         return None  # a private key has no business in a JWKS
     try:
         key = jwk.construct(raw, algorithm=alg)
-    except Exception:  # jose raises several types for a bad key; a bad key is simply not usable
+    except Exception:  # noqa: BLE001 - jose raises several types for a bad key; a bad key is not usable
         log.warning("ignoring an unusable JWK", extra={"kid": raw.get("kid")})
         return None
     return raw["kid"], _Jwk(alg, key)
@@ -298,16 +337,20 @@ class TokenVerifier:
             raise AuthError(f"the token's claims are not acceptable: {exc}") from None
         except JWTError:
             raise AuthError("the token's signature does not verify") from None
-        return _principal(claims)
+        return _principal(claims, token)
 
 
-def _principal(claims: dict[str, Any]) -> Principal:
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _principal(claims: dict[str, Any], token: str) -> Principal:
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not sub or len(sub) > 256:
+    if not isinstance(sub, str) or not sub or len(sub) > MAX_SUBJECT or _CONTROL.search(sub):
         raise AuthError("the token has no usable subject")
     raw_scope = claims.get("scope", "")
     if isinstance(raw_scope, str):
-        scopes = frozenset(raw_scope.split())
+        # RFC 6749 3.3: scopes are separated by a single space (not by any whitespace).
+        scopes = frozenset(s for s in raw_scope.split(" ") if s)
     elif isinstance(raw_scope, list) and all(isinstance(s, str) for s in raw_scope):
         scopes = frozenset(raw_scope)
     else:
@@ -329,6 +372,7 @@ def _principal(claims: dict[str, Any]) -> Principal:
         customers=frozenset(customers),
         expires_at=int(exp),
         not_before=int(nbf) if isinstance(nbf, (int, float)) else None,
+        token=token,
     )
 
 
@@ -344,21 +388,46 @@ def bearer_token(request: Request) -> str:
     return token
 
 
-def auth_error_response(exc: Exception) -> Response:
-    """The problem document (and ``WWW-Authenticate`` challenge) for an authentication failure."""
-    if isinstance(exc, AuthError):
-        resp = problem(401, "Unauthorized", exc.detail)
-        if exc.missing:
-            resp.headers["www-authenticate"] = f"Bearer {REALM}"
-        else:
-            resp.headers["www-authenticate"] = f'Bearer {REALM}, error="invalid_token"'
-        return resp
-    if isinstance(exc, ForbiddenError):
-        resp = problem(403, "Forbidden", str(exc))
-        resp.headers["www-authenticate"] = f'Bearer {REALM}, error="insufficient_scope", scope="{exc.scope}"'
-        return resp
-    if isinstance(exc, IssuerUnavailableError):
-        resp = problem(503, "Service Unavailable", "tokens cannot be verified right now; try again shortly")
-        resp.headers["retry-after"] = "5"
-        return resp
-    raise TypeError(f"not an auth error: {exc!r}")
+class Authenticator:
+    """A service's token verification: the verifier built from its settings on first use (with its own HTTP
+    client for the issuer; ``aclose`` at stop) and the check of a request against a scope."""
+
+    def __init__(self, settings: AuthSettings, realm: str = "billing") -> None:
+        self._settings = settings
+        self.realm = realm  # of the WWW-Authenticate challenge
+        self._client: httpx.AsyncClient | None = None
+        self._verifier: TokenVerifier | None = None
+
+    @property
+    def verifier(self) -> TokenVerifier:
+        if self._verifier is None:
+            s = self._settings
+            self._client = httpx.AsyncClient(timeout=s.oidc_timeout_seconds, follow_redirects=False)
+            jwks = JwksCache(
+                s.oidc_issuer,
+                self._client,
+                ttl_seconds=s.jwks_cache_seconds,
+                refetch_min_interval_seconds=s.jwks_refetch_min_interval_seconds,
+            )
+            self._verifier = TokenVerifier(
+                jwks,
+                issuer=s.oidc_issuer,
+                audience=s.oidc_audience,
+                leeway_seconds=s.clock_skew_seconds,
+                cache_size=s.token_cache_size,
+                cache_seconds=s.token_cache_seconds,
+            )
+        return self._verifier
+
+    async def principal(self, request: Request, scope: str) -> Principal:
+        """The verified caller of ``request`` holding ``scope`` (``usage.admin`` holds every scope);
+        AuthError (401), ForbiddenError (403) or IssuerUnavailableError (503) otherwise."""
+        principal = await self.verifier.verify(bearer_token(request))
+        if scope not in principal.scopes and not principal.is_admin:
+            raise ForbiddenError(scope)
+        return principal
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+        self._client, self._verifier = None, None
