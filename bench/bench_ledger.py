@@ -36,7 +36,6 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import asyncpg
-import orjson
 from aiokafka.admin import AIOKafkaAdminClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import (  # noqa: E402
     ADMIN_DSN, KAFKA, committed, drop_database, dsn, emit, free_port, fresh_database, fresh_topics, proc_status,
-    named_id, produce, wait_ready,
+    produce, wait_ready,
 )
 from shared.batches import Charges, Price as PriceRef, Ref, charges_id, encode_charges, shard_key, shard_of  # noqa: E402
 from shared.topics import ALL_TOPICS, CHARGES  # noqa: E402

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -41,7 +40,7 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
 
 from bench.common import (  # noqa: E402
     ADMIN_DSN, KAFKA, ROOT, committed, drop_database, dsn, emit, free_port, fresh_database, fresh_topics, proc_status,
-    named_id, produce, wait_ready,
+    produce, wait_ready,
 )
 from services.pricer import repository  # noqa: E402
 from services.pricer.app import MIGRATIONS  # noqa: E402
