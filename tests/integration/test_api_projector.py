@@ -293,15 +293,12 @@ async def test_a_charge_of_a_stored_revision_with_other_content_changes_nothing_
     conflicts: list[tuple[int, int, str]] = []
     assert await p.apply_charges(batches([forged]), conflicts) == 0
     mid = measurement_id(h, "cfapps", "r0")
-    assert conflicts == [
-        (
-            0,
-            0,
-            f"conflict: charge {charge_id(mid, 1)} (measurement {mid}: 2026-11-01T03:00:00Z, cfapps, resource r0) at "
-            "revision 1 is stored with other content: org 'org-b' (stored: 'org-a'), value 999 (stored: 100), "
-            "amount 5/1 (stored: 1/3); the stored charge is kept",
-        )
-    ]
+    reason = (
+        f"conflict: charge {charge_id(mid, 1)} (measurement {mid}: 2026-11-01T03:00:00Z, cfapps, resource r0) at "
+        "revision 1 is stored with other content: org 'org-b' (stored: 'org-a'), value 999 (stored: 100), "
+        "amount 5/1 (stored: 1/3); the stored charge is kept"
+    )
+    assert conflicts == [(0, 0, reason)]
     assert await read_back(pool) == expected
     again: list[tuple[int, int, str]] = []
     assert await p.apply_charges(batches([original]), again) == 0
