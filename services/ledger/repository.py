@@ -517,6 +517,19 @@ async def insert_assignment(
     )
 
 
+async def assignments_around(conn: Conn, org_id: str, starts_at: datetime) -> tuple[uuid.UUID | None, datetime | None]:
+    """The customer of the org's assignment in force just before ``starts_at`` (None: none), and when its
+    next assignment after ``starts_at`` starts (None: none)."""
+    row = await conn.fetchrow(
+        """SELECT (SELECT customer_id FROM org_assignments WHERE org_id = $1 AND starts_at < $2
+                    ORDER BY starts_at DESC LIMIT 1) AS before,
+                  (SELECT min(starts_at) FROM org_assignments WHERE org_id = $1 AND starts_at > $2) AS until""",
+        org_id,
+        starts_at,
+    )
+    return row["before"], row["until"]
+
+
 async def list_assignments(
     conn: Conn, org_id: str | None, customer_id: uuid.UUID | None, after: tuple[str, datetime] | None, limit: int
 ) -> list[asyncpg.Record]:
