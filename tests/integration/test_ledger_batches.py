@@ -233,9 +233,11 @@ async def test_a_charge_of_the_applied_revision_with_other_content_is_a_conflict
     db = ledger_db
     customer, org = await setup(db)
     _, other_org = await setup(db)
-    a, b, c, d = resources_of_shard(4, 4)
+    a, b, c, d, g = resources_of_shard(4, 5)
     stored = charges_batch(
-        HOUR, [item(org, 100, resource=a), item(org, 10, resource=b), item(org, 5, resource=c), item(org, 7, resource=d)]
+        HOUR,
+        [item(org, 100, resource=a), item(org, 10, resource=b), item(org, 5, resource=c), item(org, 7, resource=d),
+         item(org, 1, resource=g)],
     )
     assert (await db.service.post_charges([stored])).conflicts == []
     before = await posted_by_group(db, [customer])
@@ -247,6 +249,7 @@ async def test_a_charge_of_the_applied_revision_with_other_content_is_a_conflict
             item(org, 10, resource=b, price_id=PRICE_B),  # another price
             item(other_org, 5, resource=c),  # another org
             item(org, 8, resource=d),  # another amount
+            item(org, 2, resource=g, price_id=PRICE_B),  # another amount and price
         ],
     )
     posting = await db.service.post_charges([stored, copy])
@@ -261,10 +264,11 @@ async def test_a_charge_of_the_applied_revision_with_other_content_is_a_conflict
             f"at revision 1 is {stored} with other content: {facts}; the {stored} charge is kept"
         )
 
-    assert sorted(posting.conflicts) == [
+    assert posting.conflicts == [
         (1, 1, reason(b, f"price {PRICE_B} (applied: {PRICE_A})")),
         (1, 2, reason(c, f"org '{other_org}' (applied: '{org}')")),
         (1, 3, reason(d, "amount 8/1 (applied: 7/1)")),
+        (1, 4, reason(g, f"amount 2/1 (applied: 1/1), price {PRICE_B} (applied: {PRICE_A})")),
     ]
     # A newer revision still replaces the charge, whatever it says.
     assert (await db.service.post_charges([charges_batch(HOUR, [item(org, 8, resource=d, revision=2)])])).changed == 1
@@ -294,3 +298,4 @@ async def test_a_charge_of_the_applied_revision_with_other_content_is_a_conflict
     await db.service.assign_org(waiting, customer, LONG_AGO)
     after = await posted_by_group(db, [customer])
     assert after[(customer, MONTH, PRICE_A)] == before[(customer, MONTH, PRICE_A)] + 1 + 3 + 6  # d: 7 -> 8, e, f
+    assert (customer, MONTH, PRICE_B) not in after
