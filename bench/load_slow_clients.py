@@ -4,10 +4,14 @@ running as in production (``billing pricer``: uvicorn with ``shared.server``'s d
 its default settings) on a fresh database and topic set of the local stack.
 
 - Half the slow clients trickle a request head (``GET /internal/prices ...``), the other half send a whole
-  head and trickle the body of a ``POST /internal/prices``. When the server cuts one off, it connects and
-  starts again at once, so that ``--slow`` connections are held (or attempted) for the whole run.
+  head (with a valid admin token) and trickle the body of a ``POST /internal/prices``. When the server cuts
+  one off, it connects and starts again at once, so that ``--slow`` connections are held (or attempted)
+  for the whole run.
 - Each normal client has one keep-alive connection (httpx) and sends, back to back with ``--think`` seconds
-  between, ``GET /healthz`` and ``GET /internal/prices?limit=10`` (a database read) in turn.
+  between, ``GET /healthz`` and ``GET /internal/prices?limit=10`` (a token verified, a database read) in
+  turn.
+
+The tokens come from a local OIDC issuer (``bench.bench_api.Issuer``) the pricer is pointed at.
 
 The run passes when every normal request is answered 2xx with p99 under ``--p99-ms`` (200), and every slow
 connection is cut off after its deadline (head: ``PRICER_HTTP_HEADER_TIMEOUT_SECONDS``, body:
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -28,16 +33,30 @@ from collections import Counter
 from typing import Any
 
 import httpx
+from cryptography.hazmat.primitives import serialization
+from jose import jwt
 
-from bench.bench_api import subprocess_server
+from bench.bench_api import Issuer, subprocess_server
 from bench.common import KAFKA, drop_database, dsn, emit, free_port, fresh_database, fresh_topics, proc_status
 from services.pricer.settings import PricerSettings
 from shared.topics import delete_topics
+from tests.sim_server import serve_app
 
 PRICE = (
     b'{"meter":"cfapps","resource_kind":"","unit_of_measure":"MB-hour","microcredits_per_unit":1000000,'
     b'"unit":747520,"valid_from":"2026-01-01T00:00:00Z"}'
 )
+
+
+def admin_token(issuer: Issuer) -> str:
+    """A token of ``issuer`` with the scope the pricer's routes want, valid for an hour."""
+    pem = issuer.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    now = int(time.time())
+    claims = {"iss": issuer.url, "sub": "bench-admin", "aud": "billing-api", "iat": now, "nbf": now,
+              "exp": now + 3600, "scope": "usage.admin"}
+    return str(jwt.encode(claims, pem.decode(), algorithm="RS256", headers={"kid": "bench-1"}))
 
 
 def _pct(values: list[float], p: float) -> float | None:
@@ -58,15 +77,16 @@ async def _trickle(writer: asyncio.StreamWriter, data: bytes, every: float) -> N
 
 
 async def slow_client(
-    port: int, kind: str, every: float, stop_at: float, cuts: list[dict[str, Any]], held: list[float]
+    port: int, token: str, kind: str, every: float, stop_at: float, cuts: list[dict[str, Any]], held: list[float]
 ) -> None:
     """Trickle a head (``kind`` "head") or a body ("body") one byte every ``every`` seconds; record when and
     how the server cut the connection off; start again until ``stop_at``."""
     loop = asyncio.get_running_loop()
-    head = b"GET /internal/prices?limit=10 HTTP/1.1\r\nHost: bench\r\nUser-Agent: slow\r\n\r\n"
+    auth = b"Authorization: Bearer " + token.encode() + b"\r\n"
+    head = b"GET /internal/prices?limit=10 HTTP/1.1\r\nHost: bench\r\n" + auth + b"\r\n"
     post = (
-        b"POST /internal/prices HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-        b"Content-Length: " + str(len(PRICE)).encode() + b"\r\n\r\n"
+        b"POST /internal/prices HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n" + auth
+        + b"Content-Length: " + str(len(PRICE)).encode() + b"\r\n\r\n"
     )
     while loop.time() < stop_at:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -94,11 +114,15 @@ async def slow_client(
         cuts.append({"kind": kind, "seconds": elapsed, "status": status or "closed", "opened": opened})
 
 
-async def normal_client(url: str, think: float, stop_at: float, latencies: list[float], statuses: Counter[str]) -> None:
+async def normal_client(
+    url: str, token: str, think: float, stop_at: float, latencies: list[float], statuses: Counter[str]
+) -> None:
     loop = asyncio.get_running_loop()
     paths = ["/healthz", "/internal/prices?limit=10"]
     n = 0
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=1)) as http:
+    headers = {"authorization": f"Bearer {token}"}
+    limits = httpx.Limits(max_connections=1)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits, headers=headers) as http:
         while loop.time() < stop_at:
             started = time.perf_counter()
             try:
@@ -117,20 +141,27 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     db = await fresh_database("load_slow")
     prefix = await fresh_topics()
     port = free_port()
-    env = {
-        **os.environ,
-        "PRICER_DATABASE_URL": dsn(db, "pricer"),
-        "KAFKA_BOOTSTRAP_SERVERS": KAFKA,
-        "KAFKA_TOPIC_PREFIX": prefix,
-        "PRICER_PORT": str(port),
-        "PRICER_LOG_LEVEL": "WARNING",
-    }
     url = f"http://127.0.0.1:{port}"
+    issuer = Issuer()
     try:
-        async with subprocess_server([sys.executable, "-m", "cli.main", "pricer"], env, f"{url}/readyz") as proc:
+        async with serve_app(issuer.app()) as issuer_url, contextlib.AsyncExitStack() as stack:
+            issuer.url = issuer_url
+            token = admin_token(issuer)
+            env = {
+                **os.environ,
+                "PRICER_DATABASE_URL": dsn(db, "pricer"),
+                "KAFKA_BOOTSTRAP_SERVERS": KAFKA,
+                "KAFKA_TOPIC_PREFIX": prefix,
+                "PRICER_PORT": str(port),
+                "PRICER_LOG_LEVEL": "WARNING",
+                "PRICER_OIDC_ISSUER": issuer_url,
+            }
+            server = [sys.executable, "-m", "cli.main", "pricer"]
+            proc = await stack.enter_async_context(subprocess_server(server, env, f"{url}/readyz"))
             async with httpx.AsyncClient(base_url=url) as http:  # one price, so that the reads return a row
                 created = await http.post(
-                    "/internal/prices", content=PRICE, headers={"content-type": "application/json"}
+                    "/internal/prices", content=PRICE,
+                    headers={"content-type": "application/json", "authorization": f"Bearer {token}"},
                 )
                 assert created.status_code == 201, created.text
             loop = asyncio.get_running_loop()
@@ -142,13 +173,13 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             statuses: Counter[str] = Counter()
             slow = [
                 asyncio.create_task(
-                    slow_client(port, "head" if i % 2 == 0 else "body", opts.byte_every, stop_at, cuts, held)
+                    slow_client(port, token, "head" if i % 2 == 0 else "body", opts.byte_every, stop_at, cuts, held)
                 )
                 for i in range(opts.slow)
             ]
             await asyncio.sleep(1.0)  # the slow ones hold their connections before the others come
             normal = [
-                asyncio.create_task(normal_client(url, opts.think, stop_at, latencies, statuses))
+                asyncio.create_task(normal_client(url, token, opts.think, stop_at, latencies, statuses))
                 for _ in range(opts.normal)
             ]
             await asyncio.gather(*normal)

@@ -32,15 +32,25 @@ from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from shared.http import ProblemError
+from shared.edge import ProblemError, ProblemType
 from shared.settings import ServiceSettings
 
-__all__ = ["BODY_GRACE_SECONDS", "MAX_HEAD_BYTES", "BodyDeadline", "guarded_protocol", "server_options"]
+__all__ = [
+    "BODY_GRACE_SECONDS",
+    "MAX_HEAD_BYTES",
+    "REQUEST_TIMEOUT",
+    "BodyDeadline",
+    "guarded_protocol",
+    "server_options",
+]
 
 log = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 64 * 1024
 """The largest request head (request line and headers) accepted; a larger one is answered 431."""
+
+REQUEST_TIMEOUT = ProblemType("request-timeout", 408, "Request Timeout")
+"""The problem type of a request whose body did not arrive in time (the same in every service)."""
 
 BODY_GRACE_SECONDS = 1.0
 """How long after the body deadline the protocol closes a connection whose body is still incomplete (the
@@ -202,7 +212,7 @@ class BodyDeadline:
             except TimeoutError:
                 timed_out = True
                 raise ProblemError(
-                    408, "Request Timeout", f"the request body was not received within {self.seconds:g} s"
+                    REQUEST_TIMEOUT, f"the request body was not received within {self.seconds:g} s"
                 ) from None
             if message["type"] != "http.request" or not message.get("more_body", False):
                 complete = True

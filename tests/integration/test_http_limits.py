@@ -17,14 +17,12 @@ import orjson
 import pytest
 import uvicorn
 from pydantic import BaseModel
-from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from services.pricer.settings import PricerSettings
-from shared.http import ORJSONResponse, read_json
+from shared.edge import Answer, Call, Operation, answer
 from shared.runtime import Runtime
-from shared.server import BODY_GRACE_SECONDS, MAX_HEAD_BYTES, server_options
+from shared.server import BODY_GRACE_SECONDS, MAX_HEAD_BYTES, REQUEST_TIMEOUT, server_options
 
 pytestmark = pytest.mark.integration
 
@@ -36,14 +34,25 @@ class Echo(BaseModel):
     text: str
 
 
-async def echo(request: Request) -> Response:
-    body: Echo = await read_json(request, Echo)
-    return ORJSONResponse({"text": body.text})
+class Done(BaseModel):
+    done: bool
 
 
-async def slow(request: Request) -> Response:
+async def echo(call: Call) -> Response:
+    assert isinstance(call.body, Echo)
+    return answer(call.body)
+
+
+async def slow(call: Call) -> Response:
     await asyncio.sleep(HEAD_TIMEOUT + BODY_TIMEOUT + 1)
-    return ORJSONResponse({"done": True})
+    return answer(Done(done=True))
+
+
+OPEN = "a test route"
+OPERATIONS = [
+    Operation("POST", "/echo", "Echo", {200: Answer(Echo)}, None, OPEN, body=Echo).bind(echo),
+    Operation("GET", "/slow", "An answer slower than both deadlines", {200: Answer(Done)}, None, OPEN).bind(slow),
+]
 
 
 @contextlib.asynccontextmanager
@@ -53,7 +62,7 @@ async def served(**settings: Any) -> AsyncIterator[int]:
     s = PricerSettings(
         port=0, http_header_timeout_seconds=HEAD_TIMEOUT, http_body_timeout_seconds=BODY_TIMEOUT, **settings
     )
-    app = Runtime("pricer", s).app([Route("/echo", echo, methods=["POST"]), Route("/slow", slow, methods=["GET"])])
+    app = Runtime("pricer", s).app(OPERATIONS)
     options = server_options(s) | {"lifespan": "off", "log_level": "warning"}
     server = uvicorn.Server(uvicorn.Config(app, **options))
     task = asyncio.create_task(server.serve())
@@ -189,7 +198,7 @@ async def test_a_body_sent_one_byte_at_a_time_is_cut_off_at_the_body_deadline() 
         assert status == 408 and headers["content-type"] == "application/problem+json"
         assert headers["connection"] == "close"
         assert orjson.loads(body) == {
-            "type": "about:blank",
+            "type": REQUEST_TIMEOUT.uri,
             "title": "Request Timeout",
             "status": 408,
             "detail": f"the request body was not received within {BODY_TIMEOUT:g} s",
