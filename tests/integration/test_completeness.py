@@ -412,7 +412,7 @@ async def test_a_conflicting_duplicate_is_refused_kept_out_and_flags_its_hour(pi
     p, database = pipeline
     world = Foundation(**WORLD)
     hour = HOURS[0]
-    async with httpx.AsyncClient(timeout=30) as http:
+    async with httpx.AsyncClient(timeout=30, headers=p.api.issuer.bearer()) as http:
         assert (
             await http.post(f"{p.ledger_url}/internal/tiers", json={"name": "std", "credits_per_period": 10**9})
         ).status_code == 201

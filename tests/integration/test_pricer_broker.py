@@ -408,12 +408,12 @@ async def test_a_measurement_counts_once_however_it_arrives(
 
 
 async def test_a_measurement_stored_with_other_content_is_refused_and_the_stored_copy_kept(
-    infra: Any, database: Any, topic_prefix: str
+    infra: Any, database: Any, topic_prefix: str, issuer: LocalIssuer
 ) -> None:
     """Identity means content: a copy of a stored measurement with the same content (even under other
     names, which are labels) is a redelivery; with another value, org or space it is refused to the DLQ
     with a reason naming the stored copy, on v2 and on v1, and what was stored (and published) stays."""
-    app = create_app(settings(database, infra, topic_prefix))
+    app = create_app(settings(database, infra, topic_prefix, issuer))
     names = same_shard(4, "conflict")
     values = {r: 1024 * (n + 1) for n, r in enumerate(names)}
     (original,) = reading([(r, values[r]) for r in names])
@@ -432,7 +432,7 @@ async def test_a_measurement_stored_with_other_content_is_refused_and_the_stored
         return json.dumps(doc).encode()
 
     conflicting = altered({1: ("value", values[names[1]] + 1), 2: ("org", "org-z")})
-    async with running(app) as http:
+    async with running(app, issuer) as http:
         assert (await http.post("/internal/prices", json=PRICE)).status_code == 201
         pool = app.state.runtime.pool
         async with publisher(infra.kafka) as pub:
@@ -475,7 +475,7 @@ async def test_a_measurement_stored_with_other_content_is_refused_and_the_stored
             f"content: {fact}; the stored copy is kept (charges batch {stored_batch[1].id}, charge "
             f"{ids.charge_id(mids[rid], 1)} at revision 1)"
         )
-        alone = msgspec.json.decode(by_item[position].value, type=Measurements)
+        alone = read_as_written(by_item[position].value, Measurements)
         assert alone.resource_id == [rid]
     v1_reason = dict(dead_v1[0].headers)["dlq.reason"].decode()
     assert v1_reason.startswith(f"conflict: measurement {mids[names[3]]} ")
