@@ -12,6 +12,17 @@ A message the mirror cannot read at all is refused as a whole with the contract'
 
 Items are also refused when they belong to another shard than the message says, and when a resource
 appears twice in one message with other facts (the same facts twice count once).
+
+Identity and content. A measurement's identity is (reading hour, meter, resource id); its *content* is
+what it says about usage and who used it: its batch's unit, the org id, the space id, the kind, the value
+and ``estimated`` (``content``). Names (of the resource, org and space) are labels that Cloud Foundry lets
+users change, and the envelope (message id, reading id, ``taken_at`` / ``priced_at``, positions in the
+tables) is not content either. A measurement must always say the same: a consumer that holds a copy
+treats one with the same content as a redelivery (its stored copy, labels included, stays), and refuses
+one with other content to its topic's DLQ with a reason starting ``conflict:`` (``CONFLICT``) that names
+the stored copy, never replacing what it stored. For a charge, the content of a revision is its
+measurement's content plus its price and exact amount; each consumer of ``usage.charges.v2`` compares,
+for an item of the revision it holds, the part of that it keeps (see the services' READMEs).
 """
 
 from __future__ import annotations
@@ -47,6 +58,9 @@ __all__ = [
     "Charges",
     "Decoded",
     "BatchRejected",
+    "CONFLICT",
+    "content",
+    "content_differences",
     "decode_measurements",
     "decode_charges",
     "encode_measurements",
@@ -227,7 +241,8 @@ def _loose(struct: type[msgspec.Struct], name: str) -> type[msgspec.Struct]:
 
 _MEASUREMENT_COLUMNS = ("resource_id", "resource_name", "org", "space", "kind", "value", "estimated")
 _CHARGE_COLUMNS = (*_MEASUREMENT_COLUMNS, "revision", "price", "amount_numerator", "amount_denominator")
-# The facts of an item: two items of one resource in one message must agree on them.
+# The facts of an item: two items of one resource in one message must agree on them (its positions in the
+# tables, so the org's and the space's names too: stricter than ``content``, which compares across messages).
 _MEASUREMENT_FACTS = ("org", "space", "kind", "value", "estimated")
 _CHARGE_FACTS = (*_MEASUREMENT_FACTS, "revision", "price", "amount_numerator", "amount_denominator")
 _DECODERS = {Measurements: msgspec.json.Decoder(Measurements), Charges: msgspec.json.Decoder(Charges)}
@@ -255,6 +270,40 @@ class Decoded(Generic[B]):
 
     message: B | None
     rejected: list[BatchRejected] = field(default_factory=list)
+
+
+CONFLICT = "conflict:"
+"""The start of the DLQ reason of an item refused because its measurement (or charge revision) is stored
+with other content; the completeness report counts these apart from other dead letters."""
+
+
+def content(msg: Measurements | Charges, i: int) -> tuple[object, ...]:
+    """What item ``i`` of ``msg`` says about its measurement, comparable across messages: (unit, org id,
+    space id, kind, value, estimated)."""
+    return (
+        msg.unit,
+        msg.orgs[msg.org[i]].id,
+        msg.spaces[msg.space[i]].id,
+        msg.kinds[msg.kind[i]],
+        msg.value[i],
+        msg.estimated[i],
+    )
+
+
+_CONTENT_NAMES = ("unit", "org", "space", "kind", "value", "estimated")
+
+
+def _shown(value: object) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def content_differences(new: tuple[object, ...], stored: tuple[object, ...]) -> str:
+    """The facts that differ between two ``content`` tuples, as "value 7 (stored: 5), ..."."""
+    return ", ".join(
+        f"{name} {_shown(a)} (stored: {_shown(b)})"
+        for name, a, b in zip(_CONTENT_NAMES, new, stored, strict=True)
+        if a != b
+    )
 
 
 def describe_error(exc: ValidationError) -> str:

@@ -32,6 +32,7 @@ from shared.health import ReadinessPolicy
 from shared.http import BodySizeLimit, exception_handlers, ops_operations
 from shared.kafka import Decoder, Handler, Stream
 from shared.logging import configure_logging
+from shared.server import BodyDeadline, server_options
 from shared.settings import ServiceSettings
 
 __all__ = ["Runtime", "serve"]
@@ -195,7 +196,10 @@ class Runtime:
             routes=[*starlette_routes(self.operations, command=self.command_wrapper, wrap=wrap), *routes],
             lifespan=lifespan,
             exception_handlers=dict(exception_handlers),
-            middleware=[Middleware(BodySizeLimit, max_bytes=self.settings.max_body_bytes)],
+            middleware=[
+                Middleware(BodyDeadline, seconds=self.settings.http_body_timeout_seconds),
+                Middleware(BodySizeLimit, max_bytes=self.settings.max_body_bytes),
+            ],
         )
         # No redirect to the path with(out) a trailing slash: the router's names the request's Host header, and
         # a declared route is matched exactly or not at all (404).
@@ -220,14 +224,7 @@ async def _not_ready() -> None:
 
 
 def serve(name: str, app: Starlette, settings: ServiceSettings) -> None:
-    """Run ``app`` with uvicorn until SIGTERM or SIGINT; logs as JSON lines."""
+    """Run ``app`` with uvicorn until SIGTERM or SIGINT, with the request deadlines and the connection cap
+    of ``shared.server``; logs as JSON lines."""
     configure_logging(name, settings.log_level)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=30,
-        lifespan="on",
-    )
+    uvicorn.run(app, **server_options(settings))

@@ -226,6 +226,25 @@ class ServiceSettings(ProfileSettings):
         default=200, ge=1, le=60_000, description="How long a consumer waits to fill a batch."
     )
     max_body_bytes: int = Field(default=1_000_000, ge=1024, description="Larger request bodies are refused (413).")
+    http_header_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=600,
+        description="A request's head (request line and headers) must arrive within this long of its first byte "
+        "(of the connection's opening, for its first request), however it trickles in: else 408 and the "
+        "connection is closed. A head over 64 KiB is refused (431).",
+    )
+    http_body_timeout_seconds: float = Field(
+        default=30.0, gt=0, le=3600,
+        description="A request's body must arrive within this long of its head: else 408 and the connection is "
+        "closed (a body nobody reads, 1 s later). Answers are not bounded.",
+    )
+    http_keep_alive_seconds: int = Field(
+        default=5, ge=1, le=600, description="An idle connection is closed this long after its last answer."
+    )
+    http_max_connections: int = Field(
+        default=256, ge=2, le=100_000,
+        description="Connections per process: a request whose head arrives while this many connections are "
+        "open (its own included) or this many requests are in progress is answered 503.",
+    )
     schema_name: str = Field(default="", description="The service's database schema; empty: the service's name.")
 
     # Tokens (shared.auth): every service verifies the bearer tokens of its routes against the same issuer;

@@ -3,7 +3,9 @@ shard) a document with the latest revision of each measurement, and the rollups 
 
 - A shard document (``ShardDoc``) holds, per measurement, its org, space, kind, unit, value, revision and
   exact amount. A charges batch for a shard with no document becomes its document as it is; otherwise its
-  items replace those with an older revision (an older or equal revision changes nothing).
+  items replace those with an older revision (an older or equal revision changes nothing). An item of
+  the revision it holds but with other content (org, space, kind, unit, value or exact amount: what the
+  document keeps) is a conflict: it changes nothing and is reported, for the DLQ.
 - A charge counts for a customer once the ledger has said, in a usage line, that its org belonged to that
   customer in its reading hour (``org_customer_hour``). ``Rollup`` sums what counts: per group (org, space,
   meter, kind) and hour, day and month in rows; per resource and day in documents per (customer, day,
@@ -25,8 +27,9 @@ from uuid import UUID
 
 import orjson
 
-from shared.batches import Charges, ShardKey
+from shared.batches import CONFLICT, Charges, ShardKey, hour_text
 from shared.clock import BUSINESS_TZ, as_utc
+from shared.ids import charge_id, measurement_id
 
 __all__ = [
     "ShardDoc",
@@ -106,10 +109,11 @@ class ShardDoc:
     def __len__(self) -> int:
         return len(self.r)
 
-    def merge(self, c: Charges) -> tuple[list[int], list[int]]:
+    def merge(self, c: Charges, conflicts: list[tuple[int, str]] | None = None) -> tuple[list[int], list[int]]:
         """Put the items of ``c`` that are newer than what the document holds into it. Returns the
         positions (in the document, after the merge) of the replaced items as they were (in ``old``, a
-        copy taken by the caller) and of the new or replaced ones: ``(replaced_old, changed)``."""
+        copy taken by the caller) and of the new or replaced ones: ``(replaced_old, changed)``. Items of
+        the revision held with other content are appended to ``conflicts`` (item position, reason)."""
         where = {rid: i for i, rid in enumerate(self.r)}
         org_at = _indexer(self.orgs)
         space_at = _indexer(self.spaces)
@@ -121,6 +125,10 @@ class ShardDoc:
         for i, rid in enumerate(c.resource_id):
             at = where.get(rid)
             if at is not None and self.v[at] >= c.revision[i]:
+                if conflicts is not None and self.v[at] == c.revision[i]:
+                    why = self._conflict(at, c, i)
+                    if why is not None:
+                        conflicts.append((i, why))
                 continue
             values = (
                 org_at(c.orgs[c.org[i]].id), space_at(c.spaces[c.space[i]].id), kind_at(c.kinds[c.kind[i]]), unit,
@@ -137,6 +145,30 @@ class ShardDoc:
                     getattr(self, col)[at] = value
             changed.append(at)
         return replaced, changed
+
+    def _conflict(self, at: int, c: Charges, i: int) -> str | None:
+        """Why item ``i`` of ``c`` conflicts with the document's item ``at`` of the same revision (None: the
+        same content, a redelivery)."""
+        pairs = (
+            ("org", c.orgs[c.org[i]].id, self.orgs[self.o[at]]),
+            ("space", c.spaces[c.space[i]].id, self.spaces[self.s[at]]),
+            ("kind", c.kinds[c.kind[i]], self.kinds[self.k[at]]),
+            ("unit", c.unit, self.units[self.u[at]]),
+            ("value", c.value[i], self.x[at]),
+        )
+        diffs = [f"{name} {new!r} (stored: {old!r})" for name, new, old in pairs if new != old]
+        num, den = c.amount_numerator[i], c.amount_denominator[i]
+        if num * self.d[at] != self.n[at] * den:
+            diffs.append(f"amount {num}/{den} (stored: {self.n[at]}/{self.d[at]})")
+        if not diffs:
+            return None
+        rid, rev = c.resource_id[i], c.revision[i]
+        mid = measurement_id(c.reading_hour, c.meter, rid)
+        return (
+            f"{CONFLICT} charge {charge_id(mid, rev)} (measurement {mid}: {hour_text(c.reading_hour)}, {c.meter}, "
+            f"resource {rid}) at revision {rev} is stored with other content: {', '.join(diffs)}; the stored "
+            "charge is kept"
+        )
 
     def copy(self) -> ShardDoc:
         return ShardDoc(

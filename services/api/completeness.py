@@ -23,6 +23,10 @@ The figures of a row (hour h, meter m):
   api's own group dead-letters the same bad charges too; those are not counted twice).
 - ``revisions_behind``: the sum of the latest charge revisions at the pricer minus the sum of the
   revisions the ledger applied (posted or held).
+- ``conflicts_at_pricer`` / ``conflicts_at_ledger``: distinct measurements of that hour and meter that
+  arrived again with other content than the copy the pricer (the ledger) stores, refused to the same
+  DLQs with a ``conflict:`` reason (``shared.batches.CONFLICT``). They are not in the dead-lettered
+  counts: the stored copy is counted by its stage, so rules 2 and 3 still add up.
 
 The rules, each checked per row; a row that breaks one is flagged with the rule and its numbers:
 
@@ -40,6 +44,9 @@ The rules, each checked per row; a row that breaks one is flagged with the rule 
    not estimated (yet), an hour never read (collector down, gap longer than the maximum, policy
    ``none``), and an estimated hour with nothing to estimate for that meter are flagged alike: nothing
    was billed for it, and an operator should know.
+6. ``conflict``: conflicts_at_pricer == conflicts_at_ledger == 0. A measurement (or a charge revision)
+   that came again with other content was refused and the first copy kept: one of them is wrong (a
+   forged or buggy message), and an operator must look at the DLQ to tell which.
 
 Dead letters are best effort: a DLQ message is attributed by its JSON's ``reading_hour`` and ``meter``;
 those that cannot be (not JSON, fields missing) are totalled per DLQ topic over the whole topic, as
@@ -91,7 +98,7 @@ __all__ = [
 ]
 
 MAX_HOURS = 31 * 24
-RULES = ("published", "priced", "posted", "latest_revision", "reading")
+RULES = ("published", "priced", "posted", "latest_revision", "reading", "conflict")
 
 HOUR = timedelta(hours=1)
 
@@ -173,6 +180,8 @@ class DeadLetterCounts:
     complete: bool = True
     error: str = ""
     by_row: dict[Key, int] = field(default_factory=dict)
+    # measurements refused as conflicts (reason ``conflict:``), apart from ``by_row``
+    conflicts_by_row: dict[Key, int] = field(default_factory=dict)
 
 
 def _validated(model: type[BaseModel], body: Any, who: str) -> Any:
@@ -228,6 +237,8 @@ class Row:
     dead_lettered_at_ledger: int
     revisions_behind: int
     problems: tuple[Problem, ...]
+    conflicts_at_pricer: int = 0
+    conflicts_at_ledger: int = 0
 
     @property
     def unpublished(self) -> int:
@@ -255,6 +266,7 @@ def _row(
     led: LedgerRow,
     dl_pricer: int,
     dl_ledger: int,
+    conflicts: tuple[int, int] = (0, 0),
 ) -> Row:
     problems: list[Problem] = []
     reading = _reading_status(c)
@@ -298,6 +310,15 @@ def _row(
     if expected and reading in ("failed", "none"):
         why = "the meter failed and the hour was not estimated" if reading == "failed" else "no reading and no estimate"
         problems.append(Problem("reading", f"reading missing: {why}"))
+    for n, stage, copy in ((conflicts[0], "pricer", "measurement"), (conflicts[1], "ledger", "charge")):
+        if n:
+            problems.append(
+                Problem(
+                    "conflict",
+                    f"{n} measurement(s) arrived again at the {stage} with other content than its stored {copy}: "
+                    "refused to the DLQ (reason conflict:), the stored copy kept",
+                )
+            )
     return Row(
         hour,
         meter,
@@ -314,6 +335,8 @@ def _row(
         dl_ledger,
         behind,
         tuple(problems),
+        conflicts[0],
+        conflicts[1],
     )
 
 
@@ -324,12 +347,15 @@ def reconcile(
     ledger: Mapping[Key, LedgerRow],
     dead_at_pricer: Mapping[Key, int],
     dead_at_ledger: Mapping[Key, int],
+    conflicts_at_pricer: Mapping[Key, int] | None = None,
+    conflicts_at_ledger: Mapping[Key, int] | None = None,
 ) -> list[Row]:
     """One row per (hour, meter) of ``hours`` that any stage knows of or that is expected, by hour and
     meter; see the module docstring for the rules."""
     in_range = set(hours)
     keys: set[Key] = set()
-    for source in (collector.rows, pricer, ledger, dead_at_pricer, dead_at_ledger):
+    c_pricer, c_ledger = conflicts_at_pricer or {}, conflicts_at_ledger or {}
+    for source in (collector.rows, pricer, ledger, dead_at_pricer, dead_at_ledger, c_pricer, c_ledger):
         keys.update(k for k in source if k[0] in in_range)
     expected: set[Key] = set()
     for meter in collector.meters:
@@ -348,6 +374,7 @@ def reconcile(
             ledger.get((h, m), _NO_L),
             dead_at_pricer.get((h, m), 0),
             dead_at_ledger.get((h, m), 0),
+            (c_pricer.get((h, m), 0), c_ledger.get((h, m), 0)),
         )
         for h, m in sorted(keys)
     ]
@@ -366,6 +393,8 @@ TOTALS = (
     "posted",
     "held",
     "dead_lettered_at_ledger",
+    "conflicts_at_pricer",
+    "conflicts_at_ledger",
 )
 
 
@@ -450,10 +479,14 @@ async def build_report(
     )
     collector = parse_collector(c)
     pricer_rows: dict[Key, int] = {}
+    pricer_conflicts: dict[Key, int] = {}
     for counts in at_pricer:
         for key, n in counts.by_row.items():
             pricer_rows[key] = pricer_rows.get(key, 0) + n
+        for key, n in counts.conflicts_by_row.items():
+            pricer_conflicts[key] = pricer_conflicts.get(key, 0) + n
     rows = reconcile(
-        hours_between(start, end), collector, parse_pricer(p), parse_ledger(led), pricer_rows, at_ledger.by_row
+        hours_between(start, end), collector, parse_pricer(p), parse_ledger(led), pricer_rows, at_ledger.by_row,
+        pricer_conflicts, at_ledger.conflicts_by_row,
     )
     return report_json(start, end, rows, collector.meters, (*at_pricer, at_ledger), utcnow())

@@ -8,6 +8,10 @@ and ``meter`` (floored to the hour); one that is not JSON, or lacks them, is una
 v2 topics; refused items come as a batch of their own) counts each of its items. Each measurement counts
 once (by (hour, meter, resource id); without a resource id, by the original record's topic, partition and
 offset, so the same record dead-lettered again after a redelivery counts once).
+
+A record whose ``dlq.reason`` starts with ``conflict:`` (``shared.batches.CONFLICT``) is a measurement
+that arrived again with other content than the copy the consumer stores: it is counted apart, per
+measurement, in ``conflicts_by_row`` (the stored copy is counted by its stage; the report flags the row).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from services.api.completeness import DeadLetterCounts, Key
+from shared.batches import CONFLICT
 from shared.clock import hour_floor
 from shared.topics import CHARGES, READINGS, READINGS_V1, dlq
 
@@ -145,9 +150,11 @@ def _count(
     seen: set[tuple[str, ...]],
     counts: DeadLetterCounts,
 ) -> None:
-    group = dict(record.headers or ()).get("dlq.group", b"").decode(errors="replace")
+    headers = dict(record.headers or ())
+    group = headers.get("dlq.group", b"").decode(errors="replace")
     if group not in wanted:
         return
+    conflict = headers.get("dlq.reason", b"").startswith(CONFLICT.encode())
     found = attribute(record.value)
     if found is None:
         key = _position(record)
@@ -157,14 +164,16 @@ def _count(
             counts.unattributed += 1
         return
     row, resources = found
+    kind = "conflict" if conflict else "measurement"
+    into = counts.conflicts_by_row if conflict else counts.by_row
     for n, rid in enumerate(resources):
-        key = ("measurement", row[0].isoformat(), row[1], rid) if rid is not None else (*_position(record), str(n))
+        key = (kind, row[0].isoformat(), row[1], rid) if rid is not None else (*_position(record), str(n))
         if key in seen:
             continue
         seen.add(key)
         counts.counted += 1
         if start <= row[0] < end:
-            counts.by_row[row] = counts.by_row.get(row, 0) + 1
+            into[row] = into.get(row, 0) + 1
 
 
 async def count_for_report(

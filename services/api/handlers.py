@@ -58,7 +58,7 @@ from services.api.service import (
 )
 from services.api.settings import ApiSettings
 from shared.auth import Principal, TokenVerifier
-from shared.batches import Charges, decode_charges
+from shared.batches import BatchRejected, Charges, decode_charges, encode_charges, subset
 from shared.clock import utcnow
 from shared.completeness import RangeQuery
 from shared.contracts import ChargesComputed
@@ -151,9 +151,14 @@ class Api:
             self.projector = projector.Projector(self.runtime.pool)
         return self.projector
 
-    async def on_charges(self, batch: list[Received[Charges]]) -> None:
-        await self._projector().apply_charges([r.message for r in batch])
+    async def on_charges(self, batch: list[Received[Charges]]) -> list[tuple[Received[Charges], BatchRejected]]:
+        conflicts: list[tuple[int, int, str]] = []  # items of a stored revision with other content: to the DLQ
+        await self._projector().apply_charges([r.message for r in batch], conflicts)
         self.freshness.applied("charges")
+        return [
+            (batch[n], BatchRejected(why, (i,), encode_charges(subset(batch[n].message, [i]))))
+            for n, i, why in conflicts
+        ]
 
     async def on_ledger(self, batch: list[Received[projector.LedgerMessage]]) -> None:
         await self._projector().apply_ledger([r.message.root for r in batch])

@@ -89,10 +89,13 @@ class Projector:
         self.names = Names()
         self.frames = Frames()  # the shard documents' compression frames (shared/blobs.py), for this database
 
-    async def apply_charges(self, batches: Sequence[Charges]) -> int:
+    async def apply_charges(
+        self, batches: Sequence[Charges], conflicts: list[tuple[int, int, str]] | None = None
+    ) -> int:
         """Store the newer revisions and move the rollups of the customers they are attributed to (the
         charges of orgs whose customer is not known yet wait in their documents); returns how many
-        measurements changed."""
+        measurements changed. Items of a revision stored with other content change nothing and are added
+        to ``conflicts`` as (batch position, item position, reason), for the DLQ."""
         if not batches:
             return 0
         changed = 0
@@ -119,7 +122,8 @@ class Projector:
                         rollup.add_part(key, doc, customer, org, part)
 
             written: dict[ShardKey, ShardDoc] = {}
-            for c in batches:
+            refused: list[tuple[int, int, str]] = []
+            for n, c in enumerate(batches):
                 key = ShardKey(c.reading_hour, c.meter, c.shard)
                 doc = docs.get(key)
                 if doc is None:
@@ -128,7 +132,9 @@ class Projector:
                     changed += len(doc)
                 else:
                     before = doc.copy()
-                    replaced, positions = doc.merge(c)
+                    found: list[tuple[int, str]] = []
+                    replaced, positions = doc.merge(c, found)
+                    refused.extend((n, i, why) for i, why in found)
                     if not positions:
                         continue
                     changed += len(positions)
@@ -140,6 +146,8 @@ class Projector:
             new_names = self.names.changed(batches)
             await repo.upsert_names(conn, *new_names)
         self.names.written(batches)
+        if conflicts is not None:
+            conflicts.extend(refused)
         return changed
 
     async def apply_ledger(self, messages: Sequence[TransactionPosted | StatementIssued]) -> int:

@@ -280,7 +280,7 @@ NonNegative = Annotated[int, Field(ge=0)]
 
 
 class CompletenessProblem(Reply):
-    rule: Literal["published", "priced", "posted", "latest_revision", "reading"]
+    rule: Literal["published", "priced", "posted", "latest_revision", "reading", "conflict"]
     detail: str
 
 
@@ -295,6 +295,13 @@ class CompletenessCounts(Reply):
     posted: NonNegative
     held: NonNegative
     dead_lettered_at_ledger: NonNegative
+    conflicts_at_pricer: NonNegative = Field(
+        description="Measurements that came again with other content than the pricer's stored copy (DLQ reason "
+        "conflict:), not among the dead-lettered."
+    )
+    conflicts_at_ledger: NonNegative = Field(
+        description="Charges of the revision the ledger applied that came again with another amount, price or org."
+    )
 
 
 class CompletenessRow(CompletenessCounts):
@@ -414,7 +421,7 @@ COMPLETENESS = _admin(
     "counts its own data; the api counts the DLQs. Rules: read + estimated = published; published = priced + "
     "unpriced + dead-lettered at the pricer; priced + unpriced = posted + held + dead-lettered at the ledger; "
     "the ledger has the latest revision; every due hour since the first reading has a reading or an estimate "
-    "for every meter.",
+    "for every meter; no measurement (charge revision) came again with other content than the stored one.",
 )
 
 AUDIT = _admin(

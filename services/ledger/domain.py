@@ -30,6 +30,7 @@ __all__ = [
     "Side",
     "TransactionDraft",
     "UsageAmount",
+    "closed_months_within",
     "effective_time",
     "expiry_transaction",
     "funding_transaction",
@@ -309,6 +310,16 @@ def open_month_on_or_after(month: date, closed: set[date] | frozenset[date]) -> 
     while month in closed:
         month = next_month(month)
     return month
+
+
+def closed_months_within(
+    start: datetime, end: datetime | None, closed: set[date] | frozenset[date]
+) -> list[date]:
+    """The closed months with an instant in [start, end) (``end`` None: no end), in order. The rule of
+    what a closed month accepts (README, "What a closed month accepts"): no transaction may be dated before
+    the end of a closed month (it would change that month's statement: its figures or its opening balance),
+    and no usage posted in a closed month may change customer."""
+    return sorted(m for m in closed if month_bounds(m)[1] > start and (end is None or month_bounds(m)[0] < end))
 
 
 def effective_time(moment: datetime, month: date, closed: set[date] | frozenset[date]) -> tuple[datetime, bool]:

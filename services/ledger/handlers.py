@@ -49,7 +49,7 @@ from services.ledger.schemas import (
 from services.ledger.service import LedgerError, LedgerService
 from services.ledger.settings import LedgerSettings
 from shared.audit import list_audit
-from shared.batches import SHARDS, Charges, decode_charges
+from shared.batches import SHARDS, BatchRejected, Charges, decode_charges, encode_charges, subset
 from shared.contracts import AlertRaised, ChargesComputed, TransactionPosted
 from shared.edge import (
     CONFLICT,
@@ -80,14 +80,18 @@ log = logging.getLogger(__name__)
 
 def charges_handler(
     ledger: LedgerService, outbox: Outbox
-) -> Callable[[list[Received[Charges]]], Awaitable[list[tuple[Received[Charges], str]]]]:
+) -> Callable[[list[Received[Charges]]], Awaitable[list[tuple[Received[Charges], BatchRejected]]]]:
     """The usage.charges.v2 batch handler: post the batches in one transaction, publish the committed
-    transactions and alerts (refused items never reach it: the decoder splits them off to the DLQ)."""
+    transactions and alerts (invalid items never reach it: the decoder splits them off to the DLQ). Items
+    of the revision applied (or held) with other content change nothing and are dead-lettered alone."""
 
-    async def handle(batch: list[Received[Charges]]) -> list[tuple[Received[Charges], str]]:
+    async def handle(batch: list[Received[Charges]]) -> list[tuple[Received[Charges], BatchRejected]]:
         posting = await ledger.post_charges([r.message for r in batch])
         await outbox.flush(posting.outbox_ids)
-        return []
+        return [
+            (batch[n], BatchRejected(why, (i,), encode_charges(subset(batch[n].message, [i]))))
+            for n, i, why in posting.conflicts
+        ]
 
     return handle
 

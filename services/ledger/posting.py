@@ -12,6 +12,13 @@ and takes the replaced amount out of the group it was counted in. The changes ar
 org, meter, kind) as exact fractions, and ``allocate`` turns them into whole microcredits that telescope
 to floor(new sum) − floor(old sum) of each group. This module orders the locks, turns the amounts into
 balanced transactions (drawing on the agreements' pools), raises alerts and fills the outbox.
+
+An item of the revision already applied (or held) is a redelivery when its content is the same, and a
+conflict otherwise: its org, price or exact amount differ from the stored ones (the state keeps the org,
+the group, hence the price, and the amount of each applied charge; the kind, price and amount of each
+held one). A conflict changes nothing and is returned (``Posting.conflicts``) for the consumer to
+dead-letter with a ``conflict:`` reason naming the stored charge. A shard's first batch has nothing to
+compare with and pays nothing for this.
 """
 
 from __future__ import annotations
@@ -40,10 +47,10 @@ from services.ledger.domain import (
     thresholds_reached,
     usage_transaction,
 )
-from shared.batches import Charges, Price, Ref, ShardKey, encode_charges
+from shared.batches import CONFLICT, Charges, Price, Ref, ShardKey, encode_charges, hour_text
 from shared.blobs import Frames, scope_of
 from shared.clock import billing_month
-from shared.ids import uuid7
+from shared.ids import charge_id, measurement_id, uuid7
 
 __all__ = [
     "ConcurrentShardUpdateError",
@@ -80,6 +87,8 @@ class Posting:
     transactions: int = 0
     alerts: int = 0
     outbox_ids: list[int] = field(default_factory=list)
+    # Items refused as conflicts: (position of the batch in the ``batches`` posted, item position, reason).
+    conflicts: list[tuple[int, int, str]] = field(default_factory=list)
 
 
 async def lock_open_months(conn: repo.Conn, months: Iterable[date]) -> frozenset[date]:
@@ -196,16 +205,20 @@ Acc = defaultdict[GroupKey | int, defaultdict[tuple[Line, int], int]]
 @dataclass
 class _Shard:
     """A shard's state in the transaction: its applied charges as columns — resource ids, revisions, groups
-    (an id, or the key of a group this posting creates), numerators, denominators — as stored, with an
-    index by resource built when a batch is compared item by item; and its held charges per org (loaded or
-    new). A shard's first batch, the usual case, becomes the columns as it is."""
+    (an id, or the key of a group this posting creates), numerators, denominators, orgs (positions in the
+    org table ``os``; -1 in documents stored before orgs were kept) — as stored, with an index by resource
+    built when a batch is compared item by item; and its held charges per org (loaded or new). A shard's
+    first batch, the usual case, becomes the columns as it is."""
 
     r: list[str] = field(default_factory=list)
     v: list[int] = field(default_factory=list)
     g: list[GroupKey | int] = field(default_factory=list)
     n: list[int] = field(default_factory=list)
     d: list[int] = field(default_factory=list)
+    o: list[int] = field(default_factory=list)
+    os: list[str] = field(default_factory=list)
     index: dict[str, int] | None = None
+    org_index: dict[str, int] | None = None
     held: dict[str, dict[str, Held]] = field(default_factory=dict)
     applied_changed: bool = False
     held_changed: set[str] = field(default_factory=set)
@@ -214,6 +227,7 @@ class _Shard:
     def load(self, raw: bytes) -> None:
         doc = orjson.loads(raw)
         self.r, self.v, self.g, self.n, self.d = doc["r"], doc["v"], doc["g"], doc["n"], doc["d"]
+        self.o, self.os = doc.get("o") or [-1] * len(self.r), doc.get("os") or []
 
     def positions(self) -> dict[str, int]:
         """Position of each applied resource in the columns."""
@@ -221,10 +235,25 @@ class _Shard:
             self.index = dict(zip(self.r, range(len(self.r))))
         return self.index
 
+    def org_at(self, org_id: str) -> int:
+        """The position of ``org_id`` in the org table (added when missing)."""
+        if self.org_index is None:
+            self.org_index = dict(zip(self.os, range(len(self.os))))
+        at = self.org_index.get(org_id)
+        if at is None:
+            at = self.org_index[org_id] = len(self.os)
+            self.os.append(org_id)
+        return at
+
+    def org_of(self, pos: int) -> str:
+        """The org of the applied charge at ``pos`` ("" when not recorded)."""
+        o = self.o[pos]
+        return self.os[o] if o >= 0 else ""
+
     def dump(self, groups: dict[GroupKey, int]) -> bytes:
         """The stored document, the keys of the groups created meanwhile replaced by their ids."""
         ids = list(map(groups.get, self.g, self.g))  # a group id maps to itself
-        return orjson.dumps({"r": self.r, "v": self.v, "g": ids, "n": self.n, "d": self.d})
+        return orjson.dumps({"r": self.r, "v": self.v, "g": ids, "n": self.n, "d": self.d, "o": self.o, "os": self.os})
 
 
 def _post_fresh(
@@ -256,10 +285,90 @@ def _post_fresh(
     # Copies: a later batch of this posting may append to the shard's columns (the same message twice).
     shard.r, shard.v, shard.g = list(c.resource_id), list(c.revision), groups  # type: ignore[assignment]
     shard.n, shard.d = list(c.amount_numerator), list(c.amount_denominator)
-    shard.index = None
+    shard.o, shard.os = list(c.org), [org.id for org in c.orgs]
+    shard.index = shard.org_index = None
     shard.applied_changed = True
     shard.mark += c.id.int  # a batch's id derives from its items, and a fresh shard applies all of them
     return len(groups)
+
+
+def _price_text(price: uuid.UUID) -> str:
+    return "none (unpriced)" if price == NIL_PRICE else str(price)
+
+
+@dataclass
+class _Checks:
+    """Items of the revision already applied or held, compared with the stored copy: ``found`` are the
+    conflicts (batch position, item position, reason); ``unsure`` the items whose stored group is known by
+    id only, decided once the prices of those groups are read (``settle``)."""
+
+    found: list[tuple[int, int, str]] = field(default_factory=list)
+    unsure: list[tuple[int, int, ShardKey, str, int, int, uuid.UUID, list[str]]] = field(default_factory=list)
+
+    def conflict(self, n: int, i: int, key: ShardKey, rid: str, rev: int, stored: str, diffs: list[str]) -> None:
+        mid = measurement_id(key.reading_hour, key.meter, rid)
+        why = (
+            f"{CONFLICT} charge {charge_id(mid, rev)} (measurement {mid}: {hour_text(key.reading_hour)}, "
+            f"{key.meter}, resource {rid}) at revision {rev} is {stored} with other content: "
+            f"{', '.join(diffs)}; the {stored} charge is kept"
+        )
+        self.found.append((n, i, why))
+
+    def applied(
+        self, n: int, i: int, key: ShardKey, rid: str, shard: _Shard, pos: int,
+        org_id: str, price: uuid.UUID, num: int, den: int,
+    ) -> None:
+        rev, group, old_num, old_den = shard.v[pos], shard.g[pos], shard.n[pos], shard.d[pos]
+        old_org = shard.org_of(pos)
+        diffs = []
+        if num * old_den != old_num * den:
+            diffs.append(f"amount {num}/{den} (applied: {old_num}/{old_den})")
+        if old_org and old_org != org_id:
+            diffs.append(f"org {org_id!r} (applied: {old_org!r})")
+        if not isinstance(group, tuple):  # a group of the stored state: its price is read once for all
+            self.unsure.append((n, i, key, rid, rev, group, price, diffs))
+            return
+        if group[2] != price:
+            diffs.append(f"price {_price_text(price)} (applied: {_price_text(group[2])})")
+        if diffs:
+            self.conflict(n, i, key, rid, rev, "applied", diffs)
+
+    def held(
+        self, n: int, i: int, key: ShardKey, rid: str, stored: Held, held_org: str,
+        org_id: str, kind: str, price: uuid.UUID, num: int, den: int,
+    ) -> bool:
+        """Whether an item of the revision held (under ``held_org``) conflicts with it (then recorded)."""
+        rev, old_kind, old_price, old_num, old_den = stored
+        diffs = []
+        if num * old_den != old_num * den:
+            diffs.append(f"amount {num}/{den} (held: {old_num}/{old_den})")
+        if held_org != org_id:
+            diffs.append(f"org {org_id!r} (held: {held_org!r})")
+        if kind != old_kind:
+            diffs.append(f"kind {kind!r} (held: {old_kind!r})")
+        if (str(price) if price != NIL_PRICE else "") != old_price:
+            diffs.append(f"price {_price_text(price)} (held: {old_price or 'none (unpriced)'})")
+        if diffs:
+            self.conflict(n, i, key, rid, rev, "held", diffs)
+        return bool(diffs)
+
+    def settle(self, prices: dict[int, uuid.UUID]) -> None:
+        """Decide the unsure items once the prices of their groups are read."""
+        for n, i, key, rid, rev, gid, price, diffs in self.unsure:
+            stored = prices.get(gid)
+            if stored is not None and stored != price:
+                diffs.append(f"price {_price_text(price)} (applied: {_price_text(stored)})")
+            if diffs:
+                self.conflict(n, i, key, rid, rev, "applied", diffs)
+        self.unsure.clear()
+
+
+def _held_elsewhere(held: dict[str, dict[str, Held]], rid: str, org_id: str) -> tuple[str, Held] | None:
+    """The org and held charge of ``rid`` held under another org than ``org_id``, if any."""
+    for other, items in held.items():
+        if other != org_id and rid in items:
+            return other, items[rid]
+    return None
 
 
 def _post_items(
@@ -269,35 +378,49 @@ def _post_items(
     customer_of: list[uuid.UUID | None],
     acc: Acc,
     result: Posting,
+    checks: _Checks | None = None,
+    n: int = 0,
 ) -> int:
     """Item by item against the shard's state: an older or equal revision changes nothing; one whose org has
-    no customer is held; any other adds its amount and takes back the one it replaces."""
+    no customer is held; any other adds its amount and takes back the one it replaces. With ``checks`` (the
+    batches from the topic, ``n`` this one's position), an item of the revision applied or held with other
+    content is recorded there as a conflict and changes nothing."""
     at, held = shard.positions(), shard.held
     revs, gs, nums, dens = shard.v, shard.g, shard.n, shard.d
     month = billing_month(key.reading_hour)
     price_ids = [p.id for p in c.prices]
     kinds, orgs = c.kinds, c.orgs
     changed = 0
-    for rid, rev, o, k, p, num, den in zip(
-        c.resource_id, c.revision, c.org, c.kind, c.price, c.amount_numerator, c.amount_denominator, strict=True
+    for i, (rid, rev, o, k, p, num, den) in enumerate(
+        zip(c.resource_id, c.revision, c.org, c.kind, c.price, c.amount_numerator, c.amount_denominator, strict=True)
     ):
         pos = at.get(rid)
         old_rev = revs[pos] if pos is not None else 0
         org_id = orgs[o].id
         waiting = held.get(org_id)
         was_held = waiting.get(rid) if waiting is not None else None
+        price = price_ids[p] if p >= 0 else NIL_PRICE
         if old_rev >= rev:
+            if checks is not None and old_rev == rev and pos is not None:
+                checks.applied(n, i, key, rid, shard, pos, org_id, price, num, den)
             if was_held is not None and was_held[0] <= old_rev:  # a held copy that was overtaken
                 del waiting[rid]  # type: ignore[union-attr]
                 shard.held_changed.add(org_id)
             continue
+        if checks is not None and held:
+            if was_held is not None and was_held[0] == rev:
+                if checks.held(n, i, key, rid, was_held, org_id, org_id, kinds[k], price, num, den):
+                    continue
+            elif (other := _held_elsewhere(held, rid, org_id)) is not None and other[1][0] == rev:
+                checks.held(n, i, key, rid, other[1], other[0], org_id, kinds[k], price, num, den)
+                continue
         customer = customer_of[o]
         if customer is None:
             if was_held is not None and was_held[0] >= rev:
                 continue
             if waiting is None:
                 waiting = held[org_id] = {}
-            waiting[rid] = (rev, kinds[k], str(price_ids[p]) if p >= 0 else "", num, den)
+            waiting[rid] = (rev, kinds[k], str(price) if p >= 0 else "", num, den)
             shard.held_changed.add(org_id)
             result.held += 1
             continue
@@ -305,7 +428,7 @@ def _post_items(
             del waiting[rid]  # type: ignore[union-attr]
             shard.held_changed.add(org_id)
             result.released += 1
-        group = (customer, month, price_ids[p] if p >= 0 else NIL_PRICE)
+        group = (customer, month, price)
         line = (key.reading_hour, org_id, key.meter, kinds[k])
         acc[group][(line, den)] += num
         if pos is None:
@@ -315,9 +438,11 @@ def _post_items(
             gs.append(group)
             nums.append(num)
             dens.append(den)
+            shard.o.append(shard.org_at(org_id))
         else:
             acc[gs[pos]][(line, dens[pos])] -= nums[pos]
             revs[pos], gs[pos], nums[pos], dens[pos] = rev, group, num, den
+            shard.o[pos] = shard.org_at(org_id)
         shard.applied_changed = True
         shard.mark += change_mark(key, rid, rev)
         changed += 1
@@ -347,19 +472,24 @@ async def post_batches(
     held_rows = await repo.lock_held(conn, frames, keys)
     for (key, org_id), raw in held_rows.items():
         shards[key].held[org_id] = load_held(raw)
+    topic = len(batches)  # the batches from the topic; those of held charges released follow
     if release:
         batches = [*batches, *held_batches({k: held_rows[k] for k in release if k in held_rows})]
     owners = await repo.owners(conn, {(o.id, c.reading_hour) for c in batches for o in c.orgs})
 
     acc: Acc = defaultdict(lambda: defaultdict(int))
-    for c in batches:
+    checks = _Checks()
+    for n, c in enumerate(batches):
         key = ShardKey(c.reading_hour, c.meter, c.shard)
         shard = shards[key]
         customer_of = [owners.get((o.id, c.reading_hour)) for o in c.orgs]
         if not shard.r and not shard.held and None not in customer_of:
             result.changed += _post_fresh(c, key, shard, customer_of, acc)
         else:
-            result.changed += _post_items(c, key, shard, customer_of, acc, result)
+            result.changed += _post_items(c, key, shard, customer_of, acc, result, checks if n < topic else None, n)
+    if checks.unsure:
+        checks.settle(await repo.group_prices(conn, {u[5] for u in checks.unsure}))
+    result.conflicts = sorted(checks.found)
 
     amounts: list[tuple[int, Line, int]] = []
     rows: dict[int, Any] = {}

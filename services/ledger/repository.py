@@ -207,6 +207,12 @@ async def group_ids(conn: Conn, keys: Iterable[tuple[uuid.UUID, date, uuid.UUID]
     return {(r["customer_id"], r["month"], r["price_id"]): r["id"] for r in rows}
 
 
+async def group_prices(conn: Conn, ids: Iterable[int]) -> dict[int, uuid.UUID]:
+    """The price of each (customer, month, price) row by id (no lock: a row's price never changes)."""
+    rows = await conn.fetch("SELECT id, price_id FROM month_usage WHERE id = ANY($1::bigint[])", sorted(set(ids)))
+    return {r["id"]: r["price_id"] for r in rows}
+
+
 async def lock_groups(conn: Conn, ids: Iterable[int]) -> dict[int, asyncpg.Record]:
     """Lock (customer, month, price) rows in id order (two ledger instances posting for the same customer
     wait for each other instead of deadlocking) and read their exact sums."""
@@ -509,6 +515,19 @@ async def insert_assignment(
         starts_at,
         customer_id,
     )
+
+
+async def assignments_around(conn: Conn, org_id: str, starts_at: datetime) -> tuple[uuid.UUID | None, datetime | None]:
+    """The customer of the org's assignment in force just before ``starts_at`` (None: none), and when its
+    next assignment after ``starts_at`` starts (None: none)."""
+    row = await conn.fetchrow(
+        """SELECT (SELECT customer_id FROM org_assignments WHERE org_id = $1 AND starts_at < $2
+                    ORDER BY starts_at DESC LIMIT 1) AS before,
+                  (SELECT min(starts_at) FROM org_assignments WHERE org_id = $1 AND starts_at > $2) AS until""",
+        org_id,
+        starts_at,
+    )
+    return row["before"], row["until"]
 
 
 async def list_assignments(

@@ -322,7 +322,11 @@ STATEMENT = _op(
 ASSIGN_ORG = _op(
     "POST", "/internal/org-assignments", "Assign an org to a customer from a time (held charges of the org are posted)",
     {201: Answer(AssignmentCreatedOut, "Created")}, body=AssignmentIn,
-    refusals={404: NO_CUSTOMER, 409: "The org is assigned at that time already."},
+    refusals={
+        404: NO_CUSTOMER,
+        409: "The org is assigned at that time already, or it had another customer in a closed month the "
+        "assignment would cover (Month closed).",
+    },
     command="ledger.org_assignment.create",
 )
 LIST_ASSIGNMENTS = _op(
@@ -333,7 +337,7 @@ CREATE_AGREEMENT = _op(
     {201: Answer(AgreementCreatedOut, "Created")}, body=AgreementIn,
     refusals={
         404: NO_CUSTOMER,
-        409: "The agreement starts in a closed month.",
+        409: "The agreement starts in or before a closed month (Month closed).",
         422: "ends_at is not after starts_at (invalid-body).",
     },
     command="ledger.agreement.create",

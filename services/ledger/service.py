@@ -24,6 +24,7 @@ from services.ledger.domain import (
     USAGE,
     Account,
     Pool,
+    closed_months_within,
     effective_time,
     expiry_transaction,
     funding_transaction,
@@ -235,11 +236,24 @@ class LedgerService:
 
     async def assign_org(self, org_id: str, customer_id: uuid.UUID, starts_at: datetime) -> Result:
         """Assign ``org_id`` to a customer from ``starts_at``; held charges it covers are posted in the same
-        transaction (up to HELD_BATCH of them; the periodic task posts any rest)."""
+        transaction (up to HELD_BATCH of them; the periodic task posts any rest). Refused (409) when it
+        would give a closed month's hours of the org to another customer than the one they had (an org
+        without a customer then may be assigned: its held usage posts as late usage)."""
 
         async def work(conn: repo.Conn) -> Result:
             if await repo.get_customer(conn, customer_id) is None:
                 raise NotFoundError("Customer not found", f"no customer {customer_id}")
+            before, until = await repo.assignments_around(conn, org_id, starts_at)
+            if before is not None and before != customer_id:
+                months = closed_months_within(starts_at, until, await repo.closed_months(conn))
+                if months:
+                    last = months[-1]
+                    raise ConflictError(
+                        "Month closed",
+                        f"{last:%Y-%m} is closed, and org {org_id} belonged to customer {before} in it: an assignment "
+                        f"from {starts_at.isoformat()} would move usage posted in a closed month to another customer; "
+                        f"start it at {month_bounds(last)[1].isoformat()} or later",
+                    )
             row = await repo.insert_assignment(conn, org_id, customer_id, starts_at)
             if row is None:
                 raise ConflictError(
@@ -276,8 +290,14 @@ class LedgerService:
                 tier = await repo.get_tier(conn, customer["tier"])
                 amount = int(tier["credits_per_period"])
             month = billing_month(starts_at)
-            if month in await lock_open_months(conn, [month]):
-                raise ConflictError("Month closed", f"{month:%Y-%m} is closed; an agreement cannot be funded in it")
+            closed = closed_months_within(starts_at, None, await lock_open_months(conn, [month]))
+            if closed:
+                last = closed[-1]
+                raise ConflictError(
+                    "Month closed",
+                    f"{last:%Y-%m} is closed; an agreement cannot be funded in or before a closed month (its funding "
+                    f"would change that month's statement): start it at {month_bounds(last)[1].isoformat()} or later",
+                )
             book = (await repo.load_books(conn, [customer_id]))[customer_id]
             agreement_id = uuid7()
             name = pool_account_name(agreement_id)

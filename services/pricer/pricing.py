@@ -326,28 +326,50 @@ def _merge(parts: Sequence[tuple[Charges, list[tuple[int, int]]]]) -> Charges:
     )
 
 
+def _v1_content(m: Measurement) -> tuple[object, ...]:
+    """``shared.batches.content`` of a ``usage.readings.v1`` measurement."""
+    return (m.unit, m.org_id, m.space_id, m.resource_kind, m.value, m.estimated)
+
+
 def batches_of_v1(items: Sequence[Measurement]) -> list[tuple[Measurements, list[int]]]:
     """Measurements of ``usage.readings.v1`` (one each) as batches, one per (hour, meter, shard, unit),
-    each with the positions in ``items`` its items came from. A measurement repeated keeps its first
-    copy (ids are deterministic: a repeat is the same fact)."""
-    groups: dict[tuple[datetime, str, int, str], list[int]] = {}
+    each with the positions in ``items`` its items came from. A measurement repeated with the same content
+    keeps its first copy (ids are deterministic: a repeat is the same fact); a copy with other content is
+    put in a batch after all the first copies, so that it meets the first copy as stored and is refused
+    as a conflict (``shared.batches.CONFLICT``)."""
+    first: dict[tuple[datetime, str, str], tuple[object, ...]] = {}
+    firsts: list[int] = []
+    later: list[int] = []
     for n, m in enumerate(items):
+        key = (m.reading_hour, m.meter, m.resource_id)
+        have = first.get(key)
+        if have is None:
+            first[key] = _v1_content(m)
+            firsts.append(n)
+        elif have != _v1_content(m):
+            later.append(n)
+    out = _v1_groups(items, firsts)
+    if later:  # rare: the other copies, as batches of their own (positions mapped back into ``items``)
+        out += [(b, [later[i] for i in kept]) for b, kept in batches_of_v1([items[n] for n in later])]
+    return out
+
+
+def _v1_groups(items: Sequence[Measurement], positions: Sequence[int]) -> list[tuple[Measurements, list[int]]]:
+    """The measurements at ``positions`` (distinct) as batches, one per (hour, meter, shard, unit)."""
+    groups: dict[tuple[datetime, str, int, str], list[int]] = {}
+    for n in positions:
+        m = items[n]
         groups.setdefault((m.reading_hour, m.meter, shard_of(m.resource_id), m.unit), []).append(n)
     out: list[tuple[Measurements, list[int]]] = []
-    for (hour, meter, shard, unit), positions in groups.items():
+    for (hour, meter, shard, unit), members in groups.items():
         orgs: dict[Ref, int] = {}
         spaces: dict[Ref, int] = {}
         kinds: dict[str, int] = {}
-        seen: set[str] = set()
-        kept: list[int] = []
+        kept = sorted(members, key=lambda n: items[n].resource_id)
         cols: dict[str, list[object]] = {k: [] for k in ("resource_id", "resource_name", "org", "space", "kind",
                                                          "value", "estimated")}
-        for n in sorted(positions, key=lambda n: items[n].resource_id):
+        for n in kept:
             m = items[n]
-            if m.resource_id in seen:
-                continue
-            seen.add(m.resource_id)
-            kept.append(n)
             cols["resource_id"].append(m.resource_id)
             cols["resource_name"].append(m.resource_name)
             cols["org"].append(orgs.setdefault(Ref(m.org_id, m.org_name), len(orgs)))

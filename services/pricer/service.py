@@ -6,8 +6,10 @@ batches) are priced a shard at a time. A shard seen for the first time costs one
 stored and published as is. A shard that holds batches already (a redelivery, a part of it sent again,
 the same measurements on v1 and v2) is read under a lock: the measurements it holds are not priced
 again — the batches holding their latest charges are published again, byte for byte — and only the new
-ones make a new batch. The consumer commits its offsets after this returns, so a crash anywhere delivers
-the readings again, and that path makes the repeat harmless.
+ones make a new batch. A measurement held with other content (``shared.batches.content``) is not a
+redelivery: it is refused to the DLQ with a ``conflict:`` reason naming the stored copy, which stays as it
+is (first write wins, but never silently). The consumer commits its offsets after this returns, so a crash
+anywhere delivers the readings again, and that path makes the repeat harmless.
 
 Catalog consistency: every writer of charges (a readings batch, a re-pricing chunk) holds the catalog
 lock in SHARED mode for its transaction and reads the catalog inside it; every catalog change holds it
@@ -45,9 +47,12 @@ from services.pricer.pricing import (
 )
 from services.pricer.schemas import PriceIn
 from shared.batches import (
+    CONFLICT,
     BatchRejected,
     Charges,
     Measurements,
+    content,
+    content_differences,
     encode_charges,
     encode_measurements,
     hour_text,
@@ -72,6 +77,10 @@ CHARGES_STORED = Counter(
 )
 CHARGES_REPUBLISHED = Counter(
     "billing_pricer_batches_republished_total", "Stored charge batches published again for redelivered measurements"
+)
+CONFLICTS = Counter(
+    "billing_pricer_conflicting_measurements_total",
+    "Measurements refused to the DLQ because they are stored with other content",
 )
 UNPRICED = Gauge("billing_pricer_unpriced_charges", "Measurements whose latest charge is unpriced")
 CATALOG_RELOADS = Counter("billing_pricer_catalog_reloads_total", "Times the in-memory price catalog was reloaded")
@@ -144,7 +153,8 @@ class Pricer:
         self, batch: list[Received[Measurements]]
     ) -> list[tuple[Received[Measurements], str | BatchRejected]]:
         """Price a batch of ``usage.readings.v2`` messages; returns what it refuses (a message whose hour
-        is not whole; an item whose charge would exceed the contract's integers, as a batch of its own)."""
+        is not whole; an item whose charge would exceed the contract's integers or whose measurement is
+        stored with other content, as a batch of its own)."""
         rejects: list[tuple[Received[Measurements], str | BatchRejected]] = []
         work: list[Received[Measurements]] = []
         for r in batch:
@@ -189,7 +199,7 @@ class Pricer:
         rows: list[repository.BatchRow] = []
         unpriced_rows: list[tuple[ShardKey, str]] = []
         hours: list[tuple[UUID, datetime]] = []
-        counts = {"priced": 0, "unpriced": 0, "republished": 0}
+        counts = {"priced": 0, "unpriced": 0, "republished": 0, "conflicts": 0}
         seeds: dict[str, bytes] = {}
         for m in messages:  # a shard's first readings seed its frame (the names and ids its charges repeat)
             scope = scope_of(m.meter, m.shard, m.reading_hour)
@@ -207,11 +217,11 @@ class Pricer:
                     shard = shards.setdefault(key, _Shard())
                     positions: Sequence[int] | None = None
                     if shard.stored:
-                        latest = latest_items(shard.stored)
-                        positions = [i for i, rid in enumerate(m.resource_id) if rid not in latest]
-                        again = {latest[rid].batch for rid in m.resource_id if rid in latest}
+                        positions, again, conflicts = _against_stored(m, shard.stored)
+                        refused.extend((n, i, why) for i, why in conflicts)
                         outgoing.extend(Outgoing(shard_key(key.shard), shard.stored_raw[b]) for b in sorted(again))
                         counts["republished"] += len(again)
+                        counts["conflicts"] += len(conflicts)
                         if not positions:
                             continue
                     priced = price_items(m, positions, catalog, priced_at)
@@ -235,6 +245,7 @@ class Pricer:
         CHARGES_STORED.labels("priced", origin).inc(counts["priced"])
         CHARGES_STORED.labels("unpriced", origin).inc(counts["unpriced"])
         CHARGES_REPUBLISHED.inc(counts["republished"])
+        CONFLICTS.inc(counts["conflicts"])
         UNPRICED.inc(counts["unpriced"])
         return refused
 
@@ -416,6 +427,35 @@ class Pricer:
     async def refresh_unpriced_gauge(self) -> None:
         async with self._pool.acquire() as conn:
             UNPRICED.set(await repository.count_unpriced(conn))
+
+
+def _against_stored(m: Measurements, stored: Sequence[Charges]) -> tuple[list[int], set[int], list[tuple[int, str]]]:
+    """The items of ``m`` compared with what its shard holds: the positions of the new ones, the stored
+    batches holding the latest charges of the ones held with the same content (a redelivery: published
+    again), and the ones held with other content, refused with a reason naming the stored copy (which is
+    kept, and not published again for them)."""
+    latest = latest_items(stored)
+    positions: list[int] = []
+    again: set[int] = set()
+    conflicts: list[tuple[int, str]] = []
+    for i, rid in enumerate(m.resource_id):
+        at = latest.get(rid)
+        if at is None:
+            positions.append(i)
+            continue
+        have = stored[at.batch]
+        mine, theirs = content(m, i), content(have, at.item)
+        if mine == theirs:
+            again.add(at.batch)
+            continue
+        mid = measurement_id(m.reading_hour, m.meter, rid)
+        why = (
+            f"{CONFLICT} measurement {mid} ({hour_text(m.reading_hour)}, {m.meter}, resource {rid}) is stored "
+            f"with other content: {content_differences(mine, theirs)}; the stored copy is kept (charges batch "
+            f"{have.id}, charge {charge_id(mid, at.revision)} at revision {at.revision})"
+        )
+        conflicts.append((i, why))
+    return positions, again, conflicts
 
 
 def _row(key: ShardKey, seq: int, priced: Priced, raw: bytes, published: bool) -> repository.BatchRow:

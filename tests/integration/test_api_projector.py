@@ -25,6 +25,7 @@ from services.api import repository as repo
 from services.api.projector import Projector
 from shared.contracts import TransactionPosted
 from shared.db import create_pool, migrate
+from shared.ids import charge_id, measurement_id
 from tests.support.api_factories import ChargeItem, amount_of, batches, charge, txn
 
 pytestmark = pytest.mark.integration
@@ -272,3 +273,33 @@ async def test_a_charge_and_the_fact_that_attributes_it_never_miss_each_other(po
     assert month[(cust, "month", "org", date(2026, 10, 1), "org-a", "")] == (
         {"MB": 2 * sum(range(1, 25))}, Fraction(2 * sum(range(1, 25)), 7)
     )
+
+
+async def test_a_charge_of_a_stored_revision_with_other_content_changes_nothing_and_is_reported(
+    pool: asyncpg.Pool,
+) -> None:
+    """Identity means content: a charge of the revision the read model holds, with another org, value or
+    amount, leaves the usage as it was and comes back as a conflict naming the stored charge (for the DLQ);
+    the same charge again is a silent redelivery."""
+    h, cust = HOURS[0], CUSTOMERS[0]
+    p = Projector(pool)
+    await p.apply_ledger([txn(cust, "usage", 1, occurred_at=h, reading_hour=h, orgs=["org-a", "org-b"])])
+    original = charge(h, "r0", org="org-a", value=100, amount=Fraction(1, 3))
+    await p.apply_charges(batches([original]))
+    expected = oracle({("org-a", h): cust}, [original])
+    assert expected and await read_back(pool) == expected
+
+    forged = charge(h, "r0", org="org-b", value=999, amount=Fraction(5))  # revision 1 as well
+    conflicts: list[tuple[int, int, str]] = []
+    assert await p.apply_charges(batches([forged]), conflicts) == 0
+    mid = measurement_id(h, "cfapps", "r0")
+    reason = (
+        f"conflict: charge {charge_id(mid, 1)} (measurement {mid}: 2026-11-01T03:00:00Z, cfapps, resource r0) at "
+        "revision 1 is stored with other content: org 'org-b' (stored: 'org-a'), value 999 (stored: 100), "
+        "amount 5/1 (stored: 1/3); the stored charge is kept"
+    )
+    assert conflicts == [(0, 0, reason)]
+    assert await read_back(pool) == expected
+    again: list[tuple[int, int, str]] = []
+    assert await p.apply_charges(batches([original]), again) == 0
+    assert again == [] and await read_back(pool) == expected

@@ -23,8 +23,10 @@ from typing import Any
 
 import asyncpg
 import httpx
+import msgspec
 import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer
 
 from services.collector.app import create_app as collector_app
 from services.collector.settings import CollectorSettings
@@ -32,7 +34,20 @@ from services.ledger.app import create_app as ledger_app
 from services.ledger.settings import LedgerSettings
 from services.pricer.app import create_app as pricer_app
 from services.pricer.settings import PricerSettings
-from shared.batches import Charges, Ref, charges_id, encode_charges, shard_key, shard_of
+from shared import ids
+from shared.batches import (
+    Charges,
+    Ref,
+    charges_id,
+    decode_charges,
+    decode_measurements,
+    encode_charges,
+    encode_measurements,
+    hour_text,
+    shard_key,
+    shard_of,
+    subset,
+)
 from shared.kafka import Outgoing, group_lag
 from shared.topics import CHARGES, READINGS
 from simulator import FaultConfig, Foundation, SimConfig
@@ -367,3 +382,120 @@ async def test_bad_ranges_are_422_problems_and_readers_are_refused(pipeline):
             headers=h.headers(),
         )
     ).status_code == 403
+
+
+async def _read_all(kafka: str, topic: str, at_least: int = 0, timeout: float = 60) -> list[Any]:
+    """Every record of ``topic`` from the beginning, waiting until there are ``at_least`` (then one more
+    short poll, so that what is there is read)."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka, auto_offset_reset="earliest", group_id=None)
+    await consumer.start()
+    out: list[Any] = []
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        quiet = 0
+        while asyncio.get_running_loop().time() < deadline and (len(out) < at_least or quiet < 3):
+            got = await consumer.getmany(timeout_ms=300)
+            quiet = 0 if got else quiet + 1
+            for records in got.values():
+                out.extend(records)
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def test_a_conflicting_duplicate_is_refused_kept_out_and_flags_its_hour(pipeline):
+    """A reading goes through; then a copy of one of its measurements with another value reaches the
+    pricer, and a copy of one of its charges with another amount (same revision) reaches the ledger and the
+    api. The originals stay priced and posted exactly as before, each copy is in its DLQ with a reason that
+    names the stored one, the report flags the hour (rule ``conflict``, counted apart from the dead
+    letters), and an identical copy of the same messages changes nothing and goes nowhere."""
+    p, database = pipeline
+    world = Foundation(**WORLD)
+    hour = HOURS[0]
+    async with httpx.AsyncClient(timeout=30, headers=p.api.issuer.bearer()) as http:
+        assert (
+            await http.post(f"{p.ledger_url}/internal/tiers", json={"name": "std", "credits_per_period": 10**9})
+        ).status_code == 201
+        customer = (
+            await http.post(f"{p.ledger_url}/internal/customers", json={"name": "Agency", "tier": "std"})
+        ).json()["id"]
+        for org in world.orgs():
+            body = {"org_id": org.guid, "customer_id": customer, "starts_at": "2026-10-01T00:00:00Z"}
+            assert (await http.post(f"{p.ledger_url}/internal/org-assignments", json=body)).status_code == 201
+        prices = [{"meter": "cfapps", "unit_of_measure": "MB-hour", "microcredits_per_unit": 1_000_000,
+                   "unit": 747_520}]
+        prices += [{"meter": "cfservices", "resource_kind": plan.guid, "unit_of_measure": "instance-hour",
+                    "microcredits_per_unit": 2_000_000, "unit": 730} for plan in world.plans()]
+        for price in prices:
+            price["valid_from"] = "2026-10-01T00:00:00Z"
+            assert (await http.post(f"{p.pricer_url}/internal/prices", json=price)).status_code == 201
+    assert not (await p.collector.take_reading(hour, kind="periodic")).errors
+    await p.caught_up()
+
+    async def books() -> tuple[list[Any], list[Any]]:
+        conn = await asyncpg.connect(database.admin_dsn)
+        try:
+            groups = await conn.fetch("SELECT price_id, sum_num, sum_den, posted FROM ledger.month_usage ORDER BY 1")
+            batches = await conn.fetch(
+                "SELECT reading_hour, meter, shard, seq FROM pricer.charge_batches ORDER BY 1, 2, 3, 4"
+            )
+        finally:
+            await conn.close()
+        return [tuple(g) for g in groups], [tuple(b) for b in batches]
+
+    before = await books()
+    report_before = await p.report(hour, hour + H)
+    assert report_before["reconciles"] is True
+
+    # The collector's message of an app shard with two items or more, and the charges of a service shard.
+    readings = await _read_all(p.kafka, p.prefix + READINGS, 1)
+    original = next(m for m in (decode_measurements(r.value).message for r in readings)
+                    if m is not None and m.meter == "cfapps" and m.reading_hour == hour and len(m.resource_id) >= 2)
+    charges = [decode_charges(r.value).message for r in await _read_all(p.kafka, p.prefix + CHARGES, 1)]
+    priced = next(c for c in charges if c is not None and c.meter == "cfservices" and c.reading_hour == hour)
+    [stored_charges] = [c for c in charges if c is not None and c.meter == "cfapps"
+                        and original.resource_id[0] in c.resource_id]
+    forged_reading = msgspec.structs.replace(subset(original, [0]), value=[original.value[0] + 1])
+    forged_charge = msgspec.structs.replace(subset(priced, [0]), amount_numerator=[priced.amount_numerator[0] + 1])
+    publisher = p.api.publisher
+    readings_key, charges_key = shard_key(original.shard), shard_key(priced.shard)
+    for _ in range(2):  # the identical copies, twice
+        await publisher.publish(p.prefix + READINGS, [Outgoing(readings_key, encode_measurements(original))])
+        await publisher.publish(p.prefix + CHARGES, [Outgoing(charges_key, encode_charges(priced))])
+    await publisher.publish(p.prefix + READINGS, [Outgoing(readings_key, encode_measurements(forged_reading))])
+    await publisher.publish(p.prefix + CHARGES, [Outgoing(charges_key, encode_charges(forged_charge))])
+    await p.caught_up()
+    dead_readings = await _read_all(p.kafka, p.prefix + READINGS + ".dlq", 1)
+    dead_charges = await _read_all(p.kafka, p.prefix + CHARGES + ".dlq", 2)  # the ledger's and the api's
+
+    assert await books() == before  # nothing re-priced, nothing posted: the originals as they were
+    rid = original.resource_id[0]
+    mid = ids.measurement_id(hour, "cfapps", rid)
+    [refused] = dead_readings  # the identical copies went nowhere
+    assert dict(refused.headers)["dlq.reason"].decode() == (
+        f"conflict: measurement {mid} ({hour_text(hour)}, cfapps, resource {rid}) is stored with other content: "
+        f"value {original.value[0] + 1} (stored: {original.value[0]}); the stored copy is kept (charges batch "
+        f"{stored_charges.id}, charge {ids.charge_id(mid, 1)} at revision 1)"
+    )
+    assert decode_measurements(refused.value).message == forged_reading
+    by_group = {dict(r.headers)["dlq.group"].decode(): r for r in dead_charges}
+    assert set(by_group) == {p.prefix + "ledger", p.prefix + "api"}
+    charge_mid = ids.measurement_id(hour, "cfservices", priced.resource_id[0])
+    amount = f"amount {priced.amount_numerator[0] + 1}/{priced.amount_denominator[0]}"
+    for group, stored in (("ledger", "applied"), ("api", "stored")):
+        reason = dict(by_group[p.prefix + group].headers)["dlq.reason"].decode()
+        assert reason.startswith(f"conflict: charge {ids.charge_id(charge_mid, 1)} (measurement {charge_mid}: ")
+        assert f"{amount} ({stored}: {priced.amount_numerator[0]}/{priced.amount_denominator[0]})" in reason
+        assert decode_charges(by_group[p.prefix + group].value).message == forged_charge
+
+    report = await p.report(hour, hour + H)
+    rows = {r["meter"]: r for r in report["rows"]}
+    old = {r["meter"]: r for r in report_before["rows"]}
+    for meter, (at_pricer, at_ledger) in (("cfapps", (1, 0)), ("cfservices", (0, 1))):
+        row = rows[meter]
+        assert (row["conflicts_at_pricer"], row["conflicts_at_ledger"]) == (at_pricer, at_ledger)
+        assert {k: v for k, v in row.items() if k in COUNTED} == {k: v for k, v in old[meter].items() if k in COUNTED}
+        assert [x["rule"] for x in row["problems"]] == ["conflict"] and not row["reconciles"]
+    assert report["totals"]["conflicts_at_pricer"] == report["totals"]["conflicts_at_ledger"] == 1
+    assert report["totals"]["dead_lettered_at_pricer"] == report["totals"]["dead_lettered_at_ledger"] == 0
+    assert report["flagged"] == 2 and report["reconciles"] is False

@@ -13,7 +13,8 @@ from fractions import Fraction
 
 import pytest
 
-from shared.batches import Charges, decode_charges, encode_charges, shard_of
+from shared.batches import Charges, decode_charges, encode_charges, hour_text, shard_of
+from shared.ids import charge_id, measurement_id
 from tests.support.ledger import (
     LONG_AGO,
     PRICE_A,
@@ -220,3 +221,81 @@ async def test_a_redelivered_batch_posts_what_it_held_once_its_org_has_a_custome
     keys = await db.fetch("SELECT idempotency_key FROM transactions WHERE customer_id = $1", customer)
     assert len({k["idempotency_key"] for k in keys}) == 2
     assert (await db.service.post_charges([message])).changed == 0
+
+
+async def test_a_charge_of_the_applied_revision_with_other_content_is_a_conflict_and_changes_nothing(
+    ledger_db: LedgerDB,
+) -> None:
+    """Identity means content: an item of the revision the ledger applied (or holds) whose amount, price or
+    org differs from the stored charge changes nothing and comes back as a conflict naming the stored
+    charge; the same charge again is a redelivery. Checked against state from an earlier posting (groups
+    known by id), within one posting (a group just created), and against held charges."""
+    db = ledger_db
+    customer, org = await setup(db)
+    _, other_org = await setup(db)
+    a, b, c, d, g = resources_of_shard(4, 5)
+    stored = charges_batch(
+        HOUR,
+        [item(org, 100, resource=a), item(org, 10, resource=b), item(org, 5, resource=c), item(org, 7, resource=d),
+         item(org, 1, resource=g)],
+    )
+    assert (await db.service.post_charges([stored])).conflicts == []
+    before = await posted_by_group(db, [customer])
+    transactions = await db.fetchval("SELECT count(*) FROM transactions")
+    copy = charges_batch(
+        HOUR,
+        [
+            item(org, 100, resource=a, denominator=20),  # the same amount, written 2000/20
+            item(org, 10, resource=b, price_id=PRICE_B),  # another price
+            item(other_org, 5, resource=c),  # another org
+            item(org, 8, resource=d),  # another amount
+            item(org, 2, resource=g, price_id=PRICE_B),  # another amount and price
+        ],
+    )
+    posting = await db.service.post_charges([stored, copy])
+    assert (posting.changed, posting.transactions) == (0, 0)
+    assert await posted_by_group(db, [customer]) == before
+    assert await db.fetchval("SELECT count(*) FROM transactions") == transactions
+
+    def reason(rid: str, facts: str, stored: str = "applied", hour: datetime = HOUR) -> str:
+        mid = measurement_id(hour, "cfapps", rid)
+        return (
+            f"conflict: charge {charge_id(mid, 1)} (measurement {mid}: {hour_text(hour)}, cfapps, resource {rid}) "
+            f"at revision 1 is {stored} with other content: {facts}; the {stored} charge is kept"
+        )
+
+    assert posting.conflicts == [
+        (1, 1, reason(b, f"price {PRICE_B} (applied: {PRICE_A})")),
+        (1, 2, reason(c, f"org '{other_org}' (applied: '{org}')")),
+        (1, 3, reason(d, "amount 8/1 (applied: 7/1)")),
+        (1, 4, reason(g, f"amount 2/1 (applied: 1/1), price {PRICE_B} (applied: {PRICE_A})")),
+    ]
+    # A newer revision still replaces the charge, whatever it says.
+    assert (await db.service.post_charges([charges_batch(HOUR, [item(org, 8, resource=d, revision=2)])])).changed == 1
+
+    # Within one posting: the first batch of a new shard, then a conflicting copy of one of its charges.
+    later = datetime(2026, 9, 9, 10, tzinfo=UTC)
+    [e] = resources_of_shard(6, 1)
+    first = charges_batch(later, [item(org, 3, resource=e)])
+    posting = await db.service.post_charges([first, charges_batch(later, [item(org, 3, resource=e, price_id=PRICE_B)])])
+    assert posting.changed == 1
+    assert posting.conflicts == [(1, 0, reason(e, f"price {PRICE_B} (applied: {PRICE_A})", hour=later))]
+
+    # Held: a charge of an org without a customer, then copies under the same org and under an assigned one.
+    waiting = f"org-{uuid.uuid4().hex[:8]}"
+    [f] = resources_of_shard(8, 1)
+    assert (await db.service.post_charges([charges_batch(HOUR, [item(waiting, 6, resource=f)])])).held == 1
+    posting = await db.service.post_charges(
+        [charges_batch(HOUR, [item(waiting, 9, resource=f)]), charges_batch(HOUR, [item(org, 6, resource=f)])]
+    )
+    assert (posting.changed, posting.held) == (0, 0)
+    assert posting.conflicts == [
+        (0, 0, reason(f, "amount 9/1 (held: 6/1)", "held")),
+        (1, 0, reason(f, f"org '{org}' (held: '{waiting}')", "held")),
+    ]
+    assert await held_revisions(db) == {(HOUR, "cfapps", waiting, f): 1}
+    # Its org assigned, the held charge is posted as it was stored: 6, not 9, to the right customer.
+    await db.service.assign_org(waiting, customer, LONG_AGO)
+    after = await posted_by_group(db, [customer])
+    assert after[(customer, MONTH, PRICE_A)] == before[(customer, MONTH, PRICE_A)] + 1 + 3 + 6  # d: 7 -> 8, e, f
+    assert (customer, MONTH, PRICE_B) not in after

@@ -169,6 +169,19 @@ async def test_commands_validate_their_input_and_answer_problem_documents(client
     assert closed.status_code == 201 and closed.json()["statements"] == 1
     again = await client.post("/internal/months/2026-02/close")
     assert again.status_code == 200 and again.json()["already_closed"] is True
+    # What a closed month accepts: no funding in or before it, no assignment taking its usage from org-1's
+    # customer (README, "What a closed month accepts"); refused as problems, changing nothing.
+    other = await make_customer(client)
+    for path, body in (
+        ("/internal/org-assignments", org | {"customer_id": other, "starts_at": "2026-02-10T00:00:00Z"}),
+        ("/internal/agreements", agreement | {"starts_at": "2026-01-15T00:00:00Z"}),
+    ):
+        refused = await client.post(path, json=body)
+        assert is_problem(refused, 409) and refused.json()["title"] == "Month closed", refused.text
+        assert refused.json()["detail"].startswith("2026-02 is closed")
+    listed = (await client.get("/internal/org-assignments", params={"org_id": "org-1"})).json()
+    assert [a["customer_id"] for a in listed["items"]] == [customer["id"]]
+    assert len((await client.get("/internal/agreements", params={"customer_id": customer["id"]})).json()["items"]) == 1
     statement = await client.get(f"/internal/customers/{customer['id']}/statements/2026-02")
     assert statement.status_code == 200
     assert (statement.json()["opening_balance"], statement.json()["funded"], statement.json()["closing_balance"]) == (

@@ -358,6 +358,53 @@ async def test_closing_a_month_that_has_not_ended_or_funding_into_a_closed_one_i
         await db.service.statement(customer, date(2026, 5, 1))
 
 
+async def test_a_closed_month_accepts_no_transaction_and_moves_no_usage_between_customers(ledger_db: LedgerDB) -> None:
+    """The rule (README, "What a closed month accepts"): nothing may be dated in or before a closed month
+    that would change its statement, and usage posted in it never changes customer; usage never posted
+    there (held for an org without a customer) may still be, as late usage in the first open month."""
+    db = ledger_db
+    customer, org = await setup(db)  # org: the customer's since LONG_AGO (January 2025, never closed)
+    other = await db.customer("Bureau")
+    april = datetime(2026, 4, 15, 14, tzinfo=UTC)
+    waiting = f"org-{uuid.uuid4().hex[:8]}"
+    await db.post(april, item(org, 70, resource="a1"), item(waiting, 30, resource="w1"))  # w1 held
+    db.clock.now = datetime(2026, 5, 31, 12, tzinfo=UTC)
+    await db.service.close_month(date(2026, 4, 1))
+    statement = await db.service.statement(customer, date(2026, 4, 1))
+    may_1 = datetime(2026, 5, 1, 4, tzinfo=UTC)  # midnight in New York: the end of April
+
+    # Agreements: funded at their start, so not in a closed month nor before one (its opening balance).
+    for starts_at in (datetime(2026, 4, 10, tzinfo=UTC), datetime(2026, 1, 15, tzinfo=UTC)):
+        with pytest.raises(ConflictError, match="2026-04 is closed") as refused:
+            await db.service.create_agreement(customer, starts_at, datetime(2026, 12, 1, tzinfo=UTC), 10)
+        assert refused.value.title == "Month closed" and may_1.isoformat() in refused.value.detail
+    assert (await db.service.create_agreement(customer, may_1, datetime(2026, 12, 1, tzinfo=UTC), 10)).created
+
+    # Assignments: the org was the customer's in April; another customer cannot have it from then, nor from
+    # any time before (that assignment would run through April), but from the end of April on.
+    assignments_before = await db.fetch("SELECT * FROM org_assignments ORDER BY org_id, starts_at")
+    for starts_at in (datetime(2026, 4, 20, tzinfo=UTC), datetime(2026, 2, 1, tzinfo=UTC)):
+        with pytest.raises(ConflictError, match="2026-04 is closed, and org") as refused:
+            await db.service.assign_org(org, other, starts_at)
+        assert refused.value.title == "Month closed" and str(customer) in refused.value.detail
+    assert await db.fetch("SELECT * FROM org_assignments ORDER BY org_id, starts_at") == assignments_before
+    await db.service.assign_org(org, customer, datetime(2026, 4, 20, tzinfo=UTC))  # the same customer: moves nothing
+    await db.service.assign_org(org, other, may_1)
+
+    # An org without a customer in April may get one from then: its held April usage posts late, in May.
+    assigned = await db.service.assign_org(waiting, other, datetime(2026, 4, 1, 4, tzinfo=UTC))
+    assert assigned.body["held_charges_posted"] == 1
+    late = [m for m in await outbox(db) if isinstance(m, TransactionPosted) and m.customer_id == other]
+    assert [(m.type, m.occurred_at, m.reading_hour, [u.microcredits for u in m.usage]) for m in late] == [
+        ("late_usage", may_1, april, [30])
+    ]
+    assert await db.service.statement(customer, date(2026, 4, 1)) == statement
+    assert await posted_by_group(db, [customer, other]) == {
+        (customer, "2026-04", PRICE_A): 70,
+        (other, "2026-04", PRICE_A): 30,
+    }
+
+
 async def test_months_close_automatically_after_the_delay(ledger_db: LedgerDB) -> None:
     db = ledger_db
     customer, org = await setup(db)

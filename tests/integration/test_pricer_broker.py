@@ -77,10 +77,11 @@ def outgoing(batches: Iterable[Measurements]) -> list[Outgoing]:
 
 
 def v1(resource: str, value: int, hour: datetime = HOUR, meter: str = "cfapps", org: str = "org-a") -> MeasurementTaken:
+    """The measurement ``reading`` makes, on v1 (without its names: labels, not content)."""
     return MeasurementTaken(
         id=ids.measurement_id(hour, meter, resource), reading_id=ids.reading_id(hour), reading_hour=hour,
-        meter=meter, resource_id=resource, org_id=org, value=value, unit="MB" if meter == "cfapps" else "instance",
-        taken_at=hour + timedelta(hours=1),
+        meter=meter, resource_id=resource, org_id=org, space_id="space-1", value=value,
+        unit="MB" if meter == "cfapps" else "instance", taken_at=hour + timedelta(hours=1),
     )
 
 
@@ -404,6 +405,83 @@ async def test_a_measurement_counts_once_however_it_arrives(
             carried.setdefault(k, set()).add(record.value)
     assert set(carried) == expected
     assert all(len(messages) == 1 for messages in carried.values()), "a measurement was published twice as new"
+
+
+async def test_a_measurement_stored_with_other_content_is_refused_and_the_stored_copy_kept(
+    infra: Any, database: Any, topic_prefix: str, issuer: LocalIssuer
+) -> None:
+    """Identity means content: a copy of a stored measurement with the same content (even under other
+    names, which are labels) is a redelivery; with another value, org or space it is refused to the DLQ
+    with a reason naming the stored copy, on v2 and on v1, and what was stored (and published) stays."""
+    app = create_app(settings(database, infra, topic_prefix, issuer))
+    names = same_shard(4, "conflict")
+    values = {r: 1024 * (n + 1) for n, r in enumerate(names)}
+    (original,) = reading([(r, values[r]) for r in names])
+    mids = {r: ids.measurement_id(HOUR, "cfapps", r) for r in names}
+
+    def altered(changes: dict[int, tuple[str, Any]], names_too: bool = False) -> bytes:
+        doc = json.loads(encode_measurements(original))
+        if names_too:
+            doc["resource_name"] = [f"renamed {r}" for r in doc["resource_id"]]
+            doc["orgs"] = [{**o, "name": "Renamed org"} for o in doc["orgs"]]
+        for position, (column, value) in changes.items():
+            if column == "org":
+                doc["orgs"].append({"id": value, "name": ""})
+                value = len(doc["orgs"]) - 1
+            doc[column][position] = value
+        return json.dumps(doc).encode()
+
+    conflicting = altered({1: ("value", values[names[1]] + 1), 2: ("org", "org-z")})
+    async with running(app, issuer) as http:
+        assert (await http.post("/internal/prices", json=PRICE)).status_code == 201
+        pool = app.state.runtime.pool
+        async with publisher(infra.kafka) as pub:
+            await pub.publish(topic_prefix + READINGS, outgoing([original]))
+            first = await read_topic(infra.kafka, topic_prefix + CHARGES, lambda got: len(got) >= 1)
+            stored_before = await stored_items(pool)
+            batches_before = await pool.fetch("SELECT shard, seq FROM charge_batches ORDER BY 1, 2")
+            # The same measurements under other names; then two of them with other content, on v2 and v1.
+            await pub.publish(topic_prefix + READINGS, [Outgoing(shard_key(original.shard), altered({}, True))])
+            await pub.publish(topic_prefix + READINGS, [Outgoing(shard_key(original.shard), conflicting)])
+            await pub.publish(topic_prefix + READINGS_V1, v1_out([v1(names[3], values[names[3]] * 2)]))
+            dead = await read_topic(infra.kafka, dlq(topic_prefix + READINGS), lambda got: len(got) >= 2)
+            dead_v1 = await read_topic(infra.kafka, dlq(topic_prefix + READINGS_V1), lambda got: len(got) >= 1)
+
+        async def all_answered() -> bool:
+            lag = [s.consumer.highwater(tp) - (await s.consumer.committed(tp) or 0)
+                   for s in app.state.runtime.publisher.subscriptions if s.consumer is not None
+                   for tp in s.consumer.assignment()]
+            return sum(lag) == 0
+
+        await wait_for(all_answered)
+        charges = await read_topic(infra.kafka, topic_prefix + CHARGES, lambda got: len(got) >= 4, timeout=5)
+        assert await stored_items(pool) == stored_before
+        assert await pool.fetch("SELECT shard, seq FROM charge_batches ORDER BY 1, 2") == batches_before
+        metrics = (await http.get("/metrics")).text
+
+    (stored_batch,) = charges_of(first)
+    # Published again, byte for byte, for the renamed copy and for the two unchanged items of the conflicting
+    # message; never anything else.
+    assert [r.value for r in charges] == [first[0].value] * 3
+    assert len(dead) == 2 and len(dead_v1) == 1  # nothing more: the renamed copy went nowhere
+    by_item = {int(dict(r.headers)["dlq.items"]): r for r in dead}
+    assert set(by_item) == {1, 2}
+    for position, fact in ((1, f"value {values[names[1]] + 1} (stored: {values[names[1]]})"),
+                           (2, "org 'org-z' (stored: 'org-a')")):
+        reason = dict(by_item[position].headers)["dlq.reason"].decode()
+        rid = names[position]
+        assert reason == (
+            f"conflict: measurement {mids[rid]} (2026-05-04T10:00:00Z, cfapps, resource {rid}) is stored with other "
+            f"content: {fact}; the stored copy is kept (charges batch {stored_batch[1].id}, charge "
+            f"{ids.charge_id(mids[rid], 1)} at revision 1)"
+        )
+        alone = read_as_written(by_item[position].value, Measurements)
+        assert alone.resource_id == [rid]
+    v1_reason = dict(dead_v1[0].headers)["dlq.reason"].decode()
+    assert v1_reason.startswith(f"conflict: measurement {mids[names[3]]} ")
+    assert f"value {values[names[3]] * 2} (stored: {values[names[3]]})" in v1_reason
+    assert json.loads(dead_v1[0].value)["value"] == values[names[3]] * 2  # the v1 message as it came
+    assert "billing_pricer_conflicting_measurements_total 3.0" in metrics
 
 
 async def test_two_instances_in_one_group_price_every_measurement_exactly_once(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -30,6 +31,7 @@ from services.api.completeness import (
     reconcile,
     report_json,
 )
+from services.api.dead_letters import _count as count_record
 from services.api.dead_letters import attribute
 from services.collector.app import create_app as collector_app
 from services.collector.settings import CollectorSettings
@@ -366,6 +368,49 @@ def test_a_dead_lettered_batch_counts_each_of_its_measurements():
 )
 def test_what_names_no_hour_and_meter_is_unattributed(value):
     assert attribute(value) is None
+
+
+def test_a_conflict_is_counted_apart_and_flags_its_row_alone() -> None:
+    """A measurement refused as a conflict (the stored copy kept and counted by its stage) does not break
+    rules 2 and 3; its own rule names the stage."""
+    c, p, led = consistent()
+    rows = reconcile(HOURS, c, p, led, {}, {}, {(HOURS[1], "cfapps"): 2}, {(HOURS[2], "cfapps"): 1})
+    def said(n: int, stage: str, copy: str) -> list[tuple[str, str]]:
+        detail = (
+            f"{n} measurement(s) arrived again at the {stage} with other content than its stored {copy}: "
+            "refused to the DLQ (reason conflict:), the stored copy kept"
+        )
+        return [("conflict", detail)]
+
+    assert problems(rows) == {(HOURS[1], "cfapps"): said(2, "pricer", "measurement"),
+                              (HOURS[2], "cfapps"): said(1, "ledger", "charge")}
+    doc = report_json(HOURS[0], HOURS[-1] + H, rows, ("cfapps",), [], NOW)
+    assert (doc["totals"]["conflicts_at_pricer"], doc["totals"]["conflicts_at_ledger"]) == (2, 1)
+    assert doc["totals"]["dead_lettered_at_pricer"] == 0 and doc["flagged"] == 2
+    assert violations(doc, response_schema("/admin/completeness", "get", 200)) == []
+
+
+def test_a_dead_letter_with_a_conflict_reason_is_counted_as_a_conflict_once_per_measurement() -> None:
+    @dataclass
+    class Record:
+        value: bytes
+        headers: list[tuple[str, bytes]]
+        partition: int = 0
+        offset: int = 0
+
+    batch = orjson.dumps({"reading_hour": "2026-10-06T04:00:00Z", "meter": "cfapps", "resource_id": ["a", "b"]})
+    group = [("dlq.group", b"pricer")]
+    counts = DeadLetterCounts("usage.readings.v2.dlq", ("pricer",))
+    seen: set[tuple[str, ...]] = set()
+    for record in (
+        Record(batch, [*group, ("dlq.reason", b"item 0: value must be an integer from 0 to 2**62")]),
+        Record(batch, [*group, ("dlq.reason", b"conflict: measurement ... is stored with other content")]),
+        Record(batch, [*group, ("dlq.reason", b"conflict: measurement ... (again, redelivered)")], offset=1),
+        Record(batch, [("dlq.group", b"api"), ("dlq.reason", b"conflict: another group's")], offset=2),
+    ):
+        count_record(record, {"pricer"}, T, T + H, seen, counts)
+    assert counts.by_row == {(T, "cfapps"): 2} and counts.conflicts_by_row == {(T, "cfapps"): 2}
+    assert counts.counted == 4
 
 
 # ------------------------------------------------------------------------------------------ the CLI

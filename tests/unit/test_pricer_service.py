@@ -288,15 +288,19 @@ def test_v1_measurements_are_regrouped_into_batches_per_hour_meter_shard_and_uni
     h1, h2 = T0, T0 + timedelta(hours=1)
     rids = resources(4, 3) + resources(9, 1)
     items = [v1(h1, rids[2], 3), v1(h1, rids[0], 1), v1(h2, rids[0], 10), v1(h1, rids[3], 4),
-             v1(h1, rids[0], 99), v1(h1, rids[1], 2, meter="cfservices", unit="instance"), v1(h1, rids[1], 5)]
+             v1(h1, rids[0], 99), v1(h1, rids[1], 2, meter="cfservices", unit="instance"), v1(h1, rids[1], 5),
+             v1(h1, rids[2], 3)]
     groups = batches_of_v1(items)
-    got = {(b.reading_hour, b.meter, b.shard, b.unit): (b.resource_id, b.value, kept) for b, kept in groups}
-    assert got == {
-        (h1, "cfapps", 4, "MB"): ([rids[0], rids[1], rids[2]], [1, 5, 3], [1, 6, 0]),  # the repeat (99) is dropped
-        (h2, "cfapps", 4, "MB"): ([rids[0]], [10], [2]),
-        (h1, "cfapps", 9, "MB"): ([rids[3]], [4], [3]),
-        (h1, "cfservices", 4, "instance"): ([rids[1]], [2], [5]),
-    }
+    got = [((b.reading_hour, b.meter, b.shard, b.unit), (b.resource_id, b.value, kept)) for b, kept in groups]
+    # The identical repeat of rids[2] (position 7) counts once; the copy of rids[0] with another value (99)
+    # comes after every first copy, in a batch of its own, to meet the first as stored (a conflict).
+    assert got == [
+        ((h1, "cfapps", 4, "MB"), ([rids[0], rids[1], rids[2]], [1, 5, 3], [1, 6, 0])),
+        ((h2, "cfapps", 4, "MB"), ([rids[0]], [10], [2])),
+        ((h1, "cfapps", 9, "MB"), ([rids[3]], [4], [3])),
+        ((h1, "cfservices", 4, "instance"), ([rids[1]], [2], [5])),
+        ((h1, "cfapps", 4, "MB"), ([rids[0]], [99], [4])),
+    ]
     for b, kept in groups:
         assert b.reading_id == ids.reading_id(b.reading_hour)
         assert b.taken_at == max(items[n].taken_at for n in kept)
