@@ -46,7 +46,11 @@ from bench.common import (  # noqa: E402
     produce, wait_ready,
 )
 from shared.batches import Charges, Price as PriceRef, Ref, charges_id, encode_charges, shard_key, shard_of  # noqa: E402
+from shared.settings import ServiceSettings  # noqa: E402
 from shared.topics import ALL_TOPICS, CHARGES  # noqa: E402
+
+# What the service runs with unless told otherwise (a batch of messages per transaction).
+BATCH_DEFAULT: int = ServiceSettings.model_fields["batch_max_records"].default
 
 START = datetime(2026, 3, 1, 5, tzinfo=UTC)  # March 1, 00:00 in New York
 KINDS = ["plan-small", "plan-medium", "plan-large"]
@@ -330,7 +334,8 @@ def main() -> None:
     parser.add_argument("--revisions", type=float, default=0.01, help="share of charges re-priced once")
     parser.add_argument("--duplicates", type=float, default=0.01, help="share of charges sent twice")
     parser.add_argument("--instances", type=int, default=1, help="ledger processes in the group")
-    parser.add_argument("--batch", type=int, default=200, help="LEDGER_BATCH_MAX_RECORDS (messages)")
+    parser.add_argument("--batch", type=int, default=BATCH_DEFAULT,
+                        help=f"LEDGER_BATCH_MAX_RECORDS (messages; default: the service's, {BATCH_DEFAULT})")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--keep", action="store_true", help="keep the database and topics")
     args = parser.parse_args()

@@ -46,10 +46,14 @@ from services.pricer import repository  # noqa: E402
 from services.pricer.app import MIGRATIONS  # noqa: E402
 from services.pricer.pricing import Price  # noqa: E402
 from shared.batches import Item, encode_measurements, measurement_batches, shard_key  # noqa: E402
+from shared.settings import ServiceSettings  # noqa: E402
 from shared.ids import reading_id  # noqa: E402
 from shared.db import create_pool, migrate  # noqa: E402
 from shared.ids import uuid7  # noqa: E402
 from shared.topics import CHARGES, READINGS, delete_topics  # noqa: E402
+
+# What the service runs with unless told otherwise (a batch of messages per transaction).
+BATCH_DEFAULT: int = ServiceSettings.model_fields["batch_max_records"].default
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
 KINDS = ["plan-small", "plan-medium", "plan-large"]
@@ -231,7 +235,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1_000_000, help="measurements to price")
     parser.add_argument("--resources", type=int, default=10_000, help="resources per hour")
     parser.add_argument("--instances", type=int, default=1, help="pricer processes in the group")
-    parser.add_argument("--batch", type=int, default=200, help="PRICER_BATCH_MAX_RECORDS (messages of ~200 measurements)")
+    parser.add_argument("--batch", type=int, default=BATCH_DEFAULT,
+                        help=f"PRICER_BATCH_MAX_RECORDS (messages of ~200 measurements; default: the service's, {BATCH_DEFAULT})")
     parser.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds")
     parser.add_argument("--keep", action="store_true", help="keep the database and topics")
     args = parser.parse_args()

@@ -223,6 +223,10 @@ class _Shard:
     applied_changed: bool = False
     held_changed: set[str] = field(default_factory=set)
     mark: int = 0  # the sum of the change marks of what this posting applied to the shard
+    # A shard's first batch as its groups were chosen: the batch's org and price columns and the group of
+    # each (org, price); ``dump`` maps those few pairs to ids instead of every charge's group (a tuple of
+    # two UUIDs to hash). None once a later batch of the posting changed the groups.
+    fresh_groups: tuple[list[int], list[int], dict[tuple[int, int], GroupKey]] | None = None
 
     def load(self, raw: bytes) -> None:
         doc = orjson.loads(raw)
@@ -252,7 +256,12 @@ class _Shard:
 
     def dump(self, groups: dict[GroupKey, int]) -> bytes:
         """The stored document, the keys of the groups created meanwhile replaced by their ids."""
-        ids = list(map(groups.get, self.g, self.g))  # a group id maps to itself
+        if self.fresh_groups is not None:
+            orgs, prices, group_of = self.fresh_groups
+            id_of = {op: groups[g] for op, g in group_of.items()}
+            ids = list(map(id_of.__getitem__, zip(orgs, prices, strict=True)))
+        else:
+            ids = list(map(groups.get, self.g, self.g))  # a group id maps to itself
         return orjson.dumps({"r": self.r, "v": self.v, "g": ids, "n": self.n, "d": self.d, "o": self.o, "os": self.os})
 
 
@@ -287,6 +296,7 @@ def _post_fresh(
     shard.n, shard.d = list(c.amount_numerator), list(c.amount_denominator)
     shard.o, shard.os = list(c.org), [org.id for org in c.orgs]
     shard.index = shard.org_index = None
+    shard.fresh_groups = (c.org, c.price, group_of)
     shard.applied_changed = True
     shard.mark += c.id.int  # a batch's id derives from its items, and a fresh shard applies all of them
     return len(groups)
@@ -431,6 +441,7 @@ def _post_items(
         group = (customer, month, price)
         line = (key.reading_hour, org_id, key.meter, kinds[k])
         acc[group][(line, den)] += num
+        shard.fresh_groups = None
         if pos is None:
             at[rid] = len(shard.r)
             shard.r.append(rid)
@@ -476,13 +487,17 @@ async def post_batches(
     if release:
         batches = [*batches, *held_batches({k: held_rows[k] for k in release if k in held_rows})]
     owners = await repo.owners(conn, {(o.id, c.reading_hour) for c in batches for o in c.orgs})
+    owners_at: dict[datetime, dict[str, uuid.UUID]] = defaultdict(dict)
+    for (org_id, hour), customer_id in owners.items():
+        owners_at[hour][org_id] = customer_id
 
     acc: Acc = defaultdict(lambda: defaultdict(int))
     checks = _Checks()
     for n, c in enumerate(batches):
         key = ShardKey(c.reading_hour, c.meter, c.shard)
         shard = shards[key]
-        customer_of = [owners.get((o.id, c.reading_hour)) for o in c.orgs]
+        owner_of = owners_at.get(c.reading_hour, {})
+        customer_of = [owner_of.get(o.id) for o in c.orgs]
         if not shard.r and not shard.held and None not in customer_of:
             result.changed += _post_fresh(c, key, shard, customer_of, acc)
         else:
