@@ -34,6 +34,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+from asyncpg.pgproto.pgproto import UUID as HashedUUID
 
 from services.ledger import messages
 from services.ledger import repository as repo
@@ -282,12 +283,13 @@ def _post_fresh(
         sums[k4] += num
     group_of: dict[tuple[int, int], GroupKey] = {}
     bucket_of: dict[tuple[int, int], dict[tuple[Line, int], int]] = {}
+    price_ids = _price_ids(c)
     for (o, k, p, den), num in sums.items():
         bucket = bucket_of.get((o, p))
         if bucket is None:
             customer = customer_of[o]
             assert customer is not None
-            group = group_of[(o, p)] = (customer, month, c.prices[p].id if p >= 0 else NIL_PRICE)
+            group = group_of[(o, p)] = (customer, month, price_ids[p] if p >= 0 else _NIL)
             bucket = bucket_of[(o, p)] = acc[group]
         bucket[((hour, c.orgs[o].id, meter, c.kinds[k]), den)] += num
     groups = list(map(group_of.__getitem__, zip(c.org, c.price, strict=True)))
@@ -300,6 +302,15 @@ def _post_fresh(
     shard.applied_changed = True
     shard.mark += c.id.int  # a batch's id derives from its items, and a fresh shard applies all of them
     return len(groups)
+
+
+# A group key (customer, month, price) is hashed several times per charge; asyncpg's own UUID class (what
+# the database's customer ids already are) hashes in C, the standard one in Python: price ids take it too.
+_NIL = HashedUUID(NIL_PRICE.bytes)
+
+
+def _price_ids(c: Charges) -> list[uuid.UUID]:
+    return [HashedUUID(p.id.bytes) for p in c.prices]
 
 
 def _price_text(price: uuid.UUID) -> str:
@@ -398,7 +409,7 @@ def _post_items(
     at, held = shard.positions(), shard.held
     revs, gs, nums, dens = shard.v, shard.g, shard.n, shard.d
     month = billing_month(key.reading_hour)
-    price_ids = [p.id for p in c.prices]
+    price_ids = _price_ids(c)
     kinds, orgs = c.kinds, c.orgs
     changed = 0
     for i, (rid, rev, o, k, p, num, den) in enumerate(
@@ -409,7 +420,7 @@ def _post_items(
         org_id = orgs[o].id
         waiting = held.get(org_id)
         was_held = waiting.get(rid) if waiting is not None else None
-        price = price_ids[p] if p >= 0 else NIL_PRICE
+        price = price_ids[p] if p >= 0 else _NIL
         if old_rev >= rev:
             if checks is not None and old_rev == rev and pos is not None:
                 checks.applied(n, i, key, rid, shard, pos, org_id, price, num, den)
