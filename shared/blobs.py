@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import zstandard
 
-__all__ = ["ALONE", "FRAMED", "FrameMissingError", "Frames", "scope_of"]
+__all__ = ["ALONE", "FRAMED", "FrameMissingError", "Frames", "scope_of", "shard_scope"]
 
 ALONE = 1  # zstd, no dictionary
 FRAMED = 2  # zstd with the frame whose id follows as the dictionary
@@ -35,6 +35,9 @@ FRAMED = 2  # zstd with the frame whose id follows as the dictionary
 LEVEL = 3  # zstd's default: ~0.2 µs per measurement both ways, within a few % of the best ratio here
 FRAME_LIMIT = 256 * 1024  # a longer seed is cut (a dictionary's use is its repeated substrings)
 CACHE = 512  # frames kept per process (a frame is a few kB to ~100 kB: a month of 24 shards of 3 meters)
+
+
+T = TypeVar("T")
 
 
 class FrameMissingError(LookupError):
@@ -48,6 +51,20 @@ class _Conn(Protocol):
 def scope_of(meter: str, shard: int, hour: datetime) -> str:
     """The scope of a shard's documents: a frame serves one meter's shard for one (UTC) month."""
     return f"{meter}/{shard}/{hour:%Y-%m}"
+
+
+class _OfShard(Protocol):
+    @property
+    def meter(self) -> str: ...
+    @property
+    def shard(self) -> int: ...
+    @property
+    def reading_hour(self) -> datetime: ...
+
+
+def shard_scope(of: _OfShard) -> str:
+    """``scope_of`` a batch or a shard key (anything with its meter, shard and reading hour)."""
+    return scope_of(of.meter, of.shard, of.reading_hour)
 
 
 def _frame_id(scope: str, frame: bytes) -> int:
@@ -118,6 +135,18 @@ class Frames:
         )
         for r in rows:
             self._keep(r["scope"], self._by_id.get(r["id"]) or _Frame(r["id"], bytes(r["frame"])))
+
+    async def ensure_first(
+        self, conn: _Conn, items: Iterable[T], scope: Callable[[T], str], seed: Callable[[T], bytes]
+    ) -> None:
+        """``ensure`` the scopes of ``items``, each seeded with the first of its items whose scope has no
+        frame at hand (``seed`` is called only for those)."""
+        seeds: dict[str, bytes] = {}
+        for item in items:
+            s = scope(item)
+            if s not in seeds and self.lacks(s):
+                seeds[s] = seed(item)
+        await self.ensure(conn, seeds)
 
     def pack(self, scope: str, document: bytes) -> bytes:
         """The stored form of ``document``: against its scope's frame when at hand, alone otherwise."""

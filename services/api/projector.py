@@ -32,7 +32,7 @@ from services.api.service import (
     usage_org_hours,
 )
 from shared.batches import Charges, ShardKey, encode_charges
-from shared.blobs import Frames, scope_of
+from shared.blobs import Frames, shard_scope
 from shared.contracts import StatementIssued, TransactionPosted
 
 __all__ = ["LedgerMessage", "Names", "Projector"]
@@ -99,12 +99,8 @@ class Projector:
         if not batches:
             return 0
         changed = 0
-        seeds: dict[str, bytes] = {}
-        for c in batches:  # a shard's first batch of a month seeds its frame
-            scope = scope_of(c.meter, c.shard, c.reading_hour)
-            if scope not in seeds and self.frames.lacks(scope):
-                seeds[scope] = encode_charges(c)
-        await self.frames.ensure(self.pool, seeds)
+        # a shard's first batch of a month seeds its frame
+        await self.frames.ensure_first(self.pool, batches, shard_scope, encode_charges)
         async with self.pool.acquire() as conn, conn.transaction():
             await repo.lock_hours(conn, {c.reading_hour for c in batches})
             keys = {ShardKey(c.reading_hour, c.meter, c.shard) for c in batches}

@@ -20,7 +20,7 @@ import orjson
 from services.api.charges import ResourceDoc, ResourceKey, ShardDoc, exact
 from services.api.service import OrgHour, TransactionRow
 from shared.batches import ShardKey
-from shared.blobs import Frames, scope_of
+from shared.blobs import Frames, shard_scope
 
 __all__ = [
     "lock_hours",
@@ -113,7 +113,7 @@ async def save_charge_shards(conn: asyncpg.Connection, frames: Frames, docs: Seq
                SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int2[], $4::bytea[])
                ON CONFLICT (reading_hour, meter, shard) DO UPDATE SET items = EXCLUDED.items""",
             [k.reading_hour for k, _ in ordered], [k.meter for k, _ in ordered], [k.shard for k, _ in ordered],
-            [frames.pack(scope_of(k.meter, k.shard, k.reading_hour), d) for k, d in ordered],
+            [frames.pack(shard_scope(k), d) for k, d in ordered],
         )
 
 

@@ -13,15 +13,20 @@ import orjson
 
 from shared.blobs import Frames, scope_of
 
-__all__ = ["BATCH_COLUMNS", "BatchRow", "Repository"]
+__all__ = ["BATCH_COLUMNS", "BatchRow", "Repository", "row_scope"]
 
 BATCH_COLUMNS = ("hour", "meter", "shard", "part", "reading_id", "measurements", "estimated", "message")
 
 BatchRow = tuple[Any, ...]  # in BATCH_COLUMNS order
 
 
+def row_scope(row: BatchRow) -> str:
+    """The frame scope of a batch row (hour, meter, shard first)."""
+    return scope_of(row[1], row[2], row[0])
+
+
 def _packed(frames: Frames, rows: Sequence[BatchRow]) -> list[BatchRow]:
-    return [(*r[:7], frames.pack(scope_of(r[1], r[2], r[0]), r[7])) for r in rows]
+    return [(*r[:7], frames.pack(row_scope(r), r[7])) for r in rows]
 
 
 class Repository:

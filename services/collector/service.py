@@ -23,8 +23,8 @@ from prometheus_client import Counter, Histogram
 
 from services.collector.cf_client import CFClient
 from services.collector.meters import DEFAULT_METERS, Hierarchy, Meter, MeterResult, RawMeasurement, read_hierarchy
-from services.collector.repository import Repository
-from shared.blobs import Frames, scope_of
+from services.collector.repository import Repository, row_scope
+from shared.blobs import Frames
 from shared import ids
 from shared.clock import as_utc, hour_floor, utcnow
 from shared.batches import Item, Measurements, encode_measurements, measurement_batches, read_as_written, shard_key
@@ -188,12 +188,8 @@ class Collector:
         count = sum(len(its) for its in items.values())
 
         t_store = time.perf_counter()
-        seeds: dict[str, bytes] = {}
-        for r in rows:  # a shard's first batch of a month is its frame (shared/blobs.py)
-            scope = scope_of(r[1], r[2], r[0])
-            if scope not in seeds and self.repo.frames.lacks(scope):
-                seeds[scope] = r[7]
-        await self.repo.frames.ensure(self.pool, seeds)
+        # a shard's first batch of a month is its frame (shared/blobs.py)
+        await self.repo.frames.ensure_first(self.pool, rows, row_scope, lambda r: r[7])
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 if not await self.repo.insert_reading(conn, reading_id, hour, kind, taken_at, count, errors):

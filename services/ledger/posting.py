@@ -49,7 +49,7 @@ from services.ledger.domain import (
     usage_transaction,
 )
 from shared.batches import CONFLICT, Charges, Price, Ref, ShardKey, encode_charges, hour_text
-from shared.blobs import Frames, scope_of
+from shared.blobs import Frames, shard_scope
 from shared.clock import billing_month
 from shared.ids import charge_id, measurement_id, uuid7
 
@@ -119,12 +119,7 @@ def change_mark(key: ShardKey, resource_id: str, revision: int) -> int:
 async def ensure_frames(frames: Frames, pool: repo.Conn, batches: Sequence[Charges]) -> None:
     """Frames for the shards of ``batches`` that have none at hand, seeded with a batch of each (its resource
     ids and names are what the shard's documents repeat). Called before the posting's transaction."""
-    seeds: dict[str, bytes] = {}
-    for c in batches:
-        scope = scope_of(c.meter, c.shard, c.reading_hour)
-        if scope not in seeds and frames.lacks(scope):
-            seeds[scope] = encode_charges(c)
-    await frames.ensure(pool, seeds)
+    await frames.ensure_first(pool, batches, shard_scope, encode_charges)
 
 
 def batch_months(batches: Sequence[Charges]) -> set[date]:

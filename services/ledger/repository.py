@@ -26,7 +26,7 @@ from services.ledger.domain import (
     UsageAmount,
 )
 from shared.batches import ShardKey
-from shared.blobs import Frames, scope_of
+from shared.blobs import Frames, shard_scope
 
 Conn = asyncpg.Connection | Any  # a pool proxy is an asyncpg connection too
 
@@ -38,10 +38,6 @@ _SHARD_KEYS = "unnest($1::timestamptz[], $2::text[], $3::int2[]) AS k(reading_ho
 def _key_arrays(keys: Iterable[ShardKey]) -> tuple[list[datetime], list[str], list[int]]:
     ks = sorted(set(keys))
     return [k.reading_hour for k in ks], [k.meter for k in ks], [k.shard for k in ks]
-
-
-def _scope(key: ShardKey) -> str:
-    return scope_of(key.meter, key.shard, key.reading_hour)
 
 
 async def lock_shard_states(conn: Conn, frames: Frames, keys: Iterable[ShardKey]) -> dict[ShardKey, bytes]:
@@ -68,7 +64,7 @@ async def save_shard_states(conn: Conn, frames: Frames, rows: Sequence[tuple[Sha
            ON CONFLICT (reading_hour, meter, shard) DO UPDATE
               SET posted = EXCLUDED.posted, revisions = EXCLUDED.revisions, items = EXCLUDED.items""",
         [r[0].reading_hour for r in rows], [r[0].meter for r in rows], [r[0].shard for r in rows],
-        [r[1] for r in rows], [r[2] for r in rows], [frames.pack(_scope(r[0]), r[3]) for r in rows],
+        [r[1] for r in rows], [r[2] for r in rows], [frames.pack(shard_scope(r[0]), r[3]) for r in rows],
     )
 
 
@@ -82,7 +78,7 @@ async def insert_shard_states(conn: Conn, frames: Frames, rows: Sequence[tuple[S
            SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int2[], $4::int4[], $5::int8[], $6::bytea[])
            ON CONFLICT DO NOTHING""",
         [r[0].reading_hour for r in rows], [r[0].meter for r in rows], [r[0].shard for r in rows],
-        [r[1] for r in rows], [r[2] for r in rows], [frames.pack(_scope(r[0]), r[3]) for r in rows],
+        [r[1] for r in rows], [r[2] for r in rows], [frames.pack(shard_scope(r[0]), r[3]) for r in rows],
     )
     return int(status.split()[-1])
 
@@ -115,7 +111,7 @@ async def save_held(
                   SET held = EXCLUDED.held, revisions = EXCLUDED.revisions, items = EXCLUDED.items, held_at = now()""",
             [r[0].reading_hour for r in rows], [r[0].meter for r in rows], [r[0].shard for r in rows],
             [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
-            [frames.pack(_scope(r[0]), r[4]) for r in rows],
+            [frames.pack(shard_scope(r[0]), r[4]) for r in rows],
         )
     if gone:
         await conn.execute(
@@ -140,7 +136,7 @@ async def insert_held(conn: Conn, frames: Frames, rows: Sequence[tuple[ShardKey,
            ON CONFLICT DO NOTHING""",
         [r[0].reading_hour for r in rows], [r[0].meter for r in rows], [r[0].shard for r in rows],
         [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
-            [frames.pack(_scope(r[0]), r[4]) for r in rows],
+            [frames.pack(shard_scope(r[0]), r[4]) for r in rows],
     )
     return int(status.split()[-1])
 

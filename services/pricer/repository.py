@@ -20,7 +20,7 @@ import asyncpg
 
 from services.pricer.pricing import Price
 from shared.batches import ShardKey
-from shared.blobs import Frames, scope_of
+from shared.blobs import Frames, shard_scope
 
 __all__ = [
     "lock_catalog_shared",
@@ -252,7 +252,7 @@ async def insert_batches(conn: asyncpg.Connection, frames: Frames, rows: Sequenc
     if not rows:
         return
     records = [
-        (k.reading_hour, k.meter, k.shard, seq, n, p, u, r, pub, frames.pack(scope_of(k.meter, k.shard, k.reading_hour), msg))
+        (k.reading_hour, k.meter, k.shard, seq, n, p, u, r, pub, frames.pack(shard_scope(k), msg))
         for k, seq, n, p, u, r, pub, msg in rows
     ]
     try:

@@ -59,7 +59,7 @@ from shared.batches import (
     shard_key,
     subset,
 )
-from shared.blobs import Frames, scope_of
+from shared.blobs import Frames, shard_scope
 from shared.clock import utcnow
 from shared.ids import charge_id, measurement_id, uuid7
 from shared.kafka import Outgoing, Received, Stream
@@ -200,12 +200,8 @@ class Pricer:
         unpriced_rows: list[tuple[ShardKey, str]] = []
         hours: list[tuple[UUID, datetime]] = []
         counts = {"priced": 0, "unpriced": 0, "republished": 0, "conflicts": 0}
-        seeds: dict[str, bytes] = {}
-        for m in messages:  # a shard's first readings seed its frame (the names and ids its charges repeat)
-            scope = scope_of(m.meter, m.shard, m.reading_hour)
-            if scope not in seeds and self.frames.lacks(scope):
-                seeds[scope] = encode_measurements(m)
-        await self.frames.ensure(self._pool, seeds)
+        # a shard's first readings seed its frame (the names and ids its charges repeat)
+        await self.frames.ensure_first(self._pool, messages, shard_scope, encode_measurements)
         async with self._pool.acquire() as conn:
             async with conn.transaction():
                 await repository.lock_catalog_shared(conn)
