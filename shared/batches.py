@@ -34,7 +34,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated, Generic, Literal, NamedTuple, TypeVar
+from typing import Annotated, Any, Generic, Literal, NamedTuple, TypeVar
 
 import msgspec
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -228,14 +228,10 @@ def _loose(struct: type[msgspec.Struct], name: str) -> type[msgspec.Struct]:
     """``struct`` with its item columns of plain ints and strings: what a batch with a bad item is read as,
     so that its bad items can be found and refused one by one."""
     plain = {"resource_id": list[str], "resource_name": list[str], "estimated": list[bool]}
-    fields = [
-        (f, plain.get(f, list[int]) if f in _CHARGE_COLUMNS else t, msgspec.field(default=d))
-        if d is not msgspec.NODEFAULT
-        else (f, plain.get(f, list[int]) if f in _CHARGE_COLUMNS else t)
-        for f, t, d in (
-            (f.name, f.type, f.default) for f in msgspec.structs.fields(struct)
-        )
-    ]
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+    for f in msgspec.structs.fields(struct):
+        kind = plain.get(f.name, list[int]) if f.name in _CHARGE_COLUMNS else f.type
+        fields.append((f.name, kind) if f.default is msgspec.NODEFAULT else (f.name, kind, f.default))
     return msgspec.defstruct(name, fields, frozen=True, forbid_unknown_fields=True, gc=False)
 
 
@@ -245,8 +241,8 @@ _CHARGE_COLUMNS = (*_MEASUREMENT_COLUMNS, "revision", "price", "amount_numerator
 # tables, so the org's and the space's names too: stricter than ``content``, which compares across messages).
 _MEASUREMENT_FACTS = ("org", "space", "kind", "value", "estimated")
 _CHARGE_FACTS = (*_MEASUREMENT_FACTS, "revision", "price", "amount_numerator", "amount_denominator")
-_DECODERS = {Measurements: msgspec.json.Decoder(Measurements), Charges: msgspec.json.Decoder(Charges)}
-_LOOSE_DECODERS = {
+_DECODERS: dict[type, msgspec.json.Decoder[Any]] = {Measurements: msgspec.json.Decoder(Measurements), Charges: msgspec.json.Decoder(Charges)}
+_LOOSE_DECODERS: dict[type, msgspec.json.Decoder[Any]] = {
     Measurements: msgspec.json.Decoder(_loose(Measurements, "LooseMeasurements")),
     Charges: msgspec.json.Decoder(_loose(Charges, "LooseCharges")),
 }
@@ -446,7 +442,7 @@ def _columns_ok(msg: Measurements | Charges, charges: bool, parsed_strictly: boo
 def read_as_written(raw: bytes, struct: type[B]) -> B:
     """A batch as written, its items unchecked: for tools and tests that look at what a DLQ holds (a
     refused item does not pass ``struct``'s own decoder). Raises msgspec's errors on anything else."""
-    return _LOOSE_DECODERS[struct].decode(raw)  # type: ignore[no-any-return]
+    return _LOOSE_DECODERS[struct].decode(raw)  # type: ignore[no-any-return]  # attribute-compatible with struct
 
 
 def subset(msg: B, positions: Sequence[int]) -> B:
