@@ -43,33 +43,33 @@ from shared.contracts import MAX_ITEMS, SHARDS, ChargesComputed, MeasurementsTak
 from shared.ids import NAMESPACE
 
 __all__ = [
-    "SHARDS",
-    "MAX_ITEMS",
+    "CONFLICT",
     "MAX_INT",
-    "ShardKey",
-    "shard_of",
-    "shard_key",
-    "hour_text",
-    "measurements_id",
-    "charges_id",
-    "Ref",
-    "Price",
-    "Measurements",
+    "MAX_ITEMS",
+    "SHARDS",
+    "BatchRejected",
     "Charges",
     "Decoded",
-    "BatchRejected",
-    "CONFLICT",
+    "Item",
+    "Measurements",
+    "Price",
+    "Ref",
+    "ShardKey",
+    "charges_id",
     "content",
     "content_differences",
-    "decode_measurements",
     "decode_charges",
-    "encode_measurements",
-    "Item",
-    "measurement_batches",
-    "encode_charges",
-    "read_as_written",
-    "subset",
+    "decode_measurements",
     "describe_error",
+    "encode_charges",
+    "encode_measurements",
+    "hour_text",
+    "measurement_batches",
+    "measurements_id",
+    "read_as_written",
+    "shard_key",
+    "shard_of",
+    "subset",
 ]
 
 MAX_INT = 2**62
@@ -241,7 +241,10 @@ _CHARGE_COLUMNS = (*_MEASUREMENT_COLUMNS, "revision", "price", "amount_numerator
 # tables, so the org's and the space's names too: stricter than ``content``, which compares across messages).
 _MEASUREMENT_FACTS = ("org", "space", "kind", "value", "estimated")
 _CHARGE_FACTS = (*_MEASUREMENT_FACTS, "revision", "price", "amount_numerator", "amount_denominator")
-_DECODERS: dict[type, msgspec.json.Decoder[Any]] = {Measurements: msgspec.json.Decoder(Measurements), Charges: msgspec.json.Decoder(Charges)}
+_DECODERS: dict[type, msgspec.json.Decoder[Any]] = {
+    Measurements: msgspec.json.Decoder(Measurements),
+    Charges: msgspec.json.Decoder(Charges),
+}
 _LOOSE_DECODERS: dict[type, msgspec.json.Decoder[Any]] = {
     Measurements: msgspec.json.Decoder(_loose(Measurements, "LooseMeasurements")),
     Charges: msgspec.json.Decoder(_loose(Charges, "LooseCharges")),
