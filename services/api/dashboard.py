@@ -28,7 +28,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +53,7 @@ from services.api.views import (
     LedgerFact,
     burn_rate,
     burn_view,
+    burn_window,
     days_text,
     next_month,
     ny_text,
@@ -435,12 +436,15 @@ class Dashboard:
             request, "customers.html", principal=principal, items=items, next_after=more, as_of=iso(now)
         )
 
-    async def _facts(self, conn: asyncpg.Connection, customer_id: UUID) -> list[LedgerFact]:
+    async def _facts(
+        self, conn: asyncpg.Connection, customer_id: UUID, start: datetime, end: datetime
+    ) -> list[LedgerFact]:
+        """The customer's transactions that occurred in [start, end) (the burn-down's window)."""
         facts: list[LedgerFact] = []
         before: tuple[datetime, UUID] | None = None
         while True:
             rows = await repo.transactions_page(
-                conn, customer_id, before=before, limit=ROWS, types=None, start=None, end=None
+                conn, customer_id, before=before, limit=ROWS, types=None, start=start, end=end
             )
             facts.extend(LedgerFact(r["occurred_at"], r["type"], r["bucket"], r["signed_amount"]) for r in rows)
             if len(rows) < ROWS:
@@ -472,7 +476,10 @@ class Dashboard:
         async with self.api.runtime.pool.acquire() as conn:
             await self.api._ensure_visible(conn, principal, customer_id)
             balance = balance_from_buckets(await repo.bucket_sums(conn, customer_id, now))
-            facts = await self._facts(conn, customer_id)
+            # Bounded work: only the burn-down's window is read row by row; what came before is summed.
+            window_start, window_end = burn_window(now)
+            facts = await self._facts(conn, customer_id, window_start, window_end)
+            opening = await repo.bucket_sums(conn, customer_id, window_start - timedelta(microseconds=1))
             usage_times = [f.occurred_at for f in facts if f.type in ("usage", "late_usage")]
             month = month_arg or (ny_month(max(usage_times)) if usage_times else ny_month(now))
             rows = await self._usage(conn, customer_id, month, "space" if org else "org")
@@ -493,7 +500,7 @@ class Dashboard:
             rate_end=ny_text(rate.end) if rate else "",
             rate_days=days_text(rate.days) if rate else "",
             runout=runout.astimezone(BUSINESS_TZ).date().isoformat() if runout else "",
-            burn=burn_view(facts, balance, rate, runout, now),
+            burn=burn_view(facts, balance, rate, runout, now, opening),
             month=month,
             month_text=f"{month:%B %Y}",
             month_code=f"{month:%Y-%m}",

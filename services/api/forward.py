@@ -133,6 +133,21 @@ class Forwarder:
             detail = f"the {service} answered {path} with something that is not JSON"
             raise UpstreamError(502, "Bad Gateway", detail) from None
 
+    async def exists(self, service: str, path: str, *, token: str) -> bool:
+        """Whether ``service`` has the thing at ``path``: True on 200, False on 404; UpstreamError otherwise."""
+        try:
+            resp = await self._client.get(
+                self._bases[service] + path, headers={"accept": "application/json", "authorization": f"Bearer {token}"}
+            )
+        except httpx.TimeoutException:
+            raise UpstreamError(504, "Gateway Timeout", f"the {service} did not answer in time") from None
+        except httpx.HTTPError as exc:
+            log.warning("internal query failed", extra={"upstream": service, "path": path, "error": repr(exc)})
+            raise UpstreamError(502, "Bad Gateway", f"the {service} service cannot be reached") from None
+        if resp.status_code in (200, 404):
+            return resp.status_code == 200
+        raise UpstreamError(502, "Bad Gateway", f"the {service} answered {resp.status_code} to {path}")
+
     async def send(
         self,
         service: str,

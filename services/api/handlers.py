@@ -25,7 +25,7 @@ from starlette.responses import Response
 
 from services.api import audit, completeness, dead_letters, projector, schemas
 from services.api import repository as repo
-from services.api.cache import TtlCache
+from services.api.cache import SingleFlight, TtlCache
 from services.api.forward import Forwarder, UpstreamError, admin_operations
 from services.api.freshness import Freshness
 from services.api.schemas import (
@@ -49,6 +49,7 @@ from services.api.schemas import (
     UsageQuery,
 )
 from services.api.service import (
+    UsageRange,
     UsageRangeError,
     amount_fields,
     balance_from_buckets,
@@ -102,6 +103,7 @@ class Api:
         self._clients: list[httpx.AsyncClient] = []
         self.access_cache: TtlCache[tuple[bool, bool]] = TtlCache(settings.query_cache_seconds)
         self.usage_cache: TtlCache[bytes] = TtlCache(settings.query_cache_seconds, max_entries=2_000)
+        self.usage_flights: SingleFlight[bytes] = SingleFlight()  # identical usage queries computed once
         self.projector: projector.Projector | None = None
         self.declare(runtime)
         self.freshness = Freshness()
@@ -276,6 +278,21 @@ class Api:
         pos = Cursor.decode(q.cursor, scope, (str, str, str))
         after = (_cursor_period(q.granularity, pos[0]), pos[1], pos[2]) if pos else None
         await self._ensure_visible(None, call.caller, customer_id)
+        body = await self.usage_flights.run(
+            cache_key, lambda: self._usage_body(customer_id, q, rng, scope, after, cache_key)
+        )
+        return Response(body, media_type="application/json")
+
+    async def _usage_body(
+        self,
+        customer_id: UUID,
+        q: UsageQuery,
+        rng: UsageRange,
+        scope: str,
+        after: tuple[date | datetime, str, str] | None,
+        cache_key: tuple[UUID, bytes],
+    ) -> bytes:
+        """The usage answer's bytes (computed once for identical queries that arrive together, then cached)."""
         async with self.runtime.pool.acquire() as conn:
             rows = await repo.usage_page(
                 conn,
@@ -315,7 +332,7 @@ class Api:
             }
         )
         self.usage_cache.put(cache_key, body)
-        return Response(body, media_type="application/json")
+        return body
 
     async def transactions(self, call: Call) -> Response:
         customer_id = call.path_as(CustomerPath).customer_id
@@ -379,6 +396,18 @@ class Api:
 
     async def grant(self, call: Call) -> Response:
         body = call.body_as(EntitlementIn)
+        async with self.runtime.pool.acquire() as conn:
+            known, _ = await repo.access(conn, body.customer_id, call.caller.subject)
+        # Only to a customer that exists: the read model may not have seen a new one yet, so the ledger (its
+        # owner) is asked when the read model does not know it.
+        if not known:
+            try:
+                path = f"/internal/customers/{body.customer_id}"
+                known = await self._forwarder().exists("ledger", path, token=call.caller.token)
+            except UpstreamError as exc:
+                raise ProblemError(GATEWAY_TIMEOUT if exc.status == 504 else BAD_GATEWAY, exc.detail) from None
+            if not known:
+                raise ProblemError(NOT_FOUND, f"no such customer: {body.customer_id}")
         async with self.runtime.pool.acquire() as conn:
             row, created = await repo.grant_entitlement(conn, body.subject, body.customer_id, call.caller.subject)
         self.access_cache.clear()  # at once on this instance; others within query_cache_seconds

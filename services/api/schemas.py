@@ -402,6 +402,11 @@ GRANT = _admin(
     "POST", "/admin/entitlements", "Entitle a subject to read a customer (idempotent)",
     {201: Answer(Entitlement, "Created"), 200: Answer(Entitlement, "It existed already")},
     body=EntitlementIn, command="api.entitlement.grant",
+    refusals={
+        404: "No such customer (neither the read model nor the ledger knows it).",
+        502: "The ledger cannot be reached to check a customer the read model does not know yet.",
+        504: "The ledger did not answer in time.",
+    },
 )
 REVOKE = _admin(
     "DELETE", "/admin/entitlements", "Take an entitlement away", {204: Answer(None, "Removed")},

@@ -11,9 +11,9 @@ the run-out date. No projection when nothing was used in that window, or when no
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from fractions import Fraction
 from typing import Any
 from urllib.parse import urlencode
@@ -33,6 +33,7 @@ __all__ = [
     "LedgerFact",
     "burn_rate",
     "burn_view",
+    "burn_window",
     "daily_remaining",
     "days_text",
     "next_month",
@@ -49,6 +50,7 @@ DAY = timedelta(days=1)
 BURN_WINDOW = timedelta(days=30)
 MAX_PROJECTION = timedelta(days=366 * 50)  # beyond this a run-out date says nothing useful
 CHART_AHEAD = timedelta(days=366)  # the burn-down's axis reaches at most this far past today
+BURN_HISTORY = timedelta(days=366)  # ... and at most this far back: the days drawn and the rows read are bounded
 MAX_SERIES = len(PALETTE)  # more orgs (spaces) than colours: the smallest share one "other" colour
 
 
@@ -66,10 +68,13 @@ def _days(first: date, last: date) -> list[date]:
     return [first + timedelta(days=i) for i in range((last - first).days + 1)]
 
 
-def daily_remaining(facts: Iterable[LedgerFact], first: date, last: date) -> list[int]:
+def daily_remaining(
+    facts: Iterable[LedgerFact], first: date, last: date, opening: Mapping[str, int] | None = None
+) -> list[int]:
     """Remaining microcredits at the end of each America/New_York day from ``first`` to ``last``: the
-    balance rule of the JSON API (``balance_from_buckets``) over the transactions that occurred by then."""
-    sums: dict[str, int] = defaultdict(int)
+    balance rule of the JSON API (``balance_from_buckets``) over the transactions that occurred by then.
+    ``opening`` is each bucket's sum of the transactions before those in ``facts`` (none: nothing before)."""
+    sums: dict[str, int] = defaultdict(int, opening or {})
     by_day: dict[date, list[LedgerFact]] = defaultdict(list)
     for f in facts:
         day = ny_day(f.occurred_at)
@@ -160,19 +165,39 @@ def usage_series(groups: Sequence[Group]) -> tuple[list[Series], dict[str, str]]
     return series, colours
 
 
+def ny_midnight(day: date) -> datetime:
+    """The UTC instant at which ``day`` begins in America/New_York."""
+    return datetime.combine(day, time(0), tzinfo=BUSINESS_TZ).astimezone(UTC)
+
+
+def burn_window(now: datetime) -> tuple[datetime, datetime]:
+    """The instants [start, end) whose transactions the burn-down reads: New York midnight ``BURN_HISTORY``
+    before today to the end of the day ``CHART_AHEAD`` after it (earlier ones count only as opening sums)."""
+    today = ny_day(now)
+    return ny_midnight(today - BURN_HISTORY), ny_midnight(today + CHART_AHEAD + DAY)
+
+
 def burn_view(
-    facts: Sequence[LedgerFact], balance: Balance, rate: BurnRate | None, runout: datetime | None, now: datetime
+    facts: Sequence[LedgerFact],
+    balance: Balance,
+    rate: BurnRate | None,
+    runout: datetime | None,
+    now: datetime,
+    opening: Mapping[str, int] | None = None,
 ) -> dict[str, Any] | None:
-    """The burn-down: remaining credits at the end of every day from the first transaction to today,
-    then the projection as a straight line to zero on the run-out day (or to the edge of the chart, a
-    year from today, when that is later)."""
-    if not facts:
+    """The burn-down: remaining credits at the end of every day from the first transaction (at most
+    ``BURN_HISTORY`` ago: ``opening`` holds the sums of what came before) to today, then the projection as
+    a straight line to zero on the run-out day (or to the edge of the chart, a year from today, when that
+    is later). At most ``BURN_HISTORY + CHART_AHEAD`` days are drawn, whatever the agreements' dates."""
+    if not facts and not any(opening or {}):
         return None
     today = ny_day(now)
-    first = min(ny_day(f.occurred_at) for f in facts)
-    last = max(today, max(ny_day(f.occurred_at) for f in facts))
+    start = today - BURN_HISTORY
+    first = start if any((opening or {}).values()) else min(ny_day(f.occurred_at) for f in facts)
+    first = max(first, start)
+    last = min(max([today, *(ny_day(f.occurred_at) for f in facts)]), today + CHART_AHEAD)
     days = _days(first, last)
-    remaining = daily_remaining(facts, first, last)
+    remaining = daily_remaining(facts, first, last, opening)
     end, projection = last, None
     if runout is not None and rate is not None:
         runout_day, edge = ny_day(runout), today + CHART_AHEAD

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from starlette.responses import Response
@@ -165,6 +165,7 @@ async def start(runtime: Runtime) -> None:
         s.topic(CHARGES),
         reprice_chunk=s.reprice_chunk,
         lock_timeout_ms=s.catalog_lock_timeout_ms,
+        horizon=timedelta(seconds=s.reading_hour_horizon_seconds),
     )
     runtime.state["pricer"] = pricer
     await pricer.flush_outbox()

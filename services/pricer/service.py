@@ -23,7 +23,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -61,6 +61,7 @@ from shared.batches import (
 )
 from shared.blobs import Frames, shard_scope
 from shared.clock import utcnow
+from shared.edge.params import EARLIEST
 from shared.ids import charge_id, measurement_id, uuid7
 from shared.kafka import Outgoing, Received, Stream
 from shared.money import display_credits
@@ -129,12 +130,14 @@ class Pricer:
         *,
         reprice_chunk: int = 200,
         lock_timeout_ms: int = 10_000,
+        horizon: timedelta = timedelta(days=1),
     ) -> None:
         self._pool = pool
         self._stream = stream
         self._topic = charges_topic
         self._chunk = reprice_chunk
         self._lock_timeout_ms = lock_timeout_ms
+        self._horizon = horizon
         self._catalog = Catalog((), version=0)
         self._swept_version = 0
         self.frames = Frames()  # the stored batches' compression frames (shared/blobs.py), for this database
@@ -158,7 +161,7 @@ class Pricer:
         rejects: list[tuple[Received[Measurements], str | BatchRejected]] = []
         work: list[Received[Measurements]] = []
         for r in batch:
-            why = _hour_problem(r.message.reading_hour)
+            why = _hour_problem(r.message.reading_hour, self._horizon)
             if why is None:
                 work.append(r)
             else:
@@ -175,7 +178,7 @@ class Pricer:
         valid: list[Received[Measurement]] = []
         for r in batch:
             m = r.message
-            why = _hour_problem(m.reading_hour)
+            why = _hour_problem(m.reading_hour, self._horizon)
             if why is None and measurement_id(m.reading_hour, m.meter, m.resource_id) != m.id:
                 why = "id is not shared.ids.measurement_id(reading_hour, meter, resource_id)"
             if why is None:
@@ -509,9 +512,16 @@ def _unpriced_documents(stored: Sequence[Charges], kind: str) -> list[dict[str, 
     return docs
 
 
-def _hour_problem(hour: datetime) -> str | None:
+def _hour_problem(hour: datetime, horizon: timedelta) -> str | None:
+    """Why a reading hour cannot be priced (None: it can): not a whole hour, or outside the window of
+    reading hours [2000-01-01, now + horizon] (README, "Bounds and limits")."""
     if hour.minute or hour.second or hour.microsecond:
         return "reading_hour must be a whole UTC hour (minute 0)"
+    if hour < EARLIEST:
+        return f"reading_hour {hour_text(hour)} is before {hour_text(EARLIEST)}"
+    latest = utcnow() + horizon
+    if hour > latest:
+        return f"reading_hour {hour_text(hour)} is later than the pricer's clock plus {horizon} ({latest.isoformat()})"
     return None
 
 

@@ -26,6 +26,13 @@ class PricerSettings(ServiceSettings):
     reprice_chunk: int = Field(
         default=2000, ge=1, le=50_000, description="Unpriced charges re-priced per transaction."
     )
+    reading_hour_horizon_seconds: int = Field(
+        default=86_400,
+        ge=3600,
+        le=31 * 86_400,
+        description="How far past the pricer's clock a measurement's reading_hour may be (clock skew between "
+        "collector and pricer); a later one, or one before 2000-01-01, goes to the DLQ.",
+    )
     catalog_lock_timeout_ms: int = Field(
         default=10_000, ge=100, description="How long a price change waits for in-flight batches before answering 503."
     )

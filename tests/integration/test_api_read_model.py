@@ -421,6 +421,12 @@ async def test_entitlements_grant_and_revoke_what_a_reader_sees(harness: ApiHarn
     assert (await h.client.get(f"/v1/customers/{B}/balance", headers=reader)).status_code == 404
     again = await h.client.delete("/admin/entitlements", params=entitlement, headers=h.admin)
     assert again.status_code == 404
+    # A customer the read model does not know: the ledger is asked; here it cannot be reached, so the grant
+    # is refused as such (502) and nothing is stored.
+    unknown = {"subject": "carol", "customer_id": "0190a000-0000-7000-8000-00000000dead"}
+    refused = await h.client.post("/admin/entitlements", json=unknown, headers=h.admin)
+    assert refused.status_code == 502 and refused.json()["type"].endswith("/bad-gateway"), refused.text
+    assert (await get(h, "/admin/entitlements", h.admin, subject="carol"))["items"] == []
 
 
 async def test_a_ledger_message_of_unknown_schema_goes_to_the_dlq_and_the_rest_is_applied(harness: ApiHarness) -> None:

@@ -198,6 +198,14 @@ async def test_commands_appear_in_the_audit_trail_with_the_subject_of_their_toke
         assert api_trail[2]["body"] == grant
         assert len(await listed()) == len(entries) + 3
 
+        # An entitlement only to a customer that exists: this one is new to the read model, so the ledger
+        # was asked (above: 201); one the ledger does not know either is refused and stores nothing.
+        nobody = {"subject": "carol", "customer_id": "0190a000-0000-7000-8000-00000000dead"}
+        refused = await c.post("/admin/entitlements", json=nobody, headers=admin)
+        assert refused.status_code == 404 and refused.json()["type"].endswith("/not-found"), refused.text
+        assert nobody["customer_id"] in refused.json()["detail"]
+        assert (await c.get("/admin/entitlements", params={"subject": "carol"}, headers=admin)).json()["items"] == []
+
 
 async def test_a_command_timed_out_at_the_api_and_sent_again_with_its_key_funds_once(
     infra: Infra, database: Database, topic_prefix: str, issuer: LocalIssuer

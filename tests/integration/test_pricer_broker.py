@@ -309,6 +309,9 @@ async def test_v1_readings_are_still_priced_exactly_and_bad_ones_go_to_their_dlq
         v1("app-v2", 1).model_dump_json().encode().replace(b'"schema_version":1', b'"schema_version":2'),
         v1("app-id", 1).model_copy(update={"id": ids.measurement_id(HOUR, "cfapps", "x")}).model_dump_json().encode(),
         v1("app-half", 1).model_copy(update={"reading_hour": HOUR + timedelta(minutes=30)}).model_dump_json().encode(),
+        # reading hours outside [2000-01-01, now + a day]: never priced, whatever their ids
+        v1("app-2100", 1, hour=datetime(2100, 1, 1, tzinfo=UTC)).model_dump_json().encode(),
+        v1("app-1999", 1, hour=datetime(1999, 12, 31, 23, tzinfo=UTC)).model_dump_json().encode(),
     ]
     async with running(app, issuer) as http:
         assert (await http.post("/internal/prices", json=PRICE)).status_code == 201
@@ -338,6 +341,8 @@ async def test_v1_readings_are_still_priced_exactly_and_bad_ones_go_to_their_dlq
     assert "schema_version" in reasons[2]
     assert "measurement_id" in reasons[3]
     assert "whole UTC hour" in reasons[4]
+    assert reasons[5].startswith("reading_hour 2100-01-01T00:00:00Z is later than the pricer's clock plus 1 day")
+    assert reasons[6] == "reading_hour 1999-12-31T23:00:00Z is before 2000-01-01T00:00:00Z"
     assert all("dlq.items" not in dict(r.headers) for r in dead)
 
 

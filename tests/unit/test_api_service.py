@@ -4,6 +4,7 @@ answered (strict parameter parsing: tests/unit/test_edge.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, date, datetime
 from fractions import Fraction
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.api.cache import TtlCache
+from services.api.cache import SingleFlight, TtlCache
 from services.api.charges import ResourceDoc, Rollup, ShardDoc, contributions
 from services.api.service import (
     UsageRangeError,
@@ -241,6 +242,34 @@ def test_the_ttl_cache_forgets_after_its_time_and_can_be_off() -> None:
     off: TtlCache[str] = TtlCache(0)
     off.put("a", "1")
     assert off.get("a") is None
+
+
+async def test_identical_queries_that_arrive_together_share_one_computation() -> None:
+    flights: SingleFlight[str] = SingleFlight()
+    calls: list[str] = []
+    gate = asyncio.Event()
+
+    async def compute(key: str) -> str:
+        calls.append(key)
+        await gate.wait()
+        if key == "bad":
+            raise ValueError("no such range")
+        return f"answer {key} #{calls.count(key)}"
+
+    waiting = [asyncio.ensure_future(flights.run(k, lambda k=k: compute(k))) for k in ["a"] * 50 + ["b"] * 3]
+    failing = [asyncio.ensure_future(flights.run("bad", lambda: compute("bad"))) for _ in range(2)]
+    while len(calls) < 3:  # every computation under way, waiting at the gate
+        await asyncio.sleep(0)
+    waiting[0].cancel()  # the first caller goes away: the others still get the answer
+    gate.set()
+    answers = await asyncio.gather(*waiting[1:])
+    assert sorted(calls) == ["a", "b", "bad"]  # one computation per key, not 55
+    assert set(answers[:49]) == {"answer a #1"} and set(answers[49:]) == {"answer b #1"}
+    for f in failing:
+        with pytest.raises(ValueError, match="no such range"):
+            await f
+    assert len(flights) == 0
+    assert await flights.run("a", lambda: compute("a")) == "answer a #2"  # done: the next call computes anew
 
 
 def test_periods_are_cached_but_not_shared_mutably() -> None:

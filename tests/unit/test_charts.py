@@ -31,7 +31,18 @@ from services.api.charts import (
     stacked_bars,
     tick_label,
 )
-from services.api.views import MAX_SERIES, Group, LedgerFact, burn_rate, daily_remaining, run_out, usage_series
+from services.api.service import Balance
+from services.api.views import (
+    MAX_SERIES,
+    Group,
+    LedgerFact,
+    burn_rate,
+    burn_view,
+    burn_window,
+    daily_remaining,
+    run_out,
+    usage_series,
+)
 
 SVG = "{http://www.w3.org/2000/svg}"
 CSS = Path(__file__).resolve().parents[2] / "services" / "api" / "static" / "dashboard.css"
@@ -304,6 +315,30 @@ def test_daily_remaining_counts_each_days_transactions_by_new_york_day():
     first = date(2026, 9, 1)
     assert daily_remaining(facts, first, date(2026, 9, 5)) == [90, 85, 85, 65, 65]
     assert daily_remaining(facts, date(2026, 9, 2), date(2026, 9, 2)) == [85]  # earlier days count as the start
+
+
+def test_the_burn_down_draws_a_bounded_window_whatever_the_agreements_dates():
+    now = datetime(2026, 9, 15, 16, tzinfo=UTC)
+    start, end = burn_window(now)
+    # New York midnights: a year and a day back (2025-09-14 is EDT) and a year and a day ahead (EDT too)
+    assert start == datetime(2025, 9, 14, 4, tzinfo=UTC)
+    assert end == datetime(2027, 9, 17, 4, tzinfo=UTC)
+    # Funded in 2000 (only its sum is read: the opening), used in the window, a funding far ahead ignored
+    # past the chart's edge: 366 days back + today + 366 ahead at most.
+    opening = {"funded": 5_000_000, "used": 1_000_000}
+    facts = [fact(now - timedelta(days=3), "usage", 250_000), fact(end - timedelta(hours=1), "funding", 7)]
+    view = burn_view(facts, Balance(5_000_000, 1_250_000, 0), None, None, now, opening)
+    assert view is not None
+    days = [d for d, _ in view["rows"]]
+    assert days[0] == date(2025, 9, 14) and days[-1] == date(2027, 9, 16) and len(days) == 366 + 1 + 366
+    remaining = dict(view["rows"])
+    assert remaining[date(2025, 9, 14)] == 4_000_000  # the opening sums, before anything in the window
+    assert remaining[date(2026, 9, 12)] == 3_750_000
+    assert remaining[date(2027, 9, 16)] == 3_750_007
+    # nothing in the window and nothing before: no chart; only an opening: a flat line from the window start
+    assert burn_view([], Balance(0, 0, 0), None, None, now, {}) is None
+    flat = burn_view([], Balance(9, 0, 0), None, None, now, {"funded": 9})
+    assert flat is not None and {r for _, r in flat["rows"]} == {9} and len(flat["rows"]) == 367
 
 
 def test_burn_rate_averages_the_30_days_up_to_the_last_posted_usage():
