@@ -128,7 +128,7 @@ def charges_id(hour: datetime, meter: str, shard: int, resource_ids: Sequence[st
     """The id of a charges batch: uuid5 of its hour, meter, shard and the (resource, revision) pairs (the
     resources' digest and the one revision, when they all have the same)."""
     first = revisions[0] if revisions else 1
-    if revisions.count(first) == len(revisions):  # type: ignore[attr-defined]
+    if revisions.count(first) == len(revisions):
         content = f"{_digest(resource_ids)}#{first}"
     else:
         content = _digest([f"{r}#{v}" for r, v in zip(resource_ids, revisions, strict=True)])

@@ -85,7 +85,7 @@ TRANSIENT = (
 
 def retry_delay(attempt: int) -> float:
     """Seconds before retrying a transient failure for the ``attempt``-th time: doubling, at most 30."""
-    return min(30.0, 0.2 * 2 ** min(attempt, 8))
+    return min(30.0, 0.2 * 2.0 ** min(attempt, 8))
 
 
 def encode(model: BaseModel) -> bytes:
@@ -211,8 +211,8 @@ class _Subscription:
         self.consumer: AIOKafkaConsumer | None = None
 
     async def __call__(self, message: KafkaMessage) -> None:
-        records: tuple[ConsumerRecord[bytes, bytes], ...] = message.raw_message  # type: ignore[assignment]
-        consumer: AIOKafkaConsumer = message.consumer  # type: ignore[assignment]
+        records: tuple[ConsumerRecord[bytes, bytes], ...] = message.raw_message
+        consumer: AIOKafkaConsumer = message.consumer
         self.consumer = consumer
         if not records:
             return

@@ -28,6 +28,7 @@ from shared.blobs import Frames
 from shared import ids
 from shared.clock import as_utc, hour_floor, utcnow
 from shared.batches import Item, Measurements, encode_measurements, measurement_batches, read_as_written, shard_key
+from shared.db import Conn
 from shared.kafka import Outgoing, Publisher
 
 __all__ = ["Collector", "ReadingOutcome", "estimate", "GapPolicy"]
@@ -225,7 +226,7 @@ class Collector:
         return item, problem
 
     async def _fill_gaps(
-        self, conn: asyncpg.Connection, hour: datetime, runs: list[tuple[str, bool, str | None]],
+        self, conn: Conn, hour: datetime, runs: list[tuple[str, bool, str | None]],
         items: dict[tuple[str, str], list[Item]], errors: list[str], taken_at: datetime,
     ) -> int:
         rows: list[tuple[Any, ...]] = []

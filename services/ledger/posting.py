@@ -51,6 +51,7 @@ from services.ledger.domain import (
 from shared.batches import CONFLICT, Charges, Price, Ref, ShardKey, encode_charges, hour_text
 from shared.blobs import Frames, shard_scope
 from shared.clock import billing_month
+from shared.db import Conn
 from shared.ids import charge_id, measurement_id, uuid7
 
 __all__ = [
@@ -92,7 +93,7 @@ class Posting:
     conflicts: list[tuple[int, int, str]] = field(default_factory=list)
 
 
-async def lock_open_months(conn: repo.Conn, months: Iterable[date]) -> frozenset[date]:
+async def lock_open_months(conn: Conn, months: Iterable[date]) -> frozenset[date]:
     """Take the shared lock of the month each of ``months`` posts into (itself, or the first open month
     after it when closed) and return the closed months, read once those locks are held: a month whose lock
     is held cannot be closed before this transaction ends."""
@@ -116,7 +117,7 @@ def change_mark(key: ShardKey, resource_id: str, revision: int) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=16).digest(), "big")
 
 
-async def ensure_frames(frames: Frames, pool: repo.Conn, batches: Sequence[Charges]) -> None:
+async def ensure_frames(frames: Frames, pool: asyncpg.Pool, batches: Sequence[Charges]) -> None:
     """Frames for the shards of ``batches`` that have none at hand, seeded with a batch of each (its resource
     ids and names are what the shard's documents repeat). Called before the posting's transaction."""
     await frames.ensure_first(pool, batches, shard_scope, encode_charges)
@@ -467,7 +468,7 @@ def _post_items(
 
 
 async def post_batches(
-    conn: repo.Conn,
+    conn: Conn,
     frames: Frames,
     batches: Sequence[Charges],
     now: datetime,
@@ -566,7 +567,7 @@ async def post_batches(
 
 
 async def _save(
-    conn: repo.Conn,
+    conn: Conn,
     frames: Frames,
     shards: dict[ShardKey, _Shard],
     groups: dict[GroupKey, int],
@@ -632,7 +633,7 @@ def allocate(
 
 
 async def record_transactions(
-    conn: repo.Conn, drafts: Sequence[TransactionDraft], now: datetime
+    conn: Conn, drafts: Sequence[TransactionDraft], now: datetime
 ) -> tuple[list[uuid.UUID], list[int]]:
     """Insert the drafts as transactions (new UUIDv7 ids) and their TransactionPosted messages into the
     outbox; returns (transaction ids, outbox ids)."""
@@ -647,7 +648,7 @@ async def record_transactions(
 
 
 async def raise_alerts(
-    conn: repo.Conn, books: Iterable[Book], drafts: Sequence[TransactionDraft], now: datetime
+    conn: Conn, books: Iterable[Book], drafts: Sequence[TransactionDraft], now: datetime
 ) -> list[messages.OutboxMessage]:
     """AlertRaised for each threshold an agreement drawn on by ``drafts`` reached for the first time."""
     drawn = {e.account_id for d in drafts for e in d.entries if e.side == "debit"}

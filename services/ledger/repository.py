@@ -27,8 +27,7 @@ from services.ledger.domain import (
 )
 from shared.batches import ShardKey
 from shared.blobs import Frames, shard_scope
-
-Conn = asyncpg.Connection | Any  # a pool proxy is an asyncpg connection too
+from shared.db import Conn
 
 # ---------------------------------------------------------------- posting: shard state, held charges, groups
 

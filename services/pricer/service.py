@@ -61,6 +61,7 @@ from shared.batches import (
 )
 from shared.blobs import Frames, shard_scope
 from shared.clock import utcnow
+from shared.db import Conn
 from shared.ids import charge_id, measurement_id, uuid7
 from shared.kafka import Outgoing, Received, Stream
 from shared.money import display_credits
@@ -139,7 +140,7 @@ class Pricer:
         self._swept_version = 0
         self.frames = Frames()  # the stored batches' compression frames (shared/blobs.py), for this database
 
-    async def _current_catalog(self, conn: asyncpg.Connection) -> Catalog:
+    async def _current_catalog(self, conn: Conn) -> Catalog:
         """The catalog as committed; reloaded only when its version moved. Call under the lock."""
         version = await repository.catalog_version(conn)
         if version != self._catalog.version:
@@ -248,7 +249,7 @@ class Pricer:
     # -- the catalog ------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _catalog_change(self) -> AsyncIterator[asyncpg.Connection]:
+    async def _catalog_change(self) -> AsyncIterator[Conn]:
         """A transaction holding the catalog lock exclusively: it waits for the in-flight batches to
         commit, but no longer than the lock timeout (then CatalogBusyError)."""
         async with self._pool.acquire() as conn:
