@@ -256,9 +256,9 @@ class _Shard:
         if self.fresh_groups is not None:
             orgs, prices, group_of = self.fresh_groups
             id_of = {op: groups[g] for op, g in group_of.items()}
-            ids = list(map(id_of.__getitem__, zip(orgs, prices, strict=True)))
+            ids: list[GroupKey | int] = list(map(id_of.__getitem__, zip(orgs, prices, strict=True)))
         else:
-            ids = list(map(groups.get, self.g, self.g))  # a group id maps to itself
+            ids = [g if isinstance(g, int) else groups.get(g, g) for g in self.g]  # a group id stays itself
         return orjson.dumps({"r": self.r, "v": self.v, "g": ids, "n": self.n, "d": self.d, "o": self.o, "os": self.os})
 
 
@@ -520,9 +520,9 @@ async def post_batches(
         groups = await repo.group_ids(conn, {g for g in acc if isinstance(g, tuple)})
         deltas: dict[int, dict[Line, dict[int, int]]] = defaultdict(lambda: defaultdict(dict))
         for g, bucket in acc.items():
-            lines = deltas[g if isinstance(g, int) else groups[g]]
+            by_line = deltas[g if isinstance(g, int) else groups[g]]
             for (line, den), num in bucket.items():
-                cell = lines[line]
+                cell = by_line[line]
                 cell[den] = cell.get(den, 0) + num
         rows = await repo.lock_groups(conn, deltas)
         updates, amounts = allocate({gid: (int(r["sum_num"]), int(r["sum_den"])) for gid, r in rows.items()}, deltas)

@@ -256,7 +256,8 @@ async def closed_months(conn: Conn) -> frozenset[date]:
 
 
 async def month_close(conn: Conn, month: date) -> datetime | None:
-    return await conn.fetchval("SELECT closed_at FROM month_closes WHERE month = $1", month)
+    closed_at: datetime | None = await conn.fetchval("SELECT closed_at FROM month_closes WHERE month = $1", month)
+    return closed_at
 
 
 async def insert_month_close(conn: Conn, month: date, closed_at: datetime) -> None:
@@ -265,7 +266,8 @@ async def insert_month_close(conn: Conn, month: date, closed_at: datetime) -> No
 
 async def first_activity(conn: Conn) -> datetime | None:
     """When the earliest transaction occurred (months before it need no statement)."""
-    return await conn.fetchval("SELECT min(occurred_at) FROM transactions")
+    first: datetime | None = await conn.fetchval("SELECT min(occurred_at) FROM transactions")
+    return first
 
 
 # ---------------------------------------------------------------- books: accounts and agreements
@@ -294,11 +296,11 @@ async def load_books(conn: Conn, customer_ids: Iterable[uuid.UUID]) -> dict[uuid
             pool_accounts[r["agreement_id"]] = acct
         books[r["customer_id"]].accounts[r["name"]] = acct
     for r in agreements:
-        acct = pool_accounts.get(r["id"])
-        if acct is None:
+        pool_acct = pool_accounts.get(r["id"])
+        if pool_acct is None:
             continue
         books[r["customer_id"]].pools.append(
-            Pool(r["id"], r["starts_at"], r["ends_at"], r["credits"], r["expired"], acct)
+            Pool(r["id"], r["starts_at"], r["ends_at"], r["credits"], r["expired"], pool_acct)
         )
     return books
 
@@ -472,6 +474,7 @@ async def insert_customer(
         customer_id,
         list(accounts),
     )
+    assert row is not None  # INSERT ... RETURNING answers its row or raises
     return row
 
 
@@ -522,6 +525,7 @@ async def assignments_around(conn: Conn, org_id: str, starts_at: datetime) -> tu
         org_id,
         starts_at,
     )
+    assert row is not None  # a SELECT of two scalar subqueries answers one row
     return row["before"], row["until"]
 
 
@@ -651,7 +655,8 @@ async def get_transaction(conn: Conn, transaction_id: uuid.UUID) -> asyncpg.Reco
 
 
 async def reversal_of(conn: Conn, transaction_id: uuid.UUID) -> uuid.UUID | None:
-    return await conn.fetchval("SELECT id FROM transactions WHERE reverses = $1", transaction_id)
+    reversal: uuid.UUID | None = await conn.fetchval("SELECT id FROM transactions WHERE reverses = $1", transaction_id)
+    return reversal
 
 
 async def transaction_entries(conn: Conn, transaction_id: uuid.UUID) -> list[Entry]:

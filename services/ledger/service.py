@@ -289,6 +289,7 @@ class LedgerService:
             amount = credits
             if amount is None:
                 tier = await repo.get_tier(conn, customer["tier"])
+                assert tier is not None  # customers.tier references tiers (name)
                 amount = int(tier["credits_per_period"])
             month = billing_month(starts_at)
             closed = closed_months_within(starts_at, None, await lock_open_months(conn, [month]))
@@ -307,6 +308,7 @@ class LedgerService:
             book.pools.append(pool)
             ids, outbox = await record_transactions(conn, [funding_transaction(book, pool, starts_at)], self._clock())
             row = await repo.get_agreement(conn, agreement_id)
+            assert row is not None  # inserted above, in this transaction
             return Result(_agreement(row) | {"funding_transaction_id": ids[0]}, outbox)
 
         return await self._retrying(work)
@@ -517,6 +519,7 @@ class LedgerService:
         row = await repo.get_transaction(conn, transaction_id)
         entries = await repo.transaction_entries(conn, transaction_id)
         usage = await repo.transaction_usage(conn, transaction_id)
+        assert row is not None  # callers pass a transaction they found or posted in this transaction
         body = dict(row)
         body["entries"] = [{"account": e.account, "side": e.side, "amount": e.amount} for e in entries]
         body["usage"] = [

@@ -131,6 +131,7 @@ async def insert_price(conn: Conn, price: Price) -> Price:
         price.valid_until,
     )
     await _bump_catalog_version(conn)
+    assert row is not None  # INSERT ... RETURNING answers its row or raises
     return _price(row)
 
 
@@ -168,6 +169,7 @@ async def end_price(conn: Conn, price_id: UUID, at: datetime) -> Price:
         at,
     )
     await _bump_catalog_version(conn)
+    assert row is not None  # the caller locked the price (get_price_for_update) in this transaction
     return _price(row)
 
 
