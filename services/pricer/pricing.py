@@ -22,6 +22,7 @@ from uuid import UUID
 
 from shared.batches import (
     MAX_INT,
+    B,
     Charges,
     Measurements,
     Price as PriceRef,
@@ -157,7 +158,7 @@ class Priced:
 
 
 def price_items(
-    m: Measurements | Charges,
+    m: B,
     positions: Sequence[int] | None,
     catalog: Catalog,
     priced_at: datetime,
