@@ -67,7 +67,7 @@ def nice_step(span: int, target: int = 5) -> int:
     if span <= 0:
         return MICROCREDITS_PER_CREDIT
     raw = -(-span // target)  # ceil(span / target), in integers
-    magnitude = 10 ** (len(str(raw)) - 1)
+    magnitude: int = 10 ** (len(str(raw)) - 1)
     for m in (1, 2, 5, 10):
         if m * magnitude >= raw:
             return m * magnitude
