@@ -66,7 +66,10 @@ class Repository:
             )
 
     async def last_ok_hour(self, conn: Conn, meter: str, before: datetime) -> datetime | None:
-        return await conn.fetchval("SELECT max(hour) FROM meter_runs WHERE meter = $1 AND ok AND hour < $2", meter, before)
+        last: datetime | None = await conn.fetchval(
+            "SELECT max(hour) FROM meter_runs WHERE meter = $1 AND ok AND hour < $2", meter, before
+        )
+        return last
 
     async def batches_at(self, conn: Conn, meter: str, hour: datetime) -> list[bytes]:
         """The stored batches (messages) of one meter and hour."""

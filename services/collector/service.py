@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import asyncpg
 import orjson
@@ -153,7 +153,8 @@ class Collector:
             errors.append(f"hierarchy: {hierarchy_or_exc}")
             hierarchy = Hierarchy()
         else:
-            hierarchy = hierarchy_or_exc
+            # gather types its results as one union (the hierarchy's and the meters'): the first is read_hierarchy's
+            hierarchy = cast(Hierarchy, hierarchy_or_exc)
 
         reading_id = ids.reading_id(hour)
         taken_at = utcnow()
