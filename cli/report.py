@@ -18,13 +18,16 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import httpx
 import orjson
 
 from shared.clock import month_bounds, parse_month
 from shared.money import display_credits
+
+if TYPE_CHECKING:
+    import typer
 
 __all__ = ["report", "register", "ReportError", "DEFAULT_API_URL"]
 
@@ -281,7 +284,7 @@ def report(
     return 0
 
 
-def register(app: Any) -> None:
+def register(app: typer.Typer) -> None:
     """Add the ``report`` command to a ``typer.Typer`` app."""
     import typer
 

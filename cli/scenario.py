@@ -142,9 +142,9 @@ def expected_posting(s: Scenario) -> Expected:
     by_price = {k: v.numerator // v.denominator for k, v in exact.items()}
     posted: dict[int, int] = defaultdict(int)
     by_meter_kind: dict[tuple[int, str, str], int] = defaultdict(int)
-    for (customer, (meter, kind, _)), amount in by_price.items():
-        posted[customer] += amount
-        by_meter_kind[(customer, meter, kind)] += amount
+    for (customer, (meter, kind, _)), microcredits in by_price.items():
+        posted[customer] += microcredits
+        by_meter_kind[(customer, meter, kind)] += microcredits
     return Expected(dict(posted), by_price, dict(by_meter_kind), held, total, dict(org_usage))
 
 
