@@ -66,7 +66,10 @@ async def migrate(conn: Conn, schema: str, directory: Path) -> list[str]:
                    checksum text NOT NULL,
                    applied_at timestamptz NOT NULL DEFAULT now())"""
         )
-        done = {r["version"]: r["checksum"] for r in await conn.fetch(f"SELECT version, checksum FROM {schema}.schema_migrations")}
+        done = {
+            r["version"]: r["checksum"]
+            for r in await conn.fetch(f"SELECT version, checksum FROM {schema}.schema_migrations")
+        }
         for path in files:
             version = path.stem
             sql = path.read_text()

@@ -50,17 +50,17 @@ from shared.metrics import (
 from shared.topics import dlq
 
 __all__ = [
-    "Outgoing",
-    "Publisher",
-    "encode",
-    "Received",
+    "TRANSIENT",
     "Decoder",
     "Handler",
+    "Outgoing",
+    "Publisher",
+    "Received",
     "Stream",
-    "TRANSIENT",
-    "model_decoder",
     "describe_error",
+    "encode",
     "group_lag",
+    "model_decoder",
     "retry_delay",
 ]
 
@@ -518,7 +518,10 @@ class Stream:
                 if self.stopping:
                     raise
                 delay = retry_delay(attempt)
-                log.warning("publish failed (transient); retrying", extra={"topic": topic, "error": repr(exc), "retry_in_s": delay})
+                log.warning(
+                    "publish failed (transient); retrying",
+                    extra={"topic": topic, "error": repr(exc), "retry_in_s": delay},
+                )
                 await asyncio.sleep(delay)
 
     async def ping(self) -> None:
