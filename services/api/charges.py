@@ -32,14 +32,14 @@ from shared.clock import BUSINESS_TZ, as_utc
 from shared.ids import charge_id, measurement_id
 
 __all__ = [
-    "ShardDoc",
-    "Rollup",
     "Part",
-    "contributions",
     "ResourceDoc",
+    "Rollup",
+    "ShardDoc",
+    "contributions",
+    "exact",
     "ny_day",
     "ny_month",
-    "exact",
 ]
 
 
@@ -220,9 +220,9 @@ class ResourceDoc:
     def add(self, entries: Sequence[ResourceEntries]) -> None:
         c = self.c
         rs, us, xs, ns, ds = c["r"], c["u"], c["x"], c["n"], c["d"]
-        at = {key: i for i, key in enumerate(zip(rs, us))}
+        at = {key: i for i, key in enumerate(zip(rs, us, strict=True))}
         taken_back: set[int] = set()
-        for rid, unit, x, n, d in (row for cols in entries for row in zip(*cols)):
+        for rid, unit, x, n, d in (row for cols in entries for row in zip(*cols, strict=True)):
             i = at.get((rid, unit))
             if i is None:
                 i = at[(rid, unit)] = len(rs)
@@ -308,7 +308,9 @@ class Rollup:
     def __bool__(self) -> bool:
         return bool(self.fine)
 
-    def add(self, key: ShardKey, doc: ShardDoc, positions: Iterable[int], customer_of_org: Sequence[UUID | None], sign: int) -> None:
+    def add(
+        self, key: ShardKey, doc: ShardDoc, positions: Iterable[int], customer_of_org: Sequence[UUID | None], sign: int
+    ) -> None:
         """Add (sign 1) or take back (sign -1) the items of ``doc`` at ``positions`` whose org has a
         customer (``customer_of_org``, by position in ``doc.orgs``)."""
         for org, part in contributions(doc, positions, sign).items():

@@ -316,7 +316,8 @@ def burn_down(bd: BurnDown, *, title: str, desc: str, id_prefix: str, width: int
         )
     points = " ".join(f"{px(d)},{_num(y(v))}" for d, v in zip(bd.days, bd.remaining, strict=True))
     lines.append(
-        f'<polyline class="actual" points="{points}" fill="none" stroke="{LINE}" stroke-width="2.5" stroke-linejoin="round"/>'
+        f'<polyline class="actual" points="{points}" fill="none" stroke="{LINE}" stroke-width="2.5" '
+        'stroke-linejoin="round"/>'
     )
     if bd.projection is not None:
         pday, pvalue = bd.projection

@@ -56,7 +56,9 @@ class Names:
     def _signature(c: Charges) -> tuple[object, ...]:
         return (c.orgs, c.spaces, c.kinds, c.resource_id, c.resource_name, c.org, c.space, c.kind)
 
-    def changed(self, batches: Sequence[Charges]) -> tuple[dict[str, str], dict[str, tuple[str, str]], dict[str, tuple[str, str, str, str, str]]]:
+    def changed(
+        self, batches: Sequence[Charges]
+    ) -> tuple[dict[str, str], dict[str, tuple[str, str]], dict[str, tuple[str, str, str, str, str]]]:
         orgs: dict[str, str] = {}
         spaces: dict[str, tuple[str, str]] = {}
         resources: dict[str, tuple[str, str, str, str, str]] = {}

@@ -24,35 +24,35 @@ from shared.blobs import Frames, shard_scope
 from shared.db import Conn
 
 __all__ = [
-    "lock_hours",
-    "lock_charge_shards",
-    "save_charge_shards",
-    "charge_shards_at",
-    "lock_resource_docs",
-    "save_resource_docs",
-    "resource_docs",
-    "customer_org_hours",
-    "resource_attrs",
-    "customers_of",
-    "apply_group_rollups",
-    "upsert_names",
-    "insert_org_hours",
-    "insert_customers",
-    "transactions_by_id",
-    "unreversed_with_amount",
-    "insert_transactions",
-    "upsert_statements",
-    "access",
-    "visible_customers",
-    "bucket_sums",
-    "transactions_page",
-    "statement",
     "UsageRow",
-    "usage_page",
-    "grant_entitlement",
+    "access",
+    "apply_group_rollups",
+    "bucket_sums",
+    "charge_shards_at",
+    "customer_org_hours",
+    "customers_of",
     "entitlements_page",
-    "revoke_entitlement",
+    "grant_entitlement",
+    "insert_customers",
+    "insert_org_hours",
+    "insert_transactions",
     "json_value",
+    "lock_charge_shards",
+    "lock_hours",
+    "lock_resource_docs",
+    "resource_attrs",
+    "resource_docs",
+    "revoke_entitlement",
+    "save_charge_shards",
+    "save_resource_docs",
+    "statement",
+    "transactions_by_id",
+    "transactions_page",
+    "unreversed_with_amount",
+    "upsert_names",
+    "upsert_statements",
+    "usage_page",
+    "visible_customers",
 ]
 
 
@@ -248,7 +248,14 @@ def _rollup_upsert_sql(table: str, keys: Sequence[tuple[str, str]]) -> tuple[str
 
 
 def _group_keys(period: str, sql_type: str) -> tuple[tuple[str, str], ...]:
-    return (("customer_id", "uuid"), ("dim", "text"), (period, sql_type), ("key", "text"), ("key2", "text"), ("unit", "text"))
+    return (
+        ("customer_id", "uuid"),
+        ("dim", "text"),
+        (period, sql_type),
+        ("key", "text"),
+        ("key2", "text"),
+        ("unit", "text"),
+    )
 
 
 # Granularity -> (its table, staging columns, upsert), in the order they are written.
@@ -293,7 +300,8 @@ async def upsert_names(
         ks = sorted(spaces)
         await conn.execute(
             """
-            INSERT INTO space_info AS s (space_id, space_name, org_id) SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+            INSERT INTO space_info AS s (space_id, space_name, org_id)
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
             ON CONFLICT (space_id) DO UPDATE SET space_name = EXCLUDED.space_name, org_id = EXCLUDED.org_id
             WHERE (s.space_name, s.org_id) IS DISTINCT FROM (EXCLUDED.space_name, EXCLUDED.org_id)
             """,
@@ -585,7 +593,9 @@ _DIM_NAMES = {
     "meter": ("", ""),
     "kind": ("", ""),
 }
-_DIM_ATTRS = {dim: tuple(c.split(".")[1] for c in cols.split(", ")) if cols else () for dim, (_, cols) in _DIM_NAMES.items()}
+_DIM_ATTRS = {
+    dim: tuple(c.split(".")[1] for c in cols.split(", ")) if cols else () for dim, (_, cols) in _DIM_NAMES.items()
+}
 
 
 # Granularity -> (table, period column, its SQL type) of the per-group rollups.
@@ -650,7 +660,9 @@ async def usage_page(
             values[unit] = values.get(unit, 0) + int(value)
         amount = _exact_sum(r["nums"], r["dens"])
         attrs = {c: r[c] or "" for c in _DIM_ATTRS[dim]}
-        out.append(UsageRow(period=r["period"], key=r["key"], key2=r["key2"], values=values, amount=amount, attrs=attrs))
+        out.append(
+            UsageRow(period=r["period"], key=r["key"], key2=r["key2"], values=values, amount=amount, attrs=attrs)
+        )
     return out
 
 
@@ -693,7 +705,9 @@ async def _resource_page(
                 wanted = {j for j, org in enumerate(doc.orgs) if org in orgs}
                 for j in range(len(doc)):
                     if doc.o[j] in wanted:
-                        _add_cell(cells, (key.reading_hour, doc.r[j]), doc.units[doc.u[j]], doc.x[j], doc.n[j], doc.d[j])
+                        _add_cell(
+                            cells, (key.reading_hour, doc.r[j]), doc.units[doc.u[j]], doc.x[j], doc.n[j], doc.d[j]
+                        )
         else:  # a day's documents, or a month's days summed
             rows = await conn.fetch(
                 """SELECT date_trunc($4, day)::date AS p, items FROM usage_resource_day
@@ -725,7 +739,12 @@ def _next_period(granularity: str, period: date) -> date:
 
 
 def _add_cell(
-    cells: dict[tuple[Any, str], tuple[dict[str, int], dict[int, int]]], key: tuple[Any, str], unit: str, x: int, n: int, d: int
+    cells: dict[tuple[Any, str], tuple[dict[str, int], dict[int, int]]],
+    key: tuple[Any, str],
+    unit: str,
+    x: int,
+    n: int,
+    d: int,
 ) -> None:
     cell = cells.get(key)
     if cell is None:
@@ -737,7 +756,9 @@ def _add_cell(
 # ------------------------------------------------------------------------------------------ entitlements
 
 
-async def grant_entitlement(conn: Conn, subject: str, customer_id: UUID, granted_by: str) -> tuple[asyncpg.Record, bool]:
+async def grant_entitlement(
+    conn: Conn, subject: str, customer_id: UUID, granted_by: str
+) -> tuple[asyncpg.Record, bool]:
     """(the entitlement, whether it was created now)."""
     row = await conn.fetchrow(
         """

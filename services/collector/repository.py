@@ -35,7 +35,9 @@ class Repository:
         self.frames = frames
 
     async def reading_at(self, conn: Conn, hour: datetime) -> asyncpg.Record | None:
-        return await conn.fetchrow("SELECT id, kind, taken_at, measurements, estimated, errors FROM readings WHERE hour = $1", hour)
+        return await conn.fetchrow(
+            "SELECT id, kind, taken_at, measurements, estimated, errors FROM readings WHERE hour = $1", hour
+        )
 
     async def insert_reading(
         self, conn: Conn, reading_id: UUID, hour: datetime, kind: str, taken_at: datetime,
@@ -51,7 +53,9 @@ class Repository:
         )
         return row is not None
 
-    async def insert_meter_runs(self, conn: Conn, reading_id: UUID, hour: datetime, runs: Sequence[tuple[str, bool, str | None]]) -> None:
+    async def insert_meter_runs(
+        self, conn: Conn, reading_id: UUID, hour: datetime, runs: Sequence[tuple[str, bool, str | None]]
+    ) -> None:
         await conn.executemany(
             "INSERT INTO meter_runs (reading_id, meter, hour, ok, error) VALUES ($1, $2, $3, $4, $5)",
             [(reading_id, meter, hour, ok, err) for meter, ok, err in runs],
@@ -60,7 +64,9 @@ class Repository:
     async def copy_batches(self, conn: Conn, rows: Sequence[BatchRow]) -> None:
         """Store batches, each owed to the broker (the outbox) until published."""
         if rows:
-            await conn.copy_records_to_table("reading_batches", records=_packed(self.frames, rows), columns=BATCH_COLUMNS)
+            await conn.copy_records_to_table(
+                "reading_batches", records=_packed(self.frames, rows), columns=BATCH_COLUMNS
+            )
             await conn.copy_records_to_table(
                 "reading_outbox", records=[r[:4] for r in rows], columns=("hour", "meter", "shard", "part")
             )
@@ -118,14 +124,16 @@ class Repository:
         if spaces:
             await conn.executemany(
                 """INSERT INTO spaces (guid, org_guid, name, seen_at) VALUES ($1, $2, $3, $4)
-                   ON CONFLICT (guid) DO UPDATE SET org_guid = excluded.org_guid, name = excluded.name, seen_at = excluded.seen_at
+                   ON CONFLICT (guid) DO UPDATE
+                     SET org_guid = excluded.org_guid, name = excluded.name, seen_at = excluded.seen_at
                    WHERE (spaces.org_guid, spaces.name) IS DISTINCT FROM (excluded.org_guid, excluded.name)""",
                 [(g, o, n, seen_at) for g, (o, n) in spaces.items()],
             )
         if resources:
             await conn.execute(
                 """CREATE TEMP TABLE IF NOT EXISTS resources_in
-                   (meter text, guid text, name text, kind text, space_guid text, seen_at timestamptz) ON COMMIT DELETE ROWS"""
+                   (meter text, guid text, name text, kind text, space_guid text, seen_at timestamptz)
+                   ON COMMIT DELETE ROWS"""
             )
             await conn.copy_records_to_table(
                 "resources_in", records=[(*r, seen_at) for r in resources],
@@ -135,7 +143,8 @@ class Repository:
                 """INSERT INTO resources (meter, guid, name, kind, space_guid, seen_at)
                    SELECT DISTINCT ON (meter, guid) meter, guid, name, kind, space_guid, seen_at FROM resources_in
                    ON CONFLICT (meter, guid) DO UPDATE
-                     SET name = excluded.name, kind = excluded.kind, space_guid = excluded.space_guid, seen_at = excluded.seen_at
+                     SET name = excluded.name, kind = excluded.kind, space_guid = excluded.space_guid,
+                         seen_at = excluded.seen_at
                    WHERE (resources.name, resources.kind, resources.space_guid)
                          IS DISTINCT FROM (excluded.name, excluded.kind, excluded.space_guid)"""
             )

@@ -233,13 +233,13 @@ class _Shard:
     def positions(self) -> dict[str, int]:
         """Position of each applied resource in the columns."""
         if self.index is None:
-            self.index = dict(zip(self.r, range(len(self.r))))
+            self.index = dict(zip(self.r, range(len(self.r)), strict=True))
         return self.index
 
     def org_at(self, org_id: str) -> int:
         """The position of ``org_id`` in the org table (added when missing)."""
         if self.org_index is None:
-            self.org_index = dict(zip(self.os, range(len(self.os))))
+            self.org_index = dict(zip(self.os, range(len(self.os)), strict=True))
         at = self.org_index.get(org_id)
         if at is None:
             at = self.org_index[org_id] = len(self.os)
@@ -275,7 +275,8 @@ def _post_fresh(
     hour, meter = key.reading_hour, key.meter
     month = billing_month(hour)
     sums: dict[tuple[int, int, int, int], int] = defaultdict(int)
-    for k4, num in zip(zip(c.org, c.kind, c.price, c.amount_denominator), c.amount_numerator, strict=True):
+    columns = zip(c.org, c.kind, c.price, c.amount_denominator, strict=True)  # a decoded batch's columns: one length
+    for k4, num in zip(columns, c.amount_numerator, strict=True):
         sums[k4] += num
     group_of: dict[tuple[int, int], GroupKey] = {}
     bucket_of: dict[tuple[int, int], dict[tuple[Line, int], int]] = {}

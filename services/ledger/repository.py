@@ -98,7 +98,10 @@ async def lock_held(conn: Conn, frames: Frames, keys: Iterable[ShardKey]) -> dic
 
 
 async def save_held(
-    conn: Conn, frames: Frames, rows: Sequence[tuple[ShardKey, str, int, int, bytes]], gone: Sequence[tuple[ShardKey, str]]
+    conn: Conn,
+    frames: Frames,
+    rows: Sequence[tuple[ShardKey, str, int, int, bytes]],
+    gone: Sequence[tuple[ShardKey, str]],
 ) -> None:
     """Insert or replace held charges (shard, org, held, revisions, items document); delete ``gone``."""
     if rows:
@@ -115,7 +118,8 @@ async def save_held(
     if gone:
         await conn.execute(
             """DELETE FROM held_shards h
-                USING unnest($1::timestamptz[], $2::text[], $3::int2[], $4::text[]) AS k(reading_hour, meter, shard, org_id)
+                USING unnest($1::timestamptz[], $2::text[], $3::int2[], $4::text[])
+                      AS k(reading_hour, meter, shard, org_id)
                 WHERE h.reading_hour = k.reading_hour AND h.meter = k.meter AND h.shard = k.shard
                   AND h.org_id = k.org_id""",
             [g[0].reading_hour for g in gone], [g[0].meter for g in gone], [g[0].shard for g in gone],
@@ -177,7 +181,9 @@ async def owners(conn: Conn, pairs: Iterable[tuple[str, datetime]]) -> dict[tupl
     return {(r["org_id"], r["hour"]): r["customer_id"] for r in rows if r["customer_id"] is not None}
 
 
-async def group_ids(conn: Conn, keys: Iterable[tuple[uuid.UUID, date, uuid.UUID]]) -> dict[tuple[uuid.UUID, date, uuid.UUID], int]:
+async def group_ids(
+    conn: Conn, keys: Iterable[tuple[uuid.UUID, date, uuid.UUID]]
+) -> dict[tuple[uuid.UUID, date, uuid.UUID], int]:
     """The month_usage id of each (customer, month, price), created when missing (in key order: two
     instances creating the same rows wait for each other instead of deadlocking)."""
     ks = sorted(set(keys))
@@ -788,7 +794,8 @@ async def completeness_counts(conn: Conn, since: datetime, until: datetime) -> l
     their revisions."""
     return await conn.fetch(
         """
-        SELECT hour, meter, sum(posted)::bigint AS posted, sum(held)::bigint AS held, sum(revisions)::bigint AS revisions
+        SELECT hour, meter, sum(posted)::bigint AS posted, sum(held)::bigint AS held,
+               sum(revisions)::bigint AS revisions
           FROM (SELECT reading_hour AS hour, meter, posted, 0 AS held, revisions
                   FROM shard_state WHERE reading_hour >= $1 AND reading_hour < $2
                 UNION ALL

@@ -24,32 +24,32 @@ from shared.blobs import Frames, shard_scope
 from shared.db import Conn
 
 __all__ = [
-    "lock_catalog_shared",
-    "lock_catalog_exclusive",
-    "catalog_version",
-    "load_prices",
-    "insert_price",
-    "overlapping_prices",
-    "get_price",
-    "get_price_for_update",
-    "end_price",
-    "list_prices",
-    "last_priced_hour",
     "BatchRow",
     "ConcurrentShardWriteError",
-    "lock_shards",
-    "load_shards",
-    "insert_batches",
-    "add_unpriced",
-    "delete_unpriced",
     "add_priced_hours",
-    "covered_unpriced",
-    "unpriced_after",
-    "take_unpublished",
-    "mark_published",
-    "count_unpriced",
+    "add_unpriced",
     "all_batches",
+    "catalog_version",
     "completeness_counts",
+    "count_unpriced",
+    "covered_unpriced",
+    "delete_unpriced",
+    "end_price",
+    "get_price",
+    "get_price_for_update",
+    "insert_batches",
+    "insert_price",
+    "last_priced_hour",
+    "list_prices",
+    "load_prices",
+    "load_shards",
+    "lock_catalog_exclusive",
+    "lock_catalog_shared",
+    "lock_shards",
+    "mark_published",
+    "overlapping_prices",
+    "take_unpublished",
+    "unpriced_after",
 ]
 
 # Two-key advisory lock (a key space apart from the single-bigint keys other code may use).
@@ -273,7 +273,10 @@ async def add_unpriced(conn: Conn, rows: Iterable[tuple[ShardKey, str]]) -> None
             """INSERT INTO unpriced_shards (reading_hour, meter, shard, resource_kind)
                SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int2[], $4::text[])
                ON CONFLICT DO NOTHING""",
-            [k.reading_hour for k, _ in rows], [k.meter for k, _ in rows], [k.shard for k, _ in rows], [c for _, c in rows],
+            [k.reading_hour for k, _ in rows],
+            [k.meter for k, _ in rows],
+            [k.shard for k, _ in rows],
+            [c for _, c in rows],
         )
 
 
@@ -284,7 +287,10 @@ async def delete_unpriced(conn: Conn, rows: Iterable[tuple[ShardKey, str]]) -> N
             """DELETE FROM unpriced_shards u
                USING unnest($1::timestamptz[], $2::text[], $3::int2[], $4::text[]) AS k(h, m, s, c)
                WHERE u.reading_hour = k.h AND u.meter = k.m AND u.shard = k.s AND u.resource_kind = k.c""",
-            [k.reading_hour for k, _ in rows], [k.meter for k, _ in rows], [k.shard for k, _ in rows], [c for _, c in rows],
+            [k.reading_hour for k, _ in rows],
+            [k.meter for k, _ in rows],
+            [k.shard for k, _ in rows],
+            [c for _, c in rows],
         )
 
 
@@ -312,7 +318,8 @@ async def covered_unpriced(
             """SELECT reading_hour, meter, shard, resource_kind FROM unpriced_shards
                WHERE meter = $1 AND resource_kind = $2
                  AND reading_hour >= $3 AND ($4::timestamptz IS NULL OR reading_hour < $4)
-                 AND ($5::timestamptz IS NULL OR (reading_hour, meter, shard, resource_kind) > ($5, $6::text, $7::int2, $8::text))
+                 AND ($5::timestamptz IS NULL
+                      OR (reading_hour, meter, shard, resource_kind) > ($5, $6::text, $7::int2, $8::text))
                ORDER BY reading_hour, meter, shard, resource_kind
                LIMIT $9
                FOR UPDATE SKIP LOCKED""",
@@ -324,7 +331,8 @@ async def covered_unpriced(
                WHERE EXISTS (SELECT 1 FROM prices p
                              WHERE p.meter = u.meter AND p.resource_kind = u.resource_kind
                                AND p.valid_during @> u.reading_hour)
-                 AND ($1::timestamptz IS NULL OR (u.reading_hour, u.meter, u.shard, u.resource_kind) > ($1, $2::text, $3::int2, $4::text))
+                 AND ($1::timestamptz IS NULL
+                      OR (u.reading_hour, u.meter, u.shard, u.resource_kind) > ($1, $2::text, $3::int2, $4::text))
                ORDER BY u.reading_hour, u.meter, u.shard, u.resource_kind
                LIMIT $5
                FOR UPDATE OF u SKIP LOCKED""",

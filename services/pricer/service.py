@@ -35,9 +35,9 @@ from services.pricer import repository
 from services.pricer.pricing import (
     Catalog,
     Price,
+    Priced,
     PriceNotFoundError,
     PriceOverlapError,
-    Priced,
     ShardKey,
     batches_of_v1,
     check_end,
@@ -67,7 +67,7 @@ from shared.kafka import Outgoing, Received, Stream
 from shared.money import display_credits
 from shared.wire import Measurement
 
-__all__ = ["Pricer", "CatalogBusyError", "UnpricedPage"]
+__all__ = ["CatalogBusyError", "Pricer", "UnpricedPage"]
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,9 @@ class Pricer:
                     kinds: dict[ShardKey, set[str]] = {}
                     for key, kind in found:
                         kinds.setdefault(key, set()).add(kind)
-                    shards = {k: _stored(v) for k, v in (await repository.lock_shards(conn, self.frames, kinds)).items()}
+                    shards = {
+                        k: _stored(v) for k, v in (await repository.lock_shards(conn, self.frames, kinds)).items()
+                    }
                     rows: list[repository.BatchRow] = []
                     hours: list[tuple[UUID, datetime]] = []
                     cleared: list[tuple[ShardKey, str]] = []
@@ -387,7 +389,9 @@ class Pricer:
                 async with conn.transaction():
                     rows = await repository.take_unpublished(conn, self.frames, limit)
                     if rows:
-                        await self._stream.publish(self._topic, [Outgoing(shard_key(k.shard), raw) for k, _, raw in rows])
+                        await self._stream.publish(
+                            self._topic, [Outgoing(shard_key(k.shard), raw) for k, _, raw in rows]
+                        )
                         await repository.mark_published(conn, [(k, seq) for k, seq, _ in rows])
             total += len(rows)
             if len(rows) < limit:
