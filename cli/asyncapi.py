@@ -16,7 +16,7 @@ from typing import Any, TypedDict
 import orjson
 from pydantic import SecretStr
 
-__all__ = ["SERVICES", "DOCS", "documents", "render", "write"]
+__all__ = ["DOCS", "SERVICES", "documents", "render", "write"]
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "asyncapi"
 SERVICES = ("collector", "pricer", "ledger", "api")
