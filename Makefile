@@ -13,7 +13,7 @@ export LEDGER_AUTO_CLOSE_MONTHS ?= false
 # The simulator's world: the demo scenario's (cli/scenario.py, DEMO); `billing demo` checks they agree.
 export SIM_ARGS ?= --seed 42 --orgs 12 --spaces-per-org 3 --apps 660 --services 240 --plans 6 --start 2026-10-01T04:00:00Z
 
-.PHONY: help install infra-up infra-down up down status logs test demo bench chaos load clean
+.PHONY: help install lint infra-up infra-down up down status logs test demo bench chaos load clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -30,6 +30,10 @@ install: $(VENV)/.installed ## install what is missing: Python packages, Postgre
 	@$(LOCAL)/kafka.sh install
 	@$(LOCAL)/browser.sh install
 	@deploy/k8s/kustomize.sh install
+
+LINT_PATHS ?= shared services cli simulator tests bench examples
+lint: $(VENV)/.installed ## ruff and mypy over the code
+	@rc=0; $(VENV)/bin/ruff check $(LINT_PATHS) || rc=1; $(VENV)/bin/mypy || rc=1; exit $$rc
 
 infra-up: install ## start PostgreSQL and Kafka (idempotent)
 	@$(LOCAL)/pg.sh start

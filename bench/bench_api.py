@@ -9,9 +9,10 @@ api``, uvicorn, as in production) with a local OIDC issuer, and hammers
 
 with ``--concurrency`` concurrent clients (one keep-alive connection each; ``--client httpx`` for
 httpx.AsyncClients, which saturate the load generator's core long before the servers) for ``--seconds``
-seconds, after a warm-up, once with the api's query cache as configured and once without it. A bare Starlette endpoint on uvicorn, in its own subprocess, is measured the same way. Prints
-one JSON line: requests/s, p50 and p99 latency of both, and their ratio; targets: p99 < 50 ms and at
-least half the bare endpoint's requests/s.
+seconds, after a warm-up, once with the api's query cache as configured and once without it. A bare
+Starlette endpoint on uvicorn, in its own subprocess, is measured the same way. Prints one JSON line:
+requests/s, p50 and p99 latency of both, and their ratio; targets: p99 < 50 ms and at least half the bare
+endpoint's requests/s.
 
 Needs KAFKA_BOOTSTRAP_SERVERS and BILLING_PG_ADMIN_DSN (``source deploy/local/env.sh``).
 Example: ``.venv/bin/python bench/bench_api.py --resources 10000 --concurrency 32 --seconds 15``.
@@ -45,11 +46,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import KAFKA, drop_database, dsn, emit, fresh_database, fresh_topics  # noqa: E402
-from tests.sim_server import serve_app  # noqa: E402
-from shared.clock import month_bounds, parse_month  # noqa: E402
 from services.api.projector import Projector  # noqa: E402
 from shared.batches import Charges, Item, Price, charges_id, measurement_batches  # noqa: E402
+from shared.clock import month_bounds, parse_month  # noqa: E402
 from shared.db import create_pool, migrate  # noqa: E402
+from tests.sim_server import serve_app  # noqa: E402
 
 CUSTOMER = uuid.UUID("0190b000-0000-7000-8000-0000000000be")
 MIGRATIONS = ROOT / "services" / "api" / "migrations"
@@ -95,13 +96,31 @@ async def fill(
             hour = start + timedelta(hours=h)
             for m in template:
                 n = len(m.resource_id)
-                batches.append(Charges(
-                    id=charges_id(hour, m.meter, m.shard, m.resource_id, [1] * n), reading_hour=hour, meter=m.meter,
-                    unit=m.unit, shard=m.shard, priced_at=hour, orgs=m.orgs, spaces=m.spaces, kinds=m.kinds,
-                    prices=[price], resource_id=m.resource_id, resource_name=m.resource_name, org=m.org,
-                    space=m.space, kind=m.kind, value=m.value, estimated=m.estimated, revision=[1] * n,
-                    price=[0] * n, amount_numerator=[v * 1_000_000 for v in m.value], amount_denominator=[1024 * 730] * n,
-                ))
+                batches.append(
+                    Charges(
+                        id=charges_id(hour, m.meter, m.shard, m.resource_id, [1] * n),
+                        reading_hour=hour,
+                        meter=m.meter,
+                        unit=m.unit,
+                        shard=m.shard,
+                        priced_at=hour,
+                        orgs=m.orgs,
+                        spaces=m.spaces,
+                        kinds=m.kinds,
+                        prices=[price],
+                        resource_id=m.resource_id,
+                        resource_name=m.resource_name,
+                        org=m.org,
+                        space=m.space,
+                        kind=m.kind,
+                        value=m.value,
+                        estimated=m.estimated,
+                        revision=[1] * n,
+                        price=[0] * n,
+                        amount_numerator=[v * 1_000_000 for v in m.value],
+                        amount_denominator=[1024 * 730] * n,
+                    )
+                )
             if h % 24 == 23 or h == hours - 1:  # a day at a time, as the consumer takes a batch
                 await projector.apply_charges(batches)
                 batches = []
@@ -148,7 +167,9 @@ class Issuer:
     def token(self) -> str:
         from jose import jwt
 
-        pem = self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        pem = self.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
         now = int(time.time())
         claims = {
             "iss": self.url,
@@ -173,7 +194,9 @@ class Issuer:
         async def jwks(request: Any) -> JSONResponse:
             return JSONResponse({"keys": [self.jwk()]})
 
-        return Starlette(routes=[Route("/.well-known/openid-configuration", discovery), Route("/.well-known/jwks.json", jwks)])
+        return Starlette(
+            routes=[Route("/.well-known/openid-configuration", discovery), Route("/.well-known/jwks.json", jwks)]
+        )
 
 
 # ------------------------------------------------------------------------------------------ servers
@@ -200,7 +223,9 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", a
 
 
 @contextlib.asynccontextmanager
-async def subprocess_server(args: list[str], env: dict[str, str], ready_url: str) -> AsyncIterator[subprocess.Popen[bytes]]:
+async def subprocess_server(
+    args: list[str], env: dict[str, str], ready_url: str
+) -> AsyncIterator[subprocess.Popen[bytes]]:
     log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server must never block on a full pipe
     proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -287,9 +312,17 @@ async def hammer(
     latencies.sort()
 
     def pct(p: float) -> float:
-        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 2) if latencies else float("nan")
+        return (
+            round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 2) if latencies else float("nan")
+        )
 
-    return {"requests": len(latencies), "errors": errors, "rps": round(len(latencies) / seconds, 1), "p50_ms": pct(0.50), "p99_ms": pct(0.99)}
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "rps": round(len(latencies) / seconds, 1),
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+    }
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -300,7 +333,9 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     prefix = await fresh_topics()
     try:
         # One connection without a statement timeout: filling millions of rows takes minutes.
-        conn = await asyncpg.connect(dsn(database, "api"), server_settings={"search_path": "api", "timezone": "UTC"}, command_timeout=None)
+        conn = await asyncpg.connect(
+            dsn(database, "api"), server_settings={"search_path": "api", "timezone": "UTC"}, command_timeout=None
+        )
         try:
             await migrate(conn, "api", MIGRATIONS)
             filled = await fill(conn, dsn(database, "api"), opts.resources, opts.orgs, opts.spaces, opts.month)
@@ -308,7 +343,12 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             await conn.close()
         start, end = month_bounds(parse_month(opts.month))
         query = httpx.QueryParams(
-            {"from": start.isoformat().replace("+00:00", "Z"), "to": end.isoformat().replace("+00:00", "Z"), "granularity": "month", "group_by": "org"}
+            {
+                "from": start.isoformat().replace("+00:00", "Z"),
+                "to": end.isoformat().replace("+00:00", "Z"),
+                "granularity": "month",
+                "group_by": "org",
+            }
         )
         issuer = Issuer()
         async with serve_app(issuer.app()) as issuer_url:
@@ -336,11 +376,15 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                     if sample.status_code != 200:
                         raise RuntimeError(f"the usage query failed: {sample.status_code} {sample.text[:500]}")
                     body = sample.json()
-                    runs[label] = await hammer(usage_url, headers, opts.concurrency, opts.seconds, opts.warmup, opts.client)
+                    runs[label] = await hammer(
+                        usage_url, headers, opts.concurrency, opts.seconds, opts.warmup, opts.client
+                    )
                     runs[label]["query_cache_seconds"] = cache_seconds
             api = runs["api"]
             async with subprocess_server([sys.executable, "-c", BARE_APP, str(bare_port)], dict(os.environ), f"http://127.0.0.1:{bare_port}/bare"):
-                bare = await hammer(f"http://127.0.0.1:{bare_port}/bare", {}, opts.concurrency, opts.seconds, opts.warmup, opts.client)
+                bare = await hammer(
+                    f"http://127.0.0.1:{bare_port}/bare", {}, opts.concurrency, opts.seconds, opts.warmup, opts.client
+                )
         ratio = round(api["rps"] / bare["rps"], 3) if bare["rps"] else None
         return {
             "query": "GET /v1/customers/{id}/usage granularity=month group_by=org",
@@ -378,7 +422,7 @@ async def _delete_topics(prefix: str) -> None:
     await admin.start()
     try:
         await admin.delete_topics([prefix + t for t in ALL_TOPICS])
-    except Exception as exc:  # tidying up must not hide the result
+    except Exception as exc:  # noqa: BLE001 - tidying up must not hide the result
         print(f"could not delete the bench topics: {exc!r}", file=sys.stderr)
     finally:
         await admin.close()

@@ -29,11 +29,32 @@ from shared.topics import READINGS, delete_topics
 def producer_perf(topic: str, records: int, size: int) -> float:
     libs = ROOT / ".local" / "kafka" / "libs"
     out = subprocess.run(
-        ["java", "-Xmx1g", "-cp", f"{libs}/*", f"-Dlog4j2.configurationFile={ROOT / '.local/kafka/log4j2.properties'}",
-         "org.apache.kafka.tools.ProducerPerformance", "--topic", topic, "--num-records", str(records),
-         "--record-size", str(size), "--throughput", "-1",
-         "--producer-props", f"bootstrap.servers={KAFKA}", "acks=all", "enable.idempotence=true", "linger.ms=5", "batch.size=524288"],
-        capture_output=True, text=True, check=True, timeout=1800,
+        [
+            "java",
+            "-Xmx1g",
+            "-cp",
+            f"{libs}/*",
+            f"-Dlog4j2.configurationFile={ROOT / '.local/kafka/log4j2.properties'}",
+            "org.apache.kafka.tools.ProducerPerformance",
+            "--topic",
+            topic,
+            "--num-records",
+            str(records),
+            "--record-size",
+            str(size),
+            "--throughput",
+            "-1",
+            "--producer-props",
+            f"bootstrap.servers={KAFKA}",
+            "acks=all",
+            "enable.idempotence=true",
+            "linger.ms=5",
+            "batch.size=524288",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=1800,
     ).stdout
     m = re.findall(r"([\d.]+) records/sec", out)
     if not m:
@@ -60,25 +81,32 @@ async def main(n_resources: int, n_hours: int) -> None:
         await conn.execute("""
             CREATE TABLE measurements (id uuid PRIMARY KEY, hour timestamptz NOT NULL, meter text NOT NULL,
               resource_id text NOT NULL, resource_kind text NOT NULL, org_id text NOT NULL, value bigint NOT NULL);
-            CREATE TABLE prices (meter text, resource_kind text, microcredits_per_unit bigint, unit bigint, valid_during tstzrange);
+            CREATE TABLE prices (meter text, resource_kind text, microcredits_per_unit bigint, unit bigint,
+              valid_during tstzrange);
             CREATE TABLE assignments (org_id text, customer int, starts_at timestamptz);
             CREATE TABLE posted (customer int, month date, meter text, resource_kind text, microcredits bigint);""")
         copy_s = 0.0
         for k in range(n_hours):
             h = START + HOUR * k
-            rows = [(r["id"], h, r["meter"], r["resource_id"], r["resource_kind"], r["org_id"], r["value"]) for r in world.rows(h)]
+            rows = [
+                (r["id"], h, r["meter"], r["resource_id"], r["resource_kind"], r["org_id"], r["value"])
+                for r in world.rows(h)
+            ]
             t = time.perf_counter()
             await conn.copy_records_to_table("measurements", records=rows)
             copy_s += time.perf_counter() - t
         await conn.executemany("INSERT INTO prices VALUES ($1, $2, $3, $4, tstzrange($5, NULL))",
                                [("cfapps", "", *APP_PRICE, START - timedelta(days=1))]
                                + [("cfservices", p, *PLAN_PRICES[p], START - timedelta(days=1)) for p in PLAN_PRICES])
-        await conn.executemany("INSERT INTO assignments VALUES ($1, $2, $3)", [(o, c, START) for o, c in world.customer_of_org.items()])
+        await conn.executemany(
+            "INSERT INTO assignments VALUES ($1, $2, $3)", [(o, c, START) for o, c in world.customer_of_org.items()]
+        )
         await conn.execute("ANALYZE")
         t = time.perf_counter()
         await conn.execute("""
             INSERT INTO posted
-            SELECT a.customer, date_trunc('month', m.hour AT TIME ZONE 'America/New_York')::date, m.meter, m.resource_kind,
+            SELECT a.customer, date_trunc('month', m.hour AT TIME ZONE 'America/New_York')::date, m.meter,
+                   m.resource_kind,
                    floor(sum(m.value::numeric * p.microcredits_per_unit) / p.unit)::bigint
             FROM measurements m
             JOIN prices p ON p.meter = m.meter AND p.resource_kind = m.resource_kind AND p.valid_during @> m.hour

@@ -48,7 +48,11 @@ async def main(apps: int, services: int, orgs: int, port: int) -> None:
                 except httpx.TransportError:
                     pass
                 await asyncio.sleep(0.1)
-            expected = len((await c.get(f"{url}/sim/expected", params={"hour": HOUR.isoformat()}, timeout=60)).json()["measurements"])
+            expected = len(
+                (await c.get(f"{url}/sim/expected", params={"hour": HOUR.isoformat()}, timeout=60)).json()[
+                    "measurements"
+                ]
+            )
         pool = await create_pool(dsn(db, "collector"), "collector", max_size=4)
         async with pool.acquire() as conn:
             await migrate(conn, "collector", MIGRATIONS)

@@ -85,8 +85,11 @@ class World:
             for res, meter, kind, org, base, unit in self.resources:
                 by_meter[(meter, unit)].append(Item(res, res, org, org, f"{org}-space", "space", kind, base))
             self._template = [
-                b for (meter, unit), items in by_meter.items()
-                for b in measurement_batches(START, meter, unit, items, reading_id=ids.reading_id(START), taken_at=START)
+                b
+                for (meter, unit), items in by_meter.items()
+                for b in measurement_batches(
+                    START, meter, unit, items, reading_id=ids.reading_id(START), taken_at=START
+                )
             ]
         f = self.factor(hour)
         rid, taken = ids.reading_id(hour), hour + timedelta(minutes=1)
@@ -127,9 +130,13 @@ async def set_up(stack: Stack, world: World) -> list[str]:
         for i in range(world.customers):
             r = await post(f"{ledger}/internal/customers", {"name": f"customer-{i}", "tier": "bench"})
             customers.append(r.json()["id"])
-            await post(f"{ledger}/internal/agreements", {"customer_id": r.json()["id"], "starts_at": start, "ends_at": end})
+            await post(
+                f"{ledger}/internal/agreements", {"customer_id": r.json()["id"], "starts_at": start, "ends_at": end}
+            )
         for org, ci in world.customer_of_org.items():
-            await post(f"{ledger}/internal/org-assignments", {"org_id": org, "customer_id": customers[ci], "starts_at": start})
+            await post(
+                f"{ledger}/internal/org-assignments", {"org_id": org, "customer_id": customers[ci], "starts_at": start}
+            )
         prices = [("cfapps", "", "MB-hour", *APP_PRICE)]
         prices += [("cfservices", p, "instance-hour", *PLAN_PRICES[p]) for p in PLANS]
         for meter, kind, uom, mpu, unit in prices:
@@ -190,7 +197,9 @@ async def main(n_resources: int, n_hours: int, latency_hours: int) -> None:
         # Steady hourly load: one hour at a time, publish -> every customer's balance in the api exact.
         token = mint_token(["usage.admin", "usage.read"], issuer=stack.url("sim"))
         latencies: list[float] = []
-        async with httpx.AsyncClient(base_url=stack.url("api"), headers={"Authorization": f"Bearer {token}"}, timeout=30) as api:
+        async with httpx.AsyncClient(
+            base_url=stack.url("api"), headers={"Authorization": f"Bearer {token}"}, timeout=30
+        ) as api:
             for k in range(latency_hours):
                 h = START + HOUR * (n_hours + k)
                 hours.append(h)
@@ -212,22 +221,29 @@ async def main(n_resources: int, n_hours: int, latency_hours: int) -> None:
                 latencies.extend(await asyncio.gather(*(reflected(i, c) for i, c in enumerate(customers))))
         await publisher.stop()
         latencies.sort()
-        p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
-        emit({
-            "resources": n_resources, "hours": n_hours, "measurements": total,
-            "collector_publish_per_s": round(total / (publish_end[0] or float("inf"))),
-            "collector_encode_s": round(encode_s, 1),
-            "e2e_seconds": round(done["ledger"] or 0, 1),
-            "e2e_measurements_per_s": round(total / (done["ledger"] or 1e-9)),
-            "pricer_done_s": round(done["pricer"] or 0, 1),
-            "api_read_model_done_s": round(max(done["api_charges"] or 0, done["api_transactions"] or 0), 1),
-            "api_read_model_updates_per_s": round(total / max(done["api_charges"] or 1e-9, 1e-9)),
-            "latency_hours": latency_hours,
-            "publish_to_balance_p50_s": round(statistics.median(latencies), 3),
-            "publish_to_balance_p99_s": round(p(0.99), 3),
-            "rss_mb": {k: {"start": round(v[0]), "peak": round(max(v)), "end": round(v[-1])} for k, v in rss.items() if v},
-            "targets": {"e2e_measurements_per_s": 100_000, "publish_to_balance_p99_s": 1.0},
-        }, "e2e")
+        p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
+        emit(
+            {
+                "resources": n_resources,
+                "hours": n_hours,
+                "measurements": total,
+                "collector_publish_per_s": round(total / (publish_end[0] or float("inf"))),
+                "collector_encode_s": round(encode_s, 1),
+                "e2e_seconds": round(done["ledger"] or 0, 1),
+                "e2e_measurements_per_s": round(total / (done["ledger"] or 1e-9)),
+                "pricer_done_s": round(done["pricer"] or 0, 1),
+                "api_read_model_done_s": round(max(done["api_charges"] or 0, done["api_transactions"] or 0), 1),
+                "api_read_model_updates_per_s": round(total / max(done["api_charges"] or 1e-9, 1e-9)),
+                "latency_hours": latency_hours,
+                "publish_to_balance_p50_s": round(statistics.median(latencies), 3),
+                "publish_to_balance_p99_s": round(p(0.99), 3),
+                "rss_mb": {
+                    k: {"start": round(v[0]), "peak": round(max(v)), "end": round(v[-1])} for k, v in rss.items() if v
+                },
+                "targets": {"e2e_measurements_per_s": 100_000, "publish_to_balance_p99_s": 1.0},
+            },
+            "e2e",
+        )
     finally:
         stack.stop()
         await drop_database(db)

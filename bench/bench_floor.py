@@ -18,8 +18,8 @@ pricer does:
 and then the database's part, a row per batch:
 
 - ``copy``: the pricer's ``charge_batches`` table (its migrations, a fresh database), one row per batch
-  with the charges batch as published, compressed as the pricer stores it, COPYed ``--batch`` rows at a time, a transaction each (the
-  pricer's path for a shard seen for the first time). Nothing else runs meanwhile.
+  with the charges batch as published, compressed as the pricer stores it, COPYed ``--batch`` rows at a
+  time, a transaction each (the pricer's path for a shard seen for the first time). Nothing else runs meanwhile.
 
 The ledger's floor (under ``ledger``), on the ledger benchmark's charge batches:
 
@@ -80,7 +80,9 @@ def machine_busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-async def read_all(topic: str, out_topic: str, messages: int, batch: int, mode: str, charges_topic: bool = False) -> dict[str, Any]:
+async def read_all(
+    topic: str, out_topic: str, messages: int, batch: int, mode: str, charges_topic: bool = False
+) -> dict[str, Any]:
     """Read ``messages`` batches of ``topic`` in a new group, doing what ``mode`` says with each; rates in
     the measurements they carry."""
     consumer = AIOKafkaConsumer(
@@ -184,7 +186,9 @@ async def main(count: int, batch: int) -> None:
         result: dict[str, Any] = {"count": n, "messages": tally["messages"], "batch": batch, "target": TARGET,
                                   "produce_measurements_per_s": round(n / produce_s)}
         for mode in PASSES:
-            result[mode] = _rates(await read_all(prefix + READINGS, prefix + CHARGES, tally["messages"], batch, mode), n)
+            result[mode] = _rates(
+                await read_all(prefix + READINGS, prefix + CHARGES, tally["messages"], batch, mode), n
+            )
             print(f"{mode}: {result[mode]}", flush=True)
         # The ledger's input: the ledger benchmark's charge batches.
         sums: dict[tuple[str, str, str], Fraction] = defaultdict(Fraction)
@@ -203,14 +207,17 @@ async def main(count: int, batch: int) -> None:
     frames = Frames()
     rows = [(k[0], k[1], k[2], 1, len(c.resource_id), len(c.resource_id), 0, len(c.resource_id), True,
              frames.pack("", raw)) for k, c, raw in _priced(count, catalog)]
-    result["copy"] = _rates(await copy_rows(rows, batch, "pricer", PRICER_MIGRATIONS, "charge_batches", _BATCH_COLUMNS), n)
+    result["copy"] = _rates(
+        await copy_rows(rows, batch, "pricer", PRICER_MIGRATIONS, "charge_batches", _BATCH_COLUMNS), n
+    )
     print(f"copy: {result['copy']}", flush=True)
     for k, c, _ in _priced(ledger["count"], catalog, ledger=True):
         state_rows.append((k[0], k[1], k[2], len(c.resource_id), len(c.resource_id), frames.pack("", orjson.dumps(
             {"r": c.resource_id, "v": c.revision, "g": [1] * len(c.resource_id), "n": c.amount_numerator,
              "d": c.amount_denominator}))))
-    ledger["state"] = _rates(await copy_rows(state_rows, batch, "ledger", LEDGER_MIGRATIONS, "shard_state", _STATE_COLUMNS),
-                             ledger["count"])
+    ledger["state"] = _rates(
+        await copy_rows(state_rows, batch, "ledger", LEDGER_MIGRATIONS, "shard_state", _STATE_COLUMNS), ledger["count"]
+    )
     print(f"ledger state: {ledger['state']}", flush=True)
     machine = lambda r, *passes: sum(r[p]["machine_cpu_us_per_measurement"] for p in passes)  # noqa: E731
     result["cores"] = CORES

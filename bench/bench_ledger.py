@@ -42,10 +42,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import (  # noqa: E402
-    ADMIN_DSN, KAFKA, committed, drop_database, dsn, emit, free_port, fresh_database, fresh_topics, proc_status,
-    produce, wait_ready,
+    ADMIN_DSN,
+    KAFKA,
+    committed,
+    drop_database,
+    dsn,
+    emit,
+    free_port,
+    fresh_database,
+    fresh_topics,
+    proc_status,
+    produce,
+    wait_ready,
 )
-from shared.batches import Charges, Price as PriceRef, Ref, charges_id, encode_charges, shard_key, shard_of  # noqa: E402
+from shared.batches import Charges, Ref, charges_id, encode_charges, shard_key, shard_of  # noqa: E402
+from shared.batches import Price as PriceRef  # noqa: E402
 from shared.settings import ServiceSettings  # noqa: E402
 from shared.topics import ALL_TOPICS, CHARGES  # noqa: E402
 
@@ -150,13 +161,26 @@ def _batch(
     return encode_charges(
         Charges(
             id=charges_id(hour, meter, shard, rids, [revision] * len(rs)),
-            reading_hour=hour, meter=meter, unit="MB" if meter == "cfapps" else "instance", shard=shard,
-            priced_at=hour, orgs=[Ref(o, f"org {o}") for o in orgs], spaces=[Ref("space", "space")], kinds=kinds,
+            reading_hour=hour,
+            meter=meter,
+            unit="MB" if meter == "cfapps" else "instance",
+            shard=shard,
+            priced_at=hour,
+            orgs=[Ref(o, f"org {o}") for o in orgs],
+            spaces=[Ref("space", "space")],
+            kinds=kinds,
             prices=[PriceRef(uuid.UUID(p), 1, 1) for p in prices],
-            resource_id=rids, resource_name=[f"resource-{r}" for r in rs], org=[org_at[per_resource[r][2]] for r in rs],
-            space=[0] * len(rs), kind=[0 if meter == "cfapps" else r % 3 for r in rs], value=[1] * len(rs),
-            estimated=[False] * len(rs), revision=[revision] * len(rs), price=[price_at[per_resource[r][3]] for r in rs],
-            amount_numerator=[a.numerator for a in amounts], amount_denominator=[a.denominator for a in amounts],
+            resource_id=rids,
+            resource_name=[f"resource-{r}" for r in rs],
+            org=[org_at[per_resource[r][2]] for r in rs],
+            space=[0] * len(rs),
+            kind=[0 if meter == "cfapps" else r % 3 for r in rs],
+            value=[1] * len(rs),
+            estimated=[False] * len(rs),
+            revision=[revision] * len(rs),
+            price=[price_at[per_resource[r][3]] for r in rs],
+            amount_numerator=[a.numerator for a in amounts],
+            amount_denominator=[a.denominator for a in amounts],
         )
     )
 
@@ -199,7 +223,9 @@ async def prepare(ledger_dsn: str, customers: int, orgs: list[str]) -> dict[str,
         await pool.close()
 
 
-async def check(ledger_admin_dsn: str, owner: dict[str, str], sums: dict[tuple[str, str, str], Fraction]) -> dict[str, Any]:
+async def check(
+    ledger_admin_dsn: str, owner: dict[str, str], sums: dict[tuple[str, str, str], Fraction]
+) -> dict[str, Any]:
     expected: dict[tuple[str, str, str], Fraction] = defaultdict(Fraction)
     for (org, month, price), amount in sums.items():
         expected[(owner[org], month, price)] += amount
@@ -212,7 +238,9 @@ async def check(ledger_admin_dsn: str, owner: dict[str, str], sums: dict[tuple[s
                  FROM ledger.usage_lines u JOIN ledger.transactions t ON t.id = u.transaction_id GROUP BY 1, 2, 3"""
         )
         got = {(r["c"], r["m"], r["p"]): r["mc"] for r in rows}
-        transactions = await conn.fetchval("SELECT count(*) FROM ledger.transactions WHERE type IN ('usage', 'late_usage')")
+        transactions = await conn.fetchval(
+            "SELECT count(*) FROM ledger.transactions WHERE type IN ('usage', 'late_usage')"
+        )
         equation = await conn.fetchval("SELECT sum(balance) FROM ledger.accounts")
     finally:
         await conn.close()
@@ -266,7 +294,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "LEDGER_LOG_LEVEL": "WARNING",
                 "LEDGER_PERIODIC_INTERVAL_SECONDS": "0",
             }
-            procs.append(subprocess.Popen([billing, "ledger"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+            procs.append(
+                subprocess.Popen(
+                    [billing, "ledger"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                )
+            )
         for port, proc in zip(ports, procs, strict=True):
             await wait_ready(port, proc, "ledger")
 

@@ -38,19 +38,29 @@ from aiokafka.admin import AIOKafkaAdminClient
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (  # noqa: E402
-    ADMIN_DSN, KAFKA, ROOT, committed, drop_database, dsn, emit, free_port, fresh_database, fresh_topics, proc_status,
-    produce, wait_ready,
+from bench.common import (
+    ADMIN_DSN,
+    KAFKA,
+    ROOT,
+    committed,
+    drop_database,
+    dsn,
+    emit,
+    free_port,
+    fresh_database,
+    fresh_topics,
+    proc_status,
+    produce,
+    wait_ready,
 )
-from services.pricer import repository  # noqa: E402
-from services.pricer.app import MIGRATIONS  # noqa: E402
-from services.pricer.pricing import Price  # noqa: E402
-from shared.batches import Item, encode_measurements, measurement_batches, shard_key  # noqa: E402
-from shared.settings import ServiceSettings  # noqa: E402
-from shared.ids import reading_id  # noqa: E402
-from shared.db import create_pool, migrate  # noqa: E402
-from shared.ids import uuid7  # noqa: E402
-from shared.topics import CHARGES, READINGS, delete_topics  # noqa: E402
+from services.pricer import repository
+from services.pricer.app import MIGRATIONS
+from services.pricer.pricing import Price
+from shared.batches import Item, encode_measurements, measurement_batches, shard_key
+from shared.db import create_pool, migrate
+from shared.ids import reading_id, uuid7
+from shared.settings import ServiceSettings
+from shared.topics import CHARGES, READINGS, delete_topics
 
 # What the service runs with unless told otherwise (a batch of messages per transaction).
 BATCH_DEFAULT: int = ServiceSettings.model_fields["batch_max_records"].default
@@ -84,7 +94,9 @@ def measurements(count: int, resources: int, tally: dict[str, int]) -> Iterator[
         produced += n
         rid = reading_id(hour)
         for (meter, unit), items in by_meter.items():
-            for b in measurement_batches(hour, meter, unit, items, reading_id=rid, taken_at=hour + timedelta(seconds=90)):
+            for b in measurement_batches(
+                hour, meter, unit, items, reading_id=rid, taken_at=hour + timedelta(seconds=90)
+            ):
                 tally["messages"] += 1
                 tally["measurements"] += len(b.resource_id)
                 yield shard_key(b.shard), encode_measurements(b)
@@ -94,7 +106,10 @@ def bench_prices() -> list[Price]:
     """The prices of the benchmark's meters and kinds, valid from 2026-01-01 on."""
     since, now = datetime(2026, 1, 1, tzinfo=UTC), datetime.now(UTC)
     prices = [Price(uuid7(), "cfapps", "", "MB-hour", 1_000_000, 730 * 1024, since, None, now)]
-    prices += [Price(uuid7(), "cfservices", k, "instance-hour", (i + 1) * 5_000_000, 730, since, None, now) for i, k in enumerate(KINDS)]
+    prices += [
+        Price(uuid7(), "cfservices", k, "instance-hour", (i + 1) * 5_000_000, 730, since, None, now)
+        for i, k in enumerate(KINDS)
+    ]
     return prices
 
 
@@ -148,7 +163,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # Logs to a file: an unread pipe would fill up and stall the pricer.
             log_file = open(logs / f"pricer-{port}.log", "wb")  # noqa: SIM115 - closed with the process
             log_files.append(log_file)
-            procs.append(subprocess.Popen([billing, "pricer"], env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen([billing, "pricer"], env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+            )
         for port, proc in zip(ports, procs, strict=True):
             await wait_ready(port, proc, "pricer")
 
@@ -185,7 +202,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             end_to_end_s=round(last_t - started, 2),
             peak_rss_mb=[round(p / 2**20, 1) for p in peak],
             # Total RSS of the pricer processes, the largest sample in each tenth of the run: flat or growing.
-            rss_mb_by_tenth=[round(max(rss_samples[i : i + tenth]) / 2**20) for i in range(0, len(rss_samples), tenth)][:10],
+            rss_mb_by_tenth=[round(max(rss_samples[i : i + tenth]) / 2**20) for i in range(0, len(rss_samples), tenth)][
+                :10
+            ],
         )
         conn = await asyncpg.connect(ADMIN_DSN.rsplit("/", 1)[0] + f"/{db}")
         try:
@@ -219,7 +238,10 @@ async def _end_offsets(kafka: str, topic: str) -> int:
     consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=None)
     await consumer.start()
     try:
-        parts = [TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or await _partitions(consumer, topic))]
+        parts = [
+            TopicPartition(topic, p)
+            for p in (consumer.partitions_for_topic(topic) or await _partitions(consumer, topic))
+        ]
         return sum((await consumer.end_offsets(parts)).values())
     finally:
         await consumer.stop()
@@ -235,8 +257,12 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1_000_000, help="measurements to price")
     parser.add_argument("--resources", type=int, default=10_000, help="resources per hour")
     parser.add_argument("--instances", type=int, default=1, help="pricer processes in the group")
-    parser.add_argument("--batch", type=int, default=BATCH_DEFAULT,
-                        help=f"PRICER_BATCH_MAX_RECORDS (messages of ~200 measurements; default: the service's, {BATCH_DEFAULT})")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=BATCH_DEFAULT,
+        help=f"PRICER_BATCH_MAX_RECORDS (messages of ~200 measurements; default: the service's, {BATCH_DEFAULT})",
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds")
     parser.add_argument("--keep", action="store_true", help="keep the database and topics")
     args = parser.parse_args()

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from cli.localstack import ADMIN_DSN, KAFKA, ROOT, dsn, drop_database, free_port, fresh_database  # noqa: F401  (re-exported)
+from cli.localstack import ADMIN_DSN, KAFKA, ROOT, drop_database, dsn, free_port, fresh_database  # noqa: F401  (re-exported)
 from cli.localstack import fresh_topics as _fresh_topics
 from shared.ids import NAMESPACE
 

@@ -69,7 +69,8 @@ async def fill_ledger(conn: asyncpg.Connection, month: str, hourly_microcredits:
     await conn.execute(
         """
         INSERT INTO ledger_transaction (transaction_id, customer_id, type, occurred_at, posted_at, reading_hour,
-                                        description, idempotency_key, amount, bucket, signed_amount, reverses, entries, usage)
+                                        description, idempotency_key, amount, bucket, signed_amount, reverses,
+                                        entries, usage)
         SELECT md5('t|' || h)::uuid, $1,
                CASE WHEN h < 0 THEN 'funding' ELSE 'usage' END,
                $2::timestamptz + greatest(h, 0) * interval '1 hour',
@@ -232,7 +233,9 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     database = await fresh_database("load_api")
     prefix = await fresh_topics()
     try:
-        conn = await asyncpg.connect(dsn(database, "api"), server_settings={"search_path": "api", "timezone": "UTC"}, command_timeout=None)
+        conn = await asyncpg.connect(
+            dsn(database, "api"), server_settings={"search_path": "api", "timezone": "UTC"}, command_timeout=None
+        )
         try:
             await migrate(conn, "api", MIGRATIONS)
             filled = await fill(conn, dsn(database, "api"), opts.resources, opts.orgs, opts.spaces, opts.month)
@@ -258,12 +261,17 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             api_cmd = [sys.executable, "-c", "from services.api.app import main; main()"]
             async with subprocess_server(api_cmd, env, f"{url}/readyz") as proc:
                 # Every request of the mix answers 200 once before the clock starts (and warms the api).
-                async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
+                async with httpx.AsyncClient(
+                    base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60
+                ) as c:
                     for label, path, query in request_mix(opts.month, 0)[:60]:
                         resp = await c.get(path, params=query)
                         if resp.status_code != 200:
                             raise RuntimeError(f"{label} {path} {query}: {resp.status_code} {resp.text[:300]}")
-                per = [opts.clients // opts.processes + (1 if k < opts.clients % opts.processes else 0) for k in range(opts.processes)]
+                per = [
+                    opts.clients // opts.processes + (1 if k < opts.clients % opts.processes else 0)
+                    for k in range(opts.processes)
+                ]
                 loop = asyncio.get_running_loop()
                 with concurrent.futures.ProcessPoolExecutor(max_workers=opts.processes) as pool:
                     futures = [
@@ -311,7 +319,10 @@ def main() -> None:
     if not opts.no_record:
         record_load("api", {k: v for k, v in result.items() if k not in ("rows",)})
     if not result["passed"]:
-        print(f"FAIL: {result['errors']} errors of {result['requests']} requests: {result['error_kinds']}", file=sys.stderr)
+        print(
+            f"FAIL: {result['errors']} errors of {result['requests']} requests: {result['error_kinds']}",
+            file=sys.stderr,
+        )
         raise SystemExit(1)
     print(f"PASS: {result['requests']} requests, 0 errors, {result['rps']} req/s, "
           f"p50 {result['p50_ms']} ms, p95 {result['p95_ms']} ms, p99 {result['p99_ms']} ms", file=sys.stderr)

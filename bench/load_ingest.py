@@ -221,11 +221,16 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(1)
         # One simulated hour's messages on each topic, counted once the pipeline has caught up.
         ends1 = await probe.ends()
-        per_hour = {label: (ends1[prefix + t] - ends0[prefix + t]) / max(1, len(published_hours)) for label, (_, t) in GROUPS.items()}
+        per_hour = {
+            label: (ends1[prefix + t] - ends0[prefix + t]) / max(1, len(published_hours))
+            for label, (_, t) in GROUPS.items()
+        }
         want = world.expected_used(published_hours)
         token = mint_token(["usage.admin", "usage.read"], issuer=stack.url("sim"))
         wrong: list[str] = []
-        async with httpx.AsyncClient(base_url=stack.url("api"), headers={"Authorization": f"Bearer {token}"}, timeout=30) as api:
+        async with httpx.AsyncClient(
+            base_url=stack.url("api"), headers={"Authorization": f"Bearer {token}"}, timeout=30
+        ) as api:
             for i, cid in enumerate(customers):
                 resp = await api.get(f"/v1/customers/{cid}/balance")
                 if resp.status_code != 200 or int(resp.json()["used"]) != want.get(i, 0):
@@ -281,9 +286,12 @@ def _print_summary(r: dict[str, Any]) -> None:
               f"{m['last_third_mb']}, end {m['end_mb']}, peak {m['peak_mb']} (allowed +{m['allowed_growth_mb']}): "
               f"{'flat' if m['flat'] else 'GROWING'}", file=sys.stderr)
     for g, lag in r["lag"].items():
-        print(f"  lag {g:16} after warm-up {lag['after_warmup']}, first third {lag['first_third_mean']}, last third "
-              f"{lag['last_third_mean']}, end {lag['end']}, peak {lag['peak']} (one hour = {lag['one_hour_messages']}): "
-              f"{'ok' if lag['not_growing'] and lag['bounded'] else 'GROWING/UNBOUNDED'}", file=sys.stderr)
+        print(
+            f"  lag {g:16} after warm-up {lag['after_warmup']}, first third {lag['first_third_mean']}, last third "
+            f"{lag['last_third_mean']}, end {lag['end']}, peak {lag['peak']} (one hour = {lag['one_hour_messages']}): "
+            f"{'ok' if lag['not_growing'] and lag['bounded'] else 'GROWING/UNBOUNDED'}",
+            file=sys.stderr,
+        )
     print(f"  drained in {r['drain_seconds']} s; balances exact: {not r['balance_mismatches']}", file=sys.stderr)
     for name, ok in r["checks"].items():
         print(f"  {'PASS' if ok else 'FAIL'} {name}", file=sys.stderr)
@@ -293,7 +301,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=10)
     p.add_argument("--resources", type=int, default=20_000, help="resources per simulated hour (2x bench_e2e's 10,000)")
-    p.add_argument("--hour-seconds", type=float, default=4.0, help="one simulated hour published every this many seconds")
+    p.add_argument(
+        "--hour-seconds", type=float, default=4.0, help="one simulated hour published every this many seconds"
+    )
     p.add_argument("--sample-seconds", type=float, default=5.0)
     p.add_argument("--drain-seconds", type=float, default=300.0)
     p.add_argument("--no-record", action="store_true", help="do not write bench/results.json")

@@ -24,7 +24,17 @@ SCALES: dict[str, dict[str, list[str]]] = {
     "small": {
         "collector": ["-m", "bench.bench_collector", "--apps", "6000", "--services", "2000", "--orgs", "10"],
         "pricer": ["bench/bench_pricer.py", "--count", "100000", "--resources", "1000"],
-        "ledger": ["bench/bench_ledger.py", "--count", "100000", "--resources", "1000", "--orgs", "100", "--customers", "10"],
+        "ledger": [
+            "bench/bench_ledger.py",
+            "--count",
+            "100000",
+            "--resources",
+            "1000",
+            "--orgs",
+            "100",
+            "--customers",
+            "10",
+        ],
         "api": ["bench/bench_api.py", "--resources", "1000", "--seconds", "5", "--warmup", "1"],
         "e2e": ["-m", "bench.bench_e2e", "--resources", "1000", "--hours", "72", "--latency-hours", "3"],
         "baselines": ["-m", "bench.bench_baselines", "--resources", "1000", "--hours", "72"],
@@ -123,7 +133,8 @@ def _figures(r: dict[str, Any]) -> dict[str, Any]:
         "floor_decode": per(floor, "decode"),
         "floor_forward": per(floor, "forward"),
         "floor_price": per(floor, "price"),
-        "floor_copy": (floor.get("copy") or {}).get("measurements_per_s") or (floor.get("copy") or {}).get("rows_per_s"),
+        "floor_copy": (floor.get("copy") or {}).get("measurements_per_s")
+        or (floor.get("copy") or {}).get("rows_per_s"),
         "pricer_bound": floor.get("pricer_bound_per_s"),
         "ledger_decode": per(lf, "decode"),
         "ledger_bound": lf.get("ledger_bound_per_s"),
@@ -179,25 +190,37 @@ def markdown(results: dict[str, Any], scale: str) -> str:
         ("Kafka ProducerPerformance, same record size (records/s)", *pair("kafka_records"), "broker limit", ""),
         ("PostgreSQL COPY of one row per measurement, uuid key (rows/s)", *pair("copy_rows"), "", ""),
     ]
-    out = [f"Scale `{scale}`, measured {results['measured_at']} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, "
-           f"Python {m['python']}; PostgreSQL 15 and Kafka 4.1 on the same machine. \"before\": the first design "
-           f"(usage.*.v1, one message and one row per measurement), full scale, measured "
-           f"{before_run.get('measured_at', 'n/a')} on {before_run.get('machine', {}).get('cpu', 'n/a')} "
-           f"(bench/results_v1.json). Ratios are now ÷ target (for times and memory: above 1 is over the limit).",
-           "", "| measure | before (v1) | now (v2) | target / limit | ratio |", "|---|---|---|---|---|"]
+    out = [
+        f"Scale `{scale}`, measured {results['measured_at']} on {m['cores']} cores ({m['cpu']}), "
+        f"{m['memory_gib']} GiB, "
+        f'Python {m["python"]}; PostgreSQL 15 and Kafka 4.1 on the same machine. "before": the first design '
+        f"(usage.*.v1, one message and one row per measurement), full scale, measured "
+        f"{before_run.get('measured_at', 'n/a')} on {before_run.get('machine', {}).get('cpu', 'n/a')} "
+        f"(bench/results_v1.json). Ratios are now ÷ target (for times and memory: above 1 is over the limit).",
+        "",
+        "| measure | before (v1) | now (v2) | target / limit | ratio |",
+        "|---|---|---|---|---|",
+    ]
     out += [f"| {a} | {b if b is not None else 'n/a'} | {c if c is not None else 'n/a'} | {d} | {e} |"
             for a, b, c, d, e in rows]
     soak = results.get("soak", {})
     peak = _peak
     if soak.get("pricer", {}).get("count") or soak.get("ledger", {}).get("count"):
         sp, sl = soak.get("pricer", {}), soak.get("ledger", {})
-        out += ["", f"Soak (`BENCH_SCALE=soak`, measured {soak.get('measured_at')}), one instance each at full speed:",
-                f"pricer {sp.get('count')} measurements in {sp.get('measured_window_s')} s = {sp.get('sustained_measurements_per_s')}/s, "
-                f"RSS MB by tenth of the run {sp.get('rss_mb_by_tenth')}, peak {peak(sp)}; "
-                f"ledger {sl.get('messages')} charges in {sl.get('measured_window_s')} s = {sl.get('sustained_charges_per_s')}/s, "
-                f"RSS MB max of first / last quarter {sl.get('rss_mb_first_quarter_max')} / {sl.get('rss_mb_last_quarter_max')}"
-                + (f", by tenth of the run {sl['rss_mb_by_tenth']}" if sl.get("rss_mb_by_tenth") else "") + ", "
-                f"peak {peak(sl)}, posting rule holds: {sl.get('check', {}).get('posting_rule_holds')}."]
+        out += [
+            "",
+            f"Soak (`BENCH_SCALE=soak`, measured {soak.get('measured_at')}), one instance each at full speed:",
+            f"pricer {sp.get('count')} measurements in {sp.get('measured_window_s')} s = "
+            f"{sp.get('sustained_measurements_per_s')}/s, "
+            f"RSS MB by tenth of the run {sp.get('rss_mb_by_tenth')}, peak {peak(sp)}; "
+            f"ledger {sl.get('messages')} charges in {sl.get('measured_window_s')} s = "
+            f"{sl.get('sustained_charges_per_s')}/s, "
+            f"RSS MB max of first / last quarter {sl.get('rss_mb_first_quarter_max')} / "
+            f"{sl.get('rss_mb_last_quarter_max')}"
+            + (f", by tenth of the run {sl['rss_mb_by_tenth']}" if sl.get("rss_mb_by_tenth") else "")
+            + ", "
+            f"peak {peak(sl)}, posting rule holds: {sl.get('check', {}).get('posting_rule_holds')}.",
+        ]
     e2e = results["results"].get("e2e", {})
     if e2e.get("rss_mb"):
         out += ["", "Memory of each service over the end-to-end run (MB, start / peak / end): "
@@ -246,7 +269,12 @@ def main() -> None:
     if scale not in SCALES:
         raise SystemExit(f"BENCH_SCALE must be one of {', '.join(SCALES)}")
     only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
-    results: dict[str, Any] = {"scale": scale, "machine": machine(), "measured_at": time.strftime("%Y-%m-%d"), "results": {}}
+    results: dict[str, Any] = {
+        "scale": scale,
+        "machine": machine(),
+        "measured_at": time.strftime("%Y-%m-%d"),
+        "results": {},
+    }
     previous = ROOT / "bench" / "results.json"
     if previous.exists():
         earlier = orjson.loads(previous.read_bytes())

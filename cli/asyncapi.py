@@ -11,16 +11,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import orjson
 from pydantic import SecretStr
 
-__all__ = ["SERVICES", "DOCS", "documents", "render", "write"]
+__all__ = ["DOCS", "SERVICES", "documents", "render", "write"]
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "asyncapi"
 SERVICES = ("collector", "pricer", "ledger", "api")
-_FIXED = {"kafka_bootstrap_servers": "kafka:9092", "topic_prefix": "", "database_url": SecretStr("postgresql://-")}
+
+
+class _Fixed(TypedDict):
+    kafka_bootstrap_servers: str
+    topic_prefix: str
+    database_url: SecretStr
+
+
+_FIXED: _Fixed = {
+    "kafka_bootstrap_servers": "kafka:9092",
+    "topic_prefix": "",
+    "database_url": SecretStr("postgresql://-"),
+}
 
 
 def _factories() -> dict[str, Callable[[], Any]]:

@@ -95,10 +95,20 @@ class Plan:
 
 PLANS = {
     # CI: four days around the middle of the month (the late org's assignment and the price change).
-    "small": Plan("small", SMALL, SMALL.mid_month - 48 * HOUR, 96, seconds=100, min_kills=20, kill_pause=(1.5, 4.0),
-                  outage=(40, 46)),
+    "small": Plan(
+        "small",
+        SMALL,
+        SMALL.mid_month - 48 * HOUR,
+        96,
+        seconds=100,
+        min_kills=20,
+        kill_pause=(1.5, 4.0),
+        outage=(40, 46),
+    ),
     # The demo's whole month: 744 hours, about half a million measurements.
-    "full": Plan("full", DEMO, DEMO.bounds[0], 744, seconds=420, min_kills=40, kill_pause=(3.0, 8.0), outage=(300, 308)),
+    "full": Plan(
+        "full", DEMO, DEMO.bounds[0], 744, seconds=420, min_kills=40, kill_pause=(3.0, 8.0), outage=(300, 308)
+    ),
 }
 
 
@@ -174,7 +184,9 @@ class Supervisor:
 
     async def ready(self, inst: Instance, timeout: float = 180) -> None:
         assert inst.proc is not None
-        await wait_http(inst.url + "/readyz", inst.proc, timeout, f"{inst.name} (see {self.logs / (inst.name + '.log')})")
+        await wait_http(
+            inst.url + "/readyz", inst.proc, timeout, f"{inst.name} (see {self.logs / (inst.name + '.log')})"
+        )
 
     def kill(self, inst: Instance) -> None:
         assert inst.proc is not None
@@ -193,7 +205,11 @@ class Supervisor:
             inst.proc.wait()
 
     def exited(self) -> list[Instance]:
-        return [i for i in self.instances.values() if i.proc is not None and i.proc.poll() is not None and i.name not in self.expected_down]
+        return [
+            i
+            for i in self.instances.values()
+            if i.proc is not None and i.proc.poll() is not None and i.name not in self.expected_down
+        ]
 
     def stop_all(self) -> None:
         for inst in reversed(list(self.instances.values())):
@@ -366,7 +382,9 @@ def oracle(plan: Plan, ok_runs: set[tuple[datetime, str]]) -> Oracle:
                 held += 1
                 continue
             price = next(p for p in prices if p.meter == e.meter and p.resource_kind == e.resource_kind and p.covers(h))
-            exact[(s.customers[owner[-1]], month, price.key)] += Fraction(e.value * price.microcredits_per_unit, price.unit)
+            exact[(s.customers[owner[-1]], month, price.key)] += Fraction(
+                e.value * price.microcredits_per_unit, price.unit
+            )
     posted = {k: v.numerator // v.denominator for k, v in exact.items()}
     return Oracle(per_hour, estimated, posted, held)
 
@@ -438,27 +456,42 @@ async def verify(plan: Plan, database: str, prefix: str, api: Api) -> Findings:
             """SELECT count(*) FROM (SELECT transaction_id FROM ledger.entries GROUP BY 1
                 HAVING sum(CASE side WHEN 'debit' THEN amount ELSE -amount END) <> 0) x""")
         transactions = await conn.fetchval("SELECT count(*) FROM ledger.transactions")
-        equation = await conn.fetchval("SELECT coalesce(sum(CASE side WHEN 'debit' THEN amount ELSE -amount END), 0) FROM ledger.entries")
+        equation = await conn.fetchval(
+            "SELECT coalesce(sum(CASE side WHEN 'debit' THEN amount ELSE -amount END), 0) FROM ledger.entries"
+        )
     finally:
         await conn.close()
 
     want = await asyncio.to_thread(oracle, plan, ok_runs)
     f.measurements = sum(n for n, _ in collected.values())
     f.microcredits = sum(want.posted.values())
-    f.check("measurements per hour and meter equal the seed's (count and summed value, estimates included)",
-            collected == {k: v for k, v in want.per_hour.items() if v[0]} and f.estimated == want.estimated,
-            _diff({k: v for k, v in want.per_hour.items() if v[0]}, collected) or
-            f"{f.measurements:,} measurements over {len(hours)} hours, {f.estimated:,} estimated (oracle {want.estimated:,})")
+    f.check(
+        "measurements per hour and meter equal the seed's (count and summed value, estimates included)",
+        collected == {k: v for k, v in want.per_hour.items() if v[0]} and f.estimated == want.estimated,
+        _diff({k: v for k, v in want.per_hour.items() if v[0]}, collected)
+        or f"{f.measurements:,} measurements over {len(hours)} hours, {f.estimated:,} estimated "
+        f"(oracle {want.estimated:,})",
+    )
     f.check("every measurement priced exactly once", priced == {k: v[0] for k, v in collected.items()},
             _diff({k: v[0] for k, v in collected.items()}, priced) or f"{sum(priced.values()):,} charges")
     f.check("every charge applied or held exactly once by the ledger", applied + f.held == f.measurements,
             f"{applied:,} applied + {f.held:,} held = {applied + f.held:,} of {f.measurements:,}")
-    f.check("measurements held for the unassigned org equal the seed's", f.held == want.held, f"{f.held:,} (oracle {want.held:,})")
+    f.check(
+        "measurements held for the unassigned org equal the seed's",
+        f.held == want.held,
+        f"{f.held:,} (oracle {want.held:,})",
+    )
     posted = {k: v for k, v in month_usage.items() if v}
-    f.check("posted microcredits per customer, month and price equal floor(exact sum) of the seed's charges",
-            posted == want.posted, _diff(want.posted, posted) or f"{len(posted)} (customer, month, price) totals, {f.microcredits:,} µcr")
-    f.check("usage lines of the posted transactions add up to the same totals (nothing posted twice)",
-            {k: v for k, v in lines.items() if v} == posted, _diff(posted, {k: v for k, v in lines.items() if v}) or "equal")
+    f.check(
+        "posted microcredits per customer, month and price equal floor(exact sum) of the seed's charges",
+        posted == want.posted,
+        _diff(want.posted, posted) or f"{len(posted)} (customer, month, price) totals, {f.microcredits:,} µcr",
+    )
+    f.check(
+        "usage lines of the posted transactions add up to the same totals (nothing posted twice)",
+        {k: v for k, v in lines.items() if v} == posted,
+        _diff(posted, {k: v for k, v in lines.items() if v}) or "equal",
+    )
     f.check("every transaction balances", unbalanced == 0, f"{unbalanced} of {transactions:,} unbalanced")
     f.check("accounting equation: the signed sum of all entries is zero", equation == 0, f"sum = {equation}")
     api_used = {}
@@ -468,16 +501,21 @@ async def verify(plan: Plan, database: str, prefix: str, api: Api) -> Findings:
     ledger_used = dict.fromkeys(names.values(), 0)
     for (name, _, _), mc in lines.items():
         ledger_used[name] += mc
-    f.check("the api's balances show the ledger's usage", api_used == ledger_used, _diff(ledger_used, api_used) or "equal")
+    f.check(
+        "the api's balances show the ledger's usage", api_used == ledger_used, _diff(ledger_used, api_used) or "equal"
+    )
     dead, valid = await dead_letters(prefix)
     f.check("dead-letter topics hold no valid message", valid == 0, f"{dead} dead-lettered, {valid} of them valid")
     report = await api.call("GET", "/admin/completeness", params={"from": _iso(first), "to": _iso(end)})
     bad = [r for r in report["rows"] if not r["reconciles"]]
-    f.check("the completeness report reconciles for every hour and meter", bool(report["reconciles"]) and report["hours"] == len(hours),
-            f"{report['hours']} hours, {len(report['rows'])} rows, {report['flagged']} flagged, "
-            f"{report['missing_readings']} missing readings" + "".join(
-                f"; {r['hour']} {r['meter']}: " + ", ".join(p["detail"] for p in r["problems"]) for r in bad[:3])
-            + "".join(f"; {p}" for p in report["problems"]))
+    f.check(
+        "the completeness report reconciles for every hour and meter",
+        bool(report["reconciles"]) and report["hours"] == len(hours),
+        f"{report['hours']} hours, {len(report['rows'])} rows, {report['flagged']} flagged, "
+        f"{report['missing_readings']} missing readings"
+        + "".join(f"; {r['hour']} {r['meter']}: " + ", ".join(p["detail"] for p in r["problems"]) for r in bad[:3])
+        + "".join(f"; {p}" for p in report["problems"]),
+    )
     return f
 
 
@@ -529,17 +567,28 @@ async def dead_letters(prefix: str) -> tuple[int, int]:
 
 
 def summary(plan: Plan, stats: Stats, findings: Findings, seconds: float) -> Table:
-    table = Table(title=f"billing chaos ({plan.name}): {plan.hours} hours of seed {plan.scenario.seed} in {seconds:.0f} s")
+    table = Table(
+        title=f"billing chaos ({plan.name}): {plan.hours} hours of seed {plan.scenario.seed} in {seconds:.0f} s"
+    )
     table.add_column("check")
     table.add_column("result")
     table.add_column("detail")
     kills = sum(stats.kills.values())
-    table.add_row("kills survived (SIGKILL + restart)", str(kills), ", ".join(f"{k} {v}" for k, v in sorted(stats.kills.items())))
+    table.add_row(
+        "kills survived (SIGKILL + restart)", str(kills), ", ".join(f"{k} {v}" for k, v in sorted(stats.kills.items()))
+    )
     table.add_row("Kafka restarts / PostgreSQL restarts", f"{stats.kafka_restarts} / {stats.pg_restarts}", "")
     rebalances = stats.kills["pricer"] + stats.kills["ledger"] + stats.kills["api"] + 2 * len(stats.scale_events)
-    table.add_row("scaling / consumer-group rebalances", f"{len(stats.scale_events)} / {rebalances}", ", ".join(stats.scale_events))
-    table.add_row("simulator faults", f"{plan.error_rate:.0%} 5xx, {plan.timeout_rate:.0%} timeouts",
-                  f"outage of {plan.outage[1] - plan.outage[0]} hours; {stats.reading_retries} reading requests retried")
+    table.add_row(
+        "scaling / consumer-group rebalances",
+        f"{len(stats.scale_events)} / {rebalances}",
+        ", ".join(stats.scale_events),
+    )
+    table.add_row(
+        "simulator faults",
+        f"{plan.error_rate:.0%} 5xx, {plan.timeout_rate:.0%} timeouts",
+        f"outage of {plan.outage[1] - plan.outage[0]} hours; {stats.reading_retries} reading requests retried",
+    )
     table.add_row("unexpected exits", str(sum(stats.unexpected_exits.values())),
                   ", ".join(f"{k} {v}" for k, v in sorted(stats.unexpected_exits.items())))
     table.add_row("measurements checked", f"{findings.measurements:,}",
@@ -591,24 +640,40 @@ async def run_chaos(plan_name: str = "small", keep: bool = False) -> int:
         monkey = asyncio.create_task(chaos(plan, sup, stats, driver), name="chaos")
         with console.status("") as status:
             while not monkey.done():
-                status.update(f"hours {stats.hours_driven}/{plan.hours}, kills {sum(stats.kills.values())}, "
-                              f"restarts kafka {stats.kafka_restarts} pg {stats.pg_restarts}, scale {len(stats.scale_events)}")
+                status.update(
+                    f"hours {stats.hours_driven}/{plan.hours}, kills {sum(stats.kills.values())}, "
+                    f"restarts kafka {stats.kafka_restarts} pg {stats.pg_restarts}, scale {len(stats.scale_events)}"
+                )
                 await asyncio.wait([monkey], timeout=1)
         monkey.result()
         await driver
-        console.print(f"chaos done after {time.monotonic() - t0:.0f} s: {sum(stats.kills.values())} kills; waiting for the pipeline to drain")
+        console.print(
+            f"chaos done after {time.monotonic() - t0:.0f} s: {sum(stats.kills.values())} kills; "
+            "waiting for the pipeline to drain"
+        )
         for inst in sup.exited():
             stats.unexpected_exits[inst.name] += 1
             await restart(sup, inst, stats, "after an unexpected exit")
         await wait_settled(database, prefix)
         findings = await verify(plan, database, prefix, api)
         console.print(summary(plan, stats, findings, time.monotonic() - t0))
-        result = {"plan": plan.name, "seconds": round(time.monotonic() - t0), "kills": dict(stats.kills),
-                  "kafka_restarts": stats.kafka_restarts, "pg_restarts": stats.pg_restarts, "scale_events": stats.scale_events,
-                  "unexpected_exits": dict(stats.unexpected_exits), "reading_retries": stats.reading_retries,
-                  "measurements": findings.measurements, "estimated": findings.estimated, "held": findings.held,
-                  "microcredits": findings.microcredits, "differences": findings.differences,
-                  "checks": [{"check": n, "ok": ok, "detail": d} for n, ok, d in findings.checks], "timeline": stats.timeline}
+        result = {
+            "plan": plan.name,
+            "seconds": round(time.monotonic() - t0),
+            "kills": dict(stats.kills),
+            "kafka_restarts": stats.kafka_restarts,
+            "pg_restarts": stats.pg_restarts,
+            "scale_events": stats.scale_events,
+            "unexpected_exits": dict(stats.unexpected_exits),
+            "reading_retries": stats.reading_retries,
+            "measurements": findings.measurements,
+            "estimated": findings.estimated,
+            "held": findings.held,
+            "microcredits": findings.microcredits,
+            "differences": findings.differences,
+            "checks": [{"check": n, "ok": ok, "detail": d} for n, ok, d in findings.checks],
+            "timeline": stats.timeline,
+        }
         (logs / "summary.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
         enough = sum(stats.kills.values()) >= plan.min_kills and stats.kafka_restarts and stats.pg_restarts
         if findings.differences or not enough:

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import sys
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import httpx
 import orjson
 
 from cli.report import DEFAULT_API_URL
+
+if TYPE_CHECKING:
+    import typer
 
 __all__ = ["EXIT_API", "EXIT_FLAGGED", "EXIT_OK", "EXIT_USAGE", "completeness", "register"]
 
@@ -161,7 +164,7 @@ def completeness(
     return EXIT_OK if report["reconciles"] else EXIT_FLAGGED
 
 
-def register(app: Any) -> None:
+def register(app: typer.Typer) -> None:
     """Add the ``completeness`` command to a ``typer.Typer`` app."""
     import typer
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from fractions import Fraction
 from datetime import timedelta
+from fractions import Fraction
 from typing import Any
 
 import httpx
@@ -27,7 +27,7 @@ from shared.money import display_credits
 from shared.topics import CHARGES, READINGS, TRANSACTIONS
 from simulator.oidc import mint_token
 
-__all__ = ["run_demo", "SCENARIOS"]
+__all__ = ["SCENARIOS", "run_demo"]
 
 SCENARIOS = {"demo": DEMO, "small": SMALL}
 console = Console()
@@ -79,7 +79,14 @@ async def check_simulator(sim_url: str, s: Scenario) -> None:
             info = (await c.get(f"{sim_url}/sim/info")).json()
         except httpx.TransportError:
             raise DemoError(f"the simulator does not answer at {sim_url}; start the stack with `make up`") from None
-    want = {"seed": s.seed, "orgs": s.orgs, "apps": s.apps, "services": s.services, "plans": s.plans, "spaces_per_org": s.spaces_per_org}
+    want = {
+        "seed": s.seed,
+        "orgs": s.orgs,
+        "apps": s.apps,
+        "services": s.services,
+        "plans": s.plans,
+        "spaces_per_org": s.spaces_per_org,
+    }
     got = {k: info.get(k) for k in want}
     if got != want:
         raise DemoError(f"the simulator runs another world ({got}); restart it with: make down && make demo")
@@ -99,21 +106,42 @@ async def set_up(api: Api, s: Scenario) -> list[str]:
     start, _ = s.bounds
     for cid in ids:
         if not await api.items("/admin/agreements", customer_id=cid):
-            await api.call("POST", "/admin/agreements", json={
-                "customer_id": cid, "starts_at": start.isoformat(), "ends_at": (start + timedelta(days=365)).isoformat()})
+            await api.call(
+                "POST",
+                "/admin/agreements",
+                json={
+                    "customer_id": cid,
+                    "starts_at": start.isoformat(),
+                    "ends_at": (start + timedelta(days=365)).isoformat(),
+                },
+            )
     assigned = {(a["org_id"], a["customer_id"]) for a in await api.items("/admin/org-assignments")}
     for org, customer, starts in s.assignments():
         if (org, ids[customer]) not in assigned:
-            await api.call("POST", "/admin/org-assignments", json={"org_id": org, "customer_id": ids[customer], "starts_at": starts.isoformat()})
+            await api.call(
+                "POST",
+                "/admin/org-assignments",
+                json={"org_id": org, "customer_id": ids[customer], "starts_at": starts.isoformat()},
+            )
     prices = {(p["meter"], p["resource_kind"], p["valid_from"]) for p in await api.items("/admin/prices")}
     for p in s.prices():
         if (p.meter, p.resource_kind, p.valid_from.isoformat().replace("+00:00", "Z")) in prices or \
            (p.meter, p.resource_kind, p.valid_from.isoformat()) in prices:
             continue
-        await api.call("POST", "/admin/prices", ok=(201, 409), json={
-            "meter": p.meter, "resource_kind": p.resource_kind, "unit_of_measure": p.unit_of_measure,
-            "microcredits_per_unit": p.microcredits_per_unit, "unit": p.unit,
-            "valid_from": p.valid_from.isoformat(), "valid_until": p.valid_until.isoformat() if p.valid_until else None})
+        await api.call(
+            "POST",
+            "/admin/prices",
+            ok=(201, 409),
+            json={
+                "meter": p.meter,
+                "resource_kind": p.resource_kind,
+                "unit_of_measure": p.unit_of_measure,
+                "microcredits_per_unit": p.microcredits_per_unit,
+                "unit": p.unit,
+                "valid_from": p.valid_from.isoformat(),
+                "valid_until": p.valid_until.isoformat() if p.valid_until else None,
+            },
+        )
     return ids
 
 
@@ -125,7 +153,10 @@ async def wait_drained(kafka: str, prefix: str, quiet_rounds: int = 3, timeout: 
     with console.status("waiting for the pricer, the ledger and the api to catch up") as status:
         while time.monotonic() < deadline:
             lags = [await group_lag(kafka, prefix + g, prefix + t) for g, t in groups]
-            status.update("waiting for the pipeline: lag " + ", ".join(f"{g}@{t}={n}" for (g, t), n in zip(groups, lags, strict=True)))
+            status.update(
+                "waiting for the pipeline: lag "
+                + ", ".join(f"{g}@{t}={n}" for (g, t), n in zip(groups, lags, strict=True))
+            )
             quiet = quiet + 1 if sum(lags) == 0 else 0
             if quiet >= quiet_rounds:
                 return
@@ -146,16 +177,24 @@ async def show_and_check(api: Api, s: Scenario, ids: list[str], expected: Expect
         statement = await api.call("GET", f"/v1/customers/{cid}/statements/{month}")
         used = int(statement["used"])
         want = expected.posted.get(i, 0)
-        by_kind_ledger = {(line["meter"], line["resource_kind"]): int(line["microcredits"]) for line in statement.get("used_by_kind", [])}
+        by_kind_ledger = {
+            (line["meter"], line["resource_kind"]): int(line["microcredits"])
+            for line in statement.get("used_by_kind", [])
+        }
         by_kind_oracle = {(m, k): v for (c, m, k), v in expected.by_meter_kind.items() if c == i}
-        match = used == want and {k: v for k, v in by_kind_ledger.items() if v} == {k: v for k, v in by_kind_oracle.items() if v}
+        match = used == want and {k: v for k, v in by_kind_ledger.items() if v} == {
+            k: v for k, v in by_kind_oracle.items() if v
+        }
         ok &= match
         summary.add_row(name, credits(int(statement["funded"])), f"{used:,} µcr", f"{want:,} µcr",
                         credits(int(statement["closing_balance"])), "[green]yes" if match else "[red]NO")
         if not match:
             for key in sorted(set(by_kind_ledger) | set(by_kind_oracle)):
                 if by_kind_ledger.get(key, 0) != by_kind_oracle.get(key, 0):
-                    console.print(f"[red]{name} {key[0]} {key[1] or '-'}: ledger {by_kind_ledger.get(key, 0):,} µcr, oracle {by_kind_oracle.get(key, 0):,} µcr")
+                    console.print(
+                        f"[red]{name} {key[0]} {key[1] or '-'}: ledger {by_kind_ledger.get(key, 0):,} µcr, "
+                        f"oracle {by_kind_oracle.get(key, 0):,} µcr"
+                    )
     ok &= await check_usage_by_org(api, s, ids, expected)
     for name, cid in zip(s.customers, ids, strict=True):
         console.rule(f"{name}: usage by org and space (billing report --depth space)")
@@ -164,8 +203,11 @@ async def show_and_check(api: Api, s: Scenario, ids: list[str], expected: Expect
     console.print(summary)
     for name, cid in zip(s.customers, ids, strict=True):
         balance = await api.call("GET", f"/v1/customers/{cid}/balance")
-        console.print(f"[bold]{name}[/] balance now: funded {credits(int(balance['funded']))}, used {credits(int(balance['used']))}, "
-                      f"remaining {credits(int(balance['remaining']))} credits")
+        console.print(
+            f"[bold]{name}[/] balance now: funded {credits(int(balance['funded']))}, "
+            f"used {credits(int(balance['used']))}, "
+            f"remaining {credits(int(balance['remaining']))} credits"
+        )
     unpriced = await api.items("/admin/unpriced")
     unassigned = await api.items("/admin/unassigned")
     console.print(f"Unpriced charges (admin list): {len(unpriced)}")
@@ -187,11 +229,15 @@ async def check_usage_by_org(api: Api, s: Scenario, ids: list[str], expected: Ex
     want = expected.by_org
     wrong = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
     for i, org in wrong[:10]:
-        console.print(f"[red]{s.customers[i]} org {org}: api {got.get((i, org))}, oracle {want.get((i, org))} µcr (exact)")
+        console.print(
+            f"[red]{s.customers[i]} org {org}: api {got.get((i, org))}, oracle {want.get((i, org))} µcr (exact)"
+        )
     if wrong:
         console.print(f"[red]The api's usage by org differs from the seed's for {len(wrong)} (customer, org) pairs")
     else:
-        console.print(f"The api's usage by org equals the seed's exactly ({len(want)} customer-org pairs, as fractions).")
+        console.print(
+            f"The api's usage by org equals the seed's exactly ({len(want)} customer-org pairs, as fractions)."
+        )
     return not wrong
 
 
@@ -204,7 +250,9 @@ async def run_demo(scenario: str = "demo", api_url: str = "http://127.0.0.1:8080
     await wait_ready(api_url)
     api = Api(api_url, mint_token(["usage.admin", "usage.read"], subject="demo-admin"))
     try:
-        console.rule(f"[bold]billing demo[/]: scenario {s.name}, {len(s.customers)} customers, {s.orgs} orgs, month {month}")
+        console.rule(
+            f"[bold]billing demo[/]: scenario {s.name}, {len(s.customers)} customers, {s.orgs} orgs, month {month}"
+        )
         ids = await set_up(api, s)
         console.print(f"set up: tier {s.tier}, customers {', '.join(s.customers)}, {len(s.prices())} prices, "
                       f"{s.orgs} org assignments (one from mid-month)")
@@ -213,16 +261,23 @@ async def run_demo(scenario: str = "demo", api_url: str = "http://127.0.0.1:8080
         start, end = s.bounds
         t0 = time.perf_counter()
         totals = await backfill(start, end, console=console)
-        console.print(f"backfill: {totals['hours']} hours, {totals['measurements']:,} measurements in {time.perf_counter() - t0:.0f} s")
+        console.print(
+            f"backfill: {totals['hours']} hours, {totals['measurements']:,} measurements "
+            f"in {time.perf_counter() - t0:.0f} s"
+        )
         expected = await asyncio.to_thread(expected_posting, s)
         await wait_drained(kafka, topic_prefix)
         closed = await api.call("POST", f"/admin/months/{month}/close", ok=(200, 201, 409))
-        console.print(f"month {month} closed: {closed if isinstance(closed, dict) and len(str(closed)) < 200 else 'ok'}")
+        console.print(
+            f"month {month} closed: {closed if isinstance(closed, dict) and len(str(closed)) < 200 else 'ok'}"
+        )
         await wait_drained(kafka, topic_prefix)
         ok = await show_and_check(api, s, ids, expected, month)
         if ok:
-            console.print(f"[bold green]The ledger matches the seed's usage to the microcredit[/] "
-                          f"({expected.measurements:,} measurements, {sum(expected.posted.values()):,} microcredits posted).")
+            console.print(
+                f"[bold green]The ledger matches the seed's usage to the microcredit[/] "
+                f"({expected.measurements:,} measurements, {sum(expected.posted.values()):,} microcredits posted)."
+            )
         else:
             console.print("[bold red]The ledger does NOT match the seed's usage.[/]")
         return ok

@@ -14,7 +14,7 @@ import asyncpg
 
 from shared.topics import ensure_topics
 
-__all__ = ["ROOT", "ADMIN_DSN", "KAFKA", "dsn", "fresh_database", "drop_database", "fresh_topics", "free_port", "infra"]
+__all__ = ["ADMIN_DSN", "KAFKA", "ROOT", "drop_database", "dsn", "free_port", "fresh_database", "fresh_topics", "infra"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS_SQL = ROOT / "deploy" / "local" / "schemas.sql"

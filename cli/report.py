@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import httpx
 import orjson
@@ -26,7 +26,10 @@ import orjson
 from shared.clock import month_bounds, parse_month
 from shared.money import display_credits
 
-__all__ = ["report", "register", "ReportError", "DEFAULT_API_URL"]
+if TYPE_CHECKING:
+    import typer
+
+__all__ = ["DEFAULT_API_URL", "ReportError", "register", "report"]
 
 DEFAULT_API_URL = "http://127.0.0.1:8080"
 FORMATS = ("table", "json", "csv")
@@ -94,7 +97,11 @@ def _explain(resp: httpx.Response) -> str:
         detail = body.get("detail") or body.get("title") or ""
     except ValueError:
         detail = resp.text[:200]
-    hint = {401: " (check --token / BILLING_TOKEN)", 403: " (the token lacks usage.read)", 404: " (unknown customer, or not yours)"}
+    hint = {
+        401: " (check --token / BILLING_TOKEN)",
+        403: " (the token lacks usage.read)",
+        404: " (unknown customer, or not yours)",
+    }
     return f"the API answered {resp.status_code}: {detail}{hint.get(resp.status_code, '')}"
 
 
@@ -107,7 +114,11 @@ def build_tree(items: list[dict[str, Any]]) -> Node:
         space = org.children.setdefault(g.get("space_id", ""), Node(g.get("space_id", ""), g.get("space_name", "")))
         res = space.children.setdefault(
             g["resource_id"],
-            Node(g["resource_id"], g.get("resource_name", ""), attrs={"meter": g.get("meter", ""), "resource_kind": g.get("resource_kind", "")}),
+            Node(
+                g["resource_id"],
+                g.get("resource_name", ""),
+                attrs={"meter": g.get("meter", ""), "resource_kind": g.get("resource_kind", "")},
+            ),
         )
         for node in (root, org, space, res):
             node.add(exact, quantities)
@@ -136,9 +147,21 @@ def render_table(root: Node, customer: str, month: str, out: IO[str], depth: str
     table.add_column("Quantity", justify="right")
     table.add_column("Credits", justify="right")
     for org in _sorted(root.children):
-        table.add_row(f"[bold]{org.name or org.id or '(no org)'}[/bold]", "", "", _qty(org.quantities), f"[bold]{display_credits(org.exact)}[/bold]")
+        table.add_row(
+            f"[bold]{org.name or org.id or '(no org)'}[/bold]",
+            "",
+            "",
+            _qty(org.quantities),
+            f"[bold]{display_credits(org.exact)}[/bold]",
+        )
         for space in _sorted(org.children) if depth != "org" else []:
-            table.add_row(f"  {space.name or space.id or '(no space)'}", "", "", _qty(space.quantities), display_credits(space.exact))
+            table.add_row(
+                f"  {space.name or space.id or '(no space)'}",
+                "",
+                "",
+                _qty(space.quantities),
+                display_credits(space.exact),
+            )
             for res in _sorted(space.children) if depth == "resource" else []:
                 table.add_row(
                     f"    {res.name or res.id}",
@@ -281,7 +304,7 @@ def report(
     return 0
 
 
-def register(app: Any) -> None:
+def register(app: typer.Typer) -> None:
     """Add the ``report`` command to a ``typer.Typer`` app."""
     import typer
 

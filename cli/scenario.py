@@ -15,7 +15,7 @@ from fractions import Fraction
 from shared.clock import BUSINESS_TZ, month_bounds
 from simulator import Foundation
 
-__all__ = ["Scenario", "PriceSpec", "Expected", "DEMO", "SMALL", "expected_posting"]
+__all__ = ["DEMO", "SMALL", "Expected", "PriceSpec", "Scenario", "expected_posting"]
 
 HOUR = timedelta(hours=1)
 CREDIT = 1_000_000
@@ -75,7 +75,9 @@ class Scenario:
 
     def foundation(self) -> Foundation:
         if "f" not in self.foundation_cache:
-            self.foundation_cache["f"] = Foundation(self.seed, self.orgs, self.spaces_per_org, self.apps, self.services, self.plans)
+            self.foundation_cache["f"] = Foundation(
+                self.seed, self.orgs, self.spaces_per_org, self.apps, self.services, self.plans
+            )
         return self.foundation_cache["f"]
 
     def assignments(self) -> list[tuple[str, int, datetime]]:
@@ -132,7 +134,10 @@ def expected_posting(s: Scenario) -> Expected:
             if not owners:
                 held += 1
                 continue
-            price = next((p for p in prices if p.meter == e.meter and p.resource_kind == e.resource_kind and p.covers(hour)), None)
+            price = next(
+                (p for p in prices if p.meter == e.meter and p.resource_kind == e.resource_kind and p.covers(hour)),
+                None,
+            )
             org_usage[(owners[-1], e.org_guid)] += 0
             if price is None:
                 continue
@@ -142,11 +147,13 @@ def expected_posting(s: Scenario) -> Expected:
     by_price = {k: v.numerator // v.denominator for k, v in exact.items()}
     posted: dict[int, int] = defaultdict(int)
     by_meter_kind: dict[tuple[int, str, str], int] = defaultdict(int)
-    for (customer, (meter, kind, _)), amount in by_price.items():
-        posted[customer] += amount
-        by_meter_kind[(customer, meter, kind)] += amount
+    for (customer, (meter, kind, _)), microcredits in by_price.items():
+        posted[customer] += microcredits
+        by_meter_kind[(customer, meter, kind)] += microcredits
     return Expected(dict(posted), by_price, dict(by_meter_kind), held, total, dict(org_usage))
 
 
-DEMO = Scenario(name="demo", seed=42, orgs=12, spaces_per_org=3, apps=660, services=240, plans=6, month=date(2026, 10, 1))
+DEMO = Scenario(
+    name="demo", seed=42, orgs=12, spaces_per_org=3, apps=660, services=240, plans=6, month=date(2026, 10, 1)
+)
 SMALL = Scenario(name="small", seed=7, orgs=6, spaces_per_org=2, apps=60, services=24, plans=3, month=date(2026, 10, 1))

@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from shared import commands_repo as repo
 from shared.auth import MAX_SUBJECT, SCOPE_ADMIN
+from shared.db import Conn
 from shared.edge import (
     INVALID_PARAMETER,
     Answer,
@@ -107,7 +108,7 @@ def audit_cursor(scope: str, entry: AuditEntry) -> str:
 
 
 async def read_page(
-    conn: repo.Conn, service: str, filters: AuditFilters, cursor: str | None, limit: int
+    conn: Conn, service: str, filters: AuditFilters, cursor: str | None, limit: int
 ) -> AuditPage:
     """Up to ``limit`` entries of this schema's trail after ``cursor`` (a ``next_cursor`` of the same
     filters), newest first; 422 problem on filters or a cursor that do not hold."""

@@ -124,11 +124,13 @@ def measurements_id(hour: datetime, meter: str, shard: int, resource_ids: Sequen
     return uuid.uuid5(NAMESPACE, f"measurements|{hour_text(hour)}|{meter}|{shard}|{_digest(resource_ids)}")
 
 
-def charges_id(hour: datetime, meter: str, shard: int, resource_ids: Sequence[str], revisions: Sequence[int]) -> uuid.UUID:
+def charges_id(
+    hour: datetime, meter: str, shard: int, resource_ids: Sequence[str], revisions: Sequence[int]
+) -> uuid.UUID:
     """The id of a charges batch: uuid5 of its hour, meter, shard and the (resource, revision) pairs (the
     resources' digest and the one revision, when they all have the same)."""
     first = revisions[0] if revisions else 1
-    if revisions.count(first) == len(revisions):  # type: ignore[attr-defined]
+    if revisions.count(first) == len(revisions):
         content = f"{_digest(resource_ids)}#{first}"
     else:
         content = _digest([f"{r}#{v}" for r, v in zip(resource_ids, revisions, strict=True)])
@@ -417,7 +419,9 @@ def _columns_ok(msg: Measurements | Charges, charges: bool, parsed_strictly: boo
             and _in_range(msg.value, 0, MAX_INT)
         ):
             return False
-    elif not (_below(msg.org, len(msg.orgs)) and _below(msg.space, len(msg.spaces)) and _below(msg.kind, len(msg.kinds))):
+    elif not (
+        _below(msg.org, len(msg.orgs)) and _below(msg.space, len(msg.spaces)) and _below(msg.kind, len(msg.kinds))
+    ):
         return False
     if set(map(_shard_cache_get, ids)) != {msg.shard}:
         if None not in set(map(_shard_cache_get, ids)):

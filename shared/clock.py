@@ -10,12 +10,12 @@ __all__ = [
     "BUSINESS_TZ",
     "NaiveDatetimeError",
     "as_utc",
-    "utcnow",
-    "hour_floor",
     "billing_month",
+    "hour_floor",
+    "hours_between",
     "month_bounds",
     "parse_month",
-    "hours_between",
+    "utcnow",
 ]
 
 BUSINESS_TZ = ZoneInfo("America/New_York")

@@ -196,7 +196,9 @@ class CommandJournal:
                     )
                 await repo.insert_audit(conn, row)
         except Exception:
-            log.exception("a command's audit entry could not be written", extra={"kind": entry.kind, "path": entry.path})
+            log.exception(
+                "a command's audit entry could not be written", extra={"kind": entry.kind, "path": entry.path}
+            )
 
 
 @dataclass

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeAlias
+from typing import Any
 
-import asyncpg
 import orjson
+
+from shared.db import Conn
 
 __all__ = [
     "AuditRow",
@@ -20,8 +21,6 @@ __all__ = [
     "list_audit",
     "reserve_key",
 ]
-
-Conn: TypeAlias = asyncpg.Connection | Any  # a pool proxy is an asyncpg connection too
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
+import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from shared.auth import SCOPE_ADMIN
 from shared.contracts import UtcDatetime
+from shared.db import Conn
 from shared.edge import INVALID_PARAMETER, Answer, Call, Handler, Operation, Params, ProblemError, Time, parse_params
 from shared.edge import answer as edge_answer
 
@@ -121,7 +123,7 @@ def operation(answer: type[BaseModel], owner: str) -> Operation:
 
 
 def counts_handler(
-    counts: Callable[[Any, datetime, datetime], Awaitable[Sequence[Mapping[str, Any]]]],
+    counts: Callable[[Conn, datetime, datetime], Awaitable[Sequence[asyncpg.Record]]],
     answer: type[PricerCompleteness | LedgerCompleteness],
     item: type[PricerCount | LedgerCount],
 ) -> Handler:

@@ -16,23 +16,23 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from shared.clock import as_utc
 
 __all__ = [
-    "UtcDatetime",
-    "Event",
-    "SHARDS",
     "MAX_ITEMS",
-    "MeasurementTaken",
+    "MAX_MESSAGE_BYTES",
+    "SHARDS",
+    "AlertRaised",
     "ChargeComputed",
-    "Named",
-    "PriceTerms",
-    "MeasurementsTaken",
     "ChargesComputed",
     "EntryLine",
+    "Event",
+    "MeasurementTaken",
+    "MeasurementsTaken",
+    "Named",
+    "PriceTerms",
+    "StatementIssued",
+    "StatementLine",
     "TransactionPosted",
     "UsageLine",
-    "AlertRaised",
-    "StatementLine",
-    "StatementIssued",
-    "MAX_MESSAGE_BYTES",
+    "UtcDatetime",
 ]
 
 # A message larger than this is refused by every consumer (it goes to the DLQ).
@@ -99,7 +99,9 @@ class ChargeComputed(Event):
     schema_name: Literal["usage.charge"] = "usage.charge"
     schema_version: Literal[1] = 1
     measurement_id: UUID = Field(description="The measurement priced; stable across revisions.")
-    revision: Annotated[int, Field(ge=1, strict=True)] = Field(description="1 for the first pricing, +1 for each re-pricing.")
+    revision: Annotated[int, Field(ge=1, strict=True)] = Field(
+        description="1 for the first pricing, +1 for each re-pricing."
+    )
     reading_hour: UtcDatetime
     meter: Annotated[str, Field(min_length=1, max_length=64)]
     resource_id: Annotated[str, Field(min_length=1, max_length=64)]
@@ -320,11 +322,11 @@ class ChargesComputed(Event):
     kind: Annotated[list[Index], Field(max_length=MAX_ITEMS)]
     value: Annotated[list[NonNegativeInt], Field(max_length=MAX_ITEMS)]
     estimated: Annotated[list[Annotated[bool, Field(strict=True)]], Field(max_length=MAX_ITEMS)]
-    revision: Annotated[list[Annotated[int, Field(ge=1, le=2**31 - 1, strict=True)]], Field(max_length=MAX_ITEMS)] = Field(
-        description="Per item: 1 for the first pricing, +1 for each re-pricing."
+    revision: Annotated[list[Annotated[int, Field(ge=1, le=2**31 - 1, strict=True)]], Field(max_length=MAX_ITEMS)] = (
+        Field(description="Per item: 1 for the first pricing, +1 for each re-pricing.")
     )
-    price: Annotated[list[Annotated[int, Field(ge=-1, lt=MAX_ITEMS, strict=True)]], Field(max_length=MAX_ITEMS)] = Field(
-        description="Per item: position in `prices`, or -1 when no price covers it (unpriced, amount 0)."
+    price: Annotated[list[Annotated[int, Field(ge=-1, lt=MAX_ITEMS, strict=True)]], Field(max_length=MAX_ITEMS)] = (
+        Field(description="Per item: position in `prices`, or -1 when no price covers it (unpriced, amount 0).")
     )
     amount_numerator: Annotated[list[NonNegativeInt], Field(max_length=MAX_ITEMS)] = Field(
         description="Per item: exact microcredits = numerator / denominator."

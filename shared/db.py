@@ -12,10 +12,16 @@ import hashlib
 import logging
 import re
 from pathlib import Path
+from typing import TypeAlias
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
-__all__ = ["create_pool", "migrate", "MigrationError", "ping"]
+__all__ = ["Conn", "MigrationError", "create_pool", "migrate", "ping"]
+
+#: What the repositories work on: a connection taken from a pool (``pool.acquire()`` hands out a proxy, not an
+#: ``asyncpg.Connection``) or a plain one (``asyncpg.connect``).
+Conn: TypeAlias = asyncpg.Connection | PoolConnectionProxy
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +50,7 @@ async def ping(pool: asyncpg.Pool) -> None:
         await conn.fetchval("SELECT 1", timeout=2)
 
 
-async def migrate(conn: asyncpg.Connection, schema: str, directory: Path) -> list[str]:
+async def migrate(conn: Conn, schema: str, directory: Path) -> list[str]:
     """Apply the migrations in ``directory`` not yet applied to ``schema``; returns their versions."""
     if not _IDENT.match(schema):
         raise ValueError(f"bad schema name {schema!r}")
@@ -60,7 +66,10 @@ async def migrate(conn: asyncpg.Connection, schema: str, directory: Path) -> lis
                    checksum text NOT NULL,
                    applied_at timestamptz NOT NULL DEFAULT now())"""
         )
-        done = {r["version"]: r["checksum"] for r in await conn.fetch(f"SELECT version, checksum FROM {schema}.schema_migrations")}
+        done = {
+            r["version"]: r["checksum"]
+            for r in await conn.fetch(f"SELECT version, checksum FROM {schema}.schema_migrations")
+        }
         for path in files:
             version = path.stem
             sql = path.read_text()

@@ -39,7 +39,7 @@ async def run_checks(
         try:
             await asyncio.wait_for(check(), timeout=timeout)
             return "ok"
-        except Exception as exc:  # a readiness probe reports, it never raises
+        except Exception as exc:  # noqa: BLE001 - a readiness probe reports, it never raises
             return f"failed: {type(exc).__name__}"
 
     names = list(checks)

@@ -12,7 +12,7 @@ import uuid_utils
 
 from shared.clock import as_utc
 
-__all__ = ["NAMESPACE", "measurement_id", "measurement_ids", "charge_id", "uuid7", "reading_id"]
+__all__ = ["NAMESPACE", "charge_id", "measurement_id", "measurement_ids", "reading_id", "uuid7"]
 
 # Fixed namespace of this system's name-based (UUIDv5) ids. Never change it: ids are a public contract.
 NAMESPACE = uuid.UUID("6f0c1d1e-6a52-5b7e-9a4c-2f0b9a7c4e11")

@@ -50,17 +50,17 @@ from shared.metrics import (
 from shared.topics import dlq
 
 __all__ = [
-    "Outgoing",
-    "Publisher",
-    "encode",
-    "Received",
+    "TRANSIENT",
     "Decoder",
     "Handler",
+    "Outgoing",
+    "Publisher",
+    "Received",
     "Stream",
-    "TRANSIENT",
-    "model_decoder",
     "describe_error",
+    "encode",
     "group_lag",
+    "model_decoder",
     "retry_delay",
 ]
 
@@ -85,7 +85,7 @@ TRANSIENT = (
 
 def retry_delay(attempt: int) -> float:
     """Seconds before retrying a transient failure for the ``attempt``-th time: doubling, at most 30."""
-    return min(30.0, 0.2 * 2 ** min(attempt, 8))
+    return min(30.0, 0.2 * 2.0 ** min(attempt, 8))
 
 
 def encode(model: BaseModel) -> bytes:
@@ -211,8 +211,8 @@ class _Subscription:
         self.consumer: AIOKafkaConsumer | None = None
 
     async def __call__(self, message: KafkaMessage) -> None:
-        records: tuple[ConsumerRecord[bytes, bytes], ...] = message.raw_message  # type: ignore[assignment]
-        consumer: AIOKafkaConsumer = message.consumer  # type: ignore[assignment]
+        records: tuple[ConsumerRecord[bytes, bytes], ...] = message.raw_message
+        consumer: AIOKafkaConsumer = message.consumer
         self.consumer = consumer
         if not records:
             return
@@ -518,7 +518,10 @@ class Stream:
                 if self.stopping:
                     raise
                 delay = retry_delay(attempt)
-                log.warning("publish failed (transient); retrying", extra={"topic": topic, "error": repr(exc), "retry_in_s": delay})
+                log.warning(
+                    "publish failed (transient); retrying",
+                    extra={"topic": topic, "error": repr(exc), "retry_in_s": delay},
+                )
                 await asyncio.sleep(delay)
 
     async def ping(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["MESSAGES_CONSUMED", "MESSAGES_DEAD_LETTERED", "CONSUMER_LAG", "BATCH_SECONDS", "MESSAGES_PUBLISHED"]
+__all__ = ["BATCH_SECONDS", "CONSUMER_LAG", "MESSAGES_CONSUMED", "MESSAGES_DEAD_LETTERED", "MESSAGES_PUBLISHED"]
 
 MESSAGES_CONSUMED = Counter(
     "billing_messages_consumed_total", "Messages consumed and processed", ["topic", "group"]
@@ -13,7 +13,9 @@ MESSAGES_DEAD_LETTERED = Counter(
     "billing_messages_dead_lettered_total", "Messages sent to the DLQ", ["topic", "group"]
 )
 MESSAGES_PUBLISHED = Counter("billing_messages_published_total", "Messages published", ["topic"])
-CONSUMER_LAG = Gauge("billing_consumer_lag", "High-water mark minus position, per partition", ["topic", "group", "partition"])
+CONSUMER_LAG = Gauge(
+    "billing_consumer_lag", "High-water mark minus position, per partition", ["topic", "group", "partition"]
+)
 BATCH_SECONDS = Histogram(
     "billing_batch_seconds",
     "Time to process one consumed batch (handler, publish, commit)",

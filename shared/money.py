@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-__all__ = ["MICROCREDITS_PER_CREDIT", "exact_charge", "display_credits", "floor_fraction"]
+__all__ = ["MICROCREDITS_PER_CREDIT", "display_credits", "exact_charge", "floor_fraction"]
 
 MICROCREDITS_PER_CREDIT = 1_000_000
 

@@ -25,30 +25,30 @@ from typing import Any, ClassVar, Literal
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from shared.settings import ProfileSettings, load_settings
+from shared.settings import Kind, ProfileSettings, load_settings
 
 __all__ = [
-    "READINGS",
-    "READINGS_V1",
-    "CHARGES",
-    "TRANSACTIONS",
     "ALERTS",
     "ALL_TOPICS",
-    "PARTITIONS",
+    "CHARGES",
     "DAY_MS",
     "DLQ_RETENTION_MS",
     "MAX_MESSAGE_BYTES",
+    "PARTITIONS",
+    "READINGS",
+    "READINGS_V1",
     "TOPICS",
-    "TopicSpec",
+    "TRANSACTIONS",
     "TopicSettings",
+    "TopicSpec",
     "TopicState",
     "TopicsError",
-    "dlq",
-    "configured",
-    "ensure_topics",
-    "delete_topics",
-    "inspect_topics",
     "apply_topics",
+    "configured",
+    "delete_topics",
+    "dlq",
+    "ensure_topics",
+    "inspect_topics",
     "main",
     "report",
     "run",
@@ -107,7 +107,7 @@ class TopicSettings(ProfileSettings):
     """What ``billing topics`` needs: the broker, the prefix, and the cluster's replication."""
 
     model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
-    PRODUCTION_REQUIRED: ClassVar[Mapping[str, str]] = {
+    PRODUCTION_REQUIRED: ClassVar[Mapping[str, Kind]] = {
         "kafka_bootstrap_servers": "servers",
         "replication_factor": "value",
         "min_insync_replicas": "value",

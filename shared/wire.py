@@ -29,7 +29,7 @@ from pydantic import BaseModel
 
 from shared.contracts import ChargeComputed, MeasurementTaken
 
-__all__ = ["Measurement", "Charge", "MIRRORS", "decoder_for"]
+__all__ = ["MIRRORS", "Charge", "Measurement", "decoder_for"]
 
 _MAX = 2**62
 

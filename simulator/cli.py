@@ -8,7 +8,7 @@ registering the plain functions: ``main_app.command("sim")(run_sim)``,
 from __future__ import annotations
 
 import os
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -47,17 +47,17 @@ def run_sim(
     client_id: Annotated[str, typer.Option(help="UAA client id.")] = "billing-collector",
     client_secret: Annotated[str, typer.Option(help="UAA client secret.")] = "sim-secret",
     issuer: Annotated[
-        Optional[str], typer.Option(help=f"OIDC issuer URL (default: ${ISSUER_ENV} or http://HOST:PORT).")
+        str | None, typer.Option(help=f"OIDC issuer URL (default: ${ISSUER_ENV} or http://HOST:PORT).")
     ] = None,
     key_file: Annotated[
-        Optional[str], typer.Option(help="OIDC RSA key PEM (default: $SIM_OIDC_KEY_FILE or .local/sim/oidc-key.pem).")
+        str | None, typer.Option(help="OIDC RSA key PEM (default: $SIM_OIDC_KEY_FILE or .local/sim/oidc-key.pem).")
     ] = None,
     fault_error_rate: Annotated[float, typer.Option(help="Fraction of CF requests answered 502/503.")] = 0.0,
     fault_timeout_rate: Annotated[float, typer.Option(help="Fraction of CF requests that hang.")] = 0.0,
     fault_timeout_seconds: Annotated[float, typer.Option(help="How long a hanging request sleeps.")] = 30.0,
     fault_slow_page_seconds: Annotated[float, typer.Option(help="Delay added to every CF request.")] = 0.0,
     fault_outage: Annotated[
-        Optional[list[str]], typer.Option(help="Simulated-hour outage window FROM/TO ([from, to)); repeatable.")
+        list[str] | None, typer.Option(help="Simulated-hour outage window FROM/TO ([from, to)); repeatable.")
     ] = None,
     fault_malformed_rate: Annotated[float, typer.Option(help="Fraction of resources missing a field.")] = 0.0,
     fault_seed: Annotated[int, typer.Option(help="Seed of the fault randomness.")] = 0,
@@ -103,16 +103,16 @@ def run_sim(
 def token(
     scope: Annotated[list[str], typer.Option("--scope", help="Scope to grant (usage.read, usage.admin); repeatable.")],
     customer: Annotated[
-        Optional[list[str]], typer.Option("--customer", help="Customer id the caller may see; repeatable.")
+        list[str] | None, typer.Option("--customer", help="Customer id the caller may see; repeatable.")
     ] = None,
     subject: Annotated[str, typer.Option(help="The token's sub claim.")] = "dev-user",
     ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 3600,
     audience: Annotated[str, typer.Option(help="The token's aud claim.")] = DEFAULT_AUDIENCE,
     issuer: Annotated[
-        Optional[str], typer.Option(help=f"The token's iss claim (default: ${ISSUER_ENV} or http://127.0.0.1:8090).")
+        str | None, typer.Option(help=f"The token's iss claim (default: ${ISSUER_ENV} or http://127.0.0.1:8090).")
     ] = None,
     key_file: Annotated[
-        Optional[str], typer.Option(help="RSA key PEM (default: $SIM_OIDC_KEY_FILE or .local/sim/oidc-key.pem).")
+        str | None, typer.Option(help="RSA key PEM (default: $SIM_OIDC_KEY_FILE or .local/sim/oidc-key.pem).")
     ] = None,
 ) -> str:
     """Print a JWT signed with the simulator's OIDC key (RS256, kid in the header)."""

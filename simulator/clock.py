@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from simulator.foundation import to_hour
 
@@ -19,13 +19,13 @@ def parse_time(value: str) -> datetime:
         raise ValueError("empty time")
     parsed = datetime.fromisoformat(text)
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
     return to_hour(parsed)
 
 
 def format_time(t: datetime) -> str:
     """``2026-10-01T05:00:00Z`` (second precision, UTC), as the CF API writes timestamps."""
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class SimClock:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from simulator.faults import FaultConfig
 
 __all__ = ["DEFAULT_START", "SimConfig"]
 
-DEFAULT_START = datetime(2026, 10, 1, tzinfo=timezone.utc)
+DEFAULT_START = datetime(2026, 10, 1, tzinfo=UTC)
 
 
 @dataclass

@@ -22,8 +22,8 @@ import struct
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from operator import attrgetter
-from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
 
 from simulator.gcpause import gc_paused
@@ -45,7 +45,6 @@ __all__ = [
     "to_hour",
 ]
 
-UTC = timezone.utc
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 """Hour 0 of the simulated world (absolute, independent of the simulator's start time)."""
 BLOCK_HOURS = 6
@@ -273,7 +272,7 @@ class ExpectedMeasurement:
 class _Lifetimes:
     """Compact per-resource lifetime parameters (churning or long-lived)."""
 
-    __slots__ = ("period", "length", "phase", "secs")
+    __slots__ = ("length", "period", "phase", "secs")
 
     def __init__(self) -> None:
         self.period = array("i")  # 0 for long-lived resources

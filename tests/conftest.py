@@ -24,7 +24,7 @@ from shared.topics import delete_topics, ensure_topics
 # values compared): registered before any test module imports them.
 pytest.register_assert_rewrite("tests.support")
 
-from tests.support.tokens import LocalIssuer, serve_issuer
+from tests.support.tokens import LocalIssuer, serve_issuer  # noqa: E402  (after register_assert_rewrite)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS_SQL = ROOT / "deploy" / "local" / "schemas.sql"

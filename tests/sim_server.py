@@ -24,7 +24,9 @@ def free_port() -> int:
 @contextlib.asynccontextmanager
 async def serve_app(app: Any) -> AsyncIterator[str]:
     """Serve an ASGI app with uvicorn on a random local port (no lifespan); yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none")
+    )
     task = asyncio.create_task(server.serve())
     try:
         while not server.started:

@@ -32,14 +32,14 @@ from shared.clock import BUSINESS_TZ, as_utc
 from shared.ids import charge_id, measurement_id
 
 __all__ = [
-    "ShardDoc",
-    "Rollup",
     "Part",
-    "contributions",
     "ResourceDoc",
+    "Rollup",
+    "ShardDoc",
+    "contributions",
+    "exact",
     "ny_day",
     "ny_month",
-    "exact",
 ]
 
 
@@ -220,9 +220,9 @@ class ResourceDoc:
     def add(self, entries: Sequence[ResourceEntries]) -> None:
         c = self.c
         rs, us, xs, ns, ds = c["r"], c["u"], c["x"], c["n"], c["d"]
-        at = {key: i for i, key in enumerate(zip(rs, us))}
+        at = {key: i for i, key in enumerate(zip(rs, us, strict=True))}
         taken_back: set[int] = set()
-        for rid, unit, x, n, d in (row for cols in entries for row in zip(*cols)):
+        for rid, unit, x, n, d in (row for cols in entries for row in zip(*cols, strict=True)):
             i = at.get((rid, unit))
             if i is None:
                 i = at[(rid, unit)] = len(rs)
@@ -286,21 +286,31 @@ def contributions(doc: ShardDoc, positions: Iterable[int] | None = None, sign: i
     return out
 
 
+@dataclass(slots=True)
+class _Cell:
+    """A rollup cell while it is summed: its value, and its exact numerators per denominator."""
+
+    value: int = 0
+    dens: dict[int, int] = field(default_factory=dict)
+
+
 @dataclass
 class Rollup:
     """Changes to the rollups, summed exactly before they are written."""
 
-    # (customer, hour, org, space, meter, kind, unit) -> [value, {den: num}]: charges are summed here
+    # (customer, hour, org, space, meter, kind, unit) -> (value, {den: num}): charges are summed here
     # first, and the group cells derived from these sums by ``groups`` (a few hundred per batch instead of
     # one per charge and cell).
-    fine: dict[tuple[UUID, datetime, str, str, str, str, str], list[object]] = field(default_factory=dict)
+    fine: dict[tuple[UUID, datetime, str, str, str, str, str], _Cell] = field(default_factory=dict)
     # (customer, hour, meter) -> the charges, for the per-resource documents of its day and month.
     resources: dict[tuple[UUID, datetime, str], list[ResourceEntries]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.fine)
 
-    def add(self, key: ShardKey, doc: ShardDoc, positions: Iterable[int], customer_of_org: Sequence[UUID | None], sign: int) -> None:
+    def add(
+        self, key: ShardKey, doc: ShardDoc, positions: Iterable[int], customer_of_org: Sequence[UUID | None], sign: int
+    ) -> None:
         """Add (sign 1) or take back (sign -1) the items of ``doc`` at ``positions`` whose org has a
         customer (``customer_of_org``, by position in ``doc.orgs``)."""
         for org, part in contributions(doc, positions, sign).items():
@@ -318,9 +328,9 @@ class Rollup:
             fine_key = (customer, hour, org_id, spaces[si], meter, kinds[ki], units[ui])
             cell = self.fine.get(fine_key)
             if cell is None:
-                cell = self.fine[fine_key] = [0, {}]
-            cell[0] += value  # type: ignore[operator]
-            dens: dict[int, int] = cell[1]  # type: ignore[assignment]
+                cell = self.fine[fine_key] = _Cell()
+            cell.value += value
+            dens = cell.dens
             dens[di] = dens.get(di, 0) + num
 
     def resource_changes(self) -> dict[str, dict[ResourceKey, list[ResourceEntries]]]:
@@ -333,19 +343,20 @@ class Rollup:
     def groups(self) -> dict[str, dict[GroupKey, tuple[int, int, int]]]:
         """The group cells (value, exact numerator, denominator) of each granularity table: ``hour``
         (usage_hour_group), ``day`` (usage_day_group), ``month`` (usage_month)."""
-        acc: dict[str, dict[GroupKey, list[object]]] = {"hour": {}, "day": {}, "month": {}}
-        for (customer, hour, org, space, meter, kind, unit), (value, dens) in self.fine.items():
+        acc: dict[str, dict[GroupKey, _Cell]] = {"hour": {}, "day": {}, "month": {}}
+        for (customer, hour, org, space, meter, kind, unit), fine in self.fine.items():
+            value, dens = fine.value, fine.dens
             periods = (("hour", hour), ("day", ny_day(hour)), ("month", ny_month(hour)))
             for dim, key, key2 in (("org", org, ""), ("space", space, ""), ("meter", meter, ""), ("kind", meter, kind)):
                 for table, period in periods:
                     cell = acc[table].get((customer, dim, period, key, key2, unit))
                     if cell is None:
-                        cell = acc[table][(customer, dim, period, key, key2, unit)] = [0, {}]
-                    cell[0] += value  # type: ignore[operator]
-                    sums: dict[int, int] = cell[1]  # type: ignore[assignment]
-                    for den, num in dens.items():  # type: ignore[attr-defined]
+                        cell = acc[table][(customer, dim, period, key, key2, unit)] = _Cell()
+                    cell.value += value
+                    sums = cell.dens
+                    for den, num in dens.items():
                         sums[den] = sums.get(den, 0) + num
         return {
-            table: {k: (int(v[0]), *exact(v[1])) for k, v in cells.items()}  # type: ignore[arg-type, misc]
+            table: {k: (int(v.value), *exact(v.dens)) for k, v in cells.items()}
             for table, cells in acc.items()
         }

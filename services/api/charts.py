@@ -67,7 +67,7 @@ def nice_step(span: int, target: int = 5) -> int:
     if span <= 0:
         return MICROCREDITS_PER_CREDIT
     raw = -(-span // target)  # ceil(span / target), in integers
-    magnitude = 10 ** (len(str(raw)) - 1)
+    magnitude: int = 10 ** (len(str(raw)) - 1)
     for m in (1, 2, 5, 10):
         if m * magnitude >= raw:
             return m * magnitude
@@ -316,7 +316,8 @@ def burn_down(bd: BurnDown, *, title: str, desc: str, id_prefix: str, width: int
         )
     points = " ".join(f"{px(d)},{_num(y(v))}" for d, v in zip(bd.days, bd.remaining, strict=True))
     lines.append(
-        f'<polyline class="actual" points="{points}" fill="none" stroke="{LINE}" stroke-width="2.5" stroke-linejoin="round"/>'
+        f'<polyline class="actual" points="{points}" fill="none" stroke="{LINE}" stroke-width="2.5" '
+        'stroke-linejoin="round"/>'
     )
     if bd.projection is not None:
         pday, pvalue = bd.projection

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode
 from uuid import UUID
 
-import asyncpg
 import orjson
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from prometheus_client import Counter
@@ -64,6 +63,7 @@ from services.api.views import (
 )
 from shared.auth import AuthError, IssuerUnavailableError, Principal
 from shared.clock import BUSINESS_TZ, month_bounds, utcnow
+from shared.db import Conn
 from shared.edge import (
     EARLIEST,
     INVALID_PARAMETER,
@@ -436,9 +436,7 @@ class Dashboard:
             request, "customers.html", principal=principal, items=items, next_after=more, as_of=iso(now)
         )
 
-    async def _facts(
-        self, conn: asyncpg.Connection, customer_id: UUID, start: datetime, end: datetime
-    ) -> list[LedgerFact]:
+    async def _facts(self, conn: Conn, customer_id: UUID, start: datetime, end: datetime) -> list[LedgerFact]:
         """The customer's transactions that occurred in [start, end) (the burn-down's window)."""
         facts: list[LedgerFact] = []
         before: tuple[datetime, UUID] | None = None
@@ -451,7 +449,7 @@ class Dashboard:
                 return facts
             before = (rows[-1]["occurred_at"], rows[-1]["transaction_id"])
 
-    async def _usage(self, conn: asyncpg.Connection, customer_id: UUID, month: date, dim: str) -> list[repo.UsageRow]:
+    async def _usage(self, conn: Conn, customer_id: UUID, month: date, dim: str) -> list[repo.UsageRow]:
         start, end = month_bounds(month)
         rng = usage_range(start, end, "day")
         out: list[repo.UsageRow] = []

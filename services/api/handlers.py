@@ -16,7 +16,6 @@ from datetime import date, datetime
 from typing import Any
 from uuid import UUID
 
-import asyncpg
 import httpx
 import orjson
 from prometheus_client import Counter, Histogram
@@ -63,6 +62,7 @@ from shared.batches import BatchRejected, Charges, decode_charges, encode_charge
 from shared.clock import utcnow
 from shared.completeness import RangeQuery
 from shared.contracts import ChargesComputed
+from shared.db import Conn
 from shared.edge import (
     BAD_GATEWAY,
     GATEWAY_TIMEOUT,
@@ -214,7 +214,7 @@ class Api:
         """The token verifier the routes use (the dashboard verifies its cookie with it too)."""
         return self.runtime.auth.verifier
 
-    async def _ensure_visible(self, conn: asyncpg.Connection | None, principal: Principal, customer_id: UUID) -> None:
+    async def _ensure_visible(self, conn: Conn | None, principal: Principal, customer_id: UUID) -> None:
         """404 — the same answer — whether the customer does not exist or the caller may not see it.
         With ``conn`` None, a connection is taken only if the decision is not cached."""
         key = (customer_id, principal.subject)

@@ -34,6 +34,7 @@ from services.api.service import (
 from shared.batches import Charges, ShardKey, encode_charges
 from shared.blobs import Frames, shard_scope
 from shared.contracts import StatementIssued, TransactionPosted
+from shared.db import Conn
 
 __all__ = ["LedgerMessage", "Names", "Projector"]
 
@@ -55,7 +56,9 @@ class Names:
     def _signature(c: Charges) -> tuple[object, ...]:
         return (c.orgs, c.spaces, c.kinds, c.resource_id, c.resource_name, c.org, c.space, c.kind)
 
-    def changed(self, batches: Sequence[Charges]) -> tuple[dict[str, str], dict[str, tuple[str, str]], dict[str, tuple[str, str, str, str, str]]]:
+    def changed(
+        self, batches: Sequence[Charges]
+    ) -> tuple[dict[str, str], dict[str, tuple[str, str]], dict[str, tuple[str, str, str, str, str]]]:
         orgs: dict[str, str] = {}
         spaces: dict[str, tuple[str, str]] = {}
         resources: dict[str, tuple[str, str, str, str, str]] = {}
@@ -174,7 +177,7 @@ class Projector:
             return len(stored)
 
 
-async def _attribute(conn: asyncpg.Connection, customer_of: dict[tuple[str, datetime], UUID]) -> None:
+async def _attribute(conn: Conn, customer_of: dict[tuple[str, datetime], UUID]) -> None:
     """Add to the rollups the charges of (org, hour) pairs whose customer was just learned: read from the
     shard documents of those hours (the charges consumer, which serialises with this per hour, added none
     of them while the customer was unknown)."""
@@ -190,7 +193,7 @@ async def _attribute(conn: asyncpg.Connection, customer_of: dict[tuple[str, date
     await _write_rollups(conn, rollup)
 
 
-async def _write_rollups(conn: asyncpg.Connection, rollup: Rollup) -> None:
+async def _write_rollups(conn: Conn, rollup: Rollup) -> None:
     if not rollup:
         return
     await repo.apply_group_rollups(conn, rollup.groups())
@@ -206,7 +209,7 @@ async def _write_rollups(conn: asyncpg.Connection, rollup: Rollup) -> None:
 
 
 async def _original(
-    conn: asyncpg.Connection, t: TransactionPosted, earlier: list[TransactionRow]
+    conn: Conn, t: TransactionPosted, earlier: list[TransactionRow]
 ) -> tuple[UUID, str, int] | None:
     """The transaction a reversal takes back: the one it names (by id), else the newest one of the same
     customer whose entries it mirrors and that nothing reversed yet."""

@@ -21,37 +21,38 @@ from services.api.charges import ResourceDoc, ResourceKey, ShardDoc, exact
 from services.api.service import OrgHour, TransactionRow
 from shared.batches import ShardKey
 from shared.blobs import Frames, shard_scope
+from shared.db import Conn
 
 __all__ = [
-    "lock_hours",
-    "lock_charge_shards",
-    "save_charge_shards",
-    "charge_shards_at",
-    "lock_resource_docs",
-    "save_resource_docs",
-    "resource_docs",
-    "customer_org_hours",
-    "resource_attrs",
-    "customers_of",
-    "apply_group_rollups",
-    "upsert_names",
-    "insert_org_hours",
-    "insert_customers",
-    "transactions_by_id",
-    "unreversed_with_amount",
-    "insert_transactions",
-    "upsert_statements",
-    "access",
-    "visible_customers",
-    "bucket_sums",
-    "transactions_page",
-    "statement",
     "UsageRow",
-    "usage_page",
-    "grant_entitlement",
+    "access",
+    "apply_group_rollups",
+    "bucket_sums",
+    "charge_shards_at",
+    "customer_org_hours",
+    "customers_of",
     "entitlements_page",
-    "revoke_entitlement",
+    "grant_entitlement",
+    "insert_customers",
+    "insert_org_hours",
+    "insert_transactions",
     "json_value",
+    "lock_charge_shards",
+    "lock_hours",
+    "lock_resource_docs",
+    "resource_attrs",
+    "resource_docs",
+    "revoke_entitlement",
+    "save_charge_shards",
+    "save_resource_docs",
+    "statement",
+    "transactions_by_id",
+    "transactions_page",
+    "unreversed_with_amount",
+    "upsert_names",
+    "upsert_statements",
+    "usage_page",
+    "visible_customers",
 ]
 
 
@@ -72,7 +73,7 @@ def _lock_key(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(b"api-org:" + name.encode(), digest_size=8).digest(), "big", signed=True)
 
 
-async def lock_hours(conn: asyncpg.Connection, hours: Iterable[datetime]) -> None:
+async def lock_hours(conn: Conn, hours: Iterable[datetime]) -> None:
     """Transaction-scoped advisory locks on these reading hours, in one global order (no deadlock): the
     charges consumer and the ledger consumer serialise per hour, so a charge and the fact that attributes
     it to a customer can never miss each other (each would otherwise not see the other's uncommitted row)."""
@@ -90,7 +91,7 @@ _READER = Frames()
 
 
 async def lock_charge_shards(
-    conn: asyncpg.Connection, frames: Frames, keys: Iterable[ShardKey]
+    conn: Conn, frames: Frames, keys: Iterable[ShardKey]
 ) -> dict[ShardKey, bytes]:
     """The stored documents of these shards (those that have one), locked until the transaction ends."""
     ks = sorted(set(keys))
@@ -104,7 +105,7 @@ async def lock_charge_shards(
     return {ShardKey(r["reading_hour"], r["meter"], r["shard"]): d for r, d in zip(rows, docs, strict=True)}
 
 
-async def save_charge_shards(conn: asyncpg.Connection, frames: Frames, docs: Sequence[tuple[ShardKey, bytes]]) -> None:
+async def save_charge_shards(conn: Conn, frames: Frames, docs: Sequence[tuple[ShardKey, bytes]]) -> None:
     """Insert or replace shard documents."""
     if docs:
         ordered = sorted(docs)
@@ -117,7 +118,7 @@ async def save_charge_shards(conn: asyncpg.Connection, frames: Frames, docs: Seq
         )
 
 
-async def charge_shards_at(conn: asyncpg.Connection, hours: Iterable[datetime]) -> dict[ShardKey, bytes]:
+async def charge_shards_at(conn: Conn, hours: Iterable[datetime]) -> dict[ShardKey, bytes]:
     """Every shard document of these reading hours."""
     rows = await conn.fetch(
         """SELECT reading_hour, meter, shard, items FROM charge_shard
@@ -131,7 +132,7 @@ async def charge_shards_at(conn: asyncpg.Connection, hours: Iterable[datetime]) 
 _RESOURCE_TABLES = {"day": ("usage_resource_day", "day")}  # a month is read as its days
 
 
-async def lock_resource_docs(conn: asyncpg.Connection, period: str, keys: Iterable[ResourceKey]) -> dict[ResourceKey, bytes]:
+async def lock_resource_docs(conn: Conn, period: str, keys: Iterable[ResourceKey]) -> dict[ResourceKey, bytes]:
     """The per-resource documents (``period`` day or month) of these keys that exist, locked."""
     table, column = _RESOURCE_TABLES[period]
     ks = sorted(set(keys))
@@ -147,7 +148,7 @@ async def lock_resource_docs(conn: asyncpg.Connection, period: str, keys: Iterab
     return {(r["customer_id"], r["period"], r["meter"]): r["items"] for r in rows}
 
 
-async def save_resource_docs(conn: asyncpg.Connection, period: str, docs: Sequence[tuple[ResourceKey, bytes]]) -> None:
+async def save_resource_docs(conn: Conn, period: str, docs: Sequence[tuple[ResourceKey, bytes]]) -> None:
     table, column = _RESOURCE_TABLES[period]
     if docs:
         ordered = sorted(docs)
@@ -161,7 +162,7 @@ async def save_resource_docs(conn: asyncpg.Connection, period: str, docs: Sequen
 
 
 async def resource_docs(
-    conn: asyncpg.Connection, period: str, customer_id: UUID, first: date, stop: date
+    conn: Conn, period: str, customer_id: UUID, first: date, stop: date
 ) -> list[tuple[date, bytes]]:
     """Every per-resource document of a customer for the periods in [first, stop), by period."""
     table, column = _RESOURCE_TABLES[period]
@@ -174,7 +175,7 @@ async def resource_docs(
 
 
 async def customer_org_hours(
-    conn: asyncpg.Connection, customer_id: UUID, first: datetime, stop: datetime
+    conn: Conn, customer_id: UUID, first: datetime, stop: datetime
 ) -> dict[datetime, set[str]]:
     """The orgs that belonged to the customer in each reading hour of [first, stop)."""
     rows = await conn.fetch(
@@ -188,7 +189,7 @@ async def customer_org_hours(
     return out
 
 
-async def resource_attrs(conn: asyncpg.Connection, resource_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+async def resource_attrs(conn: Conn, resource_ids: Sequence[str]) -> dict[str, dict[str, str]]:
     """Display attributes of these resources (name, meter, kind, space and org with their names)."""
     if not resource_ids:
         return {}
@@ -202,7 +203,7 @@ async def resource_attrs(conn: asyncpg.Connection, resource_ids: Sequence[str]) 
     return {r["resource_id"]: {c: r[c] or "" for c in _DIM_ATTRS["resource"]} for r in rows}
 
 
-async def _stage(conn: asyncpg.Connection, table: str, columns: str, records: Sequence[tuple[Any, ...]]) -> None:
+async def _stage(conn: Conn, table: str, columns: str, records: Sequence[tuple[Any, ...]]) -> None:
     """COPY ``records`` into the session's temporary ``table`` (``columns`` = its DDL), emptied at commit.
 
     The batch writes go through COPY rather than array parameters (``unnest($1::text[], ...)``): asyncpg
@@ -212,7 +213,7 @@ async def _stage(conn: asyncpg.Connection, table: str, columns: str, records: Se
     await conn.copy_records_to_table(table, records=records)
 
 
-async def customers_of(conn: asyncpg.Connection, pairs: Iterable[tuple[str, datetime]]) -> dict[tuple[str, datetime], UUID]:
+async def customers_of(conn: Conn, pairs: Iterable[tuple[str, datetime]]) -> dict[tuple[str, datetime], UUID]:
     """The customer of each (org, hour) the ledger has told us about."""
     ps = list(set(pairs))
     if not ps:
@@ -247,7 +248,14 @@ def _rollup_upsert_sql(table: str, keys: Sequence[tuple[str, str]]) -> tuple[str
 
 
 def _group_keys(period: str, sql_type: str) -> tuple[tuple[str, str], ...]:
-    return (("customer_id", "uuid"), ("dim", "text"), (period, sql_type), ("key", "text"), ("key2", "text"), ("unit", "text"))
+    return (
+        ("customer_id", "uuid"),
+        ("dim", "text"),
+        (period, sql_type),
+        ("key", "text"),
+        ("key2", "text"),
+        ("unit", "text"),
+    )
 
 
 # Granularity -> (its table, staging columns, upsert), in the order they are written.
@@ -261,7 +269,7 @@ _ROLLUP_UPSERTS = {
 }
 
 
-async def apply_group_rollups(conn: asyncpg.Connection, groups: dict[str, dict[Any, tuple[int, int, int]]]) -> None:
+async def apply_group_rollups(conn: Conn, groups: dict[str, dict[Any, tuple[int, int, int]]]) -> None:
     """Add the changes to the group rollups, exactly (rational sums over the lcm)."""
     for granularity, (table, staging, sql) in _ROLLUP_UPSERTS.items():
         cells = groups.get(granularity)
@@ -271,7 +279,7 @@ async def apply_group_rollups(conn: asyncpg.Connection, groups: dict[str, dict[A
 
 
 async def upsert_names(
-    conn: asyncpg.Connection,
+    conn: Conn,
     orgs: dict[str, str],
     spaces: dict[str, tuple[str, str]],
     resources: dict[str, tuple[str, str, str, str, str]],
@@ -292,7 +300,8 @@ async def upsert_names(
         ks = sorted(spaces)
         await conn.execute(
             """
-            INSERT INTO space_info AS s (space_id, space_name, org_id) SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+            INSERT INTO space_info AS s (space_id, space_name, org_id)
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
             ON CONFLICT (space_id) DO UPDATE SET space_name = EXCLUDED.space_name, org_id = EXCLUDED.org_id
             WHERE (s.space_name, s.org_id) IS DISTINCT FROM (EXCLUDED.space_name, EXCLUDED.org_id)
             """,
@@ -320,7 +329,7 @@ async def upsert_names(
         )
 
 
-async def insert_org_hours(conn: asyncpg.Connection, facts: Sequence[OrgHour]) -> tuple[list[OrgHour], list[OrgHour]]:
+async def insert_org_hours(conn: Conn, facts: Sequence[OrgHour]) -> tuple[list[OrgHour], list[OrgHour]]:
     """Record which customer each org belonged to in each hour. Returns (new facts, conflicting facts):
     a fact already recorded is kept; one naming another customer for the same org and hour is refused."""
     if not facts:
@@ -345,7 +354,7 @@ async def insert_org_hours(conn: asyncpg.Connection, facts: Sequence[OrgHour]) -
     return new, conflicts
 
 
-async def insert_customers(conn: asyncpg.Connection, ids: Iterable[UUID]) -> None:
+async def insert_customers(conn: Conn, ids: Iterable[UUID]) -> None:
     ks = sorted(set(ids))
     if ks:
         await conn.execute(
@@ -353,7 +362,7 @@ async def insert_customers(conn: asyncpg.Connection, ids: Iterable[UUID]) -> Non
         )
 
 
-async def transactions_by_id(conn: asyncpg.Connection, customer_id: UUID, ids: Sequence[UUID]) -> dict[UUID, tuple[UUID, str, int]]:
+async def transactions_by_id(conn: Conn, customer_id: UUID, ids: Sequence[UUID]) -> dict[UUID, tuple[UUID, str, int]]:
     """(id, bucket, signed amount) of those of ``ids`` that are this customer's transactions."""
     if not ids:
         return {}
@@ -368,7 +377,7 @@ async def transactions_by_id(conn: asyncpg.Connection, customer_id: UUID, ids: S
     return {r["transaction_id"]: (r["transaction_id"], r["bucket"], r["signed_amount"]) for r in rows}
 
 
-async def unreversed_with_amount(conn: asyncpg.Connection, customer_id: UUID, amount: int) -> list[asyncpg.Record]:
+async def unreversed_with_amount(conn: Conn, customer_id: UUID, amount: int) -> list[asyncpg.Record]:
     """The customer's transactions of this amount that no reversal has taken back yet, newest first
     (candidates for the original of a reversal that does not name it)."""
     return await conn.fetch(
@@ -384,7 +393,7 @@ async def unreversed_with_amount(conn: asyncpg.Connection, customer_id: UUID, am
     )
 
 
-async def insert_transactions(conn: asyncpg.Connection, rows: Sequence[TransactionRow]) -> set[UUID]:
+async def insert_transactions(conn: Conn, rows: Sequence[TransactionRow]) -> set[UUID]:
     """Store transactions not seen before (idempotent by id); returns the ids stored now."""
     if not rows:
         return set()
@@ -416,7 +425,7 @@ async def insert_transactions(conn: asyncpg.Connection, rows: Sequence[Transacti
     return {r["transaction_id"] for r in stored}
 
 
-async def upsert_statements(conn: asyncpg.Connection, rows: Sequence[dict[str, Any]]) -> None:
+async def upsert_statements(conn: Conn, rows: Sequence[dict[str, Any]]) -> None:
     """Store statements; a statement re-issued later for the same customer and month replaces the older."""
     for s in sorted(rows, key=lambda s: (s["customer_id"], s["month"], s["issued_at"])):
         await conn.execute(
@@ -447,7 +456,7 @@ async def upsert_statements(conn: asyncpg.Connection, rows: Sequence[dict[str, A
 # --------------------------------------------------------------------------------------------- queries
 
 
-async def access(conn: asyncpg.Connection, customer_id: UUID, subject: str) -> tuple[bool, bool]:
+async def access(conn: Conn, customer_id: UUID, subject: str) -> tuple[bool, bool]:
     """(the read model knows the customer, an admin entitled ``subject`` to it)."""
     row = await conn.fetchrow(
         """
@@ -462,7 +471,7 @@ async def access(conn: asyncpg.Connection, customer_id: UUID, subject: str) -> t
 
 
 async def visible_customers(
-    conn: asyncpg.Connection, *, everyone: bool, subject: str, claimed: Sequence[UUID], after: UUID | None, limit: int
+    conn: Conn, *, everyone: bool, subject: str, claimed: Sequence[UUID], after: UUID | None, limit: int
 ) -> list[asyncpg.Record]:
     """Known customers the caller may see, by id: all for an admin; else those of the token's claim and
     of the subject's entitlements."""
@@ -483,7 +492,7 @@ async def visible_customers(
     )
 
 
-async def bucket_sums(conn: asyncpg.Connection, customer_id: UUID, as_of: datetime) -> dict[str, int]:
+async def bucket_sums(conn: Conn, customer_id: UUID, as_of: datetime) -> dict[str, int]:
     rows = await conn.fetch(
         """
         SELECT bucket, sum(signed_amount) AS total FROM ledger_transaction
@@ -497,7 +506,7 @@ async def bucket_sums(conn: asyncpg.Connection, customer_id: UUID, as_of: dateti
 
 
 async def transactions_page(
-    conn: asyncpg.Connection,
+    conn: Conn,
     customer_id: UUID,
     *,
     before: tuple[datetime, UUID] | None,
@@ -530,7 +539,7 @@ async def transactions_page(
     )
 
 
-async def statement(conn: asyncpg.Connection, customer_id: UUID, month: date) -> asyncpg.Record | None:
+async def statement(conn: Conn, customer_id: UUID, month: date) -> asyncpg.Record | None:
     return await conn.fetchrow(
         """
         SELECT statement_id, opening_balance, funded, used, expired, closing_balance, used_by_kind, issued_at
@@ -584,7 +593,9 @@ _DIM_NAMES = {
     "meter": ("", ""),
     "kind": ("", ""),
 }
-_DIM_ATTRS = {dim: tuple(c.split(".")[1] for c in cols.split(", ")) if cols else () for dim, (_, cols) in _DIM_NAMES.items()}
+_DIM_ATTRS = {
+    dim: tuple(c.split(".")[1] for c in cols.split(", ")) if cols else () for dim, (_, cols) in _DIM_NAMES.items()
+}
 
 
 # Granularity -> (table, period column, its SQL type) of the per-group rollups.
@@ -626,7 +637,7 @@ _USAGE_SQL = {
 
 
 async def usage_page(
-    conn: asyncpg.Connection,
+    conn: Conn,
     customer_id: UUID,
     *,
     granularity: str,
@@ -649,7 +660,9 @@ async def usage_page(
             values[unit] = values.get(unit, 0) + int(value)
         amount = _exact_sum(r["nums"], r["dens"])
         attrs = {c: r[c] or "" for c in _DIM_ATTRS[dim]}
-        out.append(UsageRow(period=r["period"], key=r["key"], key2=r["key2"], values=values, amount=amount, attrs=attrs))
+        out.append(
+            UsageRow(period=r["period"], key=r["key"], key2=r["key2"], values=values, amount=amount, attrs=attrs)
+        )
     return out
 
 
@@ -658,7 +671,7 @@ _PERIODS_PER_READ = {"hour": 6, "day": 2, "month": 1}
 
 
 async def _resource_page(
-    conn: asyncpg.Connection,
+    conn: Conn,
     customer_id: UUID,
     granularity: str,
     first: date | datetime,
@@ -692,7 +705,9 @@ async def _resource_page(
                 wanted = {j for j, org in enumerate(doc.orgs) if org in orgs}
                 for j in range(len(doc)):
                     if doc.o[j] in wanted:
-                        _add_cell(cells, (key.reading_hour, doc.r[j]), doc.units[doc.u[j]], doc.x[j], doc.n[j], doc.d[j])
+                        _add_cell(
+                            cells, (key.reading_hour, doc.r[j]), doc.units[doc.u[j]], doc.x[j], doc.n[j], doc.d[j]
+                        )
         else:  # a day's documents, or a month's days summed
             rows = await conn.fetch(
                 """SELECT date_trunc($4, day)::date AS p, items FROM usage_resource_day
@@ -724,7 +739,12 @@ def _next_period(granularity: str, period: date) -> date:
 
 
 def _add_cell(
-    cells: dict[tuple[Any, str], tuple[dict[str, int], dict[int, int]]], key: tuple[Any, str], unit: str, x: int, n: int, d: int
+    cells: dict[tuple[Any, str], tuple[dict[str, int], dict[int, int]]],
+    key: tuple[Any, str],
+    unit: str,
+    x: int,
+    n: int,
+    d: int,
 ) -> None:
     cell = cells.get(key)
     if cell is None:
@@ -736,7 +756,9 @@ def _add_cell(
 # ------------------------------------------------------------------------------------------ entitlements
 
 
-async def grant_entitlement(conn: asyncpg.Connection, subject: str, customer_id: UUID, granted_by: str) -> tuple[asyncpg.Record, bool]:
+async def grant_entitlement(
+    conn: Conn, subject: str, customer_id: UUID, granted_by: str
+) -> tuple[asyncpg.Record, bool]:
     """(the entitlement, whether it was created now)."""
     row = await conn.fetchrow(
         """
@@ -760,7 +782,7 @@ async def grant_entitlement(conn: asyncpg.Connection, subject: str, customer_id:
 
 
 async def entitlements_page(
-    conn: asyncpg.Connection,
+    conn: Conn,
     *,
     subject: str | None,
     customer_id: UUID | None,
@@ -784,6 +806,6 @@ async def entitlements_page(
     )
 
 
-async def revoke_entitlement(conn: asyncpg.Connection, subject: str, customer_id: UUID) -> bool:
+async def revoke_entitlement(conn: Conn, subject: str, customer_id: UUID) -> bool:
     status = await conn.execute("DELETE FROM entitlement WHERE subject = $1 AND customer_id = $2", subject, customer_id)
     return status.endswith(" 1")

@@ -22,7 +22,9 @@ from shared.topics import READINGS
 __all__ = ["backfill"]
 
 
-async def backfill(start: datetime, end: datetime, settings: CollectorSettings | None = None, console: Console | None = None) -> dict[str, int]:
+async def backfill(
+    start: datetime, end: datetime, settings: CollectorSettings | None = None, console: Console | None = None
+) -> dict[str, int]:
     s = settings or CollectorSettings()
     console = console or Console(stderr=True)
     start, end = hour_floor(as_utc(start)), as_utc(end)
@@ -35,7 +37,15 @@ async def backfill(start: datetime, end: datetime, settings: CollectorSettings |
     publisher = Publisher(s.kafka_bootstrap_servers, client_id="collector-backfill")
     cf = CFClient(s.cf_api_url, s.uaa_url, s.client_id, s.client_secret.get_secret_value(),
                   timeout=s.request_timeout_seconds, attempts=s.retry_attempts, per_page=s.per_page)
-    totals = {"hours": 0, "taken": 0, "existing": 0, "measurements": 0, "estimated": 0, "published": 0, "with_errors": 0}
+    totals = {
+        "hours": 0,
+        "taken": 0,
+        "existing": 0,
+        "measurements": 0,
+        "estimated": 0,
+        "published": 0,
+        "with_errors": 0,
+    }
     try:
         async with pool.acquire() as conn:
             await migrate(conn, s.schema_name or "collector", MIGRATIONS)

@@ -7,8 +7,8 @@ import asyncio
 import collections
 import logging
 import time
-from datetime import datetime
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -17,7 +17,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from shared.clock import as_utc
 
-__all__ = ["CFClient", "CFError", "CFUnavailable", "CFAuthError", "CFBadResponse"]
+__all__ = ["CFAuthError", "CFBadResponse", "CFClient", "CFError", "CFUnavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,11 @@ class CFClient:
         page = body.get("resources")
         if not isinstance(page, list):
             raise CFBadResponse(f"{path}: page {number} has no resources list")
-        included = {k: [i for i in v if isinstance(i, dict)] for k, v in (body.get("included") or {}).items() if isinstance(v, list)}
+        included = {
+            k: [i for i in v if isinstance(i, dict)]
+            for k, v in (body.get("included") or {}).items()
+            if isinstance(v, list)
+        }
         return [r for r in page if isinstance(r, dict)], included
 
     async def list_all(

@@ -16,7 +16,16 @@ from prometheus_client import Counter
 
 from services.collector.cf_client import CFClient
 
-__all__ = ["RawMeasurement", "Hierarchy", "MeterResult", "Meter", "AppsMeter", "ServicesMeter", "DEFAULT_METERS", "read_hierarchy"]
+__all__ = [
+    "DEFAULT_METERS",
+    "AppsMeter",
+    "Hierarchy",
+    "Meter",
+    "MeterResult",
+    "RawMeasurement",
+    "ServicesMeter",
+    "read_hierarchy",
+]
 
 BAD_INPUT = Counter("collector_bad_input_total", "Resources from CF with missing or inconsistent fields", ["meter"])
 
@@ -74,7 +83,10 @@ async def read_hierarchy(cf: CFClient, at: datetime | None) -> Hierarchy:
             h.orgs[o["guid"]] = str(o.get("name") or "")
     for s in spaces:
         if isinstance(s.get("guid"), str):
-            h.spaces[s["guid"]] = (_guid_of((s.get("relationships") or {}).get("organization")) or "", str(s.get("name") or ""))
+            h.spaces[s["guid"]] = (
+                _guid_of((s.get("relationships") or {}).get("organization")) or "",
+                str(s.get("name") or ""),
+            )
     return h
 
 
@@ -91,12 +103,20 @@ class AppsMeter:
         async for page, _ in cf.pages("/v3/processes", at=at):
             for p in page:
                 href = ((p.get("links") or {}).get("app") or {}).get("href")
-                app_guid = href.rstrip("/").rsplit("/", 1)[-1] if isinstance(href, str) and "/v3/apps/" in href else None
+                app_guid = (
+                    href.rstrip("/").rsplit("/", 1)[-1] if isinstance(href, str) and "/v3/apps/" in href else None
+                )
                 if app_guid is None:
                     BAD_INPUT.labels(self.name).inc()
                     continue  # a process that names no app cannot be billed to anything
                 inst, mem = p.get("instances"), p.get("memory_in_mb")
-                if not isinstance(inst, int) or not isinstance(mem, int) or isinstance(inst, bool) or inst < 0 or mem < 0:
+                if (
+                    not isinstance(inst, int)
+                    or not isinstance(mem, int)
+                    or isinstance(inst, bool)
+                    or inst < 0
+                    or mem < 0
+                ):
                     problems.setdefault(app_guid, []).append(f"process {p.get('guid')}: bad instances/memory_in_mb")
                     continue
                 memory[app_guid] = memory.get(app_guid, 0) + inst * mem
@@ -105,7 +125,10 @@ class AppsMeter:
         async for page, included in cf.pages("/v3/apps", {"include": "space"}, at=at):
             for s in included.get("spaces", []):
                 if isinstance(s.get("guid"), str):
-                    spaces[s["guid"]] = (_guid_of((s.get("relationships") or {}).get("organization")) or "", str(s.get("name") or ""))
+                    spaces[s["guid"]] = (
+                        _guid_of((s.get("relationships") or {}).get("organization")) or "",
+                        str(s.get("name") or ""),
+                    )
             for a in page:
                 m = self._measure_app(a, memory, problems)
                 if m is not None:
@@ -164,7 +187,11 @@ class ServicesMeter:
             return None
         rel = si.get("relationships") or {}
         plan, space = _guid_of(rel.get("service_plan")), _guid_of(rel.get("space"))
-        errors = [m for m, bad in (("no service_plan relationship", plan is None), ("no space relationship", space is None)) if bad]
+        errors = [
+            m
+            for m, bad in (("no service_plan relationship", plan is None), ("no space relationship", space is None))
+            if bad
+        ]
         if errors:
             BAD_INPUT.labels(self.name).inc()
         return RawMeasurement(

@@ -12,6 +12,7 @@ import asyncpg
 import orjson
 
 from shared.blobs import Frames, scope_of
+from shared.db import Conn
 
 __all__ = ["BATCH_COLUMNS", "BatchRow", "Repository", "row_scope"]
 
@@ -33,11 +34,13 @@ class Repository:
     def __init__(self, frames: Frames) -> None:
         self.frames = frames
 
-    async def reading_at(self, conn: asyncpg.Connection, hour: datetime) -> asyncpg.Record | None:
-        return await conn.fetchrow("SELECT id, kind, taken_at, measurements, estimated, errors FROM readings WHERE hour = $1", hour)
+    async def reading_at(self, conn: Conn, hour: datetime) -> asyncpg.Record | None:
+        return await conn.fetchrow(
+            "SELECT id, kind, taken_at, measurements, estimated, errors FROM readings WHERE hour = $1", hour
+        )
 
     async def insert_reading(
-        self, conn: asyncpg.Connection, reading_id: UUID, hour: datetime, kind: str, taken_at: datetime,
+        self, conn: Conn, reading_id: UUID, hour: datetime, kind: str, taken_at: datetime,
         measurements: int, errors: list[str],
     ) -> bool:
         """False when the hour already has a reading (the one-per-hour constraint decided)."""
@@ -50,31 +53,38 @@ class Repository:
         )
         return row is not None
 
-    async def insert_meter_runs(self, conn: asyncpg.Connection, reading_id: UUID, hour: datetime, runs: Sequence[tuple[str, bool, str | None]]) -> None:
+    async def insert_meter_runs(
+        self, conn: Conn, reading_id: UUID, hour: datetime, runs: Sequence[tuple[str, bool, str | None]]
+    ) -> None:
         await conn.executemany(
             "INSERT INTO meter_runs (reading_id, meter, hour, ok, error) VALUES ($1, $2, $3, $4, $5)",
             [(reading_id, meter, hour, ok, err) for meter, ok, err in runs],
         )
 
-    async def copy_batches(self, conn: asyncpg.Connection, rows: Sequence[BatchRow]) -> None:
+    async def copy_batches(self, conn: Conn, rows: Sequence[BatchRow]) -> None:
         """Store batches, each owed to the broker (the outbox) until published."""
         if rows:
-            await conn.copy_records_to_table("reading_batches", records=_packed(self.frames, rows), columns=BATCH_COLUMNS)
+            await conn.copy_records_to_table(
+                "reading_batches", records=_packed(self.frames, rows), columns=BATCH_COLUMNS
+            )
             await conn.copy_records_to_table(
                 "reading_outbox", records=[r[:4] for r in rows], columns=("hour", "meter", "shard", "part")
             )
 
-    async def last_ok_hour(self, conn: asyncpg.Connection, meter: str, before: datetime) -> datetime | None:
-        return await conn.fetchval("SELECT max(hour) FROM meter_runs WHERE meter = $1 AND ok AND hour < $2", meter, before)
+    async def last_ok_hour(self, conn: Conn, meter: str, before: datetime) -> datetime | None:
+        last: datetime | None = await conn.fetchval(
+            "SELECT max(hour) FROM meter_runs WHERE meter = $1 AND ok AND hour < $2", meter, before
+        )
+        return last
 
-    async def batches_at(self, conn: asyncpg.Connection, meter: str, hour: datetime) -> list[bytes]:
+    async def batches_at(self, conn: Conn, meter: str, hour: datetime) -> list[bytes]:
         """The stored batches (messages) of one meter and hour."""
         rows = await conn.fetch(
             "SELECT message FROM reading_batches WHERE hour = $2 AND meter = $1 ORDER BY shard, part", meter, hour
         )
         return await self.frames.unpack_all(conn, [r["message"] for r in rows])
 
-    async def insert_estimates(self, conn: asyncpg.Connection, rows: Sequence[BatchRow], taken_at: datetime) -> int:
+    async def insert_estimates(self, conn: Conn, rows: Sequence[BatchRow], taken_at: datetime) -> int:
         """Batches of estimated measurements for missed hours: their readings are created (kind 'estimated')
         when the hour has none. Idempotent: a batch stored before (same hour, meter, shard, part) is kept.
         Returns the measurements stored."""
@@ -100,7 +110,7 @@ class Repository:
         return sum(r["n"] for r in counts)
 
     async def upsert_hierarchy(
-        self, conn: asyncpg.Connection, seen_at: datetime,
+        self, conn: Conn, seen_at: datetime,
         orgs: dict[str, str], spaces: dict[str, tuple[str, str]], resources: Sequence[tuple[str, str, str, str, str]],
     ) -> None:
         """Latest names of orgs, spaces and resources; rows are written only when something changed."""
@@ -114,14 +124,16 @@ class Repository:
         if spaces:
             await conn.executemany(
                 """INSERT INTO spaces (guid, org_guid, name, seen_at) VALUES ($1, $2, $3, $4)
-                   ON CONFLICT (guid) DO UPDATE SET org_guid = excluded.org_guid, name = excluded.name, seen_at = excluded.seen_at
+                   ON CONFLICT (guid) DO UPDATE
+                     SET org_guid = excluded.org_guid, name = excluded.name, seen_at = excluded.seen_at
                    WHERE (spaces.org_guid, spaces.name) IS DISTINCT FROM (excluded.org_guid, excluded.name)""",
                 [(g, o, n, seen_at) for g, (o, n) in spaces.items()],
             )
         if resources:
             await conn.execute(
                 """CREATE TEMP TABLE IF NOT EXISTS resources_in
-                   (meter text, guid text, name text, kind text, space_guid text, seen_at timestamptz) ON COMMIT DELETE ROWS"""
+                   (meter text, guid text, name text, kind text, space_guid text, seen_at timestamptz)
+                   ON COMMIT DELETE ROWS"""
             )
             await conn.copy_records_to_table(
                 "resources_in", records=[(*r, seen_at) for r in resources],
@@ -131,12 +143,13 @@ class Repository:
                 """INSERT INTO resources (meter, guid, name, kind, space_guid, seen_at)
                    SELECT DISTINCT ON (meter, guid) meter, guid, name, kind, space_guid, seen_at FROM resources_in
                    ON CONFLICT (meter, guid) DO UPDATE
-                     SET name = excluded.name, kind = excluded.kind, space_guid = excluded.space_guid, seen_at = excluded.seen_at
+                     SET name = excluded.name, kind = excluded.kind, space_guid = excluded.space_guid,
+                         seen_at = excluded.seen_at
                    WHERE (resources.name, resources.kind, resources.space_guid)
                          IS DISTINCT FROM (excluded.name, excluded.kind, excluded.space_guid)"""
             )
 
-    async def lock_unpublished(self, conn: asyncpg.Connection, limit: int) -> list[tuple[asyncpg.Record, bytes]]:
+    async def lock_unpublished(self, conn: Conn, limit: int) -> list[tuple[asyncpg.Record, bytes]]:
         """Batches the relay still owes, oldest hour first, each with its message, locked so that two relays
         never send one twice."""
         rows = await conn.fetch(
@@ -147,7 +160,7 @@ class Repository:
         )
         return list(zip(rows, await self.frames.unpack_all(conn, [r["message"] for r in rows]), strict=True))
 
-    async def mark_published(self, conn: asyncpg.Connection, keys: Sequence[tuple[datetime, str, int, int]], at: datetime) -> None:
+    async def mark_published(self, conn: Conn, keys: Sequence[tuple[datetime, str, int, int]], at: datetime) -> None:
         """The batches ``keys`` are published: out of the outbox; a reading none of whose batches is owed any
         more is published ``at``."""
         await conn.execute(
@@ -163,7 +176,7 @@ class Repository:
             sorted({k[0] for k in keys}), at,
         )
 
-    async def readings(self, conn: asyncpg.Connection, since: datetime, until: datetime) -> list[asyncpg.Record]:
+    async def readings(self, conn: Conn, since: datetime, until: datetime) -> list[asyncpg.Record]:
         # A reading is published once none of its hour's batches is owed (NULL while the relay owes one).
         return await conn.fetch(
             """SELECT r.id, r.hour, r.kind, r.taken_at, r.measurements, r.estimated, r.errors,
@@ -178,7 +191,7 @@ class Repository:
     # -- completeness report ------------------------------------------------------------------------
 
     async def completeness_counts(
-        self, conn: asyncpg.Connection, since: datetime, until: datetime
+        self, conn: Conn, since: datetime, until: datetime
     ) -> list[asyncpg.Record]:
         """Per hour and meter: measurements read, estimated, and of batches published (no longer owed)."""
         return await conn.fetch(
@@ -193,11 +206,11 @@ class Repository:
         )
 
     async def meter_runs_between(
-        self, conn: asyncpg.Connection, since: datetime, until: datetime
+        self, conn: Conn, since: datetime, until: datetime
     ) -> list[asyncpg.Record]:
         return await conn.fetch("SELECT hour, meter, ok FROM meter_runs WHERE hour >= $1 AND hour < $2", since, until)
 
-    async def first_ok_hours(self, conn: asyncpg.Connection) -> dict[str, datetime]:
+    async def first_ok_hours(self, conn: Conn) -> dict[str, datetime]:
         """The first hour each meter was read successfully (readings are expected from then on)."""
         rows = await conn.fetch("SELECT meter, min(hour) AS hour FROM meter_runs WHERE ok GROUP BY meter")
         return {r["meter"]: r["hour"] for r in rows}

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import asyncpg
 import orjson
@@ -24,13 +24,14 @@ from prometheus_client import Counter, Histogram
 from services.collector.cf_client import CFClient
 from services.collector.meters import DEFAULT_METERS, Hierarchy, Meter, MeterResult, RawMeasurement, read_hierarchy
 from services.collector.repository import Repository, row_scope
-from shared.blobs import Frames
 from shared import ids
-from shared.clock import as_utc, hour_floor, utcnow
 from shared.batches import Item, Measurements, encode_measurements, measurement_batches, read_as_written, shard_key
+from shared.blobs import Frames
+from shared.clock import as_utc, hour_floor, utcnow
+from shared.db import Conn
 from shared.kafka import Outgoing, Publisher
 
-__all__ = ["Collector", "ReadingOutcome", "estimate", "GapPolicy"]
+__all__ = ["Collector", "GapPolicy", "ReadingOutcome", "estimate"]
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,9 @@ class Collector:
         self._reading_lock = asyncio.Lock()
         self._relay_lock = asyncio.Lock()
 
-    async def take_reading(self, hour: datetime | None = None, kind: Literal["periodic", "manual"] = "periodic") -> ReadingOutcome:
+    async def take_reading(
+        self, hour: datetime | None = None, kind: Literal["periodic", "manual"] = "periodic"
+    ) -> ReadingOutcome:
         """Read every meter for ``hour`` (default: now), persist, publish. One reading per hour: a second
         one for the same hour is a no-op that says so."""
         started = time.perf_counter()
@@ -144,7 +147,9 @@ class Collector:
         at = hour if self.sim_time else None
         errors: list[str] = []
         t_read = time.perf_counter()
-        results = await asyncio.gather(read_hierarchy(self.cf, at), *(m.measure(self.cf, at) for m in self.meters), return_exceptions=True)
+        results = await asyncio.gather(
+            read_hierarchy(self.cf, at), *(m.measure(self.cf, at) for m in self.meters), return_exceptions=True
+        )
         hierarchy_or_exc, meter_results = results[0], results[1:]
         if isinstance(hierarchy_or_exc, BaseException):
             if not isinstance(hierarchy_or_exc, Exception):
@@ -152,7 +157,8 @@ class Collector:
             errors.append(f"hierarchy: {hierarchy_or_exc}")
             hierarchy = Hierarchy()
         else:
-            hierarchy = hierarchy_or_exc
+            # gather types its results as one union (the hierarchy's and the meters'): the first is read_hierarchy's
+            hierarchy = cast(Hierarchy, hierarchy_or_exc)
 
         reading_id = ids.reading_id(hour)
         taken_at = utcnow()
@@ -200,7 +206,9 @@ class Collector:
                 await self.repo.upsert_hierarchy(conn, taken_at, hierarchy.orgs, hierarchy.spaces, resources)
                 estimated = await self._fill_gaps(conn, hour, runs, items, errors, taken_at)
                 if errors:
-                    await conn.execute("UPDATE readings SET errors = $2::jsonb WHERE id = $1", reading_id, _json_list(errors))
+                    await conn.execute(
+                        "UPDATE readings SET errors = $2::jsonb WHERE id = $1", reading_id, _json_list(errors)
+                    )
         for (meter_name, _), its in items.items():
             MEASUREMENTS.labels(meter_name, "false").inc(len(its))
         seconds = {"read": round(t_store - t_read, 3), "store": round(time.perf_counter() - t_store, 3)}
@@ -221,11 +229,13 @@ class Collector:
                 org, space_name = space
                 if org and org not in h.orgs:
                     problem = "; ".join(filter(None, [problem, "org unknown"]))
-        item = Item(m.resource_id, m.resource_name, org, h.orgs.get(org, ""), m.space_id, space_name, m.resource_kind, m.value)
+        item = Item(
+            m.resource_id, m.resource_name, org, h.orgs.get(org, ""), m.space_id, space_name, m.resource_kind, m.value
+        )
         return item, problem
 
     async def _fill_gaps(
-        self, conn: asyncpg.Connection, hour: datetime, runs: list[tuple[str, bool, str | None]],
+        self, conn: Conn, hour: datetime, runs: list[tuple[str, bool, str | None]],
         items: dict[tuple[str, str], list[Item]], errors: list[str], taken_at: datetime,
     ) -> int:
         rows: list[tuple[Any, ...]] = []
@@ -239,7 +249,10 @@ class Collector:
             if gap <= 0:
                 continue
             if gap > self.max_gap:
-                msg = f"{meter_name}: gap of {gap} hours since {last.isoformat()} exceeds the maximum of {self.max_gap}; not estimated"
+                msg = (
+                    f"{meter_name}: gap of {gap} hours since {last.isoformat()} exceeds the maximum of {self.max_gap}; "
+                    "not estimated"
+                )
                 log.warning(msg)
                 errors.append(msg)
                 continue
@@ -289,9 +302,16 @@ class Collector:
         async with self.pool.acquire() as conn:
             rows = await self.repo.readings(conn, as_utc(since), as_utc(until))
         return [
-            {"id": str(r["id"]), "hour": r["hour"].isoformat(), "kind": r["kind"], "taken_at": r["taken_at"].isoformat(),
-             "measurements": r["measurements"], "estimated": r["estimated"], "errors": _parse_json(r["errors"]),
-             "published_at": r["published_at"].isoformat() if r["published_at"] else None}
+            {
+                "id": str(r["id"]),
+                "hour": r["hour"].isoformat(),
+                "kind": r["kind"],
+                "taken_at": r["taken_at"].isoformat(),
+                "measurements": r["measurements"],
+                "estimated": r["estimated"],
+                "errors": _parse_json(r["errors"]),
+                "published_at": r["published_at"].isoformat() if r["published_at"] else None,
+            }
             for r in rows
         ]
 

@@ -56,7 +56,9 @@ class CollectorSettings(ServiceSettings):
         description="Send X-Sim-Time for the hour being read (simulator only; lets a backfill replay past hours; "
         "refused in production).",
     )
-    publish_chunk: int = Field(default=500, ge=1, le=100_000, description="Batches the relay publishes per transaction.")
+    publish_chunk: int = Field(
+        default=500, ge=1, le=100_000, description="Batches the relay publishes per transaction."
+    )
     expected_since: UtcDatetime | None = Field(
         default=None,
         description="Completeness report: hours from this one on must each have a reading (default: from each "

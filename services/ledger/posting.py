@@ -51,6 +51,7 @@ from services.ledger.domain import (
 from shared.batches import CONFLICT, Charges, Price, Ref, ShardKey, encode_charges, hour_text
 from shared.blobs import Frames, shard_scope
 from shared.clock import billing_month
+from shared.db import Conn
 from shared.ids import charge_id, measurement_id, uuid7
 
 __all__ = [
@@ -92,7 +93,7 @@ class Posting:
     conflicts: list[tuple[int, int, str]] = field(default_factory=list)
 
 
-async def lock_open_months(conn: repo.Conn, months: Iterable[date]) -> frozenset[date]:
+async def lock_open_months(conn: Conn, months: Iterable[date]) -> frozenset[date]:
     """Take the shared lock of the month each of ``months`` posts into (itself, or the first open month
     after it when closed) and return the closed months, read once those locks are held: a month whose lock
     is held cannot be closed before this transaction ends."""
@@ -116,7 +117,7 @@ def change_mark(key: ShardKey, resource_id: str, revision: int) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=16).digest(), "big")
 
 
-async def ensure_frames(frames: Frames, pool: repo.Conn, batches: Sequence[Charges]) -> None:
+async def ensure_frames(frames: Frames, pool: asyncpg.Pool, batches: Sequence[Charges]) -> None:
     """Frames for the shards of ``batches`` that have none at hand, seeded with a batch of each (its resource
     ids and names are what the shard's documents repeat). Called before the posting's transaction."""
     await frames.ensure_first(pool, batches, shard_scope, encode_charges)
@@ -232,13 +233,13 @@ class _Shard:
     def positions(self) -> dict[str, int]:
         """Position of each applied resource in the columns."""
         if self.index is None:
-            self.index = dict(zip(self.r, range(len(self.r))))
+            self.index = dict(zip(self.r, range(len(self.r)), strict=True))
         return self.index
 
     def org_at(self, org_id: str) -> int:
         """The position of ``org_id`` in the org table (added when missing)."""
         if self.org_index is None:
-            self.org_index = dict(zip(self.os, range(len(self.os))))
+            self.org_index = dict(zip(self.os, range(len(self.os)), strict=True))
         at = self.org_index.get(org_id)
         if at is None:
             at = self.org_index[org_id] = len(self.os)
@@ -255,9 +256,9 @@ class _Shard:
         if self.fresh_groups is not None:
             orgs, prices, group_of = self.fresh_groups
             id_of = {op: groups[g] for op, g in group_of.items()}
-            ids = list(map(id_of.__getitem__, zip(orgs, prices, strict=True)))
+            ids: list[GroupKey | int] = list(map(id_of.__getitem__, zip(orgs, prices, strict=True)))
         else:
-            ids = list(map(groups.get, self.g, self.g))  # a group id maps to itself
+            ids = [g if isinstance(g, int) else groups.get(g, g) for g in self.g]  # a group id stays itself
         return orjson.dumps({"r": self.r, "v": self.v, "g": ids, "n": self.n, "d": self.d, "o": self.o, "os": self.os})
 
 
@@ -274,7 +275,8 @@ def _post_fresh(
     hour, meter = key.reading_hour, key.meter
     month = billing_month(hour)
     sums: dict[tuple[int, int, int, int], int] = defaultdict(int)
-    for k4, num in zip(zip(c.org, c.kind, c.price, c.amount_denominator), c.amount_numerator, strict=True):
+    columns = zip(c.org, c.kind, c.price, c.amount_denominator, strict=True)  # a decoded batch's columns: one length
+    for k4, num in zip(columns, c.amount_numerator, strict=True):
         sums[k4] += num
     group_of: dict[tuple[int, int], GroupKey] = {}
     bucket_of: dict[tuple[int, int], dict[tuple[Line, int], int]] = {}
@@ -467,7 +469,7 @@ def _post_items(
 
 
 async def post_batches(
-    conn: repo.Conn,
+    conn: Conn,
     frames: Frames,
     batches: Sequence[Charges],
     now: datetime,
@@ -519,9 +521,9 @@ async def post_batches(
         groups = await repo.group_ids(conn, {g for g in acc if isinstance(g, tuple)})
         deltas: dict[int, dict[Line, dict[int, int]]] = defaultdict(lambda: defaultdict(dict))
         for g, bucket in acc.items():
-            lines = deltas[g if isinstance(g, int) else groups[g]]
+            by_line = deltas[g if isinstance(g, int) else groups[g]]
             for (line, den), num in bucket.items():
-                cell = lines[line]
+                cell = by_line[line]
                 cell[den] = cell.get(den, 0) + num
         rows = await repo.lock_groups(conn, deltas)
         updates, amounts = allocate({gid: (int(r["sum_num"]), int(r["sum_den"])) for gid, r in rows.items()}, deltas)
@@ -566,7 +568,7 @@ async def post_batches(
 
 
 async def _save(
-    conn: repo.Conn,
+    conn: Conn,
     frames: Frames,
     shards: dict[ShardKey, _Shard],
     groups: dict[GroupKey, int],
@@ -632,7 +634,7 @@ def allocate(
 
 
 async def record_transactions(
-    conn: repo.Conn, drafts: Sequence[TransactionDraft], now: datetime
+    conn: Conn, drafts: Sequence[TransactionDraft], now: datetime
 ) -> tuple[list[uuid.UUID], list[int]]:
     """Insert the drafts as transactions (new UUIDv7 ids) and their TransactionPosted messages into the
     outbox; returns (transaction ids, outbox ids)."""
@@ -647,7 +649,7 @@ async def record_transactions(
 
 
 async def raise_alerts(
-    conn: repo.Conn, books: Iterable[Book], drafts: Sequence[TransactionDraft], now: datetime
+    conn: Conn, books: Iterable[Book], drafts: Sequence[TransactionDraft], now: datetime
 ) -> list[messages.OutboxMessage]:
     """AlertRaised for each threshold an agreement drawn on by ``drafts`` reached for the first time."""
     drawn = {e.account_id for d in drafts for e in d.entries if e.side == "debit"}

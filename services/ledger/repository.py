@@ -27,8 +27,7 @@ from services.ledger.domain import (
 )
 from shared.batches import ShardKey
 from shared.blobs import Frames, shard_scope
-
-Conn = asyncpg.Connection | Any  # a pool proxy is an asyncpg connection too
+from shared.db import Conn
 
 # ---------------------------------------------------------------- posting: shard state, held charges, groups
 
@@ -99,7 +98,10 @@ async def lock_held(conn: Conn, frames: Frames, keys: Iterable[ShardKey]) -> dic
 
 
 async def save_held(
-    conn: Conn, frames: Frames, rows: Sequence[tuple[ShardKey, str, int, int, bytes]], gone: Sequence[tuple[ShardKey, str]]
+    conn: Conn,
+    frames: Frames,
+    rows: Sequence[tuple[ShardKey, str, int, int, bytes]],
+    gone: Sequence[tuple[ShardKey, str]],
 ) -> None:
     """Insert or replace held charges (shard, org, held, revisions, items document); delete ``gone``."""
     if rows:
@@ -116,7 +118,8 @@ async def save_held(
     if gone:
         await conn.execute(
             """DELETE FROM held_shards h
-                USING unnest($1::timestamptz[], $2::text[], $3::int2[], $4::text[]) AS k(reading_hour, meter, shard, org_id)
+                USING unnest($1::timestamptz[], $2::text[], $3::int2[], $4::text[])
+                      AS k(reading_hour, meter, shard, org_id)
                 WHERE h.reading_hour = k.reading_hour AND h.meter = k.meter AND h.shard = k.shard
                   AND h.org_id = k.org_id""",
             [g[0].reading_hour for g in gone], [g[0].meter for g in gone], [g[0].shard for g in gone],
@@ -178,7 +181,9 @@ async def owners(conn: Conn, pairs: Iterable[tuple[str, datetime]]) -> dict[tupl
     return {(r["org_id"], r["hour"]): r["customer_id"] for r in rows if r["customer_id"] is not None}
 
 
-async def group_ids(conn: Conn, keys: Iterable[tuple[uuid.UUID, date, uuid.UUID]]) -> dict[tuple[uuid.UUID, date, uuid.UUID], int]:
+async def group_ids(
+    conn: Conn, keys: Iterable[tuple[uuid.UUID, date, uuid.UUID]]
+) -> dict[tuple[uuid.UUID, date, uuid.UUID], int]:
     """The month_usage id of each (customer, month, price), created when missing (in key order: two
     instances creating the same rows wait for each other instead of deadlocking)."""
     ks = sorted(set(keys))
@@ -257,7 +262,8 @@ async def closed_months(conn: Conn) -> frozenset[date]:
 
 
 async def month_close(conn: Conn, month: date) -> datetime | None:
-    return await conn.fetchval("SELECT closed_at FROM month_closes WHERE month = $1", month)
+    closed_at: datetime | None = await conn.fetchval("SELECT closed_at FROM month_closes WHERE month = $1", month)
+    return closed_at
 
 
 async def insert_month_close(conn: Conn, month: date, closed_at: datetime) -> None:
@@ -266,7 +272,8 @@ async def insert_month_close(conn: Conn, month: date, closed_at: datetime) -> No
 
 async def first_activity(conn: Conn) -> datetime | None:
     """When the earliest transaction occurred (months before it need no statement)."""
-    return await conn.fetchval("SELECT min(occurred_at) FROM transactions")
+    first: datetime | None = await conn.fetchval("SELECT min(occurred_at) FROM transactions")
+    return first
 
 
 # ---------------------------------------------------------------- books: accounts and agreements
@@ -295,11 +302,11 @@ async def load_books(conn: Conn, customer_ids: Iterable[uuid.UUID]) -> dict[uuid
             pool_accounts[r["agreement_id"]] = acct
         books[r["customer_id"]].accounts[r["name"]] = acct
     for r in agreements:
-        acct = pool_accounts.get(r["id"])
-        if acct is None:
+        pool_acct = pool_accounts.get(r["id"])
+        if pool_acct is None:
             continue
         books[r["customer_id"]].pools.append(
-            Pool(r["id"], r["starts_at"], r["ends_at"], r["credits"], r["expired"], acct)
+            Pool(r["id"], r["starts_at"], r["ends_at"], r["credits"], r["expired"], pool_acct)
         )
     return books
 
@@ -473,6 +480,7 @@ async def insert_customer(
         customer_id,
         list(accounts),
     )
+    assert row is not None  # INSERT ... RETURNING answers its row or raises
     return row
 
 
@@ -523,6 +531,7 @@ async def assignments_around(conn: Conn, org_id: str, starts_at: datetime) -> tu
         org_id,
         starts_at,
     )
+    assert row is not None  # a SELECT of two scalar subqueries answers one row
     return row["before"], row["until"]
 
 
@@ -652,7 +661,8 @@ async def get_transaction(conn: Conn, transaction_id: uuid.UUID) -> asyncpg.Reco
 
 
 async def reversal_of(conn: Conn, transaction_id: uuid.UUID) -> uuid.UUID | None:
-    return await conn.fetchval("SELECT id FROM transactions WHERE reverses = $1", transaction_id)
+    reversal: uuid.UUID | None = await conn.fetchval("SELECT id FROM transactions WHERE reverses = $1", transaction_id)
+    return reversal
 
 
 async def transaction_entries(conn: Conn, transaction_id: uuid.UUID) -> list[Entry]:
@@ -784,7 +794,8 @@ async def completeness_counts(conn: Conn, since: datetime, until: datetime) -> l
     their revisions."""
     return await conn.fetch(
         """
-        SELECT hour, meter, sum(posted)::bigint AS posted, sum(held)::bigint AS held, sum(revisions)::bigint AS revisions
+        SELECT hour, meter, sum(posted)::bigint AS posted, sum(held)::bigint AS held,
+               sum(revisions)::bigint AS revisions
           FROM (SELECT reading_hour AS hour, meter, posted, 0 AS held, revisions
                   FROM shard_state WHERE reading_hour >= $1 AND reading_hour < $2
                 UNION ALL

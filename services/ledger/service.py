@@ -44,6 +44,7 @@ from services.ledger.settings import LedgerSettings
 from shared.batches import Charges, ShardKey
 from shared.blobs import Frames
 from shared.clock import billing_month, month_bounds, utcnow
+from shared.db import Conn
 from shared.ids import measurement_id, uuid7
 
 __all__ = [
@@ -120,7 +121,7 @@ class LedgerService:
         self._clock = clock
         self.frames = Frames()  # the documents' compression frames (shared/blobs.py), one set per database
 
-    async def _retrying(self, work: Callable[[repo.Conn], Awaitable[T]]) -> T:
+    async def _retrying(self, work: Callable[[Conn], Awaitable[T]]) -> T:
         """Run ``work`` in a transaction, again if PostgreSQL reports a serialization failure or deadlock."""
         attempt = 0
         while True:
@@ -147,7 +148,7 @@ class LedgerService:
         total = Posting()
         while True:
 
-            async def one_batch(conn: repo.Conn) -> tuple[Posting, int]:
+            async def one_batch(conn: Conn) -> tuple[Posting, int]:
                 found = await repo.resolvable_held(conn, org_id, HELD_BATCH)
                 if not found:
                     return Posting(), 0
@@ -200,7 +201,7 @@ class LedgerService:
     # ------------------------------------------------------------ tiers and customers
 
     async def create_tier(self, name: str, credits_per_period: int) -> Result:
-        async def work(conn: repo.Conn) -> Result:
+        async def work(conn: Conn) -> Result:
             row = await repo.insert_tier(conn, name, credits_per_period)
             if row is None:
                 raise ConflictError("Tier exists", f"a tier named {name!r} already exists")
@@ -213,7 +214,7 @@ class LedgerService:
             return [dict(r) for r in await repo.list_tiers(conn, after, limit)]
 
     async def create_customer(self, name: str, tier: str) -> Result:
-        async def work(conn: repo.Conn) -> Result:
+        async def work(conn: Conn) -> Result:
             if await repo.get_tier(conn, tier) is None:
                 raise NotFoundError("Tier not found", f"no tier named {tier!r}")
             row = await repo.insert_customer(conn, uuid7(), name, tier, CUSTOMER_ACCOUNTS)
@@ -240,7 +241,7 @@ class LedgerService:
         would give a closed month's hours of the org to another customer than the one they had (an org
         without a customer then may be assigned: its held usage posts as late usage)."""
 
-        async def work(conn: repo.Conn) -> Result:
+        async def work(conn: Conn) -> Result:
             if await repo.get_customer(conn, customer_id) is None:
                 raise NotFoundError("Customer not found", f"no customer {customer_id}")
             before, until = await repo.assignments_around(conn, org_id, starts_at)
@@ -281,13 +282,14 @@ class LedgerService:
         if ends_at <= starts_at:
             raise InvalidError("Invalid agreement", "ends_at must be after starts_at")
 
-        async def work(conn: repo.Conn) -> Result:
+        async def work(conn: Conn) -> Result:
             customer = await repo.get_customer(conn, customer_id)
             if customer is None:
                 raise NotFoundError("Customer not found", f"no customer {customer_id}")
             amount = credits
             if amount is None:
                 tier = await repo.get_tier(conn, customer["tier"])
+                assert tier is not None  # customers.tier references tiers (name)
                 amount = int(tier["credits_per_period"])
             month = billing_month(starts_at)
             closed = closed_months_within(starts_at, None, await lock_open_months(conn, [month]))
@@ -306,6 +308,7 @@ class LedgerService:
             book.pools.append(pool)
             ids, outbox = await record_transactions(conn, [funding_transaction(book, pool, starts_at)], self._clock())
             row = await repo.get_agreement(conn, agreement_id)
+            assert row is not None  # inserted above, in this transaction
             return Result(_agreement(row) | {"funding_transaction_id": ids[0]}, outbox)
 
         return await self._retrying(work)
@@ -326,7 +329,7 @@ class LedgerService:
         count, outbox_ids = 0, []
         for agreement in due:
 
-            async def work(conn: repo.Conn, agreement_id: uuid.UUID = agreement["id"]) -> list[int] | None:
+            async def work(conn: Conn, agreement_id: uuid.UUID = agreement["id"]) -> list[int] | None:
                 row = await repo.lock_unexpired_agreement(conn, agreement_id)
                 if row is None:
                     return None  # another instance expired it
@@ -355,7 +358,7 @@ class LedgerService:
         if end > now:
             raise ConflictError("Month not ended", f"{month:%Y-%m} ends at {end.isoformat()}; it cannot be closed yet")
 
-        async def work(conn: repo.Conn) -> CloseResult:
+        async def work(conn: Conn) -> CloseResult:
             await repo.lock_month_exclusive(conn, month)
             closed_at = await repo.month_close(conn, month)
             if closed_at is not None:
@@ -483,7 +486,7 @@ class LedgerService:
     async def reverse(self, transaction_id: uuid.UUID, reason: str) -> Result:
         """Post the mirror image of a transaction (once; asking again answers the same reversal)."""
 
-        async def work(conn: repo.Conn) -> Result:
+        async def work(conn: Conn) -> Result:
             original = await repo.get_transaction(conn, transaction_id)
             if original is None:
                 raise NotFoundError("Transaction not found", f"no transaction {transaction_id}")
@@ -512,10 +515,11 @@ class LedgerService:
 
         return await self._retrying(work)
 
-    async def _transaction_body(self, conn: repo.Conn, transaction_id: uuid.UUID) -> dict[str, Any]:
+    async def _transaction_body(self, conn: Conn, transaction_id: uuid.UUID) -> dict[str, Any]:
         row = await repo.get_transaction(conn, transaction_id)
         entries = await repo.transaction_entries(conn, transaction_id)
         usage = await repo.transaction_usage(conn, transaction_id)
+        assert row is not None  # callers pass a transaction they found or posted in this transaction
         body = dict(row)
         body["entries"] = [{"account": e.account, "side": e.side, "amount": e.amount} for e in entries]
         body["usage"] = [

@@ -22,9 +22,9 @@ from uuid import UUID
 
 from shared.batches import (
     MAX_INT,
+    B,
     Charges,
     Measurements,
-    Price as PriceRef,
     Ref,
     ShardKey,
     charges_id,
@@ -32,27 +32,30 @@ from shared.batches import (
     shard_of,
     subset,
 )
+from shared.batches import (
+    Price as PriceRef,
+)
 from shared.ids import reading_id
 from shared.wire import Measurement
 
 __all__ = [
     "MAX_AMOUNT",
-    "PricingError",
+    "Catalog",
     "InvalidPriceError",
+    "Latest",
+    "Price",
+    "PriceEndRefusedError",
     "PriceNotFoundError",
     "PriceOverlapError",
-    "PriceEndRefusedError",
-    "Price",
-    "Catalog",
-    "ShardKey",
     "Priced",
-    "Latest",
-    "price_items",
-    "latest_items",
-    "reprice_items",
+    "PricingError",
+    "ShardKey",
     "batches_of_v1",
-    "exact_amount",
     "check_end",
+    "exact_amount",
+    "latest_items",
+    "price_items",
+    "reprice_items",
 ]
 
 MAX_AMOUNT = MAX_INT
@@ -157,7 +160,7 @@ class Priced:
 
 
 def price_items(
-    m: Measurements | Charges,
+    m: B,
     positions: Sequence[int] | None,
     catalog: Catalog,
     priced_at: datetime,
@@ -271,7 +274,7 @@ def reprice_items(
     covers (only those of ``kinds`` when given), as one batch; None when there is none."""
     latest = latest_items(stored)
     chosen: dict[int, list[tuple[int, int]]] = {}  # batch -> [(item, next revision)]
-    for rid, at in latest.items():
+    for at in latest.values():
         c = stored[at.batch]
         if c.price[at.item] >= 0:
             continue

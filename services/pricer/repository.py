@@ -21,55 +21,56 @@ import asyncpg
 from services.pricer.pricing import Price
 from shared.batches import ShardKey
 from shared.blobs import Frames, shard_scope
+from shared.db import Conn
 
 __all__ = [
-    "lock_catalog_shared",
-    "lock_catalog_exclusive",
-    "catalog_version",
-    "load_prices",
-    "insert_price",
-    "overlapping_prices",
-    "get_price",
-    "get_price_for_update",
-    "end_price",
-    "list_prices",
-    "last_priced_hour",
     "BatchRow",
     "ConcurrentShardWriteError",
-    "lock_shards",
-    "load_shards",
-    "insert_batches",
-    "add_unpriced",
-    "delete_unpriced",
     "add_priced_hours",
-    "covered_unpriced",
-    "unpriced_after",
-    "take_unpublished",
-    "mark_published",
-    "count_unpriced",
+    "add_unpriced",
     "all_batches",
+    "catalog_version",
     "completeness_counts",
+    "count_unpriced",
+    "covered_unpriced",
+    "delete_unpriced",
+    "end_price",
+    "get_price",
+    "get_price_for_update",
+    "insert_batches",
+    "insert_price",
+    "last_priced_hour",
+    "list_prices",
+    "load_prices",
+    "load_shards",
+    "lock_catalog_exclusive",
+    "lock_catalog_shared",
+    "lock_shards",
+    "mark_published",
+    "overlapping_prices",
+    "take_unpublished",
+    "unpriced_after",
 ]
 
 # Two-key advisory lock (a key space apart from the single-bigint keys other code may use).
 _LOCK_CLASS, _LOCK_OBJECT = 0x70726963, 1  # "pric", catalog
 
 
-async def lock_catalog_shared(conn: asyncpg.Connection) -> None:
+async def lock_catalog_shared(conn: Conn) -> None:
     await conn.execute("SELECT pg_advisory_xact_lock_shared($1::int4, $2::int4)", _LOCK_CLASS, _LOCK_OBJECT)
 
 
-async def lock_catalog_exclusive(conn: asyncpg.Connection, timeout_ms: int) -> None:
+async def lock_catalog_exclusive(conn: Conn, timeout_ms: int) -> None:
     """Raises asyncpg.LockNotAvailableError after ``timeout_ms`` (for the rest of the transaction too)."""
     await conn.execute(f"SET LOCAL lock_timeout = {int(timeout_ms)}")  # SET takes no parameters
     await conn.execute("SELECT pg_advisory_xact_lock($1::int4, $2::int4)", _LOCK_CLASS, _LOCK_OBJECT)
 
 
-async def catalog_version(conn: asyncpg.Connection) -> int:
+async def catalog_version(conn: Conn) -> int:
     return int(await conn.fetchval("SELECT version FROM catalog_state"))
 
 
-async def _bump_catalog_version(conn: asyncpg.Connection) -> None:
+async def _bump_catalog_version(conn: Conn) -> None:
     await conn.execute("UPDATE catalog_state SET version = version + 1")
 
 
@@ -96,12 +97,12 @@ def _price(r: asyncpg.Record) -> Price:
     )
 
 
-async def load_prices(conn: asyncpg.Connection) -> list[Price]:
+async def load_prices(conn: Conn) -> list[Price]:
     """The whole catalog (it is small: a few prices per meter and kind)."""
     return [_price(r) for r in await conn.fetch(f"SELECT {_PRICE_COLUMNS} FROM prices")]
 
 
-async def insert_price(conn: asyncpg.Connection, price: Price) -> Price:
+async def insert_price(conn: Conn, price: Price) -> Price:
     """Insert ``price`` and bump the catalog version. Raises asyncpg.ExclusionViolationError on an
     overlap with a price of the same (meter, kind)."""
     key_id = await conn.fetchval(
@@ -130,11 +131,12 @@ async def insert_price(conn: asyncpg.Connection, price: Price) -> Price:
         price.valid_until,
     )
     await _bump_catalog_version(conn)
+    assert row is not None  # INSERT ... RETURNING answers its row or raises
     return _price(row)
 
 
 async def overlapping_prices(
-    conn: asyncpg.Connection, meter: str, resource_kind: str, valid_from: datetime, valid_until: datetime | None
+    conn: Conn, meter: str, resource_kind: str, valid_from: datetime, valid_until: datetime | None
 ) -> list[Price]:
     rows = await conn.fetch(
         f"""SELECT {_PRICE_COLUMNS} FROM prices
@@ -148,17 +150,17 @@ async def overlapping_prices(
     return [_price(r) for r in rows]
 
 
-async def get_price(conn: asyncpg.Connection, price_id: UUID) -> Price | None:
+async def get_price(conn: Conn, price_id: UUID) -> Price | None:
     row = await conn.fetchrow(f"SELECT {_PRICE_COLUMNS} FROM prices WHERE id = $1", price_id)
     return None if row is None else _price(row)
 
 
-async def get_price_for_update(conn: asyncpg.Connection, price_id: UUID) -> Price | None:
+async def get_price_for_update(conn: Conn, price_id: UUID) -> Price | None:
     row = await conn.fetchrow(f"SELECT {_PRICE_COLUMNS} FROM prices WHERE id = $1 FOR UPDATE", price_id)
     return None if row is None else _price(row)
 
 
-async def end_price(conn: asyncpg.Connection, price_id: UUID, at: datetime) -> Price:
+async def end_price(conn: Conn, price_id: UUID, at: datetime) -> Price:
     """Make the price valid until ``at`` (exclusive) and bump the catalog version."""
     row = await conn.fetchrow(
         f"""UPDATE prices SET valid_during = tstzrange(lower(valid_during), $2, '[)')
@@ -167,11 +169,12 @@ async def end_price(conn: asyncpg.Connection, price_id: UUID, at: datetime) -> P
         at,
     )
     await _bump_catalog_version(conn)
+    assert row is not None  # the caller locked the price (get_price_for_update) in this transaction
     return _price(row)
 
 
 async def list_prices(
-    conn: asyncpg.Connection, meter: str | None, resource_kind: str | None, at: datetime | None, limit: int
+    conn: Conn, meter: str | None, resource_kind: str | None, at: datetime | None, limit: int
 ) -> list[Price]:
     rows = await conn.fetch(
         f"""SELECT {_PRICE_COLUMNS} FROM prices
@@ -188,7 +191,7 @@ async def list_prices(
     return [_price(r) for r in rows]
 
 
-async def last_priced_hour(conn: asyncpg.Connection, price_id: UUID, since: datetime) -> datetime | None:
+async def last_priced_hour(conn: Conn, price_id: UUID, since: datetime) -> datetime | None:
     """The latest reading hour at or after ``since`` priced with ``price_id``."""
     value: datetime | None = await conn.fetchval(
         "SELECT max(reading_hour) FROM priced_hours WHERE price_id = $1 AND reading_hour >= $2", price_id, since
@@ -222,7 +225,7 @@ _SHARD_BATCHES = """
 
 
 async def _by_shard(
-    conn: asyncpg.Connection, frames: Frames, rows: Sequence[asyncpg.Record]
+    conn: Conn, frames: Frames, rows: Sequence[asyncpg.Record]
 ) -> dict[ShardKey, list[tuple[int, bytes]]]:
     out: dict[ShardKey, list[tuple[int, bytes]]] = {}
     messages = await frames.unpack_all(conn, [r["message"] for r in rows])
@@ -232,7 +235,7 @@ async def _by_shard(
 
 
 async def lock_shards(
-    conn: asyncpg.Connection, frames: Frames, keys: Iterable[ShardKey]
+    conn: Conn, frames: Frames, keys: Iterable[ShardKey]
 ) -> dict[ShardKey, list[tuple[int, bytes]]]:
     """The stored batches (seq, message) of the shards ``keys`` that have any, locked until the end of the
     transaction. Almost always empty: a shard is priced once, when its readings first arrive."""
@@ -240,13 +243,13 @@ async def lock_shards(
 
 
 async def load_shards(
-    conn: asyncpg.Connection, frames: Frames, keys: Iterable[ShardKey]
+    conn: Conn, frames: Frames, keys: Iterable[ShardKey]
 ) -> dict[ShardKey, list[tuple[int, bytes]]]:
     """``lock_shards`` without the lock (for reading)."""
     return await _by_shard(conn, frames, await conn.fetch(_SHARD_BATCHES, *_keys(keys)))
 
 
-async def insert_batches(conn: asyncpg.Connection, frames: Frames, rows: Sequence[BatchRow]) -> None:
+async def insert_batches(conn: Conn, frames: Frames, rows: Sequence[BatchRow]) -> None:
     """Store new batches (COPY), their messages compressed. Raises ConcurrentShardWriteError when a (shard,
     seq) exists already."""
     if not rows:
@@ -262,7 +265,7 @@ async def insert_batches(conn: asyncpg.Connection, frames: Frames, rows: Sequenc
         raise ConcurrentShardWriteError("another transaction stored a batch of this shard") from exc
 
 
-async def add_unpriced(conn: asyncpg.Connection, rows: Iterable[tuple[ShardKey, str]]) -> None:
+async def add_unpriced(conn: Conn, rows: Iterable[tuple[ShardKey, str]]) -> None:
     """Note the shards that now hold unpriced charges of a kind."""
     rows = sorted(set(rows))
     if rows:
@@ -270,22 +273,28 @@ async def add_unpriced(conn: asyncpg.Connection, rows: Iterable[tuple[ShardKey, 
             """INSERT INTO unpriced_shards (reading_hour, meter, shard, resource_kind)
                SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int2[], $4::text[])
                ON CONFLICT DO NOTHING""",
-            [k.reading_hour for k, _ in rows], [k.meter for k, _ in rows], [k.shard for k, _ in rows], [c for _, c in rows],
+            [k.reading_hour for k, _ in rows],
+            [k.meter for k, _ in rows],
+            [k.shard for k, _ in rows],
+            [c for _, c in rows],
         )
 
 
-async def delete_unpriced(conn: asyncpg.Connection, rows: Iterable[tuple[ShardKey, str]]) -> None:
+async def delete_unpriced(conn: Conn, rows: Iterable[tuple[ShardKey, str]]) -> None:
     rows = sorted(set(rows))
     if rows:
         await conn.execute(
             """DELETE FROM unpriced_shards u
                USING unnest($1::timestamptz[], $2::text[], $3::int2[], $4::text[]) AS k(h, m, s, c)
                WHERE u.reading_hour = k.h AND u.meter = k.m AND u.shard = k.s AND u.resource_kind = k.c""",
-            [k.reading_hour for k, _ in rows], [k.meter for k, _ in rows], [k.shard for k, _ in rows], [c for _, c in rows],
+            [k.reading_hour for k, _ in rows],
+            [k.meter for k, _ in rows],
+            [k.shard for k, _ in rows],
+            [c for _, c in rows],
         )
 
 
-async def add_priced_hours(conn: asyncpg.Connection, rows: Iterable[tuple[UUID, datetime]]) -> None:
+async def add_priced_hours(conn: Conn, rows: Iterable[tuple[UUID, datetime]]) -> None:
     rows = sorted(set(rows))
     if rows:
         await conn.execute(
@@ -299,7 +308,7 @@ UnpricedKey = tuple[datetime, str, int, str]  # reading hour, meter, shard, kind
 
 
 async def covered_unpriced(
-    conn: asyncpg.Connection, after: UnpricedKey | None, limit: int, only: Price | None = None
+    conn: Conn, after: UnpricedKey | None, limit: int, only: Price | None = None
 ) -> list[tuple[ShardKey, str]]:
     """Shards holding unpriced charges of a kind that a price now covers (the price ``only``, or any), in
     keyset order after ``after``, locked (rows another re-pricer holds are skipped)."""
@@ -309,7 +318,8 @@ async def covered_unpriced(
             """SELECT reading_hour, meter, shard, resource_kind FROM unpriced_shards
                WHERE meter = $1 AND resource_kind = $2
                  AND reading_hour >= $3 AND ($4::timestamptz IS NULL OR reading_hour < $4)
-                 AND ($5::timestamptz IS NULL OR (reading_hour, meter, shard, resource_kind) > ($5, $6::text, $7::int2, $8::text))
+                 AND ($5::timestamptz IS NULL
+                      OR (reading_hour, meter, shard, resource_kind) > ($5, $6::text, $7::int2, $8::text))
                ORDER BY reading_hour, meter, shard, resource_kind
                LIMIT $9
                FOR UPDATE SKIP LOCKED""",
@@ -321,7 +331,8 @@ async def covered_unpriced(
                WHERE EXISTS (SELECT 1 FROM prices p
                              WHERE p.meter = u.meter AND p.resource_kind = u.resource_kind
                                AND p.valid_during @> u.reading_hour)
-                 AND ($1::timestamptz IS NULL OR (u.reading_hour, u.meter, u.shard, u.resource_kind) > ($1, $2::text, $3::int2, $4::text))
+                 AND ($1::timestamptz IS NULL
+                      OR (u.reading_hour, u.meter, u.shard, u.resource_kind) > ($1, $2::text, $3::int2, $4::text))
                ORDER BY u.reading_hour, u.meter, u.shard, u.resource_kind
                LIMIT $5
                FOR UPDATE OF u SKIP LOCKED""",
@@ -331,7 +342,7 @@ async def covered_unpriced(
 
 
 async def unpriced_after(
-    conn: asyncpg.Connection, after: UnpricedKey | None, limit: int, *, strict: bool = False
+    conn: Conn, after: UnpricedKey | None, limit: int, *, strict: bool = False
 ) -> list[tuple[ShardKey, str]]:
     """Shards holding unpriced charges, by kind, in keyset order from ``after`` (past it when ``strict``;
     the admin list)."""
@@ -348,7 +359,7 @@ async def unpriced_after(
     return [(ShardKey(r["reading_hour"], r["meter"], r["shard"]), r["resource_kind"]) for r in rows]
 
 
-async def take_unpublished(conn: asyncpg.Connection, frames: Frames, limit: int) -> list[tuple[ShardKey, int, bytes]]:
+async def take_unpublished(conn: Conn, frames: Frames, limit: int) -> list[tuple[ShardKey, int, bytes]]:
     """Batches stored but not yet acknowledged by the broker, oldest first, locked (another publisher
     skips them) until the transaction ends."""
     rows = await conn.fetch(
@@ -365,7 +376,7 @@ async def take_unpublished(conn: asyncpg.Connection, frames: Frames, limit: int)
     ]
 
 
-async def mark_published(conn: asyncpg.Connection, batches: Sequence[tuple[ShardKey, int]]) -> None:
+async def mark_published(conn: Conn, batches: Sequence[tuple[ShardKey, int]]) -> None:
     if batches:
         await conn.execute(
             """UPDATE charge_batches b SET published = true
@@ -376,12 +387,12 @@ async def mark_published(conn: asyncpg.Connection, batches: Sequence[tuple[Shard
         )
 
 
-async def count_unpriced(conn: asyncpg.Connection) -> int:
+async def count_unpriced(conn: Conn) -> int:
     """Measurements whose latest charge is unpriced (sum of the batches' changes)."""
     return int(await conn.fetchval("SELECT coalesce(sum(d_unpriced), 0) FROM charge_batches"))
 
 
-async def all_batches(conn: asyncpg.Connection, frames: Frames) -> dict[ShardKey, list[tuple[int, bytes]]]:
+async def all_batches(conn: Conn, frames: Frames) -> dict[ShardKey, list[tuple[int, bytes]]]:
     """Every stored batch (tests and audits; not for the hot path)."""
     return await _by_shard(
         conn,
@@ -390,7 +401,7 @@ async def all_batches(conn: asyncpg.Connection, frames: Frames) -> dict[ShardKey
     )
 
 
-async def completeness_counts(conn: asyncpg.Connection, since: datetime, until: datetime) -> list[asyncpg.Record]:
+async def completeness_counts(conn: Conn, since: datetime, until: datetime) -> list[asyncpg.Record]:
     """Per reading hour and meter: measurements whose latest charge revision is priced / unpriced, and the
     sum of those latest revisions (the ledger must have applied the same)."""
     return await conn.fetch(

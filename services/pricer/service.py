@@ -35,9 +35,9 @@ from services.pricer import repository
 from services.pricer.pricing import (
     Catalog,
     Price,
+    Priced,
     PriceNotFoundError,
     PriceOverlapError,
-    Priced,
     ShardKey,
     batches_of_v1,
     check_end,
@@ -61,13 +61,14 @@ from shared.batches import (
 )
 from shared.blobs import Frames, shard_scope
 from shared.clock import utcnow
+from shared.db import Conn
 from shared.edge.params import EARLIEST
 from shared.ids import charge_id, measurement_id, uuid7
 from shared.kafka import Outgoing, Received, Stream
 from shared.money import display_credits
 from shared.wire import Measurement
 
-__all__ = ["Pricer", "CatalogBusyError", "UnpricedPage"]
+__all__ = ["CatalogBusyError", "Pricer", "UnpricedPage"]
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class Pricer:
         self._swept_version = 0
         self.frames = Frames()  # the stored batches' compression frames (shared/blobs.py), for this database
 
-    async def _current_catalog(self, conn: asyncpg.Connection) -> Catalog:
+    async def _current_catalog(self, conn: Conn) -> Catalog:
         """The catalog as committed; reloaded only when its version moved. Call under the lock."""
         version = await repository.catalog_version(conn)
         if version != self._catalog.version:
@@ -251,7 +252,7 @@ class Pricer:
     # -- the catalog ------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _catalog_change(self) -> AsyncIterator[asyncpg.Connection]:
+    async def _catalog_change(self) -> AsyncIterator[Conn]:
         """A transaction holding the catalog lock exclusively: it waits for the in-flight batches to
         commit, but no longer than the lock timeout (then CatalogBusyError)."""
         async with self._pool.acquire() as conn:
@@ -336,7 +337,9 @@ class Pricer:
                     kinds: dict[ShardKey, set[str]] = {}
                     for key, kind in found:
                         kinds.setdefault(key, set()).add(kind)
-                    shards = {k: _stored(v) for k, v in (await repository.lock_shards(conn, self.frames, kinds)).items()}
+                    shards = {
+                        k: _stored(v) for k, v in (await repository.lock_shards(conn, self.frames, kinds)).items()
+                    }
                     rows: list[repository.BatchRow] = []
                     hours: list[tuple[UUID, datetime]] = []
                     cleared: list[tuple[ShardKey, str]] = []
@@ -389,7 +392,9 @@ class Pricer:
                 async with conn.transaction():
                     rows = await repository.take_unpublished(conn, self.frames, limit)
                     if rows:
-                        await self._stream.publish(self._topic, [Outgoing(shard_key(k.shard), raw) for k, _, raw in rows])
+                        await self._stream.publish(
+                            self._topic, [Outgoing(shard_key(k.shard), raw) for k, _, raw in rows]
+                        )
                         await repository.mark_published(conn, [(k, seq) for k, seq, _ in rows])
             total += len(rows)
             if len(rows) < limit:

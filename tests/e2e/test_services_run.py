@@ -36,7 +36,9 @@ async def wait_ready(url: str, proc: asyncio.subprocess.Process, seconds: float 
 
 
 @pytest.mark.parametrize("service", ["collector", "pricer", "ledger", "api"])
-async def test_a_service_becomes_ready_serves_ops_routes_and_exits_cleanly_on_sigterm(service, infra, database, topic_prefix, tmp_path):
+async def test_a_service_becomes_ready_serves_ops_routes_and_exits_cleanly_on_sigterm(
+    service, infra, database, topic_prefix, tmp_path
+):
     port = free_port()
     up = service.upper()
     env = {

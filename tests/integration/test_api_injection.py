@@ -72,7 +72,7 @@ async def snapshot(h: ApiHarness) -> dict[str, str]:
     return out
 
 
-async def test_injection_in_every_parameter_is_4xx_and_changes_nothing(harness: ApiHarness) -> None:  # noqa: F811
+async def test_injection_in_every_parameter_is_4xx_and_changes_nothing(harness: ApiHarness) -> None:
     h = harness
     await fill(h)
     await h.client.post("/admin/entitlements", json={"subject": "carol", "customer_id": str(A)}, headers=h.admin)
@@ -96,7 +96,7 @@ async def test_injection_in_every_parameter_is_4xx_and_changes_nothing(harness: 
     assert (await h.client.get(f"/v1/customers/{A}/usage", params=USAGE, headers=h.admin)).json() == usage_before
 
 
-async def test_hostile_text_in_a_token_and_a_body_is_only_ever_data(harness: ApiHarness) -> None:  # noqa: F811
+async def test_hostile_text_in_a_token_and_a_body_is_only_ever_data(harness: ApiHarness) -> None:
     h = harness
     await fill(h)
     before = await snapshot(h)
@@ -115,5 +115,7 @@ async def test_hostile_text_in_a_token_and_a_body_is_only_ever_data(harness: Api
         assert r.status_code == 422, r.text
     assert await snapshot(h) == before
     # Each refused command is recorded, its hostile text kept as data.
-    recorded = await h.sql("SELECT string_agg(status::text || ' ' || (body->>'subject'), '|' ORDER BY id) FROM api.audit_log")
+    recorded = await h.sql(
+        "SELECT string_agg(status::text || ' ' || (body->>'subject'), '|' ORDER BY id) FROM api.audit_log"
+    )
     assert recorded == "422 x'); DROP TABLE api.entitlement; --|422 carol|422 carol"

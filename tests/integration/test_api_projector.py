@@ -7,6 +7,7 @@ the changes of orgs whose customer is not known yet wait, and are attributed exa
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -179,7 +180,7 @@ async def test_usage_equals_the_oracle_whatever_the_order(pool: asyncpg.Pool, sc
         await conn.execute(f"TRUNCATE {TABLES}")
     p = Projector(pool)
     events, bounds = scenario["events"], [0, *scenario["cuts"], len(scenario["events"])]
-    for lo, hi in zip(bounds, bounds[1:], strict=False):
+    for lo, hi in itertools.pairwise(bounds):
         if hi > lo:
             await apply(p, events[lo:hi], scenario["concurrent"])
     expected = oracle(scenario["owner"], scenario["charges"])

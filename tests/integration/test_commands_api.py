@@ -44,14 +44,27 @@ async def owners(database: Database, infra: Infra, prefix: str, issuer: LocalIss
         "kafka_bootstrap_servers": infra.kafka, "topic_prefix": prefix, "port": 1, "oidc_issuer": issuer.url,
     }
     apps = {
-        "ledger": ledger_app(LedgerSettings(database_url=SecretStr(database.dsn("ledger")), periodic_interval_seconds=0,
-                                            batch_timeout_ms=100, **common)),
-        "pricer": pricer_app(PricerSettings(database_url=SecretStr(database.dsn("pricer")), maintenance_interval_seconds=3600,
-                                            **common)),
+        "ledger": ledger_app(
+            LedgerSettings(
+                database_url=SecretStr(database.dsn("ledger")),
+                periodic_interval_seconds=0,
+                batch_timeout_ms=100,
+                **common,
+            )
+        ),
+        "pricer": pricer_app(
+            PricerSettings(database_url=SecretStr(database.dsn("pricer")), maintenance_interval_seconds=3600, **common)
+        ),
         # Nothing here takes a reading: the Cloud Foundry API it would read is never asked.
-        "collector": collector_app(CollectorSettings(database_url=SecretStr(database.dsn("collector")), schedule_enabled=False,
-                                                     cf_api_url="http://127.0.0.1:9", uaa_url="http://127.0.0.1:9",
-                                                     **common)),
+        "collector": collector_app(
+            CollectorSettings(
+                database_url=SecretStr(database.dsn("collector")),
+                schedule_enabled=False,
+                cf_api_url="http://127.0.0.1:9",
+                uaa_url="http://127.0.0.1:9",
+                **common,
+            )
+        ),
     }
     async with AsyncExitStack() as running:
         urls = {}
@@ -159,8 +172,9 @@ async def test_commands_appear_in_the_audit_trail_with_the_subject_of_their_toke
                     break
             assert walked == entries, size
         first = (await c.get("/admin/audit", params={"limit": "2"}, headers=admin)).json()
-        other_query = await c.get("/admin/audit", params={"limit": "2", "actor": "ops-2", "cursor": first["next_cursor"]},
-                                  headers=admin)
+        other_query = await c.get(
+            "/admin/audit", params={"limit": "2", "actor": "ops-2", "cursor": first["next_cursor"]}, headers=admin
+        )
         assert other_query.status_code == 422 and other_query.json()["type"].endswith("/invalid-cursor")
         for bad_query in ({"kind": "DROP TABLE"}, {"service": "dashboard"}, {"from": "yesterday"}, {"verbose": "1"},
                           {"from": newest, "to": newest}):

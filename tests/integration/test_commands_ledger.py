@@ -267,7 +267,9 @@ async def test_every_command_request_is_audited_with_who_what_when_and_the_outco
     await client.post("/internal/customers", json=customer_body, headers=who.keyed("c-1", "bob"))  # a replay
     missing = str(uuid.uuid4())
     refused = {"customer_id": missing, "starts_at": "2026-01-01T05:00:00Z", "ends_at": "2027-01-01T05:00:00Z"}
-    assert (await client.post("/internal/agreements", json=refused, headers=who.keyed("a-1", "alice"))).status_code == 404
+    assert (
+        await client.post("/internal/agreements", json=refused, headers=who.keyed("a-1", "alice"))
+    ).status_code == 404
     assert (await client.post("/internal/agreements", content=b"{not json",
                               headers={"content-type": "application/json"})).status_code == 422
     not_ended = f"/internal/months/{datetime.now(UTC).year + 1}-01/close"
@@ -315,7 +317,9 @@ async def test_every_command_request_is_audited_with_who_what_when_and_the_outco
     assert len((await client.get("/internal/audit", params={"to": after.isoformat()})).json()["items"]) == 6
     walked, cursor = [], None
     while True:
-        page = (await client.get("/internal/audit", params={"limit": 4} | ({"cursor": cursor} if cursor else {}))).json()
+        page = (
+            await client.get("/internal/audit", params={"limit": 4} | ({"cursor": cursor} if cursor else {}))
+        ).json()
         walked += page["items"]
         cursor = page["next_cursor"]
         if cursor is None:
@@ -365,8 +369,12 @@ async def test_a_key_left_running_by_a_crash_answers_409_not_a_second_run(
     raw = json.dumps(body).encode()
     async with app.state.runtime.pool.acquire() as conn:
         await conn.execute(
-            "INSERT INTO idempotency_keys (actor, key, request_digest, kind, created_at) VALUES ($1, $2, $3, $4, now())",
-            "alice", "crashed", request_digest("POST", "/internal/agreements", raw)[0], "ledger.agreement.create",
+            "INSERT INTO idempotency_keys (actor, key, request_digest, kind, created_at)"
+            " VALUES ($1, $2, $3, $4, now())",
+            "alice",
+            "crashed",
+            request_digest("POST", "/internal/agreements", raw)[0],
+            "ledger.agreement.create",
         )
     resp = await client.post("/internal/agreements", content=raw,
                              headers=who.keyed("crashed") | {"content-type": "application/json"})
@@ -393,7 +401,11 @@ async def test_the_audit_log_is_append_only_for_the_services_role(database: Data
     # Not even a superuser changes it without first dropping the trigger.
     admin = await asyncpg.connect(database.admin_dsn)
     try:
-        for sql in ("UPDATE {s}.audit_log SET actor = 'mallory'", "DELETE FROM {s}.audit_log", "TRUNCATE {s}.audit_log"):
+        for sql in (
+            "UPDATE {s}.audit_log SET actor = 'mallory'",
+            "DELETE FROM {s}.audit_log",
+            "TRUNCATE {s}.audit_log",
+        ):
             with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
                 await admin.execute(sql.format(s=service))
         assert await admin.fetchval(f"SELECT count(*) FROM {service}.audit_log") == 1

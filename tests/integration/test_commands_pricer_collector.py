@@ -100,7 +100,9 @@ async def test_a_price_added_and_ended_again_with_its_key_changes_the_catalog_on
     assert ended.json()["valid_until"] == "2027-01-01T00:00:00Z"
     assert ended_again.headers["idempotent-replayed"] == "true"
 
-    other = await http.post("/internal/prices", json=price_body(microcredits_per_unit=2), headers=keyed(issuer, "p-add"))
+    other = await http.post(
+        "/internal/prices", json=price_body(microcredits_per_unit=2), headers=keyed(issuer, "p-add")
+    )
     assert other.status_code == 422 and other.json()["title"] == "Idempotency-Key reused"
     assert await value(app, "SELECT count(*) FROM prices") == 1
 
@@ -126,7 +128,9 @@ async def test_concurrent_price_commands_with_one_key_add_one_price(
     assert 201 in statuses and set(statuses) <= {201, 409}, [a.text for a in answers]
     assert await value(app, "SELECT count(*) FROM prices") == 1
     # Two actors' equal keys are two commands: bob's overlapping price is refused by the catalog itself.
-    bob = await http.post("/internal/prices", json=body | {"microcredits_per_unit": 3}, headers=keyed(issuer, "p-race", "bob"))
+    bob = await http.post(
+        "/internal/prices", json=body | {"microcredits_per_unit": 3}, headers=keyed(issuer, "p-race", "bob")
+    )
     assert bob.status_code == 409 and bob.json()["title"] == "Price overlaps"
 
 
@@ -135,8 +139,14 @@ async def test_a_manual_reading_sent_again_with_its_key_is_taken_once(
 ) -> None:
     async with running_sim(SimConfig(**WORLD)) as (url, _):
         settings = CollectorSettings(
-            database_url=SecretStr(database.dsn("collector")), kafka_bootstrap_servers=infra.kafka, topic_prefix=topic_prefix,
-            cf_api_url=url, uaa_url=url, schedule_enabled=False, sim_time_header=True, per_page=50,
+            database_url=SecretStr(database.dsn("collector")),
+            kafka_bootstrap_servers=infra.kafka,
+            topic_prefix=topic_prefix,
+            cf_api_url=url,
+            uaa_url=url,
+            schedule_enabled=False,
+            sim_time_header=True,
+            per_page=50,
             oidc_issuer=issuer.url,
         )
         app = collector_app(settings)

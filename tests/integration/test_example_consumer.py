@@ -95,7 +95,12 @@ async def test_the_example_writes_one_row_per_charge_with_its_exact_amount(infra
     priced = rows[0]
     assert (priced["amount_numerator"], priced["amount_denominator"]) == (str(1024 * 1_000_000), "747520")
     assert priced["credits"] == "0.001370"  # 1024e6 / 747520 µcr = 1369.86 µcr, shown to 6 places of credits
-    assert (priced["price_id"], priced["org_id"], priced["space_id"], priced["unit"]) == (str(PRICE), "org-1", "space-1", "MB")
+    assert (priced["price_id"], priced["org_id"], priced["space_id"], priced["unit"]) == (
+        str(PRICE),
+        "org-1",
+        "space-1",
+        "MB",
+    )
     unpriced = rows[2]
     assert (unpriced["price_id"], unpriced["amount_numerator"], unpriced["credits"]) == ("", "0", "0.000000")
     # Its own group: the services' groups still have everything to read.

@@ -68,7 +68,7 @@ async def running(settings: LedgerSettings, issuer: LocalIssuer) -> AsyncIterato
 
 @pytest.fixture
 async def client(
-    database: Any, infra: Any, ledger_topics: str, issuer: LocalIssuer  # noqa: F811 - the fixture
+    database: Any, infra: Any, ledger_topics: str, issuer: LocalIssuer
 ) -> AsyncIterator[httpx.AsyncClient]:
     async with running(settings_for(database, infra, ledger_topics, issuer), issuer) as c:
         yield c
@@ -225,7 +225,7 @@ async def test_lists_are_paginated_with_an_opaque_cursor(client: httpx.AsyncClie
 
 
 async def test_charges_are_posted_and_every_committed_fact_is_published(
-    client: httpx.AsyncClient, infra: Any, ledger_topics: str  # noqa: F811 - the fixture
+    client: httpx.AsyncClient, infra: Any, ledger_topics: str
 ) -> None:
     topic_prefix = ledger_topics
     customer = await make_customer(client, credits=1_000)
@@ -323,7 +323,7 @@ def cursor(value: Any) -> str:
 
 
 async def test_held_charges_are_listed_by_page_then_posted_when_their_org_is_assigned(
-    client: httpx.AsyncClient, infra: Any, ledger_topics: str  # noqa: F811 - the fixture
+    client: httpx.AsyncClient, infra: Any, ledger_topics: str
 ) -> None:
     topic_prefix = ledger_topics
     customer = await make_customer(client)
@@ -402,7 +402,7 @@ async def test_held_charges_are_listed_by_page_then_posted_when_their_org_is_ass
 
 
 async def test_messages_committed_but_not_published_before_a_crash_are_published_on_start(
-    database: Any, infra: Any, ledger_topics: str, issuer: LocalIssuer  # noqa: F811 - the fixture
+    database: Any, infra: Any, ledger_topics: str, issuer: LocalIssuer
 ) -> None:
     topic_prefix = ledger_topics
     settings = settings_for(database, infra, topic_prefix, issuer)

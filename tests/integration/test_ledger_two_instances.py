@@ -75,7 +75,7 @@ def stream(
 
 
 async def test_two_instances_post_every_charge_exactly_once(
-    database: Any, infra: Any, ledger_topics: str, issuer: Any  # noqa: F811 - the fixture
+    database: Any, infra: Any, ledger_topics: str, issuer: Any
 ) -> None:
     settings = LedgerSettings(
         oidc_issuer=issuer.url,

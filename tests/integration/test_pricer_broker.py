@@ -265,7 +265,7 @@ async def test_batches_become_charges_and_bad_messages_and_bad_items_go_to_the_d
     assert sorted(later) == sorted(r.value for r in first_good)
 
     headers = [dict(r.headers) for r in dead]
-    for h, r in zip(headers, dead, strict=True):
+    for h in headers:
         assert h["dlq.topic"] == topic.encode() and h["dlq.group"] == (topic_prefix + "pricer").encode()
         assert int(h["dlq.partition"]) >= 0 and int(h["dlq.offset"]) >= 0
     whole = {r.value: dict(r.headers)["dlq.reason"].decode() for r in dead if "dlq.items" not in dict(r.headers)}
@@ -277,7 +277,7 @@ async def test_batches_become_charges_and_bad_messages_and_bad_items_go_to_the_d
     by_item = {int(dict(r.headers)["dlq.items"]): (dict(r.headers), r.value)
                for r in dead if "dlq.items" in dict(r.headers) and json.loads(r.value)["meter"] == "cfapps"}
     assert set(by_item) == {1, 2}
-    for position, (h, value) in by_item.items():
+    for position, (_, value) in by_item.items():
         # Its value is a batch of just that item: the envelope of its batch, that one item.
         split = read_as_written(value, Measurements)
         assert (split.id, split.reading_hour, split.shard) == (mixed.id, mixed.reading_hour, mixed.shard)

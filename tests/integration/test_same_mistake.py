@@ -1,8 +1,9 @@
 """The same mistake gets the same answer everywhere: every route of every service (the collector, the pricer,
 the ledger and the api, each its real app served over HTTP, the api forwarding to the others), read from
 the OpenAPI document each serves, is sent the same bad time, cursor, UUID, month, body, unknown
-parameter and malformed Idempotency-Key (every command route) — one mistake at a time, everything else valid, with an admin's token — and each mistake is
-answered with one status and one problem ``type`` across all of them. Never a 5xx."""
+parameter and malformed Idempotency-Key (every command route) — one mistake at a time, everything else valid,
+with an admin's token — and each mistake is answered with one status and one problem ``type`` across all
+of them. Never a 5xx."""
 
 from __future__ import annotations
 

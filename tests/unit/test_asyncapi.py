@@ -45,7 +45,12 @@ def test_every_topic_is_documented_by_who_sends_and_who_receives_it_with_its_con
     assert _operations(docs["pricer"]) == {
         READINGS: "receive", READINGS_V1: "receive", CHARGES: "send", dlq(READINGS): "send", dlq(READINGS_V1): "send",
     }
-    assert _operations(docs["ledger"]) == {CHARGES: "receive", TRANSACTIONS: "send", ALERTS: "send", dlq(CHARGES): "send"}
+    assert _operations(docs["ledger"]) == {
+        CHARGES: "receive",
+        TRANSACTIONS: "send",
+        ALERTS: "send",
+        dlq(CHARGES): "send",
+    }
     assert _operations(docs["api"]) == {
         CHARGES: "receive", TRANSACTIONS: "receive", dlq(CHARGES): "send", dlq(TRANSACTIONS): "send",
     }

@@ -94,8 +94,15 @@ def raw(d: dict[str, Any]) -> bytes:
 
 def item_facts(m: Measurements | Charges, i: int) -> tuple[Any, ...]:
     """Item ``i`` with its table positions resolved."""
-    facts: tuple[Any, ...] = (m.resource_id[i], m.resource_name[i], m.orgs[m.org[i]], m.spaces[m.space[i]], m.kinds[m.kind[i]],
-             m.value[i], m.estimated[i])
+    facts: tuple[Any, ...] = (
+        m.resource_id[i],
+        m.resource_name[i],
+        m.orgs[m.org[i]],
+        m.spaces[m.space[i]],
+        m.kinds[m.kind[i]],
+        m.value[i],
+        m.estimated[i],
+    )
     if isinstance(m, Charges):
         price = None if m.price[i] < 0 else m.prices[m.price[i]]
         facts += (m.revision[i], price, m.amount_numerator[i], m.amount_denominator[i])

@@ -147,7 +147,7 @@ def test_stacking_sums_to_each_days_total_without_gaps(values: list[dict[date, F
             assert seg.low == level and seg.high > seg.low
             level = seg.high
         assert level == total
-        assert [s.series.key for s in segments] == [s.key for s, v in zip(series, values) if v.get(day)]
+        assert [s.series.key for s in segments] == [s.key for s, v in zip(series, values, strict=True) if v.get(day)]
 
 
 def test_stack_refuses_negative_usage():
@@ -250,7 +250,7 @@ def test_burn_down_points_follow_the_remaining_credits_and_the_projection_reache
     points = [tuple(map(float, p.split(","))) for p in (line.get("points") or "").split()]
     assert len(points) == len(days)
     assert all(b[0] > a[0] for a, b in itertools.pairwise(points))
-    for (_, y), value in zip(points, remaining):
+    for (_, y), value in zip(points, remaining, strict=True):
         assert abs((zero_y - Fraction(y).limit_denominator(100)) * per_px - value) <= per_px / 10
     projected = root.find(f"{SVG}line[@class='projected']")
     assert projected is not None

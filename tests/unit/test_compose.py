@@ -30,7 +30,7 @@ def test_only_the_api_is_published_and_only_on_the_hosts_loopback():
     published = {name: s["ports"] for name, s in services.items() if s.get("ports")}
     assert set(published) == {"api"}
     for port in published["api"]:
-        host_ip, host_port, container_port = str(port).split(":")
+        host_ip, _host_port, container_port = str(port).split(":")
         assert host_ip == "127.0.0.1" and container_port == "8080", port
     assert not any(s.get("network_mode") == "host" for s in services.values())
 

@@ -79,7 +79,7 @@ def test_times_need_a_zone_and_come_back_in_utc() -> None:
         "9999-12-31T23:59:59.999999-01:00",  # after the last one
         "9999-12-31T23:59:59.999999Z",
         "1999-12-31T23:59:59Z",  # before the window
-        datetime(2026, 10, 1),  # naive
+        datetime(2026, 10, 1),  # noqa: DTZ001 - naive
         1790000000,
     ],
 )

@@ -200,7 +200,7 @@ def test_the_overlay_changes_values_not_how_the_deployments_read_them():
     base, overlay = render("base"), render("overlays/local-cluster")
     for service in SERVICES:
         def wiring(objects):
-            (c,) = containers(deployment(objects, service))
+            (c,) = containers(deployment(objects, service))  # noqa: B023 - called in this iteration
             return [(e["name"], sorted(e.get("valueFrom", {}))) for e in c["env"]]
 
         assert wiring(base) == wiring(overlay)

@@ -15,7 +15,8 @@ from services.ledger import messages
 from services.ledger.domain import NIL_PRICE, Entry, TransactionDraft, UsageAmount
 from shared.contracts import TransactionPosted
 
-times = st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC))
+# hypothesis takes naive bounds and adds the zone itself
+times = st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC))  # noqa: DTZ001
 text = st.text(max_size=40)
 amounts = st.integers(min_value=1, max_value=2**62)
 # ids read from the database come as asyncpg's UUID class

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -16,7 +17,6 @@ from simulator.foundation import (
     to_hour,
 )
 
-UTC = timezone.utc
 START = datetime(2026, 10, 1, tzinfo=UTC)
 
 
@@ -62,7 +62,7 @@ def test_hours_are_truncated_and_must_be_timezone_aware() -> None:
     assert to_hour(datetime(2026, 10, 1, 0, 30, tzinfo=est)) == datetime(2026, 10, 1, 5, tzinfo=UTC)
     assert hour_index(START + timedelta(hours=3, minutes=10)) == hour_index(START) + 3
     with pytest.raises(ValueError):
-        f.snapshot(datetime(2026, 10, 1))
+        f.snapshot(datetime(2026, 10, 1))  # noqa: DTZ001 - naive, refused
 
 
 def test_names_hierarchy_and_process_shapes() -> None:
@@ -169,7 +169,7 @@ def test_the_world_changes_within_a_month() -> None:
 def test_new_resources_are_created_in_the_hour_before_they_are_first_seen() -> None:
     f = small()
     hours = month_hours(days=10)
-    for prev_hour, hour in zip(hours, hours[1:]):
+    for prev_hour, hour in itertools.pairwise(hours):
         before = {a.guid for a in f.apps_at(prev_hour)} | {s.guid for s in f.service_instances_at(prev_hour)}
         for res in [*f.apps_at(hour), *f.service_instances_at(hour)]:
             assert res.created_at < hour

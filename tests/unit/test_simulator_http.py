@@ -8,7 +8,7 @@ import stat
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -22,7 +22,6 @@ from simulator import ExpectedMeasurement, FaultConfig, SimConfig, create_app, m
 from simulator.cli import app as cli_app
 from simulator.foundation import Foundation
 
-UTC = timezone.utc
 START = datetime(2026, 10, 1, tzinfo=UTC)
 BASE = "http://sim.test"
 WORLD = {"seed": 21, "orgs": 3, "spaces_per_org": 2, "apps": 90, "services": 40}
@@ -328,7 +327,9 @@ async def test_single_resource_endpoints(make_client: Callable[..., Any]) -> Non
 async def test_x_sim_time_and_the_clock_choose_the_observed_hour(make_client: Callable[..., Any]) -> None:
     f = world()
     h1 = START
-    h2 = next(START + timedelta(hours=n) for n in range(1, 400) if f.apps_at(START + timedelta(hours=n)) != f.apps_at(h1))
+    h2 = next(
+        START + timedelta(hours=n) for n in range(1, 400) if f.apps_at(START + timedelta(hours=n)) != f.apps_at(h1)
+    )
 
     def as_pairs(resources: list[dict[str, Any]]) -> list[tuple[str, str]]:
         return sorted((r["guid"], r["state"]) for r in resources)
@@ -544,7 +545,8 @@ async def test_billing_token_command_signs_with_the_key_the_server_publishes(
     async with make_client(oidc_key_file=None) as client:
         jwk = (await client.get("/.well-known/jwks.json")).json()["keys"][0]
     result = CliRunner().invoke(
-        cli_app, ["token", "--scope", "usage.admin", "--customer", "a", "--customer", "b", "--subject", "ops", "--ttl", "60"]
+        cli_app,
+        ["token", "--scope", "usage.admin", "--customer", "a", "--customer", "b", "--subject", "ops", "--ttl", "60"],
     )
     assert result.exit_code == 0, result.output
     claims = jwt.decode(

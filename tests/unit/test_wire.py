@@ -149,11 +149,11 @@ def test_invalid_messages_raise_the_contracts_reason() -> None:
 
 _times = st.one_of(
     st.datetimes(
-        min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.sampled_from([UTC, None])
+        min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.sampled_from([UTC, None])  # noqa: DTZ001
     ).map(lambda d: d.isoformat()),
     st.builds(
         lambda d, frac, sep, tz: d.strftime(f"%Y-%m-%d{sep}%H:%M:%S") + frac + tz,
-        st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31)),
+        st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31)),  # noqa: DTZ001 - naive on purpose
         st.sampled_from(["", ".5", ".123456", ".1234567", ".9999999", ".123456789", "."]),
         st.sampled_from(["T", "t", " ", "_"]),
         st.sampled_from(["Z", "z", "+00:00", "-00:00", "+0000", "+05:30", "-14:00", "+23:59", "+24:00", "+00", ""]),
