@@ -23,6 +23,7 @@ from datetime import UTC, date, datetime, timedelta
 from fractions import Fraction
 from uuid import UUID
 
+from services.api.charges import ny_day, ny_month
 from shared.clock import BUSINESS_TZ, as_utc
 from shared.contracts import EntryLine, StatementIssued, TransactionPosted
 from shared.money import MICROCREDITS_PER_CREDIT, display_credits
@@ -43,6 +44,7 @@ __all__ = [
     "entries_mirror",
     "iso",
     "ny_day",
+    "ny_midnight",
     "ny_month",
     "period_of",
     "reversal_candidates",
@@ -65,19 +67,8 @@ BUCKET_OF_TYPE = {"funding": "funded", "usage": "used", "late_usage": "used", "e
 MAX_PERIODS = {"hour": 31 * 24 + 1, "day": 366, "month": 120}
 
 
-@functools.lru_cache(maxsize=8192)  # charges come an hour at a time: the same few hours, over and over
-def ny_day(moment: datetime) -> date:
-    """The America/New_York calendar day containing ``moment``."""
-    return as_utc(moment).astimezone(BUSINESS_TZ).date()
-
-
-@functools.lru_cache(maxsize=8192)
-def ny_month(moment: datetime) -> date:
-    local = as_utc(moment).astimezone(BUSINESS_TZ)
-    return date(local.year, local.month, 1)
-
-
-def _ny_midnight(day: date) -> datetime:
+def ny_midnight(day: date) -> datetime:
+    """The UTC instant at which ``day`` begins in America/New_York."""
     return datetime(day.year, day.month, day.day, tzinfo=BUSINESS_TZ).astimezone(UTC)
 
 
@@ -260,13 +251,13 @@ def usage_range(start: datetime, end: datetime, granularity: str) -> UsageRange:
         stop: date | datetime = end
     elif granularity == "day":
         for name, t in (("from", start), ("to", end)):
-            if _ny_midnight(ny_day(t)) != t:
+            if ny_midnight(ny_day(t)) != t:
                 raise UsageRangeError(f"`{name}` must be midnight in America/New_York for granularity=day")
         first, stop = ny_day(start), ny_day(end)
         periods = (stop - first).days
     elif granularity == "month":
         for name, t in (("from", start), ("to", end)):
-            if _ny_midnight(ny_month(t)) != t:
+            if ny_midnight(ny_month(t)) != t:
                 raise UsageRangeError(
                     f"`{name}` must be the start of a month in America/New_York for granularity=month"
                 )
@@ -290,13 +281,13 @@ def period_of(granularity: str, key: date | datetime) -> dict[str, str]:
     if granularity == "day":
         return {
             "period": key.isoformat(),
-            "period_start": iso(_ny_midnight(key)),
-            "period_end": iso(_ny_midnight(key + timedelta(days=1))),
+            "period_start": iso(ny_midnight(key)),
+            "period_end": iso(ny_midnight(key + timedelta(days=1))),
         }
     return {
         "period": key.strftime("%Y-%m"),
-        "period_start": iso(_ny_midnight(key)),
-        "period_end": iso(_ny_midnight(_next_month(key))),
+        "period_start": iso(ny_midnight(key)),
+        "period_end": iso(ny_midnight(_next_month(key))),
     }
 
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime, timedelta
 from fractions import Fraction
 from typing import Any
 from urllib.parse import urlencode
 
 from services.api import repository as repo
 from services.api.charts import OTHER_COLOUR, PALETTE, BurnDown, Series, burn_down, format_credits, stacked_bars
-from services.api.service import Balance, amount_fields, balance_from_buckets, iso, ny_day
+from services.api.service import Balance, amount_fields, balance_from_buckets, iso, ny_day, ny_midnight
 from shared.clock import BUSINESS_TZ, month_bounds
 
 __all__ = [
@@ -163,11 +163,6 @@ def usage_series(groups: Sequence[Group]) -> tuple[list[Series], dict[str, str]]
             colours[g.key] = OTHER_COLOUR
         series.append(Series("", f"{len(rest)} others", dict(merged), OTHER_COLOUR))
     return series, colours
-
-
-def ny_midnight(day: date) -> datetime:
-    """The UTC instant at which ``day`` begins in America/New_York."""
-    return datetime.combine(day, time(0), tzinfo=BUSINESS_TZ).astimezone(UTC)
 
 
 def burn_window(now: datetime) -> tuple[datetime, datetime]:
