@@ -78,50 +78,20 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- consumer
 
 
-def lanes_of(batch: Sequence[Received[Charges]], lanes: int) -> list[list[Received[Charges]]]:
-    """``batch`` dealt out into at most ``lanes`` lists by partition (in order within each): every message of
-    a shard is in one partition, so a shard's charges stay in one lane and in their order."""
-    partitions = sorted({r.partition for r in batch})
-    lane_of = {p: n % lanes for n, p in enumerate(partitions)}
-    out: list[list[Received[Charges]]] = [[] for _ in range(min(lanes, len(partitions)))]
-    for r in batch:
-        out[lane_of[r.partition]].append(r)
-    return out
-
-
 def charges_handler(
-    ledger: LedgerService, outbox: Outbox, lanes: int = 1
+    ledger: LedgerService, outbox: Outbox
 ) -> Callable[[list[Received[Charges]]], Awaitable[list[tuple[Received[Charges], BatchRejected]]]]:
-    """The usage.charges.v2 batch handler: post the batches, publish the committed transactions and alerts
-    (invalid items never reach it: the decoder splits them off to the DLQ). Items of the revision applied
-    (or held) with other content change nothing and are dead-lettered alone.
-
-    The batch is posted in up to ``lanes`` transactions at once, one per share of its partitions, so the
-    process computes one while another waits on PostgreSQL or Kafka. Two lanes are two ledgers posting
-    at once, which the locks already make safe; if one fails, the consumer retries the whole batch and
-    what the other committed is recognised as already posted (the shard states hold its revisions)."""
-
-    async def post(part: list[Received[Charges]]) -> list[tuple[Received[Charges], BatchRejected]]:
-        posting = await ledger.post_charges([r.message for r in part])
-        await outbox.flush(posting.outbox_ids)
-        return [
-            (part[n], BatchRejected(why, (i,), encode_charges(subset(part[n].message, [i]))))
-            for n, i, why in posting.conflicts
-        ]
+    """The usage.charges.v2 batch handler: post the batches in one transaction, publish the committed
+    transactions and alerts (invalid items never reach it: the decoder splits them off to the DLQ). Items
+    of the revision applied (or held) with other content change nothing and are dead-lettered alone."""
 
     async def handle(batch: list[Received[Charges]]) -> list[tuple[Received[Charges], BatchRejected]]:
-        parts = lanes_of(batch, lanes)
-        if len(parts) <= 1:
-            return await post(batch)
-        tasks = [asyncio.ensure_future(post(p)) for p in parts]
-        try:
-            refused = await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:  # none left running while the consumer retries the batch
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-        return [r for rs in refused for r in rs]
+        posting = await ledger.post_charges([r.message for r in batch])
+        await outbox.flush(posting.outbox_ids)
+        return [
+            (batch[n], BatchRejected(why, (i,), encode_charges(subset(batch[n].message, [i]))))
+            for n, i, why in posting.conflicts
+        ]
 
     return handle
 
@@ -162,7 +132,7 @@ async def start(runtime: Runtime) -> None:
     outbox = Outbox(runtime.pool, runtime.publisher, settings)  # type: ignore[arg-type]  # a Stream publishes too
     runtime.state["ledger"] = ledger
     runtime.state["outbox"] = outbox
-    runtime.state["charges_handler"] = charges_handler(ledger, outbox, settings.posting_lanes)
+    runtime.state["charges_handler"] = charges_handler(ledger, outbox)
     await outbox.sweep(0)
     if settings.periodic_interval_seconds > 0:
         runtime.state["periodic"] = asyncio.create_task(_periodic(ledger, outbox, settings), name="ledger-periodic")

@@ -27,25 +27,22 @@ class Outbox:
         self._pool = pool
         self._publisher = publisher
         self._settings = settings
-        # Rows whose publish failed in this process (retried with the next flush; a crash leaves them to the
-        # sweep). Flushes may run at once (the posting lanes): each publishes its own rows and these.
-        self._failed: set[int] = set()
+        # Rows this process committed and has not seen acknowledged yet (a failed publish is retried with
+        # the next flush; a crash leaves them to the sweep).
+        self._pending: set[int] = set()
 
     async def flush(self, ids: Iterable[int] = ()) -> int:
         """Publish the outbox rows ``ids`` (and any this process failed to publish before), then delete them.
         Raises when the broker does not acknowledge; the rows stay for the next attempt."""
-        wanted = sorted({*ids, *self._failed})
-        if not wanted:
+        self._pending.update(ids)
+        if not self._pending:
             return 0
-        self._failed.difference_update(wanted)
-        try:
-            async with self._pool.acquire() as conn:
-                rows = await repo.outbox_by_ids(conn, wanted)
-                await self._publish(rows)
-                await repo.delete_outbox(conn, wanted)
-        except BaseException:
-            self._failed.update(wanted)
-            raise
+        wanted = sorted(self._pending)
+        async with self._pool.acquire() as conn:
+            rows = await repo.outbox_by_ids(conn, wanted)
+            await self._publish(rows)
+            await repo.delete_outbox(conn, wanted)
+        self._pending.difference_update(wanted)
         return len(rows)
 
     async def sweep(self, older_than_seconds: float) -> int:
@@ -59,7 +56,7 @@ class Outbox:
                     return sent
                 await self._publish(rows)
                 await repo.delete_outbox(conn, [r["id"] for r in rows])
-            self._failed.difference_update(r["id"] for r in rows)
+            self._pending.difference_update(r["id"] for r in rows)
             sent += len(rows)
             log.info("outbox swept", extra={"messages": len(rows)})
 

@@ -43,14 +43,6 @@ class LedgerSettings(ServiceSettings):
         le=86_400,
         description="How often the periodic task runs (expiry, month close, held charges, outbox); 0 = never.",
     )
-    posting_lanes: int = Field(
-        default=2,
-        ge=1,
-        le=8,
-        description="Transactions a consumed batch is posted in at once, its partitions dealt out among them (a "
-        "shard's charges are all in one partition, so always in one lane, in order): one lane computes while "
-        "another waits on the database or the broker.",
-    )
     outbox_sweep_after_seconds: float = Field(
         default=30.0,
         ge=0,
