@@ -50,7 +50,7 @@ UtcDatetime = Annotated[datetime, BeforeValidator(_not_a_number), AfterValidator
 
 # Numbers are strict: "512" or 512.0 is not the integer 512 on a public topic (it goes to the DLQ).
 NonNegativeInt = Annotated[int, Field(ge=0, le=2**62, strict=True)]
-Int = Annotated[int, Field(strict=True)]
+Int = Annotated[int, Field(ge=-(2**62), le=2**62, strict=True)]  # what a bigint column holds, with room to sum
 Name = Annotated[str, Field(max_length=512)]
 
 
@@ -127,7 +127,7 @@ class EntryLine(BaseModel):
 
     account: str = Field(description="Account name, e.g. `credit_pool:<agreement>` or `usage`.")
     side: Literal["debit", "credit"]
-    amount: Annotated[int, Field(gt=0, strict=True)] = Field(description="Positive integer microcredits.")
+    amount: Annotated[int, Field(gt=0, le=2**62, strict=True)] = Field(description="Positive integer microcredits.")
 
 
 class UsageLine(BaseModel):

@@ -17,7 +17,7 @@ from typing import TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-__all__ = ["Conn", "MigrationError", "create_pool", "migrate", "ping"]
+__all__ = ["OUT_OF_RANGE_TEXT", "Conn", "MigrationError", "create_pool", "migrate", "out_of_range", "ping"]
 
 #: What the repositories work on: a connection taken from a pool (``pool.acquire()`` hands out a proxy, not an
 #: ``asyncpg.Connection``) or a plain one (``asyncpg.connect``).
@@ -26,6 +26,22 @@ Conn: TypeAlias = asyncpg.Connection | PoolConnectionProxy
 log = logging.getLogger(__name__)
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+#: What an amount out of range is told as, at the HTTP edge and in a DLQ reason.
+OUT_OF_RANGE_TEXT = (
+    "amounts out of range: this would take a number past the largest the database holds (a bigint, "
+    "2**63 - 1; a balance, a month's total for a price or a usage line); nothing of it was stored"
+)
+
+
+def out_of_range(exc: BaseException) -> bool:
+    """Whether ``exc`` is an integer too large for its column: PostgreSQL's own (a sum past a bigint, SQLSTATE
+    22003) or asyncpg's, refusing a Python int that does not fit int64 before it is sent."""
+    if isinstance(exc, asyncpg.NumericValueOutOfRangeError):
+        return True
+    refused = (asyncpg.DataError, asyncpg.exceptions._base.DataError)
+    return isinstance(exc, refused) and "out of int64 range" in str(exc)
 
 
 class MigrationError(RuntimeError):

@@ -18,7 +18,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.db import OUT_OF_RANGE_TEXT, out_of_range
 from shared.edge import (
+    CONFLICT,
     CONTENT_TOO_LARGE,
     INTERNAL,
     INVALID_BODY,
@@ -77,6 +79,8 @@ async def _unstorable_text(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
+    if out_of_range(exc):  # a valid request whose amounts, summed with what is stored, would not fit
+        return problem(CONFLICT, OUT_OF_RANGE_TEXT)
     log.exception("unhandled error", extra={"path": request.url.path})
     return problem(INTERNAL, "the error was logged")
 

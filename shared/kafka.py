@@ -40,6 +40,7 @@ from pydantic import BaseModel, ValidationError, create_model
 
 from shared.batches import BatchRejected, describe_error
 from shared.contracts import MAX_MESSAGE_BYTES
+from shared.db import OUT_OF_RANGE_TEXT, out_of_range
 from shared.metrics import (
     BATCH_SECONDS,
     CONSUMER_LAG,
@@ -284,22 +285,34 @@ class _Subscription:
             attempt += 1
             try:
                 return list(await self._handler(valid) or [])
-            except TRANSIENT as exc:
-                delay = retry_delay(attempt)
-                log.warning(
-                    "batch failed (transient); retrying",
-                    extra={"topic": self.topic, "error": repr(exc), "attempt": attempt, "retry_in_s": delay},
-                )
             except Exception as exc:
-                if attempt >= 2 and len(valid) > 1:
-                    log.error("batch keeps failing; isolating the bad message", extra={"error": repr(exc)})
-                    return await self._one_by_one(valid)
-                if attempt >= 2:
-                    return [(valid[0], f"processing failed: {exc!r}"[:1000])]
-                delay = 0.5
-                log.exception("batch failed; retrying once", extra={"topic": self.topic, "attempt": attempt})
+                if out_of_range(exc):  # asyncpg's refusal of an int is an InterfaceError: before TRANSIENT
+                    return await self._out_of_range(valid, exc)
+                if not isinstance(exc, TRANSIENT):
+                    if attempt >= 2 and len(valid) > 1:
+                        log.error("batch keeps failing; isolating the bad message", extra={"error": repr(exc)})
+                        return await self._one_by_one(valid)
+                    if attempt >= 2:
+                        return [(valid[0], f"processing failed: {exc!r}"[:1000])]
+                    delay = 0.5
+                    log.exception("batch failed; retrying once", extra={"topic": self.topic, "attempt": attempt})
+                else:
+                    delay = retry_delay(attempt)
+                    log.warning(
+                        "batch failed (transient); retrying",
+                        extra={"topic": self.topic, "error": repr(exc), "attempt": attempt, "retry_in_s": delay},
+                    )
             if await self.stream.sleep_unless_stopping(delay):
                 return None
+
+    async def _out_of_range(
+        self, valid: list[Received[Any]], exc: Exception
+    ) -> list[tuple[Received[Any], str | BatchRejected]] | None:
+        """Amounts past what the database holds: content, not the weather. Told apart message by message at
+        once and refused with that reason (each attempt rolled back: nothing of it was stored)."""
+        if len(valid) > 1:
+            return await self._one_by_one(valid)
+        return [(valid[0], f"{OUT_OF_RANGE_TEXT}: {exc}"[:1000])]
 
     async def _one_by_one(self, valid: list[Received[Any]]) -> list[tuple[Received[Any], str | BatchRejected]] | None:
         out: list[tuple[Received[Any], str | BatchRejected]] = []

@@ -48,7 +48,7 @@ from services.ledger.domain import (
     thresholds_reached,
     usage_transaction,
 )
-from shared.batches import CONFLICT, Charges, Price, Ref, ShardKey, encode_charges, hour_text
+from shared.batches import CONFLICT, Charges, Price, Ref, ShardKey, charges_id, encode_charges, hour_text
 from shared.blobs import Frames, shard_scope
 from shared.clock import billing_month
 from shared.db import Conn
@@ -297,7 +297,9 @@ def _post_fresh(
     shard.index = shard.org_index = None
     shard.fresh_groups = (c.org, c.price, group_of)
     shard.applied_changed = True
-    shard.mark += c.id.int  # a batch's id derives from its items, and a fresh shard applies all of them
+    # A fresh shard applies all of the batch's items: its mark is the id of those items (computed here, not
+    # taken from the message, whose id nothing guarantees to match what it carries).
+    shard.mark += charges_id(hour, meter, key.shard, c.resource_id, c.revision).int
     return len(groups)
 
 

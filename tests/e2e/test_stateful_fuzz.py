@@ -22,8 +22,8 @@ closes no month that has ended (a late posting would land in the open month). Ev
 
 Each step draws one seed and makes its choices from it (what it may pick depends on what earlier steps
 created); a failure is recorded with its step and reported at the end, every case at once. The cases the fuzz
-found are replayed every run (``Fuzz.known_cases``, each with its reproduction), so the test fails until they
-are fixed. ``STATEFUL_FUZZ_EXAMPLES`` (default 10) and ``STATEFUL_FUZZ_STEPS`` (default 100) go deeper by
+found are replayed every run (``Fuzz.known_cases``, each with what it did before it was fixed), so none can
+come back. ``STATEFUL_FUZZ_EXAMPLES`` (default 10) and ``STATEFUL_FUZZ_STEPS`` (default 100) go deeper by
 hand; ``STATEFUL_FUZZ_SHRINK=1`` lets hypothesis shrink (slow, and the services' state has moved on).
 """
 
@@ -314,11 +314,11 @@ class Fuzz(RuleBasedStateMachine):
             return pick(data, EDGE_LIMITS)
         if name == "cursor":
             return pick(data, EDGE_CURSORS)
-        if name.endswith("_id") and name != "org_id" or schema.get("format") == "uuid":
+        if (name.endswith("_id") and name != "org_id") or schema.get("format") == "uuid":
             kind = name.removesuffix("_id") if name.endswith("_id") else "customer"
             return self.some_uuid(data, kind)
         if name == "org_id":
-            return pick(data, EDGE_STRINGS + ["world-org-a\n"] if edge else FUZZ_ORGS)
+            return pick(data, [*EDGE_STRINGS, "world-org-a\n"] if edge else FUZZ_ORGS)
         if name == "meter":
             return pick(data, EDGE_STRINGS if edge else ["cfservices", "fuzzmeter"])
         if name == "resource_kind":
@@ -456,19 +456,22 @@ class Fuzz(RuleBasedStateMachine):
         self.known_cases()
 
     def known_cases(self) -> None:
-        """Cases the fuzz found, sent every time so that the test fails until they are fixed.
+        """Cases the fuzz found (all fixed), sent every time so that none comes back. What each did before:
 
-        KNOWN FAILURE 1 (a 5xx): two agreements of one customer, each with ``credits`` 2**62 (the largest the
+        CASE 1 (was a 5xx; now 409, amounts out of range):
+        two agreements of one customer, each with ``credits`` 2**62 (the largest the
         schema allows): the second ``POST /internal/agreements`` (or ``/admin/agreements``) answers 500, the
         ledger logs "unhandled error ... NumericValueOutOfRangeError: bigint out of range" from
         ``services/ledger/repository.py`` ``insert_transactions`` (via ``posting.record_transactions``).
 
-        KNOWN FAILURE 2 (a crash, not a refusal): a ``ledger.transactions.v1`` message whose entries are 2**63
+        CASE 2 (was a crash, not a refusal; now refused by validation):
+        a ``ledger.transactions.v1`` message whose entries are 2**63
         microcredits passes validation at the api (``EntryLine.amount`` has no upper bound); PostgreSQL refuses
         it ("value out of int64 range"), the api retries its batch, isolates the message and dead-letters it as
         "processing failed: DataError(...)" (asserted at the end of the test).
 
-        KNOWN FAILURE 3 (a crash, not a refusal): a ``usage.charges.v2`` batch that carries the id of a batch the
+        CASE 3 (was a crash; now posted: the ledger derives the mark from the items):
+        a ``usage.charges.v2`` batch that carries the id of a batch the
         ledger has posted but names another meter (here ``cfservices`` for a ``cfapps`` batch's id; the fuzz met
         it with ``cfapps\\n``): the ledger's usage transaction gets the idempotency key of the earlier one
         (``usage:<customer>:<hour>:<digest>``, ``services/ledger/posting.py``), PostgreSQL raises
@@ -477,7 +480,8 @@ class Fuzz(RuleBasedStateMachine):
         (``shared.batches.charges_id``); it should be refused as such (or posted), not fail. The copy is sent
         one example after its original so that the ledger has posted the original first.
 
-        KNOWN FAILURE 4 (usage lost): a price of 2**62 microcredits per 1 unit (the largest the schema allows)
+        CASE 4 (was "processing failed"; now refused with the out-of-range reason):
+        a price of 2**62 microcredits per 1 unit (the largest the schema allows)
         and two resources of one assigned org measured at 1 unit in the same hour: the pricer's charges are
         each within the contract (amount 2**62), the ledger posts the first and fails on the second ("value out
         of int64 range": the customer's, month's and price's sum is 2**63), retries, isolates and dead-letters
@@ -1143,7 +1147,7 @@ async def test_a_stateful_fuzz_of_every_route_and_topic_finds_no_5xx_and_poisons
     if len(groups) < 2:
         problems.append(f"usage.charges.v2 dead letters from {groups}, not from both the ledger and the api")
     # Bad input is refused by validation, with its reason, not by a consumer that failed on it, retried and
-    # then isolated it ("processing failed: ..."). KNOWN FAILURES 2, 3 and 4 (``Fuzz.known_cases``): a 2**63
+    # then isolated it ("processing failed: ..."). Cases 2, 3 and 4 of ``Fuzz.known_cases`` did that: a 2**63
     # entry on ledger.transactions.v1 (the api: DataError), a charges batch with another batch's id (the
     # ledger: UniqueViolationError on the usage transaction's idempotency key), and a month's usage of one
     # price over 2**63 microcredits (the ledger: DataError; the usage is lost).
