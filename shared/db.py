@@ -17,7 +17,17 @@ from typing import TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-__all__ = ["OUT_OF_RANGE_TEXT", "Conn", "MigrationError", "create_pool", "migrate", "out_of_range", "ping"]
+__all__ = [
+    "OUT_OF_RANGE_TEXT",
+    "SHARED_SQL",
+    "Conn",
+    "MigrationError",
+    "create_pool",
+    "migrate",
+    "out_of_range",
+    "ping",
+    "read_migration",
+]
 
 #: What the repositories work on: a connection taken from a pool (``pool.acquire()`` hands out a proxy, not an
 #: ``asyncpg.Connection``) or a plain one (``asyncpg.connect``).
@@ -66,6 +76,17 @@ async def ping(pool: asyncpg.Pool) -> None:
         await conn.fetchval("SELECT 1", timeout=2)
 
 
+SHARED_SQL = Path(__file__).parent / "sql"
+_INCLUDE = re.compile(r"^-- include: ([a-z0-9_]+\.sql)\n", re.MULTILINE)
+
+
+def read_migration(path: Path) -> str:
+    """A migration's SQL, with each line ``-- include: <name>.sql`` replaced by the text of ``shared/sql/<name>.sql``
+    (DDL every service's schema has, written once). The checksum is of this text, so a migration that moves
+    its DDL into an include, unchanged, is not a changed migration."""
+    return _INCLUDE.sub(lambda m: (SHARED_SQL / m.group(1)).read_text(), path.read_text())
+
+
 async def migrate(conn: Conn, schema: str, directory: Path) -> list[str]:
     """Apply the migrations in ``directory`` not yet applied to ``schema``; returns their versions."""
     if not _IDENT.match(schema):
@@ -88,7 +109,7 @@ async def migrate(conn: Conn, schema: str, directory: Path) -> list[str]:
         }
         for path in files:
             version = path.stem
-            sql = path.read_text()
+            sql = read_migration(path)
             checksum = hashlib.sha256(sql.encode()).hexdigest()
             if version in done:
                 if done[version] != checksum:

@@ -18,7 +18,7 @@ from shared.audit import AuditFilters, AuditPage, Service
 from shared.auth import SCOPE_ADMIN, SCOPE_READ
 from shared.completeness import RangeQuery
 from shared.contracts import EntryLine, StatementLine, UsageLine
-from shared.edge import Answer, Count, CursorText, Month, Operation, Page, Params, Reply, Time, Uuid, count
+from shared.edge import Answer, Count, CursorText, Month, Operation, Page, Params, Reply, Time, Uuid, count, declarer
 
 __all__ = [
     "AUDIT",
@@ -359,12 +359,10 @@ def _read(model: type[BaseModel]) -> dict[int, Answer]:
     return {200: Answer(model, headers={"Read-Model-Age": READ_MODEL_AGE})}
 
 
-def _reader(method: str, path: str, summary: str, answers: dict[int, Answer], **kw: object) -> Operation:
-    return Operation(method, path, summary, answers, SCOPE_READ, tags=("customers",), **kw)  # type: ignore[arg-type]
+_reader = declarer(SCOPE_READ, "customers")
 
 
-def _admin(method: str, path: str, summary: str, answers: dict[int, Answer], **kw: object) -> Operation:
-    return Operation(method, path, summary, answers, SCOPE_ADMIN, tags=("admin",), **kw)  # type: ignore[arg-type]
+_admin = declarer(SCOPE_ADMIN, "admin")
 
 
 CUSTOMERS = _reader(

@@ -16,7 +16,7 @@ from shared.auth import SCOPE_ADMIN
 from shared.clock import utcnow
 from shared.completeness import CollectorCompleteness
 from shared.completeness import operation as completeness_operation
-from shared.edge import Answer, Operation, Params, Reply, Time
+from shared.edge import Answer, Operation, Params, Reply, Time, declarer
 
 __all__ = [
     "AUDIT",
@@ -90,8 +90,7 @@ class ReadingList(Reply):
     items: list[ReadingOut]
 
 
-def _op(method: str, path: str, summary: str, answers: dict[int, Answer], **kw: object) -> Operation:
-    return Operation(method, path, summary, answers, SCOPE_ADMIN, tags=("collector",), **kw)  # type: ignore[arg-type]
+_op = declarer(SCOPE_ADMIN, "collector")
 
 
 TAKE_READING = _op(

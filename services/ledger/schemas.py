@@ -15,7 +15,7 @@ from shared import audit
 from shared.auth import SCOPE_ADMIN
 from shared.completeness import LedgerCompleteness
 from shared.completeness import operation as completeness_operation
-from shared.edge import Answer, Count, CursorText, Month, Operation, Page, Params, Reply, Time, Uuid, count
+from shared.edge import Answer, Count, CursorText, Month, Operation, Page, Params, Reply, Time, Uuid, count, declarer
 
 __all__ = [
     "ASSIGN_ORG",
@@ -292,8 +292,7 @@ class HeldChargeOut(Reply):
 NO_CUSTOMER = "No such customer."
 
 
-def _op(method: str, path: str, summary: str, answers: dict[int, Answer], **kw: object) -> Operation:
-    return Operation(method, path, summary, answers, SCOPE_ADMIN, tags=("ledger",), **kw)  # type: ignore[arg-type]
+_op = declarer(SCOPE_ADMIN, "ledger")
 
 
 CREATE_TIER = _op(

@@ -17,7 +17,7 @@ from shared.auth import SCOPE_ADMIN
 from shared.completeness import PricerCompleteness
 from shared.completeness import operation as completeness_operation
 from shared.contracts import ChargeComputed
-from shared.edge import Answer, Count, CursorText, Operation, Params, Reply, Time, Uuid, count
+from shared.edge import Answer, Count, CursorText, Operation, Params, Reply, Time, Uuid, count, declarer
 
 __all__ = [
     "ADD_PRICE",
@@ -138,8 +138,7 @@ class UnpricedList(Reply):
 BUSY = "The price catalog is busy (batches hold its lock); retry."
 
 
-def _op(method: str, path: str, summary: str, answers: dict[int, Answer], **kw: object) -> Operation:
-    return Operation(method, path, summary, answers, SCOPE_ADMIN, tags=("pricer",), **kw)  # type: ignore[arg-type]
+_op = declarer(SCOPE_ADMIN, "pricer")
 
 
 ADD_PRICE = _op(

@@ -63,6 +63,7 @@ from shared.edge.routes import (
     Wrap,
     answer,
     auth_problem,
+    declarer,
     endpoint,
     starlette_routes,
 )
@@ -114,6 +115,7 @@ __all__ = [
     "auth_problem",
     "by_status",
     "count",
+    "declarer",
     "describe",
     "document",
     "endpoint",

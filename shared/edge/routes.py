@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
@@ -45,6 +45,7 @@ __all__ = [
     "Wrap",
     "answer",
     "auth_problem",
+    "declarer",
     "endpoint",
     "starlette_routes",
 ]
@@ -163,6 +164,20 @@ class Operation:
 
     def but(self, **changes: Any) -> Operation:
         return dataclasses.replace(self, **changes)
+
+
+class Declare(Protocol):
+    def __call__(self, method: str, path: str, summary: str, answers: Mapping[int, Answer], **kw: Any) -> Operation: ...
+
+
+def declarer(scope: str, tag: str) -> Declare:
+    """A declarer of the operations of one group: each ``declare(method, path, summary, answers, **more)`` is an
+    ``Operation`` with this scope and tag (every service declares its routes through one or two of these)."""
+
+    def declare(method: str, path: str, summary: str, answers: Mapping[int, Answer], **kw: Any) -> Operation:
+        return Operation(method, path, summary, answers, scope, tags=(tag,), **kw)
+
+    return declare
 
 
 def answer(model: BaseModel, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:

@@ -34,6 +34,8 @@ async def test_migrations_create_the_schema_and_are_a_noop_the_second_time(datab
         )
         assert tables_after_first == tables_after_second
         assert "schema_migrations" in [r["table_name"] for r in tables_after_first]
+        # every schema has the command tables, written once in shared/sql/commands.sql and included
+        assert {"audit_log", "idempotency_keys"} <= {r["table_name"] for r in tables_after_first}
         recorded = await conn.fetch(f"SELECT version FROM {service}.schema_migrations ORDER BY version")
         assert [r["version"] for r in recorded] == files
     finally:
@@ -59,6 +61,25 @@ async def test_a_changed_applied_migration_is_refused(database, tmp_path):
     try:
         await migrate(conn, "ledger", tmp_path)
         path.write_text("CREATE TABLE t (n bigint);")
+        with pytest.raises(MigrationError, match="changed after it was applied"):
+            await migrate(conn, "ledger", tmp_path)
+    finally:
+        await conn.close()
+
+
+async def test_an_applied_migration_that_moves_its_ddl_into_an_include_is_unchanged(database, tmp_path, monkeypatch):
+    ddl = "CREATE TABLE shared_t (n int);\n"
+    (tmp_path / "001_t.sql").write_text("-- the service's own words\n" + ddl)
+    conn = await asyncpg.connect(database.dsn("ledger"))
+    try:
+        assert await migrate(conn, "ledger", tmp_path) == ["001_t"]
+        included = tmp_path / "sql"
+        included.mkdir()
+        (included / "t.sql").write_text(ddl)
+        monkeypatch.setattr("shared.db.SHARED_SQL", included)
+        (tmp_path / "001_t.sql").write_text("-- the service's own words\n-- include: t.sql\n")
+        assert await migrate(conn, "ledger", tmp_path) == []  # the same text once included: not a change
+        (included / "t.sql").write_text("CREATE TABLE shared_t (n bigint);\n")
         with pytest.raises(MigrationError, match="changed after it was applied"):
             await migrate(conn, "ledger", tmp_path)
     finally:
