@@ -35,10 +35,12 @@ __all__ = [
     "ServiceSettings",
     "SettingsError",
     "env_name",
+    "kafka_servers_field",
     "load_settings",
     "local_dsn",
     "read_settings",
     "simulator_look",
+    "topic_prefix_field",
 ]
 
 PROFILE_ENV = "BILLING_ENV"
@@ -192,6 +194,25 @@ def load_settings(cls: type[S], name: str) -> S:
         raise SystemExit(2) from None
 
 
+# The broker and the topics' prefix: the same two variables for every service and for ``billing topics``.
+def kafka_servers_field() -> Any:
+    return Field(
+        default="127.0.0.1:9092",
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS"),
+        min_length=1,
+        description="The Kafka brokers (host:port, comma-separated) every service and the topics job use.",
+    )
+
+
+def topic_prefix_field() -> Any:
+    return Field(
+        default="",
+        validation_alias=AliasChoices("KAFKA_TOPIC_PREFIX"),
+        pattern=r"^[A-Za-z0-9._-]*$",
+        description="Prepended to every topic and consumer-group name (tests and staging use it to keep apart).",
+    )
+
+
 class ServiceSettings(ProfileSettings):
     """What every service needs. Subclasses set ``env_prefix`` and their own defaults."""
 
@@ -202,18 +223,8 @@ class ServiceSettings(ProfileSettings):
     }
 
     database_url: SecretStr = Field(description=DSN_HELP)
-    kafka_bootstrap_servers: str = Field(
-        default="127.0.0.1:9092",
-        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS"),
-        min_length=1,
-        description="The Kafka brokers (host:port, comma-separated) every service and the topics job use.",
-    )
-    topic_prefix: str = Field(
-        default="",
-        validation_alias=AliasChoices("KAFKA_TOPIC_PREFIX"),
-        pattern=r"^[A-Za-z0-9._-]*$",
-        description="Prepended to every topic and consumer-group name (tests and staging use it to keep apart).",
-    )
+    kafka_bootstrap_servers: str = kafka_servers_field()
+    topic_prefix: str = topic_prefix_field()
     host: str = Field(default="127.0.0.1", description="Interface to listen on (`0.0.0.0` in a container).")
     port: int = Field(ge=0, le=65535, description=PORT_HELP)
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$", description="Log level.")

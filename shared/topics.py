@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from shared.settings import Kind, ProfileSettings, load_settings
+from shared.settings import Kind, ProfileSettings, kafka_servers_field, load_settings, topic_prefix_field
 
 __all__ = [
     "ALERTS",
@@ -113,18 +113,8 @@ class TopicSettings(ProfileSettings):
         "min_insync_replicas": "value",
     }
 
-    kafka_bootstrap_servers: str = Field(
-        default="127.0.0.1:9092",
-        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS"),
-        min_length=1,
-        description="The Kafka brokers (host:port, comma-separated) every service and the topics job use.",
-    )
-    topic_prefix: str = Field(
-        default="",
-        validation_alias=AliasChoices("KAFKA_TOPIC_PREFIX"),
-        pattern=r"^[A-Za-z0-9._-]*$",
-        description="Prepended to every topic and consumer-group name (tests and staging use it to keep apart).",
-    )
+    kafka_bootstrap_servers: str = kafka_servers_field()
+    topic_prefix: str = topic_prefix_field()
     replication_factor: int = Field(
         default=1,
         ge=1,
