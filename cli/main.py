@@ -13,6 +13,7 @@ import typer
 
 from cli.completeness import register as register_completeness
 from cli.report import register as register_report
+from cli.webhook_receiver import register as register_webhook_receiver
 from simulator.cli import run_sim, token
 
 app = typer.Typer(help="Usage billing for a Cloud Foundry platform.", no_args_is_help=True, add_completion=False)
@@ -20,6 +21,7 @@ app.command("sim")(run_sim)
 app.command("token")(token)
 register_report(app)
 register_completeness(app)
+register_webhook_receiver(app)
 
 
 @app.command()

@@ -57,11 +57,12 @@ from services.api.service import (
     usage_range,
 )
 from services.api.settings import ApiSettings
+from services.api.webhooks import Webhooks
 from shared.auth import Principal, TokenVerifier
 from shared.batches import BatchRejected, Charges, decode_charges, encode_charges, subset
 from shared.clock import utcnow
 from shared.completeness import RangeQuery
-from shared.contracts import ChargesComputed
+from shared.contracts import AlertRaised, ChargesComputed
 from shared.db import Conn
 from shared.edge import (
     BAD_GATEWAY,
@@ -80,7 +81,7 @@ from shared.edge import (
 from shared.http import ORJSONResponse
 from shared.kafka import Received, model_decoder
 from shared.runtime import Runtime
-from shared.topics import CHARGES, TRANSACTIONS, dlq
+from shared.topics import ALERTS, CHARGES, TRANSACTIONS, dlq
 
 __all__ = ["Api"]
 
@@ -105,6 +106,13 @@ class Api:
         self.usage_cache: TtlCache[bytes] = TtlCache(settings.query_cache_seconds, max_entries=2_000)
         self.usage_flights: SingleFlight[bytes] = SingleFlight()  # identical usage queries computed once
         self.projector: projector.Projector | None = None
+        self.webhooks = Webhooks(
+            lambda: runtime.pool,
+            self._known_customer,
+            poll_seconds=settings.webhook_poll_seconds,
+            timeout_seconds=settings.webhook_timeout_seconds,
+            https_only=settings.billing_env == "production" and not settings.webhook_allow_http,
+        )
         self.declare(runtime)
         self.freshness = Freshness()
 
@@ -120,8 +128,10 @@ class Api:
         self._clients = [upstream]
         owners = {"ledger": s.ledger_url, "pricer": s.pricer_url, "collector": s.collector_url}
         self.forwarder = Forwarder(upstream, owners)
+        await self.webhooks.start()
 
     async def stop(self, runtime: Runtime) -> None:
+        await self.webhooks.stop()
         for client in self._clients:
             await client.aclose()
         self._clients = []
@@ -145,12 +155,17 @@ class Api:
             description="Ledger transactions and statements: balances, statements, and which customer each org "
             "belonged to in each hour (its usage lines).",
         )
-        for topic in (CHARGES, TRANSACTIONS):
+        runtime.consume(
+            ALERTS, AlertRaised, model_decoder(AlertRaised.model_validate_json, AlertRaised), self.webhooks.on_alerts,
+            description="Alerts (50/75/90/100% of funded credits used): delivered to the customer's webhooks.",
+        )
+        for topic in (CHARGES, TRANSACTIONS, ALERTS):
             runtime.publishes(dlq(topic), None, f"What the api's read model could not process from {topic}.")
 
     def _projector(self) -> projector.Projector:
         if self.projector is None:
             self.projector = projector.Projector(self.runtime.pool)
+            self.projector.on_statements = self.webhooks.enqueue_statements  # statements to webhooks, same txn
         return self.projector
 
     async def on_charges(self, batch: list[Received[Charges]]) -> list[tuple[Received[Charges], BatchRejected]]:
@@ -182,7 +197,7 @@ class Api:
             schemas.COMPLETENESS.bind(self.completeness_report),
             schemas.AUDIT.bind(functools.partial(audit.admin_audit, self)),
         )
-        return [*own, *admin_operations(lambda call: self._forwarder())]
+        return [*own, *self.webhooks.operations(), *admin_operations(lambda call: self._forwarder())]
 
     def wrap(self, op: Operation, endpoint: Endpoint) -> Endpoint:
         """Metrics of the api's JSON routes, and how fresh the read model is on every read answered."""
@@ -393,6 +408,20 @@ class Api:
         )
 
     # ------------------------------------------------------------------------------------ admin
+
+    async def _known_customer(self, call: Call, customer_id: UUID) -> None:
+        """404 unless the customer exists: the read model may not have seen a new one yet, so the ledger (its
+        owner) is asked when the read model does not know it (as ``grant`` does)."""
+        async with self.runtime.pool.acquire() as conn:
+            known, _ = await repo.access(conn, customer_id, call.caller.subject)
+        if not known:
+            try:
+                path = f"/internal/customers/{customer_id}"
+                known = await self._forwarder().exists("ledger", path, token=call.caller.token)
+            except UpstreamError as exc:
+                raise ProblemError(GATEWAY_TIMEOUT if exc.status == 504 else BAD_GATEWAY, exc.detail) from None
+            if not known:
+                raise ProblemError(NOT_FOUND, f"no such customer: {customer_id}")
 
     async def grant(self, call: Call) -> Response:
         body = call.body_as(EntitlementIn)

@@ -12,7 +12,7 @@ shard's document is read again only when a batch changes it or its hour's orgs g
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Annotated
 from uuid import UUID
@@ -91,6 +91,8 @@ class Projector:
         self.pool = pool
         self.names = Names()
         self.frames = Frames()  # the shard documents' compression frames (shared/blobs.py), for this database
+        # Called with the statements of a batch in its transaction (the api enqueues their webhook deliveries).
+        self.on_statements: Callable[[asyncpg.Connection, Sequence[StatementIssued]], Awaitable[None]] | None = None
 
     async def apply_charges(
         self, batches: Sequence[Charges], conflicts: list[tuple[int, int, str]] | None = None
@@ -174,6 +176,8 @@ class Projector:
                     await _attribute(conn, {(f.org_id, f.hour): f.customer_id for f in new})
             if statements:
                 await repo.upsert_statements(conn, [statement_row(s) for s in statements])
+                if self.on_statements is not None:
+                    await self.on_statements(conn, statements)
             return len(stored)
 
 

@@ -52,6 +52,15 @@ class ApiSettings(ServiceSettings):
         default=15, gt=0, le=300, description="Timeout of a forwarded admin command."
     )
 
+    # Webhooks (services/api/webhooks.py).
+    webhook_poll_seconds: float = Field(
+        default=1.0, gt=0, le=60, description="How often each instance looks for webhook deliveries that are due."
+    )
+    webhook_timeout_seconds: float = Field(default=5, gt=0, le=30, description="Timeout of one webhook POST.")
+    webhook_allow_http: bool = Field(
+        default=False, description="In production, accept http:// webhook URLs too (https only otherwise)."
+    )
+
     @field_validator("ledger_url", "pricer_url", "collector_url", mode="after")
     @classmethod
     def _upstream_is_url(cls, value: str) -> str:
