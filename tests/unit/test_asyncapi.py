@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from cli import asyncapi
-from shared.contracts import ChargesComputed, MeasurementsTaken, MeasurementTaken, TransactionPosted
+from shared.contracts import AlertRaised, ChargesComputed, MeasurementsTaken, MeasurementTaken, TransactionPosted
 from shared.topics import ALERTS, CHARGES, READINGS, READINGS_V1, TRANSACTIONS, dlq
 
 
@@ -53,6 +53,7 @@ def test_every_topic_is_documented_by_who_sends_and_who_receives_it_with_its_con
     }
     assert _operations(docs["api"]) == {
         CHARGES: "receive", TRANSACTIONS: "receive", dlq(CHARGES): "send", dlq(TRANSACTIONS): "send",
+        ALERTS: "receive", dlq(ALERTS): "send",  # alerts: delivered to webhooks
     }
     assert _payload_title(docs["collector"], READINGS) == MeasurementsTaken.__name__
     assert _payload_title(docs["pricer"], READINGS) == MeasurementsTaken.__name__
@@ -60,6 +61,7 @@ def test_every_topic_is_documented_by_who_sends_and_who_receives_it_with_its_con
     assert _payload_title(docs["pricer"], CHARGES) == ChargesComputed.__name__
     assert _payload_title(docs["ledger"], CHARGES) == ChargesComputed.__name__
     assert _payload_title(docs["ledger"], TRANSACTIONS) == TransactionPosted.__name__
+    assert _payload_title(docs["api"], ALERTS) == AlertRaised.__name__
 
 
 def test_the_batch_schemas_carry_the_contract_field_descriptions() -> None:
