@@ -20,6 +20,7 @@ import pytest
 import uvicorn
 
 from cli.webhook_receiver import Received, receiver_app
+from services.api.webhooks import Webhooks
 from shared.contracts import AlertRaised
 from shared.kafka import Outgoing, encode, group_lag
 from shared.topics import ALERTS
@@ -240,3 +241,43 @@ async def test_every_alert_arrives_once_after_the_receiver_was_down_ten_minutes(
         r = await h.client.get("/admin/webhooks", headers=h.admin)
         assert [w["id"] for w in r.json()["items"]] == [hook["id"]]
         assert int(await h.sql("SELECT count(*) FROM audit_log WHERE kind LIKE 'api.webhook.%'")) >= 3
+
+
+async def test_three_senders_on_one_database_deliver_each_event_once(
+    infra: Infra, database: Database, topic_prefix: str
+) -> None:
+    """Several api instances send from the same tables: each claims what the others have not locked."""
+    got = Received()
+    inner = receiver_app(SECRET, got)
+
+    async def slow(scope: Any, receive: Any, send: Any) -> None:  # a receiver that takes its time
+        if scope["type"] == "http":
+            await asyncio.sleep(0.05)
+        await inner(scope, receive, send)
+
+    async with running_api(infra, database, topic_prefix, webhook_poll_seconds=0.02) as h, receiver(slow) as port:
+        api = h.app.state.api
+        await h.publish_ledger([txn(A, "funding", 10_000_000, occurred_at=datetime(2026, 11, 1, 4, tzinfo=UTC))])
+        await h.until_count("customer", 1)
+        r = await h.client.post(
+            "/admin/webhooks", headers=h.admin,
+            json={"customer_id": str(A), "url": f"http://127.0.0.1:{port}/", "events": ["alert.raised"], "secret": SECRET},
+        )
+        assert r.status_code == 201, r.text
+        others = [Webhooks(lambda: api.runtime.pool, api._known_customer, poll_seconds=0.02, batch=3) for _ in range(2)]
+        api.webhooks.batch = 3
+        for w in others:
+            await w.start()
+        try:
+            alerts = [alert(p) for p in (50, 75, 90, 100) for _ in range(8)]
+            await h.publisher.publish(h.settings.topic(ALERTS), [Outgoing(str(A).encode(), encode(m)) for m in alerts])
+
+            async def delivered() -> bool:
+                return int(await h.sql("SELECT count(*) FROM webhook_delivery WHERE status = 'delivered'")) == len(alerts)
+
+            await h.until(delivered, "every alert delivered")
+        finally:
+            for w in others:
+                await w.stop()
+        assert sorted(e["id"] for e in got.events) == sorted(str(a.id) for a in alerts)
+        assert int(await h.sql("SELECT count(*) FROM webhook_attempt")) == len(alerts)
