@@ -130,6 +130,13 @@ async def test_every_alert_arrives_once_after_the_receiver_was_down_ten_minutes(
         ):
             r = await h.client.post("/admin/webhooks", json=bad, headers=h.admin)
             assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json", (bad, r.text)
+        h.app.state.api.webhooks.https_only = True  # as in production: an http URL is refused
+        r = await h.client.post(
+            "/admin/webhooks", headers=h.admin,
+            json={"customer_id": str(A), "url": f"http://127.0.0.1:{port}/", "events": ["alert.raised"]},
+        )
+        assert r.status_code == 422 and "https" in r.json()["detail"], r.text
+        h.app.state.api.webhooks.https_only = False
         assert int(await h.sql("SELECT count(*) FROM webhook_subscription")) == 0
 
         body = {

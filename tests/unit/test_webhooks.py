@@ -14,7 +14,10 @@ import httpx
 import pytest
 
 from cli.webhook_receiver import Received, receiver_app
+from services.api.app import create_app
+from services.api.settings import ApiSettings
 from services.api.webhooks import Webhooks
+from shared.settings import read_settings
 from shared.webhooks import (
     ID_HEADER,
     SIGNATURE_HEADER,
@@ -141,3 +144,27 @@ async def test_the_receiver_accepts_a_signed_delivery_and_refuses_a_wrong_signat
     assert [e["id"] for e in got.events] == ["3f1c6f0e-8d7e-4d44-9d8f-5a0b1b2c3d4e"]
     assert got.delivery_ids == [str(uuid.UUID(int=1))]
     assert got.refused == 3
+
+
+PRODUCTION_API = {
+    "database_url": "postgresql://billing_svc:Xk2-not-the-role@db.billing.internal:5432/billing",
+    "kafka_bootstrap_servers": "kafka-0.kafka:9092",
+    "oidc_issuer": "https://login.example.gov/oauth2",
+    "ledger_url": "http://billing-ledger:8083",
+    "pricer_url": "http://billing-pricer:8082",
+    "collector_url": "http://billing-collector:8081",
+}
+
+
+@pytest.mark.parametrize(
+    ("env", "allow_http", "https_only"),
+    [("production", False, True), ("production", True, False), ("local", False, False)],
+)
+def test_production_accepts_only_https_webhook_urls_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch, env: str, allow_http: bool, https_only: bool
+) -> None:
+    for name in ("BILLING_ENV", "BILLING_ALLOW_LOCAL_HOSTS", "KAFKA_BOOTSTRAP_SERVERS", "API_WEBHOOK_ALLOW_HTTP"):
+        monkeypatch.delenv(name, raising=False)
+    options = PRODUCTION_API if env == "production" else {}
+    settings = read_settings(ApiSettings, billing_env=env, webhook_allow_http=allow_http, **options)
+    assert create_app(settings).state.api.webhooks.https_only is https_only
