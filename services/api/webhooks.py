@@ -93,6 +93,7 @@ class Webhooks:
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._stopping = False
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -100,13 +101,18 @@ class Webhooks:
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(self.timeout_seconds), follow_redirects=False, trust_env=False
         )
+        self._stopping = False
         self._task = asyncio.create_task(self._loop(), name="webhook-sender")
 
     async def stop(self) -> None:
+        """Let the batch in hand finish and be recorded (a POST answered 2xx but not recorded would be sent
+        again), then stop; cancelled if it takes longer than a POST may."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._stopping = True
+            self._wake.set()
+            # Past that, wait_for cancels it: the batch's transaction is rolled back and its rows are tried again.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._task, self.timeout_seconds + 5)
             self._task = None
         if self._client is not None:
             await self._client.aclose()
@@ -170,7 +176,7 @@ class Webhooks:
     # ------------------------------------------------------------------------------------ sending
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 sent = await self.send_due()
             except asyncio.CancelledError:
@@ -178,7 +184,7 @@ class Webhooks:
             except Exception:  # the database away: try again at the next poll
                 log.exception("webhook sending failed; retrying")
                 sent = 0
-            if sent < self.batch:
+            if sent < self.batch and not self._stopping:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
