@@ -98,7 +98,7 @@ def backoff(attempts: int, jitter: Callable[[], float] = random.random) -> timed
     if attempts < 1:
         raise ValueError("attempts counts from 1")
     exponent = min(attempts - 1, 20)  # 2^20 · 30 s is far past the cap already
-    delay = min(BACKOFF_BASE * (2**exponent), BACKOFF_CAP)
+    delay = min(BACKOFF_BASE * (1 << exponent), BACKOFF_CAP)
     return delay * (1 - 0.25 * jitter())
 
 

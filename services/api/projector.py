@@ -92,7 +92,7 @@ class Projector:
         self.names = Names()
         self.frames = Frames()  # the shard documents' compression frames (shared/blobs.py), for this database
         # Called with the statements of a batch in its transaction (the api enqueues their webhook deliveries).
-        self.on_statements: Callable[[asyncpg.Connection, Sequence[StatementIssued]], Awaitable[None]] | None = None
+        self.on_statements: Callable[[Conn, Sequence[StatementIssued]], Awaitable[None]] | None = None
 
     async def apply_charges(
         self, batches: Sequence[Charges], conflicts: list[tuple[int, int, str]] | None = None

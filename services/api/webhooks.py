@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -32,14 +32,12 @@ from starlette.responses import Response
 from services.api import webhook_schemas as ws
 from shared.clock import utcnow
 from shared.contracts import AlertRaised, StatementIssued
+from shared.db import Conn
 from shared.edge import NOT_FOUND, Call, Cursor, Operation, ProblemError, answer
 from shared.edge.problems import INVALID_BODY
 from shared.ids import uuid7
 from shared.kafka import Received
 from shared.webhooks import GIVE_UP_AFTER, backoff, delivery_id, signed_headers
-
-if TYPE_CHECKING:
-    from asyncpg.pool import PoolConnectionProxy
 
 __all__ = ["Webhooks", "envelope"]
 
@@ -48,7 +46,6 @@ log = logging.getLogger(__name__)
 ATTEMPTS = Counter("billing_webhook_attempts_total", "Webhook POSTs made", ["outcome"])
 
 Event = AlertRaised | StatementIssued
-Conn: TypeAlias = "asyncpg.Connection | PoolConnectionProxy[Any]"  # a connection, or one from the pool
 CheckCustomer = Callable[[Call, UUID], Any]  # awaitable: raises the ProblemError of an unknown customer
 
 
@@ -245,7 +242,8 @@ class Webhooks:
         code: int | None = None
         error: str | None = None
         try:
-            resp = await self._client.post(r["url"], content=body, headers=signed_headers(r["secret"], r["id"], at, body))
+            headers = signed_headers(r["secret"], r["id"], at, body)
+            resp = await self._client.post(r["url"], content=body, headers=headers)
             code = resp.status_code
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"[:500]

@@ -268,7 +268,9 @@ async def test_three_senders_on_one_database_deliver_each_event_once(
         await h.until_count("customer", 1)
         r = await h.client.post(
             "/admin/webhooks", headers=h.admin,
-            json={"customer_id": str(A), "url": f"http://127.0.0.1:{port}/", "events": ["alert.raised"], "secret": SECRET},
+            json={
+                "customer_id": str(A), "url": f"http://127.0.0.1:{port}/", "events": ["alert.raised"], "secret": SECRET,
+            },
         )
         assert r.status_code == 201, r.text
         others = [Webhooks(lambda: api.runtime.pool, api._known_customer, poll_seconds=0.02, batch=3) for _ in range(2)]
@@ -280,7 +282,8 @@ async def test_three_senders_on_one_database_deliver_each_event_once(
             await h.publisher.publish(h.settings.topic(ALERTS), [Outgoing(str(A).encode(), encode(m)) for m in alerts])
 
             async def delivered() -> bool:
-                return int(await h.sql("SELECT count(*) FROM webhook_delivery WHERE status = 'delivered'")) == len(alerts)
+                done = await h.sql("SELECT count(*) FROM webhook_delivery WHERE status = 'delivered'")
+                return int(done) == len(alerts)
 
             await h.until(delivered, "every alert delivered")
         finally:
