@@ -95,19 +95,29 @@ def actor_of(request: Request) -> str:
     return str(principal.subject)[:MAX_SUBJECT]
 
 
+# Top-level body fields never stored in the audit trail (the value is replaced by "***"): a webhook's secret.
+REDACTED = frozenset({"secret"})
+
+
 def request_digest(method: str, path: str, body: bytes) -> tuple[str, str | None]:
     """The SHA-256 (hex) of the method, path and body, and the body as JSON text to store (None when it
-    is empty, not JSON, or holds a NUL PostgreSQL's jsonb cannot). A JSON body is digested in canonical
-    form (keys sorted, no spaces), so the same object sent with another layout is the same request."""
+    is empty, not JSON, or holds a NUL PostgreSQL's jsonb cannot; ``REDACTED`` fields masked). A JSON body
+    is digested in canonical form (keys sorted, no spaces), so the same object sent with another layout is
+    the same request."""
     stored: str | None = None
     canonical = body
     if body:
         try:
-            canonical = orjson.dumps(orjson.loads(body), option=orjson.OPT_SORT_KEYS)
+            parsed = orjson.loads(body)
+            canonical = orjson.dumps(parsed, option=orjson.OPT_SORT_KEYS)
         except orjson.JSONDecodeError:
             canonical = body
         else:
-            text = canonical.decode()
+            shown = canonical
+            if isinstance(parsed, dict) and REDACTED.intersection(parsed):  # digested as sent, stored without it
+                shown = orjson.dumps({k: "***" if k in REDACTED else v for k, v in parsed.items()},
+                                     option=orjson.OPT_SORT_KEYS)
+            text = shown.decode()
             stored = None if "\\u0000" in text else text
     digest = hashlib.sha256(method.encode() + b" " + path.encode() + b"\n" + canonical).hexdigest()
     return digest, stored

@@ -248,6 +248,7 @@ async def test_every_alert_arrives_once_after_the_receiver_was_down_ten_minutes(
         r = await h.client.get("/admin/webhooks", headers=h.admin)
         assert [w["id"] for w in r.json()["items"]] == [hook["id"]]
         assert int(await h.sql("SELECT count(*) FROM audit_log WHERE kind LIKE 'api.webhook.%'")) >= 3
+        assert await h.sql("SELECT count(*) FROM audit_log WHERE strpos(body::text, $1) > 0", SECRET) == 0
 
 
 async def test_three_senders_on_one_database_deliver_each_event_once(

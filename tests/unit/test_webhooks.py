@@ -17,6 +17,7 @@ from cli.webhook_receiver import Received, receiver_app
 from services.api.app import create_app
 from services.api.settings import ApiSettings
 from services.api.webhooks import Webhooks
+from shared.commands import request_digest
 from shared.settings import read_settings
 from shared.webhooks import (
     ID_HEADER,
@@ -168,3 +169,12 @@ def test_production_accepts_only_https_webhook_urls_unless_told_otherwise(
     options = PRODUCTION_API if env == "production" else {}
     settings = read_settings(ApiSettings, billing_env=env, webhook_allow_http=allow_http, **options)
     assert create_app(settings).state.api.webhooks.https_only is https_only
+
+
+def test_a_subscription_secret_is_not_stored_in_the_audit_trail() -> None:
+    body = b'{"customer_id": "c", "url": "https://x.example/h", "events": ["alert.raised"], '
+    body += b'"secret": "' + SECRET.encode() + b'"}'
+    digest, stored = request_digest("POST", "/admin/webhooks", body)
+    assert stored is not None and SECRET not in stored and '"secret":"***"' in stored and "x.example" in stored
+    other, _ = request_digest("POST", "/admin/webhooks", body.replace(b"0123", b"9999"))
+    assert other != digest  # the same request with another secret is another request (an Idempotency-Key reuse)
