@@ -174,6 +174,7 @@ class Webhooks:
 
     async def _loop(self) -> None:
         while not self._stopping:
+            self._wake.clear()  # before looking: an event enqueued while sending wakes the next wait at once
             try:
                 sent = await self.send_due()
             except asyncio.CancelledError:
@@ -182,7 +183,6 @@ class Webhooks:
                 log.exception("webhook sending failed; retrying")
                 sent = 0
             if sent < self.batch and not self._stopping:
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
 
