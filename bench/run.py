@@ -42,8 +42,9 @@ SCALES: dict[str, dict[str, list[str]]] = {
     },
     "full": {
         "collector": ["-m", "bench.bench_collector"],
-        "pricer": ["bench/bench_pricer.py", "--count", "2000000"],
-        "pricer_x2": ["bench/bench_pricer.py", "--count", "2000000", "--instances", "2"],
+        # 8 M: at ~480,000/s, 2 M was a one-second window between the 0.25 s samples (two instances: none)
+        "pricer": ["bench/bench_pricer.py", "--count", "8000000"],
+        "pricer_x2": ["bench/bench_pricer.py", "--count", "8000000", "--instances", "2"],
         "ledger": ["bench/bench_ledger.py", "--count", "2000000"],
         "ledger_x2": ["bench/bench_ledger.py", "--count", "2000000", "--instances", "2"],
         "api": ["bench/bench_api.py"],
