@@ -349,6 +349,13 @@ class Pricer:
                             cleared.extend((key, k) for k in want)
                             continue
                         priced = reprice_items(shard.stored, catalog, priced_at, want)
+                        if priced is not None and priced.rejects:
+                            # Still unpriced, still listed as such (GET /internal/unpriced): said, not dropped.
+                            log.warning(
+                                "re-priced charges refused: their amount exceeds 2**62 microcredits",
+                                extra={"shard": str(key), "refused": len(priced.rejects),
+                                       "first": priced.rejects[0][1]},
+                            )
                         if priced is not None and priced.message is not None:
                             n = priced.priced
                             raw = encode_charges(priced.message)
