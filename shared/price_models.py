@@ -39,6 +39,7 @@ charge replacing a larger one).
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -54,9 +55,11 @@ __all__ = [
     "Model",
     "PriceModel",
     "amount",
+    "from_document",
     "line_postings",
     "posted",
     "posting",
+    "to_document",
     "units_of",
 ]
 
@@ -218,3 +221,58 @@ def line_postings(model: PriceModel, before: Fraction, changes: Sequence[Fractio
         out.append(nxt - now)
         now = nxt
     return out
+
+
+# ------------------------------------------------------------------------------------ the stored form
+# One JSON form for the admin API, the pricer's table and the charges contract:
+#   {"model": "graduated", "bands": [{"up_to": "1000", "microcredits_per_unit": 0, "flat_fee": 0},
+#                                    {"up_to": null, "microcredits_per_unit": 1370, "flat_fee": 0}]}
+# ``up_to`` is an exact string, "n" or "n/d" (positive integers, no sign, no leading zero): a JSON number
+# could be read as a float on the way, and an edge must stay exact.
+
+_EDGE = re.compile(r"[1-9][0-9]{0,18}(/[1-9][0-9]{0,18})?")
+
+
+def _edge_text(edge: Fraction | None) -> str | None:
+    if edge is None:
+        return None
+    return str(edge.numerator) if edge.denominator == 1 else f"{edge.numerator}/{edge.denominator}"
+
+
+def _edge_of(text: object) -> Fraction | None:
+    if text is None:
+        return None
+    if not isinstance(text, str) or not _EDGE.fullmatch(text):
+        raise InvalidPriceModelError(f'up_to must be null or a string "n" or "n/d" of positive integers, got {text!r}')
+    return Fraction(text)
+
+
+def to_document(model: PriceModel) -> dict[str, object]:
+    """``model`` in its JSON form (see above); ``from_document`` reads it back to an equal model."""
+    return {
+        "model": model.model,
+        "bands": [
+            {"up_to": _edge_text(b.up_to), "microcredits_per_unit": b.microcredits_per_unit, "flat_fee": b.flat_fee}
+            for b in model.bands
+        ],
+    }
+
+
+def from_document(doc: object) -> PriceModel:
+    """A price model from its JSON form, validated; anything else is an ``InvalidPriceModelError`` that
+    says what is wrong (for a 422 problem)."""
+    if not isinstance(doc, dict) or set(doc) != {"model", "bands"}:
+        raise InvalidPriceModelError('a price model is an object with exactly "model" and "bands"')
+    bands = doc["bands"]
+    if not isinstance(bands, list):
+        raise InvalidPriceModelError("bands must be a list")
+    out = []
+    for i, b in enumerate(bands):
+        if not isinstance(b, dict) or not {"up_to", "microcredits_per_unit"} <= set(b) <= {
+            "up_to",
+            "microcredits_per_unit",
+            "flat_fee",
+        }:
+            raise InvalidPriceModelError(f'band {i} must have "up_to", "microcredits_per_unit" and may have "flat_fee"')
+        out.append(Band(_edge_of(b["up_to"]), b["microcredits_per_unit"], b.get("flat_fee", 0)))
+    return PriceModel(doc["model"], tuple(out))

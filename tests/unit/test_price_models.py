@@ -8,6 +8,7 @@ group is computed from the latest revision of each usage item directly, not from
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -24,9 +25,11 @@ from shared.price_models import (
     InvalidPriceModelError,
     PriceModel,
     amount,
+    from_document,
     line_postings,
     posted,
     posting,
+    to_document,
     units_of,
 )
 
@@ -336,3 +339,54 @@ def test_bounds_themselves_are_accepted() -> None:
     assert Band(3, 1).up_to == Fraction(3)  # type: ignore[arg-type]
     model = PriceModel("graduated", (*(Band(Fraction(i + 1), 1) for i in range(MAX_BANDS - 1)), Band(None, 2)))
     assert amount(model, Fraction(MAX_BANDS)) == (MAX_BANDS - 1) + 2
+
+
+# ---------------------------------------------------------------------------------------- stored form
+
+
+@given(price_bands())
+def test_the_json_form_reads_back_to_the_same_function(price: tuple[str, list[RawBand]]) -> None:
+    kind, bands = price
+    model = build(kind, bands)
+    doc = to_document(model)
+    assert from_document(json.loads(json.dumps(doc))) == model
+    edges = [b["up_to"] for b in doc["bands"]]  # type: ignore[attr-defined]
+    assert edges == [None if u is None else str(u) for u, _, _ in bands]  # Fraction's str: "n" or "n/d"
+
+
+def test_the_json_form_of_a_graduated_price() -> None:
+    doc = {
+        "model": "graduated",
+        "bands": [
+            {"up_to": "1000", "microcredits_per_unit": 0},
+            {"up_to": "4001/2", "microcredits_per_unit": 1370, "flat_fee": 250},
+            {"up_to": None, "microcredits_per_unit": 1000, "flat_fee": 0},
+        ],
+    }
+    model = from_document(doc)
+    assert model.bands[1] == Band(Fraction(4001, 2), 1370, 250)
+    # 1,000 free, then 1,000.5 units at 1,370 plus the fee 250, then 2.5 units at 1,000.
+    assert amount(model, Fraction(2003)) == 250 + Fraction(2001, 2) * 1370 + Fraction(5, 2) * 1000
+
+
+@pytest.mark.parametrize(
+    ("doc", "reason"),
+    [
+        ([], "exactly"),
+        ({"model": "volume"}, "exactly"),
+        ({"model": "volume", "bands": {}}, "must be a list"),
+        ({"model": "volume", "bands": [{"up_to": None}]}, "must have"),
+        ({"model": "volume", "bands": [{"up_to": None, "microcredits_per_unit": 1, "fee": 1}]}, "must have"),
+        ({"model": "volume", "bands": [{"up_to": 10, "microcredits_per_unit": 1}]}, "string"),
+        ({"model": "volume", "bands": [{"up_to": "1.5", "microcredits_per_unit": 1}]}, "string"),
+        ({"model": "volume", "bands": [{"up_to": "010", "microcredits_per_unit": 1}]}, "string"),
+        ({"model": "volume", "bands": [{"up_to": "-1", "microcredits_per_unit": 1}]}, "string"),
+        ({"model": "volume", "bands": [{"up_to": "3/0", "microcredits_per_unit": 1}]}, "string"),
+        ({"model": "volume", "bands": [{"up_to": "10", "microcredits_per_unit": 1}]}, "open-ended"),
+        ({"model": "volume", "bands": [{"up_to": None, "microcredits_per_unit": "1"}]}, "integer"),
+        ({"model": "volume", "bands": [{"up_to": None, "microcredits_per_unit": 1.0}]}, "integer"),
+    ],
+)
+def test_bad_json_forms_are_refused(doc: object, reason: str) -> None:
+    with pytest.raises(InvalidPriceModelError, match=reason):
+        from_document(doc)
