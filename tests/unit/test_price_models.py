@@ -113,13 +113,20 @@ def scenarios(draw: st.DrawFn) -> tuple[list[tuple[str, list[RawBand], int]], li
     for _ in range(n_prices):
         kind, bands = draw(price_bands())
         prices.append((kind, bands, draw(st.integers(1, 730))))
+    # Values that put one item's units exactly on a band edge of its price, so that totals land on edges.
+    on_edge = sorted(
+        {int(u * unit) for _, bands, unit in prices for u, _, _ in bands if u and (u * unit).denominator == 1}
+    )
+    values = st.one_of(
+        st.integers(0, 50_000), st.integers(0, 5_000_000), *([st.sampled_from(on_edge)] if on_edge else [])
+    )
     charges: list[Delivery] = []
     for item in range(draw(st.integers(0, 25))):
         hour = draw(st.integers(0, 23))
         customer = draw(st.integers(0, 1))
         for rev in range(1, draw(st.integers(1, 3)) + 1):
             price = draw(st.one_of(st.none(), st.integers(0, n_prices - 1)))
-            value = draw(st.one_of(st.integers(0, 50_000), st.integers(0, 5_000_000)))
+            value = draw(values)
             charges.append(Delivery(item, rev, hour, customer, price, value))
     copies = [c for c in charges for _ in range(draw(st.integers(1, 3)))]
     rnd = random.Random(draw(st.integers(0, 2**32)))
@@ -196,12 +203,23 @@ def test_posted_per_group_is_floor_of_f_of_latest_total_whatever_the_delivery(
             assert sum(a for (g, _), a in per_hour.items() if g == group) == expected
 
 
+@st.composite
+def paths(draw: st.DrawFn) -> tuple[tuple[str, list[RawBand]], list[Fraction]]:
+    """A price and a path of group totals, some of them exactly on the price's edges."""
+    kind, bands = draw(price_bands())
+    edges = [u for u, _, _ in bands if u is not None]
+    total = st.builds(Fraction, st.integers(0, 40_000), st.integers(1, 9))
+    if edges:
+        total = st.one_of(total, st.sampled_from(edges))
+    return (kind, bands), draw(st.lists(total, max_size=12))
+
+
 @settings(max_examples=300, deadline=None)
-@given(price_bands(), st.lists(st.builds(Fraction, st.integers(0, 40_000), st.integers(1, 9)), max_size=12))
-def test_postings_telescope_over_any_path_of_totals(price: tuple[str, list[RawBand]], totals: list[Fraction]) -> None:
-    """A group's total may go up and down (revisions replacing larger charges): whatever the path from 0,
-    the postings sum to floor(f(last total)), each one is floor(f(after)) − floor(f(before))."""
-    kind, bands = price
+@given(paths())
+def test_postings_telescope_over_any_path_of_totals(path_of: tuple[tuple[str, list[RawBand]], list[Fraction]]) -> None:
+    """A group's total may go up and down (revisions replacing larger charges), through band edges: whatever
+    the path from 0, the postings sum to floor(f(last total)), each one is floor(f(after)) − floor(f(before))."""
+    (kind, bands), totals = path_of
     model = build(kind, bands)
     path = [Fraction(0), *totals]
     steps = [posting(model, a, b) for a, b in itertools.pairwise(path)]
