@@ -25,6 +25,7 @@ from shared.edge import (
     INTERNAL,
     INVALID_BODY,
     JSON,
+    UNAVAILABLE,
     Answer,
     Call,
     Operation,
@@ -78,9 +79,28 @@ async def _unstorable_text(request: Request, exc: Exception) -> Response:
     return problem(INVALID_BODY, "text values cannot contain the NUL character (\\u0000)")
 
 
+# The database away (restarting, refusing connections, out of them): the request may be sent again.
+_DATABASE_AWAY = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     if out_of_range(exc):  # a valid request whose amounts, summed with what is stored, would not fit
         return problem(CONFLICT, OUT_OF_RANGE_TEXT)
+    if isinstance(exc, _DATABASE_AWAY):
+        log.warning("database unavailable", extra={"path": request.url.path, "error": repr(exc)})
+        detail = (
+            "the database cannot be reached just now: send the request again (a command with the same "
+            "Idempotency-Key is not applied twice)"
+        )
+        resp = problem(UNAVAILABLE, detail)
+        resp.headers["retry-after"] = "2"
+        return resp
     log.exception("unhandled error", extra={"path": request.url.path})
     return problem(INTERNAL, "the error was logged")
 

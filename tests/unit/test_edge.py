@@ -12,12 +12,14 @@ from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from shared.auth import Principal
 from shared.edge import (
@@ -326,3 +328,27 @@ def test_the_document_is_generated_from_the_declaration() -> None:
     assert body["additionalProperties"] is False and set(body["required"]) == {"n", "at"}
     with pytest.raises(ValueError, match="must say why"):
         Operation("GET", "/open", "Open", {200: Answer(Out)}, None)
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "kind"),
+    [
+        (asyncpg.CannotConnectNowError("the database system is shutting down"), 503, "unavailable"),
+        (ConnectionRefusedError(111, "Connection refused"), 503, "unavailable"),
+        (asyncpg.NumericValueOutOfRangeError("bigint out of range"), 409, "conflict"),
+        (asyncpg.DataError("invalid input for query argument $4: 9223372036854775808 (value out of int64 range)"),
+         409, "conflict"),
+        (RuntimeError("a bug"), 500, "internal"),
+    ],
+)
+async def test_what_escapes_a_handler_is_answered_for_what_it_is(error: Exception, status: int, kind: str) -> None:
+    async def fail(request: Request) -> Response:
+        raise error
+
+    app = Starlette(routes=[Route("/x", fail)], exception_handlers=dict(exception_handlers))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                                 base_url="http://t") as client:
+        r = await client.get("/x")
+    assert r.status_code == status and r.json()["type"].endswith(f"/{kind}"), r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert ("retry-after" in r.headers) == (status == 503)
