@@ -445,8 +445,11 @@ class Stream:
             decoder=_passthrough,
             max_partition_fetch_bytes=1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
-            session_timeout_ms=30_000,
-            heartbeat_interval_ms=3_000,
+            # A member that died holds its partitions until its session expires (a restarted one waits
+            # for that rebalance too): 10 s rather than 30. Heartbeats are aiokafka's own task, so a
+            # long batch does not miss them; only an event loop blocked for 10 s would.
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=2_000,
             max_poll_interval_ms=300_000,
             title=topic,
             description=description,
