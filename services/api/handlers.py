@@ -411,7 +411,7 @@ class Api:
 
     async def _known_customer(self, call: Call, customer_id: UUID) -> None:
         """404 unless the customer exists: the read model may not have seen a new one yet, so the ledger (its
-        owner) is asked when the read model does not know it (as ``grant`` does)."""
+        owner) is asked when the read model does not know it (502/504 when it cannot say)."""
         async with self.runtime.pool.acquire() as conn:
             known, _ = await repo.access(conn, customer_id, call.caller.subject)
         if not known:
@@ -425,18 +425,7 @@ class Api:
 
     async def grant(self, call: Call) -> Response:
         body = call.body_as(EntitlementIn)
-        async with self.runtime.pool.acquire() as conn:
-            known, _ = await repo.access(conn, body.customer_id, call.caller.subject)
-        # Only to a customer that exists: the read model may not have seen a new one yet, so the ledger (its
-        # owner) is asked when the read model does not know it.
-        if not known:
-            try:
-                path = f"/internal/customers/{body.customer_id}"
-                known = await self._forwarder().exists("ledger", path, token=call.caller.token)
-            except UpstreamError as exc:
-                raise ProblemError(GATEWAY_TIMEOUT if exc.status == 504 else BAD_GATEWAY, exc.detail) from None
-            if not known:
-                raise ProblemError(NOT_FOUND, f"no such customer: {body.customer_id}")
+        await self._known_customer(call, body.customer_id)  # only to a customer that exists
         async with self.runtime.pool.acquire() as conn:
             row, created = await repo.grant_entitlement(conn, body.subject, body.customer_id, call.caller.subject)
         self.access_cache.clear()  # at once on this instance; others within query_cache_seconds
