@@ -184,11 +184,12 @@ def burn_view(
     ``BURN_HISTORY`` ago: ``opening`` holds the sums of what came before) to today, then the projection as
     a straight line to zero on the run-out day (or to the edge of the chart, a year from today, when that
     is later). At most ``BURN_HISTORY + CHART_AHEAD`` days are drawn, whatever the agreements' dates."""
-    if not facts and not any(opening or {}):
+    before = any((opening or {}).values())  # anything (not summing to zero) before the window
+    if not facts and not before:
         return None
     today = ny_day(now)
     start = today - BURN_HISTORY
-    first = start if any((opening or {}).values()) else min(ny_day(f.occurred_at) for f in facts)
+    first = start if before else min(ny_day(f.occurred_at) for f in facts)
     first = max(first, start)
     last = min(max([today, *(ny_day(f.occurred_at) for f in facts)]), today + CHART_AHEAD)
     days = _days(first, last)

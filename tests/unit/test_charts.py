@@ -337,6 +337,7 @@ def test_the_burn_down_draws_a_bounded_window_whatever_the_agreements_dates():
     assert remaining[date(2027, 9, 16)] == 3_750_007
     # nothing in the window and nothing before: no chart; only an opening: a flat line from the window start
     assert burn_view([], Balance(0, 0, 0), None, None, now, {}) is None
+    assert burn_view([], Balance(0, 0, 0), None, None, now, {"funded": 0}) is None  # a funding reversed, long ago
     flat = burn_view([], Balance(9, 0, 0), None, None, now, {"funded": 9})
     assert flat is not None and {r for _, r in flat["rows"]} == {9} and len(flat["rows"]) == 367
 
