@@ -22,21 +22,29 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def serve_app(app: Any) -> AsyncIterator[str]:
-    """Serve an ASGI app with uvicorn on a random local port (no lifespan); yields its base URL."""
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none")
-    )
+async def serve_config(config: uvicorn.Config) -> AsyncIterator[int]:
+    """Serve with uvicorn as ``config`` says, inside this event loop, until the block ends; yields the port
+    it listens on (``port=0``: a free one)."""
+    server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:
         while not server.started:
             if task.done():
                 task.result()  # raises why it could not start
             await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        port: int = server.servers[0].sockets[0].getsockname()[1]
+        yield port
     finally:
         server.should_exit = True
         await task
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: Any, port: int = 0) -> AsyncIterator[str]:
+    """Serve an ASGI app with uvicorn on ``port`` (0: a free one; no lifespan); yields its base URL."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", ws="none")
+    async with serve_config(config) as bound:
+        yield f"http://127.0.0.1:{bound}"
 
 
 @contextlib.asynccontextmanager

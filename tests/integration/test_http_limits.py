@@ -23,6 +23,7 @@ from services.pricer.settings import PricerSettings
 from shared.edge import Answer, Call, Operation, answer
 from shared.runtime import Runtime
 from shared.server import BODY_GRACE_SECONDS, MAX_HEAD_BYTES, REQUEST_TIMEOUT, server_options
+from tests.sim_server import serve_config
 
 pytestmark = pytest.mark.integration
 
@@ -64,17 +65,8 @@ async def served(**settings: Any) -> AsyncIterator[int]:
     )
     app = Runtime("pricer", s).app(OPERATIONS)
     options = server_options(s) | {"lifespan": "off", "log_level": "warning"}
-    server = uvicorn.Server(uvicorn.Config(app, **options))
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-        yield server.servers[0].sockets[0].getsockname()[1]
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_config(uvicorn.Config(app, **options)) as port:
+        yield port
 
 
 async def until_closed(reader: asyncio.StreamReader, timeout: float = 30) -> bytes:

@@ -26,6 +26,7 @@ from shared.kafka import Outgoing, encode, group_lag
 from shared.topics import ALERTS
 from shared.webhooks import signed_headers
 from tests.conftest import Database, Infra
+from tests.sim_server import serve_config
 from tests.support.api_factories import statement, txn
 from tests.support.api_harness import ApiHarness, running_api
 
@@ -51,19 +52,9 @@ class Clock:
 @contextlib.asynccontextmanager
 async def receiver(app: Any, port: int = 0) -> AsyncIterator[int]:
     """The receiver app served by uvicorn on ``port`` (0: a free one); yields the port."""
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", ws="none")
-    )
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-        yield server.servers[0].sockets[0].getsockname()[1]
-    finally:
-        server.should_exit = True
-        await task
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", ws="none")
+    async with serve_config(config) as bound:
+        yield bound
 
 
 def alert(percent: int) -> AlertRaised:

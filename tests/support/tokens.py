@@ -4,7 +4,6 @@ forging), ``attacks`` (tokens that must all be refused), ``serve_issuer`` (the i
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import functools
@@ -16,7 +15,6 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jose import jwk, jwt
@@ -24,6 +22,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from tests.sim_server import serve_app
 
 AUDIENCE = "billing-api"
 
@@ -210,17 +210,6 @@ def attacks(issuer: LocalIssuer, customer: str, scopes: Sequence[str] = ("usage.
 @contextlib.asynccontextmanager
 async def serve_issuer(issuer: LocalIssuer) -> AsyncIterator[LocalIssuer]:
     """Run ``issuer`` with uvicorn on a random local port; sets ``issuer.url``."""
-    config = uvicorn.Config(issuer.app(), host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        for _ in range(500):
-            if server.started:
-                break
-            await asyncio.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        issuer.url = f"http://127.0.0.1:{port}"
+    async with serve_app(issuer.app()) as url:
+        issuer.url = url
         yield issuer
-    finally:
-        server.should_exit = True
-        await task
