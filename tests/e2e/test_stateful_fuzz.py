@@ -279,6 +279,35 @@ def pick(data: random.Random, values: list[T]) -> T:
     return data.choice(values)
 
 
+
+def one_charge(hour: datetime, rid: str, org: str, value: int) -> Charges:
+    """A valid charges batch of one cfapps item, priced at 1,000,000 microcredits per 730 (revision 1)."""
+    shard = shard_of(rid)
+    return Charges(
+        id=charges_id(hour, "cfapps", shard, [rid], [1]),
+        reading_hour=hour,
+        meter="cfapps",
+        unit="MB",
+        shard=shard,
+        priced_at=hour,
+        orgs=[Ref(org, "Org")],
+        spaces=[Ref("space-1", "dev")],
+        kinds=[""],
+        prices=[Price(uuid.UUID(int=9), 1_000_000, 730)],
+        resource_id=[rid],
+        resource_name=["web"],
+        org=[0],
+        space=[0],
+        kind=[0],
+        value=[value],
+        estimated=[False],
+        revision=[1],
+        price=[0],
+        amount_numerator=[value * 1_000_000],
+        amount_denominator=[730],
+    )
+
+
 class Fuzz(RuleBasedStateMachine):
     world: World
     loop: asyncio.AbstractEventLoop
@@ -520,31 +549,8 @@ class Fuzz(RuleBasedStateMachine):
             assignment = {"org_id": org, "customer_id": made.json()["id"], "starts_at": "2000-01-01T05:00:00Z"}
             self.http.post(f"{ledger}/internal/org-assignments", json=assignment, headers=w.headers["ledger"])
             rid = f"known-{w.steps}"
-            shard = shard_of(rid)
-            w.known_charges = Charges(
-                id=charges_id(OLD_HOUR, "cfapps", shard, [rid], [1]),
-                reading_hour=OLD_HOUR,
-                meter="cfapps",
-                unit="MB",
-                shard=shard,
-                priced_at=OLD_HOUR,
-                orgs=[Ref(org, "Org")],
-                spaces=[Ref("space-1", "dev")],
-                kinds=[""],
-                prices=[Price(uuid.UUID(int=9), 1_000_000, 730)],
-                resource_id=[rid],
-                resource_name=["web"],
-                org=[0],
-                space=[0],
-                kind=[0],
-                value=[512],
-                estimated=[False],
-                revision=[1],
-                price=[0],
-                amount_numerator=[512_000_000],
-                amount_denominator=[730],
-            )
-            self.publish(CHARGES, shard_key(shard), encode_charges(w.known_charges))
+            w.known_charges = one_charge(OLD_HOUR, rid, org, 512)
+            self.publish(CHARGES, shard_key(w.known_charges.shard), encode_charges(w.known_charges))
             body = {
                 "customer_id": made.json()["id"],
                 "starts_at": "2000-01-01T05:00:00Z",
@@ -804,31 +810,8 @@ class Fuzz(RuleBasedStateMachine):
     def charges(self, data: random.Random) -> Charges:
         hour = pick(data, [*OLD_HOURS, EARLIEST])
         rid = f"chg-{pick(data, RESOURCES)}"
-        shard = shard_of(rid)
         value = pick(data, [1, 512, 2**40])
-        return Charges(
-            id=charges_id(hour, "cfapps", shard, [rid], [1]),
-            reading_hour=hour,
-            meter="cfapps",
-            unit="MB",
-            shard=shard,
-            priced_at=hour,
-            orgs=[Ref(pick(data, FUZZ_ORGS), "Org")],
-            spaces=[Ref("space-1", "dev")],
-            kinds=[""],
-            prices=[Price(uuid.UUID(int=9), 1_000_000, 730)],
-            resource_id=[rid],
-            resource_name=["web"],
-            org=[0],
-            space=[0],
-            kind=[0],
-            value=[value],
-            estimated=[False],
-            revision=[1],
-            price=[0],
-            amount_numerator=[value * 1_000_000],
-            amount_denominator=[730],
-        )
+        return one_charge(hour, rid, pick(data, FUZZ_ORGS), value)
 
     @rule(seed=SEEDS)
     def charges_message(self, seed: int) -> None:
