@@ -46,10 +46,13 @@ OUT_OF_RANGE_TEXT = (
 
 
 def out_of_range(exc: BaseException) -> bool:
-    """Whether ``exc`` is an integer too large for its column: PostgreSQL's own (a sum past a bigint, SQLSTATE
-    22003) or asyncpg's, refusing a Python int that does not fit int64 before it is sent."""
+    """Whether ``exc`` is an integer too large for where it is stored: PostgreSQL's own (a sum past a bigint,
+    SQLSTATE 22003), asyncpg's, refusing a Python int that does not fit int64 before it is sent, or orjson's,
+    refusing one past 64 bits in a stored JSON document (the api's exact sums)."""
     if isinstance(exc, asyncpg.NumericValueOutOfRangeError):
         return True
+    if isinstance(exc, TypeError):
+        return "Integer exceeds 64-bit range" in str(exc)
     refused = (asyncpg.DataError, asyncpg.exceptions._base.DataError)
     return isinstance(exc, refused) and "out of int64 range" in str(exc)
 

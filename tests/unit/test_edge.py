@@ -338,6 +338,8 @@ def test_the_document_is_generated_from_the_declaration() -> None:
         (asyncpg.NumericValueOutOfRangeError("bigint out of range"), 409, "conflict"),
         (asyncpg.DataError("invalid input for query argument $4: 9223372036854775808 (value out of int64 range)"),
          409, "conflict"),
+        (TypeError("Integer exceeds 64-bit range"), 409, "conflict"),  # orjson, a sum in a stored document
+        (TypeError("a bug"), 500, "internal"),
         (RuntimeError("a bug"), 500, "internal"),
     ],
 )
