@@ -24,7 +24,8 @@ Each step draws one seed and makes its choices from it (what it may pick depends
 created); a failure is recorded with its step and reported at the end, every case at once. The cases the fuzz
 found are replayed every run (``Fuzz.known_cases``, each with what it did before it was fixed), so none can
 come back. ``STATEFUL_FUZZ_EXAMPLES`` (default 10) and ``STATEFUL_FUZZ_STEPS`` (default 100) go deeper by
-hand; ``STATEFUL_FUZZ_SHRINK=1`` lets hypothesis shrink (slow, and the services' state has moved on).
+hand, ``STATEFUL_FUZZ_RANDOM=1`` draws other examples than the fixed ones CI runs;
+``STATEFUL_FUZZ_SHRINK=1`` lets hypothesis shrink (slow, and the services' state has moved on).
 """
 
 from __future__ import annotations
@@ -1012,6 +1013,9 @@ def run_machine(world: World) -> None:
                 stateful_step_count=STEPS,
                 deadline=None,
                 database=None,
+                # The same examples every run (CI must not pass or fail by luck); STATEFUL_FUZZ_RANDOM=1 draws new
+                # ones, to search by hand.
+                derandomize=not os.environ.get("STATEFUL_FUZZ_RANDOM"),
                 phases=phases,
                 suppress_health_check=list(HealthCheck),
             ),
