@@ -50,7 +50,9 @@ UtcDatetime = Annotated[datetime, BeforeValidator(_not_a_number), AfterValidator
 
 # Numbers are strict: "512" or 512.0 is not the integer 512 on a public topic (it goes to the DLQ).
 NonNegativeInt = Annotated[int, Field(ge=0, le=2**62, strict=True)]
-Int = Annotated[int, Field(ge=-(2**62), le=2**62, strict=True)]  # what a bigint column holds, with room to sum
+# What a bigint column holds: a balance or a statement's figure may pass 2**62 (several agreements of up to
+# 2**62 each), never 2**63 - 1 (the database refuses the sum first).
+Int = Annotated[int, Field(ge=-(2**63 - 1), le=2**63 - 1, strict=True)]
 Name = Annotated[str, Field(max_length=512)]
 
 
@@ -127,7 +129,7 @@ class EntryLine(BaseModel):
 
     account: str = Field(description="Account name, e.g. `credit_pool:<agreement>` or `usage`.")
     side: Literal["debit", "credit"]
-    amount: Annotated[int, Field(gt=0, le=2**62, strict=True)] = Field(description="Positive integer microcredits.")
+    amount: Annotated[int, Field(gt=0, le=2**63 - 1, strict=True)] = Field(description="Positive integer microcredits.")
 
 
 class UsageLine(BaseModel):
