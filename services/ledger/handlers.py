@@ -82,12 +82,14 @@ def charges_handler(
     ledger: LedgerService, outbox: Outbox
 ) -> Callable[[list[Received[Charges]]], Awaitable[list[tuple[Received[Charges], BatchRejected]]]]:
     """The usage.charges.v2 batch handler: post the batches in one transaction, publish the committed
-    transactions and alerts (invalid items never reach it: the decoder splits them off to the DLQ). Items
+    transactions and alerts while the next batch is posted (invalid items never reach it: the decoder
+    splits them off to the DLQ; the offsets are committed once the transaction is: the outbox holds what
+    is not published yet). Items
     of the revision applied (or held) with other content change nothing and are dead-lettered alone."""
 
     async def handle(batch: list[Received[Charges]]) -> list[tuple[Received[Charges], BatchRejected]]:
         posting = await ledger.post_charges([r.message for r in batch])
-        await outbox.flush(posting.outbox_ids)
+        await outbox.flush_behind(posting.outbox_ids)
         return [
             (batch[n], BatchRejected(why, (i,), encode_charges(subset(batch[n].message, [i]))))
             for n, i, why in posting.conflicts
@@ -144,6 +146,9 @@ async def stop(runtime: Runtime) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    outbox = runtime.state.get("outbox")
+    if outbox is not None:
+        await outbox.drain()  # the last batch's messages (the consumer has stopped)
 
 
 async def _periodic(ledger: LedgerService, outbox: Outbox, settings: LedgerSettings) -> None:

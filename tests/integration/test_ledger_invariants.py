@@ -138,6 +138,26 @@ async def test_entries_transactions_and_usage_lines_cannot_be_changed(ledger_db:
     assert await ledger_db.fetchval("SELECT sum(amount) FROM entries WHERE transaction_id = $1", tid) == 10
 
 
+async def test_a_usage_line_needs_its_transaction(ledger_db: LedgerDB) -> None:
+    """The reference of usage lines to their transaction, checked once per statement (migration 005): a
+    statement with one line of an unknown transaction is refused whole, and lines of a known one go in."""
+    customer = await ledger_db.customer()
+    acc = await _accounts(ledger_db, customer)
+    insert = """INSERT INTO usage_lines (transaction_id, org_id, meter, resource_kind, month, microcredits)
+                SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::date[], $6::bigint[])"""
+    month = datetime(2026, 5, 1, tzinfo=UTC).date()
+    async with ledger_db.pool.acquire() as conn:
+        async with conn.transaction():
+            tid = await _insert_transaction(
+                conn, customer, "lines", [(acc["funding"], "debit", 5), (acc["usage"], "credit", 5)]
+            )
+        unknown = uuid.uuid4()
+        with pytest.raises(asyncpg.ForeignKeyViolationError, match=str(unknown)):
+            await conn.execute(insert, [tid, unknown], ["o", "o"], ["cfapps"] * 2, ["", ""], [month] * 2, [2, 3])
+        await conn.execute(insert, [tid, tid], ["o", "p"], ["cfapps"] * 2, ["", ""], [month] * 2, [2, 3])
+    assert await ledger_db.fetchval("SELECT count(*) FROM usage_lines WHERE transaction_id = $1", tid) == 2
+
+
 async def test_a_duplicate_idempotency_key_is_refused(ledger_db: LedgerDB) -> None:
     customer = await ledger_db.customer()
     acc = await _accounts(ledger_db, customer)
