@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
+from services.ledger.repository import USAGE_LINE_COLUMNS
 from tests.support.ledger import LedgerDB, ledger_db  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
@@ -154,8 +155,15 @@ async def test_a_usage_line_needs_its_transaction(ledger_db: LedgerDB) -> None:
         unknown = uuid.uuid4()
         with pytest.raises(asyncpg.ForeignKeyViolationError, match=str(unknown)):
             await conn.execute(insert, [tid, unknown], ["o", "o"], ["cfapps"] * 2, ["", ""], [month] * 2, [2, 3])
-        await conn.execute(insert, [tid, tid], ["o", "p"], ["cfapps"] * 2, ["", ""], [month] * 2, [2, 3])
-    assert await ledger_db.fetchval("SELECT count(*) FROM usage_lines WHERE transaction_id = $1", tid) == 2
+        with pytest.raises(asyncpg.ForeignKeyViolationError, match=str(unknown)):  # COPY, as the ledger writes
+            await conn.copy_records_to_table(
+                "usage_lines", records=[(unknown, "o", "cfapps", "", None, month, 2)], columns=USAGE_LINE_COLUMNS
+            )
+        await conn.execute(insert, [tid, tid], ["o", "p"], ["cfapps"] * 2, ["", ""], [month] * 2, [2, 1])
+        await conn.copy_records_to_table(  # the lines sum to the transaction's usage movement, 5
+            "usage_lines", records=[(tid, "q", "cfapps", "", None, month, 2)], columns=USAGE_LINE_COLUMNS
+        )
+    assert await ledger_db.fetchval("SELECT count(*) FROM usage_lines WHERE transaction_id = $1", tid) == 3
 
 
 async def test_a_duplicate_idempotency_key_is_refused(ledger_db: LedgerDB) -> None:
