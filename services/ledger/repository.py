@@ -550,9 +550,13 @@ async def list_held(
     with its items document."""
     h, m, s, o = after if after is not None else (None, None, None, None)
     rows = await conn.fetch(
+        # COLLATE "C": the caller compares positions in Python (code point order), whatever the database's
+        # default collation (a managed PostgreSQL is often en_US, which orders "org-a" before "org-B").
         """SELECT reading_hour, meter, shard, org_id, held_at, items FROM held_shards
-            WHERE $1::timestamptz IS NULL OR (reading_hour, meter, shard, org_id) >= ($1, $2::text, $3::int2, $4::text)
-            ORDER BY reading_hour, meter, shard, org_id LIMIT $5""",
+            WHERE $1::timestamptz IS NULL
+               OR (reading_hour, meter COLLATE "C", shard, org_id COLLATE "C")
+                  >= ($1, $2::text COLLATE "C", $3::int2, $4::text COLLATE "C")
+            ORDER BY reading_hour, meter COLLATE "C", shard, org_id COLLATE "C" LIMIT $5""",
         h, m, s, o, limit,
     )
     return list(zip(rows, await frames.unpack_all(conn, [r["items"] for r in rows]), strict=True))

@@ -349,10 +349,13 @@ async def unpriced_after(
     h, m, s, c = after if after is not None else (None, None, None, None)
     op = ">" if strict else ">="
     rows = await conn.fetch(
+        # COLLATE "C": the caller compares positions in Python (code point order), whatever the database's
+        # default collation.
         f"""SELECT reading_hour, meter, shard, resource_kind FROM unpriced_shards
            WHERE ($1::timestamptz IS NULL
-                  OR (reading_hour, meter, shard, resource_kind) {op} ($1, $2::text, $3::int2, $4::text))
-           ORDER BY reading_hour, meter, shard, resource_kind
+                  OR (reading_hour, meter COLLATE "C", shard, resource_kind COLLATE "C")
+                     {op} ($1, $2::text COLLATE "C", $3::int2, $4::text COLLATE "C"))
+           ORDER BY reading_hour, meter COLLATE "C", shard, resource_kind COLLATE "C"
            LIMIT $5""",
         h, m, s, c, limit,
     )

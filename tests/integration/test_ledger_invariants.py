@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 from services.ledger.repository import USAGE_LINE_COLUMNS
-from tests.support.ledger import LedgerDB, ledger_db  # noqa: F401  (fixture)
+from tests.support.ledger import LedgerDB, item, ledger_db, resources_of_shard  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -253,3 +253,25 @@ async def test_the_posted_figure_must_be_the_floor_of_the_exact_sum(ledger_db: L
         )
         assert await conn.fetchval("SELECT posted FROM month_usage WHERE customer_id = $1", customer) == 3
         await tx.rollback()
+
+
+async def test_held_charges_are_paged_in_code_point_order_whatever_the_collation(ledger_db: LedgerDB) -> None:
+    """The held list compares its cursor in Python: the database must order the same way even where its
+    collation does not (en-US puts "org-a" before "org-B"; code points the other way round)."""
+    async with ledger_db.pool.acquire() as conn:
+        await conn.execute('ALTER TABLE held_shards ALTER COLUMN org_id TYPE text COLLATE "en-US-x-icu"')
+        await conn.execute('ALTER TABLE held_shards ALTER COLUMN meter TYPE text COLLATE "en-US-x-icu"')
+    hour = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    found = resources_of_shard(3, 6)
+    resources = {"org-a": found[:3], "org-B": found[3:]}
+    await ledger_db.post(hour, *(item(org, 5, resource=r) for org, rs in resources.items() for r in rs))
+    listed: list[tuple[str, str]] = []
+    after = None
+    while True:
+        page = await ledger_db.service.list_held(after, 3)
+        listed += [(h["org_id"], h["resource_id"]) for h in page.items]
+        if page.next_cursor is None:
+            break
+        after = page.next_cursor
+    assert listed == sorted((org, r) for org, rs in resources.items() for r in rs)
+    assert listed[0][0] == "org-B"
