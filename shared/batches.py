@@ -1,5 +1,5 @@
-"""The batched topics, ``usage.readings.v2`` and ``usage.charges.v3`` (and ``.v2``, read): shards, message ids, encoding, and
-the fast decoding every consumer uses, with checks item by item.
+"""The batched topics, ``usage.readings.v2`` and ``usage.charges.v3`` (and ``.v2``, still read): shards,
+message ids, encoding, and the fast decoding every consumer uses, with checks item by item.
 
 A batch message carries many measurements (charges) of one reading hour and meter for one shard of
 resources, as columns (``shared.contracts.MeasurementsTaken``, ``ChargesComputed``). The pydantic models
@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-from itertools import compress
 import uuid
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import compress
 from typing import Annotated, Any, Generic, Literal, NamedTuple, TypeVar
 
 import msgspec
