@@ -1,5 +1,5 @@
-"""The batched topics, ``usage.readings.v2`` and ``usage.charges.v2``: shards, message ids, encoding, and
-the fast decoding every consumer uses, with checks item by item.
+"""The batched topics, ``usage.readings.v2`` and ``usage.charges.v3`` (and ``.v2``, still read): shards,
+message ids, encoding, and the fast decoding every consumer uses, with checks item by item.
 
 A batch message carries many measurements (charges) of one reading hour and meter for one shard of
 resources, as columns (``shared.contracts.MeasurementsTaken``, ``ChargesComputed``). The pydantic models
@@ -8,7 +8,9 @@ a whole. Validating a few hundred items with them would cost what the batch save
 with the msgspec mirrors below (the columns typed loosely) and then check every item with a handful of
 whole-column operations (min, max, set); only when one of those fails are the items looked at one by
 one, and the bad ones are split off with their reason (``Decoded.rejected``) while the good ones go on.
-A message the mirror cannot read at all is refused as a whole with the contract's reason.
+A message the mirror cannot read at all is refused as a whole with the contract's reason, and so is a
+charges batch naming a price whose model and bands are invalid (``shared.price_models``). An item of a
+graduated or volume price must have amount 0/1 (the ledger prices the month's total of the price).
 
 Items are also refused when they belong to another shard than the message says, and when a resource
 appears twice in one message with other facts (the same facts twice count once).
@@ -21,7 +23,7 @@ tables) is not content either. A measurement must always say the same: a consume
 treats one with the same content as a redelivery (its stored copy, labels included, stays), and refuses
 one with other content to its topic's DLQ with a reason starting ``conflict:`` (``CONFLICT``) that names
 the stored copy, never replacing what it stored. For a charge, the content of a revision is its
-measurement's content plus its price and exact amount; each consumer of ``usage.charges.v2`` compares,
+measurement's content plus its price and exact amount; each consumer of ``usage.charges.v3`` compares,
 for an item of the revision it holds, the part of that it keeps (see the services' READMEs).
 """
 
@@ -34,19 +36,22 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import compress
 from typing import Annotated, Any, Generic, Literal, NamedTuple, TypeVar
 
 import msgspec
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from shared.contracts import MAX_ITEMS, SHARDS, ChargesComputed, MeasurementsTaken, UtcDatetime
+from shared.contracts import MAX_ITEMS, SHARDS, ChargesComputed, ChargesComputedV2, MeasurementsTaken, UtcDatetime
 from shared.ids import NAMESPACE
+from shared.price_models import InvalidPriceModelError, from_document
 
 __all__ = [
     "CONFLICT",
     "MAX_INT",
     "MAX_ITEMS",
     "SHARDS",
+    "Band",
     "BatchRejected",
     "Charges",
     "Decoded",
@@ -153,12 +158,22 @@ class Ref(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     name: Annotated[str, msgspec.Meta(max_length=512)] = ""
 
 
-class Price(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+class Band(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False, omit_defaults=True):
+    """A band of a graduated or volume price (shared.price_models.Band's JSON form)."""
+
+    up_to: Annotated[str, msgspec.Meta(max_length=64)] | None
+    microcredits_per_unit: Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
+    flat_fee: Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)] = 0
+
+
+class Price(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False, omit_defaults=True):
     """A price of a charges batch's dictionary."""
 
     id: uuid.UUID
     microcredits_per_unit: Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
     unit: Annotated[int, msgspec.Meta(ge=1, le=MAX_INT)]
+    model: Literal["flat", "graduated", "volume"] = "flat"
+    bands: Annotated[list[Band], msgspec.Meta(max_length=32)] | None = None
 
 
 # Item columns: what can be checked per element without looking at the rest of the batch is checked by
@@ -223,7 +238,9 @@ class Charges(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False)
     amount_numerator: list[_Value]
     amount_denominator: list[_Denominator]
     schema_name: Literal["usage.charges"] = "usage.charges"
-    schema_version: Literal[2] = 2
+    # 3 (usage.charges.v3) is what is written; 2 is read too: a v2 body (a batch stored before v3, published
+    # again byte for byte on a redelivery, or one drained from usage.charges.v2) is a v3 batch of flat prices.
+    schema_version: Literal[2, 3] = 3
 
 
 def _loose(struct: type[msgspec.Struct], name: str) -> type[msgspec.Struct]:
@@ -357,6 +374,8 @@ def _utc(struct: B, raw: bytes) -> B | None:
 
 
 def _whole_reason(raw: bytes, model: type[BaseModel]) -> str:
+    if model is ChargesComputed and re.search(rb'"schema_version"\s*:\s*2\b', raw):
+        model = ChargesComputedV2  # a v2 body, read as the contract it claims
     try:
         model.model_validate_json(raw)
     except ValidationError as exc:
@@ -394,7 +413,37 @@ def _item_reason(msg: Measurements | Charges, i: int, charges: bool) -> str | No
             return f"item {i}: amount_denominator must be an integer from 1 to 2**62"
         if msg.price[i] < 0 and msg.amount_numerator[i] != 0:
             return f"item {i}: unpriced with a non-zero amount"
+        if msg.price[i] >= 0 and msg.prices[msg.price[i]].model != "flat" and (
+            msg.amount_numerator[i] != 0 or msg.amount_denominator[i] != 1
+        ):
+            return (
+                f"item {i}: an item of a {msg.prices[msg.price[i]].model} price must have amount 0/1 "
+                f"(the ledger prices it), not {msg.amount_numerator[i]}/{msg.amount_denominator[i]}"
+            )
     return None
+
+
+def _price_reason(prices: Sequence[Price]) -> str | None:
+    """Why the prices of a charges batch make the whole message unreadable (None: they are valid): a flat
+    price with bands, or a graduated or volume price whose bands ``shared.price_models`` refuses. Per price,
+    and a batch names few."""
+    for p, price in enumerate(prices):
+        if price.model == "flat":
+            if price.bands is not None:
+                return f"prices[{p}]: a flat price has no bands"
+            continue
+        if price.bands is None:
+            return f"prices[{p}]: a {price.model} price needs bands"
+        try:
+            from_document({"model": price.model, "bands": [msgspec.structs.asdict(b) for b in price.bands]})
+        except InvalidPriceModelError as exc:
+            return f"prices[{p}]: {exc}"
+    return None
+
+
+def _not_flat(prices: Sequence[Price]) -> set[int]:
+    """The positions of the graduated and volume prices of a batch."""
+    return {p for p, price in enumerate(prices) if price.model != "flat"}
 
 
 def _below(column: list[int], size: int) -> bool:
@@ -443,6 +492,14 @@ def _columns_ok(msg: Measurements | Charges, charges: bool, parsed_strictly: boo
             return False
         if -1 in msg.price and any(p < 0 and n for p, n in zip(msg.price, msg.amount_numerator, strict=True)):
             return False
+        not_flat = _not_flat(msg.prices)
+        # An item of a graduated or volume price has amount 0/1: the prices of the items whose numerator is not
+        # 0 or whose denominator is not 1 (found in C: compress over map) must all be flat.
+        if not_flat and not (
+            not_flat.isdisjoint(compress(msg.price, map(bool, msg.amount_numerator)))
+            and not_flat.isdisjoint(compress(msg.price, map((1).__ne__, msg.amount_denominator)))
+        ):
+            return False
     return True
 
 
@@ -478,6 +535,11 @@ def _decode(raw: bytes, struct: type[B], model: type[BaseModel], encode: Callabl
     if utc is None:
         return Decoded(None, [BatchRejected(_whole_reason(raw, model))])
     msg = utc
+    if charges:
+        assert isinstance(msg, Charges)
+        why = _price_reason(msg.prices)
+        if why is not None:
+            return Decoded(None, [BatchRejected(f"invalid {model.__name__}: {why}")])
     columns = _CHARGE_COLUMNS if charges else _MEASUREMENT_COLUMNS
     n = len(msg.resource_id)
     if n > MAX_ITEMS or any(len(getattr(msg, c)) != n for c in columns):
@@ -513,7 +575,8 @@ def decode_measurements(raw: bytes) -> Decoded[Measurements]:
 
 
 def decode_charges(raw: bytes) -> Decoded[Charges]:
-    """A ``usage.charges.v2`` message, its good items and its refused ones."""
+    """A ``usage.charges.v3`` message (or a ``usage.charges.v2`` one: a batch of flat prices), its good items
+    and its refused ones."""
     return _decode(raw, Charges, ChargesComputed, encode_charges)
 
 

@@ -7,6 +7,7 @@ become the AsyncAPI document.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
@@ -14,20 +15,24 @@ from uuid import UUID
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from shared.clock import as_utc
+from shared.price_models import MAX_BANDS, InvalidPriceModelError, from_document
 
 __all__ = [
     "MAX_ITEMS",
     "MAX_MESSAGE_BYTES",
     "SHARDS",
     "AlertRaised",
+    "BandTerms",
     "ChargeComputed",
     "ChargesComputed",
+    "ChargesComputedV2",
     "EntryLine",
     "Event",
     "MeasurementTaken",
     "MeasurementsTaken",
     "Named",
     "PriceTerms",
+    "PriceTermsV2",
     "StatementIssued",
     "StatementLine",
     "TransactionPosted",
@@ -285,8 +290,8 @@ class MeasurementsTaken(Event):
         return self
 
 
-class PriceTerms(BaseModel):
-    """A price the items of a charge batch refer to."""
+class PriceTermsV2(BaseModel):
+    """A price the items of a ``usage.charges.v2`` batch refer to (flat: an item's amount is exact)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -295,19 +300,60 @@ class PriceTerms(BaseModel):
     unit: Annotated[int, Field(ge=1, le=2**62, strict=True)]
 
 
+BandEdge = Annotated[str, Field(pattern=r"^[1-9][0-9]{0,18}(/[1-9][0-9]{0,18})?$", max_length=64)]
+
+
+class BandTerms(BaseModel):
+    """A band of a graduated or volume price (``shared.price_models.Band`` in its JSON form)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    up_to: BandEdge | None = Field(
+        description='The band\'s upper edge in the price\'s units, inclusive, as an exact string "n" or "n/d"; '
+        "null for the last band (open-ended). Its lower edge is the previous band's `up_to` (0 for the first)."
+    )
+    microcredits_per_unit: NonNegativeInt = Field(description="The band's rate per unit of the price.")
+    flat_fee: NonNegativeInt = Field(default=0, description="Whole microcredits charged once the band is reached.")
+
+
+class PriceTerms(BaseModel):
+    """A price the items of a charge batch refer to: ``flat`` (``microcredits_per_unit`` per ``unit``, no
+    bands; an item's amount is exact), or ``graduated`` / ``volume`` (``bands``; the rate is 0 and an item's
+    amount is 0/1: the ledger prices the customer's month total of the price, ``docs/price-models.md``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: UUID
+    microcredits_per_unit: NonNegativeInt
+    unit: Annotated[int, Field(ge=1, le=2**62, strict=True)]
+    model: Literal["flat", "graduated", "volume"] = Field(
+        default="flat", description="How the price turns a customer's month of units into microcredits."
+    )
+    bands: Annotated[list[BandTerms], Field(max_length=MAX_BANDS)] | None = Field(
+        default=None, description="The bands of a graduated or volume price; absent for flat."
+    )
+
+    @model_validator(mode="after")
+    def _model_fits(self) -> PriceTerms:
+        if self.model == "flat":
+            if self.bands is not None:
+                raise ValueError("a flat price has no bands")
+            return self
+        if self.bands is None:
+            raise ValueError(f"a {self.model} price needs bands")
+        try:
+            from_document({"model": self.model, "bands": [b.model_dump() for b in self.bands]})
+        except InvalidPriceModelError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
 _CHARGE_COLUMNS = (*_MEASUREMENT_COLUMNS, "revision", "price", "amount_numerator", "amount_denominator")
 
 
-class ChargesComputed(Event):
-    """The exact charges of many measurements of one reading hour and meter, for one shard of resources
-    (topic ``usage.charges.v2``, keyed ``shard-<n>``): the measurement columns of ``MeasurementsTaken``
-    plus, per item, the charge's revision, its price (position in ``prices``; -1 when unpriced) and its
-    exact amount in microcredits, ``amount_numerator / amount_denominator``. A later revision of a
-    measurement's charge replaces the earlier one downstream; an item not newer than what a consumer
-    holds changes nothing."""
+class _ChargeColumns(Event):
+    """The columns of a charges batch (both versions)."""
 
-    schema_name: Literal["usage.charges"] = "usage.charges"
-    schema_version: Literal[2] = 2
     reading_hour: UtcDatetime = Field(description="The UTC hour measured (minute 0).")
     meter: Annotated[str, Field(min_length=1, max_length=64)]
     unit: Annotated[str, Field(min_length=1, max_length=32)]
@@ -316,7 +362,6 @@ class ChargesComputed(Event):
     orgs: Annotated[list[Named], Field(max_length=MAX_ITEMS)]
     spaces: Annotated[list[Named], Field(max_length=MAX_ITEMS)]
     kinds: Annotated[list[Kind], Field(max_length=MAX_ITEMS)]
-    prices: Annotated[list[PriceTerms], Field(max_length=MAX_ITEMS)] = Field(description="The prices applied.")
     resource_id: Annotated[list[ResourceId], Field(max_length=MAX_ITEMS)]
     resource_name: Annotated[list[Name], Field(max_length=MAX_ITEMS)]
     org: Annotated[list[Index], Field(max_length=MAX_ITEMS)]
@@ -331,18 +376,54 @@ class ChargesComputed(Event):
         Field(description="Per item: position in `prices`, or -1 when no price covers it (unpriced, amount 0).")
     )
     amount_numerator: Annotated[list[NonNegativeInt], Field(max_length=MAX_ITEMS)] = Field(
-        description="Per item: exact microcredits = numerator / denominator."
+        description="Per item: microcredits = numerator / denominator, exact for a flat price; 0 (over 1) for a "
+        "graduated or volume price (priced by the ledger on the customer's month total of the price)."
     )
     amount_denominator: Annotated[
         list[Annotated[int, Field(ge=1, le=2**62, strict=True)]], Field(max_length=MAX_ITEMS)
     ] = Field(description="Per item: see `amount_numerator`.")
 
-    @model_validator(mode="after")
-    def _columns_agree(self) -> ChargesComputed:
+    def _check_columns(self, prices: Sequence[PriceTermsV2 | PriceTerms]) -> None:
         _same_length(self, _CHARGE_COLUMNS, _MEASUREMENT_TABLES)
         for i, (p, n) in enumerate(zip(self.price, self.amount_numerator, strict=True)):
-            if p >= len(self.prices):
+            if p >= len(prices):
                 raise ValueError(f"price[{i}] = {p} is not a position in prices")
             if p < 0 and n != 0:
                 raise ValueError(f"item {i} is unpriced with a non-zero amount")
+            model = getattr(prices[p], "model", "flat") if p >= 0 else "flat"
+            if model != "flat" and (n != 0 or self.amount_denominator[i] != 1):
+                raise ValueError(f"item {i} of a {model} price must have amount 0/1 (the ledger prices it)")
+
+
+class ChargesComputed(_ChargeColumns):
+    """The charges of many measurements of one reading hour and meter, for one shard of resources (topic
+    ``usage.charges.v3``, keyed ``shard-<n>``): the measurement columns of ``MeasurementsTaken`` plus, per
+    item, the charge's revision, its price (position in ``prices``; -1 when unpriced) and its amount in
+    microcredits, ``amount_numerator / amount_denominator``. An item's units are ``value /
+    prices[price].unit``; its amount is exact for a ``flat`` price and 0/1 for a ``graduated`` or
+    ``volume`` one ("priced by the ledger on the month's total": its money depends on the customer's month
+    total of the price, posted on ``ledger.transactions.v1``). A later revision of a measurement's charge
+    replaces the earlier one downstream; an item not newer than what a consumer holds changes nothing."""
+
+    schema_name: Literal["usage.charges"] = "usage.charges"
+    schema_version: Literal[3] = 3
+    prices: Annotated[list[PriceTerms], Field(max_length=MAX_ITEMS)] = Field(description="The prices applied.")
+
+    @model_validator(mode="after")
+    def _columns_agree(self) -> ChargesComputed:
+        self._check_columns(self.prices)
+        return self
+
+
+class ChargesComputedV2(_ChargeColumns):
+    """``usage.charges.v2``, the previous version (flat prices only, every amount exact): no longer
+    published, still read to drain what the topic retains. Its items are those of ``ChargesComputed``."""
+
+    schema_name: Literal["usage.charges"] = "usage.charges"
+    schema_version: Literal[2] = 2
+    prices: Annotated[list[PriceTermsV2], Field(max_length=MAX_ITEMS)] = Field(description="The prices applied.")
+
+    @model_validator(mode="after")
+    def _columns_agree(self) -> ChargesComputedV2:
+        self._check_columns(self.prices)
         return self

@@ -1,4 +1,4 @@
-"""An example consumer of ``usage.charges.v2`` that an internal team can copy: FastStream, its own consumer
+"""An example consumer of ``usage.charges.v3`` that an internal team can copy: FastStream, its own consumer
 group, one CSV row per charge.
 
     python -m examples.consumer.consumer --out charges.csv [--bootstrap 127.0.0.1:9092] [--group charges-csv]
@@ -13,7 +13,11 @@ What it shows:
 - reading the columnar layout: item i is the i-th entry of every item column; ``org``, ``space``,
   ``kind`` and ``price`` are positions in the ``orgs``, ``spaces``, ``kinds`` and ``prices`` tables
   (``price`` -1: no price covers it yet; its amount is 0). The exact amount in microcredits is
-  ``amount_numerator / amount_denominator``; round only for display.
+  ``amount_numerator / amount_denominator``; round only for display;
+- price models: a charge's units are ``value / prices[price].unit`` (exact). A ``flat`` price's charge has
+  its exact amount; a ``graduated`` or ``volume`` price's charge has amount 0/1, because its money depends
+  on the customer's whole month of the price (bands): the CSV leaves its amount and credits empty rather
+  than show a cost of 0.
 
 The contract is documented in ``docs/asyncapi/pricer.json`` (``ChargesComputed``). This example depends
 on FastStream and pydantic only, not on the billing code.
@@ -25,6 +29,7 @@ import argparse
 import csv
 import os
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
@@ -35,7 +40,8 @@ from pydantic import BaseModel
 
 COLUMNS = (
     "reading_hour", "meter", "resource_id", "resource_name", "org_id", "space_id", "resource_kind", "value",
-    "unit", "estimated", "revision", "price_id", "amount_numerator", "amount_denominator", "credits",
+    "unit", "estimated", "revision", "price_id", "price_model", "units", "amount_numerator", "amount_denominator",
+    "credits",
 )
 
 
@@ -44,10 +50,18 @@ class Named(BaseModel):
     name: str = ""
 
 
+class BandTerms(BaseModel):
+    up_to: str | None  # exact: "n" or "n/d" units of the price; null for the last band
+    microcredits_per_unit: int
+    flat_fee: int = 0
+
+
 class PriceTerms(BaseModel):
     id: str
     microcredits_per_unit: int
     unit: int
+    model: Literal["flat", "graduated", "volume"] = "flat"
+    bands: list[BandTerms] | None = None
 
 
 class ChargesComputed(BaseModel):
@@ -55,7 +69,7 @@ class ChargesComputed(BaseModel):
     the topic do not break it)."""
 
     schema_name: Literal["usage.charges"]
-    schema_version: Literal[2]
+    schema_version: Literal[3]
     reading_hour: str
     meter: str
     unit: str
@@ -81,12 +95,20 @@ def rows(batch: ChargesComputed) -> list[tuple[object, ...]]:
     out = []
     for i, rid in enumerate(batch.resource_id):
         p = batch.price[i]
+        price = batch.prices[p] if p >= 0 else None
         num, den = batch.amount_numerator[i], batch.amount_denominator[i]
+        units = str(Fraction(batch.value[i], price.unit)) if price is not None else ""
+        money: tuple[object, ...]
+        if price is not None and price.model != "flat":
+            # Priced by the ledger on the customer's month total; see ledger.transactions.v1 (usage lines).
+            money = ("", "", "")
+        else:
+            money = (num, den, f"{Decimal(num) / Decimal(den) / Decimal(1_000_000):.6f}")  # credits: display only
         out.append((
             batch.reading_hour, batch.meter, rid, batch.resource_name[i], batch.orgs[batch.org[i]].id,
             batch.spaces[batch.space[i]].id, batch.kinds[batch.kind[i]], batch.value[i], batch.unit,
-            batch.estimated[i], batch.revision[i], batch.prices[p].id if p >= 0 else "", num, den,
-            f"{Decimal(num) / Decimal(den) / Decimal(1_000_000):.6f}",  # display only
+            batch.estimated[i], batch.revision[i], price.id if price is not None else "",
+            price.model if price is not None else "", units, *money,
         ))
     return out
 
@@ -120,9 +142,9 @@ def build(bootstrap: str, topic: str, group: str, out: Path) -> FastStream:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Write every charge of usage.charges.v2 to a CSV file.")
+    parser = argparse.ArgumentParser(description="Write every charge of usage.charges.v3 to a CSV file.")
     parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
-    parser.add_argument("--topic", default=os.environ.get("KAFKA_TOPIC_PREFIX", "") + "usage.charges.v2")
+    parser.add_argument("--topic", default=os.environ.get("KAFKA_TOPIC_PREFIX", "") + "usage.charges.v3")
     parser.add_argument("--group", default="charges-csv", help="this consumer's own group (never a service's)")
     parser.add_argument("--out", type=Path, required=True, help="the CSV file (appended to)")
     args = parser.parse_args()

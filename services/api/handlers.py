@@ -62,7 +62,7 @@ from shared.auth import Principal, TokenVerifier
 from shared.batches import BatchRejected, Charges, decode_charges, encode_charges, subset
 from shared.clock import utcnow
 from shared.completeness import RangeQuery
-from shared.contracts import AlertRaised, ChargesComputed
+from shared.contracts import AlertRaised, ChargesComputed, ChargesComputedV2
 from shared.db import Conn
 from shared.edge import (
     BAD_GATEWAY,
@@ -81,7 +81,7 @@ from shared.edge import (
 from shared.http import ORJSONResponse
 from shared.kafka import Received, model_decoder
 from shared.runtime import Runtime
-from shared.topics import ALERTS, CHARGES, TRANSACTIONS, dlq
+from shared.topics import ALERTS, CHARGES, CHARGES_V2, TRANSACTIONS, dlq
 
 __all__ = ["Api"]
 
@@ -149,6 +149,13 @@ class Api:
             CHARGES, ChargesComputed, decode, self.on_charges,
             description="Charges in batches: the usage the api answers from (per group and resource, exactly).",
         )
+        # The previous version, still read until what it retains is drained: the same handler, whose dedup is
+        # per (measurement, revision) in the shard's document, so a charge seen on both topics counts once.
+        runtime.consume(
+            CHARGES_V2, ChargesComputedV2, decode, self.on_charges,
+            description="Charges of flat prices from before usage.charges.v3, drained (the same handler: a charge "
+            "seen on both topics counts once).",
+        )
         runtime.consume(
             TRANSACTIONS, projector.LedgerMessage,
             model_decoder(projector.LedgerMessage.model_validate_json, projector.LedgerMessage), self.on_ledger,
@@ -159,7 +166,7 @@ class Api:
             ALERTS, AlertRaised, model_decoder(AlertRaised.model_validate_json, AlertRaised), self.webhooks.on_alerts,
             description="Alerts (50/75/90/100% of funded credits used): delivered to the customer's webhooks.",
         )
-        for topic in (CHARGES, TRANSACTIONS, ALERTS):
+        for topic in (CHARGES, CHARGES_V2, TRANSACTIONS, ALERTS):
             runtime.publishes(dlq(topic), None, f"What the api's read model could not process from {topic}.")
 
     def _projector(self) -> projector.Projector:

@@ -2,7 +2,7 @@
 (declared in schemas.py, bound here) call ``service.Pricer``, which owns the transactions (see there).
 
 Subscribers: ``usage.readings.v2`` (batches) and ``usage.readings.v1`` (single measurements, still
-accepted from producers that have not moved), both in group ``pricer``; output ``usage.charges.v2``,
+accepted from producers that have not moved), both in group ``pricer``; output ``usage.charges.v3``,
 keyed ``shard-<n>``.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 from starlette.responses import Response
 
 from services.pricer import completeness, schemas
-from services.pricer.pricing import PriceEndRefusedError, PriceNotFoundError, PriceOverlapError
+from services.pricer.pricing import PriceEndOffMonthError, PriceEndRefusedError, PriceNotFoundError, PriceOverlapError
 from services.pricer.schemas import (
     PriceCreatedOut,
     PriceEndIn,
@@ -34,7 +34,18 @@ from services.pricer.settings import PricerSettings
 from shared.audit import list_audit
 from shared.batches import SHARDS, decode_measurements
 from shared.contracts import ChargeComputed, ChargesComputed, MeasurementsTaken, MeasurementTaken
-from shared.edge import CONFLICT, INVALID_CURSOR, NOT_FOUND, UNAVAILABLE, Call, Cursor, Operation, ProblemError, answer
+from shared.edge import (
+    CONFLICT,
+    INVALID_BODY,
+    INVALID_CURSOR,
+    NOT_FOUND,
+    UNAVAILABLE,
+    Call,
+    Cursor,
+    Operation,
+    ProblemError,
+    answer,
+)
 from shared.kafka import Received, model_decoder
 from shared.runtime import Runtime
 from shared.topics import CHARGES, READINGS, READINGS_V1, dlq
@@ -50,7 +61,11 @@ def _pricer(call: Call) -> Pricer:
     return pricer
 
 
-def _problem_for(exc: PriceNotFoundError | PriceOverlapError | PriceEndRefusedError | CatalogBusyError) -> ProblemError:
+def _problem_for(
+    exc: PriceNotFoundError | PriceOverlapError | PriceEndRefusedError | PriceEndOffMonthError | CatalogBusyError,
+) -> ProblemError:
+    if isinstance(exc, PriceEndOffMonthError):
+        return ProblemError(INVALID_BODY, str(exc), title="Price cannot end then")
     if isinstance(exc, PriceNotFoundError):
         return ProblemError(NOT_FOUND, str(exc))
     if isinstance(exc, PriceOverlapError):
@@ -72,7 +87,7 @@ async def post_price(call: Call) -> Response:
 async def post_price_end(call: Call) -> Response:
     try:
         price = await _pricer(call).end_price(call.path_as(PricePath).price_id, call.body_as(PriceEndIn).at)
-    except (PriceNotFoundError, PriceEndRefusedError, CatalogBusyError) as exc:
+    except (PriceNotFoundError, PriceEndRefusedError, PriceEndOffMonthError, CatalogBusyError) as exc:
         raise _problem_for(exc) from None
     return answer(PriceOut.of(price))
 
@@ -137,7 +152,7 @@ def declare(runtime: Runtime) -> None:
 
     runtime.consume(
         READINGS, MeasurementsTaken, v2, readings,
-        description="Readings in batches (one reading hour, meter and shard each), priced into usage.charges.v2.",
+        description="Readings in batches (one reading hour, meter and shard each), priced into usage.charges.v3.",
     )
     runtime.consume(
         READINGS_V1, MeasurementTaken, model_decoder(decoder_for(MeasurementTaken), MeasurementTaken), readings_v1,
@@ -146,8 +161,9 @@ def declare(runtime: Runtime) -> None:
     )
     runtime.publishes(
         CHARGES, ChargesComputed,
-        "Exact charges in batches (one reading hour, meter and shard each), keyed shard-<n>; a re-priced "
-        "measurement comes again with a higher revision.",
+        "Charges in batches (one reading hour, meter and shard each), keyed shard-<n>: exact amounts for flat "
+        "prices, units and bands for graduated and volume ones (amount 0/1, priced by the ledger on the month's "
+        "total); a re-priced measurement comes again with a higher revision.",
     )
     for topic in (READINGS, READINGS_V1):
         runtime.publishes(dlq(topic), None, f"What the pricer could not process from {topic}, with the reason in "

@@ -1,10 +1,12 @@
 """The pricer's rules, free of I/O: the price catalog held in memory, exact charges of a batch of
 measurements, what a shard already holds, re-pricing, and the readings of ``usage.readings.v1`` as batches.
 
-A charge is ``value * microcredits_per_unit / unit`` microcredits, kept exact as an integer numerator and
-denominator; nothing is rounded here. The denominator is the price's ``unit`` (so the charges of one
-price share it and sum without a common-denominator search), reduced only when the numerator would
-exceed the contract's 2**62; an amount that still does is refused.
+A charge of a flat price is ``value * microcredits_per_unit / unit`` microcredits, kept exact as an integer
+numerator and denominator; nothing is rounded here. The denominator is the price's ``unit`` (so the charges
+of one price share it and sum without a common-denominator search), reduced only when the numerator would
+exceed the contract's 2**62; an amount that still does is refused. A charge of a graduated or volume price
+has amount 0/1: its money depends on the customer's month total of the price, which only the ledger knows;
+the charge carries its units (``value / unit``) and the price's bands (``docs/price-models.md``).
 
 State is kept per shard (reading hour, meter, shard of resources): the charge batches published for it,
 in order (``seq``). An item's latest charge is the one in the last batch that holds its resource.
@@ -17,12 +19,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from math import gcd
-from typing import NamedTuple
+from typing import NamedTuple, cast
 from uuid import UUID
 
 from shared.batches import (
     MAX_INT,
     B,
+    Band,
     Charges,
     Measurements,
     Ref,
@@ -35,7 +38,9 @@ from shared.batches import (
 from shared.batches import (
     Price as PriceRef,
 )
+from shared.clock import billing_month, month_bounds
 from shared.ids import reading_id
+from shared.price_models import PriceModel, to_document
 from shared.wire import Measurement
 
 __all__ = [
@@ -44,6 +49,7 @@ __all__ = [
     "InvalidPriceError",
     "Latest",
     "Price",
+    "PriceEndOffMonthError",
     "PriceEndRefusedError",
     "PriceNotFoundError",
     "PriceOverlapError",
@@ -53,6 +59,7 @@ __all__ = [
     "batches_of_v1",
     "check_end",
     "exact_amount",
+    "is_month_boundary",
     "latest_items",
     "price_items",
     "reprice_items",
@@ -81,13 +88,20 @@ class PriceOverlapError(PricingError):
         self.conflicts = list(conflicts)
 
 
+class PriceEndOffMonthError(PricingError):
+    """A graduated or volume price ended at an instant that is not a billing-month boundary: its bands
+    apply to a customer's month total, so it starts and ends only on one (docs/price-models.md)."""
+
+
 class PriceEndRefusedError(PricingError):
     """Ending the price at that time would contradict its range or charges already priced with it."""
 
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """``microcredits_per_unit`` per ``unit`` of a meter's quantity, valid in [valid_from, valid_until)."""
+    """``microcredits_per_unit`` per ``unit`` of a meter's quantity, valid in [valid_from, valid_until); or,
+    for a graduated or volume ``model`` (``shared.price_models``), its bands per ``unit`` (the rate is then 0).
+    ``model`` defaults to the flat model of ``microcredits_per_unit``."""
 
     id: UUID
     meter: str
@@ -98,13 +112,34 @@ class Price:
     valid_from: datetime
     valid_until: datetime | None
     created_at: datetime
+    model: PriceModel = None  # type: ignore[assignment]  # set to the flat model in __post_init__
+    ref: PriceRef = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if cast(object, self.model) is None:
+            object.__setattr__(self, "model", PriceModel.flat(self.microcredits_per_unit))
+        object.__setattr__(self, "ref", _ref(self))
+
+    @property
+    def flat(self) -> bool:
+        return self.model.model == "flat"
 
     def covers(self, at: datetime) -> bool:
         return self.valid_from <= at and (self.valid_until is None or at < self.valid_until)
 
-    @property
-    def ref(self) -> PriceRef:
-        return PriceRef(self.id, self.microcredits_per_unit, self.unit)
+
+def _ref(p: Price) -> PriceRef:
+    """A price's terms as a charges batch names them: a flat price's are the v2 terms (no model written)."""
+    if p.model.model == "flat":
+        return PriceRef(p.id, p.microcredits_per_unit, p.unit)
+    bands = to_document(p.model)["bands"]
+    assert isinstance(bands, list)
+    return PriceRef(p.id, 0, p.unit, p.model.model, [Band(**b) for b in bands])
+
+
+def is_month_boundary(moment: datetime) -> bool:
+    """Whether ``moment`` is the start of a billing month (midnight America/New_York on the 1st)."""
+    return month_bounds(billing_month(moment))[0] == moment
 
 
 class Catalog:
@@ -187,8 +222,9 @@ def price_items(
             price_of_kind.append(len(refs))
             refs.append(p.ref)
             found.append(p)
-    mpu = [0 if p < 0 else refs[p].microcredits_per_unit for p in price_of_kind]
-    unit = [1 if p < 0 else refs[p].unit for p in price_of_kind]
+    # A graduated or volume price has rate 0 and its items amount 0/1: the ledger prices the month's total.
+    mpu = [0 if p < 0 or not found[p].flat else refs[p].microcredits_per_unit for p in price_of_kind]
+    unit = [1 if p < 0 or not found[p].flat else refs[p].unit for p in price_of_kind]
     kinds = m.kind
     price = [price_of_kind[k] for k in kinds]
     nums = [v * mpu[k] for v, k in zip(m.value, kinds, strict=True)]

@@ -12,6 +12,7 @@ an unpriced charge that a concurrent batch was writing, and an end never misses 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from uuid import UUID
@@ -22,6 +23,7 @@ from services.pricer.pricing import Price
 from shared.batches import ShardKey
 from shared.blobs import Frames, shard_scope
 from shared.db import Conn
+from shared.price_models import PriceModel, from_document, to_document
 
 __all__ = [
     "BatchRow",
@@ -75,12 +77,24 @@ async def _bump_catalog_version(conn: Conn) -> None:
 
 
 _PRICE_COLUMNS = """id, meter, resource_kind, unit_of_measure, microcredits_per_unit, unit,
-    lower(valid_during) AS valid_from, upper(valid_during) AS valid_until, created_at"""
+    lower(valid_during) AS valid_from, upper(valid_during) AS valid_until, created_at, model, bands::text AS bands"""
 
 
 def _uuid(value: UUID | None) -> UUID | None:
     """asyncpg's own UUID subclass as a plain uuid.UUID (orjson serialises only the latter)."""
     return None if value is None else UUID(int=value.int)
+
+
+def _model(r: asyncpg.Record) -> PriceModel:
+    """A row's price model, read through ``shared.price_models`` (the table holds its JSON form)."""
+    if r["model"] == "flat":
+        return PriceModel.flat(r["microcredits_per_unit"])
+    return from_document({"model": r["model"], "bands": json.loads(r["bands"])})
+
+
+def _bands(price: Price) -> str | None:
+    """The JSON of a price's bands as the table holds them (null for flat)."""
+    return None if price.flat else json.dumps(to_document(price.model)["bands"])
 
 
 def _price(r: asyncpg.Record) -> Price:
@@ -94,6 +108,7 @@ def _price(r: asyncpg.Record) -> Price:
         valid_from=r["valid_from"],
         valid_until=r["valid_until"],
         created_at=r["created_at"],
+        model=_model(r),
     )
 
 
@@ -117,8 +132,8 @@ async def insert_price(conn: Conn, price: Price) -> Price:
     )
     row = await conn.fetchrow(
         f"""INSERT INTO prices (id, key_id, meter, resource_kind, unit_of_measure, microcredits_per_unit, unit,
-                                valid_during)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, tstzrange($8, $9, '[)'))
+                                valid_during, model, bands)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, tstzrange($8, $9, '[)'), $10, $11::jsonb)
             RETURNING {_PRICE_COLUMNS}""",
         price.id,
         key_id,
@@ -129,6 +144,8 @@ async def insert_price(conn: Conn, price: Price) -> Price:
         price.unit,
         price.valid_from,
         price.valid_until,
+        price.model.model,
+        _bands(price),
     )
     await _bump_catalog_version(conn)
     assert row is not None  # INSERT ... RETURNING answers its row or raises

@@ -6,18 +6,19 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Self
+from typing import Annotated, Any, Literal, Self, cast
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.pricer.pricing import MAX_AMOUNT, Price
+from services.pricer.pricing import MAX_AMOUNT, Price, is_month_boundary
 from shared import audit
 from shared.auth import SCOPE_ADMIN
 from shared.completeness import PricerCompleteness
 from shared.completeness import operation as completeness_operation
 from shared.contracts import ChargeComputed
 from shared.edge import Answer, Count, CursorText, Operation, Params, Reply, Time, Uuid, count, declarer
+from shared.price_models import MAX_BANDS, InvalidPriceModelError, PriceModel, from_document, to_document
 
 __all__ = [
     "ADD_PRICE",
@@ -28,6 +29,8 @@ __all__ = [
     "LIST_PRICES",
     "OPERATIONS",
     "UNPRICED",
+    "BandIn",
+    "BandOut",
     "PriceCreatedOut",
     "PriceEndIn",
     "PriceIn",
@@ -43,9 +46,28 @@ Meter = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 Kind = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{0,128}$")]  # the empty kind is a kind
 
 
+class BandIn(BaseModel):
+    """A band of a graduated or volume price: the units up to and including ``up_to`` (in the price's unit;
+    null: no upper edge, the last band) at ``microcredits_per_unit`` each, plus ``flat_fee`` once reached."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    up_to: Annotated[str, Field(pattern=r"^[1-9][0-9]{0,18}(/[1-9][0-9]{0,18})?$")] | None = Field(
+        description='The upper edge, inclusive, as an exact string "n" or "n/d" (never a JSON number); null for '
+        "the last band. The lower edge is the previous band's `up_to` (0 for the first)."
+    )
+    microcredits_per_unit: Annotated[int, Field(ge=0, le=MAX_AMOUNT, strict=True)]
+    flat_fee: Annotated[int, Field(ge=0, le=MAX_AMOUNT, strict=True)] = Field(
+        default=0, description="Whole microcredits charged once a customer's month total is above the lower edge."
+    )
+
+
 class PriceIn(BaseModel):
     """``POST /internal/prices``: a price valid from ``valid_from`` until ``valid_until`` (exclusive;
-    null: no end yet)."""
+    null: no end yet). ``flat`` (the default): ``microcredits_per_unit`` per ``unit``, no bands.
+    ``graduated`` / ``volume``: ``bands`` (1 to 32, edges strictly increasing, the last open-ended), no rate
+    (absent or 0), applied to a customer's month total of the price in units of ``unit``; such a price
+    starts and ends only on a billing-month boundary (midnight America/New_York on the 1st)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -54,7 +76,15 @@ class PriceIn(BaseModel):
     unit_of_measure: Annotated[str, Field(min_length=1, max_length=32, pattern=r"\S")] = Field(
         description="What ``unit`` counts, e.g. `MB-hour` or `instance-hour` (informational)."
     )
-    microcredits_per_unit: Annotated[int, Field(ge=0, le=MAX_AMOUNT)]
+    model: Literal["flat", "graduated", "volume"] = Field(
+        default="flat", description="How the price turns units into microcredits (docs/price-models.md)."
+    )
+    microcredits_per_unit: Annotated[int, Field(ge=0, le=MAX_AMOUNT)] | None = Field(
+        default=None, description="The rate of a flat price (required for flat; absent or 0 otherwise)."
+    )
+    bands: Annotated[list[BandIn], Field(min_length=1, max_length=MAX_BANDS)] | None = Field(
+        default=None, description="The bands of a graduated or volume price (required for them; absent for flat)."
+    )
     unit: Annotated[int, Field(gt=0, le=MAX_AMOUNT)] = Field(
         description="How many units of the measured quantity the price is for, e.g. 730 instance-hours."
     )
@@ -65,11 +95,39 @@ class PriceIn(BaseModel):
     def _range_not_empty(self) -> Self:
         if self.valid_until is not None and self.valid_until <= self.valid_from:
             raise ValueError("valid_until must be later than valid_from")
+        if self.model == "flat":
+            if self.microcredits_per_unit is None:
+                raise ValueError("a flat price needs microcredits_per_unit")
+            if self.bands is not None:
+                raise ValueError("a flat price has no bands (use model graduated or volume)")
+            return self
+        if self.bands is None:
+            raise ValueError(f"a {self.model} price needs bands")
+        if self.microcredits_per_unit:
+            raise ValueError(f"a {self.model} price has no microcredits_per_unit: its bands give the rates")
+        self.price_model()  # the bands, validated
+        for name, moment in (("valid_from", self.valid_from), ("valid_until", self.valid_until)):
+            if moment is not None and not is_month_boundary(moment):
+                raise ValueError(
+                    f"a {self.model} price starts and ends only on a billing-month boundary (midnight "
+                    f"America/New_York on the 1st): {name} {moment.isoformat()} is not one"
+                )
         return self
+
+    def price_model(self) -> PriceModel:
+        """The price's model, validated (``shared.price_models``); a ValueError says what is wrong."""
+        if self.model == "flat":
+            return PriceModel.flat(self.microcredits_per_unit or 0)
+        bands = [b.model_dump() for b in self.bands or ()]
+        try:
+            return from_document({"model": self.model, "bands": bands})
+        except InvalidPriceModelError as exc:
+            raise ValueError(f"bands: {exc}") from None
 
 
 class PriceEndIn(BaseModel):
-    """``POST /internal/prices/{id}/end``: the price stops applying at ``at`` (exclusive)."""
+    """``POST /internal/prices/{id}/end``: the price stops applying at ``at`` (exclusive); a graduated or
+    volume price only on a billing-month boundary (midnight America/New_York on the 1st)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -92,12 +150,20 @@ class UnpricedQuery(Params):
     cursor: CursorText | None = Field(default=None, description="`next_cursor` of the previous page.")
 
 
+class BandOut(Reply):
+    up_to: str | None = Field(description='The upper edge, inclusive: "n" or "n/d"; null for the last band.')
+    microcredits_per_unit: int = Field(ge=0)
+    flat_fee: int = Field(ge=0)
+
+
 class PriceOut(Reply):
     id: UUID
     meter: str
     resource_kind: str
     unit_of_measure: str
-    microcredits_per_unit: int = Field(ge=0)
+    model: Literal["flat", "graduated", "volume"]
+    microcredits_per_unit: int = Field(ge=0, description="The rate of a flat price; 0 for graduated and volume.")
+    bands: list[BandOut] | None = Field(description="The bands of a graduated or volume price; null for flat.")
     unit: int = Field(ge=1)
     valid_from: datetime
     valid_until: datetime | None
@@ -105,12 +171,15 @@ class PriceOut(Reply):
 
     @classmethod
     def of(cls, price: Price) -> PriceOut:
+        bands = None if price.flat else cast(list[dict[str, Any]], to_document(price.model)["bands"])
         return cls(
             id=price.id,
             meter=price.meter,
             resource_kind=price.resource_kind,
             unit_of_measure=price.unit_of_measure,
+            model=price.model.model,
             microcredits_per_unit=price.microcredits_per_unit,
+            bands=None if bands is None else [BandOut(**b) for b in bands],
             unit=price.unit,
             valid_from=price.valid_from,
             valid_until=price.valid_until,
@@ -162,6 +231,8 @@ END_PRICE = _op(
     refusals={
         404: "No such price.",
         409: "The price has priced charges after that time, or cannot end then.",
+        422: "A graduated or volume price ends only on a billing-month boundary (midnight America/New_York on "
+        "the 1st).",
         503: BUSY,
     },
     command="pricer.price.end",

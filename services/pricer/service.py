@@ -1,5 +1,5 @@
 """The pricer's use cases: each owns its transaction, asks ``pricing`` to price, stores through
-``repository`` and, once committed, publishes to ``usage.charges.v2``.
+``repository`` and, once committed, publishes to ``usage.charges.v3``.
 
 Readings (``usage.readings.v2`` batches, and ``usage.readings.v1`` single measurements regrouped into
 batches) are priced a shard at a time. A shard seen for the first time costs one row: its charges batch,
@@ -36,11 +36,13 @@ from services.pricer.pricing import (
     Catalog,
     Price,
     Priced,
+    PriceEndOffMonthError,
     PriceNotFoundError,
     PriceOverlapError,
     ShardKey,
     batches_of_v1,
     check_end,
+    is_month_boundary,
     latest_items,
     price_items,
     reprice_items,
@@ -271,11 +273,12 @@ class Pricer:
             meter=body.meter,
             resource_kind=body.resource_kind,
             unit_of_measure=body.unit_of_measure,
-            microcredits_per_unit=body.microcredits_per_unit,
+            microcredits_per_unit=body.microcredits_per_unit or 0,
             unit=body.unit,
             valid_from=body.valid_from,
             valid_until=body.valid_until,
             created_at=utcnow(),
+            model=body.price_model(),
         )
         async with self._catalog_change() as conn:
             try:
@@ -300,6 +303,11 @@ class Pricer:
             price = await repository.get_price_for_update(conn, price_id)
             if price is None:
                 raise PriceNotFoundError(f"no price {price_id}")
+            if not price.flat and not is_month_boundary(at):
+                raise PriceEndOffMonthError(
+                    f"a {price.model.model} price ends only on a billing-month boundary (midnight America/New_York "
+                    f"on the 1st); {at.isoformat()} is not one"
+                )
             last = await repository.last_priced_hour(conn, price_id, at)
             if check_end(price, at, last):
                 price = await repository.end_price(conn, price_id, at)
@@ -538,7 +546,10 @@ def _hour_problem(hour: datetime, horizon: timedelta) -> str | None:
 
 
 def _terms(p: Price) -> tuple[Any, ...]:
-    return (p.meter, p.resource_kind, p.unit_of_measure, p.microcredits_per_unit, p.unit, p.valid_from, p.valid_until)
+    return (
+        p.meter, p.resource_kind, p.unit_of_measure, p.microcredits_per_unit, p.unit, p.valid_from, p.valid_until,
+        p.model,
+    )
 
 
 def _same_terms(a: Price, b: Price) -> bool:

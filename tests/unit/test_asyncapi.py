@@ -6,8 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 from cli import asyncapi
-from shared.contracts import AlertRaised, ChargesComputed, MeasurementsTaken, MeasurementTaken, TransactionPosted
-from shared.topics import ALERTS, CHARGES, READINGS, READINGS_V1, TRANSACTIONS, dlq
+from shared.contracts import (
+    AlertRaised,
+    ChargesComputed,
+    ChargesComputedV2,
+    MeasurementsTaken,
+    MeasurementTaken,
+    TransactionPosted,
+)
+from shared.topics import ALERTS, CHARGES, CHARGES_V2, READINGS, READINGS_V1, TRANSACTIONS, dlq
 
 
 def test_the_committed_documents_are_what_the_code_generates() -> None:
@@ -54,6 +61,7 @@ def test_every_topic_is_documented_by_who_sends_and_who_receives_it_with_its_con
     assert _operations(docs["api"]) == {
         CHARGES: "receive", TRANSACTIONS: "receive", dlq(CHARGES): "send", dlq(TRANSACTIONS): "send",
         ALERTS: "receive", dlq(ALERTS): "send",  # alerts: delivered to webhooks
+        CHARGES_V2: "receive", dlq(CHARGES_V2): "send",  # the previous version, drained
     }
     assert _payload_title(docs["collector"], READINGS) == MeasurementsTaken.__name__
     assert _payload_title(docs["pricer"], READINGS) == MeasurementsTaken.__name__
@@ -62,6 +70,8 @@ def test_every_topic_is_documented_by_who_sends_and_who_receives_it_with_its_con
     assert _payload_title(docs["ledger"], CHARGES) == ChargesComputed.__name__
     assert _payload_title(docs["ledger"], TRANSACTIONS) == TransactionPosted.__name__
     assert _payload_title(docs["api"], ALERTS) == AlertRaised.__name__
+    assert _payload_title(docs["api"], CHARGES) == ChargesComputed.__name__
+    assert _payload_title(docs["api"], CHARGES_V2) == ChargesComputedV2.__name__
 
 
 def test_the_batch_schemas_carry_the_contract_field_descriptions() -> None:
