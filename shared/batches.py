@@ -153,12 +153,22 @@ class Ref(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     name: Annotated[str, msgspec.Meta(max_length=512)] = ""
 
 
-class Price(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+class Band(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False, omit_defaults=True):
+    """A band of a graduated or volume price (shared.price_models.Band's JSON form)."""
+
+    up_to: Annotated[str, msgspec.Meta(max_length=64)] | None
+    microcredits_per_unit: Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
+    flat_fee: Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)] = 0
+
+
+class Price(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False, omit_defaults=True):
     """A price of a charges batch's dictionary."""
 
     id: uuid.UUID
     microcredits_per_unit: Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
     unit: Annotated[int, msgspec.Meta(ge=1, le=MAX_INT)]
+    model: Literal["flat", "graduated", "volume"] = "flat"
+    bands: Annotated[list[Band], msgspec.Meta(max_length=32)] | None = None
 
 
 # Item columns: what can be checked per element without looking at the rest of the batch is checked by
@@ -223,7 +233,7 @@ class Charges(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False)
     amount_numerator: list[_Value]
     amount_denominator: list[_Denominator]
     schema_name: Literal["usage.charges"] = "usage.charges"
-    schema_version: Literal[2] = 2
+    schema_version: Literal[2, 3] = 2
 
 
 def _loose(struct: type[msgspec.Struct], name: str) -> type[msgspec.Struct]:

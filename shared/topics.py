@@ -31,6 +31,7 @@ __all__ = [
     "ALERTS",
     "ALL_TOPICS",
     "CHARGES",
+    "CHARGES_V2",
     "DAY_MS",
     "DLQ_RETENTION_MS",
     "MAX_MESSAGE_BYTES",
@@ -57,7 +58,8 @@ __all__ = [
 
 READINGS = "usage.readings.v2"  # batches (shared.contracts.MeasurementsTaken)
 READINGS_V1 = "usage.readings.v1"  # one measurement per message: still accepted by the pricer
-CHARGES = "usage.charges.v2"  # batches (shared.contracts.ChargesComputed); usage.charges.v1 is retired
+CHARGES = "usage.charges.v3"  # batches (shared.contracts.ChargesComputed); usage.charges.v1 is retired
+CHARGES_V2 = "usage.charges.v2"  # read until its retention has passed (price models came with v3)
 TRANSACTIONS = "ledger.transactions.v1"
 ALERTS = "ledger.alerts.v1"
 PARTITIONS = 12
@@ -90,6 +92,7 @@ TOPICS: Mapping[str, TopicSpec] = {
     READINGS: TopicSpec(partitions=PARTITIONS, retention_ms=30 * DAY_MS),
     READINGS_V1: TopicSpec(partitions=PARTITIONS, retention_ms=30 * DAY_MS),
     CHARGES: TopicSpec(partitions=PARTITIONS, retention_ms=30 * DAY_MS),
+    CHARGES_V2: TopicSpec(partitions=PARTITIONS, retention_ms=30 * DAY_MS),
     TRANSACTIONS: TopicSpec(partitions=PARTITIONS, retention_ms=90 * DAY_MS),
     ALERTS: TopicSpec(partitions=PARTITIONS, retention_ms=30 * DAY_MS),
 }
