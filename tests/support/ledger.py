@@ -370,7 +370,7 @@ async def assert_books_hold(pool: asyncpg.Pool) -> None:
                 from_state[gid] += Fraction(num, den)
         quantities = {g: s for g, s in exact.items() if g not in units} | units
         assert {g: s for g, s in quantities.items() if s} == {g: s for g, s in from_state.items() if s}, (
-            "exact sums (units, for a graduated or volume price) differ from the charges applied"
+            "exact sums differ from the charges applied (units, for a graduated or volume price)"
         )
         rows = await conn.fetch("SELECT reading_hour, meter, shard, org_id, held, revisions, items FROM held_shards")
         for r, raw in zip(rows, await unpacked(conn, "ledger", [r["items"] for r in rows]), strict=True):
