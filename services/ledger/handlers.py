@@ -50,7 +50,7 @@ from services.ledger.service import LedgerError, LedgerService
 from services.ledger.settings import LedgerSettings
 from shared.audit import list_audit
 from shared.batches import SHARDS, BatchRejected, Charges, decode_charges, encode_charges, subset
-from shared.contracts import AlertRaised, ChargesComputed, TransactionPosted
+from shared.contracts import AlertRaised, ChargesComputed, ChargesComputedV2, TransactionPosted
 from shared.edge import (
     CONFLICT,
     INVALID_BODY,
@@ -68,7 +68,7 @@ from shared.edge import (
 )
 from shared.kafka import Received
 from shared.runtime import Runtime
-from shared.topics import ALERTS, CHARGES, TRANSACTIONS, dlq
+from shared.topics import ALERTS, CHARGES, CHARGES_V2, TRANSACTIONS, dlq
 
 __all__ = ["OPERATIONS", "charges_handler", "declare", "start", "stop"]
 
@@ -81,18 +81,23 @@ log = logging.getLogger(__name__)
 def charges_handler(
     ledger: LedgerService, outbox: Outbox
 ) -> Callable[[list[Received[Charges]]], Awaitable[list[tuple[Received[Charges], BatchRejected]]]]:
-    """The usage.charges.v2 batch handler: post the batches in one transaction, publish the committed
+    """The usage.charges.v3 (and v2) batch handler: post the batches in one transaction, publish the committed
     transactions and alerts while the next batch is posted (invalid items never reach it: the decoder
     splits them off to the DLQ; the offsets are committed once the transaction is: the outbox holds what
     is not published yet). Items
-    of the revision applied (or held) with other content change nothing and are dead-lettered alone."""
+    of the revision applied (or held) with other content change nothing and are dead-lettered alone; a
+    batch naming a price with another model than the one known for it (or one that cannot exist) changes
+    nothing and is dead-lettered whole."""
 
     async def handle(batch: list[Received[Charges]]) -> list[tuple[Received[Charges], BatchRejected]]:
         posting = await ledger.post_charges([r.message for r in batch])
         await outbox.flush_behind(posting.outbox_ids)
         return [
-            (batch[n], BatchRejected(why, (i,), encode_charges(subset(batch[n].message, [i]))))
-            for n, i, why in posting.conflicts
+            *((batch[n], BatchRejected(why, (), encode_charges(batch[n].message))) for n, why in posting.refused),
+            *(
+                (batch[n], BatchRejected(why, (i,), encode_charges(subset(batch[n].message, [i]))))
+                for n, i, why in posting.conflicts
+            ),
         ]
 
     return handle
@@ -111,7 +116,14 @@ def declare(runtime: Runtime) -> None:
     runtime.consume(
         CHARGES, ChargesComputed, decode, charges,
         description="Charges in batches, posted continuously to each customer's credit pool (per customer and "
-        "reading hour), exactly: floor of the exact sum per customer, month and price.",
+        "reading hour), exactly: floor of f(exact total) per customer, month and price (f: the price's flat, "
+        "graduated or volume function).",
+    )
+    # Read until its retention has passed: the same handler and group, so a charge seen on both topics counts
+    # once (the shards' state deduplicates by measurement and revision, whatever the topic).
+    runtime.consume(
+        CHARGES_V2, ChargesComputedV2, decode, charges,
+        description="Charges of flat prices published before usage.charges.v3, posted like v3's.",
     )
     runtime.publishes(
         TRANSACTIONS, TransactionPosted,
@@ -119,7 +131,8 @@ def declare(runtime: Runtime) -> None:
         "by schema_name), keyed by customer id.",
     )
     runtime.publishes(ALERTS, AlertRaised, "A customer's used share of funded credits crossed 50/75/90/100 %.")
-    runtime.publishes(dlq(CHARGES), None, "Charges the ledger could not process, with the reason in dlq.reason.")
+    for topic in (CHARGES, CHARGES_V2):
+        runtime.publishes(dlq(topic), None, "Charges the ledger could not process, with the reason in dlq.reason.")
 
 
 # ---------------------------------------------------------------- lifecycle

@@ -26,9 +26,10 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from fractions import Fraction
 from math import gcd, lcm
 from typing import Any
 
@@ -53,9 +54,20 @@ from shared.blobs import Frames, shard_scope
 from shared.clock import billing_month
 from shared.db import Conn
 from shared.ids import charge_id, measurement_id, uuid7
+from shared.price_models import (
+    AmountOutOfRangeError,
+    InvalidPriceModelError,
+    PriceModel,
+    from_document,
+    line_postings,
+    posted,
+    to_document,
+)
+from shared.price_models import amount as amount_of
 
 __all__ = [
     "ConcurrentShardUpdateError",
+    "GroupOutOfRangeError",
     "Posting",
     "allocate",
     "batch_months",
@@ -79,6 +91,16 @@ class ConcurrentShardUpdateError(asyncpg.SerializationError):
     service's retries treat it as transient); the retry reads that state and posts only the difference."""
 
 
+class GroupOutOfRangeError(asyncpg.NumericValueOutOfRangeError):
+    """A group (customer, month, price) of a graduated or volume price whose whole microcredits would pass
+    2**62 (``shared.price_models.AmountOutOfRangeError``): refused like any amount past what the database
+    holds (the consumer dead-letters the batch that takes it there with this reason); nothing is posted."""
+
+    def __init__(self, group_id: int, text: str) -> None:
+        super().__init__(text)
+        self.group_id = group_id
+
+
 @dataclass
 class Posting:
     """What one posting did; ``outbox_ids`` are to be published after the commit."""
@@ -91,6 +113,9 @@ class Posting:
     outbox_ids: list[int] = field(default_factory=list)
     # Items refused as conflicts: (position of the batch in the ``batches`` posted, item position, reason).
     conflicts: list[tuple[int, int, str]] = field(default_factory=list)
+    # Batches refused whole, nothing of them applied: (position in ``batches``, reason); a price whose model
+    # or bands differ from the ones known for its id (a ``conflict:``), or a price model that cannot exist.
+    refused: list[tuple[int, str]] = field(default_factory=list)
 
 
 async def lock_open_months(conn: Conn, months: Iterable[date]) -> frozenset[date]:
@@ -262,6 +287,23 @@ class _Shard:
         return orjson.dumps({"r": self.r, "v": self.v, "g": ids, "n": self.n, "d": self.d, "o": self.o, "os": self.os})
 
 
+def _quantities(c: Charges) -> tuple[list[int], list[int]]:
+    """Each item's quantity as (numerators, denominators): its exact amount for a flat price (the batch's
+    amount columns themselves, not copied), its exact units ``value / unit`` (not reduced: the price's unit
+    is the one denominator of its items) for a graduated or volume price, whose money depends on the
+    group's month total and is computed by ``allocate``. A group's price fixes its model, so a group only
+    ever sums quantities of one kind. Batches rebuilt from held charges name flat prices and already carry
+    quantities."""
+    banded = [p.unit if p.model != "flat" else 0 for p in c.prices]
+    if not any(banded):
+        return c.amount_numerator, c.amount_denominator
+    nums, dens = list(c.amount_numerator), list(c.amount_denominator)
+    for i, (p, value) in enumerate(zip(c.price, c.value, strict=True)):
+        if p >= 0 and banded[p]:
+            nums[i], dens[i] = value, banded[p]
+    return nums, dens
+
+
 def _post_fresh(
     c: Charges,
     key: ShardKey,
@@ -275,8 +317,9 @@ def _post_fresh(
     hour, meter = key.reading_hour, key.meter
     month = billing_month(hour)
     sums: dict[tuple[int, int, int, int], int] = defaultdict(int)
-    columns = zip(c.org, c.kind, c.price, c.amount_denominator, strict=True)  # a decoded batch's columns: one length
-    for k4, num in zip(columns, c.amount_numerator, strict=True):
+    nums, dens = _quantities(c)
+    columns = zip(c.org, c.kind, c.price, dens, strict=True)  # a decoded batch's columns: one length
+    for k4, num in zip(columns, nums, strict=True):
         sums[k4] += num
     group_of: dict[tuple[int, int], GroupKey] = {}
     bucket_of: dict[tuple[int, int], dict[tuple[Line, int], int]] = {}
@@ -292,7 +335,7 @@ def _post_fresh(
     groups = list(map(group_of.__getitem__, zip(c.org, c.price, strict=True)))
     # Copies: a later batch of this posting may append to the shard's columns (the same message twice).
     shard.r, shard.v, shard.g = list(c.resource_id), list(c.revision), groups  # type: ignore[assignment]
-    shard.n, shard.d = list(c.amount_numerator), list(c.amount_denominator)
+    shard.n, shard.d = list(nums), list(dens)
     shard.o, shard.os = list(c.org), [org.id for org in c.orgs]
     shard.index = shard.org_index = None
     shard.fresh_groups = (c.org, c.price, group_of)
@@ -314,6 +357,86 @@ def _price_ids(c: Charges) -> list[uuid.UUID]:
 
 def _price_text(price: uuid.UUID) -> str:
     return "none (unpriced)" if price == NIL_PRICE else str(price)
+
+
+def _model_of(p: Price) -> PriceModel | None:
+    """The model a batch names for price ``p``: None for a flat price (never stored), else its validated
+    model (``InvalidPriceModelError`` when its bands cannot exist)."""
+    if p.model == "flat":
+        if p.bands is not None:
+            raise InvalidPriceModelError("a flat price has no bands")
+        return None
+    bands = [{"up_to": b.up_to, "microcredits_per_unit": b.microcredits_per_unit, "flat_fee": b.flat_fee}
+             for b in p.bands or ()]
+    return from_document({"model": p.model, "bands": bands})
+
+
+def _model_text(model: PriceModel | None) -> str:
+    return "flat" if model is None else orjson.dumps(to_document(model)).decode()
+
+
+def _stored_model(model: str, bands: str) -> PriceModel:
+    return from_document({"model": model, "bands": orjson.loads(bands)})
+
+
+async def _check_price_models(conn: Conn, batches: Sequence[Charges]) -> dict[int, str]:
+    """Record the graduated and volume prices the batches name that are not known yet, and return the
+    batches to refuse whole (by position, with the reason): one naming a known price with another model or
+    other bands (a ``conflict:``; the known model is kept), or a model that cannot exist. A price's model
+    never changes (prices are immutable), so its groups only ever sum one kind of quantity. One query per
+    posting; the work is per price, never per item."""
+    refused: dict[int, str] = {}
+    named: list[dict[uuid.UUID, PriceModel | None]] = []
+    new: dict[uuid.UUID, tuple[str, str]] = {}
+    for n, c in enumerate(batches):
+        terms: dict[uuid.UUID, PriceModel | None] = {}
+        for p in c.prices:
+            try:
+                model = _model_of(p)
+            except InvalidPriceModelError as exc:
+                refused[n] = f"price {p.id}: invalid price model: {exc}"
+                break
+            terms[p.id] = model
+            if model is not None and p.id not in new:
+                new[p.id] = (model.model, orjson.dumps(to_document(model)["bands"]).decode())
+        named.append(terms)
+    ids = {pid for terms in named for pid in terms}
+    if not ids:
+        return refused
+    await repo.store_price_models(conn, {pid: m for pid, m in new.items() if not _refused_only(pid, named, refused)})
+    known = {pid: _stored_model(m, b) for pid, (m, b) in (await repo.price_models(conn, ids)).items()}
+    for n, terms in enumerate(named):
+        if n in refused:
+            continue
+        for pid, model in terms.items():
+            stored = known.get(pid)
+            if stored != model:
+                refused[n] = (
+                    f"{CONFLICT} price {pid} is known as {_model_text(stored)}; this batch names it as "
+                    f"{_model_text(model)}: a price's model never changes, the known one is kept"
+                )
+                break
+    return refused
+
+
+def _refused_only(pid: uuid.UUID, named: list[dict[uuid.UUID, PriceModel | None]], refused: dict[int, str]) -> bool:
+    """Whether every batch naming ``pid`` is refused already (its model is then not recorded)."""
+    return all(n in refused for n, terms in enumerate(named) if pid in terms)
+
+
+def _group_models(rows: dict[int, Any]) -> dict[int, tuple[PriceModel, Fraction]]:
+    """The model and exact units of each locked group of a graduated or volume price (by id)."""
+    out: dict[int, tuple[PriceModel, Fraction]] = {}
+    parsed: dict[uuid.UUID, PriceModel] = {}
+    for gid, r in rows.items():
+        if r["model"] is None:
+            continue
+        model = parsed.get(r["price_id"])
+        if model is None:
+            model = parsed[r["price_id"]] = _stored_model(r["model"], r["bands"])
+        units = Fraction(int(r["units_num"]), int(r["units_den"])) if r["units_num"] is not None else Fraction(0)
+        out[gid] = (model, units)
+    return out
 
 
 @dataclass
@@ -412,7 +535,7 @@ def _post_items(
     kinds, orgs = c.kinds, c.orgs
     changed = 0
     for i, (rid, rev, o, k, p, num, den) in enumerate(
-        zip(c.resource_id, c.revision, c.org, c.kind, c.price, c.amount_numerator, c.amount_denominator, strict=True)
+        zip(c.resource_id, c.revision, c.org, c.kind, c.price, *_quantities(c), strict=True)
     ):
         pos = at.get(rid)
         old_rev = revs[pos] if pos is not None else 0
@@ -494,6 +617,8 @@ async def post_batches(
     for (key, org_id), raw in held_rows.items():
         shards[key].held[org_id] = load_held(raw)
     topic = len(batches)  # the batches from the topic; those of held charges released follow
+    refused = await _check_price_models(conn, batches)
+    result.refused = sorted(refused.items())
     if release:
         batches = [*batches, *held_batches({k: held_rows[k] for k in release if k in held_rows})]
     owners = await repo.owners(conn, {(o.id, c.reading_hour) for c in batches for o in c.orgs})
@@ -504,6 +629,8 @@ async def post_batches(
     acc: Acc = defaultdict(lambda: defaultdict(int))
     checks = _Checks()
     for n, c in enumerate(batches):
+        if refused and n in refused:
+            continue
         key = ShardKey(c.reading_hour, c.meter, c.shard)
         shard = shards[key]
         owner_of = owners_at.get(c.reading_hour, {})
@@ -528,8 +655,19 @@ async def post_batches(
                 cell = by_line[line]
                 cell[den] = cell.get(den, 0) + num
         rows = await repo.lock_groups(conn, deltas)
-        updates, amounts = allocate({gid: (int(r["sum_num"]), int(r["sum_den"])) for gid, r in rows.items()}, deltas)
-        await repo.update_groups(conn, updates)
+        models = _group_models(rows)
+        try:
+            updates, amounts, units = allocate(
+                {gid: (int(r["sum_num"]), int(r["sum_den"])) for gid, r in rows.items()}, deltas, models
+            )
+        except GroupOutOfRangeError as exc:
+            row = rows[exc.group_id]
+            raise GroupOutOfRangeError(
+                exc.group_id,
+                f"the {row['model']} price {row['price_id']} of customer {row['customer_id']} in {row['month']:%Y-%m}: "
+                f"{exc}; the charges that take it there are refused",
+            ) from exc
+        await repo.update_groups(conn, updates, units)
     await _save(conn, frames, shards, groups, set(stored), set(held_rows))
     if not amounts:
         return result
@@ -604,8 +742,10 @@ async def _save(
 
 
 def allocate(
-    sums: dict[int, tuple[int, int]], deltas: dict[int, dict[Line, dict[int, int]]]
-) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, Line, int]]]:
+    sums: dict[int, tuple[int, int]],
+    deltas: dict[int, dict[Line, dict[int, int]]],
+    models: Mapping[int, tuple[PriceModel, Fraction]] | None = None,
+) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, Line, int]], dict[int, Fraction]]:
     """The heart of the posting rule, exactly.
 
     Each group (customer, month, price) holds its exact sum S = sum_num / sum_den. Its changes are lines
@@ -614,12 +754,30 @@ def allocate(
     before them) whole microcredits. The amounts telescope: their total is floor(S_new) − floor(S_old),
     exactly what the posted figure must move by to stay floor(exact sum). No rounding happens elsewhere.
 
-    Returns the groups' new (id, numerator, denominator, posted), reduced, and (group, line, amount) per line.
+    A group of a graduated or volume price (in ``models``: its model and exact units U) sums units, not
+    money: its lines get ``line_postings`` — floor(f(U + running units)) − floor(f(U + running units before
+    them)) — which telescope to floor(f(U_new)) − floor(f(U_old)); its sum becomes f(U_new) exactly and its
+    posted figure floor(f(U_new)), at most 2**62 (``GroupOutOfRangeError`` otherwise).
+
+    Returns the groups' new (id, numerator, denominator, posted), reduced, (group, line, amount) per line,
+    and the new exact units of the groups of ``models``.
     """
     updates: list[tuple[int, int, int, int]] = []
     amounts: list[tuple[int, Line, int]] = []
+    units: dict[int, Fraction] = {}
     for gid in sorted(deltas):
         lines = deltas[gid]
+        if models and gid in models:
+            model, before = models[gid]
+            try:
+                after, posted_amounts = _banded_lines(model, before, lines)
+                exact, whole = amount_of(model, after), posted(model, after)
+            except AmountOutOfRangeError as exc:
+                raise GroupOutOfRangeError(gid, str(exc)) from exc
+            amounts.extend((gid, line, a) for line, a in posted_amounts)
+            updates.append((gid, exact.numerator, exact.denominator, whole))
+            units[gid] = after
+            continue
         sum_num, sum_den = sums[gid]
         common = sum_den
         for cell in lines.values():
@@ -632,7 +790,25 @@ def allocate(
             running += n
         g = gcd(running, common) or 1
         updates.append((gid, running // g, common // g, running // common))
-    return updates, amounts
+    return updates, amounts, units
+
+
+def _banded_lines(
+    model: PriceModel, before: Fraction, lines: dict[Line, dict[int, int]]
+) -> tuple[Fraction, list[tuple[Line, int]]]:
+    """A graduated or volume group's new units and its amount per line, in line order. Should a line that
+    takes units back come before the line that added them in this posting (a revision that moved a charge
+    to another line), the lines that add come first, so that no running total is below zero."""
+    order = sorted(lines)
+    changes = [sum((Fraction(num, den) for den, num in lines[line].items()), Fraction(0)) for line in order]
+    running, low = before, before
+    for du in changes:
+        running += du
+        low = min(low, running)
+    if low < 0:
+        pairs = sorted(zip(order, changes, strict=True), key=lambda lc: lc[1] < 0)
+        order, changes = [lc[0] for lc in pairs], [lc[1] for lc in pairs]
+    return running, list(zip(order, line_postings(model, before, changes), strict=True))
 
 
 async def record_transactions(

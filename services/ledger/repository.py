@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import bisect
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
+from fractions import Fraction
 from typing import Any
 
 import asyncpg
@@ -229,25 +230,63 @@ async def group_prices(conn: Conn, ids: Iterable[int]) -> dict[int, uuid.UUID]:
 
 async def lock_groups(conn: Conn, ids: Iterable[int]) -> dict[int, asyncpg.Record]:
     """Lock (customer, month, price) rows in id order (two ledger instances posting for the same customer
-    wait for each other instead of deadlocking) and read their exact sums."""
+    wait for each other instead of deadlocking) and read their exact sums, and for a graduated or volume
+    price its exact units and its model (``model`` and ``bands`` null: a flat price)."""
     rows = await conn.fetch(
-        """SELECT id, customer_id, month, price_id, sum_num::text AS sum_num, sum_den::text AS sum_den, posted
-             FROM month_usage WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE""",
+        """SELECT g.id, g.customer_id, g.month, g.price_id, g.sum_num::text AS sum_num, g.sum_den::text AS sum_den,
+                  g.posted, g.units_num::text AS units_num, g.units_den::text AS units_den,
+                  m.model, m.bands::text AS bands
+             FROM month_usage g LEFT JOIN price_models m ON m.price_id = g.price_id
+            WHERE g.id = ANY($1::bigint[]) ORDER BY g.id FOR UPDATE OF g""",
         sorted(set(ids)),
     )
     return {r["id"]: r for r in rows}
 
 
-async def update_groups(conn: Conn, rows: Sequence[tuple[int, int, int, int]]) -> None:
-    """Store new exact sums (id, numerator, denominator, posted); the CHECK on month_usage re-verifies
-    that posted = floor(sum)."""
-    if rows:
+async def update_groups(conn: Conn, rows: Sequence[tuple[int, int, int, int]], units: Mapping[int, Fraction]) -> None:
+    """Store new exact sums (id, numerator, denominator, posted), and the exact units of the groups of a
+    graduated or volume price (``units``, by id); the CHECK on month_usage re-verifies that posted =
+    floor(sum)."""
+    flat = [r for r in rows if r[0] not in units] if units else rows
+    if flat:
         await conn.execute(
             """UPDATE month_usage g SET sum_num = k.n, sum_den = k.d, posted = k.p
                  FROM unnest($1::bigint[], $2::numeric[], $3::numeric[], $4::bigint[]) AS k(id, n, d, p)
                 WHERE g.id = k.id""",
-            [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+            [r[0] for r in flat], [r[1] for r in flat], [r[2] for r in flat], [r[3] for r in flat],
         )
+    banded = [(*r, units[r[0]]) for r in rows if r[0] in units]
+    if banded:
+        await conn.execute(
+            """UPDATE month_usage g SET sum_num = k.n, sum_den = k.d, posted = k.p, units_num = k.un, units_den = k.ud
+                 FROM unnest($1::bigint[], $2::numeric[], $3::numeric[], $4::bigint[], $5::numeric[], $6::numeric[])
+                      AS k(id, n, d, p, un, ud)
+                WHERE g.id = k.id""",
+            [r[0] for r in banded], [r[1] for r in banded], [r[2] for r in banded], [r[3] for r in banded],
+            [r[4].numerator for r in banded], [r[4].denominator for r in banded],
+        )
+
+
+async def store_price_models(conn: Conn, models: Mapping[uuid.UUID, tuple[str, str]]) -> None:
+    """Record the model and bands (JSON text) of graduated and volume prices not known yet (a known one is
+    left as it is: its batches are compared with it by ``price_models``)."""
+    if models:
+        ids = sorted(models)
+        await conn.execute(
+            """INSERT INTO price_models (price_id, model, bands)
+               SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[]) ORDER BY 1
+               ON CONFLICT DO NOTHING""",
+            ids, [models[i][0] for i in ids], [models[i][1] for i in ids],
+        )
+
+
+async def price_models(conn: Conn, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, tuple[str, str]]:
+    """The stored (model, bands JSON text) of those of ``ids`` that are graduated or volume prices."""
+    rows = await conn.fetch(
+        "SELECT price_id, model, bands::text AS bands FROM price_models WHERE price_id = ANY($1::uuid[])",
+        sorted(set(ids)),
+    )
+    return {r["price_id"]: (r["model"], r["bands"]) for r in rows}
 
 
 # ---------------------------------------------------------------- months

@@ -13,6 +13,12 @@ decoded as the consumer does (a charge twice in one message counts once there), 
 consumer's service call (``LedgerService.post_charges``, what the usage.charges.v2 handler calls per Kafka
 batch); Kafka is not involved. Every example uses fresh customers, orgs and resources in the test's
 database.
+
+With graduated and volume prices (docs/price-models.md): per (customer, month, price) the microcredits
+posted equal floor(f(exact total units of the month's charges at their latest revision)), f computed by the
+independent ``reference_f`` (tests/support/price_models.py); the same stream of revisions (lowering units,
+moving a charge between prices and models, unpricing it), duplicates, shuffles, held orgs and month
+boundaries.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shared.batches import Price
 from tests.support.ledger import (
     LONG_AGO,
     PRICE_A,
@@ -38,13 +45,17 @@ from tests.support.ledger import (
     LedgerDB,
     applied_revisions,
     assert_books_hold,
+    banded_price,
     charges_batches,
     delivered,
     held_revisions,
     item,
     ledger_db,  # noqa: F401  (fixture)
     posted_by_group,
+    remaining,
+    usage,
 )
+from tests.support.price_models import RawBand, floor_of, reference_f
 
 pytestmark = pytest.mark.integration
 
@@ -291,3 +302,191 @@ async def test_replaying_the_whole_stream_changes_nothing(ledger_db: LedgerDB, s
             assert result.changed == 0 and result.transactions == 0
     assert await posted_by_group(db, [a]) == posted == oracle(latest, dict.fromkeys(latest, a))
     assert await db.fetchval("SELECT count(*) FROM transactions WHERE customer_id = $1", a) == transactions
+
+
+# ------------------------------------------------------------------------------- graduated and volume prices
+
+_edge = st.builds(Fraction, st.integers(1, 3_000), st.integers(1, 6))
+
+
+@st.composite
+def banded(draw: st.DrawFn, model: str) -> tuple[str, list[RawBand], int]:
+    """A graduated or volume price: (model, bands, unit)."""
+    edges = sorted(set(draw(st.lists(_edge, min_size=0, max_size=4))))
+    n = len(edges) + 1
+    rates = draw(st.lists(st.integers(0, 10**6), min_size=n, max_size=n))
+    fees = draw(st.lists(st.one_of(st.just(0), st.integers(0, 10**5)), min_size=n, max_size=n))
+    ups: list[Fraction | None] = [*edges, None]
+    return model, list(zip(ups, rates, fees, strict=True)), draw(st.sampled_from([1, 3, 730]))
+
+
+@dataclass(frozen=True)
+class Use:
+    """One revision of one measurement's charge: its price (0: flat PRICE_A, 1: graduated, 2: volume, None:
+    unpriced) and value (the flat price's amount is value / 7)."""
+
+    hour_index: int
+    resource: int
+    revision: int
+    price: int | None
+    value: int
+
+
+@dataclass(frozen=True)
+class BandedScenario:
+    prices: list[tuple[str, list[RawBand], int]]  # graduated, volume
+    uses: list[Use]
+    order_seed: int
+    duplicates: int
+    batch_sizes: list[int]
+    switch_hour: int
+    assign_late_org_after: int
+    close_february_after: int | None
+    fund: int | None
+
+
+@st.composite
+def banded_scenarios(draw: st.DrawFn) -> BandedScenario:
+    prices = [draw(banded("graduated")), draw(banded("volume"))]
+    # Values that put one charge exactly on a band edge of a price, so that totals land on edges.
+    on_edge = sorted(
+        {int(u * unit) for _, bands, unit in prices for u, _, _ in bands if u and (u * unit).denominator == 1}
+    )
+    values = st.one_of(st.integers(0, 4_000), st.sampled_from(on_edge)) if on_edge else st.integers(0, 4_000)
+    uses = draw(
+        st.lists(
+            st.builds(
+                Use,
+                hour_index=st.integers(0, len(HOURS) - 1),
+                resource=st.integers(0, RESOURCES - 1),
+                revision=st.integers(1, 4),
+                price=st.sampled_from([0, 1, 1, 2, 2, None]),
+                value=values,
+            ),
+            min_size=1,
+            max_size=40,
+        )
+    )
+    return BandedScenario(
+        prices,
+        uses,
+        draw(st.integers(0, 2**32)),
+        draw(st.integers(0, 15)),
+        draw(st.lists(st.integers(1, 25), min_size=1, max_size=6)),
+        draw(st.integers(0, len(HOURS) - 1)),
+        draw(st.integers(0, 6)),
+        draw(st.none() | st.integers(0, 6)),
+        draw(st.none() | st.integers(1, 5_000_000)),
+    )
+
+
+FLAT_DENOMINATOR = 7
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(s=banded_scenarios())
+async def test_posted_microcredits_equal_the_floor_of_f_of_the_monthly_units(
+    ledger_db: LedgerDB, s: BandedScenario
+) -> None:
+    db = ledger_db
+    tier = db.made.get("tier") or await db.tier(credits=2_000_000)
+    db.made["tier"] = tier
+    await db.fetch("DELETE FROM statements")
+    await db.fetch("DELETE FROM month_closes")
+    a, b = await db.customer("A", tier), await db.customer("B", tier)
+    tag = uuid.uuid4().hex[:8]
+    orgs = [f"{tag}-org{i}" for i in range(ORGS)]
+    switch = HOURS[s.switch_hour]
+    await db.service.assign_org(orgs[0], a, LONG_AGO)
+    await db.service.assign_org(orgs[1], a, LONG_AGO)
+    await db.service.assign_org(orgs[1], b, switch)
+    if s.fund is not None:
+        await db.service.create_agreement(a, LONG_AGO, datetime(2027, 1, 1, tzinfo=UTC), s.fund)
+    terms: list[Price] = [banded_price(uuid.uuid4(), model, bands, unit) for model, bands, unit in s.prices]
+
+    distinct: dict[tuple[int, int, int], Use] = {}
+    for u in s.uses:
+        distinct.setdefault((u.hour_index, u.resource, u.revision), u)  # one content per (measurement, revision)
+    latest: dict[Key, Use] = {}
+    for (h, r, rev), u in distinct.items():
+        if (h, r) not in latest or latest[(h, r)].revision < rev:
+            latest[(h, r)] = u
+
+    def charge(u: Use) -> tuple[datetime, ChargeItem]:
+        org, rid = orgs[u.resource % ORGS], resource_id(tag, u.resource)
+        if u.price is None:
+            return HOURS[u.hour_index], item(org, 0, resource=rid, revision=u.revision, price_id=None)
+        if u.price == 0:
+            amount = Fraction(u.value, FLAT_DENOMINATOR)
+            return HOURS[u.hour_index], item(
+                org, amount, resource=rid, revision=u.revision, denominator=FLAT_DENOMINATOR
+            )
+        return HOURS[u.hour_index], usage(org, u.value, terms[u.price - 1], resource=rid, revision=u.revision)
+
+    charges = [charge(u) for u in distinct.values()]
+    rng = random.Random(s.order_seed)
+    charges += [rng.choice(charges) for _ in range(s.duplicates)]
+    rng.shuffle(charges)
+    late_org_assigned = False
+    for i, delivery in enumerate(deliveries(charges, s.batch_sizes)):
+        result = await db.service.post_charges(delivered(charges_batches(delivery, meter=METER)))
+        assert result.refused == [] and result.conflicts == []
+        if i == s.assign_late_org_after:
+            await db.service.assign_org(orgs[2], b, LONG_AGO)  # posts what it held
+            late_org_assigned = True
+        if s.close_february_after == i:
+            await db.service.close_month(date(2026, 2, 1))
+    if not late_org_assigned:
+        held = {(h, rid): rev for (h, _, org, rid), rev in (await held_revisions(db)).items() if org == orgs[2]}
+        assert held == {(HOURS[h], resource_id(tag, r)): u.revision for (h, r), u in latest.items() if r % ORGS == 2}
+        await db.service.assign_org(orgs[2], b, LONG_AGO)
+
+    def customer_of(key: Key) -> uuid.UUID:
+        hour, org = HOURS[key[0]], key[1] % ORGS
+        if org == 0:
+            return a
+        if org == 1:
+            return b if hour >= switch else a
+        return b
+
+    # The oracle: per (customer, month, price) the exact sum of the flat amounts, or the exact total units,
+    # of the latest revisions; then floor of the sum, or floor of reference f of the units.
+    totals: dict[tuple[uuid.UUID, str, uuid.UUID | None], Fraction] = defaultdict(Fraction)
+    for key, u in latest.items():
+        group = (customer_of(key), oracle_month(HOURS[u.hour_index]))
+        if u.price is None:
+            totals[(*group, None)] += 0
+        elif u.price == 0:
+            totals[(*group, PRICE_A)] += Fraction(u.value, FLAT_DENOMINATOR)
+        else:
+            totals[(*group, terms[u.price - 1].id)] += Fraction(u.value, s.prices[u.price - 1][2])
+    model_of = {t.id: s.prices[i][:2] for i, t in enumerate(terms)}
+    expected = {}
+    for (customer, month, price), total in totals.items():
+        if price in model_of:
+            model, bands = model_of[price]
+            whole = floor_of(reference_f(model, bands, total))
+        else:
+            whole = floor_of(total)
+        if whole:
+            expected[(customer, month, price)] = whole
+
+    # The usage lines of the transactions, the groups' posted figures, and the balances all agree with it.
+    assert await posted_by_group(db, [a, b]) == expected
+    groups = await db.fetch(
+        """SELECT customer_id, to_char(month, 'YYYY-MM') AS month, price_id, posted FROM month_usage
+            WHERE customer_id = ANY($1::uuid[]) AND posted <> 0""",
+        [a, b],
+    )
+    nil = uuid.UUID(int=0)
+    assert {
+        (g["customer_id"], g["month"], None if g["price_id"] == nil else g["price_id"]): g["posted"] for g in groups
+    } == expected
+    for customer, funded in ((a, s.fund or 0), (b, 0)):
+        used = sum(v for k, v in expected.items() if k[0] == customer)
+        assert await remaining(db, customer) == funded - used
+    applied = {k: v for k, v in (await applied_revisions(db)).items() if k[2].startswith(f"{tag}-")}
+    assert applied == {(HOURS[h], METER, resource_id(tag, r)): u.revision for (h, r), u in latest.items()}
+    await assert_books_hold(db.pool)

@@ -8,9 +8,12 @@ entries, every transaction is balanced with two or more entries, each (customer,
 figure is floor(its exact sum), and that exact sum is the sum of the charges applied to it in the shards'
 state (whose counts, like those of the held charges, match their documents).
 
-Charges are ``usage.charges.v2`` batches (``shared.batches.Charges``): ``item(...)`` states one charge,
-``charges_batch(hour, items)`` makes one batch of a shard, ``charges_batches`` deals charges into per-shard
-batches, ``delivered`` passes batches through the encoder and the consumer's decoder.
+Charges are ``usage.charges.v3`` batches (``shared.batches.Charges``): ``item(...)`` states one charge of
+a flat price, ``usage(...)`` one of a graduated or volume price (``banded_price``: its terms, units and no
+amount), ``charges_batch(hour, items)`` makes one batch of a shard, ``charges_batches`` deals charges into
+per-shard batches, ``delivered`` passes batches through the encoder and the consumer's decoder. For a group
+of a graduated or volume price the books' check compares its units with the charges applied and its exact
+sum with the independent ``reference_f`` of the stored model.
 """
 
 from __future__ import annotations
@@ -31,11 +34,22 @@ from services.ledger.app import MIGRATIONS
 from services.ledger.posting import Posting
 from services.ledger.service import LedgerService
 from services.ledger.settings import LedgerSettings
-from shared.batches import Charges, Price, Ref, charges_id, decode_charges, encode_charges, shard_key, shard_of
+from shared.batches import (
+    Band,
+    Charges,
+    Price,
+    Ref,
+    charges_id,
+    decode_charges,
+    encode_charges,
+    shard_key,
+    shard_of,
+)
 from shared.db import create_pool, migrate
 from shared.kafka import Outgoing, Publisher
 from shared.topics import CHARGES
 from tests.support.documents import unpacked
+from tests.support.price_models import RawBand, reference_f
 
 PRICE_A = uuid.UUID("00000000-0000-4000-8000-00000000000a")
 PRICE_B = uuid.UUID("00000000-0000-4000-8000-00000000000b")
@@ -99,6 +113,8 @@ class ChargeItem:
     price_id: uuid.UUID | None = PRICE_A
     kind: str = ""
     denominator: int | None = None
+    value: int = 1
+    terms: Price | None = None  # the price's terms in the batch (default: 1 microcredit per unit, flat)
 
     @property
     def fraction(self) -> tuple[int, int]:
@@ -123,6 +139,26 @@ def item(
     return ChargeItem(org_id, Fraction(amount), resource, revision, price_id, kind, denominator)
 
 
+def edge_text(edge: Fraction) -> str:
+    return str(edge.numerator) if edge.denominator == 1 else f"{edge.numerator}/{edge.denominator}"
+
+
+def banded_price(price_id: uuid.UUID, model: str, bands: Sequence[RawBand], unit: int = 1) -> Price:
+    """The terms of a graduated or volume price as a v3 batch carries them (edges as exact strings)."""
+    return Price(
+        price_id, 0, unit, model,  # type: ignore[arg-type]
+        [Band(None if u is None else edge_text(u), rate, fee) for u, rate, fee in bands],
+    )
+
+
+def usage(
+    org_id: str, value: int, terms: Price, *, resource: str = "app-1", revision: int = 1, kind: str = ""
+) -> ChargeItem:
+    """A charge of a graduated or volume price: ``value`` in the meter's quantity (``value / unit`` units of
+    the price), amount 0/1 (priced by the ledger on the month's total)."""
+    return ChargeItem(org_id, Fraction(0), resource, revision, terms.id, kind, None, value, terms)
+
+
 def charges_batch(
     hour: datetime, items: Sequence[ChargeItem], *, meter: str = "cfapps", shard: int | None = None
 ) -> Charges:
@@ -137,11 +173,13 @@ def charges_batch(
     orgs: dict[str, int] = {}
     kinds: dict[str, int] = {}
     prices: dict[uuid.UUID, int] = {}
+    terms: dict[uuid.UUID, Price] = {}
     for it in items:
         orgs.setdefault(it.org_id, len(orgs))
         kinds.setdefault(it.kind, len(kinds))
         if it.price_id is not None:
             prices.setdefault(it.price_id, len(prices))
+            terms.setdefault(it.price_id, it.terms or Price(it.price_id, 1, 1))
     rids = [it.resource for it in items]
     revisions = [it.revision for it in items]
     fractions = [it.fraction for it in items]
@@ -155,13 +193,13 @@ def charges_batch(
         orgs=[Ref(o, f"name of {o}") for o in orgs],
         spaces=[Ref("space-1", "dev")],
         kinds=list(kinds),
-        prices=[Price(p, 1, 1) for p in prices],
+        prices=[terms[p] for p in prices],
         resource_id=rids,
         resource_name=[f"name of {r}" for r in rids],
         org=[orgs[it.org_id] for it in items],
         space=[0] * len(items),
         kind=[kinds[it.kind] for it in items],
-        value=[1] * len(items),
+        value=[it.value for it in items],
         estimated=[False] * len(items),
         revision=revisions,
         price=[prices[it.price_id] if it.price_id is not None else -1 for it in items],
@@ -295,10 +333,29 @@ async def assert_books_hold(pool: asyncpg.Pool) -> None:
                  WHERE coalesce(l.s, 0) <> coalesce(m.s, 0)"""
         )
         assert mismatched == [], f"usage lines differ from usage movements: {mismatched}"
-        groups = await conn.fetch("SELECT id, sum_num::text, sum_den::text, posted FROM month_usage")
+        groups = await conn.fetch(
+            """SELECT g.id, g.sum_num::text, g.sum_den::text, g.posted, g.units_num::text, g.units_den::text,
+                      m.model, m.bands::text
+                 FROM month_usage g LEFT JOIN price_models m ON m.price_id = g.price_id"""
+        )
         exact = {g["id"]: Fraction(int(g["sum_num"]), int(g["sum_den"])) for g in groups}
         for g in groups:
             assert g["posted"] == exact[g["id"]].numerator // exact[g["id"]].denominator, f"group {g['id']}"
+        # A group of a graduated or volume price sums units; its exact sum is f(units) of its price's model.
+        units = {
+            g["id"]: Fraction(int(g["units_num"]), int(g["units_den"])) if g["units_num"] is not None else Fraction(0)
+            for g in groups
+            if g["model"] is not None
+        }
+        for g in groups:
+            if g["model"] is not None:
+                bands = [
+                    (None if b["up_to"] is None else Fraction(b["up_to"]), b["microcredits_per_unit"], b["flat_fee"])
+                    for b in orjson.loads(g["bands"])
+                ]
+                assert exact[g["id"]] == reference_f(g["model"], bands, units[g["id"]]), f"f(units) of {g['id']}"
+            else:
+                assert g["units_num"] is None, f"units on the flat group {g['id']}"
         # The exact sums are the sums of the charges applied to them, and the counts of each shard's state
         # (the completeness report's posted and revisions) are those of its document.
         applied: dict[tuple[datetime, str, int], set[str]] = {}
@@ -311,8 +368,9 @@ async def assert_books_hold(pool: asyncpg.Pool) -> None:
             applied[(r["reading_hour"], r["meter"], r["shard"])] = set(doc["r"])
             for gid, num, den in zip(doc["g"], doc["n"], doc["d"], strict=True):
                 from_state[gid] += Fraction(num, den)
-        assert {g: s for g, s in exact.items() if s} == {g: s for g, s in from_state.items() if s}, (
-            "exact sums differ from the charges applied"
+        quantities = {g: s for g, s in exact.items() if g not in units} | units
+        assert {g: s for g, s in quantities.items() if s} == {g: s for g, s in from_state.items() if s}, (
+            "exact sums differ from the charges applied (units, for a graduated or volume price)"
         )
         rows = await conn.fetch("SELECT reading_hour, meter, shard, org_id, held, revisions, items FROM held_shards")
         for r, raw in zip(rows, await unpacked(conn, "ledger", [r["items"] for r in rows]), strict=True):
@@ -338,13 +396,16 @@ async def ledger_db(database: Any) -> AsyncIterator[LedgerDB]:
         await pool.close()
 
 
-async def publish_charges(bootstrap: str, topic_prefix: str, batches: Sequence[Charges]) -> None:
-    """Publish batches to ``usage.charges.v2`` as the pricer does: the encoded batch keyed by its shard."""
+async def publish_charges(
+    bootstrap: str, topic_prefix: str, batches: Sequence[Charges], topic: str = CHARGES
+) -> None:
+    """Publish batches to ``usage.charges.v3`` (or ``topic``) as the pricer does: the encoded batch keyed by
+    its shard."""
     publisher = Publisher(bootstrap, client_id="ledger-test")
     await publisher.start()
     try:
         await publisher.publish(
-            topic_prefix + CHARGES, [Outgoing(shard_key(b.shard), encode_charges(b)) for b in batches]
+            topic_prefix + topic, [Outgoing(shard_key(b.shard), encode_charges(b)) for b in batches]
         )
     finally:
         await publisher.stop()

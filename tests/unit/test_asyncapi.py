@@ -54,9 +54,11 @@ def test_every_topic_is_documented_by_who_sends_and_who_receives_it_with_its_con
     }
     assert _operations(docs["ledger"]) == {
         CHARGES: "receive",
+        CHARGES_V2: "receive",  # until its retention has passed
         TRANSACTIONS: "send",
         ALERTS: "send",
         dlq(CHARGES): "send",
+        dlq(CHARGES_V2): "send",
     }
     assert _operations(docs["api"]) == {
         CHARGES: "receive", TRANSACTIONS: "receive", dlq(CHARGES): "send", dlq(TRANSACTIONS): "send",
@@ -68,6 +70,7 @@ def test_every_topic_is_documented_by_who_sends_and_who_receives_it_with_its_con
     assert _payload_title(docs["pricer"], READINGS_V1) == MeasurementTaken.__name__
     assert _payload_title(docs["pricer"], CHARGES) == ChargesComputed.__name__
     assert _payload_title(docs["ledger"], CHARGES) == ChargesComputed.__name__
+    assert _payload_title(docs["ledger"], CHARGES_V2) == ChargesComputedV2.__name__
     assert _payload_title(docs["ledger"], TRANSACTIONS) == TransactionPosted.__name__
     assert _payload_title(docs["api"], ALERTS) == AlertRaised.__name__
     assert _payload_title(docs["api"], CHARGES) == ChargesComputed.__name__

@@ -248,7 +248,8 @@ def test_allocated_whole_microcredits_telescope_to_the_change_of_the_floor(
         exact[line] = exact.get(line, Fraction(0)) + Fraction(num, den)
     after = before + sum(exact.values())
     assume(after >= 0)  # a group's sum never goes below zero: amounts are taken back only once added
-    updates, amounts = allocate({7: (start[0], start[1])}, deltas)
+    updates, amounts, units = allocate({7: (start[0], start[1])}, deltas)
+    assert units == {}  # a flat price's group has no units
     [(gid, num, den, posted)] = updates
     assert gid == 7 and Fraction(num, den) == after and posted == after.numerator // after.denominator
     assert math.gcd(num, den) == 1
