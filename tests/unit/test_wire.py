@@ -36,7 +36,7 @@ from shared.batches import (
     read_as_written,
     shard_of,
 )
-from shared.contracts import ChargeComputed, ChargesComputed, MeasurementsTaken, MeasurementTaken
+from shared.contracts import ChargeComputed, ChargesComputed, ChargesComputedV2, MeasurementsTaken, MeasurementTaken
 from shared.wire import MIRRORS, Charge, Measurement, _fast, decoder_for
 
 HOUR = "2026-03-08T06:00:00Z"
@@ -345,12 +345,13 @@ def measurements_doc() -> dict[str, Any]:
     }
 
 
-def charges_doc_v2() -> dict[str, Any]:
+def charges_doc() -> dict[str, Any]:
     doc = measurements_doc()
     del doc["reading_id"], doc["taken_at"]
     return doc | {
         "id": "5f4b5a4e-9c1e-5d55-8f7a-2b1d3c4e5f65",
         "schema_name": "usage.charges",
+        "schema_version": 3,
         "priced_at": "2026-03-08T06:02:00+00:00",
         "prices": [{"id": "3f4b5a4e-9c1e-5d55-8f7a-2b1d3c4e5f63", "microcredits_per_unit": 1_000_000, "unit": 730}],
         "revision": [1, 2, 1],
@@ -360,7 +361,7 @@ def charges_doc_v2() -> dict[str, Any]:
     }
 
 
-BATCH_DOCS = {MeasurementsTaken: measurements_doc, ChargesComputed: charges_doc_v2}
+BATCH_DOCS = {MeasurementsTaken: measurements_doc, ChargesComputed: charges_doc}
 
 _item_values = st.one_of(
     _ints,
@@ -459,13 +460,28 @@ def _same_envelope(struct: msgspec.Struct, model: BaseModel, columns: tuple[str,
             assert ours.utcoffset() == timedelta(0) and ours.tzinfo is UTC, name
 
 
+def _contract_of(model: type[BaseModel], raw: bytes) -> type[BaseModel]:
+    """The contract a batch is read against: the charges mirror reads usage.charges.v3 and the v2 bodies
+    that topic's predecessor (and the pricer's stored batches) carry, so a body saying schema_version 2 is
+    held to the v2 contract."""
+    if model is ChargesComputed:
+        try:
+            version = json.loads(raw).get("schema_version")
+        except (ValueError, AttributeError):
+            return model
+        if version == 2 and not isinstance(version, bool):
+            return ChargesComputedV2
+    return model
+
+
 def _batch_differential(model: type[BaseModel], raw: bytes) -> None:
     struct, decode = BATCH_MODELS[model]
     charges = model is ChargesComputed
     columns = CHARGE_COLUMNS if charges else ITEM_COLUMNS
     decoded = decode(raw)
+    contract = _contract_of(model, raw)
     try:
-        whole: BaseModel | None = model.model_validate_json(raw)
+        whole: BaseModel | None = contract.model_validate_json(raw)
         refusal = ""
     except ValidationError as exc:
         whole, refusal = None, f"invalid {model.__name__}: {describe_error(exc)}"
@@ -488,7 +504,7 @@ def _batch_differential(model: type[BaseModel], raw: bytes) -> None:
     if kept is not None:
         assert kept.reading_hour.tzinfo is UTC
         # The good items are, together, a message the contract accepts, with the same values.
-        alone = model.model_validate_json(decode_encode(kept))
+        alone = contract.model_validate_json(decode_encode(kept))
         _same_envelope(kept, alone, columns)
         n = len(kept.resource_id)
         assert len(set(kept.resource_id)) == n
@@ -595,7 +611,7 @@ def test_batch_generated_documents_exercise_every_answer() -> None:
     """Guard for the property tests above: the canonical batches decode whole, and these mutations are
     refused whole, item by item, or kept once (so the property compares every branch)."""
     assert decode_measurements(orjson.dumps(measurements_doc())).rejected == []
-    assert decode_charges(orjson.dumps(charges_doc_v2())).rejected == []
+    assert decode_charges(orjson.dumps(charges_doc())).rejected == []
     whole = decode_measurements(orjson.dumps(measurements_doc() | {"shard": SHARDS}))
     assert whole.message is None and whole.rejected[0].positions == ()
     doc = measurements_doc()
