@@ -11,6 +11,8 @@ different content for the same charge revision twice.
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+from cli.rerate import rerate
 from services.pricer.app import create_app
 from shared.batches import Charges
 from tests.integration.test_pricer_prices import (
@@ -35,6 +38,7 @@ from tests.integration.test_pricer_prices import (
     settings,
     stored,
 )
+from tests.sim_server import serve_app
 from tests.support.tokens import LocalIssuer
 
 pytestmark = pytest.mark.integration
@@ -265,3 +269,64 @@ async def test_a_restarted_pricer_finishes_an_unfinished_job_without_publishing_
     assert revised.keys() == {k for k in values if in_range(k)}
     assert all(v[2] == Fraction(values[k] * NEW_RATE, NEW_UNIT) for k, v in revised.items())
     assert all(corr is not None and str(corr.id) == job_id for (_, rev), (_, corr) in seen.items() if rev == 2)
+
+
+class _AdminToInternal(httpx.BaseTransport):
+    """What the api does for these routes (services/api/forward.py): /admin/rerate(s) to the pricer's
+    /internal/rerates, the rest of the request as sent."""
+
+    def __init__(self) -> None:
+        self._inner = httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path.replace("/admin/rerates", "/internal/rerates").replace(
+            "/admin/rerate", "/internal/rerates")
+        request.url = request.url.copy_with(path=path)
+        return self._inner.handle_request(request)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+async def test_billing_rerate_starts_a_job_on_a_running_pricer_and_follows_it_to_done(
+    running: Running, issuer: LocalIssuer
+) -> None:
+    values = await seed(running.http, running.pricer.handle_readings)
+    token = issuer.bearer()["authorization"].removeprefix("Bearer ")
+    async with serve_app(running.app) as url:
+        def run(**overrides: Any) -> tuple[int, str, str]:
+            out, err = io.StringIO(), io.StringIO()
+            args: dict[str, Any] = {
+                "meter": "cfapps", "kind": "", "start": (H0 + timedelta(hours=1)).isoformat(),
+                "end": (H0 + timedelta(hours=3)).isoformat(), "reason": "wrong rate", "rate": NEW_RATE,
+                "unit": NEW_UNIT, "unit_of_measure": "MB-hour", "price_json": None, "job_id": None, "wait": True,
+                "api_url": url, "token": token, "poll": 0.05,
+            }
+            args.update(overrides)
+            code = rerate(**args, out=out, err=err, transport=_AdminToInternal())
+            return code, out.getvalue(), err.getvalue()
+
+        code, out, err = await asyncio.to_thread(run)
+        assert code == 0, (out, err)
+        assert "done: 24 charges re-priced of 32 measurements in the range" in out, out
+        assert "32/32" in out  # the progress bar ended full
+        job_id = out.split("re-rating job ", 1)[1].split(" ", 1)[0]
+        job = (await running.http.get(f"/internal/rerates/{job_id}")).json()
+        assert (job["state"], job["done"], job["total"], job["reason"]) == ("done", 32, 32, "wrong rate")
+        after = await stored(running)
+        assert all(after[k][2] == Fraction(values[k] * NEW_RATE, NEW_UNIT) for k in values if in_range(k))
+
+        # The same range again: the pricer refuses the overlap, the CLI says so and exits 3.
+        code, out, err = await asyncio.to_thread(run)
+        assert code == 3 and "409" in err and "already has a price correction" in err, err
+        # Bad terms: the pricer's 422 reason, exit 3; nothing started.
+        code, out, err = await asyncio.to_thread(run, kind="task", rate=None, unit=None, price_json=json.dumps(
+            {"model": "graduated", "unit": 1, "bands": [{"up_to": None, "microcredits_per_unit": 1}]}))
+        assert code == 3 and "422" in err and "billing-month boundary" in err, err
+        # --no-wait answers at once; --job follows it.
+        code, out, err = await asyncio.to_thread(run, kind="task", wait=False)
+        assert code == 0 and "billing rerate --job " in out, (out, err)
+        started = out.split("--job ", 1)[1].strip()
+        blank = {k: None for k in ("meter", "start", "end", "reason", "rate", "unit", "unit_of_measure")}
+        code, out, err = await asyncio.to_thread(run, **blank, job_id=started)
+        assert code == 0 and "done: 8 charges re-priced" in out, (out, err)
