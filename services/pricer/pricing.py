@@ -338,7 +338,8 @@ def reprice_items(
     stored: Sequence[Charges], catalog: Catalog, priced_at: datetime, kinds: set[str] | None = None
 ) -> Priced | None:
     """The next revision of every item of the shard whose latest charge is unpriced and that a price now
-    covers (only those of ``kinds`` when given), as one batch; None when there is none."""
+    covers (only those of ``kinds`` when given), as one batch; None when there is none. Items a price
+    correction covers are left to its re-rating job (its revisions carry the correction)."""
     latest = latest_items(stored)
     chosen: dict[int, list[tuple[int, int]]] = {}  # batch -> [(item, next revision)]
     for at in latest.values():
@@ -348,7 +349,8 @@ def reprice_items(
         kind = c.kinds[c.kind[at.item]]
         if kinds is not None and kind not in kinds:
             continue
-        if catalog.price_at(c.meter, kind, c.reading_hour) is None:
+        covering = catalog.price_at(c.meter, kind, c.reading_hour)
+        if covering is None or covering.correction:  # a correction's re-rating job prices those, marked as such
             continue
         chosen.setdefault(at.batch, []).append((at.item, at.revision + 1))
     if not chosen:
