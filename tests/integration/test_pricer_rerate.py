@@ -208,8 +208,18 @@ async def test_overlapping_corrections_are_409_and_bad_terms_422_with_nothing_st
         assert r.status_code == 422, (case, r.text)
         assert r.headers["content-type"] == "application/problem+json", case
     assert await counts() == before
+    # A command: sent again with its Idempotency-Key, the first answer is replayed and no second job starts;
+    # each request is in the audit trail.
+    keyed = rerate_body(resource_kind="task", reason="keyed")
+    once = await running.http.post("/internal/rerates", json=keyed, headers={"Idempotency-Key": "rerate-1"})
+    twice = await running.http.post("/internal/rerates", json=keyed, headers={"Idempotency-Key": "rerate-1"})
+    assert once.status_code == twice.status_code == 202, twice.text
+    assert twice.headers["idempotent-replayed"] == "true" and twice.json()["id"] == once.json()["id"]
+    assert (await counts())[1] == before[1] + 1
+    trail = (await running.http.get("/internal/audit", params={"kind": "pricer.rerate.start"})).json()["items"]
+    assert {(e["status"], e["replay"]) for e in trail} >= {(202, False), (202, True), (409, False), (422, False)}
     # A graduated correction on month boundaries is accepted.
-    ok = rerate_body(resource_kind="task", **{"from": "2026-01-01T05:00:00Z", "to": feb}, price={
+    ok = rerate_body(resource_kind="task", **{"from": "2026-02-01T05:00:00Z", "to": "2026-03-01T05:00:00Z"}, price={
         "unit_of_measure": "task-hour", "model": "graduated", "unit": 1, "bands": bands})
     r = await running.http.post("/internal/rerates", json=ok)
     assert r.status_code == 202, r.text
