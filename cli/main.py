@@ -13,6 +13,7 @@ import typer
 
 from cli.completeness import register as register_completeness
 from cli.report import register as register_report
+from cli.rerate import register as register_rerate
 from cli.webhook_receiver import register as register_webhook_receiver
 from simulator.cli import run_sim, token
 
@@ -21,6 +22,7 @@ app.command("sim")(run_sim)
 app.command("token")(token)
 register_report(app)
 register_completeness(app)
+register_rerate(app)
 register_webhook_receiver(app)
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "Band",
     "BatchRejected",
     "Charges",
+    "Correction",
     "Decoded",
     "Item",
     "Measurements",
@@ -188,6 +189,13 @@ _PricePosition = Annotated[int, msgspec.Meta(ge=-1)]
 _Denominator = Annotated[int, msgspec.Meta(ge=1, le=MAX_INT)]
 
 
+class Correction(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """The re-rating a batch of revisions comes from (``POST /admin/rerate``): its job id and reason."""
+
+    id: uuid.UUID
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
+
+
 class Measurements(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """Mirror of ``shared.contracts.MeasurementsTaken``; item columns checked by ``decode_measurements``
     (a batch with a bad item is read again loosely and its bad items refused one by one)."""
@@ -241,6 +249,8 @@ class Charges(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False)
     # 3 (usage.charges.v3) is what is written; 2 is read too: a v2 body (a batch stored before v3, published
     # again byte for byte on a redelivery, or one drained from usage.charges.v2) is a v3 batch of flat prices.
     schema_version: Literal[2, 3] = 3
+    # A re-rating's revisions carry its job and reason (ordinary batches: null). Last, so v2 bodies decode.
+    correction: Correction | None = None
 
 
 def _loose(struct: type[msgspec.Struct], name: str) -> type[msgspec.Struct]:

@@ -26,6 +26,7 @@ __all__ = [
     "ChargeComputed",
     "ChargesComputed",
     "ChargesComputedV2",
+    "CorrectionRef",
     "EntryLine",
     "Event",
     "MeasurementTaken",
@@ -395,6 +396,15 @@ class _ChargeColumns(Event):
                 raise ValueError(f"item {i} of a {model} price must have amount 0/1 (the ledger prices it)")
 
 
+class CorrectionRef(BaseModel):
+    """The re-rating a batch of revisions comes from (``POST /admin/rerate``): its job id and reason."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: UUID = Field(description="The re-rating job's id.")
+    reason: Annotated[str, Field(min_length=1, max_length=500)] = Field(description="Why the range was re-rated.")
+
+
 class ChargesComputed(_ChargeColumns):
     """The charges of many measurements of one reading hour and meter, for one shard of resources (topic
     ``usage.charges.v3``, keyed ``shard-<n>``): the measurement columns of ``MeasurementsTaken`` plus, per
@@ -408,6 +418,11 @@ class ChargesComputed(_ChargeColumns):
     schema_name: Literal["usage.charges"] = "usage.charges"
     schema_version: Literal[3] = 3
     prices: Annotated[list[PriceTerms], Field(max_length=MAX_ITEMS)] = Field(description="The prices applied.")
+    correction: CorrectionRef | None = Field(
+        default=None,
+        description="Set on the revisions of a re-rating (a price corrected over a range, ``POST /admin/rerate``): "
+        "its job and reason; null on every other batch.",
+    )
 
     @model_validator(mode="after")
     def _columns_agree(self) -> ChargesComputed:

@@ -78,6 +78,9 @@ ADMIN_ROUTES: tuple[AdminRoute, ...] = (
     AdminRoute("/admin/prices", "pricer", pricer.ADD_PRICE),
     AdminRoute("/admin/prices/{price_id}/end", "pricer", pricer.END_PRICE),
     AdminRoute("/admin/unpriced", "pricer", pricer.UNPRICED),
+    AdminRoute("/admin/rerate", "pricer", pricer.START_RERATE),
+    AdminRoute("/admin/rerates", "pricer", pricer.LIST_RERATES),
+    AdminRoute("/admin/rerates/{rerate_id}", "pricer", pricer.GET_RERATE),
     AdminRoute("/admin/readings", "collector", collector.LIST_READINGS),
     AdminRoute("/admin/readings", "collector", collector.TAKE_READING),
 )

@@ -13,11 +13,18 @@ import contextlib
 import logging
 from datetime import datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 from starlette.responses import Response
 
 from services.pricer import completeness, schemas
-from services.pricer.pricing import PriceEndOffMonthError, PriceEndRefusedError, PriceNotFoundError, PriceOverlapError
+from services.pricer.pricing import (
+    PriceEndOffMonthError,
+    PriceEndRefusedError,
+    PriceNotFoundError,
+    PriceOverlapError,
+    RerateNotFoundError,
+)
 from services.pricer.schemas import (
     PriceCreatedOut,
     PriceEndIn,
@@ -26,6 +33,11 @@ from services.pricer.schemas import (
     PriceOut,
     PricePath,
     PricesQuery,
+    RerateIn,
+    RerateList,
+    RerateOut,
+    ReratePath,
+    ReratesQuery,
     UnpricedList,
     UnpricedQuery,
 )
@@ -119,12 +131,52 @@ async def list_unpriced(call: Call) -> Response:
     return answer(UnpricedList(items=items, next_cursor=cursor))
 
 
+async def post_rerate(call: Call) -> Response:
+    try:
+        job = await _pricer(call).start_rerate(call.body_as(RerateIn))
+    except PriceOverlapError as exc:
+        raise ProblemError(
+            CONFLICT, str(exc), title="Correction overlaps", conflicts=[str(c) for c in exc.conflicts]
+        ) from None
+    except CatalogBusyError as exc:
+        raise _problem_for(exc) from None
+    return answer(RerateOut.of(job), 202, headers={"Location": f"/internal/rerates/{job.id}"})
+
+
+async def get_rerate(call: Call) -> Response:
+    try:
+        job = await _pricer(call).get_rerate(call.path_as(ReratePath).rerate_id)
+    except RerateNotFoundError as exc:
+        raise ProblemError(NOT_FOUND, str(exc)) from None
+    return answer(RerateOut.of(job))
+
+
+async def list_rerates(call: Call) -> Response:
+    q = call.query_as(ReratesQuery)
+    scope = Cursor.scope_of("rerates")
+    pos = Cursor.decode(q.cursor, scope, (str,))
+    before = None
+    if pos is not None:
+        try:
+            before = UUID(pos[0])
+        except ValueError:
+            raise ProblemError(INVALID_CURSOR, "cursor: not a cursor of this query; start again without it") from None
+    jobs = await _pricer(call).list_rerates(before, q.limit + 1)
+    more = len(jobs) > q.limit
+    jobs = jobs[: q.limit]
+    cursor = Cursor.encode(scope, [str(jobs[-1].id)]) if more else None
+    return answer(RerateList(items=[RerateOut.of(j) for j in jobs], next_cursor=cursor))
+
+
 OPERATIONS: tuple[Operation, ...] = (
     schemas.ADD_PRICE.bind(post_price),
     schemas.LIST_PRICES.bind(list_prices),
     schemas.GET_PRICE.bind(get_price),
     schemas.END_PRICE.bind(post_price_end),
     schemas.UNPRICED.bind(list_unpriced),
+    schemas.START_RERATE.bind(post_rerate),
+    schemas.LIST_RERATES.bind(list_rerates),
+    schemas.GET_RERATE.bind(get_rerate),
     schemas.COMPLETENESS.bind(completeness.handler),
     schemas.AUDIT.bind(list_audit),
 )
@@ -192,15 +244,21 @@ async def start(runtime: Runtime) -> None:
     runtime.state["maintenance"] = asyncio.create_task(
         _maintenance(pricer, s.maintenance_interval_seconds), name="pricer-maintenance"
     )
+    # Re-rating jobs (corrections) run here, one at a time; an unfinished one continues where it stopped.
+    runtime.state["rerates"] = asyncio.create_task(
+        pricer.run_rerates(s.maintenance_interval_seconds), name="pricer-rerates"
+    )
 
 
 async def stop(runtime: Runtime) -> None:
-    """After the subscribers stopped (the runtime stops them first): end the maintenance loop."""
-    task: asyncio.Task[None] | None = runtime.state.pop("maintenance", None)
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    """After the subscribers stopped (the runtime stops them first): end the maintenance loop and the
+    re-rating runner (a job stopped midway continues at the next start)."""
+    for name in ("rerates", "maintenance"):
+        task: asyncio.Task[None] | None = runtime.state.pop(name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def _maintenance(pricer: Pricer, interval: float) -> None:

@@ -22,11 +22,14 @@ from math import gcd
 from typing import NamedTuple, cast
 from uuid import UUID
 
+import msgspec
+
 from shared.batches import (
     MAX_INT,
     B,
     Band,
     Charges,
+    Correction,
     Measurements,
     Ref,
     ShardKey,
@@ -55,6 +58,8 @@ __all__ = [
     "PriceOverlapError",
     "Priced",
     "PricingError",
+    "RerateJob",
+    "RerateNotFoundError",
     "ShardKey",
     "batches_of_v1",
     "check_end",
@@ -63,6 +68,7 @@ __all__ = [
     "latest_items",
     "price_items",
     "reprice_items",
+    "rerate_items",
 ]
 
 MAX_AMOUNT = MAX_INT
@@ -93,6 +99,10 @@ class PriceEndOffMonthError(PricingError):
     apply to a customer's month total, so it starts and ends only on one (docs/price-models.md)."""
 
 
+class RerateNotFoundError(PricingError):
+    """No re-rating job has this id."""
+
+
 class PriceEndRefusedError(PricingError):
     """Ending the price at that time would contradict its range or charges already priced with it."""
 
@@ -113,6 +123,7 @@ class Price:
     valid_until: datetime | None
     created_at: datetime
     model: PriceModel = None  # type: ignore[assignment]  # set to the flat model in __post_init__
+    correction: bool = False  # a price correction: applies in its range in place of the ordinary prices
     ref: PriceRef = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -142,33 +153,53 @@ def is_month_boundary(moment: datetime) -> bool:
     return month_bounds(billing_month(moment))[0] == moment
 
 
+_Series = dict[tuple[str, str], tuple[list[datetime], list[Price]]]
+
+
+def _series_of(prices: Iterable[Price]) -> _Series:
+    by_key: dict[tuple[str, str], list[Price]] = {}
+    for p in prices:
+        by_key.setdefault((p.meter, p.resource_kind), []).append(p)
+    out: _Series = {}
+    for key, series in by_key.items():
+        series.sort(key=lambda p: p.valid_from)
+        out[key] = ([p.valid_from for p in series], series)
+    return out
+
+
+def _find(series: _Series, meter: str, resource_kind: str, at: datetime) -> Price | None:
+    found = series.get((meter, resource_kind))
+    if found is None:
+        return None
+    starts, prices = found
+    i = bisect.bisect_right(starts, at) - 1
+    if i >= 0 and prices[i].covers(at):
+        return prices[i]
+    return None
+
+
 class Catalog:
     """The prices in memory, found by (meter, kind) and a bisection on ``valid_from``; ``version`` is the
-    database's catalog version it was loaded at."""
+    database's catalog version it was loaded at. A price correction (``Price.correction``) covering an
+    instant wins over the ordinary price of that instant (corrections of one key never overlap, nor do
+    ordinary prices: the database enforces both)."""
 
     def __init__(self, prices: Iterable[Price], version: int = 0) -> None:
         self.version = version
-        by_key: dict[tuple[str, str], list[Price]] = {}
-        for p in prices:
-            by_key.setdefault((p.meter, p.resource_kind), []).append(p)
-        self._series: dict[tuple[str, str], tuple[list[datetime], list[Price]]] = {}
-        for key, series in by_key.items():
-            series.sort(key=lambda p: p.valid_from)
-            self._series[key] = ([p.valid_from for p in series], series)
+        prices = list(prices)
+        self._series = _series_of(p for p in prices if not p.correction)
+        self._corrections = _series_of(p for p in prices if p.correction)
 
     def __len__(self) -> int:
-        return sum(len(s[1]) for s in self._series.values())
+        return sum(len(s[1]) for s in (*self._series.values(), *self._corrections.values()))
 
     def price_at(self, meter: str, resource_kind: str, at: datetime) -> Price | None:
-        """The price of (meter, kind) valid at instant ``at``, or None."""
-        series = self._series.get((meter, resource_kind))
-        if series is None:
-            return None
-        starts, prices = series
-        i = bisect.bisect_right(starts, at) - 1
-        if i >= 0 and prices[i].covers(at):
-            return prices[i]
-        return None
+        """The price of (meter, kind) valid at instant ``at`` (its correction if one covers it), or None."""
+        if self._corrections:
+            corrected = _find(self._corrections, meter, resource_kind, at)
+            if corrected is not None:
+                return corrected
+        return _find(self._series, meter, resource_kind, at)
 
 
 def exact_amount(value: int, microcredits_per_unit: int, unit: int) -> tuple[int, int]:
@@ -307,7 +338,8 @@ def reprice_items(
     stored: Sequence[Charges], catalog: Catalog, priced_at: datetime, kinds: set[str] | None = None
 ) -> Priced | None:
     """The next revision of every item of the shard whose latest charge is unpriced and that a price now
-    covers (only those of ``kinds`` when given), as one batch; None when there is none."""
+    covers (only those of ``kinds`` when given), as one batch; None when there is none. Items a price
+    correction covers are left to its re-rating job (its revisions carry the correction)."""
     latest = latest_items(stored)
     chosen: dict[int, list[tuple[int, int]]] = {}  # batch -> [(item, next revision)]
     for at in latest.values():
@@ -317,7 +349,8 @@ def reprice_items(
         kind = c.kinds[c.kind[at.item]]
         if kinds is not None and kind not in kinds:
             continue
-        if catalog.price_at(c.meter, kind, c.reading_hour) is None:
+        covering = catalog.price_at(c.meter, kind, c.reading_hour)
+        if covering is None or covering.correction:  # a correction's re-rating job prices those, marked as such
             continue
         chosen.setdefault(at.batch, []).append((at.item, at.revision + 1))
     if not chosen:
@@ -326,6 +359,68 @@ def reprice_items(
     # one (the tables of the others are merged in by value).
     merged = _merge([(stored[b], items) for b, items in sorted(chosen.items())])
     return price_items(merged, None, catalog, priced_at, revisions=merged.revision)
+
+
+@dataclass(frozen=True, slots=True)
+class RerateJob:
+    """A re-rating (``POST /internal/rerates``): the correction ``price`` of (meter, kind) over [valid_from,
+    valid_until) and the re-pricing of the range's latest charges with it. ``total``: measurements of the meter
+    in the range; ``done``: of them, looked at; ``repriced``: charges given a new revision; ``refused``: left
+    as they were because their amount would exceed 2**62. ``after``: the last (reading hour, shard) done."""
+
+    id: UUID
+    price: Price
+    reason: str
+    state: str
+    failure: str | None
+    total: int
+    done: int
+    repriced: int
+    refused: int
+    after: tuple[datetime, int] | None
+    created_at: datetime
+    finished_at: datetime | None
+
+    @property
+    def meter(self) -> str:
+        return self.price.meter
+
+    @property
+    def resource_kind(self) -> str:
+        return self.price.resource_kind
+
+
+def rerate_items(
+    stored: Sequence[Charges], catalog: Catalog, priced_at: datetime, correction: Price, ref: Correction
+) -> tuple[Priced | None, int]:
+    """The next revision of every item of the shard of the correction's kind whose latest charge is not priced
+    with ``correction`` yet (an item that already is, after a restart or a concurrent re-pricing, is left as
+    it is), priced with the catalog (which resolves the range's hours to the correction), as one batch
+    carrying ``ref``; and how many of the items in it were unpriced before. (None, 0) when there is none."""
+    latest = latest_items(stored)
+    chosen: dict[int, list[tuple[int, int]]] = {}  # batch -> [(item, next revision)]
+    was_unpriced: set[str] = set()
+    for rid, at in latest.items():
+        c = stored[at.batch]
+        if c.kinds[c.kind[at.item]] != correction.resource_kind:
+            continue
+        p = c.price[at.item]
+        if p >= 0 and c.prices[p].id == correction.id:
+            continue
+        found = catalog.price_at(c.meter, correction.resource_kind, c.reading_hour)
+        if found is None or found.id != correction.id:
+            continue
+        if p < 0:
+            was_unpriced.add(rid)
+        chosen.setdefault(at.batch, []).append((at.item, at.revision + 1))
+    if not chosen:
+        return None, 0
+    merged = _merge([(stored[b], items) for b, items in sorted(chosen.items())])
+    priced = price_items(merged, None, catalog, priced_at, revisions=merged.revision)
+    if priced.message is None:
+        return priced, 0
+    priced.message = msgspec.structs.replace(priced.message, correction=ref)
+    return priced, len(was_unpriced.intersection(priced.message.resource_id))
 
 
 def _merge(parts: Sequence[tuple[Charges, list[tuple[int, int]]]]) -> Charges:

@@ -19,7 +19,7 @@ from uuid import UUID
 
 import asyncpg
 
-from services.pricer.pricing import Price
+from services.pricer.pricing import Price, RerateJob
 from shared.batches import ShardKey
 from shared.blobs import Frames, shard_scope
 from shared.db import Conn
@@ -30,26 +30,36 @@ __all__ = [
     "ConcurrentShardWriteError",
     "add_priced_hours",
     "add_unpriced",
+    "advance_rerate",
     "all_batches",
     "catalog_version",
     "completeness_counts",
+    "count_measurements",
     "count_unpriced",
     "covered_unpriced",
     "delete_unpriced",
     "end_price",
+    "fail_rerate",
+    "finish_rerate",
     "get_price",
     "get_price_for_update",
+    "get_rerate",
     "insert_batches",
     "insert_price",
+    "insert_rerate",
     "last_priced_hour",
     "list_prices",
+    "list_rerates",
     "load_prices",
     "load_shards",
     "lock_catalog_exclusive",
     "lock_catalog_shared",
+    "lock_rerate",
     "lock_shards",
     "mark_published",
+    "next_rerate",
     "overlapping_prices",
+    "rerate_shards",
     "take_unpublished",
     "unpriced_after",
 ]
@@ -77,7 +87,8 @@ async def _bump_catalog_version(conn: Conn) -> None:
 
 
 _PRICE_COLUMNS = """id, meter, resource_kind, unit_of_measure, microcredits_per_unit, unit,
-    lower(valid_during) AS valid_from, upper(valid_during) AS valid_until, created_at, model, bands::text AS bands"""
+    lower(valid_during) AS valid_from, upper(valid_during) AS valid_until, created_at, model, bands::text AS bands,
+    correction"""
 
 
 def _uuid(value: UUID | None) -> UUID | None:
@@ -109,6 +120,7 @@ def _price(r: asyncpg.Record) -> Price:
         valid_until=r["valid_until"],
         created_at=r["created_at"],
         model=_model(r),
+        correction=r["correction"],
     )
 
 
@@ -132,8 +144,8 @@ async def insert_price(conn: Conn, price: Price) -> Price:
     )
     row = await conn.fetchrow(
         f"""INSERT INTO prices (id, key_id, meter, resource_kind, unit_of_measure, microcredits_per_unit, unit,
-                                valid_during, model, bands)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, tstzrange($8, $9, '[)'), $10, $11::jsonb)
+                                valid_during, model, bands, correction)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, tstzrange($8, $9, '[)'), $10, $11::jsonb, $12)
             RETURNING {_PRICE_COLUMNS}""",
         price.id,
         key_id,
@@ -146,6 +158,7 @@ async def insert_price(conn: Conn, price: Price) -> Price:
         price.valid_until,
         price.model.model,
         _bands(price),
+        price.correction,
     )
     await _bump_catalog_version(conn)
     assert row is not None  # INSERT ... RETURNING answers its row or raises
@@ -153,16 +166,25 @@ async def insert_price(conn: Conn, price: Price) -> Price:
 
 
 async def overlapping_prices(
-    conn: Conn, meter: str, resource_kind: str, valid_from: datetime, valid_until: datetime | None
+    conn: Conn,
+    meter: str,
+    resource_kind: str,
+    valid_from: datetime,
+    valid_until: datetime | None,
+    *,
+    correction: bool = False,
 ) -> list[Price]:
+    """The ordinary prices (or, with ``correction``, the price corrections) of (meter, kind) overlapping the
+    range."""
     rows = await conn.fetch(
         f"""SELECT {_PRICE_COLUMNS} FROM prices
-            WHERE meter = $1 AND resource_kind = $2 AND valid_during && tstzrange($3, $4, '[)')
+            WHERE meter = $1 AND resource_kind = $2 AND valid_during && tstzrange($3, $4, '[)') AND correction = $5
             ORDER BY lower(valid_during)""",
         meter,
         resource_kind,
         valid_from,
         valid_until,
+        correction,
     )
     return [_price(r) for r in rows]
 
@@ -195,7 +217,8 @@ async def list_prices(
 ) -> list[Price]:
     rows = await conn.fetch(
         f"""SELECT {_PRICE_COLUMNS} FROM prices
-            WHERE ($1::text IS NULL OR meter = $1)
+            WHERE NOT correction
+              AND ($1::text IS NULL OR meter = $1)
               AND ($2::text IS NULL OR resource_kind = $2)
               AND ($3::timestamptz IS NULL OR valid_during @> $3::timestamptz)
             ORDER BY meter, resource_kind, lower(valid_during)
@@ -433,4 +456,129 @@ async def completeness_counts(conn: Conn, since: datetime, until: datetime) -> l
            ORDER BY reading_hour, meter""",
         since,
         until,
+    )
+
+
+# -- re-rating jobs --------------------------------------------------------------------------------
+
+_JOB_COLUMNS = """j.id AS job_id, j.reason, j.state, j.failure, j.total, j.done, j.repriced, j.refused, j.after_hour,
+    j.after_shard, j.created_at AS job_created_at, j.finished_at"""
+
+
+def _job(r: asyncpg.Record) -> RerateJob:
+    after = None if r["after_hour"] is None else (r["after_hour"], int(r["after_shard"]))
+    return RerateJob(
+        id=UUID(int=r["job_id"].int),
+        price=_price(r),
+        reason=r["reason"],
+        state=r["state"],
+        failure=r["failure"],
+        total=r["total"],
+        done=r["done"],
+        repriced=r["repriced"],
+        refused=r["refused"],
+        after=after,
+        created_at=r["job_created_at"],
+        finished_at=r["finished_at"],
+    )
+
+
+_JOB_SELECT = f"""SELECT {_JOB_COLUMNS}, p.id, p.meter, p.resource_kind, p.unit_of_measure, p.microcredits_per_unit,
+    p.unit, lower(p.valid_during) AS valid_from, upper(p.valid_during) AS valid_until, p.created_at, p.model,
+    p.bands::text AS bands, p.correction
+    FROM rerate_jobs j JOIN prices p ON p.id = j.price_id"""
+
+
+async def count_measurements(conn: Conn, meter: str, since: datetime, until: datetime) -> int:
+    """Measurements of ``meter`` with a reading hour in [since, until) (every kind), from the batches' counts."""
+    return int(
+        await conn.fetchval(
+            """SELECT coalesce(sum(d_priced + d_unpriced), 0) FROM charge_batches
+               WHERE meter = $1 AND reading_hour >= $2 AND reading_hour < $3""",
+            meter, since, until,
+        )
+    )
+
+
+async def insert_rerate(conn: Conn, job_id: UUID, price: Price, reason: str, total: int) -> RerateJob:
+    await conn.execute(
+        """INSERT INTO rerate_jobs (id, price_id, meter, resource_kind, valid_from, valid_until, reason, total)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+        job_id, price.id, price.meter, price.resource_kind, price.valid_from, price.valid_until, reason, total,
+    )
+    job = await get_rerate(conn, job_id)
+    assert job is not None
+    return job
+
+
+async def get_rerate(conn: Conn, job_id: UUID) -> RerateJob | None:
+    row = await conn.fetchrow(_JOB_SELECT + " WHERE j.id = $1", job_id)
+    return None if row is None else _job(row)
+
+
+async def lock_rerate(conn: Conn, job_id: UUID) -> RerateJob | None:
+    """The job, locked until the end of the transaction (another instance working it waits)."""
+    row = await conn.fetchrow(_JOB_SELECT + " WHERE j.id = $1 FOR UPDATE OF j", job_id)
+    return None if row is None else _job(row)
+
+
+async def list_rerates(conn: Conn, before: UUID | None, limit: int) -> list[RerateJob]:
+    """Jobs, newest first (ids are uuid7), after the cursor ``before``."""
+    rows = await conn.fetch(
+        _JOB_SELECT + " WHERE ($1::uuid IS NULL OR j.id < $1) ORDER BY j.id DESC LIMIT $2", before, limit
+    )
+    return [_job(r) for r in rows]
+
+
+async def next_rerate(conn: Conn) -> UUID | None:
+    """The oldest running job: jobs run one at a time, in the order they were entered."""
+    value = await conn.fetchval(
+        "SELECT id FROM rerate_jobs WHERE state = 'running' ORDER BY created_at, id LIMIT 1"
+    )
+    return None if value is None else UUID(int=value.int)
+
+
+async def rerate_shards(
+    conn: Conn, meter: str, since: datetime, until: datetime, after: tuple[datetime, int] | None, limit: int
+) -> list[tuple[ShardKey, int]]:
+    """The shards of ``meter`` with a reading hour in [since, until), in (hour, shard) order after ``after``,
+    each with its number of measurements."""
+    h, s = after if after is not None else (None, None)
+    rows = await conn.fetch(
+        """SELECT reading_hour, shard, sum(d_priced + d_unpriced)::bigint AS n FROM charge_batches
+           WHERE meter = $1 AND reading_hour >= $2 AND reading_hour < $3
+             AND ($4::timestamptz IS NULL OR (reading_hour, shard) > ($4, $5::int2))
+           GROUP BY reading_hour, shard
+           ORDER BY reading_hour, shard
+           LIMIT $6""",
+        meter, since, until, h, s, limit,
+    )
+    return [(ShardKey(r["reading_hour"], meter, r["shard"]), int(r["n"])) for r in rows]
+
+
+async def advance_rerate(
+    conn: Conn, job_id: UUID, after: ShardKey, done: int, repriced: int, refused: int
+) -> None:
+    await conn.execute(
+        """UPDATE rerate_jobs SET after_hour = $2, after_shard = $3, done = done + $4, repriced = repriced + $5,
+                  refused = refused + $6
+           WHERE id = $1""",
+        job_id, after.reading_hour, after.shard, done, repriced, refused,
+    )
+
+
+async def finish_rerate(conn: Conn, job_id: UUID) -> None:
+    """Done: ``total`` becomes ``done`` if later readings of the range made it larger."""
+    await conn.execute(
+        """UPDATE rerate_jobs SET state = 'done', total = greatest(total, done), finished_at = now()
+           WHERE id = $1 AND state = 'running'""",
+        job_id,
+    )
+
+
+async def fail_rerate(conn: Conn, job_id: UUID, reason: str) -> None:
+    await conn.execute(
+        """UPDATE rerate_jobs SET state = 'failed', failure = $2, finished_at = now()
+           WHERE id = $1 AND state = 'running'""",
+        job_id, reason[:2000],
     )

@@ -9,15 +9,15 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, Self, cast
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from services.pricer.pricing import MAX_AMOUNT, Price, is_month_boundary
+from services.pricer.pricing import MAX_AMOUNT, Price, RerateJob, is_month_boundary
 from shared import audit
 from shared.auth import SCOPE_ADMIN
 from shared.completeness import PricerCompleteness
 from shared.completeness import operation as completeness_operation
 from shared.contracts import ChargeComputed
-from shared.edge import Answer, Count, CursorText, Operation, Params, Reply, Time, Uuid, count, declarer
+from shared.edge import Answer, Count, CursorText, Operation, Page, Params, Reply, Time, Uuid, count, declarer
 from shared.price_models import MAX_BANDS, InvalidPriceModelError, PriceModel, from_document, to_document
 
 __all__ = [
@@ -26,11 +26,15 @@ __all__ = [
     "COMPLETENESS",
     "END_PRICE",
     "GET_PRICE",
+    "GET_RERATE",
     "LIST_PRICES",
+    "LIST_RERATES",
     "OPERATIONS",
+    "START_RERATE",
     "UNPRICED",
     "BandIn",
     "BandOut",
+    "CorrectedTerms",
     "PriceCreatedOut",
     "PriceEndIn",
     "PriceIn",
@@ -38,6 +42,11 @@ __all__ = [
     "PriceOut",
     "PricePath",
     "PricesQuery",
+    "RerateIn",
+    "RerateList",
+    "RerateOut",
+    "ReratePath",
+    "ReratesQuery",
     "UnpricedList",
     "UnpricedQuery",
 ]
@@ -125,6 +134,62 @@ class PriceIn(BaseModel):
             raise ValueError(f"bands: {exc}") from None
 
 
+class CorrectedTerms(BaseModel):
+    """The corrected terms of a re-rating: the shape of ``POST /internal/prices`` without meter, kind and range
+    (those are the re-rating's): ``microcredits_per_unit`` for ``flat``, or ``model`` and ``bands``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    unit_of_measure: Annotated[str, Field(min_length=1, max_length=32, pattern=r"\S")]
+    model: Literal["flat", "graduated", "volume"] = "flat"
+    microcredits_per_unit: Annotated[int, Field(ge=0, le=MAX_AMOUNT)] | None = None
+    bands: Annotated[list[BandIn], Field(min_length=1, max_length=MAX_BANDS)] | None = None
+    unit: Annotated[int, Field(gt=0, le=MAX_AMOUNT)]
+
+
+class RerateIn(BaseModel):
+    """``POST /internal/rerates``: re-price the charges of (``meter``, ``resource_kind``) with a reading hour in
+    [``from``, ``to``) (whole UTC hours) with the corrected ``price``, for ``reason``. The terms are validated
+    as ``POST /internal/prices`` validates a price over that range: a graduated or volume correction starts and
+    ends on billing-month boundaries (midnight America/New_York on the 1st)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    meter: Meter
+    resource_kind: Kind = ""
+    start: Time = Field(alias="from", description="The first reading hour corrected (a whole UTC hour).")
+    end: Time = Field(alias="to", description="The end of the range, exclusive (a whole UTC hour, after from).")
+    reason: Annotated[str, Field(min_length=1, max_length=500)] = Field(
+        description="Why: it travels with the revisions (usage.charges.v3 `correction`) to the ledger's correction."
+    )
+    price: CorrectedTerms
+
+    @model_validator(mode="after")
+    def _range_and_terms(self) -> Self:
+        for name, moment in (("from", self.start), ("to", self.end)):
+            if moment.minute or moment.second or moment.microsecond:
+                raise ValueError(f"{name} must be a whole UTC hour, not {moment.isoformat()}")
+        if self.end <= self.start:
+            raise ValueError("to must be later than from")
+        self.price_in()
+        return self
+
+    def price_in(self) -> PriceIn:
+        """The correction as a price over the range, validated like ``POST /internal/prices``."""
+        try:
+            return PriceIn(
+                meter=self.meter, resource_kind=self.resource_kind, valid_from=self.start, valid_until=self.end,
+                **{k: v for k, v in self.price.model_dump().items() if v is not None},
+            )
+        except ValidationError as exc:
+            reasons = "; ".join(
+                ".".join(str(p) for p in e.get("loc", ())) + (": " if e.get("loc") else "")
+                + str(e.get("msg", "")).removeprefix("Value error, ")
+                for e in exc.errors()
+            )
+            raise ValueError(f"price: {reasons}") from None
+
+
 class PriceEndIn(BaseModel):
     """``POST /internal/prices/{id}/end``: the price stops applying at ``at`` (exclusive); a graduated or
     volume price only on a billing-month boundary (midnight America/New_York on the 1st)."""
@@ -204,6 +269,56 @@ class UnpricedList(Reply):
     )
 
 
+class RerateOut(Reply):
+    """A re-rating job. ``state``: running (queued or working: jobs run one at a time, oldest first), done, or
+    failed (``failure`` says why). ``total``: the measurements of the meter in the range (every kind);
+    ``done``: of them, looked at (``done`` reaches ``total`` when the job is done); ``repriced``: charges of the
+    kind given a new revision with the correction; ``refused``: charges left as they were because their amount
+    would exceed 2**62 microcredits."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    id: UUID
+    state: Literal["running", "done", "failed"]
+    meter: str
+    resource_kind: str
+    start: datetime = Field(alias="from")
+    end: datetime = Field(alias="to")
+    reason: str
+    price: PriceOut = Field(description="The price correction: applies to the range in place of the prices.")
+    done: int = Field(ge=0)
+    total: int = Field(ge=0)
+    repriced: int = Field(ge=0)
+    refused: int = Field(ge=0)
+    failure: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, job: RerateJob) -> RerateOut:
+        assert job.price.valid_until is not None  # a correction has a finite range
+        return cls.model_validate({
+            "id": job.id, "state": job.state, "meter": job.meter, "resource_kind": job.resource_kind,
+            "from": job.price.valid_from, "to": job.price.valid_until, "reason": job.reason,
+            "price": PriceOut.of(job.price), "done": job.done, "total": job.total, "repriced": job.repriced,
+            "refused": job.refused, "failure": job.failure, "created_at": job.created_at,
+            "finished_at": job.finished_at,
+        })
+
+
+class RerateList(Page[RerateOut]):
+    pass
+
+
+class ReratePath(Params):
+    rerate_id: Uuid = Field(description="A re-rating job id.")
+
+
+class ReratesQuery(Params):
+    limit: Count = count(100, 1000)
+    cursor: CursorText | None = Field(default=None, description="`next_cursor` of the previous page.")
+
+
 BUSY = "The price catalog is busy (batches hold its lock); retry."
 
 
@@ -241,9 +356,28 @@ UNPRICED = _op(
     "GET", "/internal/charges/unpriced", "The latest revision of each charge that has no price",
     {200: Answer(UnpricedList)}, query=UnpricedQuery,
 )
+START_RERATE = _op(
+    "POST", "/internal/rerates", "Correct a price over a range and re-price its charges (a background job)",
+    {202: Answer(RerateOut, "The correction is stored; the job re-prices in the background")},
+    body=RerateIn,
+    refusals={409: "Another correction of the meter and kind overlaps the range.", 503: BUSY},
+    command="pricer.rerate.start",
+    description="The corrected terms become a price correction (a new price id) that the catalog applies to the "
+    "range in place of the prices; the job then gives every latest charge of that meter and kind in the range "
+    "whose price or amount changes a new revision, published on usage.charges.v3 with `correction` = {job id, "
+    "reason}. Follow it with GET /internal/rerates/{rerate_id}.",
+)
+GET_RERATE = _op(
+    "GET", "/internal/rerates/{rerate_id}", "A re-rating job and its progress", {200: Answer(RerateOut)},
+    path_params=ReratePath, refusals={404: "No such job."},
+)
+LIST_RERATES = _op(
+    "GET", "/internal/rerates", "Re-rating jobs, newest first", {200: Answer(RerateList)}, query=ReratesQuery,
+)
 COMPLETENESS = completeness_operation(PricerCompleteness, "pricer")
 AUDIT = audit.operation("pricer")
 
 OPERATIONS: tuple[Operation, ...] = (
-    ADD_PRICE, LIST_PRICES, GET_PRICE, END_PRICE, UNPRICED, COMPLETENESS, AUDIT
+    ADD_PRICE, LIST_PRICES, GET_PRICE, END_PRICE, UNPRICED, START_RERATE, LIST_RERATES, GET_RERATE, COMPLETENESS,
+    AUDIT,
 )

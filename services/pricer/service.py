@@ -19,6 +19,7 @@ charges priced with a catalog older than the last committed change.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -37,8 +38,11 @@ from services.pricer.pricing import (
     Price,
     Priced,
     PriceEndOffMonthError,
+    PriceEndRefusedError,
     PriceNotFoundError,
     PriceOverlapError,
+    RerateJob,
+    RerateNotFoundError,
     ShardKey,
     batches_of_v1,
     check_end,
@@ -46,12 +50,14 @@ from services.pricer.pricing import (
     latest_items,
     price_items,
     reprice_items,
+    rerate_items,
 )
-from services.pricer.schemas import PriceIn
+from services.pricer.schemas import PriceIn, RerateIn
 from shared.batches import (
     CONFLICT,
     BatchRejected,
     Charges,
+    Correction,
     Measurements,
     content,
     content_differences,
@@ -66,7 +72,7 @@ from shared.clock import utcnow
 from shared.db import Conn
 from shared.edge.params import EARLIEST
 from shared.ids import charge_id, measurement_id, uuid7
-from shared.kafka import Outgoing, Received, Stream
+from shared.kafka import TRANSIENT, Outgoing, Received, Stream, retry_delay
 from shared.money import display_credits
 from shared.wire import Measurement
 
@@ -144,6 +150,8 @@ class Pricer:
         self._catalog = Catalog((), version=0)
         self._swept_version = 0
         self.frames = Frames()  # the stored batches' compression frames (shared/blobs.py), for this database
+        self.rerate_shards = max(1, reprice_chunk // 20)  # shards of a re-rating per transaction
+        self.rerate_wake = asyncio.Event()  # set when a job is entered here: the runner starts it at once
 
     async def _current_catalog(self, conn: Conn) -> Catalog:
         """The catalog as committed; reloaded only when its version moved. Call under the lock."""
@@ -303,6 +311,8 @@ class Pricer:
             price = await repository.get_price_for_update(conn, price_id)
             if price is None:
                 raise PriceNotFoundError(f"no price {price_id}")
+            if price.correction:
+                raise PriceEndRefusedError("a price correction cannot be ended: its range is its re-rating's")
             if not price.flat and not is_month_boundary(at):
                 raise PriceEndOffMonthError(
                     f"a {price.model.model} price ends only on a billing-month boundary (midnight America/New_York "
@@ -325,6 +335,150 @@ class Pricer:
     ) -> list[Price]:
         async with self._pool.acquire() as conn:
             return await repository.list_prices(conn, meter, resource_kind, at, limit)
+
+    # -- corrections: re-rating jobs ----------------------------------------------------------------
+
+    async def start_rerate(self, body: RerateIn) -> RerateJob:
+        """Store the correction (a price that the catalog applies to the range in place of the prices) and its
+        job, in one transaction under the catalog lock; the runner (``run_rerates``) re-prices in the
+        background. PriceOverlapError when another correction of the meter and kind overlaps the range."""
+        terms = body.price_in()
+        new = Price(
+            id=uuid7(),
+            meter=body.meter,
+            resource_kind=body.resource_kind,
+            unit_of_measure=terms.unit_of_measure,
+            microcredits_per_unit=terms.microcredits_per_unit or 0,
+            unit=terms.unit,
+            valid_from=body.start,
+            valid_until=body.end,
+            created_at=utcnow(),
+            model=terms.price_model(),
+            correction=True,
+        )
+        async with self._catalog_change() as conn:
+            try:
+                async with conn.transaction():  # a savepoint, so that the overlap can be described
+                    price = await repository.insert_price(conn, new)
+            except asyncpg.ExclusionViolationError:
+                conflicts = await repository.overlapping_prices(
+                    conn, new.meter, new.resource_kind, new.valid_from, new.valid_until, correction=True
+                )
+                ids = ", ".join(str(c.id) for c in conflicts)
+                raise PriceOverlapError(
+                    f"{new.meter}/{new.resource_kind or '-'} already has a price correction in that range ({ids})",
+                    [c.id for c in conflicts],
+                ) from None
+            total = await repository.count_measurements(conn, new.meter, new.valid_from, body.end)
+            job = await repository.insert_rerate(conn, uuid7(), price, body.reason, total)
+        self.rerate_wake.set()
+        return job
+
+    async def get_rerate(self, job_id: UUID) -> RerateJob:
+        async with self._pool.acquire() as conn:
+            job = await repository.get_rerate(conn, job_id)
+        if job is None:
+            raise RerateNotFoundError(f"no re-rating job {job_id}")
+        return job
+
+    async def list_rerates(self, before: UUID | None, limit: int) -> list[RerateJob]:
+        async with self._pool.acquire() as conn:
+            return await repository.list_rerates(conn, before, limit)
+
+    async def rerate_step(self, job_id: UUID) -> bool:
+        """Re-price the next chunk of shards of a running job, in one transaction that also moves the job's
+        position: each shard's new revisions (only items whose latest charge is not priced with the correction
+        yet) stored as one unpublished batch carrying ``correction``, then published from the outbox. When
+        no shard is left: publish what is unpublished, then mark the job done. Returns whether more is left."""
+        priced_at = utcnow()
+        more = False
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                await repository.lock_catalog_shared(conn)
+                job = await repository.lock_rerate(conn, job_id)
+                if job is None or job.state != "running":
+                    return False
+                catalog = await self._current_catalog(conn)
+                correction, ref = job.price, Correction(job.id, job.reason)
+                assert correction.valid_until is not None
+                found = await repository.rerate_shards(
+                    conn, job.meter, correction.valid_from, correction.valid_until, job.after, self.rerate_shards
+                )
+                if found:
+                    more = True
+                    shards = {
+                        k: _stored(v)
+                        for k, v in (await repository.lock_shards(conn, self.frames, [k for k, _ in found])).items()
+                    }
+                    rows: list[repository.BatchRow] = []
+                    cleared: list[tuple[ShardKey, str]] = []
+                    looked = repriced = refused = 0
+                    for key, n in found:
+                        looked += n
+                        shard = shards.get(key)
+                        if shard is None:
+                            continue
+                        priced, newly_priced = rerate_items(shard.stored, catalog, priced_at, correction, ref)
+                        if priced is None:
+                            continue
+                        refused += len(priced.rejects)
+                        if priced.message is not None:
+                            k = priced.priced
+                            raw = encode_charges(priced.message)
+                            rows.append((key, shard.next_seq, k, newly_priced, -newly_priced, k, False, raw))
+                            shard.stored.append(priced.message)
+                            shard.next_seq += 1
+                            repriced += k
+                        if newly_priced and job.resource_kind not in _unpriced_kinds(shard.stored):
+                            cleared.append((key, job.resource_kind))
+                    await repository.insert_batches(conn, self.frames, rows)
+                    await repository.delete_unpriced(conn, cleared)
+                    await repository.add_priced_hours(conn, sorted({(correction.id, k.reading_hour) for k, *_ in rows}))
+                    await repository.advance_rerate(conn, job.id, found[-1][0], looked, repriced, refused)
+                    if refused:
+                        log.warning("re-rated charges refused: their amount exceeds 2**62 microcredits",
+                                    extra={"job": str(job.id), "refused": refused})
+        if more:
+            await self.flush_outbox()
+            return True
+        # Nothing left: what this job stored is published before it says done.
+        await self.flush_outbox()
+        async with self._pool.acquire() as conn:
+            await repository.finish_rerate(conn, job_id)
+        return False
+
+    async def run_rerates(self, interval: float) -> None:
+        """The runner: the oldest running job, a chunk at a time, until none is left; then wait for a new one
+        (entered here: at once; by another instance: within ``interval``). A transient error (database or
+        broker away) is retried after a delay; any other failure marks the job failed with the reason."""
+        attempt = 0
+        while True:
+            try:
+                async with self._pool.acquire() as conn:
+                    job_id = await repository.next_rerate(conn)
+                if job_id is None:
+                    self.rerate_wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.rerate_wake.wait(), interval)
+                    continue
+                log.info("re-rating", extra={"job": str(job_id)})
+                try:
+                    while await self.rerate_step(job_id):
+                        attempt = 0
+                except TRANSIENT:
+                    raise
+                except Exception as exc:  # a job that cannot go on says why, and the next one runs
+                    log.exception("re-rating job failed", extra={"job": str(job_id)})
+                    async with self._pool.acquire() as conn:
+                        await repository.fail_rerate(conn, job_id, f"{type(exc).__name__}: {exc}")
+                attempt = 0
+            except TRANSIENT as exc:
+                attempt += 1
+                delay = retry_delay(attempt)
+                log.warning(
+                    "re-rating interrupted (transient); retrying", extra={"error": repr(exc), "retry_in_s": delay}
+                )
+                await asyncio.sleep(delay)
 
     # -- re-pricing and the outbox ----------------------------------------------------------------
 

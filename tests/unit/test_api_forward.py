@@ -88,6 +88,7 @@ def concrete(path: str) -> str:
         path.replace("{customer_id}", "0190a000-0000-7000-8000-00000000000A")
         .replace("{transaction_id}", "0190a000-0000-7000-8000-00000000000B")
         .replace("{price_id}", "0190a000-0000-7000-8000-00000000000C")
+        .replace("{rerate_id}", "0190a000-0000-7000-8000-00000000000D")
         .replace("{month}", "2026-10")
     )
 
@@ -106,6 +107,9 @@ EXPECTED = {  # our route -> (owner, the owner's path), written out rather than 
     "/admin/prices": ("pricer", "/internal/prices"),
     "/admin/prices/{price_id}/end": ("pricer", "/internal/prices/0190a000-0000-7000-8000-00000000000c/end"),
     "/admin/unpriced": ("pricer", "/internal/charges/unpriced"),
+    "/admin/rerate": ("pricer", "/internal/rerates"),
+    "/admin/rerates": ("pricer", "/internal/rerates"),
+    "/admin/rerates/{rerate_id}": ("pricer", "/internal/rerates/0190a000-0000-7000-8000-00000000000d"),
     "/admin/readings": ("collector", "/internal/readings"),
 }
 
