@@ -54,6 +54,7 @@ __all__ = [
     "Band",
     "BatchRejected",
     "Charges",
+    "Correction",
     "Decoded",
     "Item",
     "Measurements",
@@ -213,6 +214,13 @@ class Measurements(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=F
     schema_version: Literal[2] = 2
 
 
+class Correction(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """The re-rating a batch of revisions comes from (``POST /admin/rerate``): its job id and reason."""
+
+    id: uuid.UUID
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
+
+
 class Charges(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """Mirror of ``shared.contracts.ChargesComputed``; item columns checked by ``decode_charges``."""
 
@@ -241,6 +249,7 @@ class Charges(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False)
     # 3 (usage.charges.v3) is what is written; 2 is read too: a v2 body (a batch stored before v3, published
     # again byte for byte on a redelivery, or one drained from usage.charges.v2) is a v3 batch of flat prices.
     schema_version: Literal[2, 3] = 3
+    correction: Correction | None = None
 
 
 def _loose(struct: type[msgspec.Struct], name: str) -> type[msgspec.Struct]:
