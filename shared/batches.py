@@ -221,6 +221,13 @@ class Measurements(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=F
     schema_version: Literal[2] = 2
 
 
+class Correction(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """The re-rating a batch of revisions comes from (``POST /admin/rerate``): its job id and reason."""
+
+    id: uuid.UUID
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
+
+
 class Charges(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """Mirror of ``shared.contracts.ChargesComputed``; item columns checked by ``decode_charges``."""
 

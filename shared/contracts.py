@@ -156,7 +156,7 @@ class TransactionPosted(Event):
     schema_name: Literal["ledger.transaction"] = "ledger.transaction"
     schema_version: Literal[1] = 1
     customer_id: UUID
-    type: Literal["funding", "usage", "late_usage", "expiry", "reversal"]
+    type: Literal["funding", "usage", "late_usage", "expiry", "reversal", "correction"]
     occurred_at: UtcDatetime
     reading_hour: UtcDatetime | None = None
     description: str = ""
@@ -166,6 +166,11 @@ class TransactionPosted(Event):
     reverses: UUID | None = Field(default=None, description="For a reversal: the transaction it reverses.")
     agreement_id: UUID | None = Field(default=None, description="For funding and expiry: the agreement.")
     posted_at: UtcDatetime
+    corrects_month: Annotated[str, Field(pattern=r"^\d{4}-\d{2}$")] | None = Field(
+        default=None,
+        description="For a correction: the closed month a correction restates (YYYY-MM, America/New_York); the "
+        "transaction itself is dated in the first open month.",
+    )
 
 
 class AlertRaised(Event):
@@ -182,16 +187,29 @@ class AlertRaised(Event):
 
 
 class StatementLine(BaseModel):
+    """Usage of a month per meter, kind and price. On an amended statement (version 2 and later): the
+    ``original`` figure of version 1, the ``correction`` of all corrections of the month so far, and the
+    amended ``microcredits`` = original + correction."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     meter: str
     resource_kind: str = ""
     microcredits: Int
+    price_id: UUID | None = Field(default=None, description="The price applied; null when unpriced.")
+    original: Int | None = Field(default=None, description="Version 1's figure; null on version 1.")
+    correction: Int | None = Field(default=None, description="The corrections of the month so far; null on version 1.")
 
 
 class StatementIssued(Event):
     """A customer's closed month (America/New_York), published on ``ledger.transactions.v1`` keyed by
-    customer id; readers tell it from transactions by ``schema_name``."""
+    customer id; readers tell it from transactions by ``schema_name``.
+
+    Version 1 is issued when the month closes. A correction of the closed month (a re-rating, posted as a
+    ``correction`` transaction dated in the first open month) gets the month an amended statement, version
+    2, 3, ...: its ``used`` is restated (``original_used`` + ``correction``, and per line likewise), while
+    its opening and closing balances, funded and expired are version 1's, since the balance effect of a
+    correction is settled in the month its transaction is dated in (that month's statement counts it)."""
 
     schema_name: Literal["ledger.statement"] = "ledger.statement"
     schema_version: Literal[1] = 1
@@ -204,6 +222,17 @@ class StatementIssued(Event):
     closing_balance: Int
     used_by_kind: list[StatementLine]
     issued_at: UtcDatetime
+    version: Annotated[int, Field(ge=1, strict=True)] = Field(
+        default=1, description="1 when the month closed; 2, 3, ... for each amended statement."
+    )
+    original_used: Int | None = Field(default=None, description="Version 1's `used`; null on version 1.")
+    correction: Int | None = Field(
+        default=None, description="The sum of the month's corrections so far (`used` = original_used + correction)."
+    )
+    reasons: list[str] = Field(
+        default_factory=list,
+        description='The corrections an amended statement covers, as "correction <job id>: <reason>".',
+    )
 
 
 # ------------------------------------------------------------------------------------------ batches (v2)
@@ -421,7 +450,8 @@ class ChargesComputed(_ChargeColumns):
     correction: CorrectionRef | None = Field(
         default=None,
         description="Set on the revisions of a re-rating (a price corrected over a range, ``POST /admin/rerate``): "
-        "its job and reason; null on every other batch.",
+        "its job and reason; null on every other batch. A closed month's difference is then posted as a "
+        "correction (and the month amended) rather than as late usage.",
     )
 
     @model_validator(mode="after")

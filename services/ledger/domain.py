@@ -143,6 +143,7 @@ class TransactionDraft:
     usage: list[UsageAmount] = field(default_factory=list)
     agreement_id: uuid.UUID | None = None
     reverses: uuid.UUID | None = None
+    corrects_month: date | None = None  # a correction: the closed month it restates
 
 
 class _Entries:
@@ -198,10 +199,13 @@ def usage_transaction(
     late: bool,
     occurred_at: datetime,
     idempotency_key: str,
+    correction: tuple[str, date] | None = None,
 ) -> TransactionDraft | None:
     """The usage transaction of one customer and reading hour: the usage account is credited with the
     increases and debited with the decreases; the net draws from (or goes back to) the credit pools.
-    None when every line is zero."""
+    None when every line is zero. With ``correction`` (a late one only: its description, "correction <job
+    id>: <reason>", and the closed month it restates) it is a ``correction`` transaction instead of late
+    usage, the same entries."""
     lines = [line for line in lines if line.microcredits != 0]
     if not lines:
         return None
@@ -218,7 +222,7 @@ def usage_transaction(
         _give_back(book, hour, -net, out)
     kind = "late_usage" if late else "usage"
     stamp = hour.strftime("%Y-%m-%dT%H:00Z")
-    return TransactionDraft(
+    draft = TransactionDraft(
         customer_id=book.customer_id,
         type=kind,
         occurred_at=occurred_at,
@@ -228,6 +232,9 @@ def usage_transaction(
         entries=out.build(),
         usage=list(lines),
     )
+    if correction is not None:
+        draft.type, draft.description, draft.corrects_month = "correction", correction[0], correction[1]
+    return draft
 
 
 def funding_transaction(book: Book, pool: Pool, occurred_at: datetime) -> TransactionDraft:

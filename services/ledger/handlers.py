@@ -24,6 +24,7 @@ from services.ledger.schemas import (
     AgreementIn,
     AgreementOut,
     AgreementsQuery,
+    AmendOut,
     AssignmentCreatedOut,
     AssignmentIn,
     AssignmentOut,
@@ -41,6 +42,7 @@ from services.ledger.schemas import (
     ReverseIn,
     StatementOut,
     StatementPath,
+    StatementQuery,
     TierIn,
     TierOut,
     TransactionOut,
@@ -255,7 +257,15 @@ async def balance(call: Call) -> Response:
 async def statement(call: Call) -> Response:
     ledger, _ = _services(call)
     path = call.path_as(StatementPath)
-    return answer(StatementOut.model_validate(await ledger.statement(path.customer_id, path.month)))
+    version = call.query_as(StatementQuery).version
+    return answer(StatementOut.model_validate(await ledger.statement(path.customer_id, path.month, version)))
+
+
+async def amend_statements(call: Call) -> Response:
+    ledger, outbox = _services(call)
+    issued, ids = await ledger.amend_statements()
+    await outbox.flush(ids)
+    return answer(AmendOut.model_validate({"issued": issued}))
 
 
 async def assign_org(call: Call) -> Response:
@@ -347,6 +357,7 @@ OPERATIONS: tuple[Operation, ...] = (
     schemas.CREATE_AGREEMENT.bind(_guard(create_agreement)),
     schemas.LIST_AGREEMENTS.bind(_guard(list_agreements)),
     schemas.CLOSE_MONTH.bind(_guard(close_month)),
+    schemas.AMEND.bind(_guard(amend_statements)),
     schemas.REVERSE.bind(_guard(reverse)),
     schemas.EXPIRE.bind(_guard(expire_agreements)),
     schemas.HELD.bind(_guard(held)),

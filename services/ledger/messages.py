@@ -17,6 +17,7 @@ __all__ = [
     "OutboxMessage",
     "alert_id",
     "alert_raised",
+    "statement_amended",
     "statement_id",
     "statement_issued",
     "to_outbox",
@@ -56,6 +57,7 @@ def transaction_posted(draft: TransactionDraft, transaction_id: uuid.UUID, poste
         reverses=draft.reverses,
         agreement_id=draft.agreement_id,
         posted_at=posted_at,
+        corrects_month=_month_text(draft.corrects_month),
     )
 
 
@@ -87,6 +89,7 @@ def transaction_posted_outbox(draft: TransactionDraft, transaction_id: uuid.UUID
         "reverses": draft.reverses,
         "agreement_id": draft.agreement_id,
         "posted_at": posted_at,
+        "corrects_month": _month_text(draft.corrects_month),
     }
     # default=str: ids read from the database are asyncpg's own UUID class, which orjson does not know
     return TRANSACTIONS, str(draft.customer_id).encode(), orjson.dumps(body, default=str, option=orjson.OPT_UTC_Z)
@@ -110,8 +113,15 @@ def alert_raised(
     )
 
 
-def statement_id(customer_id: uuid.UUID, month: date) -> uuid.UUID:
-    return uuid.uuid5(NAMESPACE, f"statement|{customer_id}|{month:%Y-%m}")
+def statement_id(customer_id: uuid.UUID, month: date, version: int = 1) -> uuid.UUID:
+    """Version 1 keeps the id statements always had; an amended version n has its own."""
+    if version == 1:
+        return uuid.uuid5(NAMESPACE, f"statement|{customer_id}|{month:%Y-%m}")
+    return uuid.uuid5(NAMESPACE, f"statement|{customer_id}|{month:%Y-%m}|v{version}")
+
+
+Line = tuple[str, str, uuid.UUID | None, int]
+"""A statement line as the ledger computes it: (meter, kind, price id or None when unpriced, microcredits)."""
 
 
 def statement_issued(
@@ -122,9 +132,10 @@ def statement_issued(
     funded: int,
     used: int,
     expired: int,
-    used_by_kind: list[tuple[str, str, int]],
+    used_by_kind: list[Line],
     issued_at: datetime,
 ) -> StatementIssued:
+    """Version 1 of a month's statement, issued when the month closes."""
     return StatementIssued(
         id=statement_id(customer_id, month),
         customer_id=customer_id,
@@ -134,9 +145,58 @@ def statement_issued(
         used=used,
         expired=expired,
         closing_balance=opening + funded - used - expired,
-        used_by_kind=[StatementLine(meter=m, resource_kind=k, microcredits=v) for m, k, v in used_by_kind],
+        used_by_kind=[
+            StatementLine(meter=m, resource_kind=k, price_id=p, microcredits=v) for m, k, p, v in used_by_kind
+        ],
         issued_at=issued_at,
     )
+
+
+def statement_amended(
+    first: StatementIssued,
+    version: int,
+    corrections: list[Line],
+    reasons: list[str],
+    issued_at: datetime,
+) -> StatementIssued:
+    """Version ``version`` (>= 2) of the month of ``first`` (its version 1): each line (meter, kind, price)
+    with version 1's figure as ``original``, the sum of the month's ``corrections`` so far as ``correction``
+    and the amended figure; ``used`` restated likewise. Opening and closing balances, funded and expired
+    stay version 1's: a correction's balance effect is settled in the month its transaction is dated in."""
+    original = {(x.meter, x.resource_kind, x.price_id): x.microcredits for x in first.used_by_kind}
+    fixed: dict[tuple[str, str, uuid.UUID | None], int] = {}
+    for m, k, p, v in corrections:
+        fixed[(m, k, p)] = fixed.get((m, k, p), 0) + v
+    keys = sorted(original.keys() | fixed.keys(), key=lambda x: (x[0], x[1], str(x[2] or "")))
+    lines = [
+        StatementLine(
+            meter=m, resource_kind=k, price_id=p, original=original.get((m, k, p), 0),
+            correction=fixed.get((m, k, p), 0), microcredits=original.get((m, k, p), 0) + fixed.get((m, k, p), 0),
+        )
+        for m, k, p in keys
+        if original.get((m, k, p), 0) or fixed.get((m, k, p), 0)
+    ]
+    correction = sum(fixed.values())
+    return StatementIssued(
+        id=statement_id(first.customer_id, date.fromisoformat(first.month + "-01"), version),
+        customer_id=first.customer_id,
+        month=first.month,
+        opening_balance=first.opening_balance,
+        funded=first.funded,
+        used=first.used + correction,
+        expired=first.expired,
+        closing_balance=first.closing_balance,
+        used_by_kind=lines,
+        issued_at=issued_at,
+        version=version,
+        original_used=first.used,
+        correction=correction,
+        reasons=reasons,
+    )
+
+
+def _month_text(month: date | None) -> str | None:
+    return None if month is None else month.isoformat()[:7]  # %Y does not pad years below 1000
 
 
 def to_outbox(message: TransactionPosted | StatementIssued | AlertRaised) -> OutboxMessage:

@@ -49,7 +49,7 @@ from services.ledger.domain import (
     thresholds_reached,
     usage_transaction,
 )
-from shared.batches import CONFLICT, Charges, Price, Ref, ShardKey, charges_id, encode_charges, hour_text
+from shared.batches import CONFLICT, Charges, Correction, Price, Ref, ShardKey, charges_id, encode_charges, hour_text
 from shared.blobs import Frames, shard_scope
 from shared.clock import billing_month
 from shared.db import Conn
@@ -628,9 +628,14 @@ async def post_batches(
 
     acc: Acc = defaultdict(lambda: defaultdict(int))
     checks = _Checks()
+    # The re-ratings the batches come from, per (reading hour, meter): a closed month's difference on those
+    # lines is a correction, not late usage (decided per customer and hour below, never per item).
+    corrected: dict[tuple[datetime, str], Correction] = {}
     for n, c in enumerate(batches):
         if refused and n in refused:
             continue
+        if c.correction is not None:
+            corrected[(c.reading_hour, c.meter)] = c.correction
         key = ShardKey(c.reading_hour, c.meter, c.shard)
         shard = shards[key]
         owner_of = owners_at.get(c.reading_hour, {})
@@ -689,6 +694,16 @@ async def post_batches(
         month = lines[0].month
         occurred_at, late = effective_time(hour, month, closed)
         kind = "late_usage" if late else "usage"
+        if late and corrected:
+            lines, corrections = _corrections(corrected, hour, lines)
+            for fix, fixed in corrections:
+                draft = usage_transaction(
+                    books[customer_id], hour, fixed, late=True, occurred_at=occurred_at,
+                    idempotency_key=f"correction:{customer_id}:{hour.isoformat()}:{fix.id}:{digest}",
+                    correction=(f"correction {fix.id}: {fix.reason}", month),
+                )
+                if draft is not None:
+                    drafts.append(draft)
         draft = usage_transaction(
             books[customer_id],
             hour,
@@ -705,6 +720,22 @@ async def post_batches(
     result.alerts = len(alert_messages)
     result.outbox_ids = outbox + await repo.insert_outbox(conn, alert_messages)
     return result
+
+
+def _corrections(
+    corrected: dict[tuple[datetime, str], Correction], hour: datetime, lines: list[UsageAmount]
+) -> tuple[list[UsageAmount], list[tuple[Correction, list[UsageAmount]]]]:
+    """A customer's lines of an hour of a closed month split into late usage and corrections: the lines of a
+    meter whose batches of the hour came from a re-rating are that re-rating's correction."""
+    late: list[UsageAmount] = []
+    fixes: dict[uuid.UUID, tuple[Correction, list[UsageAmount]]] = {}
+    for line in lines:
+        fix = corrected.get((hour, line.meter))
+        if fix is None:
+            late.append(line)
+        else:
+            fixes.setdefault(fix.id, (fix, []))[1].append(line)
+    return late, [fixes[k] for k in sorted(fixes)]
 
 
 async def _save(

@@ -14,9 +14,9 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
 from fractions import Fraction
-from typing import Any
 
 import asyncpg
+import orjson
 
 from services.ledger.domain import (
     NIL_PRICE,
@@ -29,6 +29,7 @@ from services.ledger.domain import (
 )
 from shared.batches import ShardKey
 from shared.blobs import Frames, shard_scope
+from shared.contracts import StatementIssued
 from shared.db import Conn
 
 USAGE_LINE_COLUMNS = ("transaction_id", "org_id", "meter", "resource_kind", "price_id", "month", "microcredits")
@@ -372,10 +373,10 @@ async def insert_transactions(
     await conn.execute(
         """
         INSERT INTO transactions (id, customer_id, type, occurred_at, reading_hour, description, idempotency_key,
-                                  reverses, agreement_id, posted_at)
-        SELECT t.*, $10::timestamptz
+                                  reverses, agreement_id, corrects_month, posted_at)
+        SELECT t.*, $11::timestamptz
           FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::text[],
-                      $7::text[], $8::uuid[], $9::uuid[]) AS t
+                      $7::text[], $8::uuid[], $9::uuid[], $10::date[]) AS t
         """,
         list(ids),
         [d.customer_id for d in drafts],
@@ -386,6 +387,7 @@ async def insert_transactions(
         [d.idempotency_key for d in drafts],
         [d.reverses for d in drafts],
         [d.agreement_id for d in drafts],
+        [d.corrects_month for d in drafts],
         posted_at,
     )
     e_txn: list[uuid.UUID] = []
@@ -689,7 +691,7 @@ async def mark_expired(conn: Conn, agreement_id: uuid.UUID, at: datetime, transa
 async def get_transaction(conn: Conn, transaction_id: uuid.UUID) -> asyncpg.Record | None:
     return await conn.fetchrow(
         """SELECT id, customer_id, type, occurred_at, reading_hour, description, idempotency_key, reverses,
-                  agreement_id, posted_at
+                  agreement_id, corrects_month, posted_at
              FROM transactions WHERE id = $1""",
         transaction_id,
     )
@@ -750,13 +752,14 @@ async def flows(
 
 
 async def used_by_kind(conn: Conn, start: datetime, end: datetime) -> list[asyncpg.Record]:
-    """Usage posted within [start, end) per customer, meter and resource kind (late usage included)."""
+    """Usage posted within [start, end) per customer, meter, resource kind and price (late usage and
+    corrections dated in it included)."""
     return await conn.fetch(
-        """SELECT t.customer_id, u.meter, u.resource_kind, sum(u.microcredits)::bigint AS microcredits
+        """SELECT t.customer_id, u.meter, u.resource_kind, u.price_id, sum(u.microcredits)::bigint AS microcredits
              FROM transactions t JOIN usage_lines u ON u.transaction_id = t.id
             WHERE t.occurred_at >= $1 AND t.occurred_at < $2
-            GROUP BY t.customer_id, u.meter, u.resource_kind
-            ORDER BY t.customer_id, u.meter, u.resource_kind""",
+            GROUP BY t.customer_id, u.meter, u.resource_kind, u.price_id
+            ORDER BY t.customer_id, u.meter, u.resource_kind, u.price_id""",
         start,
         end,
     )
@@ -777,30 +780,124 @@ async def pool_balances_as_of(conn: Conn, customer_id: uuid.UUID, as_of: datetim
     )
 
 
-async def insert_statements(conn: Conn, rows: Sequence[tuple[Any, ...]]) -> None:
-    """rows: (customer_id, month, id, opening, funded, used, expired, closing, used_by_kind json, issued_at)."""
-    if not rows:
-        return
-    await conn.executemany(
-        """INSERT INTO statements (customer_id, month, id, opening_balance, funded, used, expired, closing_balance,
-                                   used_by_kind, issued_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10)""",
-        rows,
+async def insert_statements(conn: Conn, statements: Sequence[tuple[StatementIssued, int]]) -> list[uuid.UUID]:
+    """Store statement versions (each with the number of the month's correction transactions it covers),
+    unless that (customer, month, version) exists already; returns the ids of those stored."""
+    if not statements:
+        return []
+    rows = await conn.fetch(
+        """INSERT INTO statements (customer_id, month, version, id, opening_balance, funded, used, expired,
+                                   closing_balance, used_by_kind, issued_at, original_used, correction, reasons,
+                                   corrections)
+           SELECT * FROM unnest($1::uuid[], $2::date[], $3::int[], $4::uuid[], $5::bigint[], $6::bigint[],
+                                $7::bigint[], $8::bigint[], $9::bigint[], $10::jsonb[], $11::timestamptz[],
+                                $12::bigint[], $13::bigint[], $14::jsonb[], $15::int[])
+           ON CONFLICT DO NOTHING
+           RETURNING id""",
+        [m.customer_id for m, _ in statements],
+        [date.fromisoformat(m.month + "-01") for m, _ in statements],
+        [m.version for m, _ in statements],
+        [m.id for m, _ in statements],
+        [m.opening_balance for m, _ in statements],
+        [m.funded for m, _ in statements],
+        [m.used for m, _ in statements],
+        [m.expired for m, _ in statements],
+        [m.closing_balance for m, _ in statements],
+        [orjson.dumps([line.model_dump(mode="json") for line in m.used_by_kind]).decode() for m, _ in statements],
+        [m.issued_at for m, _ in statements],
+        [m.original_used for m, _ in statements],
+        [m.correction for m, _ in statements],
+        [orjson.dumps(m.reasons).decode() for m, _ in statements],
+        [n for _, n in statements],
+    )
+    return [r["id"] for r in rows]
+
+
+_STATEMENT_COLUMNS = """customer_id, month, version, id, opening_balance, funded, used, expired, closing_balance,
+       used_by_kind::text AS used_by_kind, issued_at, original_used, correction, reasons::text AS reasons,
+       corrections"""
+
+
+async def get_statement(
+    conn: Conn, customer_id: uuid.UUID, month: date, version: int | None = None
+) -> asyncpg.Record | None:
+    """A version of the month's statement (None: the latest)."""
+    return await conn.fetchrow(
+        f"""SELECT {_STATEMENT_COLUMNS} FROM statements
+             WHERE customer_id = $1 AND month = $2 AND ($3::int IS NULL OR version = $3)
+             ORDER BY version DESC LIMIT 1""",
+        customer_id,
+        month,
+        version,
     )
 
 
-async def get_statement(conn: Conn, customer_id: uuid.UUID, month: date) -> asyncpg.Record | None:
-    return await conn.fetchrow(
-        """SELECT customer_id, month, id, opening_balance, funded, used, expired, closing_balance,
-                  used_by_kind::text AS used_by_kind, issued_at
-             FROM statements WHERE customer_id = $1 AND month = $2""",
+async def statement_versions(conn: Conn, customer_id: uuid.UUID, month: date) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT version, id, issued_at, used, correction FROM statements
+            WHERE customer_id = $1 AND month = $2 ORDER BY version""",
         customer_id,
         month,
     )
 
 
+async def lock_statements(conn: Conn, customer_id: uuid.UUID, month: date) -> list[asyncpg.Record]:
+    """The month's statement versions, in order, locked (two instances amending one month wait in turn)."""
+    return await conn.fetch(
+        f"""SELECT {_STATEMENT_COLUMNS} FROM statements
+             WHERE customer_id = $1 AND month = $2 ORDER BY version FOR UPDATE""",
+        customer_id,
+        month,
+    )
+
+
+async def due_amendments(conn: Conn, quiet_since: datetime, limit: int) -> list[tuple[uuid.UUID, date]]:
+    """(customer, closed month) pairs with correction transactions that their latest statement version does
+    not cover, none of them posted after ``quiet_since``."""
+    rows = await conn.fetch(
+        """WITH fixes AS (SELECT customer_id, corrects_month AS month, count(*) AS n, max(posted_at) AS last
+                            FROM transactions WHERE type = 'correction'
+                           GROUP BY customer_id, corrects_month)
+           SELECT f.customer_id, f.month
+             FROM fixes f
+             JOIN LATERAL (SELECT s.corrections FROM statements s
+                            WHERE s.customer_id = f.customer_id AND s.month = f.month
+                            ORDER BY s.version DESC LIMIT 1) l ON true
+            WHERE f.n > l.corrections AND f.last <= $1
+            ORDER BY f.customer_id, f.month LIMIT $2""",
+        quiet_since,
+        limit,
+    )
+    return [(r["customer_id"], r["month"]) for r in rows]
+
+
+async def month_corrections(conn: Conn, customer_id: uuid.UUID, month: date) -> asyncpg.Record:
+    """The correction transactions of a customer's closed month, read in one statement (one snapshot): their
+    number ``n``, when the last was posted, their descriptions (distinct, in the order posted: ``reasons``,
+    JSON) and their usage per (meter, kind, price) (``lines``, JSON [meter, kind, price id, microcredits])."""
+    row = await conn.fetchrow(
+        """WITH t AS (SELECT id, description, posted_at FROM transactions
+                       WHERE type = 'correction' AND customer_id = $1 AND corrects_month = $2)
+           SELECT (SELECT count(*) FROM t) AS n,
+                  (SELECT max(posted_at) FROM t) AS last,
+                  (SELECT coalesce(jsonb_agg(d ORDER BY first, d), '[]')
+                     FROM (SELECT description AS d, min(posted_at) AS first FROM t GROUP BY description) x
+                  )::text AS reasons,
+                  (SELECT coalesce(jsonb_agg(jsonb_build_array(meter, resource_kind, price_id, s)
+                                             ORDER BY meter, resource_kind, price_id), '[]')
+                     FROM (SELECT u.meter, u.resource_kind, u.price_id, sum(u.microcredits)::bigint AS s
+                             FROM usage_lines u JOIN t ON t.id = u.transaction_id
+                            GROUP BY u.meter, u.resource_kind, u.price_id) y
+                  )::text AS lines""",
+        customer_id,
+        month,
+    )
+    assert row is not None  # a SELECT of scalar subqueries answers one row
+    return row
+
+
 async def count_statements(conn: Conn, month: date) -> int:
-    return int(await conn.fetchval("SELECT count(*) FROM statements WHERE month = $1", month))
+    return int(await conn.fetchval("SELECT count(*) FROM statements WHERE month = $1 AND version = 1", month))
 
 
 

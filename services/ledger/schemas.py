@@ -18,6 +18,7 @@ from shared.completeness import operation as completeness_operation
 from shared.edge import Answer, Count, CursorText, Month, Operation, Page, Params, Reply, Time, Uuid, count, declarer
 
 __all__ = [
+    "AMEND",
     "ASSIGN_ORG",
     "AUDIT",
     "BALANCE",
@@ -41,6 +42,8 @@ __all__ = [
     "AgreementIn",
     "AgreementOut",
     "AgreementsQuery",
+    "AmendOut",
+    "AmendedOut",
     "AssignmentCreatedOut",
     "AssignmentIn",
     "AssignmentOut",
@@ -58,6 +61,8 @@ __all__ = [
     "ReverseIn",
     "StatementOut",
     "StatementPath",
+    "StatementQuery",
+    "StatementVersionOut",
     "TierIn",
     "TierOut",
     "TransactionOut",
@@ -139,6 +144,12 @@ class StatementPath(CustomerPath):
     month: Month = Field(description="YYYY-MM (America/New_York).")
 
 
+class StatementQuery(Params):
+    version: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = Field(
+        default=None, description="An earlier version (default: the latest)."
+    )
+
+
 class MonthPath(Params):
     month: Month = Field(description="YYYY-MM (America/New_York).")
 
@@ -214,15 +225,30 @@ class BalanceOut(Reply):
 class KindLine(Reply):
     meter: str
     resource_kind: str = ""
-    microcredits: int
+    microcredits: int = Field(description="The month's usage of the line (amended: original + correction).")
+    price_id: UUID | None = Field(default=None, description="The price applied; null when unpriced.")
+    original: int | None = Field(default=None, description="Version 1's figure; null on version 1.")
+    correction: int | None = Field(default=None, description="The month's corrections so far; null on version 1.")
+
+
+class StatementVersionOut(Reply):
+    version: int = Field(ge=1)
+    id: UUID
+    issued_at: datetime
+    used: int
+    correction: int | None
 
 
 class StatementOut(Reply):
-    """A closed month (America/New_York), integer microcredits."""
+    """A closed month (America/New_York), integer microcredits. Version 1 is issued when the month closes;
+    each correction of the month (a re-rating) gets it an amended version with ``used`` restated
+    (``original_used`` + ``correction``, line by line too), its balances, funded and expired as version 1's
+    (the correction's balance effect is settled in the month it is dated in)."""
 
     customer_id: UUID
     month: str = Field(pattern=r"^[0-9]{4}-[0-9]{2}$")
     id: UUID
+    version: int = Field(ge=1)
     opening_balance: int
     funded: int
     used: int
@@ -230,6 +256,21 @@ class StatementOut(Reply):
     closing_balance: int
     used_by_kind: list[KindLine]
     issued_at: datetime
+    original_used: int | None = Field(description="Version 1's `used`; null on version 1.")
+    correction: int | None = Field(description="The month's corrections so far; null on version 1.")
+    reasons: list[str] = Field(description='The corrections covered, as "correction <job id>: <reason>".')
+    versions: list[StatementVersionOut] = Field(description="Every version of the month's statement, in order.")
+
+
+class AmendedOut(Reply):
+    month: str = Field(pattern=r"^[0-9]{4}-[0-9]{2}$")
+    customer_id: UUID
+    version: int = Field(ge=2)
+    id: UUID
+
+
+class AmendOut(Reply):
+    issued: list[AmendedOut] = Field(description="The amended statement versions issued now (none: nothing due).")
 
 
 class MonthClosedOut(Reply):
@@ -265,6 +306,7 @@ class TransactionOut(Reply):
     idempotency_key: str
     reverses: UUID | None
     agreement_id: UUID | None
+    corrects_month: str | None = Field(default=None, description="A correction: the closed month it restates.")
     entries: list[EntryOut]
     usage: list[UsageLineOut]
 
@@ -314,9 +356,15 @@ BALANCE = _op(
     {200: Answer(BalanceOut)}, path_params=CustomerPath, query=BalanceQuery, refusals={404: NO_CUSTOMER},
 )
 STATEMENT = _op(
-    "GET", "/internal/customers/{customer_id}/statements/{month}", "A closed month's statement",
-    {200: Answer(StatementOut)}, path_params=StatementPath,
-    refusals={404: "No such customer, or the month is not closed."},
+    "GET", "/internal/customers/{customer_id}/statements/{month}",
+    "A closed month's statement: its latest version, or the one asked for, with the list of versions",
+    {200: Answer(StatementOut)}, path_params=StatementPath, query=StatementQuery,
+    refusals={404: "No such customer, the month is not closed, or no such version."},
+)
+AMEND = _op(
+    "POST", "/internal/statements/amend",
+    "Issue the amended statements due now (closed months with corrections not yet covered, quiet since)",
+    {200: Answer(AmendOut)}, command="ledger.statements.amend",
 )
 ASSIGN_ORG = _op(
     "POST", "/internal/org-assignments", "Assign an org to a customer from a time (held charges of the org are posted)",
@@ -368,5 +416,6 @@ AUDIT = audit.operation("ledger")
 
 OPERATIONS: tuple[Operation, ...] = (
     CREATE_TIER, LIST_TIERS, CREATE_CUSTOMER, LIST_CUSTOMERS, GET_CUSTOMER, BALANCE, STATEMENT, ASSIGN_ORG,
-    LIST_ASSIGNMENTS, CREATE_AGREEMENT, LIST_AGREEMENTS, CLOSE_MONTH, REVERSE, EXPIRE, HELD, COMPLETENESS, AUDIT,
+    LIST_ASSIGNMENTS, CREATE_AGREEMENT, LIST_AGREEMENTS, CLOSE_MONTH, AMEND, REVERSE, EXPIRE, HELD, COMPLETENESS,
+    AUDIT,
 )

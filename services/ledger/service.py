@@ -44,6 +44,7 @@ from services.ledger.settings import LedgerSettings
 from shared.batches import Charges, ShardKey
 from shared.blobs import Frames
 from shared.clock import billing_month, month_bounds, utcnow
+from shared.contracts import StatementIssued, StatementLine
 from shared.db import Conn
 from shared.ids import measurement_id, uuid7
 
@@ -377,10 +378,12 @@ class LedgerService:
             flows: dict[uuid.UUID, dict[str, tuple[int, int]]] = {c: {} for c in customers}
             for r in await repo.flows(conn, start, end):
                 flows.setdefault(r["customer_id"], {})[r["type"]] = (r["before"], r["during"])
-            kinds: dict[uuid.UUID, list[tuple[str, str, int]]] = {}
+            kinds: dict[uuid.UUID, list[messages.Line]] = {}
             for r in await repo.used_by_kind(conn, start, end):
                 if r["microcredits"] != 0:
-                    kinds.setdefault(r["customer_id"], []).append((r["meter"], r["resource_kind"], r["microcredits"]))
+                    kinds.setdefault(r["customer_id"], []).append(
+                        (r["meter"], r["resource_kind"], _price_or_none(r["price_id"]), r["microcredits"])
+                    )
             rows, outgoing = [], []
             for customer_id in sorted(flows):
                 f = flows[customer_id]
@@ -397,20 +400,7 @@ class LedgerService:
                     used_by_kind=kinds.get(customer_id, []),
                     issued_at=now,
                 )
-                rows.append(
-                    (
-                        customer_id,
-                        month,
-                        msg.id,
-                        msg.opening_balance,
-                        msg.funded,
-                        msg.used,
-                        msg.expired,
-                        msg.closing_balance,
-                        json.dumps([line.model_dump() for line in msg.used_by_kind]),
-                        now,
-                    )
-                )
+                rows.append((msg, 0))
                 outgoing.append(messages.to_outbox(msg))
             await repo.insert_statements(conn, rows)
             outbox += await repo.insert_outbox(conn, outgoing)
@@ -438,17 +428,60 @@ class LedgerService:
             month = next_month(month)
         return count, outbox
 
-    async def statement(self, customer_id: uuid.UUID, month: date) -> dict[str, Any]:
+    async def statement(self, customer_id: uuid.UUID, month: date, version: int | None = None) -> dict[str, Any]:
+        """A version of a closed month's statement (None: the latest), with the list of its versions."""
         async with self._pool.acquire() as conn:
             if await repo.get_customer(conn, customer_id) is None:
                 raise NotFoundError("Customer not found", f"no customer {customer_id}")
-            row = await repo.get_statement(conn, customer_id, month)
+            row = await repo.get_statement(conn, customer_id, month, version)
+            versions = await repo.statement_versions(conn, customer_id, month)
         if row is None:
+            if versions:
+                raise NotFoundError(
+                    "Statement version not found",
+                    f"{month:%Y-%m} has versions 1 to {versions[-1]['version']}, not {version}",
+                )
             raise NotFoundError("Statement not found", f"no statement for {month:%Y-%m}: the month is not closed")
-        out = dict(row)
-        out["month"] = month.isoformat()[:7]
-        out["used_by_kind"] = json.loads(row["used_by_kind"])
+        out = _statement(row).model_dump(exclude={"schema_name", "schema_version"})
+        out["versions"] = [
+            {"version": v["version"], "id": v["id"], "issued_at": v["issued_at"], "used": v["used"],
+             "correction": v["correction"]}
+            for v in versions
+        ]
         return out
+
+    async def amend_statements(self) -> tuple[list[dict[str, Any]], list[int]]:
+        """Issue version n + 1 of each (customer, closed month) statement whose correction transactions are
+        not all covered by its version n, once none has been posted for the quiet period. Returns what was
+        issued ({customer_id, month, version, id}) and the outbox ids; issues nothing when nothing is due
+        (asking again is harmless)."""
+        now = self._clock()
+        quiet_since = now - timedelta(seconds=self._settings.amend_quiet_seconds)
+        async with self._pool.acquire() as conn:
+            due = await repo.due_amendments(conn, quiet_since, 1000)
+        issued: list[dict[str, Any]] = []
+        outbox: list[int] = []
+        for customer_id, month in due:
+
+            async def work(conn: Conn, customer_id: uuid.UUID = customer_id, month: date = month) -> list[int]:
+                versions = await repo.lock_statements(conn, customer_id, month)
+                fixes = await repo.month_corrections(conn, customer_id, month)
+                if not versions or fixes["n"] <= versions[-1]["corrections"] or fixes["last"] > quiet_since:
+                    return []  # another instance amended it meanwhile, or a correction came in since
+                lines = [
+                    (m, k, _price_or_none(uuid.UUID(p) if p else None), int(v))
+                    for m, k, p, v in json.loads(fixes["lines"])
+                ]
+                msg = messages.statement_amended(
+                    _statement(versions[0]), versions[-1]["version"] + 1, lines, json.loads(fixes["reasons"]), now
+                )
+                if not await repo.insert_statements(conn, [(msg, fixes["n"])]):
+                    return []
+                issued.append({"customer_id": customer_id, "month": msg.month, "version": msg.version, "id": msg.id})
+                return await repo.insert_outbox(conn, [messages.to_outbox(msg)])
+
+            outbox += await self._retrying(work)
+        return issued, outbox
 
     # ------------------------------------------------------------ balances
 
@@ -521,6 +554,7 @@ class LedgerService:
         usage = await repo.transaction_usage(conn, transaction_id)
         assert row is not None  # callers pass a transaction they found or posted in this transaction
         body = dict(row)
+        body["corrects_month"] = row["corrects_month"].isoformat()[:7] if row["corrects_month"] else None
         body["entries"] = [{"account": e.account, "side": e.side, "amount": e.amount} for e in entries]
         body["usage"] = [
             {
@@ -543,7 +577,32 @@ class LedgerService:
         outbox += (await self.expire_due())[1]
         if self._settings.auto_close_months:
             outbox += (await self.close_due_months())[1]
+        outbox += (await self.amend_statements())[1]
         return outbox
+
+
+def _price_or_none(price_id: uuid.UUID | None) -> uuid.UUID | None:
+    return None if price_id is None or price_id.int == 0 else price_id
+
+
+def _statement(row: asyncpg.Record) -> StatementIssued:
+    """A stored statement version as its message."""
+    return StatementIssued(
+        id=row["id"],
+        customer_id=row["customer_id"],
+        month=row["month"].isoformat()[:7],
+        opening_balance=row["opening_balance"],
+        funded=row["funded"],
+        used=row["used"],
+        expired=row["expired"],
+        closing_balance=row["closing_balance"],
+        used_by_kind=[StatementLine.model_validate(x) for x in json.loads(row["used_by_kind"])],
+        issued_at=row["issued_at"],
+        version=row["version"],
+        original_used=row["original_used"],
+        correction=row["correction"],
+        reasons=json.loads(row["reasons"]),
+    )
 
 
 def _agreement(row: asyncpg.Record) -> dict[str, Any]:

@@ -43,6 +43,13 @@ class LedgerSettings(ServiceSettings):
         le=86_400,
         description="How often the periodic task runs (expiry, month close, held charges, outbox); 0 = never.",
     )
+    amend_quiet_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        le=30 * 86_400,
+        description="A closed month's amended statement (the next version) is issued once no correction of it "
+        "has been posted for this long, so that a re-rating's many batches make one version.",
+    )
     outbox_sweep_after_seconds: float = Field(
         default=30.0,
         ge=0,

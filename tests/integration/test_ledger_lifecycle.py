@@ -237,8 +237,10 @@ async def test_month_close_posts_held_usage_whose_org_got_its_customer_first(led
     statement = await db.service.statement(customer, date(2026, 4, 1))
     assert (statement["used"], statement["closing_balance"]) == (17 + 3, -20)
     assert statement["used_by_kind"] == [
-        {"meter": "cfapps", "resource_kind": "", "microcredits": 17},
-        {"meter": "cfservices", "resource_kind": "plan-small", "microcredits": 3},
+        {"meter": "cfapps", "resource_kind": "", "microcredits": 17, "price_id": PRICE_A,
+         "original": None, "correction": None},
+        {"meter": "cfservices", "resource_kind": "plan-small", "microcredits": 3, "price_id": PRICE_B,
+         "original": None, "correction": None},
     ]
     # May's charge is not April's: still held, for the sweep (or May's close) to post.
     assert await held_now(db) == [(first_hour_of_may, "app-0", 1)]
@@ -320,8 +322,10 @@ async def test_month_close_issues_statements_and_a_late_charge_posts_in_the_open
     )
     assert statement["closing_balance"] == 4_101
     assert statement["used_by_kind"] == [
-        {"meter": "cfapps", "resource_kind": "", "microcredits": 599},
-        {"meter": "cfservices", "resource_kind": "plan-small", "microcredits": 300},
+        {"meter": "cfapps", "resource_kind": "", "microcredits": 599, "price_id": PRICE_A,
+         "original": None, "correction": None},
+        {"meter": "cfservices", "resource_kind": "plan-small", "microcredits": 300, "price_id": PRICE_B,
+         "original": None, "correction": None},
     ]
     issued = [m for m in await outbox(db) if isinstance(m, StatementIssued)]
     assert [(m.month, m.closing_balance) for m in issued] == [("2026-03", 4_101)]

@@ -36,7 +36,7 @@ usage = st.builds(
 drafts = st.builds(
     TransactionDraft,
     customer_id=ids,
-    type=st.sampled_from(["funding", "usage", "late_usage", "expiry", "reversal"]),
+    type=st.sampled_from(["funding", "usage", "late_usage", "expiry", "reversal", "correction"]),
     occurred_at=times,
     reading_hour=st.one_of(st.none(), times),
     description=text,
@@ -45,6 +45,7 @@ drafts = st.builds(
     usage=st.lists(usage, max_size=6),
     agreement_id=st.one_of(st.none(), ids),
     reverses=st.one_of(st.none(), ids),
+    corrects_month=st.one_of(st.none(), st.dates().map(lambda d: d.replace(day=1))),
 )
 
 
@@ -57,4 +58,6 @@ def test_a_transaction_message_written_directly_is_the_models_bytes(
     assert direct == messages.to_outbox(messages.transaction_posted(draft, transaction_id, posted_at))
     parsed = TransactionPosted.model_validate_json(direct[2])
     assert parsed.id == transaction_id and parsed.posted_at == posted_at
+    month = draft.corrects_month
+    assert parsed.corrects_month == (None if month is None else f"{month.year:04d}-{month.month:02d}")
     assert [u.price_id for u in parsed.usage] == [None if u.price_id == NIL_PRICE else u.price_id for u in draft.usage]
