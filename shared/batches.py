@@ -189,13 +189,6 @@ _PricePosition = Annotated[int, msgspec.Meta(ge=-1)]
 _Denominator = Annotated[int, msgspec.Meta(ge=1, le=MAX_INT)]
 
 
-class Correction(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
-    """The re-rating a batch of revisions comes from (``POST /admin/rerate``): its job id and reason."""
-
-    id: uuid.UUID
-    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
-
-
 class Measurements(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """Mirror of ``shared.contracts.MeasurementsTaken``; item columns checked by ``decode_measurements``
     (a batch with a bad item is read again loosely and its bad items refused one by one)."""
