@@ -602,9 +602,18 @@ def encode_measurements(m: Measurements) -> bytes:
     return _encoder.encode(m)
 
 
+_NO_CORRECTION = b',"correction":null}'
+
+
 def encode_charges(c: Charges) -> bytes:
-    """The JSON of a charges batch."""
-    return _encoder.encode(c)
+    """The JSON of a charges batch. ``correction`` is written only when set (a re-rating's revisions): an
+    ordinary batch's bytes are those it had before the field existed, so a v2 batch (stored by the pricer,
+    or drained from usage.charges.v2 and split to a DLQ) is written back as the v2 contract reads it."""
+    raw = _encoder.encode(c)
+    if c.correction is None:  # the last field, so msgspec wrote it last
+        assert raw.endswith(_NO_CORRECTION)
+        raw = raw[: -len(_NO_CORRECTION)] + b"}"
+    return raw
 
 
 class Item(NamedTuple):

@@ -202,7 +202,7 @@ async def test_a_stored_v2_batch_is_published_again_byte_for_byte_and_decodes(ru
     priced = price_items(m, None, Catalog([flat]), hour + timedelta(hours=1))
     assert priced.message is not None
     v2 = encode_charges(priced.message).replace(b'"schema_version":3', b'"schema_version":2')
-    v2 = v2.replace(b',"correction":null', b"")  # v2 had no correction field
+    assert b'"correction"' not in v2  # an ordinary batch writes no correction: the v2 bytes
     assert b'"schema_version":2' in v2 and b'"model"' not in v2
     ChargesComputedV2.model_validate_json(v2)
     await running.pricer.frames.ensure_first(running.pool, [m], shard_scope, encode_measurements)
