@@ -155,7 +155,7 @@ class TransactionPosted(Event):
     schema_name: Literal["ledger.transaction"] = "ledger.transaction"
     schema_version: Literal[1] = 1
     customer_id: UUID
-    type: Literal["funding", "usage", "late_usage", "expiry", "reversal"]
+    type: Literal["funding", "usage", "late_usage", "expiry", "reversal", "correction"]
     occurred_at: UtcDatetime
     reading_hour: UtcDatetime | None = None
     description: str = ""
@@ -165,6 +165,9 @@ class TransactionPosted(Event):
     reverses: UUID | None = Field(default=None, description="For a reversal: the transaction it reverses.")
     agreement_id: UUID | None = Field(default=None, description="For funding and expiry: the agreement.")
     posted_at: UtcDatetime
+    corrects_month: Annotated[str, Field(pattern=r"^\d{4}-\d{2}$")] | None = Field(
+        default=None, description="the closed month a correction restates"
+    )
 
 
 class AlertRaised(Event):
@@ -186,6 +189,9 @@ class StatementLine(BaseModel):
     meter: str
     resource_kind: str = ""
     microcredits: Int
+    price_id: UUID | None = None
+    original: Int | None = None
+    correction: Int | None = None
 
 
 class StatementIssued(Event):
@@ -203,6 +209,10 @@ class StatementIssued(Event):
     closing_balance: Int
     used_by_kind: list[StatementLine]
     issued_at: UtcDatetime
+    version: Annotated[int, Field(ge=1)] = 1
+    original_used: Int | None = None
+    correction: Int | None = None
+    reasons: list[str] = Field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------ batches (v2)
