@@ -13,6 +13,11 @@ shard) a document with the latest revision of each measurement, and the rollups 
   one goes in.
 - Amounts stay exact: per cell, numerators summed per denominator, combined over their lcm only when
   written.
+- An item of a graduated or volume price has no amount of its own (0/1 in ``usage.charges.v3``: its money
+  depends on the customer's month total, which the ledger posts). The document marks it (column ``m``:
+  1 = priced on the month's total, "monthly"), and its cells are kept apart from exactly priced ones
+  (``priced`` = ``exact`` | ``monthly`` in every rollup key), so they are answered with units, never as
+  costing 0.
 """
 
 from __future__ import annotations
@@ -32,12 +37,16 @@ from shared.clock import BUSINESS_TZ, as_utc
 from shared.ids import charge_id, measurement_id
 
 __all__ = [
+    "EXACT",
+    "MONTHLY",
+    "PRICED",
     "Part",
     "ResourceDoc",
     "Rollup",
     "ShardDoc",
     "contributions",
     "exact",
+    "monthly_flags",
     "ny_day",
     "ny_month",
 ]
@@ -65,7 +74,19 @@ def exact(by_den: dict[int, int]) -> tuple[int, int]:
     return num // g, common // g
 
 
-_COLUMNS = ("r", "o", "s", "k", "u", "x", "v", "n", "d")
+_COLUMNS = ("r", "o", "s", "k", "u", "x", "v", "n", "d", "m")
+
+EXACT = "exact"
+MONTHLY = "monthly"
+PRICED = (EXACT, MONTHLY)  # by the ``m`` flag: 0 exact, 1 monthly
+
+
+def monthly_flags(c: Charges) -> list[int]:
+    """Per item of ``c``: 1 when its price is graduated or volume (priced on the month's total), else 0."""
+    flags = [0 if p.model == "flat" else 1 for p in c.prices]
+    if not any(flags):
+        return [0] * len(c.resource_id)
+    return [flags[p] if p >= 0 else 0 for p in c.price]
 
 
 @dataclass
@@ -86,6 +107,7 @@ class ShardDoc:
     v: list[int]  # revision
     n: list[int]  # amount numerator
     d: list[int]  # amount denominator
+    m: list[int]  # 1: priced on the month's total (graduated or volume; amount 0/1), 0: exact
 
     @classmethod
     def of(cls, c: Charges) -> ShardDoc:
@@ -94,11 +116,15 @@ class ShardDoc:
             orgs=[o.id for o in c.orgs], spaces=[s.id for s in c.spaces], kinds=list(c.kinds), units=[c.unit],
             r=list(c.resource_id), o=list(c.org), s=list(c.space), k=list(c.kind), u=[0] * len(c.resource_id),
             x=list(c.value), v=list(c.revision), n=list(c.amount_numerator), d=list(c.amount_denominator),
+            m=monthly_flags(c),
         )
 
     @classmethod
     def load(cls, raw: bytes) -> ShardDoc:
-        return cls(**orjson.loads(raw))
+        cols = orjson.loads(raw)
+        if "m" not in cols:  # a document written before price models: all exact
+            cols["m"] = [0] * len(cols["r"])
+        return cls(**cols)
 
     def dump(self) -> bytes:
         return orjson.dumps(
@@ -120,6 +146,7 @@ class ShardDoc:
         kind_at = _indexer(self.kinds)
         unit_at = _indexer(self.units)
         unit = unit_at(c.unit)
+        monthly = monthly_flags(c)
         replaced: list[int] = []
         changed: list[int] = []
         for i, rid in enumerate(c.resource_id):
@@ -132,7 +159,7 @@ class ShardDoc:
                 continue
             values = (
                 org_at(c.orgs[c.org[i]].id), space_at(c.spaces[c.space[i]].id), kind_at(c.kinds[c.kind[i]]), unit,
-                c.value[i], c.revision[i], c.amount_numerator[i], c.amount_denominator[i],
+                c.value[i], c.revision[i], c.amount_numerator[i], c.amount_denominator[i], monthly[i],
             )
             if at is None:
                 at = where[rid] = len(self.r)
@@ -192,45 +219,55 @@ def _indexer(table: list[str]) -> Callable[[str], int]:
 
 # (customer, period, meter) -> resource document
 ResourceKey = tuple[UUID, date, str]
-# Charges as the per-resource documents take them: columns of resource, unit, value, numerator, denominator.
-ResourceEntries = tuple[list[str], list[str], list[int], list[int], list[int]]
+# Charges as the per-resource documents take them: columns of resource, unit, value, numerator, denominator,
+# monthly flag.
+ResourceEntries = tuple[list[str], list[str], list[int], list[int], list[int], list[int]]
+_RESOURCE_COLUMNS = ("r", "u", "x", "n", "d", "p")
 
 
 class ResourceDoc:
-    """Usage per (resource, unit) of one customer, period (day or month) and meter: value and exact amount,
-    as the columns it is stored as: {"r": [...], "u": [...], "x": [...], "n": [...], "d": [...]}. Merged
-    in place (a customer's resources come back hour after hour: most entries update a cell)."""
+    """Usage per (resource, unit, priced) of one customer, period (day or month) and meter: value and exact
+    amount, as the columns it is stored as: {"r": [...], "u": [...], "x": [...], "n": [...], "d": [...],
+    "p": [...]} (``p``: 1 for usage priced on the month's total, whose amount is 0). Merged in place (a
+    customer's resources come back hour after hour: most entries update a cell)."""
 
     def __init__(self, columns: dict[str, list[Any]] | None = None) -> None:
-        self.c = columns if columns is not None else {"r": [], "u": [], "x": [], "n": [], "d": []}
+        self.c = columns if columns is not None else {k: [] for k in _RESOURCE_COLUMNS}
 
     @classmethod
     def load(cls, raw: bytes) -> ResourceDoc:
-        return cls(orjson.loads(raw))
+        cols = orjson.loads(raw)
+        if "p" not in cols:  # written before price models: all exact
+            cols["p"] = [0] * len(cols["r"])
+        return cls(cols)
 
     def dump(self) -> bytes:
         return orjson.dumps(self.c)
 
     @property
-    def cells(self) -> dict[tuple[str, str], list[int]]:
-        """(resource, unit) -> [value, numerator, denominator]."""
+    def cells(self) -> dict[tuple[str, str, int], list[int]]:
+        """(resource, unit, monthly flag) -> [value, numerator, denominator]."""
         c = self.c
-        return {(r, u): [x, n, d] for r, u, x, n, d in zip(c["r"], c["u"], c["x"], c["n"], c["d"], strict=True)}
+        return {
+            (r, u, p): [x, n, d]
+            for r, u, x, n, d, p in zip(c["r"], c["u"], c["x"], c["n"], c["d"], c["p"], strict=True)
+        }
 
     def add(self, entries: Sequence[ResourceEntries]) -> None:
         c = self.c
-        rs, us, xs, ns, ds = c["r"], c["u"], c["x"], c["n"], c["d"]
-        at = {key: i for i, key in enumerate(zip(rs, us, strict=True))}
+        rs, us, xs, ns, ds, ps = c["r"], c["u"], c["x"], c["n"], c["d"], c["p"]
+        at = {key: i for i, key in enumerate(zip(rs, us, ps, strict=True))}
         taken_back: set[int] = set()
-        for rid, unit, x, n, d in (row for cols in entries for row in zip(*cols, strict=True)):
-            i = at.get((rid, unit))
+        for rid, unit, x, n, d, p in (row for cols in entries for row in zip(*cols, strict=True)):
+            i = at.get((rid, unit, p))
             if i is None:
-                i = at[(rid, unit)] = len(rs)
+                i = at[(rid, unit, p)] = len(rs)
                 rs.append(rid)
                 us.append(unit)
                 xs.append(x)
                 ns.append(n)
                 ds.append(d)
+                ps.append(p)
             elif ds[i] == d:  # a resource's charges share their price's denominator, as a rule
                 xs[i] += x
                 ns[i] += n
@@ -246,43 +283,44 @@ class ResourceDoc:
             # A resource whose charges were all taken back (a move to another customer) leaves no cell; a
             # resource that used nothing (value and amount 0) but was not taken back stays, as in its hours.
             keep = [i for i in range(len(rs)) if i not in taken_back or xs[i] != 0 or ns[i] != 0]
-            for name in ("r", "u", "x", "n", "d"):
+            for name in _RESOURCE_COLUMNS:
                 c[name] = [c[name][i] for i in keep]
 
 
-GroupKey = tuple[UUID, str, object, str, str, str]  # customer, dim, period, key, key2, unit
+GroupKey = tuple[UUID, str, object, str, str, str, str]  # customer, dim, period, key, key2, unit, priced
 
-# One org's part of a shard document: per (space, kind, unit, denominator) the summed value and numerator,
-# and its charges as columns (resource, unit, value, numerator, denominator) for the per-resource documents
-# (columns of strings and ints: the garbage collector never walks them).
-Part = tuple[dict[tuple[int, int, int, int], list[int]], tuple[list[str], list[str], list[int], list[int], list[int]]]
+# One org's part of a shard document: per (space, kind, unit, denominator, monthly) the summed value and
+# numerator, and its charges as columns (resource, unit, value, numerator, denominator, monthly) for the
+# per-resource documents (columns of strings and ints: the garbage collector never walks them).
+Part = tuple[dict[tuple[int, int, int, int, int], list[int]], ResourceEntries]
 
 
 def contributions(doc: ShardDoc, positions: Iterable[int] | None = None, sign: int = 1) -> dict[int, Part]:
     """The items of ``doc`` (at ``positions``, or all) grouped by org (position in ``doc.orgs``), summed as
     the rollups take them: computed once per document, whichever orgs' customers become known later."""
     out: dict[int, Part] = {}
-    r, o, s, k, u, x, n, d = doc.r, doc.o, doc.s, doc.k, doc.u, doc.x, doc.n, doc.d
+    r, o, s, k, u, x, n, d, m = doc.r, doc.o, doc.s, doc.k, doc.u, doc.x, doc.n, doc.d, doc.m
     units = doc.units
     for i in range(len(r)) if positions is None else positions:
         part = out.get(o[i])
         if part is None:
-            part = out[o[i]] = ({}, ([], [], [], [], []))
-        ui, di = u[i], d[i]
+            part = out[o[i]] = ({}, ([], [], [], [], [], []))
+        ui, di, mi = u[i], d[i], m[i]
         value, num = sign * x[i], sign * n[i]
-        key = (s[i], k[i], ui, di)
+        key = (s[i], k[i], ui, di, mi)
         cell = part[0].get(key)
         if cell is None:
             part[0][key] = [value, num]
         else:
             cell[0] += value
             cell[1] += num
-        rs, us, xs, ns, ds = part[1]
+        rs, us, xs, ns, ds, ms = part[1]
         rs.append(r[i])
         us.append(units[ui])
         xs.append(value)
         ns.append(num)
         ds.append(di)
+        ms.append(mi)
     return out
 
 
@@ -298,10 +336,10 @@ class _Cell:
 class Rollup:
     """Changes to the rollups, summed exactly before they are written."""
 
-    # (customer, hour, org, space, meter, kind, unit) -> (value, {den: num}): charges are summed here
+    # (customer, hour, org, space, meter, kind, unit, priced) -> (value, {den: num}): charges are summed here
     # first, and the group cells derived from these sums by ``groups`` (a few hundred per batch instead of
     # one per charge and cell).
-    fine: dict[tuple[UUID, datetime, str, str, str, str, str], _Cell] = field(default_factory=dict)
+    fine: dict[tuple[UUID, datetime, str, str, str, str, str, str], _Cell] = field(default_factory=dict)
     # (customer, hour, meter) -> the charges, for the per-resource documents of its day and month.
     resources: dict[tuple[UUID, datetime, str], list[ResourceEntries]] = field(default_factory=dict)
 
@@ -324,8 +362,8 @@ class Rollup:
         sums, entries = part
         self.resources.setdefault((customer, hour, meter), []).append(entries)
         org_id, spaces, kinds, units = doc.orgs[org], doc.spaces, doc.kinds, doc.units
-        for (si, ki, ui, di), (value, num) in sums.items():
-            fine_key = (customer, hour, org_id, spaces[si], meter, kinds[ki], units[ui])
+        for (si, ki, ui, di, mi), (value, num) in sums.items():
+            fine_key = (customer, hour, org_id, spaces[si], meter, kinds[ki], units[ui], PRICED[mi])
             cell = self.fine.get(fine_key)
             if cell is None:
                 cell = self.fine[fine_key] = _Cell()
@@ -344,14 +382,15 @@ class Rollup:
         """The group cells (value, exact numerator, denominator) of each granularity table: ``hour``
         (usage_hour_group), ``day`` (usage_day_group), ``month`` (usage_month)."""
         acc: dict[str, dict[GroupKey, _Cell]] = {"hour": {}, "day": {}, "month": {}}
-        for (customer, hour, org, space, meter, kind, unit), fine in self.fine.items():
+        for (customer, hour, org, space, meter, kind, unit, priced), fine in self.fine.items():
             value, dens = fine.value, fine.dens
             periods = (("hour", hour), ("day", ny_day(hour)), ("month", ny_month(hour)))
             for dim, key, key2 in (("org", org, ""), ("space", space, ""), ("meter", meter, ""), ("kind", meter, kind)):
                 for table, period in periods:
-                    cell = acc[table].get((customer, dim, period, key, key2, unit))
+                    gkey = (customer, dim, period, key, key2, unit, priced)
+                    cell = acc[table].get(gkey)
                     if cell is None:
-                        cell = acc[table][(customer, dim, period, key, key2, unit)] = _Cell()
+                        cell = acc[table][gkey] = _Cell()
                     cell.value += value
                     sums = cell.dens
                     for den, num in dens.items():

@@ -19,8 +19,9 @@ The figures of a row (hour h, meter m):
   and unpriced ones included (they count at 0 and are re-posted when re-priced; posting floors per
   customer, month and price, so a charge need not move a whole microcredit to be posted); ``held``:
   charges whose org had no customer at that hour (``held_shards``); ``dead_lettered_at_ledger``:
-  distinct measurements on ``usage.charges.v2.dlq`` dead-lettered by the ledger's consumer group (the
-  api's own group dead-letters the same bad charges too; those are not counted twice).
+  distinct measurements on ``usage.charges.v3.dlq`` and ``usage.charges.v2.dlq`` (still drained) dead-lettered
+  by the ledger's consumer group (the api's own group dead-letters the same bad charges too; those are not
+  counted twice).
 - ``revisions_behind``: the sum of the latest charge revisions at the pricer minus the sum of the
   revisions the ledger applied (posted or held).
 - ``conflicts_at_pricer`` / ``conflicts_at_ledger``: distinct measurements of that hour and meter that
@@ -460,9 +461,21 @@ def report_json(
 
 # GET an owner's internal route: (service, path, query) -> its JSON body (errors are the caller's to raise).
 GetJson = Callable[[str, str, Mapping[str, str]], Awaitable[Any]]
-# Count the DLQs: ([usage.readings.v2.dlq, usage.readings.v1.dlq] by the pricer, usage.charges.v2.dlq by the
-# ledger).
-CountDeadLetters = Callable[[], Awaitable[tuple[Sequence[DeadLetterCounts], DeadLetterCounts]]]
+# Count the DLQs: ([usage.readings.v2.dlq, usage.readings.v1.dlq] by the pricer, [usage.charges.v3.dlq,
+# usage.charges.v2.dlq] by the ledger).
+CountDeadLetters = Callable[[], Awaitable[tuple[Sequence[DeadLetterCounts], Sequence[DeadLetterCounts]]]]
+
+
+def _summed(counts: Sequence[DeadLetterCounts]) -> tuple[dict[Key, int], dict[Key, int]]:
+    """Dead-lettered measurements and conflicts per (hour, meter), summed over DLQ topics."""
+    rows: dict[Key, int] = {}
+    conflicts: dict[Key, int] = {}
+    for c in counts:
+        for key, n in c.by_row.items():
+            rows[key] = rows.get(key, 0) + n
+        for key, n in c.conflicts_by_row.items():
+            conflicts[key] = conflicts.get(key, 0) + n
+    return rows, conflicts
 
 
 async def build_report(
@@ -478,15 +491,10 @@ async def build_report(
         dead_letters(),
     )
     collector = parse_collector(c)
-    pricer_rows: dict[Key, int] = {}
-    pricer_conflicts: dict[Key, int] = {}
-    for counts in at_pricer:
-        for key, n in counts.by_row.items():
-            pricer_rows[key] = pricer_rows.get(key, 0) + n
-        for key, n in counts.conflicts_by_row.items():
-            pricer_conflicts[key] = pricer_conflicts.get(key, 0) + n
+    pricer_rows, pricer_conflicts = _summed(at_pricer)
+    ledger_rows, ledger_conflicts = _summed(at_ledger)
     rows = reconcile(
-        hours_between(start, end), collector, parse_pricer(p), parse_ledger(led), pricer_rows, at_ledger.by_row,
-        pricer_conflicts, at_ledger.conflicts_by_row,
+        hours_between(start, end), collector, parse_pricer(p), parse_ledger(led), pricer_rows, ledger_rows,
+        pricer_conflicts, ledger_conflicts,
     )
-    return report_json(start, end, rows, collector.meters, (*at_pricer, at_ledger), utcnow())
+    return report_json(start, end, rows, collector.meters, (*at_pricer, *at_ledger), utcnow())

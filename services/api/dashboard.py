@@ -28,6 +28,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 from datetime import date, datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
@@ -45,6 +46,7 @@ from starlette.staticfiles import StaticFiles
 
 from services.api import audit
 from services.api import repository as repo
+from services.api.charges import MONTHLY
 from services.api.charts import format_credits
 from services.api.forward import ADMIN_ROUTES, render
 from services.api.service import balance_from_buckets, iso, ny_month, usage_range
@@ -53,6 +55,7 @@ from services.api.views import (
     burn_rate,
     burn_view,
     burn_window,
+    corrections_view,
     days_text,
     next_month,
     ny_text,
@@ -60,6 +63,7 @@ from services.api.views import (
     run_out,
     statement_view,
     usage_view,
+    versions_view,
 )
 from shared.auth import AuthError, IssuerUnavailableError, Principal
 from shared.clock import BUSINESS_TZ, month_bounds, utcnow
@@ -91,6 +95,13 @@ ROWS = 5000  # rows per repository call when reading a whole range
 MAX_FORM_BYTES = 32_768
 _ORG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # a Cloud Foundry guid, as the admin routes accept it
 _CSV_NAME = re.compile(r"^(\d{4}-\d{2})\.csv$")
+
+
+def _parse_version(text: object) -> int:
+    """A statement version: a positive integer (as the JSON API's ``version``)."""
+    if not isinstance(text, str) or not re.fullmatch(r"[1-9][0-9]{0,8}", text):
+        raise ValueError("must be a positive integer")
+    return int(text)
 SIGN_IN_REASONS = {
     "expired": "Your session ended: the token has expired. Sign in with a new token.",
     "invalid": "Your session ended: the token is no longer accepted. Sign in with a new token.",
@@ -453,20 +464,29 @@ class Dashboard:
         start, end = month_bounds(month)
         rng = usage_range(start, end, "day")
         out: list[repo.UsageRow] = []
-        after: tuple[date | datetime, str, str] | None = None
+        after: tuple[date | datetime, str, str, str] | None = None
         while True:
             rows = await repo.usage_page(
                 conn, customer_id, granularity="day", dim=dim, first=rng.first, stop=rng.stop, after=after, limit=ROWS
             )
             out.extend(rows)
             if len(rows) < ROWS:
-                return out
-            after = (rows[-1].period, rows[-1].key, rows[-1].key2)
+                break
+            after = (rows[-1].period, rows[-1].key, rows[-1].key2, rows[-1].priced)
+        if dim == "org" and any(r.priced == MONTHLY for r in out):
+            # Usage of graduated and volume prices: per org, the money the ledger posted for it (as the API).
+            posted = await repo.monthly_money(conn, customer_id, "day", dim, rng.first, rng.stop)
+            out = [
+                replace(r, amount=Fraction(posted.get((r.period, r.key, r.key2), 0))) if r.priced == MONTHLY else r
+                for r in out
+            ]
+        return out
 
     async def customer(self, request: Request, principal: Principal) -> Response:
         customer_id = parameter("customer_id", parse_uuid, request.path_params["customer_id"])
         q = request.query_params
         month_arg = parameter("month", parse_month, q["month"]) if "month" in q else None
+        version = parameter("version", _parse_version, q["version"]) if "version" in q else None
         org = q.get("org") or None
         if org is not None and not _ORG.match(org):
             raise ProblemError(INVALID_PARAMETER, "org: must be a Cloud Foundry org guid", parameter="org")
@@ -481,7 +501,11 @@ class Dashboard:
             usage_times = [f.occurred_at for f in facts if f.type in ("usage", "late_usage")]
             month = month_arg or (ny_month(max(usage_times)) if usage_times else ny_month(now))
             rows = await self._usage(conn, customer_id, month, "space" if org else "org")
-            statement = await repo.statement(conn, customer_id, month)
+            statement = await repo.statement(conn, customer_id, month, version)
+            versions = await repo.statement_versions(conn, customer_id, month)
+            corrections = await repo.corrections_of(conn, customer_id, month)
+        if statement is None and version is not None and versions:
+            raise ProblemError(NOT_FOUND, f"no version {version} of the statement for {month:%Y-%m}")
         name = await self._name(principal, customer_id)
         rate = burn_rate(facts)
         runout = run_out(balance.remaining, rate, now)
@@ -510,6 +534,8 @@ class Dashboard:
             org=org,
             **usage_view(rows, month, org),
             statement=statement_view(statement),
+            versions=versions_view(versions, month, org),
+            corrections=corrections_view(corrections),
         )
 
     async def statement_csv(self, request: Request, principal: Principal) -> Response:

@@ -30,7 +30,7 @@ from aiokafka.errors import KafkaError
 from services.api.completeness import DeadLetterCounts, Key
 from shared.batches import CONFLICT
 from shared.clock import hour_floor
-from shared.topics import CHARGES, READINGS, READINGS_V1, dlq
+from shared.topics import CHARGES, CHARGES_V2, READINGS, READINGS_V1, dlq
 
 __all__ = ["attribute", "count_for_report", "tally"]
 
@@ -178,15 +178,17 @@ def _count(
 
 async def count_for_report(
     bootstrap_servers: str, topic_of: Callable[[str], str], start: datetime, end: datetime
-) -> tuple[list[DeadLetterCounts], DeadLetterCounts]:
+) -> tuple[list[DeadLetterCounts], list[DeadLetterCounts]]:
     """The DLQs the completeness report reconciles: ``usage.readings.v2.dlq`` and ``usage.readings.v1.dlq``
-    as the pricer's group dead-lettered them, ``usage.charges.v2.dlq`` as the ledger's (not the api's).
+    as the pricer's group dead-lettered them, ``usage.charges.v3.dlq`` and ``usage.charges.v2.dlq`` (the
+    ledger still reads v2 to drain it) as the ledger's (not the api's).
     ``topic_of`` is the deployment's ``settings.topic``: topics and groups carry its prefix (a group is
     also matched by its bare service name, as deployments before prefixed groups named them)."""
     pricer_groups, ledger_groups = {topic_of("pricer"), "pricer"}, {topic_of("ledger"), "ledger"}
-    v2, v1, ledger = await asyncio.gather(
+    v2, v1, charges, charges_v2 = await asyncio.gather(
         tally(bootstrap_servers, dlq(topic_of(READINGS)), pricer_groups, start, end),
         tally(bootstrap_servers, dlq(topic_of(READINGS_V1)), pricer_groups, start, end),
         tally(bootstrap_servers, dlq(topic_of(CHARGES)), ledger_groups, start, end),
+        tally(bootstrap_servers, dlq(topic_of(CHARGES_V2)), ledger_groups, start, end),
     )
-    return [v2, v1], ledger
+    return [v2, v1], [charges, charges_v2]

@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Mapping
 from datetime import date, datetime
+from fractions import Fraction
 from typing import Any
 from uuid import UUID
 
@@ -25,6 +26,7 @@ from starlette.responses import Response
 from services.api import audit, completeness, dead_letters, projector, schemas
 from services.api import repository as repo
 from services.api.cache import SingleFlight, TtlCache
+from services.api.charges import MONTHLY
 from services.api.forward import Forwarder, UpstreamError, admin_operations
 from services.api.freshness import Freshness
 from services.api.schemas import (
@@ -42,6 +44,8 @@ from services.api.schemas import (
     PageQuery,
     Statement,
     StatementPath,
+    StatementQuery,
+    StatementVersion,
     Transaction,
     TransactionPage,
     TransactionsQuery,
@@ -297,8 +301,8 @@ class Api:
         except UsageRangeError as exc:
             raise ProblemError(INVALID_PARAMETER, str(exc)) from None
         scope = Cursor.scope_of("usage", customer_id, iso(q.start), iso(q.end), q.granularity, q.group_by)
-        pos = Cursor.decode(q.cursor, scope, (str, str, str))
-        after = (_cursor_period(q.granularity, pos[0]), pos[1], pos[2]) if pos else None
+        pos = Cursor.decode(q.cursor, scope, (str, str, str, str))
+        after = (_cursor_period(q.granularity, pos[0]), pos[1], pos[2], pos[3]) if pos else None
         await self._ensure_visible(None, call.caller, customer_id)
         body = await self.usage_flights.run(
             cache_key, lambda: self._usage_body(customer_id, q, rng, scope, after, cache_key)
@@ -311,7 +315,7 @@ class Api:
         q: UsageQuery,
         rng: UsageRange,
         scope: str,
-        after: tuple[date | datetime, str, str] | None,
+        after: tuple[date | datetime, str, str, str] | None,
         cache_key: tuple[UUID, bytes],
     ) -> bytes:
         """The usage answer's bytes (computed once for identical queries that arrive together, then cached)."""
@@ -326,21 +330,25 @@ class Api:
                 after=after,
                 limit=q.limit + 1,
             )
-        page, more = rows[:q.limit], len(rows) > q.limit
+            page, more = rows[:q.limit], len(rows) > q.limit
+            ledger: dict[tuple[Any, str, str], int] = {}
+            if any(r.priced == MONTHLY for r in page):
+                ledger = await repo.monthly_money(conn, customer_id, q.granularity, q.group_by, rng.first, rng.stop)
         # Built as plain data (the hot path; tests hold the answers against UsagePage's schema).
         items = [
             {
                 **period_of(q.granularity, r.period),
                 "group": _group(q.group_by, r.key, r.key2, r.attrs),
                 "quantities": [{"unit": u, "value": v} for u, v in sorted(r.values.items())],
-                **amount_fields(r.amount),
+                "priced": r.priced,
+                **_money(q.group_by, r, ledger),
             }
             for r in page
         ]
         next_cursor = None
         if more:
             last = page[-1]
-            next_cursor = Cursor.encode(scope, [_period_text(last.period), last.key, last.key2])
+            next_cursor = Cursor.encode(scope, [_period_text(last.period), last.key, last.key2, last.priced])
         body = orjson.dumps(
             {
                 "customer_id": str(customer_id),
@@ -382,6 +390,7 @@ class Api:
                 reverses=r["reverses"],
                 entries=repo.json_value(r["entries"]),
                 usage=repo.json_value(r["usage"]),
+                corrects_month=f"{r['corrects_month']:%Y-%m}" if r["corrects_month"] else None,
             )
             for r in page
         ]
@@ -393,24 +402,37 @@ class Api:
 
     async def statement(self, call: Call) -> Response:
         path = call.path_as(StatementPath)
+        version = call.query_as(StatementQuery).version
         async with self.runtime.pool.acquire() as conn:
             await self._ensure_visible(conn, call.caller, path.customer_id)
-            row = await repo.statement(conn, path.customer_id, path.month)
+            versions = await repo.statement_versions(conn, path.customer_id, path.month)
+            row = await repo.statement(conn, path.customer_id, path.month, version) if versions else None
         if row is None:
-            detail = f"no statement for {path.month:%Y-%m} yet (months are closed by the ledger)"
+            if versions:
+                detail = (
+                    f"no version {version} of the statement for {path.month:%Y-%m}: versions "
+                    + ", ".join(str(v["version"]) for v in versions)
+                )
+            else:
+                detail = f"no statement for {path.month:%Y-%m} yet (months are closed by the ledger)"
             raise ProblemError(NOT_FOUND, detail)
         return answer(
             Statement(
                 customer_id=path.customer_id,
                 month=f"{path.month:%Y-%m}",
                 statement_id=row["statement_id"],
+                version=row["version"],
                 opening_balance=row["opening_balance"],
                 funded=row["funded"],
                 used=row["used"],
+                original_used=row["original_used"],
+                correction=row["correction"],
                 expired=row["expired"],
                 closing_balance=row["closing_balance"],
                 used_by_kind=repo.json_value(row["used_by_kind"]),
+                reasons=repo.json_value(row["reasons"]) or [],
                 issued_at=row["issued_at"],
+                versions=[StatementVersion.model_validate(dict(v)) for v in versions],
             )
         )
 
@@ -469,7 +491,7 @@ class Api:
         start, end = completeness.whole_hours(call.query_as(RangeQuery))
         forwarder, s, token = self._forwarder(), self.settings, call.caller.token
 
-        async def dlqs() -> tuple[list[completeness.DeadLetterCounts], completeness.DeadLetterCounts]:
+        async def dlqs() -> tuple[list[completeness.DeadLetterCounts], list[completeness.DeadLetterCounts]]:
             return await dead_letters.count_for_report(s.kafka_bootstrap_servers, s.topic, start, end)
 
         async def get_json(service: str, path: str, params: Mapping[str, str]) -> Any:
@@ -486,6 +508,20 @@ class Api:
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+
+_NO_MONEY: dict[str, object] = {"microcredits": None, "microcredits_exact": None, "credits": None}
+
+
+def _money(dim: str, r: repo.UsageRow, ledger: Mapping[tuple[Any, str, str], int]) -> dict[str, object]:
+    """An item's money: the exact sum of its charges; for usage of graduated and volume prices (``priced``
+    monthly, no amount of its own) what the ledger posted for it per org, meter or kind, and none (null) per
+    space or resource, which the ledger does not price on their own."""
+    if r.priced != MONTHLY:
+        return amount_fields(r.amount)
+    if dim in ("space", "resource"):
+        return _NO_MONEY
+    return amount_fields(Fraction(ledger.get((r.period, r.key, r.key2), 0)))
 
 
 def _group(dim: str, key: str, key2: str, attrs: dict[str, str]) -> dict[str, str]:

@@ -142,6 +142,9 @@ class Projector:
                     add(key, before, replaced, -1)
                     add(key, doc, positions, +1)
                 written[key] = doc
+            await repo.remember_price_models(
+                conn, {p.id: p.model for c in batches for p in c.prices if p.model != "flat"}
+            )
             await repo.save_charge_shards(conn, self.frames, [(k, d.dump()) for k, d in written.items()])
             await _write_rollups(conn, rollup)
             new_names = self.names.changed(batches)

@@ -17,8 +17,8 @@ from uuid import UUID
 import asyncpg
 import orjson
 
-from services.api.charges import ResourceDoc, ResourceKey, ShardDoc, exact
-from services.api.service import OrgHour, TransactionRow
+from services.api.charges import PRICED, ResourceDoc, ResourceKey, ShardDoc, exact, ny_day, ny_month
+from services.api.service import OrgHour, TransactionRow, ny_midnight
 from shared.batches import ShardKey
 from shared.blobs import Frames, shard_scope
 from shared.db import Conn
@@ -29,6 +29,7 @@ __all__ = [
     "apply_group_rollups",
     "bucket_sums",
     "charge_shards_at",
+    "corrections_of",
     "customer_org_hours",
     "customers_of",
     "entitlements_page",
@@ -40,12 +41,15 @@ __all__ = [
     "lock_charge_shards",
     "lock_hours",
     "lock_resource_docs",
+    "monthly_money",
+    "remember_price_models",
     "resource_attrs",
     "resource_docs",
     "revoke_entitlement",
     "save_charge_shards",
     "save_resource_docs",
     "statement",
+    "statement_versions",
     "transactions_by_id",
     "transactions_page",
     "unreversed_with_amount",
@@ -255,6 +259,7 @@ def _group_keys(period: str, sql_type: str) -> tuple[tuple[str, str], ...]:
         ("key", "text"),
         ("key2", "text"),
         ("unit", "text"),
+        ("priced", "text"),
     )
 
 
@@ -400,10 +405,10 @@ async def insert_transactions(conn: Conn, rows: Sequence[TransactionRow]) -> set
     stored = await conn.fetch(
         """
         INSERT INTO ledger_transaction (transaction_id, customer_id, type, occurred_at, posted_at, reading_hour,
-            description, idempotency_key, amount, bucket, signed_amount, reverses, entries, usage)
+            description, idempotency_key, amount, bucket, signed_amount, reverses, entries, usage, corrects_month)
         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::timestamptz[],
                              $6::timestamptz[], $7::text[], $8::text[], $9::bigint[], $10::text[], $11::bigint[],
-                             $12::uuid[], $13::jsonb[], $14::jsonb[])
+                             $12::uuid[], $13::jsonb[], $14::jsonb[], $15::date[])
         ON CONFLICT (transaction_id) DO NOTHING
         RETURNING transaction_id
         """,
@@ -421,23 +426,27 @@ async def insert_transactions(conn: Conn, rows: Sequence[TransactionRow]) -> set
         [r.reverses for r in rows],
         [_json(r.entries) for r in rows],
         [_json(r.usage) for r in rows],
+        [r.corrects_month for r in rows],
     )
     return {r["transaction_id"] for r in stored}
 
 
 async def upsert_statements(conn: Conn, rows: Sequence[dict[str, Any]]) -> None:
-    """Store statements; a statement re-issued later for the same customer and month replaces the older."""
-    for s in sorted(rows, key=lambda s: (s["customer_id"], s["month"], s["issued_at"])):
+    """Store statements, every version of a month (1 = the close, 2, 3, ... = amended by corrections); a
+    version re-issued later for the same customer and month replaces the older issue of that version."""
+    for s in sorted(rows, key=lambda s: (s["customer_id"], s["month"], s["version"], s["issued_at"])):
         await conn.execute(
             """
             INSERT INTO statement AS s (customer_id, month, statement_id, opening_balance, funded, used, expired,
-                                        closing_balance, used_by_kind, issued_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-            ON CONFLICT (customer_id, month) DO UPDATE SET
+                                        closing_balance, used_by_kind, issued_at, version, original_used,
+                                        correction, reasons)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+            ON CONFLICT (customer_id, month, version) DO UPDATE SET
                 statement_id = EXCLUDED.statement_id, opening_balance = EXCLUDED.opening_balance,
                 funded = EXCLUDED.funded, used = EXCLUDED.used, expired = EXCLUDED.expired,
                 closing_balance = EXCLUDED.closing_balance, used_by_kind = EXCLUDED.used_by_kind,
-                issued_at = EXCLUDED.issued_at
+                issued_at = EXCLUDED.issued_at, original_used = EXCLUDED.original_used,
+                correction = EXCLUDED.correction, reasons = EXCLUDED.reasons
             WHERE s.issued_at < EXCLUDED.issued_at
             """,
             s["customer_id"],
@@ -450,6 +459,10 @@ async def upsert_statements(conn: Conn, rows: Sequence[dict[str, Any]]) -> None:
             s["closing_balance"],
             _json(s["used_by_kind"]),
             s["issued_at"],
+            s["version"],
+            s["original_used"],
+            s["correction"],
+            _json(s["reasons"]),
         )
 
 
@@ -519,7 +532,7 @@ async def transactions_page(
     return await conn.fetch(
         """
         SELECT transaction_id, type, occurred_at, posted_at, reading_hour, description, amount, bucket,
-               signed_amount, reverses, entries, usage
+               signed_amount, reverses, entries, usage, corrects_month
         FROM ledger_transaction
         WHERE customer_id = $1
           AND ($2::timestamptz IS NULL OR (occurred_at, transaction_id) < ($2, $3::uuid))
@@ -539,11 +552,42 @@ async def transactions_page(
     )
 
 
-async def statement(conn: Conn, customer_id: UUID, month: date) -> asyncpg.Record | None:
+async def statement(
+    conn: Conn, customer_id: UUID, month: date, version: int | None = None
+) -> asyncpg.Record | None:
+    """A month's statement: its latest version, or ``version``."""
     return await conn.fetchrow(
         """
-        SELECT statement_id, opening_balance, funded, used, expired, closing_balance, used_by_kind, issued_at
-        FROM statement WHERE customer_id = $1 AND month = $2
+        SELECT statement_id, opening_balance, funded, used, expired, closing_balance, used_by_kind, issued_at,
+               version, original_used, correction, reasons
+        FROM statement WHERE customer_id = $1 AND month = $2 AND ($3::int IS NULL OR version = $3)
+        ORDER BY version DESC LIMIT 1
+        """,
+        customer_id,
+        month,
+        version,
+    )
+
+
+async def corrections_of(conn: Conn, customer_id: UUID, month: date) -> list[asyncpg.Record]:
+    """The correction transactions that restate ``month`` (a closed month), in the order they occurred."""
+    return await conn.fetch(
+        """
+        SELECT transaction_id, occurred_at, description, signed_amount, usage
+        FROM ledger_transaction WHERE customer_id = $1 AND type = 'correction' AND corrects_month = $2
+        ORDER BY occurred_at, transaction_id
+        """,
+        customer_id,
+        month,
+    )
+
+
+async def statement_versions(conn: Conn, customer_id: UUID, month: date) -> list[asyncpg.Record]:
+    """Every version of a month's statement, oldest first: version, id, issue time, used and correction."""
+    return await conn.fetch(
+        """
+        SELECT version, statement_id, issued_at, used, original_used, correction
+        FROM statement WHERE customer_id = $1 AND month = $2 ORDER BY version
         """,
         customer_id,
         month,
@@ -566,6 +610,7 @@ class UsageRow:
     values: dict[str, int]
     amount: Fraction
     attrs: dict[str, str]
+    priced: str = "exact"  # "monthly": graduated or volume usage, whose amount is the ledger's (0 here)
 
 
 # Grouping dimension -> (key column, key2 column) of usage_day and charge. Only these strings ever
@@ -612,21 +657,21 @@ def _usage_sql(granularity: str, dim: str, paged: bool) -> str:
     Python, and the groups' display names. Pre-aggregated per group and unit: a handful of rows per
     period. (Per-resource usage is read from documents: ``_resource_page``.)"""
     table, column, sql_type = _GROUP_ROLLUPS[granularity]
-    after = f"AND ({column}, key, key2) > ($6::{sql_type}, $7::text, $8::text)" if paged else ""
+    after = f"AND ({column}, key, key2, priced) > ($6::{sql_type}, $7::text, $8::text, $9::text)" if paged else ""
     grouped = f"""
-        SELECT {column} AS period, key, key2, array_agg(unit) AS units, array_agg(value) AS vals,
+        SELECT {column} AS period, key, key2, priced, array_agg(unit) AS units, array_agg(value) AS vals,
                array_agg(amount_num::text) AS nums, array_agg(amount_den::text) AS dens
         FROM {table}
         WHERE customer_id = $1 AND dim = $2 AND {column} >= $3::{sql_type} AND {column} < $4::{sql_type} {after}
-        GROUP BY {column}, key, key2
-        ORDER BY {column}, key, key2
+        GROUP BY {column}, key, key2, priced
+        ORDER BY {column}, key, key2, priced
         LIMIT $5
     """
     joins, columns = _DIM_NAMES[dim]
     return f"""
         SELECT p.* {", " + columns if columns else ""}
         FROM ({grouped}) p {joins}
-        ORDER BY p.period, p.key, p.key2
+        ORDER BY p.period, p.key, p.key2, p.priced
     """
 
 
@@ -644,9 +689,11 @@ async def usage_page(
     dim: str,
     first: date | datetime,
     stop: date | datetime,
-    after: tuple[date | datetime, str, str] | None,
+    after: tuple[date | datetime, str, str, str] | None,
     limit: int,
 ) -> list[UsageRow]:
+    """A page of usage groups in (period, key, key2, priced) order; ``after`` is the last of the previous
+    page. A group with usage of graduated or volume prices has a second row, ``priced`` = ``monthly``."""
     if dim == "resource":
         return await _resource_page(conn, customer_id, granularity, first, stop, after, limit)
     sql = _USAGE_SQL[(granularity, dim, after is not None)]
@@ -661,7 +708,10 @@ async def usage_page(
         amount = _exact_sum(r["nums"], r["dens"])
         attrs = {c: r[c] or "" for c in _DIM_ATTRS[dim]}
         out.append(
-            UsageRow(period=r["period"], key=r["key"], key2=r["key2"], values=values, amount=amount, attrs=attrs)
+            UsageRow(
+                period=r["period"], key=r["key"], key2=r["key2"], values=values, amount=amount, attrs=attrs,
+                priced=r["priced"],
+            )
         )
     return out
 
@@ -676,7 +726,7 @@ async def _resource_page(
     granularity: str,
     first: date | datetime,
     stop: date | datetime,
-    after: tuple[date | datetime, str, str] | None,
+    after: tuple[date | datetime, str, str, str] | None,
     limit: int,
 ) -> list[UsageRow]:
     """A page of usage per resource, in (period, resource) order: hours from the charge documents of the
@@ -697,7 +747,7 @@ async def _resource_page(
     step = _PERIODS_PER_READ[granularity]
     for i in range(0, len(periods), step):
         chunk = periods[i : i + step]
-        cells: dict[tuple[Any, str], tuple[dict[str, int], dict[int, int]]] = {}
+        cells: dict[tuple[Any, str, str], tuple[dict[str, int], dict[int, int]]] = {}
         if granularity == "hour":
             for key, raw in (await charge_shards_at(conn, chunk)).items():
                 doc = ShardDoc.load(raw)
@@ -706,7 +756,8 @@ async def _resource_page(
                 for j in range(len(doc)):
                     if doc.o[j] in wanted:
                         _add_cell(
-                            cells, (key.reading_hour, doc.r[j]), doc.units[doc.u[j]], doc.x[j], doc.n[j], doc.d[j]
+                            cells, (key.reading_hour, doc.r[j], PRICED[doc.m[j]]),
+                            doc.units[doc.u[j]], doc.x[j], doc.n[j], doc.d[j],
                         )
         else:  # a day's documents, or a month's days summed
             rows = await conn.fetch(
@@ -715,21 +766,25 @@ async def _resource_page(
                 customer_id, chunk[0], _next_period(granularity, chunk[-1]), granularity,
             )
             for r in rows:
-                for (rid, unit), (x, n, d) in ResourceDoc.load(r["items"]).cells.items():
-                    _add_cell(cells, (r["p"], rid), unit, x, n, d)
-        for period, rid in sorted(cells):
-            if after is not None and (period, rid, "") <= after:
+                for (rid, unit, monthly), (x, n, d) in ResourceDoc.load(r["items"]).cells.items():
+                    _add_cell(cells, (r["p"], rid, PRICED[monthly]), unit, x, n, d)
+        for period, rid, priced in sorted(cells):
+            if after is not None and (period, rid, "", priced) <= after:
                 continue
-            values, dens = cells[(period, rid)]
+            values, dens = cells[(period, rid, priced)]
             num, den = exact(dens)
-            out.append(UsageRow(period=period, key=rid, key2="", values=values, amount=Fraction(num, den), attrs={}))
+            out.append(
+                UsageRow(
+                    period=period, key=rid, key2="", values=values, amount=Fraction(num, den), attrs={}, priced=priced
+                )
+            )
             if len(out) == limit:
                 break
         if len(out) == limit:
             break
     names = await resource_attrs(conn, [r.key for r in out])
     blank = {c: "" for c in _DIM_ATTRS["resource"]}
-    return [UsageRow(r.period, r.key, r.key2, r.values, r.amount, names.get(r.key, blank)) for r in out]
+    return [UsageRow(r.period, r.key, r.key2, r.values, r.amount, names.get(r.key, blank), r.priced) for r in out]
 
 
 def _next_period(granularity: str, period: date) -> date:
@@ -739,8 +794,8 @@ def _next_period(granularity: str, period: date) -> date:
 
 
 def _add_cell(
-    cells: dict[tuple[Any, str], tuple[dict[str, int], dict[int, int]]],
-    key: tuple[Any, str],
+    cells: dict[tuple[Any, str, str], tuple[dict[str, int], dict[int, int]]],
+    key: tuple[Any, str, str],
     unit: str,
     x: int,
     n: int,
@@ -751,6 +806,53 @@ def _add_cell(
         cell = cells[key] = ({}, {})
     cell[0][unit] = cell[0].get(unit, 0) + x
     cell[1][d] = cell[1].get(d, 0) + n
+
+
+async def remember_price_models(conn: Conn, models: dict[UUID, str]) -> None:
+    """Record the graduated and volume prices the charges named (prices are immutable: first write wins)."""
+    if models:
+        ids = sorted(models)
+        await conn.execute(
+            """INSERT INTO price_model (price_id, model) SELECT * FROM unnest($1::uuid[], $2::text[])
+               ON CONFLICT (price_id) DO NOTHING""",
+            ids, [models[i] for i in ids],
+        )
+
+
+# The ledger's usage lines carry org, meter and kind: the dimensions whose money it posts.
+_LEDGER_DIMS = {"org": ("org_id", None), "meter": ("meter", None), "kind": ("meter", "resource_kind")}
+
+
+async def monthly_money(
+    conn: Conn, customer_id: UUID, granularity: str, dim: str, first: date | datetime, stop: date | datetime
+) -> dict[tuple[Any, str, str], int]:
+    """What the ledger posted for the customer's usage of graduated and volume prices, per (period, key,
+    key2) of ``dim`` (org, meter or kind; {} for space and resource, which the ledger's lines do not carry):
+    the microcredits of the usage lines naming such a price, of usage, late usage and correction
+    transactions, in the period of their reading hour."""
+    if dim not in _LEDGER_DIMS:
+        return {}
+    lo = first if isinstance(first, datetime) else ny_midnight(first)
+    hi = stop if isinstance(stop, datetime) else ny_midnight(stop)
+    rows = await conn.fetch(
+        """
+        SELECT t.reading_hour, l->>'org_id' AS org_id, l->>'meter' AS meter, l->>'resource_kind' AS resource_kind,
+               (l->>'microcredits')::bigint AS microcredits
+          FROM ledger_transaction t, jsonb_array_elements(t.usage) AS l
+          JOIN price_model p ON p.price_id = (l->>'price_id')::uuid
+         WHERE t.customer_id = $1 AND t.type IN ('usage', 'late_usage', 'correction')
+           AND t.reading_hour >= $2 AND t.reading_hour < $3
+        """,
+        customer_id, lo, hi,
+    )
+    key_col, key2_col = _LEDGER_DIMS[dim]
+    out: dict[tuple[Any, str, str], int] = {}
+    for r in rows:
+        hour = r["reading_hour"]
+        period = hour if granularity == "hour" else ny_day(hour) if granularity == "day" else ny_month(hour)
+        k = (period, r[key_col] or "", (r[key2_col] or "") if key2_col else "")
+        out[k] = out.get(k, 0) + int(r["microcredits"])
+    return out
 
 
 # ------------------------------------------------------------------------------------------ entitlements

@@ -51,6 +51,8 @@ __all__ = [
     "PageQuery",
     "Statement",
     "StatementPath",
+    "StatementQuery",
+    "StatementVersion",
     "Subject",
     "Transaction",
     "TransactionPage",
@@ -97,6 +99,13 @@ class StatementPath(CustomerPath):
     month: Month = Field(description="YYYY-MM (America/New_York).")
 
 
+class StatementQuery(Params):
+    version: int | None = Field(
+        default=None, ge=1, le=2**31 - 1,
+        description="A version of the month's statement (1 = the close, 2, 3, ... = amended); default: the latest.",
+    )
+
+
 class BalanceQuery(Params):
     as_of: Time | None = Field(
         default=None, description="Count transactions that occurred at or before this time (default: now)."
@@ -113,7 +122,7 @@ class UsageQuery(PageQuery):
 
 
 class TransactionsQuery(PageQuery):
-    type: Literal["funding", "usage", "late_usage", "expiry", "reversal"] | None = Field(
+    type: Literal["funding", "usage", "late_usage", "expiry", "reversal", "correction"] | None = Field(
         default=None, description="Only this type."
     )
     start: Time | None = Field(default=None, alias="from", description="Occurred at or after.")
@@ -203,11 +212,21 @@ class UsageItem(Reply):
     period_end: datetime
     group: UsageGroup
     quantities: list[Quantity]
-    microcredits: int = Field(description="Floor of the exact sum.")
-    microcredits_exact: str = Field(
-        pattern=r"^-?[0-9]+/[0-9]+$", description="The exact sum as a reduced fraction numerator/denominator."
+    priced: Literal["exact", "monthly"] = Field(
+        description="`exact`: usage of flat prices, its money the exact sum of its charges. `monthly`: usage of "
+        "graduated or volume prices, whose money depends on the customer's month total and is posted by the "
+        "ledger: per org, meter or kind the money is what the ledger posted for it (its usage lines; hours are an "
+        "attribution), per space or resource it is null (only the units are known). A group with both has one "
+        "item of each."
     )
-    credits: str = Field(description="Credits, 6 decimals, for people only (never sum it).")
+    microcredits: int | None = Field(description="Floor of the exact sum; null for `monthly` spaces and resources.")
+    microcredits_exact: str | None = Field(
+        pattern=r"^-?[0-9]+/[0-9]+$",
+        description="The exact sum as a reduced fraction numerator/denominator; null when `microcredits` is.",
+    )
+    credits: str | None = Field(
+        description="Credits, 6 decimals, for people only (never sum it); null when `microcredits` is."
+    )
 
 
 class UsagePage(Reply):
@@ -232,7 +251,7 @@ class Effect(Reply):
 
 class Transaction(Reply):
     id: UUID
-    type: Literal["funding", "usage", "late_usage", "expiry", "reversal"]
+    type: Literal["funding", "usage", "late_usage", "expiry", "reversal", "correction"]
     occurred_at: datetime
     posted_at: datetime
     reading_hour: datetime | None
@@ -242,6 +261,10 @@ class Transaction(Reply):
     reverses: UUID | None
     entries: list[EntryLine]
     usage: list[UsageLine]
+    corrects_month: str | None = Field(
+        default=None, pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])$",
+        description="For a correction: the closed month (YYYY-MM) it restates; its statement gets a new version.",
+    )
 
 
 class TransactionPage(Reply):
@@ -250,19 +273,38 @@ class TransactionPage(Reply):
     next_cursor: str | None
 
 
+class StatementVersion(Reply):
+    """One version of a month's statement."""
+
+    version: int = Field(ge=1)
+    statement_id: UUID
+    issued_at: datetime
+    used: int
+    correction: int | None = Field(description="Sum of the month's corrections so far; null on version 1.")
+
+
 class Statement(Reply):
-    """A closed month (America/New_York), integer microcredits."""
+    """A closed month (America/New_York), integer microcredits. Version 1 is the month's close; a correction
+    of the closed month amends it as version 2, 3, ...: its lines and totals say `original` (version 1's
+    figure), `correction` (all corrections of the month so far) and the amended figure (`microcredits`,
+    `used`). The corrections' money is settled in the month they are dated in, so an amended version keeps
+    version 1's opening and closing balances."""
 
     customer_id: UUID
     month: str = Field(pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])$")
     statement_id: UUID
+    version: int = Field(ge=1)
     opening_balance: int
     funded: int
     used: int
+    original_used: int | None = Field(description="Version 1's `used`; null on version 1.")
+    correction: int | None = Field(description="`used` - `original_used`; null on version 1.")
     expired: int
     closing_balance: int
     used_by_kind: list[StatementLine]
+    reasons: list[str] = Field(description="The reasons of the corrections this version includes.")
     issued_at: datetime
+    versions: list[StatementVersion] = Field(description="Every version of the month's statement, oldest first.")
 
 
 class Entitlement(Reply):
@@ -389,8 +431,12 @@ TRANSACTIONS = _reader(
 )
 STATEMENT = _reader(
     "GET", "/v1/customers/{customer_id}/statements/{month}", "The statement of a closed month (America/New_York)",
-    _read(Statement), path_params=StatementPath,
-    refusals={404: "No such customer (or not visible), or no statement for that month yet."},
+    _read(Statement), path_params=StatementPath, query=StatementQuery,
+    refusals={
+        404: "No such customer (or not visible), no statement for that month yet, or no such version.",
+        422: "version is not a positive integer.",
+    },
+    description="The latest version, or `version`; `versions` lists every version of the month.",
 )
 ENTITLEMENTS = _admin(
     "GET", "/admin/entitlements", "Which subjects may read which customers", {200: Answer(EntitlementPage)},
@@ -445,4 +491,4 @@ OPERATIONS: tuple[Operation, ...] = (
 
 assert set(GRANULARITIES) == {"hour", "day", "month"}
 assert set(GROUP_BYS) == {"org", "space", "resource", "meter", "kind"}
-assert set(TRANSACTION_TYPES) == {"funding", "usage", "late_usage", "expiry", "reversal"}
+assert set(TRANSACTION_TYPES) == {"funding", "usage", "late_usage", "expiry", "reversal", "correction"}

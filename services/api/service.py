@@ -52,6 +52,7 @@ __all__ = [
     "transaction_row",
     "usage_org_hours",
     "usage_range",
+    "used_change",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,11 @@ log = logging.getLogger(__name__)
 GRANULARITIES: tuple[str, ...] = ("hour", "day", "month")
 GROUP_BYS: tuple[str, ...] = ("org", "space", "resource", "meter", "kind")
 DIMENSIONS = GROUP_BYS
-TRANSACTION_TYPES: tuple[str, ...] = ("funding", "usage", "late_usage", "expiry", "reversal")
-BUCKET_OF_TYPE = {"funding": "funded", "usage": "used", "late_usage": "used", "expiry": "expired"}
+TRANSACTION_TYPES: tuple[str, ...] = ("funding", "usage", "late_usage", "expiry", "reversal", "correction")
+BUCKET_OF_TYPE = {
+    "funding": "funded", "usage": "used", "late_usage": "used", "expiry": "expired", "correction": "used"
+}
+USED_TYPES = ("usage", "late_usage", "correction")  # transactions that move ``used`` through the usage account
 
 # The widest range one usage query may cover, per granularity (periods): a month of hours, a year of
 # days, ten years of months.
@@ -114,6 +118,7 @@ class TransactionRow:
     reverses: UUID | None
     entries: list[dict[str, object]]
     usage: list[dict[str, object]]
+    corrects_month: date | None = None
 
 
 def transaction_amount(entries: Iterable[EntryLine]) -> int:
@@ -133,6 +138,8 @@ def transaction_row(t: TransactionPosted, original: tuple[UUID, str, int] | None
         else:
             reverses, bucket = original[0], original[1]
             signed = -amount if original[2] >= 0 else amount
+    elif t.type in USED_TYPES:
+        bucket, signed = "used", used_change(t, amount)
     else:
         bucket, signed = BUCKET_OF_TYPE[t.type], amount
     return TransactionRow(
@@ -150,7 +157,24 @@ def transaction_row(t: TransactionPosted, original: tuple[UUID, str, int] | None
         reverses=reverses,
         entries=[e.model_dump(mode="json") for e in t.entries],
         usage=[u.model_dump(mode="json") for u in t.usage],
+        corrects_month=date.fromisoformat(t.corrects_month + "-01") if t.corrects_month else None,
     )
+
+
+def used_change(t: TransactionPosted, amount: int) -> int:
+    """How much a usage, late usage or correction transaction moves ``used``. Its usage lines carry signed
+    microcredits (a volume price's crossing, a revision or a correction lowering a charge posts a negative
+    line), and the debit total counts the decreases as well as the net, so with a negative line the change is
+    the sum of the lines; otherwise (all lines positive) it is the amount. A correction without lines: the
+    usage account's net credit (the ledger credits it with increases), else the amount."""
+    lines = [u.microcredits for u in t.usage]
+    if any(m < 0 for m in lines) or (t.type == "correction" and lines):
+        return sum(lines)
+    if t.type == "correction":
+        on_usage = [e for e in t.entries if e.account == "usage"]
+        if on_usage:
+            return sum(e.amount if e.side == "credit" else -e.amount for e in on_usage)
+    return amount
 
 
 _UUID_IN_TEXT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -185,6 +209,10 @@ def statement_row(s: StatementIssued) -> dict[str, object]:
         "closing_balance": s.closing_balance,
         "used_by_kind": [line.model_dump(mode="json") for line in s.used_by_kind],
         "issued_at": s.issued_at,
+        "version": s.version,
+        "original_used": s.original_used,
+        "correction": s.correction,
+        "reasons": list(s.reasons),
     }
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from services.api import repository as repo
+from services.api.charges import MONTHLY
 from services.api.charts import OTHER_COLOUR, PALETTE, BurnDown, Series, burn_down, format_credits, stacked_bars
 from services.api.service import Balance, amount_fields, balance_from_buckets, iso, ny_day, ny_midnight
 from shared.clock import BUSINESS_TZ, month_bounds
@@ -34,6 +35,7 @@ __all__ = [
     "burn_rate",
     "burn_view",
     "burn_window",
+    "corrections_view",
     "daily_remaining",
     "days_text",
     "next_month",
@@ -43,6 +45,7 @@ __all__ = [
     "statement_view",
     "usage_series",
     "usage_view",
+    "versions_view",
 ]
 
 HOUR = timedelta(hours=1)
@@ -214,9 +217,13 @@ def burn_view(
 
 def usage_view(rows: Iterable[repo.UsageRow], month: date, org: str | None) -> dict[str, Any]:
     """The month's usage per day by org — or by space of ``org`` — as a stacked chart, a legend table with
-    each group's colour and total, and the table of every (day, group) figure."""
+    each group's colour and total, and the table of every (day, group) figure. Usage of graduated and
+    volume prices (``priced`` monthly) is listed apart with its units: per org its credits are what the
+    ledger posted for it (the rows carry them), per space there are none (the ledger prices the month's
+    total, not a space's share), so it is not drawn."""
     start, stop = month_bounds(month)
     groups: dict[str, Group] = {}
+    monthly: dict[str, tuple[str, dict[str, int]]] = {}
     org_name = ""
     for r in rows:
         if org is not None and r.attrs.get("org_id") != org:
@@ -224,6 +231,12 @@ def usage_view(rows: Iterable[repo.UsageRow], month: date, org: str | None) -> d
         if org is not None:
             org_name = r.attrs.get("org_name", "") or org_name
         label = (r.attrs.get("space_name") if org else r.attrs.get("org_name")) or r.key or "(none)"
+        if r.priced == MONTHLY:
+            units = monthly.setdefault(r.key, (label, {}))[1]
+            for unit, value in r.values.items():
+                units[unit] = units.get(unit, 0) + value
+            if org is not None:
+                continue
         g = groups.setdefault(r.key, Group(r.key, label))
         assert isinstance(r.period, date)
         g.days[r.period] = g.days.get(r.period, Fraction(0)) + r.amount
@@ -257,7 +270,12 @@ def usage_view(rows: Iterable[repo.UsageRow], month: date, org: str | None) -> d
     ]
     table.sort(key=lambda t: (t["day"], str(t["label"]).lower(), t["key"]))
     total = sum((g.total for g in groups.values()), Fraction(0))
+    monthly_rows = [
+        {"key": key, "label": label, "units": ", ".join(f"{v:,} {u}" for u, v in sorted(units.items()))}
+        for key, (label, units) in sorted(monthly.items(), key=lambda kv: (kv[1][0].lower(), kv[0]))
+    ]
     return {
+        "monthly": monthly_rows,
         "org_name": org_name or (org or ""),
         "what": what,
         "usage_chart": chart,
@@ -267,21 +285,62 @@ def usage_view(rows: Iterable[repo.UsageRow], month: date, org: str | None) -> d
     }
 
 
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 def statement_view(row: Any) -> dict[str, Any] | None:
+    """A statement version's table: on an amended version (2, 3, ...) each line and ``used`` also say
+    original (version 1's figure) and correction (all of the month's corrections so far)."""
     if row is None:
         return None
     return {
-        **{k: row[k] for k in ("opening_balance", "funded", "used", "expired", "closing_balance")},
+        **{k: row[k] for k in ("opening_balance", "funded", "used", "expired", "closing_balance", "version")},
+        "original_used": _opt_int(row["original_used"]),
+        "correction": _opt_int(row["correction"]),
+        "amended": row["version"] > 1,
+        "reasons": [str(r) for r in repo.json_value(row["reasons"]) or []],
         "used_by_kind": [
             {
                 "meter": str(u.get("meter", "")),
                 "resource_kind": str(u.get("resource_kind", "")),
                 "microcredits": int(u["microcredits"]),
+                "original": _opt_int(u.get("original")),
+                "correction": _opt_int(u.get("correction")),
             }
             for u in repo.json_value(row["used_by_kind"]) or []
         ],
         "issued_at": iso(row["issued_at"]),
     }
+
+
+def versions_view(rows: Iterable[Any], month: date, org: str | None) -> list[dict[str, Any]]:
+    """The month's statement versions, oldest first, each with the query string of its page."""
+    extra = {"org": org} if org else {}
+    return [
+        {
+            "version": r["version"],
+            "issued_at": iso(r["issued_at"]),
+            "used": int(r["used"]),
+            "correction": _opt_int(r["correction"]),
+            "query": urlencode({"month": f"{month:%Y-%m}", **extra, "version": r["version"]}),
+        }
+        for r in rows
+    ]
+
+
+def corrections_view(rows: Iterable[Any]) -> list[dict[str, Any]]:
+    """The correction transactions of a closed month: when, why (the description names the re-rating job and
+    its reason) and by how much the used credits moved (negative: given back)."""
+    return [
+        {
+            "id": str(r["transaction_id"]),
+            "occurred_at": iso(r["occurred_at"]),
+            "description": r["description"],
+            "microcredits": int(r["signed_amount"]),
+        }
+        for r in rows
+    ]
 
 
 

@@ -35,7 +35,9 @@ EventType = Literal["alert.raised", "statement.issued", "statement.amended"]
 EVENT_TYPES: tuple[str, ...] = ("alert.raised", "statement.issued", "statement.amended")
 EVENTS_HELP = (
     "`alert.raised`: a customer's used share of funded credits crossed 50, 75, 90 or 100%; `statement.issued`: "
-    "a month was closed; `statement.amended`: reserved (amended statements of corrected months)."
+    "a month was closed (statement version 1); `statement.amended`: a closed month's statement was amended by "
+    "corrections (version 2, 3, ...; the message is the amended version, with original, correction and amended "
+    "figures)."
 )
 Url = Annotated[AnyHttpUrl, UrlConstraints(max_length=2048, allowed_schemes=["http", "https"])]
 Secret = Annotated[str, Field(min_length=16, max_length=256, pattern=r"^[\x21-\x7e]+$")]

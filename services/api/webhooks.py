@@ -1,5 +1,5 @@
-"""Webhooks: deliver each alert and each statement of a customer to the URLs subscribed to it, as signed POSTs
-(``shared.webhooks``), retried with exponential backoff for 24 hours, every attempt recorded.
+"""Webhooks: deliver each alert and each statement (issued or amended) of a customer to the URLs subscribed to
+it, as signed POSTs (``shared.webhooks``), retried with exponential backoff for 24 hours, every attempt recorded.
 
 - Enqueueing: the alerts consumer (``ledger.alerts.v1``) and the read model's ledger consumer (statements, in
   the projector's transaction) insert one delivery per (subscription, event), with an id derived from both,
@@ -50,7 +50,10 @@ CheckCustomer = Callable[[Call, UUID], Any]  # awaitable: raises the ProblemErro
 
 
 def event_type(event: Event) -> str:
-    return "alert.raised" if isinstance(event, AlertRaised) else "statement.issued"
+    """An alert; a month's statement: its close (version 1) or an amended version (2, 3, ...)."""
+    if isinstance(event, AlertRaised):
+        return "alert.raised"
+    return "statement.issued" if event.version == 1 else "statement.amended"
 
 
 def envelope(event: Event, kind: str, created_at: datetime) -> bytes:

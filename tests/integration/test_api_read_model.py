@@ -230,7 +230,12 @@ async def test_routes_answer_from_what_flowed_through_the_topics(harness: ApiHar
     assert (st["statement_id"], st["funded"], st["used"], st["expired"], st["closing_balance"]) == (
         str(s.id), s.funded, s.used, s.expired, s.closing_balance
     )
-    assert st["used_by_kind"] == [{"meter": "cfapps", "resource_kind": "", "microcredits": s.used}]
+    assert st["used_by_kind"] == [
+        {"meter": "cfapps", "resource_kind": "", "microcredits": s.used, "price_id": None, "original": None,
+         "correction": None}
+    ]
+    assert (st["version"], st["original_used"], st["correction"], st["reasons"]) == (1, None, None, [])
+    assert [v["version"] for v in st["versions"]] == [1]
     none = await h.client.get(f"/v1/customers/{A}/statements/2026-11", headers=reader_a)
     assert none.status_code == 404
 

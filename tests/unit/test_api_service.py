@@ -127,7 +127,7 @@ def test_rollups_move_a_replaced_revision_out_and_leave_unattributed_charges_out
     delta = (50, Fraction(1, 7) - Fraction(1, 3))
     groups = exact_groups(r)
     assert groups["month"] == {
-        (CUST, dim, date(2026, 10, 1), k, k2, "MB"): delta
+        (CUST, dim, date(2026, 10, 1), k, k2, "MB", "exact"): delta
         for dim, k, k2 in (("org", "o", ""), ("space", "space-1", ""), ("meter", "cfapps", ""), ("kind", "cfapps", ""))
     }
     assert set(groups["day"]) == {(CUST, k[1], date(2026, 10, 31), *k[3:]) for k in groups["month"]}
@@ -137,21 +137,30 @@ def test_rollups_move_a_replaced_revision_out_and_leave_unattributed_charges_out
     changes = r.resource_changes()
     assert set(changes) == {"day"} and set(changes["day"]) == {(CUST, date(2026, 10, 31), "cfapps")}
     day = ResourceDoc()
-    day.add([(["app"], ["MB"], [100], [1], [3])])  # what revision 1 had put there
+    day.add([(["app"], ["MB"], [100], [1], [3], [0])])  # what revision 1 had put there
     day.add(changes["day"][(CUST, date(2026, 10, 31), "cfapps")])
-    assert {k: (x, Fraction(n, d)) for k, (x, n, d) in day.cells.items()} == {("app", "MB"): (150, Fraction(1, 7))}
+    assert {k: (x, Fraction(n, d)) for k, (x, n, d) in day.cells.items()} == {
+        ("app", "MB", 0): (150, Fraction(1, 7))
+    }
 
 
 def test_resource_documents_sum_exactly_and_drop_a_resource_taken_back_entirely() -> None:
     doc = ResourceDoc()
-    doc.add([(["a", "b", "idle"], ["MB", "MB", "MB"], [10, 1, 0], [1, 2, 0], [3, 7, 1])])
-    doc.add([(["a"], ["MB"], [5], [1], [730]), (["b", "c"], ["MB", "instance"], [-1, 2], [-2, 0], [7, 1])])
+    doc.add([(["a", "b", "idle"], ["MB", "MB", "MB"], [10, 1, 0], [1, 2, 0], [3, 7, 1], [0, 0, 0])])
+    doc.add([
+        (["a"], ["MB"], [5], [1], [730], [0]),
+        (["b", "c", "g"], ["MB", "instance", "MB"], [-1, 2, 9], [-2, 0, 0], [7, 1, 1], [0, 0, 1]),
+    ])
     cells = {k: (x, Fraction(n, d)) for k, (x, n, d) in ResourceDoc.load(doc.dump()).cells.items()}
     assert cells == {
-        ("a", "MB"): (15, Fraction(1, 3) + Fraction(1, 730)),
-        ("idle", "MB"): (0, Fraction(0)),  # used nothing, but was not taken back: still there
-        ("c", "instance"): (2, Fraction(0)),
+        ("a", "MB", 0): (15, Fraction(1, 3) + Fraction(1, 730)),
+        ("idle", "MB", 0): (0, Fraction(0)),  # used nothing, but was not taken back: still there
+        ("c", "instance", 0): (2, Fraction(0)),
+        ("g", "MB", 1): (9, Fraction(0)),  # priced on the month's total: its units, apart
     }
+    # a document written before price models (no "p" column) reads as all exact
+    old = ResourceDoc.load(b'{"r":["a"],"u":["MB"],"x":[3],"n":[1],"d":[2]}')
+    assert old.cells == {("a", "MB", 0): [3, 1, 2]}
 
 
 # -------------------------------------------------------------------------------------------- ledger

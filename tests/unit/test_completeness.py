@@ -245,13 +245,13 @@ async def test_build_report_asks_each_owner_and_refuses_a_wrong_answer():
         asked.append((service, path, dict(params)))
         return answers[service]
 
-    async def dlqs() -> tuple[list[DeadLetterCounts], DeadLetterCounts]:
+    async def dlqs() -> tuple[list[DeadLetterCounts], list[DeadLetterCounts]]:
         return (
             [
                 DeadLetterCounts("r2.dlq", ("pricer",), records=1, counted=1, by_row={(HOURS[0], "cfapps"): 1}),
                 DeadLetterCounts("r1.dlq", ("pricer",)),
             ],
-            DeadLetterCounts("c.dlq", ("ledger",)),
+            [DeadLetterCounts("c.dlq", ("ledger",))],
         )
 
     doc = await build_report(get_json, dlqs, HOURS[0], HOURS[0] + H)
