@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.report import report
-from cli.scenario import DEMO, SMALL, Expected, Scenario, expected_posting
+from cli.scenario import DEMO, SMALL, Expected, ExpectedCorrection, Scenario, expected_correction, expected_posting
 from shared.kafka import group_lag
 from shared.money import display_credits
 from shared.topics import CHARGES, READINGS, TRANSACTIONS
@@ -174,13 +174,14 @@ async def show_and_check(api: Api, s: Scenario, ids: list[str], expected: Expect
     for col in ("customer", "funded", "used (ledger)", "used (oracle)", "closing balance", "match"):
         summary.add_column(col, justify="right" if col != "customer" else "left")
     for i, (name, cid) in enumerate(zip(s.customers, ids, strict=True)):
-        statement = await api.call("GET", f"/v1/customers/{cid}/statements/{month}")
+        # Version 1, as the month closed (a re-run finds the amended versions too).
+        statement = await api.call("GET", f"/v1/customers/{cid}/statements/{month}", params={"version": 1})
         used = int(statement["used"])
         want = expected.posted.get(i, 0)
-        by_kind_ledger = {
-            (line["meter"], line["resource_kind"]): int(line["microcredits"])
-            for line in statement.get("used_by_kind", [])
-        }
+        by_kind_ledger: dict[tuple[str, str], int] = {}
+        for line in statement.get("used_by_kind", []):  # a line per (meter, kind, price)
+            key = (line["meter"], line["resource_kind"])
+            by_kind_ledger[key] = by_kind_ledger.get(key, 0) + int(line["microcredits"])
         by_kind_oracle = {(m, k): v for (c, m, k), v in expected.by_meter_kind.items() if c == i}
         match = used == want and {k: v for k, v in by_kind_ledger.items() if v} == {
             k: v for k, v in by_kind_oracle.items() if v
@@ -213,6 +214,70 @@ async def show_and_check(api: Api, s: Scenario, ids: list[str], expected: Expect
     console.print(f"Unpriced charges (admin list): {len(unpriced)}")
     console.print(f"Usage held for orgs without a customer (admin list): {len(unassigned)} entries; "
                   f"the oracle expects {expected.held_measurements} measurements held")
+    return ok
+
+
+async def correct_and_check(api: Api, s: Scenario, ids: list[str], expected: Expected, kafka: str, prefix: str) -> bool:
+    """Correct a price after the month closed (``POST /admin/rerate``), wait for the re-rating and its
+    postings, amend the statements (``POST /admin/statements/amend``) and check each customer's amended
+    statement and balance against the seed's oracle: original, correction and amended totals."""
+    fix = s.correction()
+    month = s.month.strftime("%Y-%m")
+    console.rule(f"A price corrected after {month} closed: {fix.meter} {fix.resource_kind or '-'}, "
+                 f"{fix.valid_from:%Y-%m-%d %H:%M}Z to {fix.valid_until:%Y-%m-%d %H:%M}Z")
+    before = {cid: await api.call("GET", f"/v1/customers/{cid}/balance") for cid in ids}
+    body = {
+        "meter": fix.meter, "resource_kind": fix.resource_kind, "from": fix.valid_from.isoformat(),
+        "to": fix.valid_until.isoformat(), "reason": fix.reason,
+        "price": {"unit_of_measure": fix.unit_of_measure, "microcredits_per_unit": fix.microcredits_per_unit,
+                  "unit": fix.unit},
+    }
+    key = {"Idempotency-Key": f"demo-rerate-{s.name}-{month}"}
+    job = await api.call("POST", "/admin/rerate", ok=(202, 409), json=body, headers=key)
+    if "id" not in job:  # entered by an earlier run whose key has expired: follow that job
+        same = [j for j in await api.items("/admin/rerates") if j.get("reason") == fix.reason]
+        if not same:
+            raise DemoError(f"the correction was refused: {job}")
+        job = same[0]
+    with console.status("re-rating") as status:
+        while job["state"] == "running":
+            status.update(f"re-rating: {job['done']:,} of {job['total']:,} measurements looked at")
+            await asyncio.sleep(0.5)
+            job = await api.call("GET", f"/admin/rerates/{job['id']}")
+    if job["state"] != "done":
+        raise DemoError(f"the re-rating failed: {job}")
+    console.print(f"re-rating {job['id']}: {job['state']}, {job['done']:,} measurements looked at")
+    await wait_drained(kafka, prefix)
+    amended = await api.call(
+        "POST", "/admin/statements/amend", headers={"Idempotency-Key": f"demo-amend-{job['id']}"}
+    )
+    console.print(f"amended statements issued: {len(amended['issued'])}")
+    await wait_drained(kafka, prefix)
+    want: ExpectedCorrection = await asyncio.to_thread(expected_correction, s, expected)
+    ok = True
+    table = Table(title=f"Amended statements for {month} — ledger vs. the seed's oracle")
+    for col in ("customer", "version", "original used", "correction", "amended used", "oracle (orig / corr / amended)",
+                "balance moved", "match"):
+        table.add_column(col, justify="left" if col == "customer" else "right")
+    for i, (name, cid) in enumerate(zip(s.customers, ids, strict=True)):
+        statement = await api.call("GET", f"/v1/customers/{cid}/statements/{month}")
+        after = await api.call("GET", f"/v1/customers/{cid}/balance")
+        original, corr, used = (int(statement.get("original_used") or 0), int(statement.get("correction") or 0),
+                                int(statement["used"]))
+        moved = int(after["used"]) - int(before[cid]["used"])
+        match = (
+            statement.get("version", 1) >= 2 and original == want.original.get(i, 0)
+            and corr == want.correction.get(i, 0) and used == want.amended(i) and moved == corr
+        )
+        ok &= match
+        table.add_row(
+            name, str(statement.get("version", 1)), f"{original:,}", f"{corr:+,}", f"{used:,}",
+            f"{want.original.get(i, 0):,} / {want.correction.get(i, 0):+,} / {want.amended(i):,}", f"{moved:+,}",
+            "[green]yes" if match else "[red]NO",
+        )
+    console.print(table)
+    console.print("(µcr; the correction is posted in the first open month as a `correction` transaction, so the "
+                  "balance moves by exactly it; the amended statement restates the month's `used`.)")
     return ok
 
 
@@ -273,6 +338,7 @@ async def run_demo(scenario: str = "demo", api_url: str = "http://127.0.0.1:8080
         )
         await wait_drained(kafka, topic_prefix)
         ok = await show_and_check(api, s, ids, expected, month)
+        ok &= await correct_and_check(api, s, ids, expected, kafka, topic_prefix)
         if ok:
             console.print(
                 f"[bold green]The ledger matches the seed's usage to the microcredit[/] "

@@ -15,7 +15,17 @@ from fractions import Fraction
 from shared.clock import BUSINESS_TZ, month_bounds
 from simulator import Foundation
 
-__all__ = ["DEMO", "SMALL", "Expected", "PriceSpec", "Scenario", "expected_posting"]
+__all__ = [
+    "DEMO",
+    "SMALL",
+    "CorrectionSpec",
+    "Expected",
+    "ExpectedCorrection",
+    "PriceSpec",
+    "Scenario",
+    "expected_correction",
+    "expected_posting",
+]
 
 HOUR = timedelta(hours=1)
 CREDIT = 1_000_000
@@ -91,6 +101,14 @@ class Scenario:
             out.append((org.guid, customer, self.mid_month if org.guid == late else self.bounds[0]))
         return out
 
+    def correction(self) -> CorrectionSpec:
+        """After the month closed, the memory price of its second half turns out wrong: 1.05 credits per
+        GB-month, not 1.10. The range is re-rated and the month's statement amended."""
+        return CorrectionSpec(
+            "cfapps", "", "MB-hour", 1_050_000, 730 * 1024, self.mid_month, self.bounds[1],
+            "memory from the 16th should have been 1.05 credits per GB-month (the 10% raise was 5%)",
+        )
+
     def prices(self) -> list[PriceSpec]:
         """Memory: 1 credit per GB-month (730 h × 1024 MB), raised by 10% from mid-month. Each service plan:
         2, 4, 6… credits per 730 instance-hours."""
@@ -104,6 +122,21 @@ class Scenario:
         return out
 
 
+@dataclass(frozen=True)
+class CorrectionSpec:
+    """A price corrected after the month closed (``POST /admin/rerate``): the flat rate that should have
+    applied to (meter, kind) over [valid_from, valid_until)."""
+
+    meter: str
+    resource_kind: str
+    unit_of_measure: str
+    microcredits_per_unit: int
+    unit: int
+    valid_from: datetime
+    valid_until: datetime
+    reason: str
+
+
 @dataclass
 class Expected:
     """What the ledger must show for the month."""
@@ -114,6 +147,7 @@ class Expected:
     held_measurements: int                                      # measurements of orgs with no customer yet
     measurements: int
     by_org: dict[tuple[int, str], Fraction] = field(default_factory=dict)  # (customer, org) -> exact usage
+    exact_by_price: dict[tuple[int, tuple[str, str, datetime]], Fraction] = field(default_factory=dict)
 
 
 def expected_posting(s: Scenario) -> Expected:
@@ -150,7 +184,56 @@ def expected_posting(s: Scenario) -> Expected:
     for (customer, (meter, kind, _)), microcredits in by_price.items():
         posted[customer] += microcredits
         by_meter_kind[(customer, meter, kind)] += microcredits
-    return Expected(dict(posted), by_price, dict(by_meter_kind), held, total, dict(org_usage))
+    return Expected(dict(posted), by_price, dict(by_meter_kind), held, total, dict(org_usage), dict(exact))
+
+
+@dataclass
+class ExpectedCorrection:
+    """What the amended statement of each customer must say, from the seed: its used figure before the
+    correction, the correction (posted per (customer, month, price): floor of the new exact sum minus floor
+    of the old) and the amended used."""
+
+    original: dict[int, int]
+    correction: dict[int, int]
+
+    def amended(self, customer: int) -> int:
+        return self.original.get(customer, 0) + self.correction.get(customer, 0)
+
+
+def expected_correction(s: Scenario, expected: Expected) -> ExpectedCorrection:
+    """The oracle of the correction: the hours it covers priced again at the corrected rate. For each
+    customer, the groups of the prices it replaces lose what they posted for those hours and the
+    correction's group posts floor of its exact sum."""
+    fix = s.correction()
+    world = s.foundation()
+    by_org: dict[str, list[tuple[datetime, int]]] = defaultdict(list)
+    for org, customer, starts in s.assignments():
+        by_org[org].append((starts, customer))
+    replaced_exact: dict[tuple[int, tuple[str, str, datetime]], Fraction] = defaultdict(Fraction)
+    corrected_exact: dict[int, Fraction] = defaultdict(Fraction)
+    prices = s.prices()
+    for hour in s.hours:
+        if not fix.valid_from <= hour < fix.valid_until:
+            continue
+        for e in world.expected_usage(hour):
+            if (e.meter, e.resource_kind) != (fix.meter, fix.resource_kind):
+                continue
+            owners = [c for starts, c in by_org.get(e.org_guid, []) if starts <= hour]
+            if not owners:
+                continue
+            old = next(
+                p for p in prices if p.meter == e.meter and p.resource_kind == e.resource_kind and p.covers(hour)
+            )
+            replaced_exact[(owners[-1], old.key)] += Fraction(e.value * old.microcredits_per_unit, old.unit)
+            corrected_exact[owners[-1]] += Fraction(e.value * fix.microcredits_per_unit, fix.unit)
+    correction: dict[int, int] = defaultdict(int)
+    for (customer, key), removed in replaced_exact.items():
+        # The replaced price's group keeps what it had outside the corrected hours; floored once per group.
+        after = expected.exact_by_price[(customer, key)] - removed
+        correction[customer] += after.numerator // after.denominator - expected.by_price[(customer, key)]
+    for customer, exact in corrected_exact.items():
+        correction[customer] += exact.numerator // exact.denominator
+    return ExpectedCorrection(dict(expected.posted), dict(correction))
 
 
 DEMO = Scenario(

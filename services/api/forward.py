@@ -72,6 +72,7 @@ ADMIN_ROUTES: tuple[AdminRoute, ...] = (
     AdminRoute("/admin/agreements", "ledger", ledger.LIST_AGREEMENTS),
     AdminRoute("/admin/agreements", "ledger", ledger.CREATE_AGREEMENT),
     AdminRoute("/admin/months/{month}/close", "ledger", ledger.CLOSE_MONTH),
+    AdminRoute("/admin/statements/amend", "ledger", ledger.AMEND),
     AdminRoute("/admin/transactions/{transaction_id}/reverse", "ledger", ledger.REVERSE),
     AdminRoute("/admin/unassigned", "ledger", ledger.HELD),
     AdminRoute("/admin/prices", "pricer", pricer.LIST_PRICES),

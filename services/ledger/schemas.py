@@ -363,7 +363,7 @@ STATEMENT = _op(
 )
 AMEND = _op(
     "POST", "/internal/statements/amend",
-    "Issue the amended statements due now (closed months with corrections not yet covered, quiet since)",
+    "Issue now the amended statements due (closed months with corrections no version covers yet)",
     {200: Answer(AmendOut)}, command="ledger.statements.amend",
 )
 ASSIGN_ORG = _op(

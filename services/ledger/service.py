@@ -450,13 +450,16 @@ class LedgerService:
         ]
         return out
 
-    async def amend_statements(self) -> tuple[list[dict[str, Any]], list[int]]:
+    async def amend_statements(self, quiet_seconds: float | None = None) -> tuple[list[dict[str, Any]], list[int]]:
         """Issue version n + 1 of each (customer, closed month) statement whose correction transactions are
-        not all covered by its version n, once none has been posted for the quiet period. Returns what was
-        issued ({customer_id, month, version, id}) and the outbox ids; issues nothing when nothing is due
+        not all covered by its version n, once none has been posted for ``quiet_seconds`` (the setting
+        ``amend_quiet_seconds`` unless given: the periodic task waits for it so that a re-rating in progress
+        gets one version, not one per posting; the operator's command passes 0: it amends now). Returns what
+        was issued ({customer_id, month, version, id}) and the outbox ids; issues nothing when nothing is due
         (asking again is harmless)."""
         now = self._clock()
-        quiet_since = now - timedelta(seconds=self._settings.amend_quiet_seconds)
+        quiet = self._settings.amend_quiet_seconds if quiet_seconds is None else quiet_seconds
+        quiet_since = now - timedelta(seconds=quiet)
         async with self._pool.acquire() as conn:
             due = await repo.due_amendments(conn, quiet_since, 1000)
         issued: list[dict[str, Any]] = []

@@ -100,6 +100,7 @@ EXPECTED = {  # our route -> (owner, the owner's path), written out rather than 
     "/admin/org-assignments": ("ledger", "/internal/org-assignments"),
     "/admin/agreements": ("ledger", "/internal/agreements"),
     "/admin/months/{month}/close": ("ledger", "/internal/months/2026-10/close"),
+    "/admin/statements/amend": ("ledger", "/internal/statements/amend"),
     "/admin/transactions/{transaction_id}/reverse": (
         "ledger", "/internal/transactions/0190a000-0000-7000-8000-00000000000b/reverse"
     ),
