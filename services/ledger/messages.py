@@ -24,8 +24,8 @@ from shared.topics import ALERTS, ASSIGNMENTS, TRANSACTIONS
 __all__ = [
     "OutboxMessage",
     "alert_id",
-    "org_assigned_outbox",
     "alert_raised",
+    "org_assigned_outbox",
     "statement_amended",
     "statement_id",
     "statement_issued",
