@@ -344,9 +344,7 @@ def price_items(
         position: dict[UUID, int] = {}  # price id -> position in `refs`
         pair: dict[tuple[int, int], int] = {}  # (org position, kind position) -> position in `refs`, or -1
         scopes: dict[int, Scope | None] = {}
-        for o, k in zip(m.org, kinds, strict=True):
-            if (o, k) in pair:
-                continue
+        for o, k in dict.fromkeys(zip(m.org, kinds, strict=True)):  # the distinct pairs, in order of first use
             if o not in scopes:
                 scopes[o] = assignments.at(m.orgs[o].id, hour)
             p = catalog.price_at(meter, m.kinds[k], hour, scopes[o])
