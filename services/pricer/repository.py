@@ -565,7 +565,7 @@ def _job(r: asyncpg.Record) -> RerateJob:
 
 _JOB_SELECT = f"""SELECT {_JOB_COLUMNS}, p.id, p.meter, p.resource_kind, p.unit_of_measure, p.microcredits_per_unit,
     p.unit, lower(p.valid_during) AS valid_from, upper(p.valid_during) AS valid_until, p.created_at, p.model,
-    p.bands::text AS bands, p.correction
+    p.bands::text AS bands, p.correction, p.scope_kind, p.scope_id
     FROM rerate_jobs j JOIN prices p ON p.id = j.price_id"""
 
 
