@@ -39,7 +39,7 @@ from tests.integration.test_pricer_prices import (
     running,  # noqa: F401  (the fixture)
     stored,
 )
-from tests.support.ledger import LedgerDB, ledger_db, posted_by_group  # noqa: F401  (the fixture)
+from tests.support.ledger import LedgerDB, ledger_db, ledger_topics, posted_by_group  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration
 
@@ -348,3 +348,28 @@ async def test_migration_009_publishes_the_existing_assignments_once(database: A
         for org, starts, c in made
     }
     assert sorted(bytes(r["key"]) for r in rows) == sorted(org.encode() for org, _, _ in made)
+
+
+async def test_the_running_ledger_publishes_each_assignment_it_commits_and_only_those(
+    database: Any, infra: Any, ledger_topics: str, issuer: Any
+) -> None:
+    from tests.integration.test_ledger_http import read_topic, settings_for
+    from tests.integration.test_ledger_http import running as running_ledger
+
+    async with running_ledger(settings_for(database, infra, ledger_topics, issuer), issuer) as client:
+        assert (await client.post("/internal/tiers", json={"name": "gold", "credits_per_period": 5})).status_code == 201
+        customer = (await client.post("/internal/customers", json={"name": "A", "tier": "gold"})).json()["id"]
+        org = {"org_id": "org-9", "customer_id": customer, "starts_at": "2026-01-01T05:00:00Z"}
+        made = await client.post("/internal/org-assignments", json=org)
+        assert made.status_code == 201, made.text
+        assert (await client.post("/internal/org-assignments", json=org)).status_code == 409  # refused: not sent
+        assert (await client.post("/internal/org-assignments", json=org | {"org_id": ""})).status_code == 422
+        records = await read_topic(infra.kafka, ledger_topics + ASSIGNMENTS, lambda rs: len(rs) >= 1, timeout=20)
+        await asyncio.sleep(1)  # anything more would have arrived by now
+        records = await read_topic(infra.kafka, ledger_topics + ASSIGNMENTS, lambda rs: False, timeout=2)
+    assert len(records) == 1
+    message = OrgAssigned.model_validate_json(records[0].value)
+    starts = datetime(2026, 1, 1, 5, tzinfo=UTC)
+    assert records[0].key == b"org-9"
+    assert (message.id, message.org_id, message.starts_at, str(message.customer_id), message.tier) == (
+        org_assignment_id("org-9", starts), "org-9", starts, customer, "gold")
