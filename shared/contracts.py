@@ -32,6 +32,7 @@ __all__ = [
     "MeasurementTaken",
     "MeasurementsTaken",
     "Named",
+    "OrgAssigned",
     "PriceTerms",
     "PriceTermsV2",
     "StatementIssued",
@@ -233,6 +234,23 @@ class StatementIssued(Event):
         default_factory=list,
         description='The corrections an amended statement covers, as "correction <job id>: <reason>".',
     )
+
+
+class OrgAssigned(Event):
+    """An org assigned to a customer from ``starts_at`` (topic ``ledger.assignments.v1``, keyed by org id,
+    kept forever: a new reader reads every assignment from the beginning). The org belongs to that customer
+    from ``starts_at`` until the org's next assignment starts. ``id`` is
+    ``shared.ids.org_assignment_id(org_id, starts_at)``."""
+
+    schema_name: Literal["ledger.org_assignment"] = "ledger.org_assignment"
+    schema_version: Literal[1] = 1
+    org_id: Annotated[str, Field(min_length=1, max_length=64)] = Field(description="CF org guid.")
+    starts_at: UtcDatetime = Field(description="From when the org's usage is the customer's.")
+    customer_id: UUID
+    tier: Annotated[str, Field(min_length=1, max_length=128)] = Field(
+        description="The customer's tier (a customer's tier never changes): what tier-scoped prices apply to."
+    )
+    assigned_at: UtcDatetime = Field(description="When the ledger committed the assignment.")
 
 
 # ------------------------------------------------------------------------------------------ batches (v2)

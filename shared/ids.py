@@ -12,7 +12,7 @@ import uuid_utils
 
 from shared.clock import as_utc
 
-__all__ = ["NAMESPACE", "charge_id", "measurement_id", "measurement_ids", "reading_id", "uuid7"]
+__all__ = ["NAMESPACE", "charge_id", "measurement_id", "measurement_ids", "org_assignment_id", "reading_id", "uuid7"]
 
 # Fixed namespace of this system's name-based (UUIDv5) ids. Never change it: ids are a public contract.
 NAMESPACE = uuid.UUID("6f0c1d1e-6a52-5b7e-9a4c-2f0b9a7c4e11")
@@ -48,6 +48,13 @@ def reading_id(reading_hour: datetime) -> uuid.UUID:
     """The id of the reading of an hour (there is at most one per hour)."""
     hour = as_utc(reading_hour).strftime("%Y-%m-%dT%H:00:00Z")
     return uuid.uuid5(NAMESPACE, f"reading|{hour}")
+
+
+def org_assignment_id(org_id: str, starts_at: datetime) -> uuid.UUID:
+    """The id of an org's assignment starting at ``starts_at`` (an org has at most one per instant). The
+    instant is written with microseconds, ``%Y-%m-%dT%H:%M:%S.%fZ`` in UTC (the ledger's migration
+    009 computes the same in SQL)."""
+    return uuid.uuid5(NAMESPACE, f"org_assignment|{org_id}|{as_utc(starts_at).strftime('%Y-%m-%dT%H:%M:%S.%fZ')}")
 
 
 def uuid7() -> uuid.UUID:

@@ -30,6 +30,7 @@ from shared.settings import Kind, ProfileSettings, kafka_servers_field, load_set
 __all__ = [
     "ALERTS",
     "ALL_TOPICS",
+    "ASSIGNMENTS",
     "CHARGES",
     "CHARGES_V2",
     "DAY_MS",
@@ -64,6 +65,7 @@ CHARGES = "usage.charges.v3"  # batches (shared.contracts.ChargesComputed): flat
 CHARGES_V2 = "usage.charges.v2"
 TRANSACTIONS = "ledger.transactions.v1"
 ALERTS = "ledger.alerts.v1"
+ASSIGNMENTS = "ledger.assignments.v1"  # org assignments (shared.contracts.OrgAssigned), kept forever
 PARTITIONS = 12
 
 DAY_MS = 24 * 3600 * 1000
@@ -97,6 +99,9 @@ TOPICS: Mapping[str, TopicSpec] = {
     CHARGES_V2: TopicSpec(partitions=PARTITIONS, retention_ms=30 * DAY_MS),
     TRANSACTIONS: TopicSpec(partitions=PARTITIONS, retention_ms=90 * DAY_MS),
     ALERTS: TopicSpec(partitions=PARTITIONS, retention_ms=30 * DAY_MS),
+    # Every assignment stays readable (retention -1: never deleted): a new pricer learns all of them from the
+    # beginning. They are few (one per org and change of customer).
+    ASSIGNMENTS: TopicSpec(partitions=PARTITIONS, retention_ms=-1),
 }
 
 

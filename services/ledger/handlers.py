@@ -52,7 +52,7 @@ from services.ledger.service import LedgerError, LedgerService
 from services.ledger.settings import LedgerSettings
 from shared.audit import list_audit
 from shared.batches import SHARDS, BatchRejected, Charges, decode_charges, encode_charges, subset
-from shared.contracts import AlertRaised, ChargesComputed, ChargesComputedV2, TransactionPosted
+from shared.contracts import AlertRaised, ChargesComputed, ChargesComputedV2, OrgAssigned, TransactionPosted
 from shared.edge import (
     CONFLICT,
     INVALID_BODY,
@@ -70,7 +70,7 @@ from shared.edge import (
 )
 from shared.kafka import Received
 from shared.runtime import Runtime
-from shared.topics import ALERTS, CHARGES, CHARGES_V2, TRANSACTIONS, dlq
+from shared.topics import ALERTS, ASSIGNMENTS, CHARGES, CHARGES_V2, TRANSACTIONS, dlq
 
 __all__ = ["OPERATIONS", "charges_handler", "declare", "start", "stop"]
 
@@ -133,6 +133,11 @@ def declare(runtime: Runtime) -> None:
         "by schema_name), keyed by customer id.",
     )
     runtime.publishes(ALERTS, AlertRaised, "A customer's used share of funded credits crossed 50/75/90/100 %.")
+    runtime.publishes(
+        ASSIGNMENTS, OrgAssigned,
+        "Every org assignment the ledger committed (org, from when, customer and its tier), keyed by org id and kept "
+        "forever: the pricer resolves tier and customer prices with them.",
+    )
     for topic in (CHARGES, CHARGES_V2):
         runtime.publishes(dlq(topic), None, "Charges the ledger could not process, with the reason in dlq.reason.")
 

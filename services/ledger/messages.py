@@ -8,15 +8,24 @@ from datetime import date, datetime
 import orjson
 
 from services.ledger.domain import NIL_PRICE, TransactionDraft
-from shared.contracts import AlertRaised, EntryLine, StatementIssued, StatementLine, TransactionPosted, UsageLine
-from shared.ids import NAMESPACE
+from shared.contracts import (
+    AlertRaised,
+    EntryLine,
+    OrgAssigned,
+    StatementIssued,
+    StatementLine,
+    TransactionPosted,
+    UsageLine,
+)
+from shared.ids import NAMESPACE, org_assignment_id
 from shared.kafka import encode
-from shared.topics import ALERTS, TRANSACTIONS
+from shared.topics import ALERTS, ASSIGNMENTS, TRANSACTIONS
 
 __all__ = [
     "OutboxMessage",
     "alert_id",
     "alert_raised",
+    "org_assigned_outbox",
     "statement_amended",
     "statement_id",
     "statement_issued",
@@ -202,3 +211,19 @@ def _month_text(month: date | None) -> str | None:
 def to_outbox(message: TransactionPosted | StatementIssued | AlertRaised) -> OutboxMessage:
     topic = ALERTS if isinstance(message, AlertRaised) else TRANSACTIONS
     return topic, str(message.customer_id).encode(), encode(message)
+
+
+def org_assigned_outbox(
+    org_id: str, starts_at: datetime, customer_id: uuid.UUID, tier: str, assigned_at: datetime
+) -> OutboxMessage:
+    """The ``OrgAssigned`` message of a committed assignment, keyed by org id (the pricer resolves tier and
+    customer prices with it)."""
+    message = OrgAssigned(
+        id=org_assignment_id(org_id, starts_at),
+        org_id=org_id,
+        starts_at=starts_at,
+        customer_id=customer_id,
+        tier=tier,
+        assigned_at=assigned_at,
+    )
+    return ASSIGNMENTS, org_id.encode(), encode(message)

@@ -243,7 +243,8 @@ class LedgerService:
         without a customer then may be assigned: its held usage posts as late usage)."""
 
         async def work(conn: Conn) -> Result:
-            if await repo.get_customer(conn, customer_id) is None:
+            customer = await repo.get_customer(conn, customer_id)
+            if customer is None:
                 raise NotFoundError("Customer not found", f"no customer {customer_id}")
             before, until = await repo.assignments_around(conn, org_id, starts_at)
             if before is not None and before != customer_id:
@@ -261,10 +262,17 @@ class LedgerService:
                 raise ConflictError(
                     "Assignment exists", f"org {org_id} already has an assignment starting {starts_at.isoformat()}"
                 )
+            # Published with the assignment (same transaction): the pricer resolves tier and customer prices
+            # with it (ledger.assignments.v1).
+            published = await repo.insert_outbox(
+                conn,
+                [messages.org_assigned_outbox(org_id, row["starts_at"], customer_id, customer["tier"],
+                                              row["created_at"])],
+            )
             found = await repo.resolvable_held(conn, org_id, HELD_BATCH)
             posting = await post_batches(conn, self.frames, [], self._clock(), release=found)
             body = dict(row) | {"held_charges_posted": posting.released}
-            return Result(body, posting.outbox_ids)
+            return Result(body, sorted(published + posting.outbox_ids))
 
         return await self._retrying(work)
 

@@ -2,8 +2,9 @@
 (declared in schemas.py, bound here) call ``service.Pricer``, which owns the transactions (see there).
 
 Subscribers: ``usage.readings.v2`` (batches) and ``usage.readings.v1`` (single measurements, still
-accepted from producers that have not moved), both in group ``pricer``; output ``usage.charges.v3``,
-keyed ``shard-<n>``.
+accepted from producers that have not moved), both in group ``pricer``; ``ledger.assignments.v1`` (the
+ledger's org assignments, for tier and customer prices) in group ``pricer-assignments``; output
+``usage.charges.v3``, keyed ``shard-<n>``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from services.pricer.service import CatalogBusyError, Pricer
 from services.pricer.settings import PricerSettings
 from shared.audit import list_audit
 from shared.batches import SHARDS, decode_measurements
-from shared.contracts import ChargeComputed, ChargesComputed, MeasurementsTaken, MeasurementTaken
+from shared.contracts import ChargeComputed, ChargesComputed, MeasurementsTaken, MeasurementTaken, OrgAssigned
 from shared.edge import (
     CONFLICT,
     INVALID_BODY,
@@ -60,7 +61,7 @@ from shared.edge import (
 )
 from shared.kafka import Received, model_decoder
 from shared.runtime import Runtime
-from shared.topics import CHARGES, READINGS, READINGS_V1, dlq
+from shared.topics import ASSIGNMENTS, CHARGES, READINGS, READINGS_V1, dlq
 from shared.wire import decoder_for
 
 __all__ = ["OPERATIONS", "declare", "start", "stop"]
@@ -211,13 +212,23 @@ def declare(runtime: Runtime) -> None:
         description="Single measurements from producers that have not moved to v2: regrouped by shard and priced "
         "like the batches (the same measurement counts once, on either topic).",
     )
+    async def assignments(batch: list[Received[Any]]) -> Any:
+        return await pricer().handle_assignments(batch)
+
+    runtime.consume(
+        ASSIGNMENTS, OrgAssigned, model_decoder(decoder_for(OrgAssigned), OrgAssigned), assignments,
+        group_id="pricer-assignments",
+        description="The ledger's org assignments (org, from when, customer, tier), kept in the pricer's own table: "
+        "an item is priced with its org's customer price, else its tier's, else the global one; an assignment "
+        "that changes the price of charges already priced re-prices them (revision n+1 on usage.charges.v3).",
+    )
     runtime.publishes(
         CHARGES, ChargesComputed,
         "Charges in batches (one reading hour, meter and shard each), keyed shard-<n>: exact amounts for flat "
         "prices, units and bands for graduated and volume ones (amount 0/1, priced by the ledger on the month's "
         "total); a re-priced measurement comes again with a higher revision.",
     )
-    for topic in (READINGS, READINGS_V1):
+    for topic in (READINGS, READINGS_V1, ASSIGNMENTS):
         runtime.publishes(dlq(topic), None, f"What the pricer could not process from {topic}, with the reason in "
                           "the dlq.reason header (refused items of a batch as a batch of their own).")
 

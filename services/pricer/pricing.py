@@ -48,6 +48,7 @@ from shared.wire import Measurement
 
 __all__ = [
     "MAX_AMOUNT",
+    "Assignments",
     "Catalog",
     "InvalidPriceError",
     "Latest",
@@ -67,6 +68,7 @@ __all__ = [
     "is_month_boundary",
     "latest_items",
     "price_items",
+    "reassign_items",
     "reprice_items",
     "rerate_items",
 ]
@@ -124,6 +126,8 @@ class Price:
     created_at: datetime
     model: PriceModel = None  # type: ignore[assignment]  # set to the flat model in __post_init__
     correction: bool = False  # a price correction: applies in its range in place of the ordinary prices
+    scope_kind: str = "global"  # "global", "tier" or "customer" (a rate card: docs/price-models.md, section 7)
+    scope_id: str = ""  # the tier's name or the customer's id; "" for global
     ref: PriceRef = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -178,27 +182,99 @@ def _find(series: _Series, meter: str, resource_kind: str, at: datetime) -> Pric
     return None
 
 
+class Scope(NamedTuple):
+    """Who an org belongs to at an hour: its customer (id as text) and that customer's tier."""
+
+    customer: str
+    tier: str
+
+
+class Assignments:
+    """The org assignments the ledger published (``ledger.assignments.v1``), in memory: an org belongs to
+    the customer of its assignment with the greatest ``starts_at`` <= the hour. ``version``: the database's
+    ``assignments_state`` version it was loaded at."""
+
+    def __init__(self, rows: Iterable[tuple[str, datetime, str, str]], version: int = 0) -> None:
+        self.version = version
+        by_org: dict[str, list[tuple[datetime, Scope]]] = {}
+        for org, starts, customer, tier in rows:
+            by_org.setdefault(org, []).append((starts, Scope(customer, tier)))
+        self._orgs: dict[str, tuple[list[datetime], list[Scope]]] = {}
+        for org, items in by_org.items():
+            items.sort(key=lambda t: t[0])
+            self._orgs[org] = ([t[0] for t in items], [t[1] for t in items])
+
+    def __len__(self) -> int:
+        return sum(len(v[0]) for v in self._orgs.values())
+
+    def at(self, org_id: str, at: datetime) -> Scope | None:
+        """The org's customer and tier at instant ``at`` (None: no assignment covers it)."""
+        found = self._orgs.get(org_id)
+        if found is None:
+            return None
+        i = bisect.bisect_right(found[0], at) - 1
+        return found[1][i] if i >= 0 else None
+
+    def around(self, org_id: str, starts_at: datetime) -> tuple[Scope | None, datetime | None]:
+        """The org's scope just before ``starts_at`` (None: none) and when its next assignment after
+        ``starts_at`` starts (None: none)."""
+        found = self._orgs.get(org_id)
+        if found is None:
+            return None, None
+        starts, scopes = found
+        i = bisect.bisect_left(starts, starts_at)
+        before = scopes[i - 1] if i > 0 else None
+        j = bisect.bisect_right(starts, starts_at)
+        return before, starts[j] if j < len(starts) else None
+
+
+NO_ASSIGNMENTS = Assignments(())
+
+
 class Catalog:
     """The prices in memory, found by (meter, kind) and a bisection on ``valid_from``; ``version`` is the
     database's catalog version it was loaded at. A price correction (``Price.correction``) covering an
-    instant wins over the ordinary price of that instant (corrections of one key never overlap, nor do
-    ordinary prices: the database enforces both)."""
+    instant wins over every other price of that instant; then the price of the org's customer, then its
+    tier's, then the global one (a rate card: docs/price-models.md, section 7). Corrections of one key never
+    overlap, nor do the ordinary prices of one scope: the database enforces both."""
 
     def __init__(self, prices: Iterable[Price], version: int = 0) -> None:
         self.version = version
         prices = list(prices)
-        self._series = _series_of(p for p in prices if not p.correction)
+        self._series = _series_of(p for p in prices if not p.correction and p.scope_kind == "global")
         self._corrections = _series_of(p for p in prices if p.correction)
+        scoped: dict[tuple[str, str], list[Price]] = {}
+        for p in prices:
+            if not p.correction and p.scope_kind != "global":
+                scoped.setdefault((p.scope_kind, p.scope_id), []).append(p)
+        self._scoped = {k: _series_of(v) for k, v in scoped.items()}
+        self._scoped_prices = scoped
+        self.scoped_meters = frozenset(p.meter for v in scoped.values() for p in v)
 
     def __len__(self) -> int:
-        return sum(len(s[1]) for s in (*self._series.values(), *self._corrections.values()))
+        return sum(len(s[1]) for s in (*self._series.values(), *self._corrections.values())) + sum(
+            len(v) for v in self._scoped_prices.values()
+        )
 
-    def price_at(self, meter: str, resource_kind: str, at: datetime) -> Price | None:
-        """The price of (meter, kind) valid at instant ``at`` (its correction if one covers it), or None."""
+    def scoped_prices(self, scope: Scope) -> list[Price]:
+        """The customer's and its tier's prices (any meter, kind and range)."""
+        return [*self._scoped_prices.get(("customer", scope.customer), ()),
+                *self._scoped_prices.get(("tier", scope.tier), ())]
+
+    def price_at(self, meter: str, resource_kind: str, at: datetime, scope: Scope | None = None) -> Price | None:
+        """The price of (meter, kind) valid at instant ``at`` for an org of ``scope`` (None: an org without a
+        customer then): its correction if one covers it, else the customer's, the tier's, the global one."""
         if self._corrections:
             corrected = _find(self._corrections, meter, resource_kind, at)
             if corrected is not None:
                 return corrected
+        if scope is not None and self._scoped:
+            for key in (("customer", scope.customer), ("tier", scope.tier)):
+                series = self._scoped.get(key)
+                if series is not None:
+                    found = _find(series, meter, resource_kind, at)
+                    if found is not None:
+                        return found
         return _find(self._series, meter, resource_kind, at)
 
 
@@ -231,11 +307,13 @@ def price_items(
     catalog: Catalog,
     priced_at: datetime,
     revisions: Sequence[int] | None = None,
+    assignments: Assignments = NO_ASSIGNMENTS,
 ) -> Priced:
     """Price the items of ``m`` (those at ``positions``, or all) with the price of their kind valid at the
     reading hour, as revision 1 (or ``revisions``, one per item priced). Items whose amount exceeds 2**62
     are refused. Column at a time: a batch holds few kinds, so a price is looked up per kind, not per
-    item."""
+    item; when the meter has tier or customer prices, per (org, kind) of the batch (its org's scope at the
+    hour from ``assignments``), still not per item."""
     if positions is not None and len(positions) != len(m.resource_id):
         origin = list(positions)
         m = subset(m, origin)
@@ -244,22 +322,47 @@ def price_items(
     hour, meter = m.reading_hour, m.meter
     refs: list[PriceRef] = []
     found: list[Price] = []
-    price_of_kind: list[int] = []  # kind position -> position in `refs`, or -1
-    for kind in m.kinds:
-        p = catalog.price_at(meter, kind, hour)
-        if p is None:
-            price_of_kind.append(-1)
-        else:
-            price_of_kind.append(len(refs))
-            refs.append(p.ref)
-            found.append(p)
-    # A graduated or volume price has rate 0 and its items amount 0/1: the ledger prices the month's total.
-    mpu = [0 if p < 0 or not found[p].flat else refs[p].microcredits_per_unit for p in price_of_kind]
-    unit = [1 if p < 0 or not found[p].flat else refs[p].unit for p in price_of_kind]
     kinds = m.kind
-    price = [price_of_kind[k] for k in kinds]
-    nums = [v * mpu[k] for v, k in zip(m.value, kinds, strict=True)]
-    dens = [unit[k] for k in kinds]
+    if meter not in catalog.scoped_meters:
+        price_of_kind: list[int] = []  # kind position -> position in `refs`, or -1
+        for kind in m.kinds:
+            p = catalog.price_at(meter, kind, hour)
+            if p is None:
+                price_of_kind.append(-1)
+            else:
+                price_of_kind.append(len(refs))
+                refs.append(p.ref)
+                found.append(p)
+        # A graduated or volume price has rate 0 and its items amount 0/1: the ledger prices the month's total.
+        mpu = [0 if p < 0 or not found[p].flat else refs[p].microcredits_per_unit for p in price_of_kind]
+        unit = [1 if p < 0 or not found[p].flat else refs[p].unit for p in price_of_kind]
+        price = [price_of_kind[k] for k in kinds]
+        nums = [v * mpu[k] for v, k in zip(m.value, kinds, strict=True)]
+        dens = [unit[k] for k in kinds]
+    else:
+        # Rate cards: the price per (org, kind) pair of the batch, each resolved once.
+        position: dict[UUID, int] = {}  # price id -> position in `refs`
+        pair: dict[tuple[int, int], int] = {}  # (org position, kind position) -> position in `refs`, or -1
+        scopes: dict[int, Scope | None] = {}
+        for o, k in dict.fromkeys(zip(m.org, kinds, strict=True)):  # the distinct pairs, in order of first use
+            if o not in scopes:
+                scopes[o] = assignments.at(m.orgs[o].id, hour)
+            p = catalog.price_at(meter, m.kinds[k], hour, scopes[o])
+            if p is None:
+                pair[(o, k)] = -1
+                continue
+            at = position.get(p.id)
+            if at is None:
+                at = position[p.id] = len(refs)
+                refs.append(p.ref)
+                found.append(p)
+            pair[(o, k)] = at
+        price = [pair[(o, k)] for o, k in zip(m.org, kinds, strict=True)]
+        # Per price, with a last entry for "unpriced" (position -1): rate 0 over 1.
+        rate = [0 if not f.flat else r.microcredits_per_unit for f, r in zip(found, refs, strict=True)] + [0]
+        per = [1 if not f.flat else r.unit for f, r in zip(found, refs, strict=True)] + [1]
+        nums = [v * rate[p] for v, p in zip(m.value, price, strict=True)]
+        dens = [per[p] for p in price]
     out = Priced(None)
     if nums and max(nums) > MAX_AMOUNT:
         keep = []
@@ -335,7 +438,11 @@ def latest_items(stored: Sequence[Charges]) -> dict[str, Latest]:
 
 
 def reprice_items(
-    stored: Sequence[Charges], catalog: Catalog, priced_at: datetime, kinds: set[str] | None = None
+    stored: Sequence[Charges],
+    catalog: Catalog,
+    priced_at: datetime,
+    kinds: set[str] | None = None,
+    assignments: Assignments = NO_ASSIGNMENTS,
 ) -> Priced | None:
     """The next revision of every item of the shard whose latest charge is unpriced and that a price now
     covers (only those of ``kinds`` when given), as one batch; None when there is none. Items a price
@@ -349,7 +456,8 @@ def reprice_items(
         kind = c.kinds[c.kind[at.item]]
         if kinds is not None and kind not in kinds:
             continue
-        covering = catalog.price_at(c.meter, kind, c.reading_hour)
+        scope = assignments.at(c.orgs[c.org[at.item]].id, c.reading_hour)
+        covering = catalog.price_at(c.meter, kind, c.reading_hour, scope)
         if covering is None or covering.correction:  # a correction's re-rating job prices those, marked as such
             continue
         chosen.setdefault(at.batch, []).append((at.item, at.revision + 1))
@@ -358,7 +466,45 @@ def reprice_items(
     # One batch out: the chosen items regrouped under the tables of the first stored batch that holds
     # one (the tables of the others are merged in by value).
     merged = _merge([(stored[b], items) for b, items in sorted(chosen.items())])
-    return price_items(merged, None, catalog, priced_at, revisions=merged.revision)
+    return price_items(merged, None, catalog, priced_at, revisions=merged.revision, assignments=assignments)
+
+
+def reassign_items(
+    stored: Sequence[Charges],
+    catalog: Catalog,
+    priced_at: datetime,
+    assignments: Assignments,
+    org_id: str,
+    since: datetime,
+) -> tuple[Priced | None, set[str]]:
+    """After an assignment of ``org_id`` from ``since``: the next revision of every latest charge of the org in
+    the shard (hour >= ``since``) whose price is no longer the one the catalog resolves for it (a tier or
+    customer price now applies, or no longer does), as one batch; and the kinds of those items that were
+    unpriced before. Items a correction covers are left to it; an item no price covers now keeps its price.
+    (None, set()) when there is none."""
+    latest = latest_items(stored)
+    chosen: dict[int, list[tuple[int, int]]] = {}
+    was_unpriced: set[str] = set()
+    for at in latest.values():
+        c = stored[at.batch]
+        if c.reading_hour < since or c.orgs[c.org[at.item]].id != org_id:
+            continue
+        kind = c.kinds[c.kind[at.item]]
+        now = catalog.price_at(c.meter, kind, c.reading_hour, assignments.at(org_id, c.reading_hour))
+        if now is None or now.correction:
+            continue
+        p = c.price[at.item]
+        if p >= 0 and c.prices[p].id == now.id:
+            continue
+        if p < 0:
+            was_unpriced.add(kind)
+        chosen.setdefault(at.batch, []).append((at.item, at.revision + 1))
+    if not chosen:
+        return None, set()
+    merged = _merge([(stored[b], items) for b, items in sorted(chosen.items())])
+    return price_items(merged, None, catalog, priced_at, revisions=merged.revision, assignments=assignments), (
+        was_unpriced
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,12 +26,14 @@ from shared.db import Conn
 from shared.price_models import PriceModel, from_document, to_document
 
 __all__ = [
+    "CATALOG_LOCK",
     "BatchRow",
     "ConcurrentShardWriteError",
     "add_priced_hours",
     "add_unpriced",
     "advance_rerate",
     "all_batches",
+    "assignment_shards",
     "catalog_version",
     "completeness_counts",
     "count_measurements",
@@ -44,12 +46,14 @@ __all__ = [
     "get_price",
     "get_price_for_update",
     "get_rerate",
+    "insert_assignments",
     "insert_batches",
     "insert_price",
     "insert_rerate",
     "last_priced_hour",
     "list_prices",
     "list_rerates",
+    "load_assignments",
     "load_prices",
     "load_shards",
     "lock_catalog_exclusive",
@@ -62,10 +66,12 @@ __all__ = [
     "rerate_shards",
     "take_unpublished",
     "unpriced_after",
+    "versions",
 ]
 
 # Two-key advisory lock (a key space apart from the single-bigint keys other code may use).
 _LOCK_CLASS, _LOCK_OBJECT = 0x70726963, 1  # "pric", catalog
+CATALOG_LOCK = (_LOCK_CLASS, _LOCK_OBJECT)
 
 
 async def lock_catalog_shared(conn: Conn) -> None:
@@ -82,13 +88,77 @@ async def catalog_version(conn: Conn) -> int:
     return int(await conn.fetchval("SELECT version FROM catalog_state"))
 
 
+async def versions(conn: Conn) -> tuple[int, int]:
+    """The catalog's version and the assignments' (one query: the hot path asks at every batch)."""
+    row = await conn.fetchrow("SELECT c.version AS c, a.version AS a FROM catalog_state c, assignments_state a")
+    assert row is not None  # both tables hold their one row from their migrations on
+    return int(row["c"]), int(row["a"])
+
+
+async def load_assignments(conn: Conn) -> list[tuple[str, datetime, str, str]]:
+    """Every org assignment the pricer received: (org, starts_at, customer id as text, tier)."""
+    rows = await conn.fetch("SELECT org_id, starts_at, customer_id::text AS customer_id, tier FROM org_assignments")
+    return [(r["org_id"], r["starts_at"], r["customer_id"], r["tier"]) for r in rows]
+
+
+async def insert_assignments(
+    conn: Conn, rows: Sequence[tuple[UUID, str, datetime, UUID, str, datetime]]
+) -> list[tuple[UUID, str, datetime, UUID, str] | None]:
+    """Store assignments (id, org, starts_at, customer, tier, assigned_at), a redelivered one changing nothing;
+    bumps the assignments' version when any is new. Per row: None when stored (now or before, the same), else
+    the stored (id, org, starts_at, customer, tier) it contradicts (another id or content for that org and
+    instant)."""
+    out: list[tuple[UUID, str, datetime, UUID, str] | None] = []
+    added = False
+    for aid, org, starts, customer, tier, assigned in rows:
+        new = await conn.fetchval(
+            """INSERT INTO org_assignments (id, org_id, starts_at, customer_id, tier, assigned_at)
+               VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING true""",
+            aid, org, starts, customer, tier, assigned,
+        )
+        if new:
+            added = True
+            out.append(None)
+            continue
+        have = await conn.fetchrow(
+            """SELECT id, org_id, starts_at, customer_id, tier FROM org_assignments
+               WHERE (org_id = $1 AND starts_at = $2) OR id = $3 LIMIT 1""",
+            org, starts, aid,
+        )
+        assert have is not None  # the insert conflicted with it
+        held = (UUID(int=have["id"].int), have["org_id"], have["starts_at"], UUID(int=have["customer_id"].int),
+                have["tier"])
+        out.append(None if held == (aid, org, starts, customer, tier) else held)
+    if added:
+        await conn.execute("UPDATE assignments_state SET version = version + 1")
+    return out
+
+
+async def assignment_shards(
+    conn: Conn, meters: Sequence[str], since: datetime, until: datetime | None, after: ShardKey | None, limit: int
+) -> list[ShardKey]:
+    """The shards of ``meters`` with a reading hour in [since, until) (until None: no end), in (hour, meter,
+    shard) order after ``after``."""
+    rows = await conn.fetch(
+        """SELECT DISTINCT reading_hour, meter, shard FROM charge_batches
+           WHERE meter = ANY($1::text[]) AND reading_hour >= $2 AND ($3::timestamptz IS NULL OR reading_hour < $3)
+             AND ($4::timestamptz IS NULL OR (reading_hour, meter, shard) > ($4, $5::text, $6::int2))
+           ORDER BY reading_hour, meter, shard
+           LIMIT $7""",
+        list(meters), since, until,
+        after.reading_hour if after else None, after.meter if after else None, after.shard if after else None,
+        limit,
+    )
+    return [ShardKey(r["reading_hour"], r["meter"], r["shard"]) for r in rows]
+
+
 async def _bump_catalog_version(conn: Conn) -> None:
     await conn.execute("UPDATE catalog_state SET version = version + 1")
 
 
 _PRICE_COLUMNS = """id, meter, resource_kind, unit_of_measure, microcredits_per_unit, unit,
     lower(valid_during) AS valid_from, upper(valid_during) AS valid_until, created_at, model, bands::text AS bands,
-    correction"""
+    correction, scope_kind, scope_id"""
 
 
 def _uuid(value: UUID | None) -> UUID | None:
@@ -121,6 +191,8 @@ def _price(r: asyncpg.Record) -> Price:
         created_at=r["created_at"],
         model=_model(r),
         correction=r["correction"],
+        scope_kind=r["scope_kind"],
+        scope_id=r["scope_id"],
     )
 
 
@@ -134,18 +206,21 @@ async def insert_price(conn: Conn, price: Price) -> Price:
     overlap with a price of the same (meter, kind)."""
     key_id = await conn.fetchval(
         """WITH new AS (
-               INSERT INTO price_keys (meter, resource_kind) VALUES ($1, $2)
-               ON CONFLICT (meter, resource_kind) DO NOTHING RETURNING id)
+               INSERT INTO price_keys (meter, resource_kind, scope_kind, scope_id) VALUES ($1, $2, $3, $4)
+               ON CONFLICT (meter, resource_kind, scope_kind, scope_id) DO NOTHING RETURNING id)
            SELECT id FROM new
            UNION ALL
-           SELECT id FROM price_keys WHERE meter = $1 AND resource_kind = $2""",
+           SELECT id FROM price_keys
+           WHERE meter = $1 AND resource_kind = $2 AND scope_kind = $3 AND scope_id = $4""",
         price.meter,
         price.resource_kind,
+        price.scope_kind,
+        price.scope_id,
     )
     row = await conn.fetchrow(
         f"""INSERT INTO prices (id, key_id, meter, resource_kind, unit_of_measure, microcredits_per_unit, unit,
-                                valid_during, model, bands, correction)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, tstzrange($8, $9, '[)'), $10, $11::jsonb, $12)
+                                valid_during, model, bands, correction, scope_kind, scope_id)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, tstzrange($8, $9, '[)'), $10, $11::jsonb, $12, $13, $14)
             RETURNING {_PRICE_COLUMNS}""",
         price.id,
         key_id,
@@ -159,6 +234,8 @@ async def insert_price(conn: Conn, price: Price) -> Price:
         price.model.model,
         _bands(price),
         price.correction,
+        price.scope_kind,
+        price.scope_id,
     )
     await _bump_catalog_version(conn)
     assert row is not None  # INSERT ... RETURNING answers its row or raises
@@ -173,18 +250,21 @@ async def overlapping_prices(
     valid_until: datetime | None,
     *,
     correction: bool = False,
+    scope: tuple[str, str] = ("global", ""),
 ) -> list[Price]:
-    """The ordinary prices (or, with ``correction``, the price corrections) of (meter, kind) overlapping the
-    range."""
+    """The ordinary prices of ``scope`` (or, with ``correction``, the price corrections) of (meter, kind)
+    overlapping the range."""
     rows = await conn.fetch(
         f"""SELECT {_PRICE_COLUMNS} FROM prices
             WHERE meter = $1 AND resource_kind = $2 AND valid_during && tstzrange($3, $4, '[)') AND correction = $5
+              AND scope_kind = $6 AND scope_id = $7
             ORDER BY lower(valid_during)""",
         meter,
         resource_kind,
         valid_from,
         valid_until,
         correction,
+        *scope,
     )
     return [_price(r) for r in rows]
 
@@ -221,7 +301,7 @@ async def list_prices(
               AND ($1::text IS NULL OR meter = $1)
               AND ($2::text IS NULL OR resource_kind = $2)
               AND ($3::timestamptz IS NULL OR valid_during @> $3::timestamptz)
-            ORDER BY meter, resource_kind, lower(valid_during)
+            ORDER BY meter, resource_kind, scope_kind <> 'global', scope_kind, scope_id, lower(valid_during)
             LIMIT $4""",
         meter,
         resource_kind,
@@ -485,7 +565,7 @@ def _job(r: asyncpg.Record) -> RerateJob:
 
 _JOB_SELECT = f"""SELECT {_JOB_COLUMNS}, p.id, p.meter, p.resource_kind, p.unit_of_measure, p.microcredits_per_unit,
     p.unit, lower(p.valid_during) AS valid_from, upper(p.valid_during) AS valid_until, p.created_at, p.model,
-    p.bands::text AS bands, p.correction
+    p.bands::text AS bands, p.correction, p.scope_kind, p.scope_id
     FROM rerate_jobs j JOIN prices p ON p.id = j.price_id"""
 
 

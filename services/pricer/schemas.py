@@ -41,6 +41,7 @@ __all__ = [
     "PriceList",
     "PriceOut",
     "PricePath",
+    "PriceScope",
     "PricesQuery",
     "RerateIn",
     "RerateList",
@@ -71,6 +72,37 @@ class BandIn(BaseModel):
     )
 
 
+class PriceScope(BaseModel):
+    """Whom a price applies to (a rate card): one tier (``tier``, its name) or one customer (``customer``, its
+    id), exactly one of them. During its validity it overrides the global price of the same (meter, kind)
+    for the orgs of that customer (or of that tier's customers); a customer's price wins over its tier's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tier: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")] | None = Field(
+        default=None, description="The tier's name (as the ledger has it)."
+    )
+    customer: UUID | None = Field(default=None, description="The customer's id (as the ledger has it).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.tier is None) == (self.customer is None):
+            raise ValueError("a scope names exactly one of tier or customer (omit scope for a global price)")
+        return self
+
+    def key(self) -> tuple[str, str]:
+        """(scope_kind, scope_id) as the prices table holds them."""
+        return ("tier", self.tier) if self.tier is not None else ("customer", str(self.customer))
+
+    @classmethod
+    def of(cls, scope_kind: str, scope_id: str) -> PriceScope | None:
+        if scope_kind == "tier":
+            return cls(tier=scope_id)
+        if scope_kind == "customer":
+            return cls(customer=UUID(scope_id))
+        return None
+
+
 class PriceIn(BaseModel):
     """``POST /internal/prices``: a price valid from ``valid_from`` until ``valid_until`` (exclusive;
     null: no end yet). ``flat`` (the default): ``microcredits_per_unit`` per ``unit``, no bands.
@@ -99,6 +131,12 @@ class PriceIn(BaseModel):
     )
     valid_from: Time
     valid_until: Time | None = None
+    scope: PriceScope | None = Field(
+        default=None,
+        description='Absent (or null): a global price. `{"tier": "<name>"}` or `{"customer": "<uuid>"}`: a rate '
+        "card's price, overriding the global price of the same meter and kind for that tier's or customer's orgs "
+        "while valid. Prices of one scope, meter and kind never overlap; a scoped price may overlap the global one.",
+    )
 
     @model_validator(mode="after")
     def _range_not_empty(self) -> Self:
@@ -233,6 +271,7 @@ class PriceOut(Reply):
     valid_from: datetime
     valid_until: datetime | None
     created_at: datetime
+    scope: PriceScope | None = Field(default=None, description="The tier or customer it applies to; null: global.")
 
     @classmethod
     def of(cls, price: Price) -> PriceOut:
@@ -249,6 +288,7 @@ class PriceOut(Reply):
             valid_from=price.valid_from,
             valid_until=price.valid_until,
             created_at=price.created_at,
+            scope=PriceScope.of(price.scope_kind, price.scope_id),
         )
 
 

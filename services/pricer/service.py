@@ -34,6 +34,7 @@ from prometheus_client import Counter, Gauge
 
 from services.pricer import repository
 from services.pricer.pricing import (
+    Assignments,
     Catalog,
     Price,
     Priced,
@@ -49,6 +50,7 @@ from services.pricer.pricing import (
     is_month_boundary,
     latest_items,
     price_items,
+    reassign_items,
     reprice_items,
     rerate_items,
 )
@@ -69,9 +71,10 @@ from shared.batches import (
 )
 from shared.blobs import Frames, shard_scope
 from shared.clock import utcnow
+from shared.contracts import OrgAssigned
 from shared.db import Conn
 from shared.edge.params import EARLIEST
-from shared.ids import charge_id, measurement_id, uuid7
+from shared.ids import charge_id, measurement_id, org_assignment_id, uuid7
 from shared.kafka import TRANSIENT, Outgoing, Received, Stream, retry_delay
 from shared.money import display_credits
 from shared.wire import Measurement
@@ -148,18 +151,27 @@ class Pricer:
         self._lock_timeout_ms = lock_timeout_ms
         self._horizon = horizon
         self._catalog = Catalog((), version=0)
+        self._assignments = Assignments((), version=0)
         self._swept_version = 0
         self.frames = Frames()  # the stored batches' compression frames (shared/blobs.py), for this database
         self.rerate_shards = max(1, reprice_chunk // 20)  # shards of a re-rating per transaction
         self.rerate_wake = asyncio.Event()  # set when a job is entered here: the runner starts it at once
 
     async def _current_catalog(self, conn: Conn) -> Catalog:
-        """The catalog as committed; reloaded only when its version moved. Call under the lock."""
-        version = await repository.catalog_version(conn)
+        """The catalog as committed; reloaded only when its version moved (the org assignments likewise, read
+        with ``assignments`` after this). Call under the lock."""
+        version, assigned = await repository.versions(conn)
         if version != self._catalog.version:
             self._catalog = Catalog(await repository.load_prices(conn), version)
             CATALOG_RELOADS.inc()
+        if assigned != self._assignments.version:
+            self._assignments = Assignments(await repository.load_assignments(conn), assigned)
         return self._catalog
+
+    @property
+    def assignments(self) -> Assignments:
+        """The org assignments as of the last ``_current_catalog``."""
+        return self._assignments
 
     # -- readings ---------------------------------------------------------------------------------
 
@@ -234,7 +246,7 @@ class Pricer:
                         counts["conflicts"] += len(conflicts)
                         if not positions:
                             continue
-                    priced = price_items(m, positions, catalog, priced_at)
+                    priced = price_items(m, positions, catalog, priced_at, assignments=self._assignments)
                     refused.extend((n, i, why) for i, why in priced.rejects)
                     if priced.message is None:
                         continue
@@ -275,7 +287,9 @@ class Pricer:
 
     async def add_price(self, body: PriceIn) -> tuple[Price, bool, int]:
         """Add a price; returns (price, created, charges re-priced). Re-sending a price identical to an
-        existing one returns that one (created False); any other overlap raises PriceOverlapError."""
+        existing one returns that one (created False); any other overlap raises PriceOverlapError. A price
+        with a ``scope`` (a tier or a customer) overlaps only prices of the same scope."""
+        scope = ("global", "") if body.scope is None else body.scope.key()
         new = Price(
             id=uuid7(),
             meter=body.meter,
@@ -287,6 +301,8 @@ class Pricer:
             valid_until=body.valid_until,
             created_at=utcnow(),
             model=body.price_model(),
+            scope_kind=scope[0],
+            scope_id=scope[1],
         )
         async with self._catalog_change() as conn:
             try:
@@ -294,13 +310,14 @@ class Pricer:
                     price = await repository.insert_price(conn, new)
             except asyncpg.ExclusionViolationError:
                 conflicts = await repository.overlapping_prices(
-                    conn, new.meter, new.resource_kind, new.valid_from, new.valid_until
+                    conn, new.meter, new.resource_kind, new.valid_from, new.valid_until, scope=scope
                 )
                 if len(conflicts) == 1 and _same_terms(conflicts[0], new):
                     return conflicts[0], False, 0
                 ids = ", ".join(str(c.id) for c in conflicts)
+                whose = "" if scope[0] == "global" else f" for {scope[0]} {scope[1]}"
                 raise PriceOverlapError(
-                    f"{new.meter}/{new.resource_kind or '-'} already has a price in that range ({ids})",
+                    f"{new.meter}/{new.resource_kind or '-'} already has a price{whose} in that range ({ids})",
                     [c.id for c in conflicts],
                 ) from None
         repriced = await self.reprice(only=price)
@@ -480,6 +497,106 @@ class Pricer:
                 )
                 await asyncio.sleep(delay)
 
+    # -- org assignments (rate cards) -------------------------------------------------------------
+
+    async def handle_assignments(self, batch: list[Received[OrgAssigned]]) -> list[tuple[Received[OrgAssigned], str]]:
+        """Store the org assignments of ``ledger.assignments.v1`` (a redelivery changes nothing), then re-price
+        the charges of each assigned org that a tier or customer price now prices otherwise (``reassign``).
+        Refused to the DLQ: an id that is not ``org_assignment_id(org, starts_at)``, or an assignment of an
+        org and instant stored with other content (``conflict:``)."""
+        rejects: list[tuple[Received[OrgAssigned], str]] = []
+        valid: list[Received[OrgAssigned]] = []
+        for r in batch:
+            a = r.message
+            if a.id != org_assignment_id(a.org_id, a.starts_at):
+                rejects.append((r, "id is not shared.ids.org_assignment_id(org_id, starts_at)"))
+            else:
+                valid.append(r)
+        if not valid:
+            return rejects
+        rows = [(r.message.id, r.message.org_id, r.message.starts_at, r.message.customer_id, r.message.tier,
+                 r.message.assigned_at) for r in valid]
+        # Under the catalog lock, exclusively: batches priced with the assignments before commit first, so
+        # that the re-pricing below finds their charges; later ones read the new assignments.
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1::int4, $2::int4)", *repository.CATALOG_LOCK)
+                held = await repository.insert_assignments(conn, rows)
+        done: list[OrgAssigned] = []
+        for r, have in zip(valid, held, strict=True):
+            if have is None:
+                done.append(r.message)
+            else:
+                rejects.append((r, f"{CONFLICT} org {r.message.org_id} has an assignment from "
+                                   f"{r.message.starts_at.isoformat()} stored with other content (id {have[0]}, "
+                                   f"customer {have[3]}, tier {have[4]}); the stored one is kept"))
+        for a in done:
+            await self.reassign(a.org_id, a.starts_at)
+        return rejects
+
+    async def reassign(self, org_id: str, since: datetime) -> int:
+        """Re-price the latest charges of ``org_id`` from ``since`` until its next assignment whose price is
+        no longer the one that applies (a tier or customer price of its new customer, or of its previous one),
+        as revisions n+1 stored unpublished and then published (the outbox of charge_batches); returns how
+        many. Nothing to look at when neither customer has a scoped price."""
+        total = 0
+        after: ShardKey | None = None
+        while True:
+            priced_at = utcnow()
+            async with self._pool.acquire() as conn:
+                async with conn.transaction():
+                    await repository.lock_catalog_shared(conn)
+                    catalog = await self._current_catalog(conn)
+                    assignments = self._assignments
+                    scope = assignments.at(org_id, since)
+                    before, until = assignments.around(org_id, since)
+                    scoped = [p for s in (scope, before) if s is not None for p in catalog.scoped_prices(s)]
+                    scoped = [p for p in scoped if (p.valid_until is None or p.valid_until > since)
+                              and (until is None or p.valid_from < until)]
+                    if not scoped:
+                        return total
+                    start = max(since, min(p.valid_from for p in scoped))
+                    ends = [p.valid_until for p in scoped]
+                    end = None if any(e is None for e in ends) else max(e for e in ends if e is not None)
+                    if until is not None:
+                        end = until if end is None else min(end, until)
+                    meters = sorted({p.meter for p in scoped})
+                    keys = await repository.assignment_shards(conn, meters, start, end, after, self.rerate_shards)
+                    if not keys:
+                        break
+                    shards = {k: _stored(v) for k, v in (await repository.lock_shards(conn, self.frames, keys)).items()}
+                    rows: list[repository.BatchRow] = []
+                    hours: list[tuple[UUID, datetime]] = []
+                    cleared: list[tuple[ShardKey, str]] = []
+                    for key, shard in shards.items():
+                        priced, was_unpriced = reassign_items(shard.stored, catalog, priced_at, assignments, org_id,
+                                                              start)
+                        if priced is None or priced.message is None:
+                            continue
+                        n = len(priced.message.resource_id)
+                        newly = sum(1 for k, p in zip(priced.message.kind, priced.message.price, strict=True)
+                                    if p >= 0 and priced.message.kinds[k] in was_unpriced)
+                        raw = encode_charges(priced.message)
+                        rows.append((key, shard.next_seq, n, newly, -newly, n, False, raw))  # each +1 revision
+                        hours.extend((p, key.reading_hour) for p in priced.price_ids)
+                        shard.stored.append(priced.message)
+                        shard.next_seq += 1
+                        still = _unpriced_kinds(shard.stored)
+                        cleared.extend((key, k) for k in was_unpriced if k not in still)
+                        total += n
+                    await repository.insert_batches(conn, self.frames, rows)
+                    await repository.delete_unpriced(conn, cleared)
+                    await repository.add_priced_hours(conn, hours)
+                    after = keys[-1]
+            await self.flush_outbox()
+            if len(keys) < self.rerate_shards:
+                break
+        if total:
+            CHARGES_STORED.labels("priced", "assignment").inc(total)
+            log.info("re-priced an org's charges after its assignment",
+                     extra={"org": org_id, "since": since.isoformat(), "repriced": total})
+        return total
+
     # -- re-pricing and the outbox ----------------------------------------------------------------
 
     async def reprice(self, only: Price | None = None) -> int:
@@ -510,7 +627,7 @@ class Pricer:
                         if shard is None:
                             cleared.extend((key, k) for k in want)
                             continue
-                        priced = reprice_items(shard.stored, catalog, priced_at, want)
+                        priced = reprice_items(shard.stored, catalog, priced_at, want, self._assignments)
                         if priced is not None and priced.rejects:
                             # Still unpriced, still listed as such (GET /internal/unpriced): said, not dropped.
                             log.warning(
@@ -702,7 +819,7 @@ def _hour_problem(hour: datetime, horizon: timedelta) -> str | None:
 def _terms(p: Price) -> tuple[Any, ...]:
     return (
         p.meter, p.resource_kind, p.unit_of_measure, p.microcredits_per_unit, p.unit, p.valid_from, p.valid_until,
-        p.model,
+        p.model, p.scope_kind, p.scope_id,
     )
 
 

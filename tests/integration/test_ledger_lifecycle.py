@@ -38,6 +38,8 @@ async def outbox(db: LedgerDB) -> list[TransactionPosted | StatementIssued | Ale
     out: list[TransactionPosted | StatementIssued | AlertRaised] = []
     for r in await db.fetch("SELECT topic, payload FROM outbox ORDER BY id"):
         raw = bytes(r["payload"])
+        if r["topic"] == "ledger.assignments.v1":  # org assignments (for the pricer's rate cards): not these
+            continue
         if r["topic"] == "ledger.alerts.v1":
             out.append(AlertRaised.model_validate_json(raw))
         elif b'"ledger.statement"' in raw:

@@ -21,6 +21,7 @@ from services.api.completeness import MAX_HOURS
 from services.ledger.settings import LedgerSettings
 from shared.settings import SettingsError, read_settings
 from shared.topics import (
+    ASSIGNMENTS,
     CHARGES,
     DAY_MS,
     READINGS,
@@ -80,8 +81,11 @@ def test_the_table_holds_the_v2_topics_and_every_dlq_outlives_the_completeness_r
     wanted = configured(TopicSettings())
     for name in TOPICS:
         assert wanted[dlq(name)]["retention.ms"] > look_back_ms
-        assert wanted[dlq(name)]["retention.ms"] >= wanted[name]["retention.ms"]
-    assert all(w["retention.ms"] >= 7 * DAY_MS for w in wanted.values())
+        if wanted[name]["retention.ms"] != -1:  # -1: kept forever (the assignments)
+            assert wanted[dlq(name)]["retention.ms"] >= wanted[name]["retention.ms"]
+    assert all(w["retention.ms"] >= 7 * DAY_MS or w["retention.ms"] == -1 for w in wanted.values())
+    # Every org assignment stays readable: a new pricer learns them all from the beginning of the topic.
+    assert wanted[ASSIGNMENTS]["retention.ms"] == -1
 
 
 def test_production_needs_the_clusters_replication_and_keeps_min_insync_within_it():

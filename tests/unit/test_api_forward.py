@@ -208,3 +208,15 @@ async def test_an_owner_that_is_away_gives_502_or_504(error: Exception, status: 
     assert r.status_code == status
     assert r.headers["content-type"] == "application/problem+json"
     assert r.json()["status"] == status
+
+
+def test_the_forwarded_price_routes_document_the_scope_of_a_rate_card() -> None:
+    from tests.support.openapi_checks import DOC
+
+    schemas = DOC["components"]["schemas"]
+    body = DOC["paths"]["/admin/prices"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    price_in = schemas[body["$ref"].split("/")[-1]]
+    assert {"$ref": "#/components/schemas/PriceScope"} in price_in["properties"]["scope"]["anyOf"]
+    assert set(schemas["PriceScope"]["properties"]) == {"tier", "customer"}
+    assert schemas["PriceScope"]["additionalProperties"] is False
+    assert "scope" in schemas["PriceOut"]["properties"]

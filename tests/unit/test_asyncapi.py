@@ -12,9 +12,10 @@ from shared.contracts import (
     ChargesComputedV2,
     MeasurementsTaken,
     MeasurementTaken,
+    OrgAssigned,
     TransactionPosted,
 )
-from shared.topics import ALERTS, CHARGES, CHARGES_V2, READINGS, READINGS_V1, TRANSACTIONS, dlq
+from shared.topics import ALERTS, ASSIGNMENTS, CHARGES, CHARGES_V2, READINGS, READINGS_V1, TRANSACTIONS, dlq
 
 
 def test_the_committed_documents_are_what_the_code_generates() -> None:
@@ -51,12 +52,14 @@ def test_every_topic_is_documented_by_who_sends_and_who_receives_it_with_its_con
     assert _operations(docs["collector"]) == {READINGS: "send"}
     assert _operations(docs["pricer"]) == {
         READINGS: "receive", READINGS_V1: "receive", CHARGES: "send", dlq(READINGS): "send", dlq(READINGS_V1): "send",
+        ASSIGNMENTS: "receive", dlq(ASSIGNMENTS): "send",  # the ledger's org assignments, for rate cards
     }
     assert _operations(docs["ledger"]) == {
         CHARGES: "receive",
         CHARGES_V2: "receive",  # until its retention has passed
         TRANSACTIONS: "send",
         ALERTS: "send",
+        ASSIGNMENTS: "send",
         dlq(CHARGES): "send",
         dlq(CHARGES_V2): "send",
     }
@@ -72,6 +75,8 @@ def test_every_topic_is_documented_by_who_sends_and_who_receives_it_with_its_con
     assert _payload_title(docs["ledger"], CHARGES) == ChargesComputed.__name__
     assert _payload_title(docs["ledger"], CHARGES_V2) == ChargesComputedV2.__name__
     assert _payload_title(docs["ledger"], TRANSACTIONS) == TransactionPosted.__name__
+    assert _payload_title(docs["ledger"], ASSIGNMENTS) == OrgAssigned.__name__
+    assert _payload_title(docs["pricer"], ASSIGNMENTS) == OrgAssigned.__name__
     assert _payload_title(docs["api"], ALERTS) == AlertRaised.__name__
     assert _payload_title(docs["api"], CHARGES) == ChargesComputed.__name__
     assert _payload_title(docs["api"], CHARGES_V2) == ChargesComputedV2.__name__
