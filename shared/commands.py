@@ -32,10 +32,11 @@ it arrived (UTC), status, problem type and title, key and whether it was a repla
 append-only: the service's role may not UPDATE, DELETE or TRUNCATE it, and a trigger refuses those to
 anyone.
 
-Keys: ``shared.edge.idempotency`` (1 to 255 printable ASCII characters, else 400; one header). Per actor:
-two actors' equal keys are two keys. Retention: a key is kept 24 hours (``RETENTION``) after its first
-request; every command deletes the keys older than that (one indexed DELETE, so no periodic task is
-needed), and an older key is treated as new. The audit trail itself is kept (append-only; no retention).
+Keys: ``shared.edge.idempotency`` (1 to 255 printable ASCII characters, no space first or last, else 400;
+one header). Per actor: two actors' equal keys are two keys. Retention: a key is kept 24 hours
+(``RETENTION``) after its first request; every command deletes the keys older than that (one indexed
+DELETE, so no periodic task is needed), and an older key is treated as new. The audit trail itself is
+kept (append-only; no retention).
 
 The actor is the verified token's subject (``request.state.principal.subject``), and only that: a command
 route always declares a scope (``shared.edge.Operation`` refuses one without), so the edge has

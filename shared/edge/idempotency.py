@@ -1,8 +1,9 @@
 """The ``Idempotency-Key`` of a command, as the edge reads and documents it: one header of 1 to 255 printable
-ASCII characters (400 ``invalid-idempotency-key`` otherwise), and what every route declared as a command
-says about it in its OpenAPI document — the header, the refusals that come with it (400, 409, 422) and the
-``Idempotent-Replayed`` header of an answer given again. What a key does (the answer stored, a retry
-answered from it) is ``shared.commands``; the api checks a key here before forwarding it to its owner."""
+ASCII characters, not beginning or ending with a space (400 ``invalid-idempotency-key`` otherwise), and what
+every route declared as a command says about it in its OpenAPI document — the header, the refusals that come
+with it (400, 409, 422) and the ``Idempotent-Replayed`` header of an answer given again. What a key does (the
+answer stored, a retry answered from it) is ``shared.commands``; the api checks a key here before forwarding
+it to its owner."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ __all__ = ["KEY_HEADER", "KEY_PARAMETER", "KEY_REFUSALS", "REPLAYED_HEADER", "RE
 
 KEY_HEADER = "idempotency-key"
 REPLAYED_HEADER = "idempotent-replayed"
-_KEY = re.compile(r"[\x20-\x7e]{1,255}")
-_KEY_RULE = "1 to 255 printable ASCII characters"
+# Not beginning or ending with a space: HTTP trims a field value's outer whitespace (and h11 refuses to send
+# it), so such a key could not reach the service that owns the command unchanged.
+_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])?")
+_KEY_RULE = "1 to 255 printable ASCII characters, not beginning or ending with a space"
 
 
 def idempotency_key(headers: Headers) -> str | None:
@@ -38,7 +41,7 @@ KEY_PARAMETER: Mapping[str, Any] = {
     "name": "Idempotency-Key",
     "in": "header",
     "required": False,
-    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]([ -~]*[!-~])?$"},
     "description": f"{_KEY_RULE}. A retry with the same key and the same request (method, path, query and JSON "
     "body) is answered the first answer (status and body, with `Idempotent-Replayed: true`) without running "
     "the command again; keys are per token subject and kept 24 hours.",

@@ -35,6 +35,7 @@ SAMPLE = {
     "customer_id": CUSTOMER,
     "transaction_id": str(uuid.uuid4()),
     "price_id": str(uuid.uuid4()),
+    "rerate_id": str(uuid.uuid4()),
     "month": "2026-10",
 }
 # A body each command would accept: an attempt that got through would change something.
@@ -52,12 +53,16 @@ BODIES: dict[str, Any] = {
     "/internal/prices/{price_id}/end": {"at": "2026-11-01T00:00:00Z"},
     "/internal/readings": {"hour": "2026-10-01T04:00:00Z"},
     "/internal/transactions/{transaction_id}/reverse": {"reason": "attack"},
+    "/internal/rerates": {
+        "meter": "cfapps", "resource_kind": "", "from": "2026-10-01T04:00:00Z", "to": "2026-10-02T04:00:00Z",
+        "reason": "attack", "price": {"unit_of_measure": "MB-hour", "microcredits_per_unit": 1, "unit": 1},
+    },
 }
 QUERIES = {"/internal/completeness": {"from": "2026-10-01T04:00:00Z", "to": "2026-10-01T05:00:00Z"}}
 # What each service holds: nothing of it may appear after the attempts.
 TABLES = {
-    "ledger": ("tiers", "customers", "agreements", "org_assignments", "transactions", "month_closes"),
-    "pricer": ("prices",),
+    "ledger": ("tiers", "customers", "agreements", "org_assignments", "transactions", "month_closes", "statements"),
+    "pricer": ("prices", "rerate_jobs"),
     "collector": ("readings",),
 }
 
