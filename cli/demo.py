@@ -24,7 +24,7 @@ from cli.report import report
 from cli.scenario import DEMO, SMALL, Expected, ExpectedCorrection, Scenario, expected_correction, expected_posting
 from shared.kafka import group_lag
 from shared.money import display_credits
-from shared.topics import CHARGES, READINGS, TRANSACTIONS
+from shared.topics import ASSIGNMENTS, CHARGES, READINGS, TRANSACTIONS
 from simulator.oidc import mint_token
 
 __all__ = ["SCENARIOS", "run_demo"]
@@ -95,13 +95,15 @@ async def check_simulator(sim_url: str, s: Scenario) -> None:
 async def set_up(api: Api, s: Scenario) -> list[str]:
     """Tier, customers, agreements, assignments and prices, each created once (re-runs reuse them)."""
     tiers = {t["name"] for t in await api.items("/admin/tiers")}
-    if s.tier not in tiers:
-        await api.call("POST", "/admin/tiers", json={"name": s.tier, "credits_per_period": s.tier_credits})
+    for tier in (s.tier, s.rate_card_tier):
+        if tier not in tiers:
+            await api.call("POST", "/admin/tiers", json={"name": tier, "credits_per_period": s.tier_credits})
     existing = {c["name"]: c["id"] for c in await api.items("/admin/customers")}
     ids: list[str] = []
-    for name in s.customers:
+    for i, name in enumerate(s.customers):
         if name not in existing:
-            existing[name] = (await api.call("POST", "/admin/customers", json={"name": name, "tier": s.tier}))["id"]
+            made = await api.call("POST", "/admin/customers", json={"name": name, "tier": s.tier_of(i)})
+            existing[name] = made["id"]
         ids.append(existing[name])
     start, _ = s.bounds
     for cid in ids:
@@ -123,31 +125,33 @@ async def set_up(api: Api, s: Scenario) -> list[str]:
                 "/admin/org-assignments",
                 json={"org_id": org, "customer_id": ids[customer], "starts_at": starts.isoformat()},
             )
-    prices = {(p["meter"], p["resource_kind"], p["valid_from"]) for p in await api.items("/admin/prices")}
     for p in s.prices():
-        if (p.meter, p.resource_kind, p.valid_from.isoformat().replace("+00:00", "Z")) in prices or \
-           (p.meter, p.resource_kind, p.valid_from.isoformat()) in prices:
-            continue
-        await api.call(
-            "POST",
-            "/admin/prices",
-            ok=(201, 409),
-            json={
-                "meter": p.meter,
-                "resource_kind": p.resource_kind,
-                "unit_of_measure": p.unit_of_measure,
-                "microcredits_per_unit": p.microcredits_per_unit,
-                "unit": p.unit,
-                "valid_from": p.valid_from.isoformat(),
-                "valid_until": p.valid_until.isoformat() if p.valid_until else None,
-            },
-        )
+        body: dict[str, Any] = {
+            "meter": p.meter,
+            "resource_kind": p.resource_kind,
+            "unit_of_measure": p.unit_of_measure,
+            "unit": p.unit,
+            "valid_from": p.valid_from.isoformat(),
+            "valid_until": p.valid_until.isoformat() if p.valid_until else None,
+        }
+        if p.bands is None:
+            body["microcredits_per_unit"] = p.microcredits_per_unit
+        else:
+            body["model"] = "graduated"
+            body["bands"] = [
+                {"up_to": None if up_to is None else str(up_to), "microcredits_per_unit": rate}
+                for up_to, rate in p.bands
+            ]
+        if p.tier is not None:
+            body["scope"] = {"tier": p.tier}
+        await api.call("POST", "/admin/prices", ok=(201, 409), json=body)  # 409: entered by an earlier run
     return ids
 
 
 async def wait_drained(kafka: str, prefix: str, quiet_rounds: int = 3, timeout: float = 900) -> None:
     """Until the pricer, the ledger and the api have committed everything on their topics."""
-    groups = [("pricer", READINGS), ("ledger", CHARGES), ("api", CHARGES), ("api", TRANSACTIONS)]
+    groups = [("pricer", READINGS), ("pricer-assignments", ASSIGNMENTS), ("ledger", CHARGES), ("api", CHARGES),
+              ("api", TRANSACTIONS)]
     quiet = 0
     deadline = time.monotonic() + timeout
     with console.status("waiting for the pricer, the ledger and the api to catch up") as status:
@@ -286,13 +290,20 @@ async def check_usage_by_org(api: Api, s: Scenario, ids: list[str], expected: Ex
     before any rounding equals the sum of its orgs' exact charges."""
     first, stop = s.bounds
     got: dict[tuple[int, str], Fraction] = {}
+    monthly: dict[int, int] = {}
     for i, cid in enumerate(ids):
         rows = await api.items(f"/v1/customers/{cid}/usage", **{
             "from": first.isoformat(), "to": stop.isoformat(), "granularity": "month", "group_by": "org"})
         for row in rows:
-            got[(i, row["group"]["org_id"])] = Fraction(row["microcredits_exact"])
+            if row.get("priced") == "monthly":  # a rate card: what the ledger posted, attributed to hours and orgs
+                monthly[i] = monthly.get(i, 0) + int(row["microcredits"])
+            else:
+                got[(i, row["group"]["org_id"])] = Fraction(row["microcredits_exact"])
     want = expected.by_org
     wrong = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    if monthly != expected.monthly:
+        console.print(f"[red]Usage priced on the month's total (rate cards): api {monthly}, oracle {expected.monthly}")
+        return False
     for i, org in wrong[:10]:
         console.print(
             f"[red]{s.customers[i]} org {org}: api {got.get((i, org))}, oracle {want.get((i, org))} µcr (exact)"
@@ -320,7 +331,9 @@ async def run_demo(scenario: str = "demo", api_url: str = "http://127.0.0.1:8080
         )
         ids = await set_up(api, s)
         console.print(f"set up: tier {s.tier}, customers {', '.join(s.customers)}, {len(s.prices())} prices, "
-                      f"{s.orgs} org assignments (one from mid-month)")
+                      f"{s.orgs} org assignments (one from mid-month); {s.customers[s.rate_card_customer]} on tier "
+                      f"{s.rate_card_tier}, whose rate card prices the first service plan graduated on the month's "
+                      "total (1 instance-month at 2 credits, up to 5 at 1.5, then 1)")
         from services.collector.backfill import backfill
 
         start, end = s.bounds

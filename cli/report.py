@@ -55,6 +55,10 @@ class Node:
 
 
 def _exact(item: dict[str, Any]) -> Fraction:
+    """An item's exact money; 0 for usage priced on the month's total (a graduated or volume price: its
+    money is the ledger's, per org and on the statement, not per resource)."""
+    if item.get("microcredits_exact") is None:
+        return Fraction(0)
     n, d = item["microcredits_exact"].split("/")
     return Fraction(int(n), int(d))
 
@@ -120,6 +124,9 @@ def build_tree(items: list[dict[str, Any]]) -> Node:
                 attrs={"meter": g.get("meter", ""), "resource_kind": g.get("resource_kind", "")},
             ),
         )
+        if it.get("priced") == "monthly":
+            res.attrs["priced"] = "monthly"
+            root.attrs["priced"] = "monthly"
         for node in (root, org, space, res):
             node.add(exact, quantities)
     return root
@@ -168,13 +175,16 @@ def render_table(root: Node, customer: str, month: str, out: IO[str], depth: str
                     res.attrs.get("meter", ""),
                     res.attrs.get("resource_kind", ""),
                     _qty(res.quantities),
-                    display_credits(res.exact),
+                    "on the month" if res.attrs.get("priced") == "monthly" else display_credits(res.exact),
                 )
     table.add_section()
     table.add_row("[bold]Total[/bold]", "", "", "", f"[bold]{display_credits(root.exact)}[/bold]")
     console = Console(file=out, width=max(100, Console(file=out).width))
     console.print(table)
     console.print("Credits are rounded to 6 decimals for display; totals are summed exactly.")
+    if root.attrs.get("priced") == "monthly":
+        console.print("Usage \"on the month\" is priced on the customer's month total (a rate card); its money is "
+                      "on the statement and in the usage by org, not in these totals.")
 
 
 def as_json(root: Node, customer: str, month: str) -> dict[str, Any]:

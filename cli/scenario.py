@@ -25,6 +25,7 @@ __all__ = [
     "Scenario",
     "expected_correction",
     "expected_posting",
+    "price_at",
 ]
 
 HOUR = timedelta(hours=1)
@@ -40,6 +41,10 @@ class PriceSpec:
     unit: int
     valid_from: datetime
     valid_until: datetime | None = None
+    # A graduated price (a rate card): (units up to and including, microcredits per unit) per band, the
+    # last one open (None); units are value / unit. None: a flat price of microcredits_per_unit.
+    bands: tuple[tuple[int | None, int], ...] | None = None
+    tier: str | None = None  # the tier the price applies to; None: every customer (global)
 
     def covers(self, hour: datetime) -> bool:
         return self.valid_from <= hour and (self.valid_until is None or hour < self.valid_until)
@@ -47,6 +52,18 @@ class PriceSpec:
     @property
     def key(self) -> tuple[str, str, datetime]:
         return (self.meter, self.resource_kind, self.valid_from)
+
+    def graduated(self, units: Fraction) -> Fraction:
+        """f(units) of a graduated price, from its definition: each band's slice at the band's rate."""
+        assert self.bands is not None
+        total, lower = Fraction(0), Fraction(0)
+        for up_to, rate in self.bands:
+            top = units if up_to is None else min(units, Fraction(up_to))
+            if top > lower:
+                total += (top - lower) * rate
+            if up_to is not None:
+                lower = Fraction(up_to)
+        return total
 
 
 @dataclass(frozen=True)
@@ -63,6 +80,8 @@ class Scenario:
     tier: str = "standard"
     tier_credits: int = 4_000 * CREDIT  # per agreement (a fiscal year); the demo month uses about a fifth
     late_org_index: int = -1  # this org stays unassigned until the middle of the month
+    rate_card_customer: int = 2  # on its own tier, with a graduated rate card for the first service plan
+    rate_card_tier: str = "metered"
     foundation_cache: dict[str, Foundation] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -101,6 +120,9 @@ class Scenario:
             out.append((org.guid, customer, self.mid_month if org.guid == late else self.bounds[0]))
         return out
 
+    def tier_of(self, customer: int) -> str:
+        return self.rate_card_tier if customer == self.rate_card_customer else self.tier
+
     def correction(self) -> CorrectionSpec:
         """After the month closed, the memory price of its second half turns out wrong: 1.05 credits per
         GB-month, not 1.10. The range is re-rated and the month's statement amended."""
@@ -117,8 +139,15 @@ class Scenario:
             PriceSpec("cfapps", "", "MB-hour", 1 * CREDIT, 730 * 1024, start, self.mid_month),
             PriceSpec("cfapps", "", "MB-hour", 1_100_000, 730 * 1024, self.mid_month, None),
         ]
-        for k, plan in enumerate(sorted(self.foundation().plans(), key=lambda p: p.name)):
+        plans = sorted(self.foundation().plans(), key=lambda p: p.name)
+        for k, plan in enumerate(plans):
             out.append(PriceSpec("cfservices", plan.guid, "instance-hour", (k + 1) * 2 * CREDIT, 730, start, None))
+        # The rate card of the tier "metered" for the first plan, the month long (a graduated price starts and
+        # ends on month boundaries): the first instance-month at 2 credits, up to 5 at 1.5, the rest at 1.
+        out.append(PriceSpec(
+            "cfservices", plans[0].guid, "instance-hour", 0, 730, start, self.bounds[1],
+            bands=((1, 2 * CREDIT), (5, 1_500_000), (None, 1 * CREDIT)), tier=self.rate_card_tier,
+        ))
         return out
 
 
@@ -148,6 +177,7 @@ class Expected:
     measurements: int
     by_org: dict[tuple[int, str], Fraction] = field(default_factory=dict)  # (customer, org) -> exact usage
     exact_by_price: dict[tuple[int, tuple[str, str, datetime]], Fraction] = field(default_factory=dict)
+    monthly: dict[int, int] = field(default_factory=dict)  # customer -> posted for graduated prices
 
 
 def expected_posting(s: Scenario) -> Expected:
@@ -159,6 +189,7 @@ def expected_posting(s: Scenario) -> Expected:
     for org, customer, starts in assignments:
         by_org[org].append((starts, customer))
     exact: dict[tuple[int, tuple[str, str, datetime]], Fraction] = defaultdict(Fraction)
+    units: dict[tuple[int, tuple[str, str, datetime]], Fraction] = defaultdict(Fraction)
     org_usage: dict[tuple[int, str], Fraction] = defaultdict(Fraction)
     held = total = 0
     for hour in s.hours:
@@ -168,23 +199,38 @@ def expected_posting(s: Scenario) -> Expected:
             if not owners:
                 held += 1
                 continue
-            price = next(
-                (p for p in prices if p.meter == e.meter and p.resource_kind == e.resource_kind and p.covers(hour)),
-                None,
-            )
-            org_usage[(owners[-1], e.org_guid)] += 0
+            customer = owners[-1]
+            price = price_at(prices, e.meter, e.resource_kind, hour, s.tier_of(customer))
+            org_usage[(customer, e.org_guid)] += 0
             if price is None:
                 continue
+            if price.bands is not None:
+                units[(customer, price.key)] += Fraction(e.value, price.unit)
+                continue
             amount = Fraction(e.value * price.microcredits_per_unit, price.unit)
-            exact[(owners[-1], price.key)] += amount
-            org_usage[(owners[-1], e.org_guid)] += amount
+            exact[(customer, price.key)] += amount
+            org_usage[(customer, e.org_guid)] += amount
+    monthly: dict[int, int] = defaultdict(int)
+    for (customer, key), u in units.items():
+        f = next(p for p in prices if p.key == key and p.bands is not None).graduated(u)
+        exact[(customer, key)] = f
+        monthly[customer] += f.numerator // f.denominator
     by_price = {k: v.numerator // v.denominator for k, v in exact.items()}
     posted: dict[int, int] = defaultdict(int)
     by_meter_kind: dict[tuple[int, str, str], int] = defaultdict(int)
     for (customer, (meter, kind, _)), microcredits in by_price.items():
         posted[customer] += microcredits
         by_meter_kind[(customer, meter, kind)] += microcredits
-    return Expected(dict(posted), by_price, dict(by_meter_kind), held, total, dict(org_usage), dict(exact))
+    return Expected(
+        dict(posted), by_price, dict(by_meter_kind), held, total, dict(org_usage), dict(exact), dict(monthly)
+    )
+
+
+def price_at(prices: list[PriceSpec], meter: str, kind: str, hour: datetime, tier: str) -> PriceSpec | None:
+    """The price of (meter, kind) at ``hour`` for a customer of ``tier``: its tier's rate card, else the
+    global price."""
+    found = [p for p in prices if p.meter == meter and p.resource_kind == kind and p.covers(hour)]
+    return next((p for p in found if p.tier == tier), None) or next((p for p in found if p.tier is None), None)
 
 
 @dataclass
@@ -221,9 +267,8 @@ def expected_correction(s: Scenario, expected: Expected) -> ExpectedCorrection:
             owners = [c for starts, c in by_org.get(e.org_guid, []) if starts <= hour]
             if not owners:
                 continue
-            old = next(
-                p for p in prices if p.meter == e.meter and p.resource_kind == e.resource_kind and p.covers(hour)
-            )
+            old = price_at(prices, e.meter, e.resource_kind, hour, s.tier_of(owners[-1]))
+            assert old is not None and old.bands is None  # the corrected memory prices are flat
             replaced_exact[(owners[-1], old.key)] += Fraction(e.value * old.microcredits_per_unit, old.unit)
             corrected_exact[owners[-1]] += Fraction(e.value * fix.microcredits_per_unit, fix.unit)
     correction: dict[int, int] = defaultdict(int)
