@@ -98,7 +98,14 @@ async def set_up(api: Api, s: Scenario) -> list[str]:
     for tier in (s.tier, s.rate_card_tier):
         if tier not in tiers:
             await api.call("POST", "/admin/tiers", json={"name": tier, "credits_per_period": s.tier_credits})
-    existing = {c["name"]: c["id"] for c in await api.items("/admin/customers")}
+    found = await api.items("/admin/customers")
+    existing = {c["name"]: c["id"] for c in found}
+    for c in found:
+        if c["name"] in s.customers and c["tier"] != s.tier_of(s.customers.index(c["name"])):
+            raise DemoError(
+                f"this database holds an earlier demo's {c['name']} on tier {c['tier']} (the scenario puts it on "
+                f"{s.tier_of(s.customers.index(c['name']))}): start afresh with `make clean && make demo`"
+            )
     ids: list[str] = []
     for i, name in enumerate(s.customers):
         if name not in existing:
@@ -144,7 +151,7 @@ async def set_up(api: Api, s: Scenario) -> list[str]:
             ]
         if p.tier is not None:
             body["scope"] = {"tier": p.tier}
-        await api.call("POST", "/admin/prices", ok=(201, 409), json=body)  # 409: entered by an earlier run
+        await api.call("POST", "/admin/prices", ok=(200, 201, 409), json=body)  # 200, 409: an earlier run's
     return ids
 
 
