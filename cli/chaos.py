@@ -55,7 +55,7 @@ from rich.table import Table
 
 from cli.demo import Api, set_up
 from cli.localstack import KAFKA, ROOT, admin_dsn, drop_database, dsn, free_port, fresh_database, infra
-from cli.scenario import DEMO, SMALL, Scenario
+from cli.scenario import DEMO, SMALL, PriceSpec, Scenario, price_at
 from shared.batches import decode_measurements
 from shared.blobs import Frames
 from shared.clock import BUSINESS_TZ
@@ -373,6 +373,7 @@ def oracle(plan: Plan, ok_runs: set[tuple[datetime, str]]) -> Oracle:
         owners[org].append((starts, customer))
     prices = s.prices()
     exact: dict[tuple[str, str, tuple[str, str, datetime]], Fraction] = defaultdict(Fraction)
+    units: dict[tuple[str, str, tuple[str, str, datetime]], tuple[PriceSpec, Fraction]] = {}
     held = 0
     for h in hours:
         month = h.astimezone(BUSINESS_TZ).strftime("%Y-%m")
@@ -381,10 +382,17 @@ def oracle(plan: Plan, ok_runs: set[tuple[datetime, str]]) -> Oracle:
             if not owner:
                 held += 1
                 continue
-            price = next(p for p in prices if p.meter == e.meter and p.resource_kind == e.resource_kind and p.covers(h))
-            exact[(s.customers[owner[-1]], month, price.key)] += Fraction(
-                e.value * price.microcredits_per_unit, price.unit
-            )
+            price = price_at(prices, e.meter, e.resource_kind, h, s.tier_of(owner[-1]))
+            if price is None:
+                continue
+            key = (s.customers[owner[-1]], month, price.key)
+            if price.bands is not None:  # a rate card: f of the month's exact units, floored once
+                _, so_far = units.get(key, (price, Fraction(0)))
+                units[key] = (price, so_far + Fraction(e.value, price.unit))
+                continue
+            exact[key] += Fraction(e.value * price.microcredits_per_unit, price.unit)
+    for key, (price, u) in units.items():
+        exact[key] = price.graduated(u)
     posted = {k: v.numerator // v.denominator for k, v in exact.items()}
     return Oracle(per_hour, estimated, posted, held)
 
