@@ -26,6 +26,7 @@ from __future__ import annotations
 import random
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from fractions import Fraction
@@ -204,12 +205,12 @@ async def assign_behind_its_back(db: LedgerDB, org: str, customer: uuid.UUID) ->
     )
 
 
-@settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
-)
-@given(s=scenarios)
-async def test_posted_microcredits_equal_the_floor_of_the_exact_monthly_sum(ledger_db: LedgerDB, s: Scenario) -> None:
-    db = ledger_db
+async def two_customers(
+    db: LedgerDB, switch_hour: int, fund: int | None
+) -> tuple[uuid.UUID, uuid.UUID, str, list[str], datetime]:
+    """An example's world: customers A and B of one tier; org 0 is A's, org 1 A's until HOURS[switch_hour]
+    and B's from then, org 2 nobody's yet (the test assigns it); A funded with ``fund`` when given. Returns
+    (A, B, the example's tag, its orgs, the switch hour)."""
     tier = db.made.get("tier") or await db.tier(credits=2_000_000)
     db.made["tier"] = tier
     # The database outlives the examples, a month close is an example's own event: every example starts with
@@ -219,12 +220,36 @@ async def test_posted_microcredits_equal_the_floor_of_the_exact_monthly_sum(ledg
     a, b = await db.customer("A", tier), await db.customer("B", tier)
     tag = uuid.uuid4().hex[:8]
     orgs = [f"{tag}-org{i}" for i in range(ORGS)]
-    switch = HOURS[s.switch_hour]
+    switch = HOURS[switch_hour]
     await db.service.assign_org(orgs[0], a, LONG_AGO)
     await db.service.assign_org(orgs[1], a, LONG_AGO)
     await db.service.assign_org(orgs[1], b, switch)
-    if s.fund is not None:  # an agreement small enough to run out: the rule holds through overage too
-        await db.service.create_agreement(a, LONG_AGO, datetime(2027, 1, 1, tzinfo=UTC), s.fund)
+    if fund is not None:  # an agreement small enough to run out: the rule holds through overage too
+        await db.service.create_agreement(a, LONG_AGO, datetime(2027, 1, 1, tzinfo=UTC), fund)
+    return a, b, tag, orgs, switch
+
+
+def owner_of(a: uuid.UUID, b: uuid.UUID, switch: datetime) -> Callable[[Key], uuid.UUID]:
+    """Who owns a measurement (hour index, resource) in ``two_customers``'s world, org 2 once assigned to B."""
+
+    def customer_of(key: Key) -> uuid.UUID:
+        hour, org = HOURS[key[0]], key[1] % ORGS
+        if org == 0:
+            return a
+        if org == 1:
+            return b if hour >= switch else a
+        return b
+
+    return customer_of
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(s=scenarios)
+async def test_posted_microcredits_equal_the_floor_of_the_exact_monthly_sum(ledger_db: LedgerDB, s: Scenario) -> None:
+    db = ledger_db
+    a, b, tag, orgs, switch = await two_customers(db, s.switch_hour, s.fund)
 
     async def assign_late_org() -> None:
         if s.late_org_by == "service":
@@ -249,13 +274,7 @@ async def test_posted_microcredits_equal_the_floor_of_the_exact_monthly_sum(ledg
     if s.late_org_by == "behind its back":
         await db.service.post_resolvable_held()  # the periodic sweep
 
-    def customer_of(key: Key) -> uuid.UUID:
-        hour, org = HOURS[key[0]], key[1] % ORGS
-        if org == 0:
-            return a
-        if org == 1:
-            return b if hour >= switch else a
-        return b
+    customer_of = owner_of(a, b, switch)
 
     expected = oracle(latest, {k: customer_of(k) for k in latest})
     assert await posted_by_group(db, [a, b]) == expected
@@ -391,19 +410,7 @@ async def test_posted_microcredits_equal_the_floor_of_f_of_the_monthly_units(
     ledger_db: LedgerDB, s: BandedScenario
 ) -> None:
     db = ledger_db
-    tier = db.made.get("tier") or await db.tier(credits=2_000_000)
-    db.made["tier"] = tier
-    await db.fetch("DELETE FROM statements")
-    await db.fetch("DELETE FROM month_closes")
-    a, b = await db.customer("A", tier), await db.customer("B", tier)
-    tag = uuid.uuid4().hex[:8]
-    orgs = [f"{tag}-org{i}" for i in range(ORGS)]
-    switch = HOURS[s.switch_hour]
-    await db.service.assign_org(orgs[0], a, LONG_AGO)
-    await db.service.assign_org(orgs[1], a, LONG_AGO)
-    await db.service.assign_org(orgs[1], b, switch)
-    if s.fund is not None:
-        await db.service.create_agreement(a, LONG_AGO, datetime(2027, 1, 1, tzinfo=UTC), s.fund)
+    a, b, tag, orgs, switch = await two_customers(db, s.switch_hour, s.fund)
     terms: list[Price] = [banded_price(uuid.uuid4(), model, bands, unit) for model, bands, unit in s.prices]
 
     distinct: dict[tuple[int, int, int], Use] = {}
@@ -443,13 +450,7 @@ async def test_posted_microcredits_equal_the_floor_of_f_of_the_monthly_units(
         assert held == {(HOURS[h], resource_id(tag, r)): u.revision for (h, r), u in latest.items() if r % ORGS == 2}
         await db.service.assign_org(orgs[2], b, LONG_AGO)
 
-    def customer_of(key: Key) -> uuid.UUID:
-        hour, org = HOURS[key[0]], key[1] % ORGS
-        if org == 0:
-            return a
-        if org == 1:
-            return b if hour >= switch else a
-        return b
+    customer_of = owner_of(a, b, switch)
 
     # The oracle: per (customer, month, price) the exact sum of the flat amounts, or the exact total units,
     # of the latest revisions; then floor of the sum, or floor of reference f of the units.
