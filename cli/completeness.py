@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING, Any
 import httpx
 import orjson
 
-from cli.report import DEFAULT_API_URL
+from cli.report import ADMIN_HINTS, DEFAULT_API_URL, explain
 
 if TYPE_CHECKING:
     import typer
@@ -64,13 +64,7 @@ def fetch(client: httpx.Client, start: datetime, end: datetime) -> dict[str, Any
     except httpx.HTTPError as exc:
         raise ConnectionError(f"cannot reach the API at {client.base_url}: {exc}") from None
     if resp.status_code != 200:
-        try:
-            body = resp.json()
-            detail = body.get("detail") or body.get("title") or ""
-        except ValueError:
-            detail = resp.text[:200]
-        hint = {401: " (check --token / BILLING_TOKEN)", 403: " (the token lacks usage.admin)"}
-        raise ConnectionError(f"the API answered {resp.status_code}: {detail}{hint.get(resp.status_code, '')}")
+        raise ConnectionError(explain(resp, ADMIN_HINTS))
     report: dict[str, Any] = resp.json()
     return report
 

@@ -15,7 +15,7 @@ import csv
 import re
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import IO, TYPE_CHECKING, Any
@@ -87,7 +87,7 @@ def fetch_usage(client: httpx.Client, customer: str, month: str) -> Iterator[dic
         except httpx.HTTPError as exc:
             raise ReportError(f"cannot reach the API at {client.base_url}: {exc}") from None
         if resp.status_code != 200:
-            raise ReportError(_explain(resp))
+            raise ReportError(explain(resp, _HINTS))
         page = resp.json()
         yield from page["items"]
         if not page.get("next_cursor"):
@@ -95,18 +95,23 @@ def fetch_usage(client: httpx.Client, customer: str, month: str) -> Iterator[dic
         params["cursor"] = page["next_cursor"]
 
 
-def _explain(resp: httpx.Response) -> str:
+def explain(resp: httpx.Response, hints: Mapping[int, str], text_limit: int = 200) -> str:
+    """What the API's refusal says, for a command's user: the problem's detail (or title; the body's first
+    ``text_limit`` characters when it is not JSON), and the hint for its status, if any."""
     try:
         body = resp.json()
         detail = body.get("detail") or body.get("title") or ""
     except ValueError:
-        detail = resp.text[:200]
-    hint = {
-        401: " (check --token / BILLING_TOKEN)",
-        403: " (the token lacks usage.read)",
-        404: " (unknown customer, or not yours)",
-    }
-    return f"the API answered {resp.status_code}: {detail}{hint.get(resp.status_code, '')}"
+        detail = resp.text[:text_limit]
+    return f"the API answered {resp.status_code}: {detail}{hints.get(resp.status_code, '')}"
+
+
+ADMIN_HINTS = {401: " (check --token / BILLING_TOKEN)", 403: " (the token lacks usage.admin)"}
+_HINTS = {
+    401: " (check --token / BILLING_TOKEN)",
+    403: " (the token lacks usage.read)",
+    404: " (unknown customer, or not yours)",
+}
 
 
 def build_tree(items: list[dict[str, Any]]) -> Node:

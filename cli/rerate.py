@@ -25,7 +25,7 @@ from typing import IO, TYPE_CHECKING, Any
 import httpx
 import orjson
 
-from cli.report import DEFAULT_API_URL
+from cli.report import ADMIN_HINTS, DEFAULT_API_URL, explain
 
 if TYPE_CHECKING:
     import typer
@@ -69,13 +69,7 @@ def _terms(rate: int | None, unit: int | None, unit_of_measure: str | None, pric
 
 def _answer(resp: httpx.Response, expected: int) -> dict[str, Any]:
     if resp.status_code != expected:
-        try:
-            body = resp.json()
-            detail = body.get("detail") or body.get("title") or ""
-        except ValueError:
-            detail = resp.text[:300]
-        hint = {401: " (check --token / BILLING_TOKEN)", 403: " (the token lacks usage.admin)"}
-        raise _ApiError(f"the API answered {resp.status_code}: {detail}{hint.get(resp.status_code, '')}")
+        raise _ApiError(explain(resp, ADMIN_HINTS, text_limit=300))
     job: dict[str, Any] = resp.json()
     return job
 
