@@ -309,7 +309,7 @@ async def wait_settled(database: str, prefix: str, timeout: float = 900) -> None
     """Until every consumer group has committed everything and every outbox is empty, three times in a row."""
     groups = [("pricer", READINGS), ("ledger", CHARGES), ("api", CHARGES), ("api", TRANSACTIONS)]
     outboxes = ["SELECT count(*) FROM collector.reading_outbox",
-                "SELECT count(*) FROM pricer.charge_batches WHERE NOT published", "SELECT count(*) FROM ledger.outbox"]
+                "SELECT count(*) FROM pricer.unpublished_batches", "SELECT count(*) FROM ledger.outbox"]
     quiet = 0
     deadline = time.monotonic() + timeout
     with console.status("waiting for the pipeline to drain") as status:

@@ -324,12 +324,12 @@ class ConcurrentShardWriteError(asyncpg.SerializationError):
     the consumer and the re-pricer treat it as transient; the retry sees that batch)."""
 
 
-# A batch as stored: its shard, seq, counts (items, priced, unpriced, revisions), published, message.
+# A batch as stored: its shard, seq, counts (items, priced, unpriced, revisions), published, message. An
+# unpublished batch also gets its key into unpublished_batches (the outbox), the batch row itself is never
+# rewritten.
 BatchRow = tuple[ShardKey, int, int, int, int, int, bool, bytes]
 
-_BATCH_COLUMNS = (
-    "reading_hour", "meter", "shard", "seq", "items", "d_priced", "d_unpriced", "d_revisions", "published", "message",
-)
+_BATCH_COLUMNS = ("reading_hour", "meter", "shard", "seq", "items", "d_priced", "d_unpriced", "d_revisions", "message")
 
 
 def _keys(keys: Iterable[ShardKey]) -> tuple[list[datetime], list[str], list[int]]:
@@ -375,12 +375,17 @@ async def insert_batches(conn: Conn, frames: Frames, rows: Sequence[BatchRow]) -
     if not rows:
         return
     records = [
-        (k.reading_hour, k.meter, k.shard, seq, n, p, u, r, pub, frames.pack(shard_scope(k), msg))
-        for k, seq, n, p, u, r, pub, msg in rows
+        (k.reading_hour, k.meter, k.shard, seq, n, p, u, r, frames.pack(shard_scope(k), msg))
+        for k, seq, n, p, u, r, _, msg in rows
     ]
+    outbox = [(k.reading_hour, k.meter, k.shard, seq) for k, seq, _n, _p, _u, _r, pub, _m in rows if not pub]
     try:
         async with conn.transaction():
             await conn.copy_records_to_table("charge_batches", records=records, columns=_BATCH_COLUMNS)
+            if outbox:
+                await conn.copy_records_to_table(
+                    "unpublished_batches", records=outbox, columns=("reading_hour", "meter", "shard", "seq")
+                )
     except asyncpg.UniqueViolationError as exc:
         raise ConcurrentShardWriteError("another transaction stored a batch of this shard") from exc
 
@@ -486,11 +491,12 @@ async def take_unpublished(conn: Conn, frames: Frames, limit: int) -> list[tuple
     """Batches stored but not yet acknowledged by the broker, oldest first, locked (another publisher
     skips them) until the transaction ends."""
     rows = await conn.fetch(
-        """SELECT reading_hour, meter, shard, seq, message FROM charge_batches
-           WHERE NOT published
-           ORDER BY created_at, reading_hour, meter, shard, seq
-           LIMIT $1
-           FOR UPDATE SKIP LOCKED""",
+        """SELECT b.reading_hour, b.meter, b.shard, b.seq, b.message
+             FROM unpublished_batches u
+             JOIN charge_batches b USING (reading_hour, meter, shard, seq)
+            ORDER BY u.created_at, u.reading_hour, u.meter, u.shard, u.seq
+            LIMIT $1
+              FOR UPDATE OF u SKIP LOCKED""",
         limit,
     )
     messages = await frames.unpack_all(conn, [r["message"] for r in rows])
@@ -502,9 +508,9 @@ async def take_unpublished(conn: Conn, frames: Frames, limit: int) -> list[tuple
 async def mark_published(conn: Conn, batches: Sequence[tuple[ShardKey, int]]) -> None:
     if batches:
         await conn.execute(
-            """UPDATE charge_batches b SET published = true
-               FROM unnest($1::timestamptz[], $2::text[], $3::int2[], $4::int4[]) AS k(h, m, s, q)
-               WHERE b.reading_hour = k.h AND b.meter = k.m AND b.shard = k.s AND b.seq = k.q""",
+            """DELETE FROM unpublished_batches u
+               USING unnest($1::timestamptz[], $2::text[], $3::int2[], $4::int4[]) AS k(h, m, s, q)
+               WHERE u.reading_hour = k.h AND u.meter = k.m AND u.shard = k.s AND u.seq = k.q""",
             [k.reading_hour for k, _ in batches], [k.meter for k, _ in batches], [k.shard for k, _ in batches],
             [q for _, q in batches],
         )

@@ -399,7 +399,7 @@ async def test_a_price_added_by_an_instance_that_died_is_repriced_by_another(run
     assert [items_of(c)[key] for _, c in published] == [(1, None, 0), (2, orphan.id, Fraction(5))]
     async with running.pool.acquire() as conn:
         assert await conn.fetch("SELECT * FROM unpriced_shards") == []
-        assert await conn.fetchval("SELECT count(*) FROM charge_batches WHERE NOT published") == 0
+        assert await conn.fetchval("SELECT count(*) FROM unpublished_batches") == 0
 
 
 async def test_a_price_change_waits_for_batches_in_flight_then_gives_up(running: Running) -> None:

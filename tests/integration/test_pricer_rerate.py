@@ -261,13 +261,13 @@ async def test_a_restarted_pricer_finishes_an_unfinished_job_without_publishing_
         job = (await http.get(f"/internal/rerates/{job_id}")).json()
         assert job["state"] == "running" and 0 < job["done"] < job["total"] and job["repriced"] > 0, job
         async with app.state.runtime.pool.acquire() as conn:
-            assert await conn.fetchval("SELECT count(*) FROM charge_batches WHERE NOT published") == 1
+            assert await conn.fetchval("SELECT count(*) FROM unpublished_batches") == 1
 
     async with app_running() as (app, http):  # the restart: publishes what was stored, then goes on
         job = await wait_done(http, job_id)
         assert job["state"] == "done" and job["done"] == job["total"] == 32 and job["repriced"] == 24, job
         async with app.state.runtime.pool.acquire() as conn:
-            assert await conn.fetchval("SELECT count(*) FROM charge_batches WHERE NOT published") == 0
+            assert await conn.fetchval("SELECT count(*) FROM unpublished_batches") == 0
 
     published = await read_charges(infra.kafka, topic, expected=10_000, timeout=4)
     seen: dict[tuple[Key, int], tuple[Any, ...]] = {}
