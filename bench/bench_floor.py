@@ -67,8 +67,7 @@ from shared.topics import CHARGES, READINGS, delete_topics
 TARGET = 300_000
 PASSES = ("consume", "decode", "forward", "price")
 CORES = os.cpu_count() or 1
-_BATCH_COLUMNS = ("reading_hour", "meter", "shard", "seq", "items", "d_priced", "d_unpriced", "d_revisions",
-                  "published", "message")
+_BATCH_COLUMNS = ("reading_hour", "meter", "shard", "seq", "items", "d_priced", "d_unpriced", "d_revisions", "message")
 _STATE_COLUMNS = ("reading_hour", "meter", "shard", "posted", "revisions", "items")
 
 
@@ -205,7 +204,7 @@ async def main(count: int, batch: int) -> None:
         await delete_topics(KAFKA, prefix=ledger_prefix)
     # Stored as the services store them: compressed (zstd, here without a frame: about the same work).
     frames = Frames()
-    rows = [(k[0], k[1], k[2], 1, len(c.resource_id), len(c.resource_id), 0, len(c.resource_id), True,
+    rows = [(k[0], k[1], k[2], 1, len(c.resource_id), len(c.resource_id), 0, len(c.resource_id),
              frames.pack("", raw)) for k, c, raw in _priced(count, catalog)]
     result["copy"] = _rates(
         await copy_rows(rows, batch, "pricer", PRICER_MIGRATIONS, "charge_batches", _BATCH_COLUMNS), n

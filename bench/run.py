@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -13,9 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 
 from bench.common import machine
+from cli.localstack import ADMIN_DSN
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = str(ROOT / ".venv" / "bin" / "python")
@@ -61,7 +64,40 @@ SCALES: dict[str, dict[str, list[str]]] = {
 }
 
 
+def _busy_share(seconds: float) -> float:
+    """The share of the machine's CPU time spent busy over the next ``seconds`` (/proc/stat, all cores)."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+async def _checkpoint() -> None:
+    conn = await asyncpg.connect(ADMIN_DSN)
+    try:
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+
+
+def settle(quiet: float = 0.15, limit_s: float = 60) -> None:
+    """Start each benchmark on a quiet machine: the previous one's dirty pages written out now (a
+    checkpoint; otherwise the next timed checkpoint lands in the middle of a measured window), then wait
+    until the machine is idle (below ``quiet`` busy over a second: the previous benchmark's databases
+    dropped, Kafka's log deletion done), at most ``limit_s``."""
+    asyncio.run(_checkpoint())
+    deadline = time.monotonic() + limit_s
+    while _busy_share(1.0) > quiet and time.monotonic() < deadline:
+        pass
+
+
 def run_one(name: str, args: list[str]) -> dict[str, Any]:
+    settle()
     print(f"== {name}: {' '.join(args)}", flush=True)
     t = time.perf_counter()
     proc = subprocess.run([PY, *args], cwd=ROOT, capture_output=True, text=True, env=os.environ)

@@ -136,6 +136,8 @@ class Api:
 
     async def stop(self, runtime: Runtime) -> None:
         await self.webhooks.stop()
+        if self.projector is not None:
+            await self.projector.vacuumed()
         for client in self._clients:
             await client.aclose()
         self._clients = []

@@ -11,6 +11,7 @@ shard's document is read again only when a batch changes it or its hour's orgs g
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -101,6 +102,7 @@ class Projector:
         self.pool = pool
         self.vacuum_after_bytes = vacuum_after_bytes
         self._rewritten = 0  # bytes of per-resource documents rewritten since the last vacuum
+        self._vacuuming: asyncio.Task[None] | None = None
         self.names = Names()
         self.frames = Frames()  # the shard documents' compression frames (shared/blobs.py), for this database
         # Called with the statements of a batch in its transaction (the api enqueues their webhook deliveries).
@@ -164,18 +166,33 @@ class Projector:
         self.names.written(batches)
         if conflicts is not None:
             conflicts.extend(refused)
-        await self._rewrote(rewritten)
+        self._rewrote(rewritten)
         return changed
 
-    async def _rewrote(self, nbytes: int) -> None:
-        """Count rewritten document bytes (after the commit); vacuum their table when enough were."""
+    def _rewrote(self, nbytes: int) -> None:
+        """Count rewritten document bytes (after the commit); when enough were, vacuum their table in the
+        background (the consumer does not wait for it; one vacuum at a time)."""
         self._rewritten += nbytes
-        if self._rewritten < self.vacuum_after_bytes:
+        if self._rewritten < self.vacuum_after_bytes or self._vacuuming is not None:
             return
         self._rewritten = 0
-        async with self.pool.acquire() as conn:
-            # SKIP_LOCKED: another instance vacuuming it now does the same work
-            await conn.execute("VACUUM (SKIP_LOCKED) usage_resource_day")
+        self._vacuuming = asyncio.create_task(self._vacuum())
+
+    async def _vacuum(self) -> None:
+        try:
+            async with self.pool.acquire() as conn:
+                # SKIP_LOCKED: another instance vacuuming it now does the same work
+                await conn.execute("VACUUM (SKIP_LOCKED) usage_resource_day")
+        except Exception:  # the database away, the pool closing: the next rewrites try again
+            log.warning("vacuuming the per-resource documents failed", exc_info=True)
+        finally:
+            self._vacuuming = None
+
+    async def vacuumed(self) -> None:
+        """Wait for the vacuum under way, if any (tests; a stopping api)."""
+        task = self._vacuuming
+        if task is not None:
+            await task
 
     async def apply_ledger(self, messages: Sequence[TransactionPosted | StatementIssued]) -> int:
         """Store new transactions and statements, learn which customer each org belonged to in each hour
@@ -205,7 +222,7 @@ class Projector:
                 await repo.upsert_statements(conn, [statement_row(s) for s in statements])
                 if self.on_statements is not None:
                     await self.on_statements(conn, statements)
-        await self._rewrote(rewritten)
+        self._rewrote(rewritten)
         return len(stored)
 
 
