@@ -4,9 +4,10 @@ it, as signed POSTs (``shared.webhooks``), retried with exponential backoff for 
 - Enqueueing: the alerts consumer (``ledger.alerts.v1``) and the read model's ledger consumer (statements, in
   the projector's transaction) insert one delivery per (subscription, event), with an id derived from both,
   so a message consumed again enqueues nothing twice. Posting in the ledger never waits for any of this.
-- Sending: a loop of each api instance claims due deliveries with ``FOR UPDATE SKIP LOCKED`` (instances never
-  send the same delivery at once), POSTs them, records the attempt and schedules the next one; a 2xx answer
-  delivers, no 2xx within 24 hours of the event fails the delivery.
+- Sending: a loop of each api instance claims due deliveries (``FOR UPDATE SKIP LOCKED``, then a
+  ``claimed_until`` committed before any POST: instances never send the same delivery at once, and no
+  transaction stays open while receivers answer), POSTs them, records the attempt and schedules the next
+  one; a 2xx answer delivers, no 2xx within 24 hours of the event fails the delivery.
 - ``clock`` (the time of enqueueing, signing and scheduling) is an attribute, so a test can move it.
 """
 
@@ -19,7 +20,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -44,6 +45,8 @@ __all__ = ["Webhooks", "envelope"]
 log = logging.getLogger(__name__)
 
 ATTEMPTS = Counter("billing_webhook_attempts_total", "Webhook POSTs made", ["outcome"])
+# A claim lasts a POST's timeout and this much more (recording the attempts after the answers).
+CLAIM_MARGIN_SECONDS = 30
 
 Event = AlertRaised | StatementIssued
 CheckCustomer = Callable[[Call, UUID], Any]  # awaitable: raises the ProblemError of an unknown customer
@@ -106,11 +109,12 @@ class Webhooks:
 
     async def stop(self) -> None:
         """Let the batch in hand finish and be recorded (a POST answered 2xx but not recorded would be sent
-        again), then stop; cancelled if it takes longer than a POST may."""
+        again), then stop; cancelled if it takes longer than a POST may (its deliveries are tried again once
+        their claim has run out)."""
         if self._task is not None:
             self._stopping = True
             self._wake.set()
-            # Past that, wait_for cancels it: the batch's transaction is rolled back and its rows are tried again.
+            # Past that, wait_for cancels it: its deliveries are tried again when their claim runs out.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._task, self.timeout_seconds + 5)
             self._task = None
@@ -191,7 +195,9 @@ class Webhooks:
 
     async def send_due(self) -> int:
         """Claim up to ``batch`` deliveries due by the clock, POST them at once, record the attempts; returns
-        how many were tried. The rows stay locked until recorded: another instance skips them."""
+        how many were tried. The claim (``claimed_until``, longer than a POST may take) is committed before
+        the POSTs, so no transaction or row lock is held while the receivers answer; another instance skips
+        claimed rows, and a claim whose sender died runs out and the delivery is tried again."""
         assert self._client is not None, "webhooks not started"
         now = self.clock()
         async with self._pool().acquire() as conn, conn.transaction():
@@ -200,6 +206,7 @@ class Webhooks:
                 SELECT d.id, d.payload, d.attempts, d.created_at, s.url, s.secret
                 FROM webhook_delivery d JOIN webhook_subscription s ON s.id = d.subscription_id
                 WHERE d.status = 'pending' AND d.next_attempt_at <= $1
+                  AND (d.claimed_until IS NULL OR d.claimed_until <= $1)
                 ORDER BY d.next_attempt_at
                 LIMIT $2
                 FOR UPDATE OF d SKIP LOCKED
@@ -209,7 +216,12 @@ class Webhooks:
             )
             if not due:
                 return 0
-            results = await asyncio.gather(*(self._post(r) for r in due))
+            await conn.execute(
+                "UPDATE webhook_delivery SET claimed_until = $2 WHERE id = ANY($1::uuid[])",
+                [r["id"] for r in due], now + timedelta(seconds=self.timeout_seconds + CLAIM_MARGIN_SECONDS),
+            )
+        results = await asyncio.gather(*(self._post(r) for r in due))
+        async with self._pool().acquire() as conn, conn.transaction():
             for r, (at, code, error, ms) in zip(due, results, strict=True):
                 n = r["attempts"] + 1
                 await conn.execute(
@@ -220,6 +232,7 @@ class Webhooks:
                 status, next_at = self.outcome(n, at, r["created_at"], code)
                 await conn.execute(
                     "UPDATE webhook_delivery SET attempts = $2, status = $3, next_attempt_at = $4, "
+                    "claimed_until = NULL, "
                     "finished_at = CASE WHEN $3 = 'pending' THEN NULL ELSE $5::timestamptz END WHERE id = $1",
                     r["id"], n, status, next_at, at,
                 )

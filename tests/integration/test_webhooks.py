@@ -283,3 +283,83 @@ async def test_three_senders_on_one_database_deliver_each_event_once(
                 await w.stop()
         assert sorted(e["id"] for e in got.events) == sorted(str(a.id) for a in alerts)
         assert int(await h.sql("SELECT count(*) FROM webhook_attempt")) == len(alerts)
+
+
+async def test_no_transaction_stays_open_while_a_receiver_answers_and_a_dead_senders_claim_runs_out(
+    infra: Infra, database: Database, topic_prefix: str
+) -> None:
+    """A receiver that takes its time: while it holds the POST, the api has no transaction open (the claim was
+    committed first); another sender skips the claimed delivery. A delivery claimed by a sender that died
+    (its claim left behind) is sent once the claim has run out, not before."""
+    clock = Clock(datetime.now(UTC).replace(microsecond=0))
+    got = Received()
+    inner = receiver_app(SECRET, got, clock=clock)
+    answering = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            answering.set()
+            await release.wait()
+        await inner(scope, receive, send)
+
+    async with running_api(
+        infra, database, topic_prefix, webhook_poll_seconds=0.05, webhook_timeout_seconds=10
+    ) as h, receiver(slow) as port:
+        api = h.app.state.api
+        api.webhooks.clock = clock
+        await h.publish_ledger([txn(A, "funding", 10_000_000, occurred_at=datetime(2026, 11, 1, 4, tzinfo=UTC))])
+        await h.until_count("customer", 1)
+        r = await h.client.post(
+            "/admin/webhooks", headers=h.admin,
+            json={"customer_id": str(A), "url": f"http://127.0.0.1:{port}/", "events": ["alert.raised"],
+                  "secret": SECRET},
+        )
+        assert r.status_code == 201, r.text
+        first = alert(50)
+        await h.publisher.publish(h.settings.topic(ALERTS), [Outgoing(str(A).encode(), encode(first))])
+        await asyncio.wait_for(answering.wait(), 30)
+
+        # The api's connections (not this one, the admin's) while the receiver holds the POST.
+        api_connections = await h.sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND usename <> current_user"
+        )
+        in_transaction = await h.sql(
+            """SELECT count(*) FROM pg_stat_activity
+                WHERE datname = current_database() AND usename <> current_user AND state LIKE 'idle in transaction%'"""
+        )
+        other = Webhooks(lambda: api.runtime.pool, api._known_customer, poll_seconds=0.05)
+        other.clock = clock
+        await other.start()
+        try:
+            assert await other.send_due() == 0  # claimed by the first sender
+        finally:
+            await other.stop()
+        release.set()
+        await h.until(
+            lambda: _count(h, "SELECT count(*) FROM webhook_delivery WHERE status = 'delivered'", 1), "delivered"
+        )
+        assert int(api_connections) > 0 and int(in_transaction) == 0
+
+        # A sender died holding a claim on the next alert: nobody sends it until the claim has run out.
+        await api.webhooks.stop()  # the api's own sender stands aside; ``other`` plays the senders left
+        second = alert(75)
+        await h.publisher.publish(h.settings.topic(ALERTS), [Outgoing(str(A).encode(), encode(second))])
+        await h.until(lambda: _count(h, "SELECT count(*) FROM webhook_delivery", 2), "the second delivery")
+        await h.sql(
+            "UPDATE webhook_delivery SET claimed_until = $1 WHERE status = 'pending'", clock.now + timedelta(minutes=1)
+        )
+        other = Webhooks(lambda: api.runtime.pool, api._known_customer, poll_seconds=3600)
+        other.clock = clock
+        await other.start()
+        try:
+            assert await other.send_due() == 0
+            clock.advance(timedelta(minutes=1))
+            assert await other.send_due() == 1
+        finally:
+            await other.stop()
+        assert sorted(e["id"] for e in got.events) == sorted([str(first.id), str(second.id)])
+
+
+async def _count(h: ApiHarness, sql: str, expected: int) -> bool:
+    return int(await h.sql(sql)) == expected
