@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,4 +102,6 @@ class Stack:
             try:
                 p.wait(30)
             except subprocess.TimeoutExpired:
+                print(f"{p.args[0]} (pid {p.pid}) did not stop within 30 s of SIGTERM: killed", file=sys.stderr)
                 p.kill()
+                p.wait()  # reaped: a Popen left running warns when collected, in whichever test runs then

@@ -18,6 +18,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -178,4 +179,6 @@ async def test_the_services_run_in_production_with_the_manifests_environment(
                 try:
                     proc.wait(45)
                 except subprocess.TimeoutExpired:
+                    print(f"{proc.args} did not stop within 45 s of SIGTERM: killed", file=sys.stderr)
                     proc.kill()
+                    proc.wait()  # reaped: a Popen left running warns when collected, in whichever test runs then

@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -131,4 +132,6 @@ async def test_the_api_stays_ready_without_kafka_and_says_how_fresh_its_read_mod
                 try:
                     proc.wait(45)
                 except subprocess.TimeoutExpired:
+                    print(f"{proc.args} did not stop within 45 s of SIGTERM: killed", file=sys.stderr)
                     proc.kill()
+                    proc.wait()  # reaped: a Popen left running warns when collected, in whichever test runs then
