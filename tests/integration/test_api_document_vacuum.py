@@ -9,7 +9,6 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -17,12 +16,11 @@ import pytest
 
 from services.api import repository as repo
 from services.api.projector import Projector
-from shared.db import create_pool, migrate
+from tests.support.api_db import api_pool
 from tests.support.api_factories import batches, charge, txn
 
 pytestmark = pytest.mark.integration
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "api" / "migrations"
 CUSTOMER = uuid.UUID(int=0xC1)
 DAY_START = datetime(2026, 11, 2, 5, tzinfo=UTC)  # Nov 2, 00:00 EST
 RESOURCES = [str(uuid.UUID(int=(i + 1) * 0x9E3779B97F4A7C15 % (1 << 128))) for i in range(400)]
@@ -30,13 +28,8 @@ RESOURCES = [str(uuid.UUID(int=(i + 1) * 0x9E3779B97F4A7C15 % (1 << 128))) for i
 
 @pytest.fixture
 async def pool(database: Any) -> AsyncIterator[asyncpg.Pool]:
-    p = await create_pool(database.dsn("api"), "api", max_size=2)
-    async with p.acquire() as conn:
-        await migrate(conn, "api", MIGRATIONS)
-    try:
+    async with api_pool(database, max_size=2) as p:
         yield p
-    finally:
-        await p.close()
 
 
 async def _sizes(pool: asyncpg.Pool) -> tuple[int, int]:

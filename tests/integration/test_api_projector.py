@@ -13,7 +13,6 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime, timedelta
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -25,14 +24,13 @@ from hypothesis import strategies as st
 from services.api import repository as repo
 from services.api.projector import Projector
 from shared.contracts import TransactionPosted
-from shared.db import create_pool, migrate
 from shared.ids import charge_id, measurement_id
+from tests.support.api_db import api_pool
 from tests.support.api_factories import ChargeItem, amount_of, batches, charge, txn
 
 pytestmark = pytest.mark.integration
 
 NY = ZoneInfo("America/New_York")
-MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "api" / "migrations"
 CUSTOMERS = [uuid.UUID(int=0xC1), uuid.UUID(int=0xC2)]
 HOURS = [
     datetime(2026, 11, 1, 3, tzinfo=UTC),  # Oct 31, 23:00 EDT
@@ -74,13 +72,8 @@ Figures = dict[tuple[Any, ...], tuple[dict[str, int], Fraction]]
 
 @pytest.fixture
 async def pool(database: Any) -> AsyncIterator[asyncpg.Pool]:
-    p = await create_pool(database.dsn("api"), "api", max_size=4)
-    async with p.acquire() as conn:
-        await migrate(conn, "api", MIGRATIONS)
-    try:
+    async with api_pool(database, max_size=4) as p:
         yield p
-    finally:
-        await p.close()
 
 
 amounts = st.builds(lambda n, d: Fraction(n, d), st.integers(0, 10_000), st.sampled_from(DENOMINATORS))
