@@ -53,7 +53,16 @@ from aiokafka import AIOKafkaConsumer
 
 from bench.bench_ledger import bench_orgs, charges
 from bench.bench_pricer import bench_prices, measurements
-from bench.common import KAFKA, drop_database, dsn, emit, fresh_database, fresh_topics, produce
+from bench.common import (
+    KAFKA,
+    drop_database,
+    dsn,
+    emit,
+    fresh_database,
+    fresh_topics,
+    machine_busy_seconds,
+    produce,
+)
 from services.ledger.app import MIGRATIONS as LEDGER_MIGRATIONS
 from services.pricer.app import MIGRATIONS as PRICER_MIGRATIONS
 from services.pricer.pricing import Catalog, price_items
@@ -69,14 +78,6 @@ PASSES = ("consume", "decode", "forward", "price")
 CORES = os.cpu_count() or 1
 _BATCH_COLUMNS = ("reading_hour", "meter", "shard", "seq", "items", "d_priced", "d_unpriced", "d_revisions", "message")
 _STATE_COLUMNS = ("reading_hour", "meter", "shard", "posted", "revisions", "items")
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy since boot (all cores; /proc/stat, idle and iowait
-    excluded)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 async def read_all(

@@ -17,8 +17,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from bench.common import machine
-from cli.localstack import ADMIN_DSN
+from bench.common import ADMIN_DSN, machine, machine_busy_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = str(ROOT / ".venv" / "bin" / "python")
@@ -65,16 +64,10 @@ SCALES: dict[str, dict[str, list[str]]] = {
 
 
 def _busy_share(seconds: float) -> float:
-    """The share of the machine's CPU time spent busy over the next ``seconds`` (/proc/stat, all cores)."""
-
-    def sample() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-
-    total0, idle0 = sample()
+    """The share of the machine's CPU time spent busy over the next ``seconds`` (all cores)."""
+    busy = machine_busy_seconds()
     time.sleep(seconds)
-    total1, idle1 = sample()
-    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+    return (machine_busy_seconds() - busy) / (seconds * (os.cpu_count() or 1))
 
 
 async def _checkpoint() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from tests.sim_server import free_port
+from tests.support.processes import stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
@@ -95,13 +95,4 @@ class Stack:
         return 0.0
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                print(f"{p.args[0]} (pid {p.pid}) did not stop within 30 s of SIGTERM: killed", file=sys.stderr)
-                p.kill()
-                p.wait()  # reaped: a Popen left running warns when collected, in whichever test runs then
+        stop_all(self.procs.values(), grace=30)

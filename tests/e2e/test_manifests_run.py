@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -43,6 +41,7 @@ from tests.support.manifests import (
     the,
 )
 from tests.support.private_kafka import private_kafka
+from tests.support.processes import stop_all
 
 pytestmark = pytest.mark.e2e
 
@@ -172,13 +171,4 @@ async def test_the_services_run_in_production_with_the_manifests_environment(
                 assert reading.status_code in (200, 201), reading.text  # 200: the schedule had taken it
                 assert reading.json()["errors"] == [] and reading.json()["measurements"] > 0, reading.text
         finally:
-            for proc in procs.values():
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            for proc in procs.values():
-                try:
-                    proc.wait(45)
-                except subprocess.TimeoutExpired:
-                    print(f"{proc.args} did not stop within 45 s of SIGTERM: killed", file=sys.stderr)
-                    proc.kill()
-                    proc.wait()  # reaped: a Popen left running warns when collected, in whichever test runs then
+            stop_all(procs.values(), grace=45)

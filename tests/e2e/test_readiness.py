@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
-import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +19,7 @@ from shared.topics import TRANSACTIONS
 from tests.sim_server import free_port
 from tests.support.api_factories import txn
 from tests.support.private_kafka import private_kafka
+from tests.support.processes import stop_all
 from tests.support.tokens import LocalIssuer, serve_issuer
 
 pytestmark = pytest.mark.e2e
@@ -126,12 +125,4 @@ async def test_the_api_stays_ready_without_kafka_and_says_how_fresh_its_read_mod
                     assert (await readyz(client, url["api"])).status_code == 200
                 assert procs["api"].poll() is None
         finally:
-            for proc in procs.values():
-                proc.send_signal(signal.SIGTERM)
-            for proc in procs.values():
-                try:
-                    proc.wait(45)
-                except subprocess.TimeoutExpired:
-                    print(f"{proc.args} did not stop within 45 s of SIGTERM: killed", file=sys.stderr)
-                    proc.kill()
-                    proc.wait()  # reaped: a Popen left running warns when collected, in whichever test runs then
+            stop_all(procs.values(), grace=45)
