@@ -30,8 +30,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from fractions import Fraction
+from itertools import repeat
 from math import gcd, lcm
-from typing import Any
+from operator import getitem
+from typing import Any, NamedTuple
 
 import asyncpg
 import orjson
@@ -245,10 +247,17 @@ class _Shard:
     applied_changed: bool = False
     held_changed: set[str] = field(default_factory=set)
     mark: int = 0  # the sum of the change marks of what this posting applied to the shard
-    # A shard's first batch as its groups were chosen: the batch's org and price columns and the group of
-    # each (org, price); ``dump`` maps those few pairs to ids instead of every charge's group (a tuple of
-    # two UUIDs to hash). None once a later batch of the posting changed the groups.
-    fresh_groups: tuple[list[int], list[int], dict[tuple[int, int], GroupKey]] | None = None
+    # A shard's first batch (``_FreshGroups``): the group of each of its charges follows from its (org, price)
+    # pair; ``dump`` maps the batch's few pairs to ids instead of every charge's group (a tuple of two UUIDs to
+    # hash), and the per-charge group column is built only when a later batch of the posting compares items
+    # with the shard (``groups``). None once a later batch changed the groups.
+    fresh: _FreshGroups | None = None
+
+    def groups(self) -> list[GroupKey | int]:
+        """The group of each applied charge (built from the first batch's pairs when it is fresh)."""
+        if self.fresh is not None and len(self.g) != len(self.r):
+            self.g = self.fresh.column()
+        return self.g
 
     def load(self, raw: bytes) -> None:
         doc = orjson.loads(raw)
@@ -278,10 +287,8 @@ class _Shard:
 
     def dump(self, groups: dict[GroupKey, int]) -> bytes:
         """The stored document, the keys of the groups created meanwhile replaced by their ids."""
-        if self.fresh_groups is not None:
-            orgs, prices, group_of = self.fresh_groups
-            id_of = {op: groups[g] for op, g in group_of.items()}
-            ids: list[GroupKey | int] = list(map(id_of.__getitem__, zip(orgs, prices, strict=True)))
+        if self.fresh is not None:
+            ids: list[GroupKey | int] = self.fresh.column(groups)
         else:
             ids = [g if isinstance(g, int) else groups.get(g, g) for g in self.g]  # a group id stays itself
         return orjson.dumps({"r": self.r, "v": self.v, "g": ids, "n": self.n, "d": self.d, "o": self.o, "os": self.os})
@@ -304,46 +311,97 @@ def _quantities(c: Charges) -> tuple[list[int], list[int]]:
     return nums, dens
 
 
-def _post_fresh(
-    c: Charges,
-    key: ShardKey,
-    shard: _Shard,
-    customer_of: list[uuid.UUID | None],
-    acc: Acc,
-) -> int:
+class _FreshGroups(NamedTuple):
+    """A fresh shard's first batch as its groups follow from it: the batch's org and price columns, the
+    customer of each of its orgs (every one has one), its price ids and its month."""
+
+    orgs: list[int]
+    prices: list[int]
+    customers: list[uuid.UUID]
+    price_ids: list[uuid.UUID]
+    month: date
+
+    def column(self, ids: Mapping[GroupKey, int] | None = None) -> list[Any]:
+        """The group of each charge: its key, or its id in ``ids``. Built from a row of groups per customer
+        (one per price of the batch, the last one unpriced), found per charge through its org and price."""
+        rows: list[list[Any]] = []
+        of_customer: dict[uuid.UUID, list[Any]] = {}
+        for customer in self.customers:
+            row = of_customer.get(customer)
+            if row is None:
+                keys = [(customer, self.month, p) for p in (*self.price_ids, _NIL)]
+                row = of_customer[customer] = keys if ids is None else list(map(ids.get, keys))
+            rows.append(row)
+        return list(map(getitem, map(rows.__getitem__, self.orgs), self.prices))
+
+
+class _FreshSums:
+    """The charges of the posting's fresh batches summed across batches per (hour and meter, org, kind, price,
+    denominator), keyed by small ints: a batch is one shard of resources, so its charges spread over most
+    orgs and sum little within it, while a posting's batches share their orgs, kinds and prices. The sums
+    join the posting's changes (``into``) once all batches are read; nothing is built per charge but the
+    key."""
+
+    def __init__(self) -> None:
+        self.sums: defaultdict[tuple[int, int, int, int, int], int] = defaultdict(int)
+        self.hours: dict[tuple[datetime, str], int] = {}
+        self.orgs: dict[str, int] = {}
+        self.kinds: dict[str, int] = {}
+        self.prices: dict[uuid.UUID, int] = {}
+
+    def add(self, c: Charges, nums: list[int], dens: list[int], price_ids: list[uuid.UUID]) -> None:
+        hour = _slot(self.hours, (c.reading_hour, c.meter))
+        orgs = [_slot(self.orgs, o.id) for o in c.orgs]
+        kinds = [_slot(self.kinds, k) for k in c.kinds]
+        prices = [_slot(self.prices, p) for p in price_ids]
+        prices.append(_slot(self.prices, _NIL))  # position -1: an unpriced charge
+        sums = self.sums
+        keys = zip(
+            repeat(hour), map(orgs.__getitem__, c.org), map(kinds.__getitem__, c.kind),
+            map(prices.__getitem__, c.price), dens,
+        )  # a decoded batch's columns: one length
+        for k5, num in zip(keys, nums, strict=True):
+            sums[k5] += num
+
+    def into(self, acc: Acc, owners_at: Mapping[datetime, Mapping[str, uuid.UUID]]) -> None:
+        """Add the sums to ``acc`` per (customer, month, price) group and (line, denominator)."""
+        hours, orgs = list(self.hours), list(self.orgs)
+        kinds, prices = list(self.kinds), list(self.prices)
+        months = [billing_month(hour) for hour, _ in hours]
+        buckets: dict[tuple[int, int, int], defaultdict[tuple[Line, int], int]] = {}
+        for (h, o, k, p, den), num in self.sums.items():
+            bucket = buckets.get((h, o, p))
+            hour, meter = hours[h]
+            if bucket is None:
+                bucket = buckets[(h, o, p)] = acc[(owners_at[hour][orgs[o]], months[h], prices[p])]
+            bucket[((hour, orgs[o], meter, kinds[k]), den)] += num
+
+
+def _slot(slots: dict[Any, int], value: Any) -> int:
+    at = slots.get(value)
+    if at is None:
+        at = slots[value] = len(slots)
+    return at
+
+
+def _post_fresh(c: Charges, key: ShardKey, shard: _Shard, customer_of: list[uuid.UUID], fresh: _FreshSums) -> int:
     """The first batch of a shard with nothing held, every org with a customer: every item is new, so the
-    charges are summed column at a time (per org, kind, price and denominator) and the batch's columns
-    become the shard's state as they are."""
-    hour, meter = key.reading_hour, key.meter
-    month = billing_month(hour)
-    sums: dict[tuple[int, int, int, int], int] = defaultdict(int)
+    charges are summed column at a time (``_FreshSums``) and the batch's columns become the shard's state as
+    they are."""
     nums, dens = _quantities(c)
-    columns = zip(c.org, c.kind, c.price, dens, strict=True)  # a decoded batch's columns: one length
-    for k4, num in zip(columns, nums, strict=True):
-        sums[k4] += num
-    group_of: dict[tuple[int, int], GroupKey] = {}
-    bucket_of: dict[tuple[int, int], dict[tuple[Line, int], int]] = {}
     price_ids = _price_ids(c)
-    for (o, k, p, den), num in sums.items():
-        bucket = bucket_of.get((o, p))
-        if bucket is None:
-            customer = customer_of[o]
-            assert customer is not None
-            group = group_of[(o, p)] = (customer, month, price_ids[p] if p >= 0 else _NIL)
-            bucket = bucket_of[(o, p)] = acc[group]
-        bucket[((hour, c.orgs[o].id, meter, c.kinds[k]), den)] += num
-    groups = list(map(group_of.__getitem__, zip(c.org, c.price, strict=True)))
+    fresh.add(c, nums, dens, price_ids)
     # Copies: a later batch of this posting may append to the shard's columns (the same message twice).
-    shard.r, shard.v, shard.g = list(c.resource_id), list(c.revision), groups  # type: ignore[assignment]
+    shard.r, shard.v, shard.g = list(c.resource_id), list(c.revision), []
     shard.n, shard.d = list(nums), list(dens)
     shard.o, shard.os = list(c.org), [org.id for org in c.orgs]
     shard.index = shard.org_index = None
-    shard.fresh_groups = (c.org, c.price, group_of)
+    shard.fresh = _FreshGroups(c.org, c.price, customer_of, price_ids, billing_month(key.reading_hour))
     shard.applied_changed = True
     # A fresh shard applies all of the batch's items: its mark is the id of those items (computed here, not
     # taken from the message, whose id nothing guarantees to match what it carries).
-    shard.mark += charges_id(hour, meter, key.shard, c.resource_id, c.revision).int
-    return len(groups)
+    shard.mark += charges_id(key.reading_hour, key.meter, key.shard, c.resource_id, c.revision).int
+    return len(c.resource_id)
 
 
 # A group key (customer, month, price) is hashed several times per charge; asyncpg's own UUID class (what
@@ -529,7 +587,7 @@ def _post_items(
     batches from the topic, ``n`` this one's position), an item of the revision applied or held with other
     content is recorded there as a conflict and changes nothing."""
     at, held = shard.positions(), shard.held
-    revs, gs, nums, dens = shard.v, shard.g, shard.n, shard.d
+    revs, gs, nums, dens = shard.v, shard.groups(), shard.n, shard.d
     month = billing_month(key.reading_hour)
     price_ids = _price_ids(c)
     kinds, orgs = c.kinds, c.orgs
@@ -574,7 +632,7 @@ def _post_items(
         group = (customer, month, price)
         line = (key.reading_hour, org_id, key.meter, kinds[k])
         acc[group][(line, den)] += num
-        shard.fresh_groups = None
+        shard.fresh = None
         if pos is None:
             at[rid] = len(shard.r)
             shard.r.append(rid)
@@ -627,6 +685,7 @@ async def post_batches(
         owners_at[hour][org_id] = customer_id
 
     acc: Acc = defaultdict(lambda: defaultdict(int))
+    fresh = _FreshSums()
     checks = _Checks()
     # The re-ratings the batches come from, per (reading hour, meter): a closed month's difference on those
     # lines is a correction, not late usage (decided per customer and hour below, never per item).
@@ -641,9 +700,10 @@ async def post_batches(
         owner_of = owners_at.get(c.reading_hour, {})
         customer_of = [owner_of.get(o.id) for o in c.orgs]
         if not shard.r and not shard.held and None not in customer_of:
-            result.changed += _post_fresh(c, key, shard, customer_of, acc)
+            result.changed += _post_fresh(c, key, shard, customer_of, fresh)  # type: ignore[arg-type]  # no None
         else:
             result.changed += _post_items(c, key, shard, customer_of, acc, result, checks if n < topic else None, n)
+    fresh.into(acc, owners_at)
     if checks.unsure:
         checks.settle(await repo.group_prices(conn, {u[5] for u in checks.unsure}))
     result.conflicts = sorted(checks.found)
