@@ -32,7 +32,7 @@ from datetime import date, datetime
 from fractions import Fraction
 from itertools import repeat
 from math import gcd, lcm
-from operator import getitem
+from operator import attrgetter, getitem
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -409,6 +409,9 @@ def _post_fresh(c: Charges, key: ShardKey, shard: _Shard, customer_of: list[uuid
 _NIL = HashedUUID(NIL_PRICE.bytes)
 
 
+_org_id = attrgetter("id")
+
+
 def _price_ids(c: Charges) -> list[uuid.UUID]:
     return [HashedUUID(p.id.bytes) for p in c.prices]
 
@@ -679,7 +682,10 @@ async def post_batches(
     result.refused = sorted(refused.items())
     if release:
         batches = [*batches, *held_batches({k: held_rows[k] for k in release if k in held_rows})]
-    owners = await repo.owners(conn, {(o.id, c.reading_hour) for c in batches for o in c.orgs})
+    orgs_at: defaultdict[datetime, set[str]] = defaultdict(set)
+    for c in batches:
+        orgs_at[c.reading_hour].update(map(_org_id, c.orgs))  # a batch names most orgs: no tuple per name
+    owners = await repo.owners(conn, [(org, hour) for hour, orgs in orgs_at.items() for org in orgs])
     owners_at: dict[datetime, dict[str, uuid.UUID]] = defaultdict(dict)
     for (org_id, hour), customer_id in owners.items():
         owners_at[hour][org_id] = customer_id
@@ -698,7 +704,7 @@ async def post_batches(
         key = ShardKey(c.reading_hour, c.meter, c.shard)
         shard = shards[key]
         owner_of = owners_at.get(c.reading_hour, {})
-        customer_of = [owner_of.get(o.id) for o in c.orgs]
+        customer_of = list(map(owner_of.get, map(_org_id, c.orgs)))
         if not shard.r and not shard.held and None not in customer_of:
             result.changed += _post_fresh(c, key, shard, customer_of, fresh)  # type: ignore[arg-type]  # no None
         else:
