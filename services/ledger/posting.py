@@ -332,7 +332,10 @@ class _FreshGroups(NamedTuple):
                 keys = [(customer, self.month, p) for p in (*self.price_ids, _NIL)]
                 row = of_customer[customer] = keys if ids is None else list(map(ids.get, keys))
             rows.append(row)
-        return list(map(getitem, map(rows.__getitem__, self.orgs), self.prices))
+        column = list(map(getitem, map(rows.__getitem__, self.orgs), self.prices))
+        if ids is not None and None in column:  # a row holds every price: only those of charges must have ids
+            raise KeyError("a charge's group has no id")
+        return column
 
 
 class _FreshSums:
