@@ -650,7 +650,8 @@ def _post_items(
         else:
             acc[gs[pos]][(line, dens[pos])] -= nums[pos]
             revs[pos], gs[pos], nums[pos], dens[pos] = rev, group, num, den
-            shard.o[pos] = shard.org_at(org_id)
+            if shard.org_of(pos) != org_id:  # (indexing the org table costs more than a revision)
+                shard.o[pos] = shard.org_at(org_id)
         shard.applied_changed = True
         shard.mark += change_mark(key, rid, rev)
         changed += 1
