@@ -51,6 +51,7 @@ from shared.batches import Charges, Item, Price, charges_id, measurement_batches
 from shared.clock import month_bounds, parse_month  # noqa: E402
 from shared.db import create_pool, migrate  # noqa: E402
 from tests.sim_server import serve_app  # noqa: E402
+from tests.support.processes import stop_all  # noqa: E402
 
 CUSTOMER = uuid.UUID("0190b000-0000-7000-8000-0000000000be")
 MIGRATIONS = ROOT / "services" / "api" / "migrations"
@@ -244,12 +245,7 @@ async def subprocess_server(
                 raise RuntimeError(f"{ready_url} never answered 200")
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_all([proc], grace=30)
         log.close()
 
 

@@ -59,6 +59,7 @@ from shared.batches import Charges, Ref, charges_id, encode_charges, shard_key, 
 from shared.batches import Price as PriceRef  # noqa: E402
 from shared.settings import ServiceSettings  # noqa: E402
 from shared.topics import ALL_TOPICS, CHARGES  # noqa: E402
+from tests.support.processes import stop_all  # noqa: E402
 
 # What the service runs with unless told otherwise (a batch of messages per transaction).
 BATCH_DEFAULT: int = ServiceSettings.model_fields["batch_max_records"].default
@@ -339,13 +340,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["check"] = await check(ADMIN_DSN.rsplit("/", 1)[0] + f"/{db}", owner, sums)
         return result
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs, grace=60)
         await admin.close()
         if not args.keep:
             await drop_database(db)

@@ -61,6 +61,7 @@ from shared.db import create_pool, migrate
 from shared.ids import reading_id, uuid7
 from shared.settings import ServiceSettings
 from shared.topics import CHARGES, READINGS, delete_topics
+from tests.support.processes import stop_all
 
 # What the service runs with unless told otherwise (a batch of messages per transaction).
 BATCH_DEFAULT: int = ServiceSettings.model_fields["batch_max_records"].default
@@ -216,13 +217,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["charge_batches_published"] = end_offsets
         return result
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs, grace=60)
         for f in log_files:
             f.close()
         if all(f.stat().st_size == 0 for f in logs.iterdir()):

@@ -19,6 +19,6 @@ def stop_all(procs: Iterable[subprocess.Popen[bytes]], grace: float) -> None:
         try:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
-            print(f"{proc.args} (pid {proc.pid}) did not stop within {grace:g} s of SIGTERM: killed", file=sys.stderr)
+            print(f"{proc.args!r} (pid {proc.pid}) did not stop within {grace:g} s of SIGTERM: killed", file=sys.stderr)
             proc.kill()
             proc.wait()
